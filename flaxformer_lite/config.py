@@ -1,0 +1,267 @@
+"""One frozen, hashable model config, validated at construction, plus named presets.
+
+`TransformerConfig` describes every architecture the library builds: the encoder-decoder of
+Vaswani et al. (2017), decoder-only GPT-2/GPT-3, encoder-only BERT and T5. Because it is a frozen
+dataclass it is hashable, so it can be a static argument of `jax.jit` and a field of a Flax module.
+
+Every check raises `ValueError` naming the field and what is allowed, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+ARCHITECTURES = ("encoder_decoder", "decoder_only", "encoder_only")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu")
+POSITIONS = ("sinusoidal", "learned", "rotary", "relative", "none")
+NORMS = ("layer", "rms")
+NORM_POSITIONS = ("pre", "post")
+ATTENTION_IMPLEMENTATIONS = ("ops", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of one Transformer; see the module docstring.
+
+    Sizes: `d_model` is the residual width, `num_heads * head_dim` the attention width
+    (`head_dim` defaults to `d_model // num_heads`), `d_ff` the feed-forward hidden width.
+    `num_kv_heads` below `num_heads` gives grouped-query attention (1 = multi-query).
+    """
+
+    architecture: str = "decoder_only"
+    vocab_size: int = 256
+    d_model: int = 128
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 512
+    num_layers: int = 4  # decoder layers (decoder_only) or encoder layers (encoder_only)
+    num_encoder_layers: int | None = None  # encoder_decoder only; default num_layers
+    num_decoder_layers: int | None = None  # encoder_decoder only; default num_layers
+    max_len: int = 256
+    activation: str = "gelu"
+    position: str = "learned"
+    norm: str = "layer"
+    norm_position: str = "pre"
+    norm_eps: float = 1e-5
+    use_bias: bool = True
+    final_norm: bool = True  # a norm after the last layer (pre-LN models need it)
+    tie_embeddings: bool = True  # output projection = input embedding matrix transposed
+    share_encoder_decoder_embeddings: bool = True  # encoder_decoder: one shared table
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (Vaswani)
+    type_vocab_size: int = 0  # BERT token-type (segment A/B) embeddings; 0 = none
+    embedding_norm: bool = False  # a norm right after the summed embeddings (BERT)
+    pooler: bool = False  # BERT pooler (dense + tanh on the first token)
+    mlm_head: bool = False  # BERT masked-LM head (dense + act + norm + tied decoder)
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    rotary_base: float = 10000.0
+    rotary_fraction: float = 1.0  # fraction of head_dim rotated
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    attention_implementation: str = "ops"
+    remat: str = "none"
+    scan_layers: bool = False
+    matmul_barrier: bool | None = None  # None: on for the CPU backend (faster backward)
+    fused_qkv: bool = True  # one projection for q, k, v in self-attention
+
+    def __post_init__(self):
+        _validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def encoder_layers(self) -> int:
+        if self.architecture == "decoder_only":
+            return 0
+        if self.architecture == "encoder_only":
+            return self.num_layers
+        return self.num_encoder_layers if self.num_encoder_layers is not None else self.num_layers
+
+    @property
+    def decoder_layers(self) -> int:
+        if self.architecture == "encoder_only":
+            return 0
+        if self.architecture == "decoder_only":
+            return self.num_layers
+        return self.num_decoder_layers if self.num_decoder_layers is not None else self.num_layers
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> Any:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu", "reglu")
+
+    def replace(self, **changes) -> TransformerConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"TransformerConfig.{name}={value!r} is not one of {', '.join(allowed)}.")
+
+
+def _positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"TransformerConfig.{name}={value!r} must be a positive integer.")
+
+
+def _validate(c: TransformerConfig) -> None:
+    _choice("architecture", c.architecture, ARCHITECTURES)
+    _choice("activation", c.activation, ACTIVATIONS)
+    _choice("position", c.position, POSITIONS)
+    _choice("norm", c.norm, NORMS)
+    _choice("norm_position", c.norm_position, NORM_POSITIONS)
+    _choice("attention_implementation", c.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+    _choice("dtype", c.dtype, DTYPES)
+    _choice("param_dtype", c.param_dtype, DTYPES)
+    _choice("remat", c.remat, REMAT_POLICIES)
+    for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len",
+                 "relative_num_buckets", "relative_max_distance"):
+        _positive(name, getattr(c, name))
+    for name in ("num_kv_heads", "head_dim", "num_encoder_layers", "num_decoder_layers"):
+        _positive(name, getattr(c, name), allow_none=True)
+    if c.head_dim is None and c.d_model % c.num_heads:
+        raise ValueError(
+            f"TransformerConfig.d_model={c.d_model} is not divisible by num_heads={c.num_heads}; "
+            "choose num_heads dividing d_model, or set head_dim explicitly.")
+    if c.num_heads % c.kv_heads:
+        raise ValueError(
+            f"TransformerConfig.num_heads={c.num_heads} is not divisible by "
+            f"num_kv_heads={c.kv_heads}; grouped-query attention needs whole groups.")
+    if c.position == "rotary":
+        rotary_dims = int(c.dim_per_head * c.rotary_fraction)
+        if not 0.0 < c.rotary_fraction <= 1.0 or rotary_dims % 2:
+            raise ValueError(
+                f"TransformerConfig.rotary_fraction={c.rotary_fraction} must be in (0, 1] and "
+                f"rotate an even number of the head_dim={c.dim_per_head} dimensions.")
+    for name in ("dropout_rate", "attention_dropout_rate"):
+        rate = getattr(c, name)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"TransformerConfig.{name}={rate} must be in [0, 1).")
+    if c.norm_eps <= 0:
+        raise ValueError(f"TransformerConfig.norm_eps={c.norm_eps} must be positive.")
+    if c.architecture != "encoder_only" and (c.pooler or c.mlm_head or c.type_vocab_size):
+        raise ValueError(
+            "TransformerConfig.pooler, mlm_head and type_vocab_size belong to "
+            f"architecture='encoder_only', not {c.architecture!r}.")
+    if c.type_vocab_size < 0:
+        raise ValueError(f"TransformerConfig.type_vocab_size={c.type_vocab_size} must be >= 0.")
+    if c.architecture != "encoder_decoder" and (
+            c.num_encoder_layers is not None or c.num_decoder_layers is not None):
+        raise ValueError(
+            "TransformerConfig.num_encoder_layers / num_decoder_layers apply to "
+            f"architecture='encoder_decoder'; use num_layers for {c.architecture!r}.")
+    if c.mlm_head and not c.tie_embeddings:
+        raise ValueError("TransformerConfig.mlm_head needs tie_embeddings=True (BERT ties them).")
+
+
+# ---- presets ---------------------------------------------------------------------------------
+# Each preset names its source; params.PUBLISHED holds the parameter count that source reports.
+
+def _vaswani(d_model, d_ff, num_heads, dropout):
+    # Vaswani et al. 2017, Table 3. Post-LN, sinusoidal positions, ReLU, one embedding matrix
+    # shared by encoder, decoder and the pre-softmax projection, scaled by sqrt(d_model).
+    # Vocabulary: the paper's shared EN-DE byte-pair vocabulary of "about 37000 tokens".
+    return TransformerConfig(
+        architecture="encoder_decoder", vocab_size=37000, d_model=d_model, num_heads=num_heads,
+        d_ff=d_ff, num_layers=6, max_len=512, activation="relu", position="sinusoidal",
+        norm="layer", norm_position="post", norm_eps=1e-6, final_norm=False,
+        scale_embeddings=True, dropout_rate=dropout, attention_dropout_rate=0.0)
+
+
+def _bert(d_model, num_layers, num_heads):
+    # Devlin et al. 2019 (BERT); the released uncased checkpoints' config: WordPiece 30522,
+    # 512 positions, 2 token types, post-LN with eps 1e-12, GELU, pooler. `mlm_head` is off so the
+    # preset is the published backbone (embeddings + encoder + pooler); MLM training turns it on.
+    return TransformerConfig(
+        architecture="encoder_only", vocab_size=30522, d_model=d_model, num_heads=num_heads,
+        d_ff=4 * d_model, num_layers=num_layers, max_len=512, activation="gelu",
+        position="learned", norm="layer", norm_position="post", norm_eps=1e-12,
+        final_norm=False, type_vocab_size=2, embedding_norm=True, pooler=True, dropout_rate=0.1,
+        attention_dropout_rate=0.1)
+
+
+def _gpt(d_model, num_layers, num_heads, max_len):
+    # GPT-2 (Radford et al. 2019) and GPT-3 (Brown et al. 2020, Table 2.1): pre-LN, learned
+    # positions, GELU, d_ff = 4 d_model, BPE vocabulary 50257, output head tied to the embedding.
+    return TransformerConfig(
+        architecture="decoder_only", vocab_size=50257, d_model=d_model, num_heads=num_heads,
+        d_ff=4 * d_model, num_layers=num_layers, max_len=max_len, activation="gelu_tanh",
+        position="learned", norm="layer", norm_position="pre", norm_eps=1e-5,
+        dropout_rate=0.1, attention_dropout_rate=0.1)
+
+
+def _t5(d_model, d_ff, num_layers, num_heads):
+    # Raffel et al. 2020 (T5 v1.0 checkpoints): relative position buckets (32, max distance 128),
+    # RMS norm without bias, no dense biases, ReLU, head_dim 64, SentencePiece vocab 32128,
+    # one embedding shared by encoder, decoder and the (tied) output projection.
+    return TransformerConfig(
+        architecture="encoder_decoder", vocab_size=32128, d_model=d_model, num_heads=num_heads,
+        head_dim=64, d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
+        position="relative", norm="rms", norm_position="pre", norm_eps=1e-6, use_bias=False,
+        scale_embeddings=False, relative_num_buckets=32, relative_max_distance=128,
+        dropout_rate=0.1)
+
+
+PRESETS: dict[str, TransformerConfig] = {
+    "transformer-base": _vaswani(512, 2048, 8, 0.1),
+    "transformer-big": _vaswani(1024, 4096, 16, 0.3),
+    "bert-base": _bert(768, 12, 12),
+    "bert-large": _bert(1024, 24, 16),
+    "gpt2": _gpt(768, 12, 12, 1024),
+    "gpt2-medium": _gpt(1024, 24, 16, 1024),
+    "gpt2-large": _gpt(1280, 36, 20, 1024),
+    "gpt2-xl": _gpt(1600, 48, 25, 1024),
+    "gpt3-small": _gpt(768, 12, 12, 2048),
+    "gpt3-medium": _gpt(1024, 24, 16, 2048),
+    "gpt3-large": _gpt(1536, 24, 16, 2048),
+    # Table 2.1 lists 24 heads of 128 for a 2048-wide model, which cannot split 2048 evenly;
+    # 16 heads of 128 keep d_head = 128 and n_heads * d_head = d_model as in every other row.
+    "gpt3-xl": _gpt(2048, 24, 16, 2048),
+    "gpt3-2.7b": _gpt(2560, 32, 32, 2048),
+    "gpt3-6.7b": _gpt(4096, 32, 32, 2048),
+    # Table 2.1 lists d_model 5140, not divisible by its 40 heads of 128; 40 * 128 = 5120.
+    "gpt3-13b": _gpt(5120, 40, 40, 2048),
+    "gpt3-175b": _gpt(12288, 96, 96, 2048),
+    "t5-small": _t5(512, 2048, 6, 8),
+    "t5-base": _t5(768, 3072, 12, 12),
+    "t5-large": _t5(1024, 4096, 24, 16),
+}
+
+
+def get_config(name: str, **overrides) -> TransformerConfig:
+    """The preset called `name` with `overrides` applied; unknown names list the known ones."""
+    if isinstance(name, TransformerConfig):
+        return name.replace(**overrides) if overrides else name
+    if name not in PRESETS:
+        raise ValueError(f"Unknown config name {name!r}; known presets: {', '.join(PRESETS)}.")
+    config = PRESETS[name]
+    return config.replace(**overrides) if overrides else config

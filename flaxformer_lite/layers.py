@@ -1,0 +1,389 @@
+"""Flax Linen layers: they own the parameters and call the pure functions in `ops`.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`, and
+`layers` when scanned) through `nn.with_logical_partitioning`; `training.partitioning` maps them
+onto a device mesh. Activations are constrained with `batch`, `length`, `act_embed`, ... names,
+which are no-ops outside a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite import ops
+from flaxformer_lite.config import TransformerConfig
+
+Array = jnp.ndarray
+
+
+def _use_barrier(config: TransformerConfig) -> bool:
+    if config.matmul_barrier is not None:
+        return config.matmul_barrier
+    return jax.default_backend() == "cpu"
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+    """Logical sharding constraint on an activation (no-op without mesh axis rules)."""
+    return nn.with_logical_constraint(x, names)
+
+
+class Dense(nn.Module):
+    """`y = x W + b` contracting the last `len(in_shape)` axes of `x` into `out_shape`.
+
+    The kernel has shape `in_shape + out_shape` with logical `axes` (e.g. `[embed, heads, kv]`
+    for a query projection) and is multiplied as a 2-D matrix through `ops.matmul`, whose
+    backward is laid out for XLA:CPU when `barrier` is on.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    config: TransformerConfig
+    use_bias: bool = True
+    init_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        std = cfg.init_std if self.init_std is None else self.init_std
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
+            self.in_shape + self.out_shape, cfg.params_dtype)
+        n_in = len(self.in_shape)
+        batch_shape = x.shape[: x.ndim - n_in]
+        k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)
+        w2 = kernel.reshape(k_in, k_out).astype(cfg.compute_dtype)
+        y = ops.matmul(x2, w2, _use_barrier(cfg))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                             self.axes[n_in:]),
+                self.out_shape, cfg.params_dtype)
+            y = y + bias.reshape(k_out).astype(cfg.compute_dtype)
+        return y.reshape(*batch_shape, *self.out_shape)
+
+
+class Embed(nn.Module):
+    """Token (or position / type) embedding table `[num_embeddings, d_model]`.
+
+    `attend(x)` multiplies by the transposed table: the tied output projection.
+    """
+
+    num_embeddings: int
+    config: TransformerConfig
+    axes: tuple[str, str] = ("vocab", "embed")
+    init_std: float | None = None
+
+    def setup(self):
+        cfg = self.config
+        std = cfg.init_std if self.init_std is None else self.init_std
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
+            (self.num_embeddings, cfg.d_model), cfg.params_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        """`[...]` int ids -> `[..., d_model]` in the compute dtype."""
+        return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
+
+    def attend(self, x: Array) -> Array:
+        """`[..., d_model]` -> logits `[..., num_embeddings]`."""
+        cfg = self.config
+        table = self.embedding.astype(cfg.compute_dtype)
+        return ops.matmul(x.astype(cfg.compute_dtype), table.T, _use_barrier(cfg))
+
+
+class Norm(nn.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale only), by `config.norm`, in float32."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                                 ("embed",)),
+                           (x.shape[-1],), cfg.params_dtype)
+        if cfg.norm == "rms":
+            return ops.rms_norm(x, scale, eps=cfg.norm_eps)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                               ("embed",)),
+                          (x.shape[-1],), cfg.params_dtype)
+        return ops.layer_norm(x, scale, bias, eps=cfg.norm_eps)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned bias table `[num_buckets, heads]`, shared by all layers of one stack."""
+
+    config: TransformerConfig
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_positions: Array, kv_positions: Array) -> Array:
+        """Positions `[q]`, `[kv]` or `[batch, q]`, `[batch, kv]` -> bias `[b|1, heads, q, kv]`."""
+        cfg = self.config
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
+                                         (None, "heads")),
+            (cfg.relative_num_buckets, cfg.num_heads), cfg.params_dtype)
+        return ops.relative_position_bias(
+            table, q_positions, kv_positions, bidirectional=self.bidirectional,
+            num_buckets=cfg.relative_num_buckets, max_distance=cfg.relative_max_distance)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (or grouped-query) attention, self or cross, with an optional KV cache.
+
+    Self-attention projects q, k, v with one fused kernel `[embed, 3, heads, kv]` when the key
+    and value heads equal the query heads. With `decode=True` the keys and values of the new
+    tokens are written into the `cache` collection at `cache_index` (`[batch, max_length,
+    kv_heads, head_dim]`), and the queries attend over the whole cache under `mask`; for cross
+    attention the projected encoder keys/values are computed once (at `cache_index == 0`).
+    """
+
+    config: TransformerConfig
+    is_cross: bool = False
+    out_init_std: float | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        kv_inputs: Array | None = None,
+        *,
+        mask: Array | None = None,
+        bias: Array | None = None,
+        q_positions: Array | None = None,
+        kv_positions: Array | None = None,
+        decode: bool = False,
+        cache_index: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """x `[batch, q_len, d_model]`, kv_inputs `[batch, kv_len, d_model]` (cross only).
+
+        mask `[b|1, 1|heads, q_len, kv_len]` (True = attend), bias likewise (added to scores);
+        in decode mode `kv_len` is the cache length. Positions `[batch, len]` drive rotary
+        embeddings. Returns `[batch, q_len, d_model]`.
+        """
+        cfg = self.config
+        h, hk, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
+        dense = dict(config=cfg, use_bias=cfg.use_bias)
+        if self.is_cross:
+            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **dense)(x)
+            if decode:
+                k, v = self._cross_cache(kv_inputs, cache_index, dense)
+            else:
+                kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
+                           **dense)(kv_inputs)
+                k, v = kv[:, :, 0], kv[:, :, 1]
+        elif cfg.fused_qkv and hk == h:
+            qkv = Dense((d,), (3, h, dh), ("embed", None, "heads", "kv"), name="qkv",
+                        **dense)(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **dense)(x)
+            kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
+                       **dense)(x)
+            k, v = kv[:, :, 0], kv[:, :, 1]
+
+        if cfg.position == "rotary" and not self.is_cross:
+            pos = q_positions if q_positions is not None else jnp.arange(x.shape[1])[None]
+            q = ops.apply_rotary(q, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
+            k = ops.apply_rotary(k, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
+
+        if decode and not self.is_cross:
+            k, v = self._self_cache(k, v, cache_index)
+
+        dropout_rng = None
+        if not deterministic and cfg.attention_dropout_rate > 0:
+            dropout_rng = self.make_rng("dropout")
+        out = ops.scaled_dot_product_attention(
+            q, k, v, bias=bias, mask=mask, dropout_rate=cfg.attention_dropout_rate,
+            dropout_rng=dropout_rng, implementation=cfg.attention_implementation)
+        return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
+                     init_std=self.out_init_std, **dense)(out)
+
+    def _self_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
+        is_initialized = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        if not is_initialized:  # model.init(..., decode=True): shapes come from the inputs
+            return k, v
+        start = (0, cache_index, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(k.dtype), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(v.dtype), start)
+        return cached_k.value, cached_v.value
+
+    def _cross_cache(self, kv_inputs: Array, cache_index: Array, dense: dict):
+        cfg = self.config
+        proj = Dense((cfg.d_model,), (2, cfg.kv_heads, cfg.dim_per_head),
+                     ("embed", None, "heads", "kv"), name="key_value", **dense)
+        is_initialized = self.has_variable("cache", "cross_kv")
+        shape = kv_inputs.shape[:2] + (2, cfg.kv_heads, cfg.dim_per_head)
+        cached = self.variable("cache", "cross_kv", jnp.zeros, shape, cfg.compute_dtype)
+        if not is_initialized:
+            kv = proj(kv_inputs)
+        else:
+            kv = jax.lax.cond(cache_index == 0, lambda: proj(kv_inputs).astype(cached.value.dtype),
+                              lambda: cached.value)
+            cached.value = kv
+        return kv[:, :, 0], kv[:, :, 1]
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward block (`ops.feed_forward` with owned parameters)."""
+
+    config: TransformerConfig
+    out_init_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
+        """`[batch, length, d_model]` -> `[batch, length, d_model]`."""
+        cfg = self.config
+        dense = dict(config=cfg, use_bias=cfg.use_bias)
+        if cfg.gated:
+            hg = Dense((cfg.d_model,), (2, cfg.d_ff), ("embed", None, "mlp"), name="wi",
+                       **dense)(x)
+            h = ops.activation(cfg.activation)(hg[..., 0, :]) * hg[..., 1, :]
+        else:
+            h = Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="wi", **dense)(x)
+            h = ops.activation(cfg.activation)(h)
+        h = constrain(h, ("batch", "length", "act_mlp"))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="wo",
+                     init_std=self.out_init_std, **dense)(h)
+
+
+def _residual_init(cfg: TransformerConfig, num_layers: int) -> float:
+    # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
+    return cfg.init_std / math.sqrt(2 * max(num_layers, 1))
+
+
+class TransformerLayer(nn.Module):
+    """One encoder or decoder layer: self-attention, optional cross-attention, feed-forward.
+
+    Pre-LN: `x + f(norm(x))` per sub-layer. Post-LN (the paper's): `norm(x + f(x))`. Dropout on
+    each sub-layer's output before the residual add. Signature fits `nn.scan`:
+    `(x, None) -> (x, None)` with the rest passed as broadcast arguments.
+    """
+
+    config: TransformerConfig
+    has_cross: bool = False
+    num_layers: int = 1
+    decode: bool = False
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, _unused: Any, encoded: Array | None, self_mask: Array | None,
+                 self_bias: Array | None, cross_mask: Array | None, positions: Array | None,
+                 cache_index: Array | None):
+        cfg = self.config
+        decode, deterministic = self.decode, self.deterministic
+        out_std = _residual_init(cfg, self.num_layers)
+        drop = nn.Dropout(cfg.dropout_rate)
+
+        def sublayer(name, fn, x):
+            if cfg.norm_position == "pre":
+                y = fn(Norm(cfg, name=f"{name}_norm")(x))
+                return x + drop(y, deterministic=deterministic)
+            y = fn(x)
+            return Norm(cfg, name=f"{name}_norm")(x + drop(y, deterministic=deterministic))
+
+        attn = MultiHeadAttention(cfg, out_init_std=out_std, name="self_attention")
+        x = sublayer("self_attention", lambda y: attn(
+            y, mask=self_mask, bias=self_bias, q_positions=positions, decode=decode,
+            cache_index=cache_index, deterministic=deterministic), x)
+        if self.has_cross:
+            cross = MultiHeadAttention(cfg, is_cross=True, out_init_std=out_std,
+                                       name="cross_attention")
+            x = sublayer("cross_attention", lambda y: cross(
+                y, encoded, mask=cross_mask, decode=decode, cache_index=cache_index,
+                deterministic=deterministic), x)
+        ffn = FeedForward(cfg, out_init_std=out_std, name="mlp")
+        x = sublayer("mlp", lambda y: ffn(y, deterministic=deterministic), x)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return x, None
+
+
+def EncoderLayer(config: TransformerConfig, **kwargs) -> TransformerLayer:  # noqa: N802
+    """An encoder layer: bidirectional self-attention + feed-forward."""
+    return TransformerLayer(config, has_cross=False, **kwargs)
+
+
+def DecoderLayer(config: TransformerConfig, **kwargs) -> TransformerLayer:  # noqa: N802
+    """A decoder layer: causal self-attention + cross-attention + feed-forward."""
+    return TransformerLayer(config, has_cross=True, **kwargs)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerStack(nn.Module):
+    """`num_layers` TransformerLayers, optionally rematerialised and/or scanned.
+
+    With `config.scan_layers` the layers are one `nn.scan` (parameters stacked on a leading
+    `layers` axis), so compile time does not grow with depth.
+    """
+
+    config: TransformerConfig
+    num_layers: int
+    has_cross: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, *, encoded=None, self_mask=None, self_bias=None,
+                 cross_mask=None, positions=None, decode=False, cache_index=None,
+                 deterministic=True) -> Array:
+        cfg = self.config
+        layer_cls = TransformerLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat],
+                                 prevent_cse=not cfg.scan_layers)
+        args = (encoded, self_mask, self_bias, cross_mask, positions, cache_index)
+        kwargs = dict(has_cross=self.has_cross, num_layers=self.num_layers, decode=decode,
+                      deterministic=deterministic)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                layer_cls, variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = scanned(cfg, name="layers", **kwargs)(x, None, *args)
+        else:
+            for i in range(self.num_layers):
+                x, _ = layer_cls(cfg, name=f"layer_{i}", **kwargs)(x, None, *args)
+        return x
+
+
+def shift_right(targets: Array, segment_ids: Array | None = None) -> Array:
+    """Decoder inputs from targets `[batch, length]`: shift right by one, 0 (pad) as start token.
+
+    With packed `segment_ids`, each segment starts with 0 instead of the previous segment's
+    last token.
+    """
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    if segment_ids is not None:
+        starts = segment_ids != jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1]
+        shifted = jnp.where(starts, 0, shifted)
+    return shifted
+
+
+def default_positions(ids: Array, offset: int | Array = 0) -> Array:
+    """`[batch, length]` positions 0..length-1 (+ offset) for unpacked rows."""
+    return jnp.broadcast_to(jnp.arange(ids.shape[1]) + offset, ids.shape)
+
+
+def to_sequence(x: Sequence[int] | int) -> tuple[int, ...]:
+    return tuple(x) if isinstance(x, Sequence) else (x,)

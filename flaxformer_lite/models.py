@@ -1,0 +1,369 @@
+"""The four model families: EncoderDecoder (Vaswani), DecoderOnly (GPT), EncoderOnly (BERT), T5.
+
+All take integer token ids `[batch, length]` (0 = padding) and optional packing information:
+`segment_ids` `[batch, length]` (1, 2, ... per packed example, 0 = padding) and `positions`
+`[batch, length]` (restarting at 0 in each segment). Logits come back in float32.
+
+Decoding: call with `decode=True` on a model whose `cache` collection was made by
+`init_cache`; each call appends its tokens to the cache. Per-token `positions` and a `valid` flag
+let prompts of different lengths share one batch (see `flaxformer_lite.decoding`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite import ops
+from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.layers import (
+    Dense,
+    Embed,
+    LayerStack,
+    Norm,
+    RelativePositionBias,
+    constrain,
+    default_positions,
+    shift_right,
+)
+
+Array = jnp.ndarray
+
+
+def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
+    if cfg.position in ("learned",) and length > cfg.max_len:
+        raise ValueError(
+            f"{what} has length {length}, longer than the model's max_len={cfg.max_len}; "
+            "truncate the input or build the model with a larger TransformerConfig.max_len.")
+
+
+def _segments(ids: Array, segment_ids: Array | None) -> Array:
+    return (ids != 0).astype(jnp.int32) if segment_ids is None else segment_ids
+
+
+class _Embedder(nn.Module):
+    """Token embedding (+ scale) + absolute positions (+ token types) (+ norm) + dropout."""
+
+    config: TransformerConfig
+    token_embed: nn.Module
+
+    @nn.compact
+    def __call__(self, ids: Array, positions: Array, token_type_ids: Array | None,
+                 deterministic: bool) -> Array:
+        cfg = self.config
+        x = self.token_embed(ids)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.position == "learned":
+            x = x + Embed(cfg.max_len, cfg, axes=(None, "embed"), name="position_embed")(
+                jnp.minimum(positions, cfg.max_len - 1))
+        elif cfg.position == "sinusoidal":
+            x = x + ops.sinusoidal_embedding(positions, cfg.d_model, dtype=x.dtype)
+        if cfg.type_vocab_size:
+            types = jnp.zeros_like(ids) if token_type_ids is None else token_type_ids
+            x = x + Embed(cfg.type_vocab_size, cfg, axes=(None, "embed"), name="type_embed")(types)
+        if cfg.embedding_norm:
+            x = Norm(cfg, name="embed_norm")(x)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+def _embed_table(cfg: TransformerConfig, name: str) -> Embed:
+    std = cfg.d_model ** -0.5 if cfg.scale_embeddings else cfg.init_std
+    return Embed(cfg.vocab_size, cfg, init_std=std, name=name)
+
+
+class Encoder(nn.Module):
+    """Embeddings + bidirectional layer stack (+ final norm): ids -> `[batch, length, d_model]`."""
+
+    config: TransformerConfig
+    token_embed: nn.Module
+
+    @nn.compact
+    def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, token_type_ids: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        cfg = self.config
+        _check_length(cfg, inputs.shape[1], "inputs")
+        segment_ids = _segments(inputs, segment_ids)
+        packed = positions is not None
+        positions = default_positions(inputs) if positions is None else positions
+        x = _Embedder(cfg, self.token_embed, name="embedder")(
+            inputs, positions, token_type_ids, deterministic)
+        mask = ops.make_attention_mask(segment_ids)
+        bias = None
+        if cfg.position == "relative":
+            # Unpacked rows share one [1, heads, q, kv] bias; packed rows need their own.
+            rel_pos = positions if packed else positions[:1]
+            bias = RelativePositionBias(cfg, bidirectional=True, name="relative_bias")(
+                rel_pos, rel_pos)
+        x = LayerStack(cfg, cfg.encoder_layers, name="layers")(
+            x, self_mask=mask, self_bias=bias, positions=positions, deterministic=deterministic)
+        if cfg.final_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+
+class Decoder(nn.Module):
+    """Embeddings + causal layer stack (+ cross-attention) + output projection -> logits.
+
+    `has_cross=False` is the decoder-only (GPT) stack.
+    """
+
+    config: TransformerConfig
+    token_embed: nn.Module
+    has_cross: bool = True
+
+    @nn.compact
+    def __call__(self, ids: Array, *, encoded: Array | None = None,
+                 encoder_segment_ids: Array | None = None, segment_ids: Array | None = None,
+                 positions: Array | None = None, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        cfg = self.config
+        segment_ids = _segments(ids, segment_ids)
+        if decode:
+            mask, positions, kv_positions, cache_index = self._cache_state(
+                ids, positions, segment_ids != 0)
+            rel_q, rel_kv = positions, kv_positions
+        else:
+            _check_length(cfg, ids.shape[1], "decoder inputs")
+            packed = positions is not None
+            positions = default_positions(ids) if positions is None else positions
+            cache_index = None
+            mask = ops.make_attention_mask(segment_ids, causal=True)
+            rel_q = rel_kv = positions if packed else positions[:1]
+        x = _Embedder(cfg, self.token_embed, name="embedder")(ids, positions, None, deterministic)
+        bias = None
+        if cfg.position == "relative":
+            bias = RelativePositionBias(cfg, bidirectional=False, name="relative_bias")(
+                rel_q, rel_kv)
+        cross_mask = None
+        if self.has_cross:
+            enc_seg = (jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None
+                       else encoder_segment_ids)
+            if decode:  # no packing while decoding: validity alone
+                cross_mask = ops.segment_mask((segment_ids != 0).astype(jnp.int32),
+                                              (enc_seg != 0).astype(jnp.int32))
+            else:
+                cross_mask = ops.segment_mask(segment_ids, enc_seg)
+        x = LayerStack(cfg, cfg.decoder_layers, has_cross=self.has_cross, name="layers")(
+            x, encoded=encoded, self_mask=mask, self_bias=bias, cross_mask=cross_mask,
+            positions=positions, decode=decode, cache_index=cache_index,
+            deterministic=deterministic)
+        if cfg.final_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        if cfg.tie_embeddings:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
+                           use_bias=False, name="logits")(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    def _cache_state(self, ids, positions, valid):
+        """Cache bookkeeping shared by all layers: write slot, positions and validity.
+
+        Returns the mask `[batch, 1, new, cache]` (valid cached slots up to each new token),
+        the new tokens' positions, the cached positions `[batch, cache]` and the write index.
+        """
+        b, t = ids.shape
+        initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        kv_pos = self.variable("cache", "positions", jnp.zeros, (b, t), jnp.int32)
+        kv_valid = self.variable("cache", "valid", jnp.zeros, (b, t), jnp.bool_)
+        if not initialized:
+            _check_length(self.config, t, "the decoding cache")
+            positions = default_positions(ids) if positions is None else positions
+            mask = ops.make_attention_mask(valid.astype(jnp.int32), causal=True)
+            return mask, positions, positions, None
+        i = index.value
+        if positions is None:
+            positions = default_positions(ids, offset=i)
+        kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
+                                                    (0, i))
+        kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, (0, i))
+        slots = jnp.arange(kv_valid.value.shape[1])
+        causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
+        mask = kv_valid.value[:, None, None, :] & causal[None, None]
+        index.value = i + t
+        return mask, positions, kv_pos.value, i
+
+
+class DecoderOnly(nn.Module):
+    """GPT-style language model: `ids [batch, length] -> logits [batch, length, vocab]`."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        self.token_embed = _embed_table(self.config, "token_embed")
+        self.decoder = Decoder(self.config, self.token_embed, has_cross=False)
+
+    def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
+                 positions: Array | None = None, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        """Next-token logits for every position (causal; packed rows stay separate)."""
+        return self.decoder(inputs, segment_ids=segment_ids, positions=positions, decode=decode,
+                            deterministic=deterministic)
+
+
+class EncoderDecoder(nn.Module):
+    """Sequence-to-sequence Transformer (Vaswani et al. 2017; T5 with a T5 config)."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.architecture != "encoder_decoder":
+            raise ValueError(f"EncoderDecoder needs architecture='encoder_decoder', "
+                             f"got {cfg.architecture!r}.")
+        if cfg.share_encoder_decoder_embeddings:
+            shared = _embed_table(cfg, "token_embed")
+            enc_embed = dec_embed = shared
+        else:
+            enc_embed = _embed_table(cfg, "encoder_token_embed")
+            dec_embed = _embed_table(cfg, "decoder_token_embed")
+        self.encoder = Encoder(cfg, enc_embed)
+        self.decoder = Decoder(cfg, dec_embed, has_cross=True)
+
+    def encode(self, inputs: Array, *, segment_ids: Array | None = None,
+               positions: Array | None = None, deterministic: bool = True) -> Array:
+        """Source ids `[batch, src_len]` -> encoded `[batch, src_len, d_model]`."""
+        return self.encoder(inputs, segment_ids=segment_ids, positions=positions,
+                            deterministic=deterministic)
+
+    def decode(self, encoded: Array, decoder_inputs: Array, *,
+               encoder_segment_ids: Array | None = None, segment_ids: Array | None = None,
+               positions: Array | None = None, decode: bool = False,
+               deterministic: bool = True) -> Array:
+        """Decoder ids `[batch, tgt_len]` (already shifted) -> logits `[batch, tgt_len, vocab]`.
+
+        `encoder_segment_ids` `[batch, src_len]` masks source padding (0) and, when packed,
+        keeps each target segment on its own source segment.
+        """
+        return self.decoder(decoder_inputs, encoded=encoded,
+                            encoder_segment_ids=encoder_segment_ids, segment_ids=segment_ids,
+                            positions=positions, decode=decode, deterministic=deterministic)
+
+    def __call__(self, inputs: Array, targets: Array, *,
+                 inputs_segment_ids: Array | None = None,
+                 targets_segment_ids: Array | None = None,
+                 inputs_positions: Array | None = None,
+                 targets_positions: Array | None = None,
+                 deterministic: bool = True) -> Array:
+        """Teacher-forced logits `[batch, tgt_len, vocab]` predicting `targets`.
+
+        The decoder reads `targets` shifted right with 0 as the start token (per segment).
+        """
+        inputs_segment_ids = _segments(inputs, inputs_segment_ids)
+        targets_segment_ids = _segments(targets, targets_segment_ids)
+        encoded = self.encode(inputs, segment_ids=inputs_segment_ids,
+                              positions=inputs_positions, deterministic=deterministic)
+        decoder_inputs = shift_right(targets, targets_segment_ids)
+        return self.decode(encoded, decoder_inputs, encoder_segment_ids=inputs_segment_ids,
+                           segment_ids=targets_segment_ids, positions=targets_positions,
+                           deterministic=deterministic)
+
+
+class T5(EncoderDecoder):
+    """T5 (Raffel et al. 2020): an EncoderDecoder with relative position buckets, RMS norm,
+    pre-LN and no dense biases; use `get_config("t5-small")` and friends."""
+
+    def setup(self):
+        if self.config.position != "relative" or self.config.norm != "rms":
+            raise ValueError("T5 needs TransformerConfig.position='relative' and norm='rms'; "
+                             "use a t5-* preset or EncoderDecoder.")
+        super().setup()
+
+
+class EncoderOnly(nn.Module):
+    """BERT-style bidirectional encoder.
+
+    Returns a dict: `hidden` `[batch, length, d_model]`; `pooled` `[batch, d_model]` (dense +
+    tanh on the first token) when `config.pooler`; `logits` `[batch, length, vocab]` from the
+    masked-LM head (dense + activation + norm + tied decoder + bias) when `config.mlm_head`.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.architecture != "encoder_only":
+            raise ValueError(f"EncoderOnly needs architecture='encoder_only', "
+                             f"got {cfg.architecture!r}.")
+        self.token_embed = _embed_table(cfg, "token_embed")
+        self.encoder = Encoder(cfg, self.token_embed)
+        if cfg.pooler:
+            self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), cfg,
+                                name="pooler")
+        if cfg.mlm_head:
+            self.mlm_transform = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), cfg,
+                                       name="mlm_transform")
+            self.mlm_norm = Norm(cfg)
+            self.mlm_bias = self.param(
+                "mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                         ("vocab",)),
+                (cfg.vocab_size,), cfg.params_dtype)
+
+    def __call__(self, inputs: Array, *, token_type_ids: Array | None = None,
+                 segment_ids: Array | None = None, positions: Array | None = None,
+                 deterministic: bool = True) -> dict[str, Array]:
+        cfg = self.config
+        hidden = self.encoder(inputs, segment_ids=segment_ids, positions=positions,
+                              token_type_ids=token_type_ids, deterministic=deterministic)
+        out = {"hidden": hidden}
+        if cfg.pooler:
+            out["pooled"] = jnp.tanh(self.pooler(hidden[:, 0]))
+        if cfg.mlm_head:
+            h = ops.activation(cfg.activation)(self.mlm_transform(hidden))
+            h = self.mlm_norm(h)
+            logits = self.token_embed.attend(h) + self.mlm_bias.astype(h.dtype)
+            out["logits"] = logits.astype(jnp.float32)
+        return out
+
+
+def make_model(config: TransformerConfig) -> nn.Module:
+    """The model class for `config.architecture` (T5 for relative-position RMS-norm seq2seq)."""
+    if config.architecture == "decoder_only":
+        return DecoderOnly(config)
+    if config.architecture == "encoder_only":
+        return EncoderOnly(config)
+    if config.position == "relative" and config.norm == "rms":
+        return T5(config)
+    return EncoderDecoder(config)
+
+
+def dummy_inputs(config: TransformerConfig, batch: int = 1, length: int | None = None) -> dict:
+    """Keyword arguments for `model.init` with the right shapes (int32 zeros + ones)."""
+    length = min(config.max_len, 8) if length is None else length
+    ids = jnp.ones((batch, length), jnp.int32)
+    if config.architecture == "encoder_decoder":
+        return {"inputs": ids, "targets": ids}
+    return {"inputs": ids}
+
+
+def init_params(config: TransformerConfig, rng: Array, batch: int = 1,
+                length: int | None = None):
+    """Initialised parameters (boxed with their logical axis names) of `make_model(config)`."""
+    model = make_model(config)
+    return model.init({"params": rng, "dropout": rng}, **dummy_inputs(config, batch, length))[
+        "params"]
+
+
+def init_cache(model: nn.Module, params, batch: int, length: int, *,
+               encoded: Array | None = None, encoder_segment_ids: Array | None = None):
+    """Zeroed decoding cache for `batch` sequences of up to `length` tokens (no compute)."""
+    ids = jnp.zeros((batch, length), jnp.int32)
+
+    def fn():
+        if isinstance(model, EncoderDecoder):
+            return model.init({"params": jax.random.key(0)}, encoded, ids,
+                              encoder_segment_ids=encoder_segment_ids, decode=True,
+                              method=EncoderDecoder.decode)
+        return model.init({"params": jax.random.key(0)}, ids, decode=True)
+
+    shapes = jax.eval_shape(fn)["cache"]
+    del params
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

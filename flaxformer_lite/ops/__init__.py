@@ -1,0 +1,34 @@
+"""Pure functions holding the Transformer's math: no Flax, no state, all jit-compatible."""
+
+from flaxformer_lite.ops.attention import attention_weights, scaled_dot_product_attention
+from flaxformer_lite.ops.functional import (
+    ACTIVATIONS,
+    activation,
+    feed_forward,
+    layer_norm,
+    matmul,
+    rms_norm,
+)
+from flaxformer_lite.ops.masks import (
+    causal_mask,
+    causal_mask_from_positions,
+    combine_masks,
+    make_attention_mask,
+    padding_mask,
+    segment_mask,
+)
+from flaxformer_lite.ops.positions import (
+    apply_rotary,
+    relative_position_bias,
+    relative_position_bucket,
+    sinusoidal_embedding,
+    sinusoidal_table,
+)
+
+__all__ = [
+    "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "causal_mask",
+    "causal_mask_from_positions", "combine_masks", "feed_forward", "layer_norm",
+    "make_attention_mask", "matmul", "padding_mask", "relative_position_bias",
+    "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
+    "sinusoidal_embedding", "sinusoidal_table",
+]

@@ -1,0 +1,102 @@
+"""Position information: sinusoidal tables, rotary embeddings, T5 relative-position buckets.
+
+Learned absolute positions are a plain embedding table and live in `flaxformer_lite.layers`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+
+
+def sinusoidal_embedding(positions: Array, d_model: int, *, max_timescale: float = 10000.0,
+                         dtype=jnp.float32) -> Array:
+    """The paper's encoding for integer `positions` `[...]` -> `[..., d_model]`.
+
+    `PE[pos, 2i] = sin(pos / 10000^(2i/d_model))`, `PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model))`
+    (Vaswani et al. 2017, section 3.5): sines and cosines interleaved, as the formula reads.
+    """
+    if d_model % 2:
+        raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}.")
+    i = jnp.arange(d_model // 2, dtype=jnp.float32)
+    inv_freq = jnp.exp(-(2.0 * i / d_model) * math.log(max_timescale))
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * inv_freq
+    table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    return table.reshape(*angles.shape[:-1], d_model).astype(dtype)
+
+
+def sinusoidal_table(length: int, d_model: int, *, max_timescale: float = 10000.0) -> np.ndarray:
+    """`[length, d_model]` float64 NumPy table of the same formula (for plots and references)."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    i = np.arange(d_model // 2, dtype=np.float64)[None, :]
+    angles = pos / np.power(max_timescale, 2.0 * i / d_model)
+    table = np.empty((length, d_model))
+    table[:, 0::2] = np.sin(angles)
+    table[:, 1::2] = np.cos(angles)
+    return table
+
+
+def apply_rotary(x: Array, positions: Array, *, base: float = 10000.0,
+                 fraction: float = 1.0) -> Array:
+    """Rotary position embedding (RoPE, Su et al. 2021) of `x` `[batch, length, heads, head_dim]`.
+
+    `positions` `[batch, length]` (or `[length]`). The first `fraction * head_dim` dimensions are
+    rotated as pairs (i, i + half) with frequency `base^(-2i/rot_dims)` (the "rotate half" layout
+    of GPT-NeoX and LLaMA); the rest pass through. q.k then depends only on relative position.
+    """
+    d = x.shape[-1]
+    rot = int(d * fraction)
+    half = rot // 2
+    inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot)
+    positions = jnp.asarray(positions)
+    if positions.ndim == 1:
+        positions = positions[None]
+    angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq  # [b, l, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    xr = x[..., :rot].astype(jnp.float32)
+    x1, x2 = xr[..., :half], xr[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), x[..., rot:]], axis=-1)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """T5's bucket index for `relative_position = key_position - query_position` (int array).
+
+    Half the buckets (per direction when bidirectional) hold exact small distances; the rest
+    cover distances up to `max_distance` logarithmically; larger distances share the last bucket.
+    """
+    n = -jnp.asarray(relative_position)
+    bucket = jnp.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(n.dtype) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / math.log(
+        max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(n.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, n, large)
+
+
+def relative_position_bias(table: Array, q_positions: Array, kv_positions: Array, *,
+                           bidirectional: bool, num_buckets: int, max_distance: int) -> Array:
+    """Additive attention bias from a learned `[num_buckets, heads]` table.
+
+    Positions `[q]`/`[kv]` give a `[1, heads, q, kv]` bias; `[batch, q]`/`[batch, kv]` give
+    `[batch, heads, q, kv]`.
+    """
+    rel = kv_positions[..., None, :] - q_positions[..., :, None]
+    buckets = relative_position_bucket(rel, bidirectional=bidirectional,
+                                       num_buckets=num_buckets, max_distance=max_distance)
+    bias = jnp.take(table, buckets, axis=0)  # [..., q, kv, heads]
+    bias = jnp.moveaxis(bias, -1, -3)
+    return bias if bias.ndim == 4 else bias[None]

@@ -1,0 +1,235 @@
+"""Parameter accounting: exact counts, a per-component breakdown, memory and FLOPs.
+
+Counts come from `jax.eval_shape(model.init, ...)`, so they are exact for the code that trains
+and allocate no parameter memory: gpt3-175b counts in seconds.
+
+    python -m flaxformer_lite.params gpt2 bert-base gpt3-175b [--json]
+
+Published figures (`PUBLISHED`) and where they come from:
+- transformer-base / -big: Vaswani et al. 2017, Table 3 ("65M", "213M"). The paper rounds and its
+  shared EN-DE BPE vocabulary is "about 37000" tokens; we count 37000, one embedding matrix shared
+  by encoder, decoder and pre-softmax projection, sinusoidal positions (no parameters).
+- bert-base / -large: Devlin et al. 2019 ("110M", "340M"); the released checkpoints' BertModel
+  (embeddings + encoder + pooler, no MLM head) holds exactly 109,482,240 / 335,141,888.
+- gpt2: the reference GPT-2 implementation counts 124,439,808 (tied head, learned positions);
+  gpt2-medium / -large / -xl: Radford et al. 2019, Table 2 ("345M", "762M", "1542M").
+- gpt3-*: Brown et al. 2020, Table 2.1 (125M ... 175.0B).
+- t5-small / -base / -large: the released T5 v1.0 checkpoints, which tie the output projection to
+  the shared embedding: 60,506,624 / 222,903,552 / 737,668,096 parameters. Raffel et al. 2020
+  (section 3.7) rounds these to "60M", "220M" and "770M"; the 770M of t5-large is the checkpoint
+  plus an untied 32128 x 1024 output matrix (770,567,168), so we compare with the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxformer_lite.config import PRESETS, TransformerConfig, get_config
+from flaxformer_lite.models import dummy_inputs, make_model
+
+PUBLISHED: dict[str, float] = {
+    "transformer-base": 65e6,
+    "transformer-big": 213e6,
+    "bert-base": 109_482_240,
+    "bert-large": 340e6,
+    "gpt2": 124_439_808,
+    "gpt2-medium": 345e6,
+    "gpt2-large": 762e6,
+    "gpt2-xl": 1542e6,
+    "gpt3-small": 125e6,
+    "gpt3-medium": 350e6,
+    "gpt3-large": 760e6,
+    "gpt3-xl": 1.3e9,
+    "gpt3-2.7b": 2.7e9,
+    "gpt3-6.7b": 6.7e9,
+    "gpt3-13b": 13.0e9,
+    "gpt3-175b": 175.0e9,
+    "t5-small": 60_506_624,
+    "t5-base": 222_903_552,
+    "t5-large": 737_668_096,
+}
+
+COMPONENTS = ("token_embeddings", "position_embeddings", "type_embeddings", "attention",
+              "feed_forward", "norms", "output_head")
+
+# Parameters that are looked up, not multiplied: they cost no FLOPs per token.
+_LOOKUP_ONLY = ("position_embeddings", "type_embeddings")
+
+
+def _component(path: tuple[str, ...]) -> str:
+    """Which component a parameter belongs to, from its module path."""
+    joined = "/".join(path)
+    if "position_embed" in joined or "relative_bias" in joined:
+        return "position_embeddings"
+    if "type_embed" in joined:
+        return "type_embeddings"
+    if "token_embed" in joined:
+        return "token_embeddings"
+    if any(p.endswith("norm") for p in path):
+        return "norms"
+    if any("attention" in p for p in path):
+        return "attention"
+    if "mlp" in path:
+        return "feed_forward"
+    return "output_head"  # untied logits, pooler, masked-LM head
+
+
+def param_shapes(config: TransformerConfig | str):
+    """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory), unboxed."""
+    config = get_config(config) if isinstance(config, str) else config
+    model = make_model(config)
+    # Shapes never depend on the input length; 2 tokens keep tracing cheap.
+    inputs = dummy_inputs(config, batch=1, length=2)
+    variables = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.key(0), "dropout": jax.random.key(1)}, **inputs))
+    return nn.meta.unbox(variables["params"])
+
+
+def breakdown(config: TransformerConfig | str) -> dict[str, int]:
+    """Parameter count per component (see `COMPONENTS`) plus `"total"`."""
+    shapes = param_shapes(config)
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for path, leaf in jax.tree.leaves_with_path(shapes):
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        counts[_component(keys)] += math.prod(leaf.shape)
+    counts["total"] = sum(counts[c] for c in COMPONENTS)
+    return counts
+
+
+def count(config: TransformerConfig | str) -> int:
+    """Exact number of parameters of `make_model(config)`."""
+    return breakdown(config)["total"]
+
+
+def matmul_params(config: TransformerConfig | str, counts: dict[str, int] | None = None) -> int:
+    """Parameters used in a matrix multiply per token (N in `6N`): all but lookup tables.
+
+    Token embeddings count when tied (they are the output projection) and not otherwise (an
+    untied input table is only looked up; the untied output matrix is in `output_head`).
+    """
+    config = get_config(config) if isinstance(config, str) else config
+    counts = breakdown(config) if counts is None else counts
+    n = counts["total"] - sum(counts[c] for c in _LOOKUP_ONLY)
+    if not config.tie_embeddings:
+        n -= counts["token_embeddings"]
+    return n
+
+
+def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
+                    counts: dict[str, int] | None = None) -> dict[str, float]:
+    """Training FLOPs per token: `6 N` (forward 2N, backward 4N) plus the attention term.
+
+    The attention term is `6 * 2 * layers * seq_len * heads * head_dim` (scores and weighted sum,
+    forward and backward; Kaplan et al. 2020, PaLM appendix B), over all attention stacks
+    (self and cross). `seq_len` defaults to `config.max_len`.
+    """
+    config = get_config(config) if isinstance(config, str) else config
+    seq_len = config.max_len if seq_len is None else seq_len
+    n = matmul_params(config, counts)
+    attn_layers = config.encoder_layers + config.decoder_layers * (
+        2 if config.architecture == "encoder_decoder" else 1)
+    attn = 12 * attn_layers * seq_len * config.num_heads * config.dim_per_head
+    return {"params_term": 6.0 * n, "attention_term": float(attn), "total": 6.0 * n + attn}
+
+
+def training_memory(config: TransformerConfig | str, *, param_dtype: str = "float32",
+                    optimizer: str = "adam", optimizer_dtype: str = "float32",
+                    counts: dict[str, int] | None = None) -> dict[str, int]:
+    """Bytes held across a training step, activations excluded: params, grads, optimizer state.
+
+    Adam keeps two moments per parameter; SGD with momentum one; Adafactor ~ factored second
+    moments (counted as 0 here, it is O(rows + cols)). A bf16 `param_dtype` with float32
+    optimizer moments is the usual mixed-precision layout.
+    """
+    counts = breakdown(config) if counts is None else counts
+    n = counts["total"]
+    pbytes = jnp.dtype(param_dtype).itemsize
+    obytes = jnp.dtype(optimizer_dtype).itemsize
+    moments = {"adam": 2, "adamw": 2, "sgd": 1, "adafactor": 0}[optimizer]
+    out = {"params": n * pbytes, "grads": n * pbytes, "optimizer": n * obytes * moments}
+    out["total"] = sum(out.values())
+    return out
+
+
+@dataclasses.dataclass
+class Report:
+    name: str
+    counts: dict[str, int]
+    published: float | None
+    flops: dict[str, float]
+    memory: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "total": self.counts["total"], "breakdown": self.counts,
+                "published": self.published,
+                "relative_error": None if not self.published else
+                (self.counts["total"] - self.published) / self.published,
+                "flops_per_token": self.flops, "training_memory_bytes": self.memory}
+
+
+def report(name: str) -> Report:
+    config = get_config(name)
+    counts = breakdown(config)
+    return Report(name, counts, PUBLISHED.get(name), flops_per_token(config, counts=counts),
+                  training_memory(config, counts=counts))
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_table(reports: Sequence[Report]) -> str:
+    cols = ["name", "total", "published", "err%", "embed", "pos", "attention", "ffn", "norms",
+            "head", "train GFLOP/tok", "Adam fp32 mem"]
+    rows = []
+    for r in reports:
+        c = r.counts
+        err = "" if not r.published else f"{100 * (c['total'] - r.published) / r.published:+.2f}"
+        rows.append([r.name, f"{c['total']:,}", _human(r.published) if r.published else "",
+                     err, _human(c["token_embeddings"] + c["type_embeddings"]),
+                     _human(c["position_embeddings"]), _human(c["attention"]),
+                     _human(c["feed_forward"]), _human(c["norms"]), _human(c["output_head"]),
+                     f"{r.flops['total'] / 1e9:.3g}", f"{r.memory['total'] / 2**30:.1f} GiB"])
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    lines = ["  ".join(str(x).rjust(w) for x, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flaxformer_lite.params",
+        description="Exact parameter counts, breakdown, training memory and FLOPs per token.")
+    parser.add_argument("names", nargs="*",
+                        help=f"preset names (default: all): {', '.join(PRESETS)}")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    args = parser.parse_args(argv)
+    names = args.names or list(PRESETS)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        parser.error(f"unknown config name(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    reports = [report(n) for n in names]
+    if args.json:
+        print(json.dumps([r.to_json() for r in reports], indent=2))
+    else:
+        print(format_table(reports))
+        print("\ntrain GFLOP/tok = 6 N + attention term at max_len; memory = params + grads + "
+              "2 Adam moments, float32, activations excluded.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
