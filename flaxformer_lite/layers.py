@@ -358,7 +358,7 @@ class LayerStack(nn.Module):
             scanned = nn.scan(
                 layer_cls, variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
+                in_axes=(nn.broadcast,) * (len(args) + 1), length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = scanned(cfg, name="layers", **kwargs)(x, None, *args)
         else:

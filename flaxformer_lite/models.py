@@ -123,6 +123,8 @@ class Decoder(nn.Module):
                  positions: Array | None = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         cfg = self.config
+        if decode and segment_ids is None:  # every fed token is real (0 is the start token)
+            segment_ids = jnp.ones_like(ids)
         segment_ids = _segments(ids, segment_ids)
         if decode:
             mask, positions, kv_positions, cache_index = self._cache_state(

@@ -1,0 +1,217 @@
+"""Every model family inits and runs under jit; causality, padding and packing hold."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flaxformer_lite as fl
+from flaxformer_lite.models import dummy_inputs
+
+TINY = dict(vocab_size=61, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=24,
+            dropout_rate=0.0, attention_dropout_rate=0.0)
+
+VARIANTS = {
+    "gpt2": fl.get_config("gpt2", **TINY),
+    "gpt_rotary_gqa_swiglu_rms": fl.get_config(
+        "gpt2", position="rotary", num_kv_heads=2, activation="swiglu", norm="rms",
+        use_bias=False, tie_embeddings=False, **TINY),
+    "gpt_sinusoidal_postln_scan_remat": fl.get_config(
+        "gpt2", position="sinusoidal", norm_position="post", final_norm=False, scan_layers=True,
+        remat="full", **TINY),
+    "gpt_mqa_unfused": fl.get_config("gpt2", num_kv_heads=1, fused_qkv=False, **TINY),
+    "transformer": fl.get_config("transformer-base", **TINY),
+    "t5": fl.get_config("t5-small", head_dim=8, **TINY),
+    "t5_scan": fl.get_config("t5-small", head_dim=8, scan_layers=True, **TINY),
+    "bert": fl.get_config("bert-base", mlm_head=True, **TINY),
+}
+
+
+def _ids(shape, seed=0, vocab=61):
+    return jax.random.randint(jax.random.key(seed), shape, 4, vocab)
+
+
+def _apply(model, params, batch, **kw):
+    out = model.apply({"params": params}, **batch, **kw)
+    return out["logits"] if isinstance(out, dict) else out
+
+
+@pytest.fixture(scope="module")
+def built():
+    out = {}
+    for name, cfg in VARIANTS.items():
+        model = fl.make_model(cfg)
+        params = model.init(jax.random.key(0), **dummy_inputs(cfg, 2, 8))["params"]
+        out[name] = (cfg, model, params)
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_forward_under_jit(built, name):
+    cfg, model, params = built[name]
+    batch = {"inputs": _ids((2, 12))}
+    if cfg.architecture == "encoder_decoder":
+        batch["targets"] = _ids((2, 10), seed=1)
+    logits = jax.jit(lambda p, b: _apply(model, p, b))(params, batch)
+    length = batch.get("targets", batch["inputs"]).shape[1]
+    assert logits.shape == (2, length, cfg.vocab_size)
+    assert logits.dtype == jnp.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    # The exact count from params.count equals the parameters actually created.
+    created = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(params)))
+    assert fl.params.count(cfg) == created
+
+
+def test_bert_pooler_and_hidden(built):
+    cfg, model, params = built["bert"]
+    out = model.apply({"params": params}, _ids((2, 9)),
+                      token_type_ids=jnp.ones((2, 9), jnp.int32))
+    assert out["hidden"].shape == (2, 9, 32) and out["pooled"].shape == (2, 32)
+    assert np.abs(np.asarray(out["pooled"])).max() <= 1.0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "t5"])
+def test_bfloat16_forward_close_to_float32(built, name):
+    cfg, _, params = built[name]
+    model16 = fl.make_model(cfg.replace(dtype="bfloat16"))
+    batch = {"inputs": _ids((2, 12))}
+    if cfg.architecture == "encoder_decoder":
+        batch["targets"] = _ids((2, 10), seed=1)
+    f32 = _apply(fl.make_model(cfg), params, batch)
+    b16 = _apply(model16, params, batch)
+    assert b16.dtype == jnp.float32  # logits are returned in float32
+    np.testing.assert_allclose(b16, f32, atol=0.05, rtol=0.05)
+    p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(b16)
+    assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.02
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms",
+                                  "gpt_sinusoidal_postln_scan_remat", "t5"])
+def test_causality_by_perturbation(built, name):
+    cfg, model, params = built[name]
+    x = _ids((1, 12))
+    y = x.at[0, 7].set((x[0, 7] + 1 - 4) % (cfg.vocab_size - 4) + 4)
+    if cfg.architecture == "encoder_decoder":
+        src = _ids((1, 9), seed=3)
+        a = model.apply({"params": params}, src, x)
+        b = model.apply({"params": params}, src, y)
+        # Target t feeds decoder position t + 1 (shift right): positions <= 7 are unchanged.
+        np.testing.assert_allclose(a[0, :8], b[0, :8], atol=1e-5)
+        assert not np.allclose(a[0, 8:], b[0, 8:])
+    else:
+        a, b = _apply(model, params, {"inputs": x}), _apply(model, params, {"inputs": y})
+        np.testing.assert_allclose(a[0, :7], b[0, :7], atol=1e-5)
+        assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+@pytest.mark.parametrize("name", ["transformer", "t5", "bert"])
+def test_source_padding_invariance(built, name):
+    cfg, model, params = built[name]
+    src = _ids((1, 7))
+    padded = jnp.pad(src, ((0, 0), (0, 5)))
+    if cfg.architecture == "encoder_decoder":
+        tgt = _ids((1, 6), seed=2)
+        a = model.apply({"params": params}, src, tgt)
+        b = model.apply({"params": params}, padded, tgt)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    else:
+        a = model.apply({"params": params}, src)
+        b = model.apply({"params": params}, padded)
+        np.testing.assert_allclose(a["logits"], b["logits"][:, :7], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "t5", "bert"])
+def test_packed_segments_are_isolated(built, name):
+    cfg, model, params = built[name]
+    a, b = _ids((1, 5), seed=4), _ids((1, 7), seed=5)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 2), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 7 + [0] * 2])
+    pos = jnp.array([list(range(5)) + list(range(7)) + [0, 0]])
+    if cfg.architecture == "encoder_decoder":
+        sa, sb = _ids((1, 4), seed=6), _ids((1, 6), seed=7)
+        src = jnp.concatenate([sa, sb], axis=1)
+        sseg = jnp.array([[1] * 4 + [2] * 6])
+        spos = jnp.array([list(range(4)) + list(range(6))])
+        out = model.apply({"params": params}, src, packed, inputs_segment_ids=sseg,
+                          targets_segment_ids=seg, inputs_positions=spos, targets_positions=pos)
+        alone_a = model.apply({"params": params}, sa, a)
+        alone_b = model.apply({"params": params}, sb, b)
+    else:
+        kw = {"segment_ids": seg, "positions": pos}
+        out = _apply(model, params, {"inputs": packed}, **kw)
+        alone_a = _apply(model, params, {"inputs": a})
+        alone_b = _apply(model, params, {"inputs": b})
+    np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
+    np.testing.assert_allclose(out[:, 5:12], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms",
+                                  "gpt_sinusoidal_postln_scan_remat", "transformer", "t5_scan"])
+def test_kv_cache_matches_full_forward(built, name):
+    cfg, model, params = built[name]
+    x = _ids((2, 10), seed=8)
+    if cfg.architecture == "encoder_decoder":
+        src = _ids((2, 6), seed=9)
+        full = model.apply({"params": params}, src, x)
+        encoded = model.apply({"params": params}, src, method=model.encode)
+        dec_in = fl.shift_right(x)
+        cache = fl.init_cache(model, params, 2, 10, encoded=encoded)
+
+        def step(cache, tok):
+            return model.apply({"params": params, "cache": cache}, encoded, tok, decode=True,
+                               method=model.decode, mutable=["cache"])
+    else:
+        full = model.apply({"params": params}, x)
+        dec_in = x
+        cache = fl.init_cache(model, params, 2, 10)
+
+        def step(cache, tok):
+            return model.apply({"params": params, "cache": cache}, tok, decode=True,
+                               mutable=["cache"])
+
+    step = jax.jit(step)
+    # Prefill 4 tokens in one call, then one token at a time.
+    logits, mut = step(cache, dec_in[:, :4])
+    cache = mut["cache"]
+    np.testing.assert_allclose(logits, full[:, :4], atol=1e-4, rtol=1e-4)
+    for t in range(4, 10):
+        logits, mut = step(cache, dec_in[:, t:t + 1])
+        cache = mut["cache"]
+        np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_active_only_when_training(built):
+    cfg = VARIANTS["gpt2"].replace(dropout_rate=0.3, attention_dropout_rate=0.2)
+    model = fl.make_model(cfg)
+    params = built["gpt2"][2]
+    x = _ids((2, 8))
+    det = model.apply({"params": params}, x)
+    np.testing.assert_array_equal(det, model.apply({"params": params}, x))
+    r1 = model.apply({"params": params}, x, deterministic=False,
+                     rngs={"dropout": jax.random.key(1)})
+    r2 = model.apply({"params": params}, x, deterministic=False,
+                     rngs={"dropout": jax.random.key(2)})
+    assert not np.allclose(r1, r2) and not np.allclose(r1, det)
+
+
+def test_too_long_sequence_is_a_clear_error(built):
+    cfg, model, params = built["gpt2"]
+    with pytest.raises(ValueError, match="max_len=24"):
+        model.apply({"params": params}, _ids((1, 30)))
+
+
+def test_parameters_carry_logical_axes(built):
+
+    for name in ("gpt2", "t5_scan", "bert"):
+        _, _, params = built[name]
+        specs = nn.get_partition_spec(params)
+        for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=lambda x: x is None or
+                                              isinstance(x, jax.sharding.PartitionSpec)),
+                              jax.tree.leaves(nn.meta.unbox(params))):
+            assert len(spec) == leaf.ndim
+        names = {a for s in jax.tree.leaves(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)) for a in s}
+        assert {"embed", "heads", "kv", "mlp"} <= names
+        if name == "t5_scan":
+            assert "layers" in names

@@ -1,0 +1,266 @@
+"""The pure functions against float64 NumPy references and jax.nn.dot_product_attention."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite import ops
+
+B, LQ, LK, H, D = 2, 5, 7, 4, 8
+
+
+def np_attention(q, k, v, mask=None, bias=None, scale=None):
+    """float64 reference; q [b,q,h,d], k/v [b,k,hk,d]; mask/bias broadcast to [b,h,q,k]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    h, hk = q.shape[2], k.shape[2]
+    k = np.repeat(k, h // hk, axis=2)
+    v = np.repeat(v, h // hk, axis=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if mask is not None:
+        s = np.where(np.asarray(mask), s, -1e30)
+    s = s - s.max(-1, keepdims=True)
+    w = np.exp(s)
+    w = w / w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v), w
+
+
+def rand(*shape, seed=0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def masks():
+    rng = np.random.default_rng(0)
+    kv_valid = np.ones((B, LK), bool)
+    kv_valid[0, 5:] = False
+    q_seg = np.array([[1, 1, 2, 2, 2], [1, 1, 1, 1, 0]])
+    kv_seg = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0]])
+    return {
+        "none": None,
+        "causal": np.asarray(ops.causal_mask(LQ, LK, offset=LK - LQ)),
+        "padding": np.asarray(ops.padding_mask(np.ones((B, LQ), bool), kv_valid)),
+        "segment": np.asarray(ops.segment_mask(q_seg, kv_seg)),
+        "combined": np.asarray(ops.combine_masks(
+            ops.causal_mask(LQ, LK, offset=LK - LQ), ops.padding_mask(np.ones((B, LQ)),
+                                                                      kv_valid))),
+        "per_head": rng.random((B, H, LQ, LK)) > 0.3,
+    }
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("mask_name", ["none", "causal", "padding", "segment", "combined",
+                                       "per_head"])
+def test_attention_matches_numpy_and_jax(mask_name, kv_heads):
+    q, k, v = rand(B, LQ, H, D, seed=1), rand(B, LK, kv_heads, D, seed=2), rand(
+        B, LK, kv_heads, D, seed=3)
+    mask = masks()[mask_name]
+    if mask is not None and not mask.any(-1).all():  # rows with no key: defined but not compared
+        mask = mask | (np.arange(LK) == 0)
+    out, w = ops.scaled_dot_product_attention(q, k, v, mask=mask, return_weights=True)
+    ref, ref_w = np_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(w, ref_w, atol=1e-6)
+    jax_out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else jnp.asarray(
+        np.broadcast_to(mask, (B, H, LQ, LK))), implementation="xla")
+    np.testing.assert_allclose(out, jax_out, atol=1e-5, rtol=1e-5)
+    delegated = ops.scaled_dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(delegated, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_bias_and_is_causal(kv_heads):
+    q, k, v = rand(B, LQ, H, D, seed=4), rand(B, LK, kv_heads, D, seed=5), rand(
+        B, LK, kv_heads, D, seed=6)
+    bias = rand(1, H, LQ, LK, seed=7)
+    causal = np.asarray(ops.causal_mask(LQ, LK, offset=LK - LQ))
+    out = ops.scaled_dot_product_attention(q, k, v, bias=bias, is_causal=True)
+    ref, _ = np_attention(q, k, v, mask=causal, bias=bias)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    out_xla = ops.scaled_dot_product_attention(q, k, v, bias=bias, is_causal=True,
+                                               implementation="xla")
+    np.testing.assert_allclose(out_xla, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_jits_and_differentiates():
+    q, k, v = rand(B, LQ, H, D, seed=1), rand(B, LK, 2, D, seed=2), rand(B, LK, 2, D, seed=3)
+    f = jax.jit(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v).sum())
+    g = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(lambda q, k, v: jax.nn.dot_product_attention(q, k, v).sum(),
+                     argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bfloat16_softmax_in_float32():
+    q, k, v = rand(B, LQ, H, D, seed=1), rand(B, LK, H, D, seed=2), rand(B, LK, H, D, seed=3)
+    out16, w16 = ops.scaled_dot_product_attention(
+        q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+        return_weights=True)
+    assert out16.dtype == jnp.bfloat16 and w16.dtype == jnp.float32
+    ref, _ = np_attention(q, k, v)
+    np.testing.assert_allclose(np.asarray(out16, np.float32), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_attention_dropout():
+    q, k, v = rand(B, LQ, H, D, seed=1), rand(B, LK, H, D, seed=2), rand(B, LK, H, D, seed=3)
+    base = ops.scaled_dot_product_attention(q, k, v)
+    same = ops.scaled_dot_product_attention(q, k, v, dropout_rate=0.5)  # no rng: no dropout
+    np.testing.assert_array_equal(base, same)
+    f = jax.jit(lambda r: ops.scaled_dot_product_attention(q, k, v, dropout_rate=0.5,
+                                                           dropout_rng=r))
+    a, a2, b = f(jax.random.key(1)), f(jax.random.key(1)), f(jax.random.key(2))
+    np.testing.assert_array_equal(a, a2)
+    assert not np.allclose(a, b)
+    # Inverted dropout is unbiased: the mean over many keys approaches the undropped output.
+    mean = jnp.mean(jax.vmap(f)(jax.random.split(jax.random.key(3), 2000)), axis=0)
+    np.testing.assert_allclose(mean, base, atol=0.08)
+
+
+def test_attention_errors():
+    q = rand(B, LQ, 3, D)
+    k = rand(B, LK, 2, D)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="implementation"):
+        ops.scaled_dot_product_attention(q, q, q, implementation="flash")
+    with pytest.raises(ValueError, match="dropout"):
+        ops.scaled_dot_product_attention(q, q, q, implementation="xla", dropout_rate=0.1,
+                                         dropout_rng=jax.random.key(0))
+
+
+def test_mask_builders_match_loops():
+    q_seg = np.array([[1, 1, 2, 0]])
+    kv_seg = np.array([[1, 2, 2, 0, 1]])
+    seg = np.asarray(ops.segment_mask(q_seg, kv_seg))[0, 0]
+    for i in range(4):
+        for j in range(5):
+            assert seg[i, j] == (q_seg[0, i] == kv_seg[0, j] and q_seg[0, i] != 0)
+    causal = np.asarray(ops.causal_mask(3, 5, offset=2))[0, 0]
+    for i in range(3):
+        for j in range(5):
+            assert causal[i, j] == (j <= i + 2)
+    pad = np.asarray(ops.padding_mask(np.array([[5, 0]]), np.array([[7, 9, 0]])))[0, 0]
+    np.testing.assert_array_equal(pad, [[True, True, False], [False, False, False]])
+    packed = np.asarray(ops.make_attention_mask(np.array([[1, 1, 2, 2]]), causal=True))[0, 0]
+    expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(packed, expected)
+    assert ops.combine_masks(None, None) is None
+
+
+def test_sinusoidal_matches_paper_formula():
+    length, d = 50, 16
+    table = np.asarray(ops.sinusoidal_embedding(jnp.arange(length), d))
+    for pos in range(length):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            assert abs(table[pos, 2 * i] - math.sin(angle)) < 1e-5
+            assert abs(table[pos, 2 * i + 1] - math.cos(angle)) < 1e-5
+    np.testing.assert_allclose(ops.sinusoidal_table(length, d), table, atol=1e-5)
+
+
+def test_rotary_matches_complex_reference_and_is_relative():
+    x = np.asarray(rand(1, 6, 2, 8, seed=9), np.float64)
+    pos = np.arange(6) + 3
+    out = np.asarray(ops.apply_rotary(jnp.asarray(x, jnp.float32), pos[None]))
+    half = 4
+    freqs = 10000.0 ** (-np.arange(half) * 2.0 / 8)
+    z = (x[..., :half] + 1j * x[..., half:]) * np.exp(1j * pos[None, :, None, None] * freqs)
+    np.testing.assert_allclose(out, np.concatenate([z.real, z.imag], -1), atol=1e-5)
+    # q.k depends only on the position difference.
+    q, k = rand(1, 1, 1, 8, seed=10), rand(1, 1, 1, 8, seed=11)
+
+    def score(pq, pk):
+        return float((ops.apply_rotary(q, jnp.array([[pq]])) *
+                      ops.apply_rotary(k, jnp.array([[pk]]))).sum())
+
+    assert abs(score(5, 2) - score(105, 102)) < 1e-4
+    partial = ops.apply_rotary(jnp.asarray(x, jnp.float32), pos[None], fraction=0.5)
+    np.testing.assert_array_equal(np.asarray(partial)[..., 4:], np.float32(x[..., 4:]))
+
+
+def _t5_bucket(rel, bidirectional, num_buckets=32, max_distance=128):
+    """Scalar T5 bucket, written from the paper's description."""
+    ret = 0
+    n = -rel
+    if bidirectional:
+        num_buckets //= 2
+        if n < 0:
+            ret += num_buckets
+        n = abs(n)
+    else:
+        n = max(n, 0)
+    max_exact = num_buckets // 2
+    if n < max_exact:
+        return ret + n
+    val = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact)
+                          * (num_buckets - max_exact))
+    return ret + min(val, num_buckets - 1)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_relative_buckets(bidirectional):
+    rel = np.arange(-300, 300)
+    got = np.asarray(ops.relative_position_bucket(jnp.asarray(rel), bidirectional=bidirectional))
+    want = np.array([_t5_bucket(int(r), bidirectional) for r in rel])
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= 0 and got.max() < 32
+
+
+def test_relative_bias_shapes():
+    table = rand(32, H)
+    bias = ops.relative_position_bias(table, jnp.arange(3), jnp.arange(5), bidirectional=True,
+                                      num_buckets=32, max_distance=128)
+    assert bias.shape == (1, H, 3, 5)
+    np.testing.assert_allclose(bias[0, :, 1, 1], table[0])
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh", "swiglu", "geglu"])
+def test_feed_forward_matches_numpy(act):
+    x = np.asarray(rand(3, 8, seed=1), np.float64)
+    w_in, w_out, w_gate = (np.asarray(rand(*s, seed=i + 2), np.float64)
+                           for i, s in enumerate([(8, 16), (16, 8), (8, 16)]))
+    b_in = np.asarray(rand(16, seed=7), np.float64)
+    erf = np.vectorize(math.erf)
+    fns = {
+        "relu": lambda z: np.maximum(z, 0),
+        "gelu": lambda z: 0.5 * z * (1 + erf(z / math.sqrt(2))),
+        "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) *
+                                                      (z + 0.044715 * z ** 3))),
+    }
+    fns["swiglu"] = lambda z: z / (1 + np.exp(-z))
+    fns["geglu"] = fns["gelu_tanh"]
+    h = x @ w_in + b_in
+    ref = (fns[act](x @ w_gate) * h if act in ("swiglu", "geglu") else fns[act](h)) @ w_out
+    got = ops.feed_forward(*(jnp.asarray(a, jnp.float32) for a in (x, w_in, w_out)),
+                           activation_name=act, b_in=jnp.asarray(b_in, jnp.float32),
+                           w_gate=jnp.asarray(w_gate, jnp.float32))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_norms_match_numpy():
+    x = np.asarray(rand(4, 16, seed=1), np.float64) * 3 + 1
+    scale, bias = np.linspace(0.5, 1.5, 16), np.linspace(-1, 1, 16)
+    ln = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * scale + bias
+    np.testing.assert_allclose(ops.layer_norm(jnp.float32(x), jnp.float32(scale),
+                                              jnp.float32(bias)), ln, atol=1e-5)
+    rms = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * scale
+    np.testing.assert_allclose(ops.rms_norm(jnp.float32(x), jnp.float32(scale)), rms, atol=1e-5)
+    assert ops.rms_norm(jnp.bfloat16(x)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("barrier", [False, True])
+def test_matmul_gradient_matches_plain(barrier):
+    x, w = rand(3, 4, 8, seed=1), rand(8, 5, seed=2)
+
+    def loss(f):
+        return lambda x, w: jnp.sum(jnp.tanh(f(x, w)))
+
+    got = jax.jit(jax.grad(loss(lambda x, w: ops.matmul(x, w, barrier)), (0, 1)))(x, w)
+    want = jax.grad(loss(jnp.matmul), (0, 1))(x, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

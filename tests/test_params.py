@@ -1,0 +1,95 @@
+"""Parameter counts against published figures, the breakdown, FLOPs, memory and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from flaxformer_lite import get_config, params
+
+# name -> (published figure, allowed relative error); see flaxformer_lite/params.py for sources.
+TOLERANCE = {
+    "gpt2": 0.0,
+    "bert-base": 0.0,
+    "t5-small": 0.0,
+    "t5-base": 0.0,
+    "t5-large": 0.0,
+    "transformer-big": 0.01,
+    "transformer-base": 0.05,
+    "gpt3-175b": 0.005,
+}
+
+
+@pytest.fixture(scope="module")
+def counts():
+    return {name: params.breakdown(name) for name in params.PUBLISHED}
+
+
+def test_exact_reference_counts(counts):
+    assert counts["gpt2"]["total"] == 124_439_808
+    assert counts["bert-base"]["total"] == 109_482_240
+    assert counts["bert-large"]["total"] == 335_141_888
+    assert counts["t5-small"]["total"] == 60_506_624
+    # The paper's 770M for t5-large is the checkpoint plus an untied output matrix.
+    assert counts["t5-large"]["total"] + 32128 * 1024 == 770_567_168
+
+
+@pytest.mark.parametrize("name", list(params.PUBLISHED))
+def test_every_preset_matches_its_published_figure(counts, name):
+    published = params.PUBLISHED[name]
+    err = abs(counts[name]["total"] - published) / published
+    assert err <= TOLERANCE.get(name, 0.03), (name, counts[name]["total"], published)
+
+
+def test_breakdown_adds_up_and_matches_closed_form(counts):
+    for c in counts.values():
+        assert sum(c[k] for k in params.COMPONENTS) == c["total"]
+    d, layers, vocab = 768, 12, 50257
+    gpt2 = counts["gpt2"]
+    assert gpt2["token_embeddings"] == vocab * d
+    assert gpt2["position_embeddings"] == 1024 * d
+    assert gpt2["attention"] == layers * (4 * d * d + 4 * d)
+    assert gpt2["feed_forward"] == layers * (8 * d * d + 5 * d)
+    assert gpt2["norms"] == (2 * layers + 1) * 2 * d
+    assert gpt2["output_head"] == 0  # tied
+    bert = counts["bert-base"]
+    assert bert["type_embeddings"] == 2 * d
+    assert bert["output_head"] == d * d + d  # pooler
+    t5 = counts["t5-small"]
+    assert t5["position_embeddings"] == 2 * 32 * 8  # one relative table per stack
+
+
+def test_count_allocates_nothing_for_175b():
+    # eval_shape: if this allocated, 175e9 float32 parameters would need 700 GB.
+    assert params.count("gpt3-175b") > 174e9
+
+
+def test_flops_and_memory():
+    cfg = get_config("gpt2")
+    c = params.breakdown(cfg)
+    n = c["total"] - c["position_embeddings"]  # tied embeddings are the output matmul
+    f = params.flops_per_token(cfg, seq_len=1024, counts=c)
+    assert f["params_term"] == 6 * n
+    assert f["attention_term"] == 12 * 12 * 1024 * 768
+    mem = params.training_memory(cfg, counts=c)
+    assert mem["total"] == 16 * c["total"]  # fp32 params + grads + two Adam moments
+    untied = cfg.replace(tie_embeddings=False)
+    cu = params.breakdown(untied)
+    assert cu["output_head"] == 50257 * 768
+    assert params.matmul_params(untied, cu) == cu["total"] - cu["position_embeddings"] - cu[
+        "token_embeddings"]
+
+
+def test_cli_json():
+    out = subprocess.run([sys.executable, "-m", "flaxformer_lite.params", "gpt2", "bert-base",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    assert [r["name"] for r in rows] == ["gpt2", "bert-base"]
+    assert rows[0]["total"] == 124_439_808 and isinstance(rows[0]["total"], int)
+
+
+def test_cli_unknown_name():
+    res = subprocess.run([sys.executable, "-m", "flaxformer_lite.params", "gpt5"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "gpt2-medium" in res.stderr
