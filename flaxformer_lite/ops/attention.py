@@ -8,6 +8,8 @@ for plots. Scores and softmax run in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -103,6 +105,8 @@ def scaled_dot_product_attention(
                              "dropout nor returning weights; use implementation='ops'.")
         return _delegate(q, k, v, bias, mask, scale, is_causal, implementation)
 
+    if not use_dropout and not return_weights and _use_cpu_path():
+        return _cpu_attention(q, k, v, bias, mask, scale, is_causal)
     weights = attention_weights(q, k, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
     probs = weights
     if use_dropout:
@@ -135,3 +139,170 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
         implementation=implementation)
+
+
+# ---- CPU path ----------------------------------------------------------------------------------
+# The same math as above with a hand-written backward pass, used on the CPU backend when there is
+# no dropout and no weights to return. On a CPU the [batch, heads, q, kv] scores of a large batch
+# do not fit in cache, and autodiff streams them through memory a dozen times, two of them as
+# transposes. Here (1) every matmul contracts the scores along their last axis or as the left
+# operand's rows, so only the small [length, head_dim] operands are ever transposed; (2) the
+# backward pass recomputes the probabilities from the saved row max and sum instead of storing
+# them, and uses rowsum(dP * P) = rowsum(dO * O) (FlashAttention), a reduction over head_dim;
+# (3) large batches are attended a few rows at a time under `lax.scan`, forward and backward, so
+# each chunk's scores stay in cache. Outputs are bitwise the same probabilities times v.
+_CHUNK_BYTES = 4 * 2**20  # float32 scores per chunk
+_CHUNK_MIN_BYTES = 16 * 2**20  # below this the whole batch is attended at once
+
+
+def _use_cpu_path() -> bool:
+    import os
+    if os.environ.get("FFL_CPU_ATTENTION", "1") == "0":
+        return False
+    return jax.default_backend() == "cpu"
+
+
+def _batch_chunk(b: int, scores_per_row: int) -> int:
+    """Batch rows per chunk: the whole batch when small, else chunks of about _CHUNK_BYTES."""
+    if b < 2 or b * scores_per_row * 4 < _CHUNK_MIN_BYTES:
+        return b
+    size = max(1, min(b // 2, _CHUNK_BYTES // (4 * scores_per_row)))
+    while b % size:
+        size -= 1
+    return size
+
+
+def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
+    b, lq, h, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
+    g = h // hk
+    scale = d ** -0.5 if scale is None else scale
+    if is_causal:
+        causal = jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq)
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    bias_shape = None if bias is None else bias.shape
+    bias5, mask5 = _to_groups(bias, hk, g), _to_groups(mask, hk, g)
+    if mask5 is not None:
+        mask5 = mask5.astype(bool)
+    chunk = _batch_chunk(b, h * lq * lk)
+    out = _attention_core(q.reshape(b, lq, hk, g, d), k, v, bias5, mask5, float(scale), chunk)
+    del bias_shape
+    return out.reshape(b, lq, h, v.shape[-1])
+
+
+def _scores(q, k, bias, mask, scale):
+    """Masked float32 scores `[b, hk, g, q, k]` from q `[b, q, hk, g, d]`, k `[b, k, hk, d]`."""
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    s = s * jnp.float32(scale)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    return s
+
+
+def _forward(q, k, v, bias, mask, scale):
+    s = _scores(q, k, bias, mask, scale)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    e = jnp.exp(s - m)
+    total = e.sum(-1, keepdims=True)
+    p = (e / total).astype(v.dtype)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
+    return o, m, total
+
+
+def _backward(q, k, v, bias, mask, scale, o, m, total, do):
+    s = _scores(q, k, bias, mask, scale)
+    p = jnp.exp(s - m) / total
+    dp = jnp.einsum("bqhgd,bkhd->bhgqk", do, v, preferred_element_type=jnp.float32)
+    rows = jnp.einsum("bqhgd,bqhgd->bhgq", do.astype(jnp.float32), o.astype(jnp.float32))
+    ds = p * (dp - rows[..., None])  # gradient of the masked, biased scores
+    if mask is not None:
+        ds = jnp.where(mask, ds, 0.0)
+    dsc = ds * jnp.float32(scale)
+    dq = jnp.einsum("bhgqk,bkhd->bqhgd", dsc.astype(q.dtype), k)
+    # k and v gradients as [b, hk, d, k]: the scores stay the right-hand operand, untransposed.
+    dk = jnp.einsum("bqhgd,bhgqk->bhdk", q, dsc.astype(q.dtype)).transpose(0, 3, 1, 2)
+    dv = jnp.einsum("bqhgd,bhgqk->bhdk", do, p.astype(do.dtype)).transpose(0, 3, 1, 2)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), ds
+
+
+def _reduce_to(x, shape):
+    """Sum the `[b, hk, g, q, k]` array `x` down to a broadcastable `shape` (a bias's)."""
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axes, keepdims=True).reshape(shape)
+
+
+def _split(x, n):
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+
+def _merge(x):
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _batched(x, b):
+    return x is not None and x.shape[0] == b and b > 1
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention_core(q, k, v, bias, mask, scale, chunk):
+    """Attention output `[b, q, hk, g, d]`; bias/mask broadcastable to `[b, hk, g, q, k]`."""
+    return _core_fwd(q, k, v, bias, mask, scale, chunk)[0]
+
+
+def _core_fwd(q, k, v, bias, mask, scale, chunk):
+    b = q.shape[0]
+    if chunk == b:
+        o, m, total = _forward(q, k, v, bias, mask, scale)
+    else:
+        n = b // chunk
+        bias_b, mask_b = _batched(bias, b), _batched(mask, b)
+        xs = (_split(q, n), _split(k, n), _split(v, n), _split(bias, n) if bias_b else None,
+              _split(mask, n) if mask_b else None)
+
+        def body(_, xs):
+            qc, kc, vc, bc, mc = xs
+            return None, _forward(qc, kc, vc, bc if bias_b else bias, mc if mask_b else mask,
+                                  scale)
+
+        _, (o, m, total) = jax.lax.scan(body, None, xs)
+        o, m, total = _merge(o), _merge(m), _merge(total)
+    return o, (q, k, v, bias, mask, o, m, total)
+
+
+def _core_bwd(scale, chunk, res, do):
+    q, k, v, bias, mask, o, m, total = res
+    b = q.shape[0]
+    if chunk == b:
+        dq, dk, dv, ds = _backward(q, k, v, bias, mask, scale, o, m, total, do)
+        dbias = None if bias is None else _reduce_to(ds, bias.shape).astype(bias.dtype)
+    else:
+        n = b // chunk
+        bias_b, mask_b = _batched(bias, b), _batched(mask, b)
+        xs = tuple(_split(x, n) for x in (q, k, v, o, m, total, do)) + (
+            _split(bias, n) if bias_b else None, _split(mask, n) if mask_b else None)
+        shared = bias is not None and not bias_b
+
+        def body(acc, xs):
+            qc, kc, vc, oc, mc_, tc, doc, bc, mc = xs
+            bc = bc if bias_b else bias
+            dq, dk, dv, ds = _backward(qc, kc, vc, bc, mc if mask_b else mask, scale, oc, mc_,
+                                       tc, doc)
+            db = None
+            if bias_b:
+                db = _reduce_to(ds, bc.shape)
+            elif shared:
+                acc = acc + _reduce_to(ds, bias.shape)
+            return acc, (dq, dk, dv, db)
+
+        acc0 = jnp.zeros(bias.shape, jnp.float32) if shared else None
+        acc, (dq, dk, dv, db) = jax.lax.scan(body, acc0, xs)
+        dq, dk, dv = _merge(dq), _merge(dk), _merge(dv)
+        dbias = None if bias is None else (acc if shared else _merge(db)).astype(bias.dtype)
+    return dq, dk, dv, dbias, None
+
+
+_attention_core.defvjp(_core_fwd, _core_bwd)

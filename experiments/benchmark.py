@@ -1,0 +1,768 @@
+"""Training and attention benchmark: flaxformer_lite (JAX) next to the same GPT in PyTorch.
+
+    python experiments/benchmark.py --out=/tmp/benchmark.json
+    python experiments/benchmark.py --sections=train --models=nanogpt-char --repeats=9
+    python experiments/benchmark.py --sections=attention --attention_lengths=128,256,512,1024
+
+Training: step time, tokens/s, model FLOPs per token (`flaxformer_lite.params.flops_per_token`:
+6N plus the attention term), achieved FLOP/s, MFU against the device's datasheet peak (when
+known) and against a float32 matmul peak measured in the same run, compile time and peak memory,
+for the library's model with an optax AdamW step, PyTorch eager and `torch.compile`.
+
+Each framework runs in its own worker process. The parent alternates them round by round,
+rotating which goes first, so machine noise lands on all of them alike; tables report medians
+over all timed steps and the median of the per-round speed ratios. PyTorch is optional
+(`pip install -e ".[bench]"`); without it the PyTorch columns are skipped.
+
+Attention: `ops.scaled_dot_product_attention` against `jax.nn.dot_product_attention` (XLA, and
+cuDNN on a GPU), causal, forward + backward time and the compiled function's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+# name: layers, heads, d_model, context, batch, vocab, accelerator only
+MODELS = {
+    "nanogpt-char": dict(layers=4, heads=4, d_model=128, context=64, batch=12, vocab=65),
+    "gpt-6x384": dict(layers=6, heads=6, d_model=384, context=256, batch=64, vocab=65),
+    "gpt2": dict(layers=12, heads=12, d_model=768, context=1024, batch=16, vocab=50257,
+                 accelerator_only=True),
+}
+
+# Datasheet dense bfloat16 (V100: float16) tensor peaks, FLOP/s, by device-kind substring.
+DATASHEET_PEAKS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+}
+
+REPLY = "@@bench "
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one framework per process, answering JSON commands on stdin.
+# ---------------------------------------------------------------------------------------------
+
+def _reply(obj) -> None:
+    sys.stdout.write(REPLY + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _batches(spec: dict, n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`n` (inputs, targets) int32 batches `[batch, context]`, identical in every worker."""
+    rng = np.random.default_rng(spec["seed"])
+    b, t, v = spec["batch"], spec["context"], spec["vocab"]
+    if spec.get("data"):
+        with open(spec["data"], encoding="utf-8") as f:
+            text = f.read()
+        chars = sorted(set(text))
+        data = np.array([chars.index(c) for c in text[:1_000_000]], np.int32)
+        out = []
+        for _ in range(n):
+            starts = rng.integers(0, len(data) - t - 1, b)
+            x = np.stack([data[s:s + t] for s in starts])
+            y = np.stack([data[s + 1:s + t + 1] for s in starts])
+            out.append((x, y))
+        return out
+    return [(rng.integers(0, v, (b, t)).astype(np.int32),
+             rng.integers(0, v, (b, t)).astype(np.int32)) for _ in range(n)]
+
+
+def _serve(runner) -> None:
+    """Answer commands until 'quit': run k steps, matmul peak, stats."""
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            return
+        try:
+            _reply(getattr(runner, cmd["op"])(**cmd.get("args", {})))
+        except Exception as e:  # report, keep serving
+            _reply({"error": f"{type(e).__name__}: {e}"})
+
+
+class JaxTrain:
+    """The library's DecoderOnly with an optax AdamW step (or `flaxformer_lite.training`)."""
+
+    def __init__(self, spec: dict):
+        from flaxformer_lite import perf
+        if spec.get("configure_cpu", True):
+            self.applied = perf.configure_cpu(malloc=spec["allocator"] == "glibc")
+        else:
+            self.applied = perf.configure_cpu(xla_flags=False,
+                                              malloc=spec["allocator"] == "glibc")
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        import flaxformer_lite as fl
+
+        self.jax, self.jnp = jax, jnp
+        self.spec = spec
+        on_gpu = jax.default_backend() == "gpu"
+        overrides = dict(vocab_size=spec["vocab"], d_model=spec["d_model"],
+                         num_heads=spec["heads"], d_ff=4 * spec["d_model"],
+                         num_layers=spec["layers"], max_len=spec["context"], dropout_rate=0.0,
+                         attention_dropout_rate=0.0, dtype=spec["dtype"])
+        if on_gpu and spec["dtype"] == "bfloat16":
+            overrides["attention_implementation"] = "cudnn"
+        overrides.update(spec.get("cfg", {}))
+        self.config = fl.get_config("gpt2", **overrides)
+        model = fl.make_model(self.config)
+        b, t = spec["batch"], spec["context"]
+        params = nn.meta.unbox(model.init(jax.random.key(spec["seed"]),
+                                          jnp.zeros((1, t), jnp.int32))["params"])
+        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+        tx = optax.adamw(spec["lr"], b1=0.9, b2=0.99, weight_decay=0.1, mask=decay_mask)
+        segment_ids = jnp.ones((b, t), jnp.int32)  # every id is a real character here
+
+        def loss_fn(p, inputs, targets):
+            logits = model.apply({"params": p}, inputs, segment_ids=segment_ids)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+        def train_step(state, inputs, targets):
+            p, opt_state = state
+            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets)
+            updates, opt_state = tx.update(grads, opt_state, p)
+            return (optax.apply_updates(p, updates), opt_state), loss
+
+        self.batches = [tuple(jax.device_put(a) for a in xy) for xy in _batches(spec)]
+        self.state = (params, tx.init(params))
+        t0 = time.perf_counter()
+        step = jax.jit(train_step, donate_argnums=0)
+        self.compiled = step.lower(self.state, *self.batches[0]).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.i = 0
+        self.loss = float("nan")
+        self.run(2)  # warm up: first executions allocate and page in
+
+    def run(self, steps: int) -> dict:
+        times = []
+        for _ in range(steps):
+            x, y = self.batches[self.i % len(self.batches)]
+            t0 = time.perf_counter()
+            self.state, loss = self.compiled(self.state, x, y)
+            loss.block_until_ready()
+            times.append(time.perf_counter() - t0)
+            self.i += 1
+        self.loss = float(loss)
+        return {"times": times}
+
+    def matmul(self, n: int, repeats: int = 3) -> dict:
+        """Float32 `[n, n] @ [n, n]` rate, FLOP/s (median of `repeats`)."""
+        jax, jnp = self.jax, self.jnp
+        if not hasattr(self, "_mm"):
+            k1, k2 = jax.random.split(jax.random.key(1))
+            self._mm_args = (jax.random.normal(k1, (n, n), jnp.float32),
+                             jax.random.normal(k2, (n, n), jnp.float32))
+            self._mm = jax.jit(jnp.matmul).lower(*self._mm_args).compile()
+            self._mm(*self._mm_args).block_until_ready()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self._mm(*self._mm_args).block_until_ready()
+            times.append(time.perf_counter() - t0)
+        return {"flops_per_s": 2 * n ** 3 / float(np.median(times))}
+
+    def stats(self) -> dict:
+        jax = self.jax
+        dev = jax.devices()[0]
+        mem = dev.memory_stats() or {}
+        ma = self.compiled.memory_analysis()
+        step_bytes = None
+        if ma is not None:
+            step_bytes = (ma.temp_size_in_bytes + ma.argument_size_in_bytes
+                          + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+        from flaxformer_lite.params import flops_per_token
+        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
+                "device_peak": mem.get("peak_bytes_in_use"), "step_buffers": step_bytes,
+                "device_kind": dev.device_kind, "platform": dev.platform,
+                "flops_per_token": flops_per_token(self.config, self.spec["context"])["total"],
+                "xla_flags": os.environ.get("XLA_FLAGS", ""), "applied": self.applied}
+
+
+class TorchTrain:
+    """The same GPT written plainly in PyTorch: pre-LN, tanh GELU, learned positions, tied head."""
+
+    def __init__(self, spec: dict):
+        if spec["allocator"] == "glibc":
+            from flaxformer_lite import perf
+            perf.configure_cpu(xla_flags=False)
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        self.torch = torch
+        self.spec = spec
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        L, H, D, T, V = (spec[k] for k in ("layers", "heads", "d_model", "context", "vocab"))
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
+                self.c_attn, self.c_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+                self.c_fc, self.mlp_proj = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+            def forward(self, x):
+                b, t, d = x.shape
+                q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
+                q, k, v = (z.view(b, t, H, D // H).transpose(1, 2) for z in (q, k, v))
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                x = x + self.c_proj(y.transpose(1, 2).reshape(b, t, d))
+                h = F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")
+                return x + self.mlp_proj(h)
+
+        class GPT(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T, D)
+                self.blocks = nn.ModuleList(Block() for _ in range(L))
+                self.ln_f = nn.LayerNorm(D)
+                for name, p in self.named_parameters():  # GPT-2 initialisation
+                    if p.dim() >= 2:
+                        std = 0.02 / math.sqrt(2 * L) if name.endswith(
+                            ("c_proj.weight", "mlp_proj.weight")) else 0.02
+                        nn.init.normal_(p, 0.0, std)
+                    elif name.endswith("bias"):
+                        nn.init.zeros_(p)
+
+            def forward(self, idx, targets):
+                pos = torch.arange(idx.shape[1], device=idx.device)
+                x = self.wte(idx) + self.wpe(pos)
+                for block in self.blocks:
+                    x = block(x)
+                logits = self.ln_f(x) @ self.wte.weight.T  # tied output head
+                return F.cross_entropy(logits.float().view(-1, V), targets.view(-1))
+
+        torch.manual_seed(spec["seed"])
+        self.model = GPT().to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=spec["lr"], betas=(0.9, 0.99))
+        self.forward = self.model
+        if spec["compile"]:
+            self.forward = torch.compile(self.model)
+        self.autocast = (torch.autocast("cuda", torch.bfloat16)
+                         if self.device == "cuda" and spec["dtype"] == "bfloat16" else None)
+        self.batches = [(torch.from_numpy(x).long().to(self.device),
+                         torch.from_numpy(y).long().to(self.device)) for x, y in _batches(spec)]
+        self.i = 0
+        self.loss = float("nan")
+        t0 = time.perf_counter()
+        first = self.run(1)["times"][0]
+        self.run(1)
+        later = self.run(1)["times"][0]
+        self.compile_s = max(first - later, 0.0) if spec["compile"] else 0.0
+        del t0
+
+    def _sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def _step(self, x, y):
+        if self.autocast is not None:
+            with self.autocast:
+                loss = self.forward(x, y)
+        else:
+            loss = self.forward(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def run(self, steps: int) -> dict:
+        times = []
+        for _ in range(steps):
+            x, y = self.batches[self.i % len(self.batches)]
+            t0 = time.perf_counter()
+            loss = self._step(x, y)
+            self._sync()
+            times.append(time.perf_counter() - t0)
+            self.i += 1
+        self.loss = float(loss.detach())
+        return {"times": times}
+
+    def matmul(self, n: int, repeats: int = 3) -> dict:
+        torch = self.torch
+        a = torch.randn(n, n, device=self.device)
+        b = torch.randn(n, n, device=self.device)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return {"flops_per_s": 2 * n ** 3 / float(np.median(times))}
+
+    def stats(self) -> dict:
+        torch = self.torch
+        peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else None
+        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
+                "device_peak": peak, "torch": torch.__version__, "threads":
+                torch.get_num_threads()}
+
+
+class JaxAttention:
+    """Causal attention forward + backward: the library's ops vs jax.nn.dot_product_attention."""
+
+    def __init__(self, spec: dict):
+        from flaxformer_lite import perf
+        if spec.get("configure_cpu", True):
+            perf.configure_cpu(malloc=spec["allocator"] == "glibc")
+        import jax
+
+        self.jax = jax
+        self.spec = spec
+
+    def run_all(self) -> dict:
+        import jax
+        import jax.numpy as jnp
+
+        from flaxformer_lite import ops
+
+        spec = self.spec
+        on_gpu = jax.default_backend() == "gpu"
+        dtype = jnp.bfloat16 if spec["dtype"] == "bfloat16" else jnp.float32
+        impls = {
+            "ops": lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "xla": lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="xla"),
+        }
+        if on_gpu and dtype != jnp.float32:
+            impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="cudnn")
+        b, h, d = spec["batch"], spec["heads"], spec["head_dim"]
+        rows = []
+        for length in spec["lengths"]:
+            keys = jax.random.split(jax.random.key(length), 4)
+            q, k, v, ct = (jax.random.normal(key, (b, length, h, d), dtype) for key in keys)
+            compiled, outs, row = {}, {}, {"length": length}
+            for name, fn in impls.items():
+                def loss(q, k, v, fn=fn):
+                    return (fn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32)).sum()
+                try:
+                    c = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+                    outs[name] = jax.jit(fn)(q, k, v).astype(jnp.float32)
+                    jax.block_until_ready(c(q, k, v))
+                except Exception as e:  # e.g. cuDNN missing or an unsupported shape
+                    row[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                    continue
+                compiled[name] = c
+                ma = c.memory_analysis()
+                row[name] = {"times": [], "memory": None if ma is None else (
+                    ma.temp_size_in_bytes + ma.output_size_in_bytes)}
+            for _ in range(spec["repeats"]):  # interleaved
+                for name, c in compiled.items():
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(c(q, k, v))
+                    row[name]["times"].append(time.perf_counter() - t0)
+            if "ops" in outs:
+                row["max_abs_diff_vs_ops"] = {
+                    n: float(jnp.abs(o - outs["ops"]).max()) for n, o in outs.items()
+                    if n != "ops"}
+            rows.append(row)
+        return {"rows": rows, "flops": "12 * batch * heads * length^2 * head_dim"}
+
+    def stats(self) -> dict:
+        return {"max_rss": _max_rss_bytes()}
+
+
+WORKERS = {"jax": JaxTrain, "torch": TorchTrain, "attention": JaxAttention}
+
+
+def worker_main(kind: str, spec: dict) -> None:
+    try:
+        runner = WORKERS[kind](spec)
+    except Exception as e:
+        _reply({"error": f"{type(e).__name__}: {e}"[:2000]})
+        return
+    _reply({"ready": True})
+    _serve(runner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side: start workers, alternate them, summarise.
+# ---------------------------------------------------------------------------------------------
+
+class Worker:
+    """A benchmark worker subprocess speaking JSON lines."""
+
+    def __init__(self, name: str, kind: str, spec: dict, env: dict):
+        self.name = name
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", kind,
+             "--worker_spec", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        ready = self._read()
+        self.error = ready.get("error")
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.log.seek(0)
+                tail = self.log.read()[-1500:]
+                return {"error": f"worker exited (code {self.proc.poll()}): {tail}"}
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY):])
+
+    def call(self, op: str, **args) -> dict:
+        if self.error:
+            return {"error": self.error}
+        self.proc.stdin.write(json.dumps({"op": op, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read()
+        if "error" in out and self.proc.poll() is not None:
+            self.error = out["error"]
+        return out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
+
+
+def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
+    """'name:KEY=VAL,cfg.field=VAL,configure_cpu=0' -> (name, env, cfg, spec overrides)."""
+    name, _, rest = text.partition(":")
+    env, cfg, spec = {}, {}, {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key.startswith("cfg."):
+            try:
+                cfg[key[4:]] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                cfg[key[4:]] = value
+        elif key == "configure_cpu":
+            spec["configure_cpu"] = value not in ("0", "false", "False")
+        else:
+            env[key] = value
+    return name, env, cfg, spec
+
+
+def _env(args) -> tuple[dict, str]:
+    from flaxformer_lite import perf
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", REPO)
+    allocator = args.allocator
+    if allocator == "auto":
+        allocator = "jemalloc" if perf.jemalloc_path() else "glibc"
+    if allocator == "jemalloc":
+        if perf.jemalloc_path() is None:
+            raise SystemExit("--allocator=jemalloc: no libjemalloc found (apt install "
+                             "libjemalloc2), or use --allocator=glibc.")
+        env = perf.jemalloc_env(env)
+    return env, allocator
+
+
+def _median(xs):
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def _accelerator() -> bool:
+    """Whether JAX sees a GPU or TPU (asked in a subprocess so this process stays jax-free)."""
+    code = "import jax; print(jax.default_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() in ("gpu", "tpu", "cuda", "rocm")
+
+
+def bench_train(args, env, allocator, accelerator) -> list[dict]:
+    results = []
+    for model_name in args.models:
+        m = dict(MODELS[model_name])
+        if m.pop("accelerator_only", False) and not accelerator:
+            print(f"\n[{model_name}] skipped: accelerator only (no GPU/TPU here)")
+            results.append({"model": model_name, "skipped": "accelerator only"})
+            continue
+        dtype = "bfloat16" if (accelerator and model_name == "gpt2") else args.dtype
+        base = dict(m, seed=0, lr=1e-3, dtype=dtype, allocator=allocator, data=args.data,
+                    configure_cpu=args.configure_cpu)
+        workers = []
+        print(f"\n[{model_name}] starting workers ...", flush=True)
+        jax_specs = [("jax", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
+        for name, venv, cfg, over in jax_specs:
+            workers.append(Worker(name, "jax", dict(base, cfg=cfg, **over), {**env, **venv}))
+        if "torch" in args.frameworks:
+            workers.append(Worker("torch eager", "torch", dict(base, compile=False), env))
+        if "torch_compile" in args.frameworks:
+            workers.append(Worker("torch.compile", "torch", dict(base, compile=True), env))
+        live = [w for w in workers if not w.error]
+        for w in workers:
+            if w.error:
+                print(f"  {w.name}: unavailable ({w.error.splitlines()[-1][:200]})")
+        jax_worker = workers[0]
+        probe = jax_worker.call("run", steps=1)
+        if "error" in probe:
+            raise SystemExit(f"JAX training failed: {probe['error']}")
+        steps = max(1, round(args.round_seconds / max(probe["times"][0], 1e-4)))
+        times = {w.name: [] for w in live}
+        round_medians = {w.name: [] for w in live}
+        peaks = []
+        for r in range(args.repeats):
+            order = live[r % len(live):] + live[:r % len(live)]
+            for w in order:
+                out = w.call("run", steps=steps)
+                if "error" in out:
+                    print(f"  {w.name}: failed ({out['error'][:200]})")
+                    continue
+                times[w.name] += out["times"]
+                round_medians[w.name].append(_median(out["times"]))
+            peaks.append(jax_worker.call("matmul", n=args.matmul_size)["flops_per_s"])
+            print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
+                f"{n} {1e3 * round_medians[n][-1]:.1f} ms" for n in round_medians
+                if round_medians[n]), flush=True)
+        torch_mm = None
+        if any(w.name == "torch eager" for w in live):
+            torch_w = next(w for w in live if w.name == "torch eager")
+            torch_mm = torch_w.call("matmul", n=args.matmul_size).get("flops_per_s")
+        stats = {w.name: w.call("stats") for w in workers}
+        for w in workers:
+            w.close()
+        info = stats[jax_worker.name]
+        flops_tok = info["flops_per_token"]
+        tokens = m["batch"] * m["context"]
+        peak_measured = _median(peaks)
+        datasheet = next((v for k, v in DATASHEET_PEAKS.items()
+                          if k.lower() in info["device_kind"].lower()), None)
+        rows = []
+        for w in workers:
+            st = stats[w.name]
+            if w.name not in times or not times[w.name]:
+                rows.append({"framework": w.name, "error": w.error or st.get("error")})
+                continue
+            t = _median(times[w.name])
+            achieved = flops_tok * tokens / t
+            row = {
+                "framework": w.name, "step_s": t, "steps": len(times[w.name]),
+                "tokens_per_s": tokens / t, "flops_per_token": flops_tok,
+                "achieved_flops_per_s": achieved,
+                "mfu_datasheet": achieved / datasheet if datasheet else None,
+                "mfu_measured_matmul": achieved / peak_measured,
+                "compile_s": st.get("compile_s"), "loss": st.get("loss"),
+                "peak_memory": st.get("device_peak") or st.get("max_rss"),
+                "peak_memory_kind": "device" if st.get("device_peak") else "process max RSS",
+                "step_buffers": st.get("step_buffers"),
+            }
+            for ref in ("jax", "torch eager", "torch.compile"):
+                if ref in round_medians and round_medians[ref] and w.name != ref:
+                    n = min(len(round_medians[ref]), len(round_medians[w.name]))
+                    ratios = [round_medians[ref][i] / round_medians[w.name][i]
+                              for i in range(n)]
+                    row[f"speed_vs_{ref.replace(' ', '_').replace('.', '_')}"] = _median(ratios)
+            rows.append(row)
+        results.append({
+            "model": model_name, "shape": m, "dtype": dtype, "steps_per_round": steps,
+            "rounds": args.repeats, "matmul_peak_flops_per_s": peak_measured,
+            "matmul_peak_all_rounds": peaks, "torch_matmul_flops_per_s": torch_mm,
+            "datasheet_peak_flops_per_s": datasheet, "device_kind": info["device_kind"],
+            "xla_flags": info["xla_flags"], "rows": rows,
+        })
+        print_train(results[-1])
+    return results
+
+
+def _fmt(x, scale=1.0, spec=".1f", none="n/a"):
+    return none if x is None or (isinstance(x, float) and math.isnan(x)) else format(
+        x * scale, spec)
+
+
+def print_train(res: dict) -> None:
+    cols = ["framework", "step ms", "tok/s", "GFLOP/tok", "GFLOP/s", "MFU sheet",
+            "MFU mm", "x eager", "x compile", "x jax", "compile s", "peak MB", "loss"]
+    lines = []
+    for r in res["rows"]:
+        if "error" in r:
+            lines.append([r["framework"], "failed: " + str(r["error"]).splitlines()[-1][:60]])
+            continue
+        lines.append([
+            r["framework"], _fmt(r["step_s"], 1e3), _fmt(r["tokens_per_s"], 1, ".0f"),
+            _fmt(r["flops_per_token"], 1e-9, ".4f"), _fmt(r["achieved_flops_per_s"], 1e-9, ".0f"),
+            _fmt(r["mfu_datasheet"], 100, ".1f") + ("%" if r["mfu_datasheet"] else ""),
+            _fmt(r["mfu_measured_matmul"], 100, ".0f") + "%",
+            _fmt(r.get("speed_vs_torch_eager"), 1, ".2f", "-"),
+            _fmt(r.get("speed_vs_torch_compile"), 1, ".2f", "-"),
+            _fmt(r.get("speed_vs_jax"), 1, ".2f", "-"),
+            _fmt(r["compile_s"], 1, ".1f"), _fmt(r["peak_memory"], 2 ** -20, ".0f"),
+            _fmt(r["loss"], 1, ".3f")])
+    print(f"\n{res['model']}: {res['shape']}, {res['dtype']}, {res['rounds']} rounds x "
+          f"{res['steps_per_round']} steps; fp32 matmul peak measured "
+          f"{_fmt(res['matmul_peak_flops_per_s'], 1e-9, '.0f')} GFLOP/s (JAX), "
+          f"{_fmt(res['torch_matmul_flops_per_s'], 1e-9, '.0f')} (PyTorch); datasheet peak "
+          f"{_fmt(res['datasheet_peak_flops_per_s'], 1e-12, '.0f')} TFLOP/s")
+    _print_rows(cols, lines)
+
+
+def _print_rows(cols, lines) -> None:
+    widths = [max(len(str(row[i])) for row in [cols, *lines] if i < len(row))
+              for i in range(len(cols))]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in lines:
+        print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
+
+
+def bench_attention(args, env, allocator, accelerator) -> dict:
+    lengths = args.attention_lengths or ([128, 256, 512, 1024, 2048, 4096] if accelerator
+                                         else [128, 256, 512, 1024, 2048])
+    spec = dict(batch=args.attention_batch, heads=args.attention_heads,
+                head_dim=args.attention_head_dim, lengths=lengths,
+                repeats=args.attention_repeats, allocator=allocator,
+                dtype="bfloat16" if accelerator else "float32",
+                configure_cpu=args.configure_cpu)
+    print(f"\n[attention] causal, batch {spec['batch']}, {spec['heads']} heads of "
+          f"{spec['head_dim']}, {spec['dtype']}, forward + backward ...", flush=True)
+    w = Worker("attention", "attention", spec, env)
+    out = w.call("run_all")
+    w.close()
+    if "error" in out:
+        print(f"  attention failed: {out['error'][:300]}")
+        return out
+    impls = [k for k in out["rows"][0] if k not in ("length", "max_abs_diff_vs_ops")]
+    cols = ["length"] + [f"{n} ms" for n in impls] + [f"{n} MB" for n in impls] + [
+        f"{n} GFLOP/s" for n in impls]
+    lines = []
+    for row in out["rows"]:
+        flops = 12 * spec["batch"] * spec["heads"] * row["length"] ** 2 * spec["head_dim"]
+        ms, mb, rate = [], [], []
+        for n in impls:
+            r = row.get(n, {})
+            if "times" not in r:
+                ms.append("err")
+                mb.append("err")
+                rate.append("err")
+                continue
+            t = _median(r["times"])
+            r["median_s"] = t
+            ms.append(_fmt(t, 1e3, ".2f"))
+            mb.append(_fmt(r["memory"], 2 ** -20, ".1f"))
+            rate.append(_fmt(flops / t, 1e-9, ".0f"))
+        lines.append([row["length"], *ms, *mb, *rate])
+    out.update(spec)
+    _print_rows(cols, lines)
+    return out
+
+
+def machine_info(env) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    versions = subprocess.run(
+        [sys.executable, "-c", "import jax, jaxlib, flax, optax; print(jax.__version__, "
+         "jaxlib.__version__, flax.__version__, optax.__version__)"],
+        capture_output=True, text=True, env=env).stdout.split()
+    try:
+        import importlib.metadata as md
+        torch_version = md.version("torch")
+    except Exception:
+        torch_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "jax": versions[:1], "jaxlib": versions[1:2], "flax": versions[2:3],
+            "optax": versions[3:4], "torch": torch_version,
+            "load_average": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="train,attention",
+                        help="comma list of: train, attention")
+    parser.add_argument("--models", default="nanogpt-char,gpt-6x384,gpt2",
+                        help=f"comma list of: {', '.join(MODELS)} (gpt2 needs an accelerator)")
+    parser.add_argument("--frameworks", default="jax,torch,torch_compile",
+                        help="comma list of: jax, torch, torch_compile")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated rounds per model")
+    parser.add_argument("--round_seconds", type=float, default=1.0,
+                        help="about how long each framework runs per round")
+    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the CPU models (gpt2 on GPU uses bfloat16)")
+    parser.add_argument("--data", default=None,
+                        help="a text file to draw character batches from (default: random ids)")
+    parser.add_argument("--allocator", default="auto",
+                        choices=("auto", "jemalloc", "glibc", "default"),
+                        help="memory allocator for every worker alike: jemalloc (preloaded), "
+                             "glibc (raised mmap/trim thresholds), default; auto = jemalloc if "
+                             "installed, else glibc")
+    parser.add_argument("--configure_cpu", type=int, default=1,
+                        help="1: JAX workers call flaxformer_lite.perf.configure_cpu()")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="an extra JAX row, 'name:ENV=VAL,cfg.field=VAL,configure_cpu=0'")
+    parser.add_argument("--attention_lengths", default=None,
+                        help="comma list (default 128..2048 on CPU, ..4096 on accelerators)")
+    parser.add_argument("--attention_batch", type=int, default=1)
+    parser.add_argument("--attention_heads", type=int, default=8)
+    parser.add_argument("--attention_head_dim", type=int, default=64)
+    parser.add_argument("--attention_repeats", type=int, default=5)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker_spec", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, json.loads(args.worker_spec))
+        return 0
+
+    args.sections = args.sections.split(",")
+    args.models = args.models.split(",")
+    args.frameworks = args.frameworks.split(",")
+    for name in args.models:
+        if name not in MODELS:
+            parser.error(f"--models: unknown {name!r}; known: {', '.join(MODELS)}")
+    if args.attention_lengths:
+        args.attention_lengths = [int(x) for x in args.attention_lengths.split(",")]
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("PyTorch is not installed (pip install -e '.[bench]'): JAX rows only.")
+        args.frameworks = [f for f in args.frameworks if not f.startswith("torch")]
+
+    env, allocator = _env(args)
+    accelerator = _accelerator()
+    info = machine_info(env)
+    print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average']}; "
+          f"allocator {allocator}; jax {info['jax']}, torch {info['torch']}")
+    results = {"machine": info, "allocator": allocator, "args": vars(args)}
+    if "train" in args.sections:
+        results["train"] = bench_train(args, env, allocator, accelerator)
+    if "attention" in args.sections:
+        results["attention"] = bench_attention(args, env, allocator, accelerator)
+    results["machine"]["load_average_end"] = os.getloadavg()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""What the experiment scripts share: configs to library objects, data, logging and plots.
+
+Each script (`lm.py`, `translate.py`, `mlm.py`) takes `--config=FILE` (an ml_collections
+config, overridable with `--config.a.b=value`) and `--workdir=DIR`. The workdir collects
+`config.json`, `checkpoints/`, `metrics.jsonl` (one JSON line per evaluation, with `step` and
+`eval_loss` in mean nats per target token), TensorBoard events under `tensorboard/`, and
+`loss.png`. Rerunning with the same workdir resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from flaxformer_lite import get_config
+from flaxformer_lite.data import load_dataset
+from flaxformer_lite.data.builders import default_data_dir
+from flaxformer_lite.data.embedded import python_docs_corpus
+from flaxformer_lite.training import (
+    OptimizerConfig,
+    ParallelConfig,
+    TensorBoardHook,
+    is_main_process,
+)
+
+EMBEDDED = "embedded"  # the default dataset: the Python standard library's docstrings
+
+
+def embedded_corpus_file(data_dir: str | None = None) -> Path:
+    """Write the offline docstring corpus once under the data dir and return its path."""
+    root = Path(data_dir or default_data_dir()) / "embedded"
+    path = root / f"python_docs_{sys.version_info.major}{sys.version_info.minor}.txt"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(python_docs_corpus(), encoding="utf-8")
+        os.replace(tmp, path)  # never leave a half-written corpus behind
+    return path
+
+
+def resolve_dataset(spec: str, *, kind: str, data_dir: str | None = None, **options):
+    """`config.dataset` -> a `Dataset`: "embedded", a local file/folder, `synthetic/<task>`
+    or a TFDS catalog name."""
+    data_dir = data_dir or None
+    if spec in ("", EMBEDDED):
+        spec = str(embedded_corpus_file(data_dir))
+    return load_dataset(spec, kind=kind, data_dir=data_dir, **options)
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int):
+    """`cfg.model` (a preset name plus field overrides) -> `TransformerConfig`."""
+    overrides = dict(cfg.model.to_dict())
+    preset = overrides.pop("preset")
+    return get_config(preset, vocab_size=vocab_size, **overrides)
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig(**cfg.optimizer.to_dict())
+
+
+def parallel_config(cfg: ml_collections.ConfigDict) -> ParallelConfig:
+    return ParallelConfig(**cfg.parallel.to_dict())
+
+
+def describe_run(model_cfg, engine, num_params: int) -> str:
+    return (f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+            f"{jax.process_count()} process(es); {engine.describe()}; "
+            f"{model_cfg.architecture} model with {num_params:,} parameters")
+
+
+class MetricsWriter:
+    """Hook: eval results -> `metrics.jsonl`; everything -> TensorBoard; a tqdm progress bar
+    with loss, tokens/s and ETA; `loss.png` at the end (main process only)."""
+
+    def __init__(self, workdir: str, num_steps: int, start_step: int = 0,
+                 progress: bool = True):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.main = is_main_process()
+        self.tb = TensorBoardHook(os.path.join(workdir, "tensorboard")) if self.main else None
+        self.bar = None
+        if self.main and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
+                            unit="step", file=sys.stdout, mininterval=1.0)
+        self.start = time.time()
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.main:
+            return
+        self.tb(step, metrics)
+        if any(k.startswith("eval/") for k in metrics):
+            record = {"step": step, "time": round(time.time() - self.start, 2)}
+            for k, v in metrics.items():
+                record[k.replace("/", "_")] = v
+            if "eval/nll" in metrics:  # mean nats per target token, without label smoothing
+                record["eval_loss"] = metrics["eval/nll"]
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            line = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                             if isinstance(v, int | float))
+            self.write(f"[eval @ {step}] {line}")
+        if self.bar is not None:
+            if "train/loss" in metrics:
+                self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}",
+                                     tok_s=f"{metrics.get('train/tokens_per_second', 0):.0f}",
+                                     refresh=False)
+            self.bar.update(max(0, step - self.bar.n))
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.main:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str, history: list[dict]) -> str | None:
+    """Train and eval loss curves (this run's history plus earlier evals) -> `loss.png`."""
+    if not is_main_process():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
+    evals = [(m["step"], m["eval_loss"]) for m in read_metrics(workdir) if "eval_loss" in m]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(workdir, "loss.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def latest_step(workdir: str) -> int:
+    """The step of the newest checkpoint in `workdir` (0 if none), for the progress bar."""
+    ckpt = Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
+    return max(steps, default=0)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if isinstance(x, float) and math.isfinite(x) else None

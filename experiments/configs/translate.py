@@ -1,0 +1,47 @@
+"""Encoder-decoder on the synthetic reverse task: the offline default of translate.py.
+
+A few minutes on a 2-core CPU; reaches 100% exact match on held-out sequences.
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.dataset = "synthetic/reverse"  # or a folder of <split>.<lang> files, or a TFDS name
+    c.dataset_options = ml_collections.ConfigDict(dict(
+        min_length=4, max_length=12, num_symbols=10, num_train=20000, num_validation=500,
+        num_test=500, seed=0))
+    c.source_lang = "de"  # for folders of <split>.<lang> files
+    c.target_lang = "en"
+    c.data_dir = ""  # prepared data and tokenizers; "" = the library default
+    c.tokenizer = "char"  # char | byte | bpe | unigram (SentencePiece, shared vocabulary)
+    c.vocab_size = 0  # SentencePiece vocabulary size
+    c.max_source_len = 16
+    c.max_target_len = 16
+    c.batch_size = 64
+    c.pack = False
+    c.num_steps = 1500
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 500
+    c.eval_split = "validation"
+    c.test_split = "test"
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 2
+    c.beam_size = 1  # 1 = greedy decoding for exact match / BLEU
+    c.alpha = 0.6
+    c.max_decode_len = 16
+    c.eval_decode_examples = 500  # sentences decoded at each evaluation (0 = whole split)
+    c.metric = "exact_match"  # exact_match (synthetic tasks) or bleu
+    c.label_smoothing = 0.0
+    c.model = ml_collections.ConfigDict(dict(
+        preset="transformer-base", d_model=128, num_heads=4, d_ff=256, num_layers=2,
+        max_len=32, dropout_rate=0.0, attention_dropout_rate=0.0, norm_position="pre",
+        final_norm=True))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
+        decay_steps=1500, final_learning_rate=1e-5, b1=0.9, b2=0.98, eps=1e-9,
+        weight_decay=0.0, clip_norm=1.0, accumulation_steps=1))
+    c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=-1, fsdp=1, tensor=1))
+    return c

@@ -1,0 +1,143 @@
+"""Train a decoder-only (GPT) language model and sample from it.
+
+    python experiments/lm.py --workdir=/tmp/lm                     # offline default corpus
+    python experiments/lm.py --config=experiments/configs/shakespeare_char.py \
+        --workdir=/tmp/shakespeare --config.dataset=../shared/data/tinyshakespeare/input.txt
+
+`--config.dataset` takes a text file or folder, "embedded" (the Python standard library's
+docstrings, always available offline) or a TFDS catalog name (tiny_shakespeare, lm1b). Every
+evaluation appends validation loss (nats per token), bits per token and a sample to the workdir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flaxformer_lite import perf
+
+perf.configure_cpu()
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import common  # noqa: E402
+from flaxformer_lite import decoding, make_model, params  # noqa: E402
+from flaxformer_lite.data import lm_pipeline, window_pipeline  # noqa: E402
+from flaxformer_lite.training import initialize, train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "lm.py"),
+    "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/flaxformer_lm",
+                               "Checkpoints, metrics, samples and plots go here; reruns resume.")
+
+
+def make_data(cfg, ds, tok):
+    """(train iterator factory, eval batches factory) for the configured sampler."""
+    if cfg.sampler == "windows":  # nanoGPT: random windows of the running text
+        train_tokens = np.asarray(tok.encode(ds.full_text("train")), np.int32)
+        val_tokens = np.asarray(tok.encode(ds.full_text("validation")), np.int32)
+        train_pipe = window_pipeline(train_tokens, batch_size=cfg.batch_size,
+                                     seq_len=cfg.seq_len, seed=cfg.seed)
+
+        def eval_batches():
+            pipe = window_pipeline(val_tokens, batch_size=cfg.eval_batch_size,
+                                   seq_len=cfg.seq_len, random=False)
+            it = iter(pipe)
+            return it if not cfg.eval_batches else (b for _, b in zip(range(cfg.eval_batches),
+                                                                      it))
+
+        return (lambda: iter(train_pipe)), eval_batches, len(val_tokens)
+    if cfg.sampler != "packed":
+        raise ValueError(f"config.sampler={cfg.sampler!r} must be 'windows' or 'packed'.")
+    train_pipe = lm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size,
+                             max_len=cfg.seq_len, pack=True, seed=cfg.seed)
+
+    def eval_batches():
+        pipe = lm_pipeline(ds, tok, split="validation", batch_size=cfg.eval_batch_size,
+                           max_len=cfg.seq_len, pack=True, shuffle=False, num_epochs=1,
+                           drop_remainder=False)
+        it = iter(pipe)
+        return it if not cfg.eval_batches else (b for _, b in zip(range(cfg.eval_batches), it))
+
+    return (lambda: iter(train_pipe)), eval_batches, None
+
+
+def make_sampler(model, cfg, tok):
+    prompt = tok.encode(cfg.sample_prompt) or [tok.encode("\n")[0]]
+    prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
+    new = min(cfg.sample_length, model.config.max_len - len(prompt))
+
+    @jax.jit
+    def run(params, rng):
+        return decoding.generate(model, params, prompts, max_new_tokens=new, rng=rng,
+                                 temperature=cfg.temperature, top_k=cfg.top_k,
+                                 stop_tokens=())
+
+    def sample(params, step):
+        out = run(params, jax.random.fold_in(jax.random.key(cfg.seed), step))
+        return [cfg.sample_prompt + tok.decode(row.tolist()) for row in np.asarray(out.tokens)]
+
+    return sample
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    initialize()
+    t0 = time.time()
+    ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
+    tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
+    model_cfg = common.model_config(cfg, tok.vocab_size)
+    model = make_model(model_cfg)
+    train_data, eval_data, _ = make_data(cfg, ds, tok)
+    sample = make_sampler(model, cfg, tok) if cfg.num_samples else None
+    writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
+                                  progress=cfg.progress)
+    writer.write(f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
+                 f"{jax.device_count()} device(s) on {jax.devices()[0].platform}; "
+                 f"{params.count(model_cfg):,} parameters")
+
+    def eval_fn(state, engine):
+        if sample is None:
+            return {}
+        texts = sample(engine.params(state), int(state.step))
+        if jax.process_index() == 0:
+            with open(os.path.join(workdir, "samples.txt"), "a") as f:
+                f.write(f"=== step {int(state.step)} ===\n" + "\n---\n".join(texts) + "\n")
+        writer.write(f"sample: {texts[0][:300]!r}")
+        return {}
+
+    result = train(model_cfg, common.optimizer_config(cfg), train_data, workdir=workdir,
+                   num_steps=cfg.num_steps, parallel=common.parallel_config(cfg),
+                   seed=cfg.seed, eval_data=eval_data, eval_fn=eval_fn,
+                   eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                   keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
+                   hooks=[writer])
+    writer.close()
+    common.plot_losses(workdir, result.history)
+    evals = [h for h in result.history if "eval/nll" in h]
+    final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
+             "parameters": params.count(model_cfg), "dataset": ds.name}
+    if evals:
+        nll = evals[-1]["eval/nll"]
+        final.update(eval_loss=nll, eval_bits_per_token=nll / math.log(2))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    print(json.dumps(final, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

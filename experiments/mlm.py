@@ -1,0 +1,101 @@
+"""Train a BERT-style encoder with the masked-language-model objective.
+
+    python experiments/mlm.py --workdir=/tmp/mlm                   # offline default corpus
+    python experiments/mlm.py --workdir=/tmp/mlm --config.dataset=path/to/text_or_folder
+
+Each evaluation appends the masked-token loss (nats per masked token) and accuracy to
+`WORKDIR/metrics.jsonl`, and shows how the model fills the masks of a validation example.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flaxformer_lite import perf
+
+perf.configure_cpu()
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import common  # noqa: E402
+from flaxformer_lite import make_model, params  # noqa: E402
+from flaxformer_lite.data import MASK_ID, mlm_pipeline  # noqa: E402
+from flaxformer_lite.training import initialize, train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "mlm.py"),
+    "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/flaxformer_mlm",
+                               "Checkpoints, metrics and plots go here; reruns resume.")
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    workdir = _WORKDIR.value
+    logging.set_verbosity(logging.WARNING)
+    initialize()
+    t0 = time.time()
+    ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
+    tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
+    model_cfg = common.model_config(cfg, tok.vocab_size)
+    model = make_model(model_cfg)
+    pipe = mlm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size, max_len=cfg.seq_len,
+                        mask_rate=cfg.mask_rate, seed=cfg.seed)
+
+    def eval_batches():
+        it = iter(mlm_pipeline(ds, tok, split="validation", batch_size=cfg.eval_batch_size,
+                               max_len=cfg.seq_len, mask_rate=cfg.mask_rate, seed=cfg.seed + 1,
+                               shuffle=False, num_epochs=1, drop_remainder=False))
+        return it if not cfg.eval_batches else (b for _, b in zip(range(cfg.eval_batches), it))
+
+    example = next(iter(eval_batches()))
+    predict = jax.jit(lambda p, x: model.apply({"params": p}, x)["logits"].argmax(-1))
+
+    def eval_fn(state, engine):
+        row = np.asarray(example["inputs"][:1])
+        guess = np.asarray(predict(engine.params(state), row))[0]
+        masked = row[0] == MASK_ID
+        filled = np.where(masked, guess, row[0])
+        writer.write("masked: " + tok.decode([t for t in row[0].tolist() if t > MASK_ID])[:200]
+                     .replace("\n", " "))
+        writer.write("filled: " + tok.decode([t for t in filled.tolist() if t > MASK_ID])[:200]
+                     .replace("\n", " "))
+        return {}
+
+    writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
+                                  progress=cfg.progress)
+    writer.write(f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
+                 f"{jax.device_count()} device(s) on {jax.devices()[0].platform}; "
+                 f"{params.count(model_cfg):,} parameters")
+    result = train(model_cfg, common.optimizer_config(cfg), lambda: iter(pipe),
+                   workdir=workdir, num_steps=cfg.num_steps,
+                   parallel=common.parallel_config(cfg), seed=cfg.seed,
+                   eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
+                   checkpoint_every=cfg.checkpoint_every,
+                   keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
+                   hooks=[writer])
+    writer.close()
+    common.plot_losses(workdir, result.history)
+    evals = [h for h in result.history if "eval/nll" in h]
+    final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
+             "parameters": params.count(model_cfg)}
+    if evals:
+        final.update(eval_loss=evals[-1]["eval/nll"], eval_accuracy=evals[-1]["eval/accuracy"])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(final, f, indent=2)
+    print(json.dumps(final, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,69 @@
+"""The data layer: text on disk or in the TFDS catalog -> token ids -> batches on devices.
+
+    ds = load_dataset("/path/to/input.txt")                 # or "lm1b", "synthetic/reverse"
+    tok = ds.tokenizer("char")                              # cached beside the prepared data
+    pipe = lm_pipeline(ds, tok, batch_size=32, max_len=256)  # packed rows, seeded, resumable
+    it = iter(pipe); batch = next(it); state = it.get_state()
+
+See docs/data.md for the builders, the catalog, caching and throughput.
+"""
+
+from flaxformer_lite.data.builders import (
+    SYNTHETIC_TASKS,
+    UNITS,
+    Dataset,
+    ExampleSource,
+    ParallelCorpus,
+    SyntheticTasks,
+    TextCorpus,
+    default_data_dir,
+    find_parallel_files,
+    in_memory_dataset,
+    load_parallel_corpus,
+    load_synthetic_task,
+    load_text_corpus,
+    read_text_file,
+    split_units,
+    synthetic_example,
+    synthetic_task_splits,
+)
+from flaxformer_lite.data.catalog import CATALOG, CATALOG_NAMES, load_catalog, load_dataset
+from flaxformer_lite.data.pipeline import (
+    Pipeline,
+    PipelineStats,
+    lm_pipeline,
+    mask_tokens,
+    mlm_pipeline,
+    prefetch_to_device,
+    process_shard,
+    split_for_devices,
+    to_global_array,
+    translation_pipeline,
+    window_pipeline,
+)
+from flaxformer_lite.data.tokenizers import (
+    BOS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    UNK_ID,
+    ByteTokenizer,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    build_tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+
+__all__ = [
+    "BOS_ID", "CATALOG", "CATALOG_NAMES", "EOS_ID", "MASK_ID", "PAD_ID", "SYNTHETIC_TASKS",
+    "UNITS", "UNK_ID", "ByteTokenizer", "CharTokenizer", "Dataset", "ExampleSource",
+    "ParallelCorpus", "Pipeline", "PipelineStats", "SentencePieceTokenizer", "SyntheticTasks",
+    "TextCorpus", "Tokenizer", "build_tokenizer", "default_data_dir", "find_parallel_files",
+    "in_memory_dataset", "lm_pipeline", "load_catalog", "load_dataset", "load_parallel_corpus",
+    "load_synthetic_task", "load_text_corpus", "load_tokenizer", "mask_tokens", "mlm_pipeline",
+    "prefetch_to_device", "process_shard", "read_text_file", "split_for_devices",
+    "split_units", "synthetic_example", "synthetic_task_splits", "to_global_array",
+    "train_sentencepiece", "translation_pipeline", "window_pipeline",
+]

@@ -1,0 +1,661 @@
+"""Autoregressive decoding with a key/value cache: sampling, greedy search and beam search.
+
+Everything here is a pure function of `(model, params, ids, ...)`; the work runs inside one
+`jax.jit`, so sharded or replicated params decode without change. How a call proceeds:
+
+1. **Prefill.** Decoder-only: the right-padded prompts `[batch, prompt_len]` go through the model
+   in one `decode=True` call that writes their keys/values into the cache made by
+   `models.init_cache`; each row's own length sets its validity and positions, so prompts of
+   different lengths share a batch. Encoder-decoder: the encoder runs once.
+2. **Loop.** One `lax.while_loop` feeds one token per row at the next cache slot (first each
+   row's last prompt token, or the decoder start token 0), gets `[batch, vocab]` logits and
+   chooses the next token(s). The first decoder call of an encoder-decoder model also projects
+   the encoder output into the cross-attention keys/values, which later calls read from the
+   cache. The loop stops early once every row has emitted a stop token (sampling) or no live
+   beam can beat the finished ones (beam search).
+
+`generate` (decoder-only) and `generate_seq2seq` (encoder-decoder) sample or search greedily;
+`beam_search` handles both kinds with the GNMT length penalty; `generate_no_cache` is the
+reference that recomputes the whole sequence at every step (for tests and the benchmark).
+
+    python -m flaxformer_lite.decoding --benchmark   # tokens/s with and without the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.models import DecoderOnly, EncoderDecoder, init_cache, init_params, make_model
+
+Array = jnp.ndarray
+
+PAD_ID = 0  # padding; also the decoder start token of encoder-decoder models
+EOS_ID = 1  # end of sequence (the tokenizers' EOS_ID)
+_NEG = -1.0e9  # "minus infinity" for scores: finite, so sums and ratios never produce NaN
+
+
+class Generation(NamedTuple):
+    """Result of `generate` / `generate_seq2seq` / `generate_no_cache` (a pytree).
+
+    tokens: `[batch, max_new_tokens]` generated ids; the stop token is kept, 0 (pad) after it.
+    lengths: `[batch]` number of generated tokens, stop token included.
+    log_probs: `[batch]` sum of the model's log-probabilities (temperature 1, no filtering) of
+      the generated tokens: the score greedy search maximises step by step.
+    logits: `[batch, max_new_tokens, vocab]` float32 logits each token was chosen from, when
+      `return_logits=True` (else None).
+    """
+
+    tokens: Array
+    lengths: Array
+    log_probs: Array
+    logits: Array | None = None
+
+
+class Beams(NamedTuple):
+    """Result of `beam_search`, best beam first (a pytree).
+
+    tokens: `[batch, beam, max_len]` ids, EOS kept, 0 after it.
+    lengths: `[batch, beam]` tokens per beam, EOS included.
+    scores: `[batch, beam]` `log_probs / length_penalty(lengths, alpha)`, sorted descending.
+    log_probs: `[batch, beam]` total log-probability of each beam.
+    """
+
+    tokens: Array
+    lengths: Array
+    scores: Array
+    log_probs: Array
+
+
+# ---- token choice ------------------------------------------------------------------------------
+
+def length_penalty(length: Array | int, alpha: float | Array) -> Array:
+    """GNMT length penalty `((5 + length) / 6) ** alpha` (Wu et al. 2016, eq. 14)."""
+    return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Array = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Array:
+    """Choose one token per row from `logits` `[batch, vocab]` -> ids `[batch]` int32.
+
+    `greedy` takes the argmax. Otherwise the logits are divided by `temperature`, restricted to
+    the `top_k` largest (0 = no limit), then to the smallest set of most likely tokens whose
+    probability reaches `top_p` (nucleus sampling; the most likely token always stays), and one
+    token is drawn with `rng`.
+    """
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+# ---- the two kinds of decoder: prefill and one step -------------------------------------------
+#
+# A prefill returns `(cache, ctx, token0, pos0)`: the cache holding everything before the first
+# token the loop feeds, per-row context (the encoder output), and that first token `[batch]`
+# with its position `[batch]`: each row's last prompt token (decoder-only) or the start token 0
+# (encoder-decoder). The loop feeds `token0` at `pos0`, then generated token `i - 1` at
+# `pos0 + i`, so one model call per generated token and no second copy of the step.
+
+def _lm_step(model, params, cache, ctx, tokens: Array, positions: Array):
+    """Decoder-only: feed `tokens` `[n]` at `positions` `[n]` -> logits `[n, vocab]`, cache."""
+    del ctx
+    ids = tokens[:, None]
+    logits, state = model.apply(
+        {"params": params, "cache": cache}, ids, segment_ids=jnp.ones_like(ids),
+        positions=positions[:, None], decode=True, mutable=["cache"])
+    return logits[:, 0], state["cache"]
+
+
+def _seq2seq_step(model, params, cache, ctx, tokens: Array, positions: Array):
+    """Encoder-decoder: the same for the decoder, with the encoder output in `ctx`.
+
+    The first call (cache index 0) projects the encoder output into the cross-attention keys
+    and values and caches them; later calls only read the cache.
+    """
+    ids = tokens[:, None]
+    # Explicit segment ids: a generated 0 is a real token here, not padding.
+    logits, state = model.apply(
+        {"params": params, "cache": cache}, ctx["encoded"], ids,
+        encoder_segment_ids=ctx["encoder_segment_ids"], segment_ids=jnp.ones_like(ids),
+        positions=positions[:, None], decode=True, method="decode", mutable=["cache"])
+    return logits[:, 0], state["cache"]
+
+
+def _prefill_lm(model, params, prompts: Array, prompt_lengths: Array, cache_len: int):
+    """Write every prompt token but each row's last into the cache, in one call.
+
+    Slots past a row's length are marked invalid, so ragged prompts share the batch; the
+    last token is left for the loop, whose first step then yields the first new token.
+    """
+    b, p = prompts.shape
+    cache = init_cache(model, params, b, cache_len)
+    slots = jnp.arange(p, dtype=jnp.int32)
+    last = jnp.maximum(prompt_lengths - 1, 0)
+    valid = (slots[None, :] < last[:, None]).astype(jnp.int32)
+    _, state = model.apply(
+        {"params": params, "cache": cache}, prompts, segment_ids=valid,
+        positions=jnp.broadcast_to(slots, (b, p)), decode=True, mutable=["cache"])
+    token0 = jnp.take_along_axis(prompts, last[:, None], axis=1)[:, 0]
+    return state["cache"], {}, token0, last
+
+
+def _prefill_seq2seq(model, params, inputs: Array, cache_len: int):
+    """Run the encoder once; the decoder starts from token 0 at position 0."""
+    b = inputs.shape[0]
+    encoder_segment_ids = (inputs != PAD_ID).astype(jnp.int32)
+    encoded = model.apply({"params": params}, inputs, segment_ids=encoder_segment_ids,
+                          method="encode")
+    ctx = {"encoded": encoded, "encoder_segment_ids": encoder_segment_ids}
+    cache = init_cache(model, params, b, cache_len, encoded=encoded,
+                       encoder_segment_ids=encoder_segment_ids)
+    zeros = jnp.zeros((b,), jnp.int32)
+    return cache, ctx, zeros + PAD_ID, zeros
+
+
+# ---- sampling loop -----------------------------------------------------------------------------
+
+def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: dict, *,
+                 vocab: int, max_new_tokens: int, top_k: int, top_p: float, greedy: bool,
+                 return_logits: bool) -> Generation:
+    """Feed one token and choose the next per iteration of one `lax.while_loop`.
+
+    `dyn` holds the traced settings: `rng`, `temperature` and `stop_tokens` (`[n]`, -1 = none).
+    """
+    b, n = token0.shape[0], max_new_tokens
+
+    def cond(state):
+        return (state["i"] < n) & ~jnp.all(state["done"])
+
+    def body(state):
+        i, done = state["i"], state["done"]
+        prev = jax.lax.dynamic_index_in_dim(state["tokens"], jnp.maximum(i - 1, 0), axis=1,
+                                            keepdims=False)
+        logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
+        key = None if greedy else jax.random.fold_in(dyn["rng"], i)
+        token = sample_logits(logits, key, temperature=dyn["temperature"], top_k=top_k,
+                              top_p=top_p, greedy=greedy)
+        token = jnp.where(done, PAD_ID, token)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        new = {
+            "i": i + 1, "cache": cache,
+            "tokens": state["tokens"].at[:, i].set(token),
+            "log_probs": state["log_probs"] + jnp.where(done, 0.0, logp),
+            "lengths": state["lengths"] + (~done).astype(jnp.int32),
+            "done": done | jnp.isin(token, dyn["stop_tokens"]),
+        }
+        if return_logits:
+            new["logits"] = state["logits"].at[:, i].set(logits)
+        return new
+
+    state = {
+        "i": jnp.int32(0), "cache": cache, "tokens": jnp.zeros((b, n), jnp.int32),
+        "log_probs": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
+        "done": jnp.zeros((b,), bool),
+    }
+    if return_logits:
+        state["logits"] = jnp.zeros((b, n, vocab), jnp.float32)
+    state = jax.lax.while_loop(cond, body, state)
+    return Generation(state["tokens"], state["lengths"], state["log_probs"],
+                      state.get("logits"))
+
+
+# ---- beam search -------------------------------------------------------------------------------
+
+def _batch_axes(cache_shape_fn: Callable[[int], Any], batch: int):
+    """Per cache leaf, the axis that holds the batch (None for scalars such as the index).
+
+    Found by comparing the cache shapes for `batch` and `batch + 1` rows, so it holds whether the
+    layers are a Python loop (`[batch, ...]`) or one `nn.scan` (`[layers, batch, ...]`).
+    """
+    a = cache_shape_fn(batch)
+    b = cache_shape_fn(batch + 1)
+
+    def axis(x, y):
+        diff = [d for d, (m, k) in enumerate(zip(x.shape, y.shape)) if m != k]
+        return diff[0] if diff else None
+
+    return jax.tree.map(axis, a, b)
+
+
+def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, vocab: int,
+               beam_size: int, alpha: Array, max_len: int, eos_id: Array) -> Beams:
+    """Beam search over `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
+
+    All beams of a row start as copies of its prefilled cache; only beam 0 is live at first
+    (the others have log-prob "-inf"), so the first step expands one beam.
+    """
+    b, k, t = token0.shape[0], beam_size, max_len
+    cache = jax.tree.map(lambda x, ax: x if ax is None else jnp.repeat(x, k, axis=ax),
+                         cache, axes)
+    ctx = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), ctx)
+    token0, pos0 = jnp.repeat(token0, k), jnp.repeat(pos0, k)
+
+    def gather(x, idx):  # x [b, n, ...], idx [b, m] -> [b, m, ...]
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def reorder_cache(cache, parents):  # parents [b, k]: the old beam each new beam extends
+        flat = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
+        return jax.tree.map(lambda x, ax: x if ax is None else jnp.take(x, flat, axis=ax),
+                            cache, axes)
+
+    def cond(state):
+        # Log-probs only fall as a beam grows, so `logp / largest penalty still possible`
+        # bounds any score a live beam can reach; a row is settled once its worst kept
+        # finished beam beats that bound for its best live beam.
+        i = state["i"]
+        top_penalty = jnp.maximum(length_penalty(i + 1, alpha), length_penalty(t, alpha))
+        best_live = state["live_logp"][:, 0] / top_penalty
+        worst_fin = jnp.min(state["fin_scores"], axis=1)
+        settled = jnp.all(state["fin_flags"], axis=1) & (worst_fin >= best_live)
+        return (i < t) & ~jnp.all(settled)
+
+    def body(state):
+        """Feed the live beams' last tokens, extend each by every token, keep the top k
+        finished and the top k live beams."""
+        i = state["i"]
+        prev = state["live_tokens"][:, :, jnp.maximum(i - 1, 0)].reshape(b * k)
+        logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
+        logp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
+        cand = (state["live_logp"][:, :, None] + logp).reshape(b, k * vocab)
+        cand_logp, cand_idx = jax.lax.top_k(cand, 2 * k)  # 2k: at least k do not end in EOS
+        parent, token = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
+        cand_tokens = gather(state["live_tokens"], parent).at[:, :, i].set(token)
+        is_eos = token == eos_id
+        # A beam finishes when it emits EOS among the top k candidates (or reaches max_len);
+        # an EOS ranked below k is dropped, as top-k beam search would never have kept it.
+        finishing = ((is_eos | (i + 1 == t)) & (jnp.arange(2 * k) < k)
+                     & (cand_logp > _NEG / 2))
+        cand_score = jnp.where(finishing, cand_logp / length_penalty(i + 1, alpha), _NEG)
+        fin_scores, idx = jax.lax.top_k(
+            jnp.concatenate([state["fin_scores"], cand_score], axis=1), k)
+
+        def merge(old, new):
+            return gather(jnp.concatenate([old, new], axis=1), idx)
+
+        live_logp, live = jax.lax.top_k(jnp.where(is_eos, _NEG, cand_logp), k)
+        return {
+            "i": i + 1,
+            "cache": reorder_cache(cache, gather(parent, live)),
+            "live_logp": live_logp,
+            "live_tokens": gather(cand_tokens, live),
+            "fin_scores": fin_scores,
+            "fin_tokens": merge(state["fin_tokens"], cand_tokens),
+            "fin_logp": merge(state["fin_logp"], cand_logp),
+            "fin_lengths": merge(state["fin_lengths"], jnp.full((b, 2 * k), i + 1, jnp.int32)),
+            "fin_flags": merge(state["fin_flags"], finishing),
+        }
+
+    state = {
+        "i": jnp.int32(0), "cache": cache,
+        "live_logp": jnp.tile(jnp.array([0.0] + [_NEG] * (k - 1), jnp.float32), (b, 1)),
+        "live_tokens": jnp.zeros((b, k, t), jnp.int32),
+        "fin_scores": jnp.full((b, k), _NEG, jnp.float32),
+        "fin_tokens": jnp.zeros((b, k, t), jnp.int32),
+        "fin_logp": jnp.full((b, k), _NEG, jnp.float32),
+        "fin_lengths": jnp.zeros((b, k), jnp.int32),
+        "fin_flags": jnp.zeros((b, k), bool),
+    }
+    state = jax.lax.while_loop(cond, body, state)
+    return Beams(state["fin_tokens"], state["fin_lengths"], state["fin_scores"],
+                 state["fin_logp"])
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+def _unwrap(params):
+    """Accept `params` or `{"params": params}`."""
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str) -> TransformerConfig:
+    cfg = getattr(model, "config", None)
+    if not isinstance(model, kinds) or not isinstance(cfg, TransformerConfig):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ValueError(f"{fn} takes a {names} model, got {type(model).__name__}; {hint}.")
+    return cfg
+
+
+def _check_ids(name: str, ids) -> None:
+    if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be int token ids [batch, length], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} with shape "
+                         f"{getattr(ids, 'shape', None)}.")
+    if ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one row and one column, got {ids.shape}.")
+
+
+def _check_total(cfg: TransformerConfig, prompt_len: int, new: int, new_name: str) -> None:
+    """Prompt plus generated tokens must fit the model's `max_len` (checked before compiling)."""
+    if not isinstance(new, int) or new < 1:
+        raise ValueError(f"{new_name}={new!r} must be a positive integer.")
+    if prompt_len + new > cfg.max_len:
+        what = f"prompt length {prompt_len} + " if prompt_len else ""
+        raise ValueError(
+            f"{what}{new_name}={new} exceeds the model's max_len={cfg.max_len}; lower "
+            f"{new_name} to at most {cfg.max_len - prompt_len} or use a model with a larger "
+            "TransformerConfig.max_len.")
+
+
+def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_tokens, greedy,
+                   return_logits) -> tuple[dict, dict]:
+    """Validate the sampling settings; split them into traced and static (compiled-in) ones.
+
+    Temperature and stop tokens are traced, so changing them does not recompile; `top_k`,
+    `top_p`, `greedy` and `return_logits` change the program and are static.
+    """
+    if not greedy:
+        if rng is None:
+            raise ValueError("sampling needs an rng (e.g. jax.random.key(0)); pass rng=... or "
+                             "greedy=True.")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0; for the argmax use "
+                             "greedy=True.")
+    if not isinstance(top_k, int) or not 0 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k!r} must be an int in [0, vocab_size={cfg.vocab_size}] "
+                         "(0 = no top-k filtering).")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
+    stops = [int(s) for s in stop_tokens]
+    if any(not 0 <= s < cfg.vocab_size for s in stops):
+        raise ValueError(f"stop_tokens={stops} must be ids in [0, vocab_size={cfg.vocab_size}).")
+    width = 4 * max(1, -(-len(stops) // 4))  # padded with -1 so small sets share a compile
+    dyn = {"rng": None if greedy else rng,
+           "temperature": jnp.asarray(temperature, jnp.float32),
+           "stop_tokens": jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)}
+    static = {"top_k": top_k, "top_p": float(top_p), "greedy": bool(greedy),
+              "return_logits": bool(return_logits)}
+    return dyn, static
+
+
+def _prompt_lengths(prompts, prompt_lengths) -> Array:
+    """Default lengths count the non-pad tokens of right-padded prompts; validate when known."""
+    if prompt_lengths is None:
+        return jnp.sum(prompts != PAD_ID, axis=1).astype(jnp.int32)
+    if getattr(prompt_lengths, "shape", None) != (prompts.shape[0],):
+        raise ValueError(f"prompt_lengths must have shape [batch]=({prompts.shape[0]},), got "
+                         f"{getattr(prompt_lengths, 'shape', type(prompt_lengths).__name__)}.")
+    try:
+        known = np.asarray(prompt_lengths)
+    except jax.errors.TracerArrayConversionError:  # inside a caller's jit: values unknown
+        known = None
+    if known is not None and ((known < 1).any() or (known > prompts.shape[1]).any()):
+        raise ValueError(f"prompt_lengths={known.tolist()} must be in [1, prompts.shape[1]="
+                         f"{prompts.shape[1]}]; every prompt needs at least one token.")
+    return jnp.asarray(prompt_lengths, jnp.int32)
+
+
+# ---- public entry points ----------------------------------------------------------------------
+
+def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Array | None = None,
+             max_new_tokens: int, rng: Array | None = None, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+             greedy: bool = False, return_logits: bool = False) -> Generation:
+    """Continue right-padded `prompts` `[batch, prompt_len]` with a decoder-only model.
+
+    `prompt_lengths` `[batch]` (default: the non-pad tokens per row) lets prompts of different
+    lengths share the batch; each row continues from its own last token. Sampling is set by
+    `temperature`, `top_k`, `top_p` and `rng` (step `i` draws with `fold_in(rng, i)`), or
+    `greedy=True` for the argmax. A row stops at the first of its `stop_tokens` (kept in the
+    output; 0 after it). `prompt_len + max_new_tokens` must not exceed `config.max_len`.
+    Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs (, logits).
+    """
+    cfg = _check_model(model, (DecoderOnly,), "generate",
+                       "use generate_seq2seq for encoder-decoder models")
+    _check_ids("prompts", prompts)
+    _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
+                                 return_logits)
+    lengths = _prompt_lengths(prompts, prompt_lengths)
+    return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
+                        max_new_tokens=max_new_tokens, **static)
+
+
+def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_tokens: int,
+                     rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+                     greedy: bool = False, return_logits: bool = False) -> Generation:
+    """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding).
+
+    The encoder runs once; the decoder starts from token 0 and samples as in `generate`.
+    `max_new_tokens` (the target length) must not exceed `config.max_len`.
+    """
+    cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
+                       "use generate for decoder-only models")
+    _check_ids("inputs", inputs)
+    _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
+    dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
+                                 return_logits)
+    return _generate_s2s(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), dyn,
+                         max_new_tokens=max_new_tokens, **static)
+
+
+def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, beam_size: int,
+                alpha: float = 0.6, max_len: int, eos_id: int = EOS_ID,
+                prompt_lengths: Array | None = None) -> Beams:
+    """Beam search with the GNMT length penalty; returns all `beam_size` beams, best first.
+
+    `inputs`: source ids `[batch, src_len]` for an encoder-decoder model, or right-padded prompts
+    `[batch, prompt_len]` (with optional `prompt_lengths`) for a decoder-only one; `max_len`
+    bounds the generated tokens per beam. Each step extends every live beam by every token,
+    retires beams that emit `eos_id` among the top `beam_size` candidates (score
+    `log_prob / ((5 + length) / 6) ** alpha`), keeps the best `beam_size` unfinished ones, and
+    stops once no live beam can beat the finished ones. Beams open at `max_len` are scored as
+    they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile).
+    """
+    cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
+                       "encoder-only models do not generate")
+    _check_ids("inputs", inputs)
+    if isinstance(model, DecoderOnly):
+        _check_total(cfg, inputs.shape[1], max_len, "max_len")
+        lengths = _prompt_lengths(inputs, prompt_lengths)
+    else:
+        _check_total(cfg, 0, max_len, "max_len")
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths applies to decoder-only models; an encoder-decoder "
+                             "model reads source padding from inputs (0 = pad).")
+        lengths = None
+    if not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"beam_size={beam_size!r} must be a positive integer.")
+    if not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size}).")
+    return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
+                        jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),
+                        beam_size=beam_size, max_len=max_len)
+
+
+def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
+                      prompt_lengths: Array | None = None, max_new_tokens: int,
+                      rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+                      greedy: bool = False, return_logits: bool = False) -> Generation:
+    """`generate` without a cache: every step reruns the model over the whole sequence.
+
+    Rows are kept contiguous in a `[batch, prompt_len + max_new_tokens - 1]` buffer and each
+    step is one full forward over it (static shapes, so one compilation), i.e. the cost of the
+    final length at every step. Same arguments and (up to float rounding) same result as
+    `generate`; it is the reference for tests and the benchmark.
+    """
+    cfg = _check_model(model, (DecoderOnly,), "generate_no_cache",
+                       "it covers decoder-only models only")
+    _check_ids("prompts", prompts)
+    _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
+                                 return_logits)
+    lengths = _prompt_lengths(prompts, prompt_lengths)
+    return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
+                                 lengths, dyn, max_new_tokens=max_new_tokens, **static)
+
+
+# ---- compiled bodies -------------------------------------------------------------------------
+
+_STATIC = ("model", "max_new_tokens", "top_k", "top_p", "greedy", "return_logits")
+
+
+def _bind(step, model, params):
+    return lambda cache, ctx, tokens, positions: step(model, params, cache, ctx, tokens,
+                                                      positions)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Generation:
+    # Slots: the prompt width, then the last prompt token and all but the last new token.
+    cache_len = prompts.shape[1] + static["max_new_tokens"]
+    prefill = _prefill_lm(model, params, prompts, prompt_lengths, cache_len)
+    return _sample_loop(_bind(_lm_step, model, params), *prefill, dyn,
+                        vocab=model.config.vocab_size, **static)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_s2s(model, params, inputs, dyn, **static) -> Generation:
+    prefill = _prefill_seq2seq(model, params, inputs, static["max_new_tokens"])
+    return _sample_loop(_bind(_seq2seq_step, model, params), *prefill, dyn,
+                        vocab=model.config.vocab_size, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
+def _beam_search(model, params, inputs, prompt_lengths, alpha, eos_id, *, beam_size,
+                 max_len) -> Beams:
+    if isinstance(model, DecoderOnly):
+        cache_len = inputs.shape[1] + max_len
+        prefill = _prefill_lm(model, params, inputs, prompt_lengths, cache_len)
+        step = _bind(_lm_step, model, params)
+
+        def cache_shape(n):
+            return jax.eval_shape(lambda: init_cache(model, params, n, cache_len))
+    else:
+        prefill = _prefill_seq2seq(model, params, inputs, max_len)
+        step = _bind(_seq2seq_step, model, params)
+        enc = prefill[1]["encoded"]
+
+        def cache_shape(n):
+            def fn(encoded, segment_ids):
+                return init_cache(model, params, n, max_len, encoded=encoded,
+                                  encoder_segment_ids=segment_ids)
+            return jax.eval_shape(fn, jax.ShapeDtypeStruct((n,) + enc.shape[1:], enc.dtype),
+                                  jax.ShapeDtypeStruct((n, enc.shape[1]), jnp.int32))
+    axes = _batch_axes(cache_shape, inputs.shape[0])
+    return _beam_loop(step, *prefill, axes, vocab=model.config.vocab_size, beam_size=beam_size,
+                      alpha=alpha, max_len=max_len, eos_id=eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate_lm_no_cache(model, params, prompts, prompt_lengths, dyn, **static) -> Generation:
+    b, p = prompts.shape
+    total = p + static["max_new_tokens"] - 1
+    slots = jnp.arange(total, dtype=jnp.int32)
+    buffer = jnp.where(slots[None, :] < prompt_lengths[:, None],
+                       jnp.pad(prompts, ((0, 0), (0, total - p))), PAD_ID)
+    rows = jnp.arange(b)
+
+    def step(buffer, ctx, tokens, positions):
+        """Write `tokens` at `positions` (rows are contiguous: slot = position), then run the
+        model over the whole buffer and read the logits there."""
+        del ctx
+        buffer = buffer.at[rows, positions].set(tokens)
+        valid = (slots[None, :] <= positions[:, None]).astype(jnp.int32)
+        logits = model.apply({"params": params}, buffer, segment_ids=valid)
+        return logits[rows, positions], buffer
+
+    last = prompt_lengths - 1
+    return _sample_loop(step, buffer, {}, prompts[rows, last], last, dyn,
+                        vocab=model.config.vocab_size, **static)
+
+
+# ---- benchmark -----------------------------------------------------------------------------
+
+BENCHMARK_CONFIG = TransformerConfig(
+    architecture="decoder_only", vocab_size=256, d_model=384, num_heads=6, d_ff=1536,
+    num_layers=6, max_len=512, activation="gelu", position="learned", dropout_rate=0.0)
+
+
+def benchmark(config: TransformerConfig = BENCHMARK_CONFIG, *, batch_sizes: Sequence[int] = (1, 8),
+              prompt_len: int = 16, new_tokens: int = 256, repeats: int = 3,
+              seed: int = 0) -> list[dict]:
+    """Greedy generation speed with and without the KV cache on the default device.
+
+    Every step runs (no stop tokens). Returns one row per (batch, method): `batch`, `method`
+    ("kv cache" / "no cache"), `seconds` (best of `repeats` after one compiling call),
+    `compile_seconds` (first call) and `tokens_per_s` (`batch * new_tokens / seconds`).
+    """
+    model = make_model(config)
+    key = jax.random.key(seed)
+    params = init_params(config, key)
+    rows = []
+    for batch in batch_sizes:
+        prompts = jax.random.randint(jax.random.fold_in(key, batch), (batch, prompt_len), 4,
+                                     config.vocab_size, dtype=jnp.int32)
+        for method, fn in (("kv cache", generate), ("no cache", generate_no_cache)):
+            def run(fn=fn, prompts=prompts):
+                out = fn(model, params, prompts, max_new_tokens=new_tokens, greedy=True,
+                         stop_tokens=())
+                return jax.block_until_ready(out.tokens)
+
+            start = time.perf_counter()
+            run()
+            compile_s = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            best = min(times)
+            rows.append({"batch": batch, "method": method, "seconds": best,
+                         "compile_seconds": compile_s,
+                         "tokens_per_s": batch * new_tokens / best})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of `benchmark` rows, with the cache's speed-up per batch size."""
+    lines = ["| batch | method | seconds | tokens/s | speed-up |", "|---|---|---|---|---|"]
+    for row in rows:
+        base = next(r for r in rows if r["batch"] == row["batch"] and r["method"] == "no cache")
+        lines.append(f"| {row['batch']} | {row['method']} | {row['seconds']:.3f} | "
+                     f"{row['tokens_per_s']:.1f} | {base['seconds'] / row['seconds']:.1f}x |")
+    return "\n".join(lines)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time generation with and without the KV cache")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt_len", type=int, default=16)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not args.benchmark:
+        parser.print_help()
+        return
+    cfg = BENCHMARK_CONFIG
+    print(f"decoder-only GPT: {cfg.num_layers} layers, d_model {cfg.d_model}, {cfg.num_heads} "
+          f"heads, vocab {cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new "
+          f"tokens, greedy, float32, {jax.devices()[0].platform}")
+    rows = benchmark(cfg, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens, repeats=args.repeats)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,182 @@
+"""Evaluation metrics: perplexity and bits per character/byte, BLEU, exact match.
+
+- `perplexity` sums per-token negative log-likelihoods over a whole split (batches in the
+  library's batch format) and reports `exp(mean NLL)`, bits per token and, given the split's
+  character or byte count, bits per character / byte: the numbers a language-model table quotes.
+- `bleu` scores detokenized text with sacrebleu and returns its signature, so a reported score
+  says how it was computed (tokenizer, smoothing, casing, version).
+- `exact_match` is sequence accuracy for the synthetic tasks (copy, reverse, sort, ...).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import sacrebleu
+
+from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
+
+Array = jnp.ndarray
+
+PAD_ID = 0
+EOS_ID = 1
+
+_LM_KEYS = {
+    DecoderOnly: ("segment_ids", "positions"),
+    EncoderDecoder: ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
+                     "targets_positions"),
+    EncoderOnly: ("segment_ids", "positions", "token_type_ids"),
+}
+
+
+# ---- likelihood ------------------------------------------------------------------------------
+
+def _model_logits(model, params, batch: dict) -> Array:
+    """Logits `[batch, length, vocab]` predicting `batch["targets"]`, for any model kind."""
+    kind = next(k for k in _LM_KEYS if isinstance(model, k))
+    extra = {k: batch[k] for k in _LM_KEYS[kind] if batch.get(k) is not None}
+    variables = {"params": params}
+    if kind is EncoderDecoder:
+        return model.apply(variables, batch["inputs"], batch["targets"], **extra)
+    out = model.apply(variables, batch["inputs"], **extra)
+    return out["logits"] if kind is EncoderOnly else out
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
+    """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
+
+    Weights are `targets != 0`; padded positions have NLL 0. Works for decoder-only (next-token),
+    encoder-decoder (targets given inputs) and encoder-only masked-LM batches (the selected
+    positions), always in deterministic mode.
+    """
+    logits = _model_logits(model, params, batch)
+    targets = batch["targets"]
+    weights = (targets != PAD_ID).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return nll * weights, weights
+
+
+def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | None = None,
+               num_bytes: int | None = None) -> dict[str, float]:
+    """Perplexity of `model` on a split given as an iterable of batches.
+
+    Sums the NLL of every non-pad target token over all batches (float64 on the host) and
+    returns a dict: `tokens`, `nll` (total nats), `loss` (nats per token), `perplexity`
+    (`exp(loss)`), `bits_per_token`, and, when the split's size in characters or UTF-8 bytes is
+    given, `bits_per_character` / `bits_per_byte` (`nll / ln 2 / count`): the measure that
+    compares models with different tokenizers. Targets include EOS tokens if the batches do.
+    """
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    if not isinstance(model, tuple(_LM_KEYS)):
+        raise ValueError(f"perplexity needs a DecoderOnly, EncoderDecoder or EncoderOnly model, "
+                         f"got {type(model).__name__}.")
+    if isinstance(model, EncoderOnly) and not model.config.mlm_head:
+        raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
+                         "(the masked-LM logits).")
+    total_nll, total_tokens = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        if "inputs" not in batch or "targets" not in batch:
+            raise ValueError(f"batch {i} needs 'inputs' and 'targets' arrays, got keys "
+                             f"{sorted(batch)}.")
+        nll, weights = token_nll(model, params, {k: jnp.asarray(v) for k, v in batch.items()})
+        total_nll += float(np.sum(np.asarray(nll, np.float64)))
+        total_tokens += float(np.sum(np.asarray(weights, np.float64)))
+    if total_tokens == 0:
+        raise ValueError("the batches hold no target tokens (all targets are 0 = padding).")
+    loss = total_nll / total_tokens
+    out = {"tokens": int(total_tokens), "nll": total_nll, "loss": loss,
+           "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
+    for name, count in (("bits_per_character", num_characters), ("bits_per_byte", num_bytes)):
+        if count is not None:
+            if count <= 0:
+                raise ValueError(f"{name.replace('bits_per_', 'num_')}s={count} must be "
+                                 "positive.")
+            out[name] = total_nll / math.log(2) / count
+    return out
+
+
+# ---- sequences -------------------------------------------------------------------------------
+
+def strip_ids(ids: Sequence[int] | np.ndarray, *, eos_id: int | None = EOS_ID,
+              pad_id: int | None = PAD_ID) -> list[int]:
+    """Token ids up to (not including) the first `eos_id`, with `pad_id` tokens removed."""
+    out = []
+    for t in np.asarray(ids).reshape(-1).tolist():
+        if eos_id is not None and t == eos_id:
+            break
+        if pad_id is None or t != pad_id:
+            out.append(t)
+    return out
+
+
+def exact_match(predictions: Sequence[Any] | np.ndarray, targets: Sequence[Any] | np.ndarray,
+                *, eos_id: int | None = EOS_ID, pad_id: int | None = PAD_ID) -> float:
+    """Fraction of examples whose prediction equals the target exactly.
+
+    Examples are strings (compared as they are) or token-id sequences / array rows (compared
+    after `strip_ids`, so trailing EOS and padding do not matter; rows may differ in width).
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"predictions ({len(predictions)}) and targets ({len(targets)}) must "
+                         "have the same number of examples.")
+    if len(targets) == 0:
+        raise ValueError("exact_match needs at least one example.")
+
+    def norm(x):
+        return x if isinstance(x, str) else strip_ids(x, eos_id=eos_id, pad_id=pad_id)
+
+    hits = sum(norm(p) == norm(t) for p, t in zip(predictions, targets))
+    return hits / len(targets)
+
+
+# ---- BLEU ----------------------------------------------------------------------------------
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]], *,
+         tokenize: str = "13a", lowercase: bool = False) -> dict[str, Any]:
+    """Corpus BLEU of detokenized `hypotheses` with sacrebleu.
+
+    `references`: one reference string per hypothesis, or several reference streams (a list of
+    lists, each as long as `hypotheses`). Returns `bleu` (0-100), `signature` (sacrebleu's, to
+    print next to the score), `precisions` (1-4 gram, %), `brevity_penalty`, `sys_len`,
+    `ref_len`.
+    """
+    hypotheses = list(hypotheses)
+    if not hypotheses:
+        raise ValueError("bleu needs at least one hypothesis.")
+    streams = ([list(references)] if references and isinstance(references[0], str)
+               else [list(r) for r in references])
+    for i, stream in enumerate(streams):
+        if len(stream) != len(hypotheses):
+            raise ValueError(f"reference stream {i} has {len(stream)} sentences but there are "
+                             f"{len(hypotheses)} hypotheses; they must align one to one.")
+        if not all(isinstance(s, str) for s in stream):
+            raise ValueError("references must be strings (detokenized text).")
+    if not all(isinstance(h, str) for h in hypotheses):
+        raise ValueError("hypotheses must be strings (detokenized text); use bleu_from_ids for "
+                         "token ids.")
+    metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase)
+    result = metric.corpus_score(hypotheses, streams)
+    return {"bleu": float(result.score), "signature": str(metric.get_signature()),
+            "precisions": [float(p) for p in result.precisions],
+            "brevity_penalty": float(result.bp), "sys_len": int(result.sys_len),
+            "ref_len": int(result.ref_len)}
+
+
+def bleu_from_ids(hypothesis_ids: Sequence[Sequence[int]] | np.ndarray,
+                  references: Sequence[str] | Sequence[Sequence[str]],
+                  detokenize: Callable[[list[int]], str], *, eos_id: int | None = EOS_ID,
+                  pad_id: int | None = PAD_ID, **bleu_kwargs) -> dict[str, Any]:
+    """`bleu` of generated id rows (`[n, length]`, cut at EOS, pads dropped, then detokenized)
+    against reference text: score the raw references, never re-tokenized ones."""
+    hypotheses = [detokenize(strip_ids(row, eos_id=eos_id, pad_id=pad_id))
+                  for row in hypothesis_ids]
+    return bleu(hypotheses, references, **bleu_kwargs)

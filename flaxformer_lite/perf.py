@@ -1,0 +1,128 @@
+"""Process settings that make training faster on CPU hosts, applied only where the user set none.
+
+Call `configure_cpu()` at the very start of a script, before JAX creates its backend (the first
+`jax.devices()`, array or jit call); XLA reads `XLA_FLAGS` once, at that moment.
+
+    from flaxformer_lite import perf
+    perf.configure_cpu()          # then import and use jax as usual
+
+What it does (each measured by `experiments/benchmark.py`, see docs/performance.md):
+- `XLA_FLAGS`: adds the flags in `CPU_XLA_FLAGS` whose names are not already in the variable, so
+  a flag you set always wins.
+- glibc malloc: raises the mmap and trim thresholds with `mallopt`, so XLA's step buffers are
+  reused instead of being unmapped and faulted in again every step. Skipped when the
+  `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` variables are set or another allocator
+  (jemalloc, tcmalloc) is preloaded.
+
+A preloaded jemalloc is faster still for large models (glibc caps the mmap threshold at 32 MiB),
+but preloading must happen before the process starts; `jemalloc_env()` gives the environment to
+launch a child process with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import warnings
+
+# XLA:CPU flags added when absent from XLA_FLAGS. An empty value for the YNN fusion type turns
+# off YNNPACK dot fusions, whose small matmuls are slower than XLA's own on x86 CPUs.
+CPU_XLA_FLAGS: dict[str, str] = {
+    "--xla_cpu_experimental_ynn_fusion_type": "",
+}
+
+# glibc mallopt parameters (malloc.h) and the value used for both: the largest mmap threshold
+# glibc accepts on 64-bit hosts (32 MiB) and a trim threshold that keeps freed memory mapped.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 * 1024 * 1024
+_TRIM_THRESHOLD = 4 * 1024 * 1024 * 1024 - 1
+
+# jemalloc options: keep freed pages mapped and never give them back during the run.
+JEMALLOC_CONF = "retain:true,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+
+
+def _backend_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # jax not installed or layout changed: assume not yet
+        return False
+    return bool(getattr(xla_bridge, "_backends", None))
+
+
+def _flag_names(flags: str) -> set[str]:
+    return {f.split("=", 1)[0] for f in flags.split()}
+
+
+def _other_allocator(env=None) -> bool:
+    preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
+    return any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def _tune_glibc_malloc() -> bool:
+    if _other_allocator() or any(
+            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
+    return ok and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+
+
+def configure_cpu(*, xla_flags: bool = True, malloc: bool = True) -> dict[str, object]:
+    """Apply the CPU settings described in the module docstring where the user set none.
+
+    Returns what was applied: `{"xla_flags": [added flags], "malloc": bool}`. Warns (and adds no
+    flags) if JAX's backend already exists, since XLA would ignore them.
+    """
+    applied: dict[str, object] = {"xla_flags": [], "malloc": False}
+    if xla_flags:
+        if _backend_initialized():
+            warnings.warn("flaxformer_lite.perf.configure_cpu() was called after JAX created "
+                          "its backend, so XLA_FLAGS cannot change; call it before using jax.",
+                          stacklevel=2)
+        else:
+            current = os.environ.get("XLA_FLAGS", "")
+            have = _flag_names(current)
+            added = [f"{k}={v}" for k, v in CPU_XLA_FLAGS.items() if k not in have]
+            if added:
+                os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+            applied["xla_flags"] = added
+    if malloc:
+        applied["malloc"] = _tune_glibc_malloc()
+    return applied
+
+
+def jemalloc_path() -> str | None:
+    """Path of the jemalloc shared library if one is installed (e.g. Debian's libjemalloc2)."""
+    name = ctypes.util.find_library("jemalloc")
+    if name is None:
+        return None
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64",
+              "/usr/lib", "/usr/local/lib"):
+        path = os.path.join(d, name)
+        if os.path.exists(path):
+            return path
+    return name
+
+
+def jemalloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default `os.environ`) that preloads jemalloc in a child process.
+
+    Leaves `LD_PRELOAD` and `MALLOC_CONF` alone when already set; returns the copy unchanged
+    if jemalloc is not installed.
+    """
+    env = dict(os.environ if env is None else env)
+    path = jemalloc_path()
+    if path is None or _other_allocator(env):
+        return env
+    env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env

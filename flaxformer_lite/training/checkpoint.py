@@ -1,0 +1,261 @@
+"""Checkpoints with Orbax: train state + data-iterator position, kept, pruned and restored.
+
+Layout of `directory` (an Orbax `CheckpointManager` root):
+
+    <step>/state/...                    the TrainState (params, opt_state, step, rng), as sharded
+                                        arrays; restorable onto any device count or mesh
+    <step>/data/process_<i>-of-<n>.json each process's data-iterator state (JSON)
+    <step>/metrics/...                  eval metrics of that step, if any (for "keep best")
+
+Orbax writes every step into a temporary directory and renames it when all processes have
+finished, so a run killed mid-save leaves no directory that looks complete; leftovers are removed
+on the next start. If the latest checkpoint still cannot be read (a truncated file, a disk
+error), `restore` warns, moves it aside to `<step>.corrupt` and falls back to the one before.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+
+# ---- data iterator state ---------------------------------------------------------------------
+
+def iterator_state(iterator: Any) -> dict | None:
+    """A JSON-able record of `iterator`'s position, or None if it cannot tell.
+
+    Grain-style iterators expose `get_state()`: a dict (`grain.DatasetIterator`) or JSON bytes
+    (`grain.DataLoader` iterators); both are kept exactly.
+    """
+    get_state = getattr(iterator, "get_state", None)
+    if get_state is None:
+        return None
+    state = get_state()
+    if isinstance(state, bytes | bytearray):
+        return {"format": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"format": "json", "value": state}
+
+
+def restore_iterator(iterator: Any, saved: Mapping[str, Any]) -> None:
+    """Put `iterator` back at the position recorded by `iterator_state`."""
+    if not hasattr(iterator, "set_state"):
+        raise ValueError(f"{type(iterator).__name__} has no set_state(); cannot restore its "
+                         "position from the checkpoint.")
+    value = saved["value"]
+    if saved["format"] == "bytes":
+        value = base64.b64decode(value)
+    iterator.set_state(value)
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Orbax handler writing one JSON file per process (every process has its own data slice)."""
+
+    def _path(self, directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._path(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> Any:
+        path = self._path(directory)
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+            log.warning("No data-iterator state for this process in %s (found %s); the data "
+                        "iterator starts fresh.", directory, found)
+            return None
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ---- the manager -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore` found: the step, the state and the data-iterator record."""
+
+    step: int
+    state: Any
+    data_state: Any
+
+
+class Checkpointer:
+    """Saves and restores `TrainState`s (+ data state) under `directory`.
+
+    keep: how many of the most recent checkpoints to keep (None = all).
+    best_metric / best_mode / keep_best: additionally keep the `keep_best` checkpoints with the
+      best value of `metrics[best_metric]` ("min" or "max") among those saved with metrics.
+    async_save: write in a background thread (device arrays are copied to host first, so
+      training continues at once); `wait()` blocks until written.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3,
+                 best_metric: str | None = None, best_mode: str = "min", keep_best: int = 1,
+                 async_save: bool = True):
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'.")
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep={keep} must be >= 1 (or None to keep every checkpoint).")
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.best_metric = best_metric
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        best_fn = None
+        if best_metric is not None:
+            def best_fn(metrics):
+                return float(metrics[best_metric])
+
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True, create=True)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM),
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                           DATA_ITEM: DataStateHandler()})
+
+    # ---- queries
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """Best step by `best_metric` (latest step when no metric is tracked)."""
+        return self._manager.best_step()
+
+    # ---- save
+    def save(self, step: int, state: Any, *, data_state: Any = None,
+             metrics: Mapping[str, float] | None = None) -> bool:
+        """Start saving `state` at `step` (every process must call this). False if that step
+        already exists. `state` must hold one logical copy of each array (`Engine.to_checkpoint`).
+        """
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+        return self._manager.save(
+            step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                DATA_ITEM: DataStateSave(data_state)}),
+            metrics=metrics, force=True)
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # ---- restore
+    def restore(self, abstract_state: Any, step: int | None = None) -> Restored | None:
+        """Restore onto `abstract_state` (`ShapeDtypeStruct`s carrying target shardings).
+
+        With `step=None` tries the latest step, then older ones: a checkpoint that fails to load
+        is reported and moved aside (only once an older one loads, so a config mismatch that
+        breaks them all raises instead of discarding anything). Returns None if there is no
+        checkpoint.
+        """
+        if step is not None:
+            return self._restore(step, abstract_state)
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        failed: list[int] = []
+        first_error: Exception | None = None
+        for candidate in steps:
+            try:
+                restored = self._restore(candidate, abstract_state)
+            except Exception as error:  # any failure means "unreadable"
+                log.warning("Checkpoint at step %d in %s cannot be restored (%s: %s); trying the "
+                            "previous one.", candidate, self.directory, type(error).__name__,
+                            error)
+                failed.append(candidate)
+                first_error = first_error or error
+                continue
+            if failed:
+                self._quarantine(failed)
+            return restored
+        if failed:
+            raise RuntimeError(
+                f"None of the checkpoints {steps} in {self.directory} could be restored; the "
+                "first error is above (a model or optimizer config that differs from the one "
+                "that wrote them fails this way).") from first_error
+        return None
+
+    def _restore(self, step: int, abstract_state: Any) -> Restored:
+        out = self._manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+            DATA_ITEM: DataStateRestore()}))
+        return Restored(step=step, state=out[STATE_ITEM], data_state=out[DATA_ITEM])
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Rename unreadable step directories to `<step>.corrupt[-<time>]` (kept for
+        inspection, invisible to Orbax, so the step can be written again)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                path = self.directory / str(step)
+                if path.exists():
+                    target = self.directory / f"{step}.corrupt"
+                    if target.exists():
+                        target = self.directory / f"{step}.corrupt-{int(time.time())}"
+                    path.rename(target)
+                    log.warning("Moved unreadable checkpoint %s to %s.", path, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("flaxformer_lite_checkpoint_quarantine")
+        self._manager.reload()
+
+
+def load_state(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
+    """`(step, state)` of a checkpoint as saved, without knowing the model or optimizer: nested
+    dicts of arrays on this process's first device (whatever the saving run's device layout),
+    e.g. `load_state(dir)[1]["params"]` for decoding.
+    """
+    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=(STATE_ITEM,),
+                               item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()}
+                               ) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {directory}.")
+        metadata = manager.item_metadata(step)[STATE_ITEM]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              metadata)
+        out = manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(target)}))
+    return step, out[STATE_ITEM]

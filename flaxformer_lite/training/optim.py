@@ -1,0 +1,220 @@
+"""Optax optimizers and learning-rate schedules from one small frozen config.
+
+Counting convention: optax hands a schedule the number of optimizer updates already applied
+(0 for the first update). The schedules here use the 1-based update number `n = count + 1`, as
+the paper does, so the first update never has a learning rate of exactly 0 (Vaswani's formula at
+step 0 would be `min(inf, 0) = 0`: a wasted step).
+
+With gradient accumulation (`accumulation_steps = k`) a train step is one micro-batch; the
+parameters (and the schedule's count) move once every k steps, so `warmup_steps` and
+`decay_steps` count optimizer updates, not micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("constant", "cosine", "vaswani")
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """How parameters are updated.
+
+    optimizer: "adamw" (Adam with decoupled weight decay) or "adafactor" (factored second
+      moments, no momentum, relative step size; `b1`, `b2`, `eps` are not used).
+    learning_rate: the peak learning rate; for `schedule="vaswani"` a multiplier on the paper's
+      formula (1.0 reproduces it exactly).
+    schedule: "constant" (after an optional linear warmup), "cosine" (linear warmup to
+      `learning_rate`, then half a cosine down to `final_learning_rate` at update
+      `decay_steps`) or "vaswani" (`d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)`).
+    weight_decay: decoupled decay, applied only to matrices (never to biases, norm scales or
+      other 1-D parameters; see `decay_mask`).
+    clip_norm: clip the (accumulated) gradient to this global L2 norm; None = no clipping.
+    accumulation_steps: average the gradients of this many consecutive train steps
+      (micro-batches) into one update (`optax.MultiSteps`).
+    """
+
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    final_learning_rate: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    accumulation_steps: int = 1
+
+    def __post_init__(self):
+        _validate(self)
+
+    @classmethod
+    def paper(cls, warmup_steps: int = 4000, **overrides) -> OptimizerConfig:
+        """Vaswani et al. (2017), section 5.3: Adam(0.9, 0.98, 1e-9) and the warmup/rsqrt rate."""
+        values = dict(optimizer="adamw", learning_rate=1.0, schedule="vaswani",
+                      warmup_steps=warmup_steps, b1=0.9, b2=0.98, eps=1e-9)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes) -> OptimizerConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _validate(c: OptimizerConfig) -> None:
+    if c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"OptimizerConfig.optimizer={c.optimizer!r} is not one of "
+                         f"{', '.join(OPTIMIZERS)}.")
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"OptimizerConfig.schedule={c.schedule!r} is not one of "
+                         f"{', '.join(SCHEDULES)}.")
+    if not c.learning_rate > 0:
+        raise ValueError(f"OptimizerConfig.learning_rate={c.learning_rate} must be positive.")
+    if c.warmup_steps < 0:
+        raise ValueError(f"OptimizerConfig.warmup_steps={c.warmup_steps} must be >= 0.")
+    if c.schedule == "vaswani" and c.warmup_steps < 1:
+        raise ValueError("OptimizerConfig.warmup_steps must be >= 1 for schedule='vaswani' "
+                         "(the paper used 4000).")
+    if c.schedule == "cosine" and (c.decay_steps is None or c.decay_steps <= c.warmup_steps):
+        raise ValueError(
+            f"OptimizerConfig.decay_steps={c.decay_steps} must be set and larger than "
+            f"warmup_steps={c.warmup_steps} for schedule='cosine' (usually the number of "
+            "optimizer updates in the run).")
+    if c.final_learning_rate < 0:
+        raise ValueError(f"OptimizerConfig.final_learning_rate={c.final_learning_rate} must be "
+                         ">= 0.")
+    if c.weight_decay < 0:
+        raise ValueError(f"OptimizerConfig.weight_decay={c.weight_decay} must be >= 0.")
+    if c.clip_norm is not None and not c.clip_norm > 0:
+        raise ValueError(f"OptimizerConfig.clip_norm={c.clip_norm} must be positive, or None "
+                         "for no clipping.")
+    if not isinstance(c.accumulation_steps, int) or c.accumulation_steps < 1:
+        raise ValueError(f"OptimizerConfig.accumulation_steps={c.accumulation_steps} must be a "
+                         "positive integer (1 = no accumulation).")
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+def vaswani_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> Schedule:
+    """`scale * d_model**-0.5 * min(n**-0.5, n * warmup_steps**-1.5)` at update `n = count + 1`.
+
+    Rises linearly for `warmup_steps` updates, peaks at `(d_model * warmup_steps)**-0.5`, then
+    decays as `n**-0.5`.
+    """
+    if warmup_steps < 1:
+        raise ValueError(f"vaswani_schedule: warmup_steps={warmup_steps} must be >= 1.")
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32) + 1.0
+        return scale * d_model ** -0.5 * jnp.minimum(n ** -0.5, n * warmup_steps ** -1.5)
+
+    return schedule
+
+
+def warmup_cosine_schedule(peak: float, warmup_steps: int, decay_steps: int,
+                           final: float = 0.0) -> Schedule:
+    """Linear warmup to `peak` at update `warmup_steps`, cosine down to `final` at `decay_steps`.
+
+    At update `n = count + 1`: `peak * n / warmup` while `n <= warmup`, then
+    `final + (peak - final) * (1 + cos(pi * p)) / 2` with `p = (n - warmup) / (decay - warmup)`
+    clipped to [0, 1], so the rate stays at `final` after `decay_steps`.
+    """
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32) + 1.0
+        warm = peak * n / max(warmup_steps, 1)
+        progress = jnp.clip((n - warmup_steps) / (decay_steps - warmup_steps), 0.0, 1.0)
+        cosine = final + (peak - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(n <= warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def constant_schedule(value: float, warmup_steps: int = 0) -> Schedule:
+    """`value`, reached linearly over the first `warmup_steps` updates (if any)."""
+
+    def schedule(count):
+        n = jnp.asarray(count, jnp.float32) + 1.0
+        if warmup_steps:
+            return value * jnp.minimum(1.0, n / warmup_steps)
+        return jnp.full_like(n, value)
+
+    return schedule
+
+
+def make_schedule(config: OptimizerConfig, d_model: int | None = None) -> Schedule:
+    """The learning rate as a function of the optimizer update count (0-based)."""
+    if config.schedule == "vaswani":
+        if d_model is None:
+            raise ValueError("schedule='vaswani' needs the model width: pass d_model= "
+                             "(TransformerConfig.d_model).")
+        return vaswani_schedule(d_model, config.warmup_steps, config.learning_rate)
+    if config.schedule == "cosine":
+        return warmup_cosine_schedule(config.learning_rate, config.warmup_steps,
+                                      config.decay_steps, config.final_learning_rate)
+    return constant_schedule(config.learning_rate, config.warmup_steps)
+
+
+def learning_rate_at(config: OptimizerConfig, step, d_model: int | None = None):
+    """Learning rate used by train step number `step` (0-based, counting micro-batches).
+
+    With accumulation the update at the end of micro-batches `[j*k, (j+1)*k)` is update j.
+    """
+    return make_schedule(config, d_model)(step // config.accumulation_steps)
+
+
+# ---- weight decay mask ---------------------------------------------------------------------------
+
+def decay_mask(params) -> object:
+    """Pytree of bools like `params`: True where weight decay applies.
+
+    Spared: biases (any parameter whose name ends in "bias"), norm scales and anything inside a
+    module whose name contains "norm", and every parameter with fewer than 2 dimensions. With
+    `scan_layers` a 1-D parameter gains a leading layer axis, so names decide there.
+    """
+
+    def decays(path, leaf) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        if jnp.ndim(leaf) < 2:
+            return False
+        if names and (names[-1].endswith("bias") or names[-1] == "scale"):
+            return False
+        return not any("norm" in name for name in names)
+
+    return jax.tree.map_with_path(decays, params)
+
+
+# ---- the optimizer -------------------------------------------------------------------------------
+
+def make_optimizer(config: OptimizerConfig, d_model: int | None = None
+                   ) -> optax.GradientTransformation:
+    """Optax transformation for `config`: [clip] -> adamw | adafactor, wrapped in MultiSteps.
+
+    `d_model` is needed only by the "vaswani" schedule.
+    """
+    schedule = make_schedule(config, d_model)
+    if config.optimizer == "adamw":
+        base = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay, mask=decay_mask)
+    else:
+        base = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
+                               weight_decay_mask=decay_mask)
+    if config.clip_norm is not None:
+        base = optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
+    if config.accumulation_steps > 1:
+        base = optax.MultiSteps(base, every_k_schedule=config.accumulation_steps
+                                ).gradient_transformation()
+    return base

@@ -1,0 +1,333 @@
+"""One engine, three ways to run the same `train_step`: single device, `pmap`, or a mesh.
+
+- "single": `jax.jit` on one device. Anything fits that fits one device.
+- "pmap": data parallel. The state is replicated (a copy per local device, leading axis =
+  device), each device takes `batch / devices` examples, gradients and metric sums are
+  `lax.psum`-ed over the `devices` axis. Works across hosts (the axis spans every device of
+  every process); the model must fit one device.
+- "mesh": `jax.jit` over a `(data, fsdp, tensor)` device mesh with `NamedSharding`s derived
+  from the layers' logical axis names (see `partitioning`): parameters and optimizer moments
+  sharded (FSDP and tensor parallel), the batch split over `data x fsdp`, activations
+  constrained inside the model. The general mode; use it for anything that does not fit one
+  device and for multi-host runs.
+- "auto": "single" on one device, otherwise "mesh" with all devices on the `data` axis.
+
+`Engine` hides the differences: it creates or places the state, splits host batches into device
+batches, runs the compiled steps and converts state to and from the layout checkpoints use (one
+logical copy of every array), so a run saved in one mode/device count restores in any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.models import make_model
+from flaxformer_lite.training import partitioning
+from flaxformer_lite.training.losses import LossConfig
+from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
+from flaxformer_lite.training.state import TrainState, create_train_state, param_logical_specs
+from flaxformer_lite.training.steps import eval_step, train_step
+
+MODES = ("auto", "single", "pmap", "mesh")
+PMAP_AXIS = "devices"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How a run uses its devices (see the module docstring for the modes).
+
+    data, fsdp, tensor: mesh axis sizes for mode "mesh" (one may be -1 = the rest).
+    axis_rules: logical axis name -> mesh axes (`partitioning.DEFAULT_RULES`).
+    donate: let each step reuse the previous state's device memory.
+    """
+
+    mode: str = "auto"
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    axis_rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
+    donate: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
+                             f"{', '.join(MODES)}.")
+
+    def replace(self, **changes) -> ParallelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_mode(config: ParallelConfig, num_devices: int) -> str:
+    if config.mode != "auto":
+        return config.mode
+    return "single" if num_devices == 1 else "mesh"
+
+
+def _assemble(shape, sharding, per_device: Mapping[Any, jax.Array]) -> jax.Array:
+    """A global array from one buffer per addressable device of `sharding`."""
+    devices = sharding.addressable_devices_indices_map(shape).keys()
+    return jax.make_array_from_single_device_arrays(shape, sharding,
+                                                    [per_device[d] for d in devices])
+
+
+def _first_replica(x) -> np.ndarray:
+    """Host copy of an array replicated over (or stacked per) devices: the first device's."""
+    return np.asarray(x.addressable_data(0))
+
+
+class Engine:
+    """Model + optimizer + device layout: the compiled train and eval steps for one mode.
+
+    Example:
+        engine = Engine(get_config("gpt2", ...), OptimizerConfig(learning_rate=3e-4),
+                        ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2))
+        state = engine.init_state(jax.random.key(0))
+        state, metrics = engine.train_step(state, host_batch)   # numpy, this process's slice
+        print(engine.metrics_to_host(metrics)["loss"])
+    """
+
+    def __init__(self, model_config: TransformerConfig, optimizer_config: OptimizerConfig,
+                 parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
+                 *, devices: Sequence[jax.Device] | None = None):
+        self.model_config = model_config
+        self.optimizer_config = optimizer_config
+        self.parallel = parallel = parallel or ParallelConfig()
+        self.loss = loss or LossConfig()
+        self.model = make_model(model_config)
+        self.tx = make_optimizer(optimizer_config, d_model=model_config.d_model)
+        self.learning_rate_fn = functools.partial(learning_rate_at, optimizer_config,
+                                                  d_model=model_config.d_model)
+        self.devices = list(jax.devices() if devices is None else devices)
+        self._custom_devices = devices is not None
+        self.mode = resolve_mode(parallel, len(self.devices))
+        self.mesh: Mesh | None = None
+        self._build()
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def _build(self) -> None:
+        step = functools.partial(train_step, model=self.model, tx=self.tx, loss_config=self.loss,
+                                 learning_rate_fn=self.learning_rate_fn)
+        evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss)
+        donate = (0,) if self.parallel.donate else ()
+        abstract = jax.eval_shape(self._create, jax.random.key(0))
+        self._abstract = abstract
+        if self.mode == "single":
+            if jax.process_count() > 1:
+                raise ValueError("ParallelConfig.mode='single' cannot run on several processes; "
+                                 "use mode='mesh' (or 'pmap').")
+            device = self.devices[0] if self._custom_devices else jax.local_devices()[0]
+            self._device_sharding = SingleDeviceSharding(device)
+            self._state_sharding = jax.tree.map(lambda _: self._device_sharding, abstract)
+            self._batch_sharding = self._device_sharding
+            self._train = jax.jit(step, donate_argnums=donate)
+            self._eval = jax.jit(evaluate)
+            self._init = jax.jit(self._create, out_shardings=self._state_sharding)
+            self.batch_shards = 1
+        elif self.mode == "pmap":
+            if self._custom_devices and jax.process_count() > 1:
+                raise ValueError("pmap over a subset of devices works on one process only; "
+                                 "leave Engine(devices=None) on multi-process runs.")
+            local = [d for d in self.devices if d.process_index == jax.process_index()]
+            self._local_devices = local
+            self._pmap_sharding = NamedSharding(Mesh(np.array(local), (PMAP_AXIS,)), P(PMAP_AXIS))
+            # The checkpoint layout: one replicated copy over every device of every process.
+            self._replicated = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), P())
+            pmap_devices = local if self._custom_devices else None
+            self._train = jax.pmap(functools.partial(step, axis_name=PMAP_AXIS),
+                                   axis_name=PMAP_AXIS, devices=pmap_devices,
+                                   donate_argnums=donate)
+            self._eval = jax.pmap(functools.partial(evaluate, axis_name=PMAP_AXIS),
+                                  axis_name=PMAP_AXIS, devices=pmap_devices)
+            self._init = jax.jit(self._create,
+                                 out_shardings=SingleDeviceSharding(local[0]))
+            self.batch_shards = len(local)
+        elif self.mode == "mesh":
+            p = self.parallel
+            self.mesh = partitioning.make_mesh(p.data, p.fsdp, p.tensor, devices=self.devices)
+            specs = param_logical_specs(self.model_config)
+            self.param_shardings = partitioning.logical_to_shardings(
+                specs, abstract.params, self.mesh, p.axis_rules)
+            self._state_sharding = partitioning.state_shardings(
+                abstract, self.param_shardings, self.mesh)
+            self._batch_sharding = partitioning.batch_sharding(self.mesh)
+            replicated = partitioning.replicated(self.mesh)
+            self._train = jax.jit(step, in_shardings=(self._state_sharding, self._batch_sharding),
+                                  out_shardings=(self._state_sharding, replicated),
+                                  donate_argnums=donate)
+            self._eval = jax.jit(evaluate, in_shardings=(self._state_sharding,
+                                                         self._batch_sharding),
+                                 out_shardings=replicated)
+            self._init = jax.jit(self._create, out_shardings=self._state_sharding)
+            self.batch_shards = partitioning.num_batch_shards(self.mesh)
+        else:  # pragma: no cover - resolve_mode never returns anything else
+            raise ValueError(self.mode)
+
+    def _create(self, rng) -> TrainState:
+        return create_train_state(self.model_config, self.optimizer_config, rng, tx=self.tx)
+
+    def _mesh_context(self):
+        """Activation constraints are live only while tracing under the mesh and rules."""
+        if self.mode != "mesh":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.parallel.axis_rules))
+        return stack
+
+    def describe(self) -> str:
+        """One line: mode, devices and mesh shape."""
+        if self.mode == "mesh":
+            shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
+            return f"mesh ({shape}) over {len(self.devices)} devices"
+        if self.mode == "pmap":
+            return (f"pmap over {len(self._local_devices)} local devices "
+                    f"x {jax.process_count()} processes")
+        return f"single device ({self._device_sharding.device_set})"
+
+    # ---- state ----------------------------------------------------------------------------------
+    def init_state(self, rng: jax.Array | int) -> TrainState:
+        """A fresh state from `rng` (a typed key or int seed), laid out for this mode."""
+        rng = jax.random.key(rng) if isinstance(rng, int) else rng
+        state = self._init(rng)
+        if self.mode == "pmap":
+            state = self._replicate(state)
+        return state
+
+    def _replicate(self, tree):
+        """Host-or-device arrays (one logical copy) -> stacked per local device for pmap."""
+        n = len(self._local_devices)
+
+        def one(x):
+            x = np.asarray(x) if x.is_fully_addressable else _first_replica(x)
+            return jax.device_put(np.broadcast_to(x, (n,) + x.shape), self._pmap_sharding)
+
+        return jax.tree.map(one, tree)
+
+    def abstract_state(self) -> TrainState:
+        """`ShapeDtypeStruct`s with the shardings checkpoints are restored onto."""
+        if self.mode == "pmap":
+            shardings = jax.tree.map(lambda _: self._replicated, self._abstract)
+        else:
+            shardings = self._state_sharding
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self._abstract, shardings)
+
+    def to_checkpoint(self, state: TrainState) -> TrainState:
+        """The state as global arrays holding one logical copy (what Orbax saves)."""
+        if self.mode != "pmap":
+            return state
+
+        def one(x):
+            shape = x.shape[1:]
+            per_device = {s.device: s.data.reshape(shape) for s in x.addressable_shards}
+            return _assemble(shape, self._replicated, per_device)
+
+        return jax.tree.map(one, state)
+
+    def from_checkpoint(self, restored: TrainState) -> TrainState:
+        """Inverse of `to_checkpoint` for a state restored onto `abstract_state()`."""
+        if self.mode != "pmap":
+            return restored
+        n = len(self._local_devices)
+
+        def one(x):
+            per_device = {s.device: s.data[None] for s in x.addressable_shards}
+            return _assemble((n,) + x.shape, self._pmap_sharding, per_device)
+
+        return jax.tree.map(one, restored)
+
+    def to_host(self, tree) -> Any:
+        """Numpy copy (one logical copy) of a state, params or metrics pytree from this engine."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: _first_replica(x)[0], tree)
+
+        def one(x):
+            if x.is_fully_addressable:
+                return np.asarray(x)
+            if x.is_fully_replicated:
+                return _first_replica(x)
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+        return jax.tree.map(one, tree)
+
+    def metrics_to_host(self, metrics: Mapping[str, jax.Array]) -> dict[str, np.ndarray]:
+        """Metric sums of one step as float64 numpy scalars."""
+        return {k: np.float64(v) for k, v in self.to_host(dict(metrics)).items()}
+
+    # ---- batches --------------------------------------------------------------------------------
+    def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """This process's slice of the global batch (numpy, leading axis = examples) -> device
+        arrays laid out for this mode. In "mesh" mode across processes the global batch is the
+        processes' slices stacked in process order."""
+        target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
+        local_shards = self._local_batch_shards()
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, jax.Array) and value.sharding == target:
+                out[key] = value  # already laid out (the output of an earlier shard_batch)
+                continue
+            value = np.asarray(value)
+            rows = value.shape[0]
+            if rows % local_shards:
+                raise ValueError(
+                    f"Batch {key!r} has {rows} examples on this process, not divisible by its "
+                    f"{local_shards} batch shards ({self.describe()}); make the per-process "
+                    f"batch size a multiple of {local_shards}.")
+            if self.mode == "pmap":
+                value = value.reshape((local_shards, rows // local_shards) + value.shape[1:])
+                out[key] = jax.device_put(value, self._pmap_sharding)
+            elif self.mode == "mesh":
+                out[key] = jax.make_array_from_process_local_data(self._batch_sharding, value)
+            else:
+                out[key] = jax.device_put(value, self._batch_sharding)
+        return out
+
+    def _local_batch_shards(self) -> int:
+        if self.mode == "pmap":
+            return len(self._local_devices)
+        return max(self.batch_shards // jax.process_count(), 1)
+
+    def pad_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Host batch padded with all-zero rows (weight 0: they change no metric sum) to a
+        multiple of this process's batch shards, e.g. for the short last batch of an eval set."""
+        shards = self._local_batch_shards()
+        out = {}
+        for key, value in batch.items():
+            missing = -np.shape(value)[0] % shards
+            if missing:
+                value = np.asarray(value)
+                value = np.concatenate([value, np.zeros((missing,) + value.shape[1:],
+                                                        value.dtype)])
+            out[key] = value
+        return out
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: Mapping[str, Any]
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One step; `batch` is host data (sharded here) or the output of `shard_batch`."""
+        batch = self.shard_batch(batch)
+        with self._mesh_context():
+            return self._train(state, batch)
+
+    def eval_step(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """Metric sums on one batch (no dropout, no update). A batch whose size the batch
+        shards do not divide is padded with empty rows first (see `pad_batch`)."""
+        batch = self.shard_batch(self.pad_batch(batch))
+        with self._mesh_context():
+            return self._eval(state, batch)
+
+    def params(self, state: TrainState) -> Any:
+        """Host copy of the parameters."""
+        return self.to_host(state.params)

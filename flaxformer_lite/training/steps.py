@@ -1,0 +1,135 @@
+"""Pure train and eval steps: `(state, batch) -> (state, metrics)`, the same in every mode.
+
+The step reads the batch format shared by the data layer (int32 arrays, leading axis = batch,
+token 0 = padding) and dispatches on `config.architecture`:
+
+- decoder_only: `inputs`, `targets` `[batch, length]`, optional `segment_ids`, `positions`;
+- encoder_decoder: `inputs` `[batch, src_len]`, `targets` `[batch, tgt_len]`, optional
+  `inputs_segment_ids`, `targets_segment_ids`, `inputs_positions`, `targets_positions`;
+- encoder_only (masked LM, needs `config.mlm_head`): `inputs`, `targets` (original ids at the
+  selected positions, 0 elsewhere), optional `segment_ids`, `positions`, `token_type_ids`.
+
+The loss weight of a target is `targets != 0`. Gradients are of the *global* token mean: each
+device differentiates its weighted loss sum divided by the token count of the whole batch, and
+the per-device gradients are summed (`lax.psum`) under `pmap`; under `jit` on a mesh the
+compiler does the same reduction. So a batch gives the same update whether it sits on 1 device
+or 8, even when padding is spread unevenly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxformer_lite.training import losses
+from flaxformer_lite.training.state import TrainState
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+_OPTIONAL_KEYS = {
+    "decoder_only": ("segment_ids", "positions"),
+    "encoder_decoder": ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
+                        "targets_positions"),
+    "encoder_only": ("segment_ids", "positions", "token_type_ids"),
+}
+
+
+def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
+              dropout_rng: Array | None = None) -> Array:
+    """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture."""
+    cfg = model.config
+    arch = cfg.architecture
+    for key in ("inputs", "targets"):
+        if key not in batch:
+            raise ValueError(f"A {arch} batch needs {key!r}; got keys {sorted(batch)}.")
+    kwargs = {k: batch[k] for k in _OPTIONAL_KEYS[arch] if k in batch}
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    variables = {"params": params}
+    if arch == "decoder_only":
+        return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                           **kwargs)
+    if arch == "encoder_decoder":
+        return model.apply(variables, batch["inputs"], batch["targets"],
+                           deterministic=deterministic, rngs=rngs, **kwargs)
+    if not cfg.mlm_head:
+        raise ValueError("Training an encoder_only model needs logits: set "
+                         "TransformerConfig.mlm_head=True (masked-LM head).")
+    return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                       **kwargs)["logits"]
+
+
+def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
+    """Dropout key of this step: `fold_in(run key, step)` (and the device index under pmap).
+
+    Under `jit` the key is the same for the whole global batch and XLA's partitionable
+    threefry draws the same bits however the batch is sharded; under `pmap` each device
+    draws for its own shard, so dropout masks (only those) depend on the device count.
+    """
+    key = jax.random.fold_in(state.key, state.step)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
+
+
+def _psum(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
+               tx: optax.GradientTransformation,
+               loss_config: losses.LossConfig | None = None,
+               learning_rate_fn=None, axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer step (one micro-batch when accumulating) on `batch`.
+
+    `learning_rate_fn(step)` only feeds the `learning_rate` metric. `axis_name` is the pmap axis
+    (None under jit). Returns the new state and metric sums (see `losses.metric_sums`) plus
+    `grad_norm` (global L2 norm of the batch gradient, before clipping), `learning_rate`,
+    `steps` (= 1) and `nonfinite` (1.0 when the loss is NaN or infinite).
+    """
+    loss_config = loss_config or losses.LossConfig()
+    dropout = model.config.dropout_rate > 0 or model.config.attention_dropout_rate > 0
+    key = step_rng(state, axis_name) if dropout else None
+    targets = batch["targets"]
+    weights = losses.loss_weights(targets)
+    # The gradient of the global mean: local sums over the global count (a constant).
+    total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
+
+    def loss_fn(params):
+        logits = logits_fn(model, params, batch, deterministic=not dropout, dropout_rng=key)
+        sums = losses.metric_sums(logits, targets, weights,
+                                  label_smoothing=loss_config.label_smoothing,
+                                  z_loss=loss_config.z_loss)
+        return sums["loss"] / total_tokens, sums
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, sums = _psum((grads, sums), axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(sums)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["learning_rate"] = (jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+                                if learning_rate_fn is not None else jnp.zeros((), jnp.float32))
+    metrics["steps"] = jnp.ones((), jnp.float32)
+    metrics["nonfinite"] = (~jnp.isfinite(sums["loss"])).astype(jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
+              loss_config: losses.LossConfig | None = None,
+              axis_name: str | None = None) -> dict[str, Array]:
+    """Metric sums on `batch` without dropout (accepts a `TrainState` or bare params)."""
+    loss_config = loss_config or losses.LossConfig()
+    params = (state_or_params.params if isinstance(state_or_params, TrainState)
+              else state_or_params)
+    logits = logits_fn(model, params, batch, deterministic=True)
+    sums = losses.metric_sums(logits, batch["targets"],
+                              label_smoothing=loss_config.label_smoothing,
+                              z_loss=loss_config.z_loss)
+    return _psum(sums, axis_name)

@@ -1,0 +1,366 @@
+"""`train(...)`: the loop every experiment runs, resumable, interruptible and guarded.
+
+    result = train(get_config("gpt2", ...), OptimizerConfig(learning_rate=3e-4),
+                   lambda: my_batches(), workdir="/tmp/run", num_steps=10_000,
+                   checkpoint_every=1000, eval_data=lambda: my_eval_batches(), eval_every=1000)
+
+What it guarantees:
+- Resume: if `workdir` holds checkpoints, training continues from the latest readable one: the
+  state (params, optimizer, step, RNG) and the data iterator's position (`get_state`/`set_state`
+  when the iterator has them, otherwise by skipping the batches already consumed), so a resumed
+  run reproduces the uninterrupted one.
+- Interrupts: SIGTERM or SIGINT (Ctrl-C) finish the current step, save a checkpoint at that step
+  and return with `interrupted=True` (a second Ctrl-C aborts at once). Every process of a
+  multi-process run stops at the same step.
+- Non-finite loss: a NaN/inf loss raises `NonFiniteLossError` naming the step. The check runs
+  before every save, so no checkpoint holds a diverged state; the last good one stays.
+- Checkpoints every `checkpoint_every` steps and at the end, the last `keep_checkpoints` kept
+  (plus the best by `best_metric`), written asynchronously.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.training import distributed
+from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
+from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
+from flaxformer_lite.training.optim import OptimizerConfig
+from flaxformer_lite.training.parallel import Engine, ParallelConfig
+from flaxformer_lite.training.state import TrainState
+
+log = logging.getLogger("flaxformer_lite.training")
+
+Batch = Mapping[str, Any]
+Hook = Callable[[int, dict[str, float]], None]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """state: the final state (device layout of `engine`); step: steps done; history: every
+    logged metrics dict (with its "step"); interrupted: stopped by SIGTERM/SIGINT."""
+
+    state: TrainState
+    step: int
+    history: list[dict[str, float]]
+    interrupted: bool
+    engine: Engine
+
+    @property
+    def params(self) -> Any:
+        """Host (numpy) copy of the final parameters."""
+        return self.engine.params(self.state)
+
+
+# ---- hooks ------------------------------------------------------------------------------------
+
+def log_hook(step: int, metrics: Mapping[str, float]) -> None:
+    """Log a compact line through `logging` (INFO)."""
+    keys = ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
+            "train/tokens_per_second", "eval/loss", "eval/accuracy")
+    parts = [f"{k.split('/')[0][0]}.{k.split('/')[1]}={metrics[k]:.4g}" for k in keys
+             if k in metrics]
+    log.info("step %d: %s", step, " ".join(parts))
+
+
+def print_hook(step: int, metrics: Mapping[str, float]) -> None:
+    """Print the loss (and eval loss) to stdout."""
+    line = f"step {step:>7d}"
+    for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
+        if key in metrics:
+            line += f"  {key} {metrics[key]:.4f}"
+    print(line, flush=True)
+
+
+class TensorBoardHook:
+    """Write every metric as a scalar to `logdir` with tensorboardX."""
+
+    def __init__(self, logdir: str | os.PathLike):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.fspath(logdir))
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (second SIGINT aborts)."""
+
+    def __init__(self, enabled: bool):
+        self.requested: str | None = None
+        self._previous = {}
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self._enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (one tiny all-gather on multi-process runs,
+        so all processes leave the loop at the same step)."""
+        local = self.requested is not None
+        if jax.process_count() == 1:
+            return local
+        flags = multihost_utils.process_allgather(np.int32(local))
+        return bool(np.any(flags))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+def _make_iterator(data) -> Iterator[Batch]:
+    if hasattr(data, "__next__"):
+        return data
+    if callable(data) and not hasattr(data, "__iter__"):
+        data = data()
+    return data if hasattr(data, "__next__") else iter(data)
+
+
+def _write_config(workdir: str, **configs) -> None:
+    """Record the run's configs in `workdir/config.json` (warn if the model/optimizer changed)."""
+    path = os.path.join(workdir, "config.json")
+    record = json.loads(json.dumps(
+        {name: (c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c))
+         for name, c in configs.items()}, default=str))
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        changed = [k for k in ("model", "optimizer") if old.get(k) != record.get(k)]
+        if changed:
+            log.warning("The %s config differs from the one recorded in %s; checkpoints of a "
+                        "different model or optimizer fail to restore.", " and ".join(changed),
+                        path)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+
+
+def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
+    """Mean eval metrics over every batch of `eval_data` (a factory or an iterable)."""
+    sums: dict[str, Any] = {}
+    for batch in _make_iterator(eval_data):
+        sums = add_metrics(sums, engine.metrics_to_host(engine.eval_step(state, batch)))
+    return summarize(sums) if sums else {}
+
+
+def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
+          train_data: Callable[[], Iterable[Batch]] | Iterable[Batch], *,
+          workdir: str | os.PathLike, num_steps: int,
+          parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
+          seed: int = 0,
+          eval_data: Callable[[], Iterable[Batch]] | None = None,
+          eval_fn: Callable[[TrainState, Engine], Mapping[str, float]] | None = None,
+          eval_every: int | None = None,
+          checkpoint_every: int | None = 1000, keep_checkpoints: int | None = 3,
+          best_metric: str | None = None, best_mode: str = "min",
+          log_every: int = 100, hooks: Sequence[Hook] | None = None,
+          async_checkpointing: bool = True, handle_signals: bool = True,
+          engine: Engine | None = None) -> TrainResult:
+    """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
+
+    train_data: a factory returning an iterator of host batches (this process's slice of each
+      global batch, see `distributed.local_batch`), or an iterable/iterator. If the iterator
+      has `get_state()`/`set_state()` (grain) its position is checkpointed.
+    eval_data: factory of a finite iterable of eval batches (pad the last one with target 0);
+      summed with `eval_step` into "eval/loss", "eval/accuracy", "eval/perplexity", ...
+    eval_fn: `(state, engine) -> {name: value}` for anything else (BLEU, samples); keys
+      without a "/" get the "eval/" prefix. Both run every `eval_every` steps and at the end.
+    checkpoint_every: save every this many steps (None: only at the end and on interrupts).
+    best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` min|max).
+    log_every: how often train metrics (means over the window) reach the hooks and history.
+    hooks: `hook(step, metrics)` called on the main process at every log/eval step
+      (default: `log_hook`). Metric names are "train/..." and "eval/...".
+    engine: reuse an `Engine` (and its compiled steps) built for the same configs.
+    """
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps} must be >= 0.")
+    if log_every < 1:
+        raise ValueError(f"log_every={log_every} must be >= 1.")
+    if best_metric is not None and eval_data is None and eval_fn is None:
+        raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
+                         "eval_every) so checkpoints have metrics to rank by.")
+    parallel = parallel or ParallelConfig()
+    loss = loss or LossConfig()
+    workdir = os.path.abspath(os.fspath(workdir))
+    hooks = [log_hook] if hooks is None else list(hooks)
+    main = distributed.is_main_process()
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+        _write_config(workdir, model=model_config, optimizer=optimizer_config, loss=loss,
+                      parallel=parallel)
+    if engine is None:
+        engine = Engine(model_config, optimizer_config, parallel, loss)
+    elif (engine.model_config, engine.optimizer_config, engine.loss) != (
+            model_config, optimizer_config, loss):
+        raise ValueError("train(engine=...) was built for different configs than the ones "
+                         "passed to train().")
+    log.info("Training on %s.", engine.describe())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
+                        best_metric=best_metric, best_mode=best_mode,
+                        async_save=async_checkpointing)
+    try:
+        return _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
+                     eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, log_every=log_every,
+                     hooks=hooks if main else [], handle_signals=handle_signals)
+    finally:
+        ckpt.close()
+
+
+def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
+          eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals
+          ) -> TrainResult:
+    restored = ckpt.restore(engine.abstract_state())
+    if restored is None:
+        state, step, data_state = engine.init_state(seed), 0, None
+    else:
+        state = engine.from_checkpoint(restored.state)
+        step, data_state = restored.step, restored.data_state
+        log.info("Resumed from step %d in %s.", step, ckpt.directory)
+    iterator = _make_iterator(train_data)
+    if step:
+        _restore_position(iterator, data_state, step)
+
+    history: list[dict[str, float]] = []
+    pending: list[dict[str, Any]] = []  # per-step device metrics since the last flush
+    window = {"time": time.perf_counter(), "steps": 0, "sums": {}}  # since the last report
+    last_eval: dict[str, float] = {}
+    last_eval_step = -1
+
+    def flush(log_now: bool) -> None:
+        """Fetch pending metrics, stop on a non-finite loss, report a window if asked."""
+        nonlocal pending
+        host = [engine.metrics_to_host(m) for m in pending]
+        first = step - len(host) + 1
+        for offset, m in enumerate(host):
+            if m["nonfinite"] or not np.isfinite(m["loss"]):
+                raise NonFiniteLossError(
+                    f"The training loss is {m['loss']} (not finite) at step {first + offset}. "
+                    f"Nothing after the last good checkpoint (step {ckpt.latest_step()}) was "
+                    "saved. Lower the learning rate, add warmup or clip_norm, or look for "
+                    "bad data; rerunning resumes from that checkpoint.")
+        for m in host:
+            window["sums"] = add_metrics(window["sums"], m)
+        window["steps"] += len(host)
+        pending = []
+        if log_now and window["steps"]:
+            report(train_window())
+
+    def train_window() -> dict[str, float]:
+        elapsed = time.perf_counter() - window["time"]
+        out = {f"train/{k}": v for k, v in summarize(window["sums"]).items()
+               if k not in ("nonfinite", "steps")}
+        if elapsed > 0:
+            out["train/steps_per_second"] = window["steps"] / elapsed
+            out["train/tokens_per_second"] = out.get("train/tokens", 0.0) / elapsed
+        window.update(time=time.perf_counter(), steps=0, sums={})
+        return out
+
+    def report(metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        if history and history[-1]["step"] == step:
+            history[-1].update(record)
+        else:
+            history.append(record)
+        for hook in hooks:
+            hook(step, dict(metrics))
+
+    def run_eval() -> None:
+        nonlocal last_eval, last_eval_step
+        metrics: dict[str, float] = {}
+        if eval_data is not None:
+            metrics.update({f"eval/{k}": v for k, v in evaluate(engine, state, eval_data).items()})
+        if eval_fn is not None:
+            for k, v in eval_fn(state, engine).items():
+                metrics[k if "/" in k else f"eval/{k}"] = float(v)
+        last_eval, last_eval_step = metrics, step
+        report(metrics)
+
+    def save() -> None:
+        flush(log_now=False)  # never checkpoint a diverged state
+        data = {"batches": step, "iterator": iterator_state(iterator)}
+        metrics = last_eval if last_eval_step == step and last_eval else None
+        if ckpt.save(step, engine.to_checkpoint(state), data_state=data, metrics=metrics):
+            log.info("Saving checkpoint at step %d.", step)
+
+    evaluating = eval_every and (eval_data is not None or eval_fn is not None)
+    interrupted = False
+    start_step = step
+    with _StopSignals(handle_signals) as signals:
+        while step < num_steps:
+            if signals.agreed():
+                interrupted = True
+                log.warning("Received %s: saving at step %d and stopping.",
+                            signals.requested or "a stop request on another process", step)
+                break
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                log.warning("The training data ran out after %d steps (num_steps=%d).", step,
+                            num_steps)
+                break
+            state, metrics = engine.train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+            is_log = step % log_every == 0 or step == num_steps
+            is_ckpt = bool(checkpoint_every) and step % checkpoint_every == 0
+            is_eval = bool(evaluating) and step % eval_every == 0
+            if is_log or is_ckpt or is_eval:
+                flush(log_now=is_log)
+            if is_eval:
+                run_eval()
+            if is_ckpt:
+                save()
+        flush(log_now=True)
+        if not interrupted and evaluating and last_eval_step != step and step > start_step:
+            run_eval()
+        save()
+    return TrainResult(state=state, step=step, history=history, interrupted=interrupted,
+                       engine=engine)
+
+
+def _restore_position(iterator, data_state, step: int) -> None:
+    """Put a fresh iterator where the checkpointed run's iterator was after `step` batches."""
+    saved = (data_state or {}).get("iterator")
+    if saved is not None and hasattr(iterator, "set_state"):
+        restore_iterator(iterator, saved)
+        return
+    batches = (data_state or {}).get("batches", step)
+    why = ("the iterator has no set_state()" if not hasattr(iterator, "set_state") else
+           "the checkpoint holds no iterator state for this process")
+    log.warning("Restoring the data position by skipping %d batches (%s).", batches, why)
+    for _ in range(batches):
+        next(iterator)

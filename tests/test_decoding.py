@@ -1,0 +1,443 @@
+"""Cached decoding against full recomputation; sampling, stop tokens, beam search, errors.
+
+References are independent of the cache: a plain causal forward pass (no `decode`) over each
+row's whole sequence gives, at position j, exactly what recomputing the prefix up to j gives, so
+one pass checks every step. Log-probabilities and beam scores are recomputed in float64 NumPy.
+"""
+
+import functools
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from flaxformer_lite import decoding
+from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.models import DecoderOnly, init_cache, init_params, make_model
+
+NEW = 8  # tokens generated per row
+SEED = 0
+
+
+def tiny(**overrides) -> TransformerConfig:
+    base = dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=32)
+    return TransformerConfig(**{**base, **overrides})
+
+
+def random_params(model, seed: int = SEED):
+    """NumPy-drawn params of the model's shapes: weights N(0, 0.3) (large, so next-token
+    distributions are peaked and varied), biases N(0, 0.1), norm scales 1 + N(0, 0.1).
+    Drawing them in NumPy avoids compiling the random initialisers."""
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(model.config, jax.random.key(0))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(path[-1])
+        std, mean = (0.1, 1.0) if "scale" in name else (0.1, 0.0) if "bias" in name else (0.3, 0)
+        return jnp.asarray(mean + std * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree.map_with_path(draw, shapes)
+
+
+CONFIGS = {
+    "gpt_learned": tiny(position="learned"),
+    "gpt_rotary_gqa": tiny(position="rotary", num_kv_heads=2, scan_layers=True),
+    "encdec_sinusoidal": tiny(architecture="encoder_decoder", position="sinusoidal",
+                              norm_position="post", final_norm=False, scale_embeddings=True,
+                              activation="relu", share_encoder_decoder_embeddings=False),
+    "t5_relative_gqa": tiny(architecture="encoder_decoder", position="relative", norm="rms",
+                            use_bias=False, num_kv_heads=2, relative_num_buckets=8,
+                            relative_max_distance=16, activation="relu"),
+}
+SAMPLED = ("gpt_learned", "t5_relative_gqa")  # checked on sampled runs; the others on greedy
+
+
+class Setup:
+    """A model, its params and a ragged batch: prompts (decoder-only) or sources."""
+
+    def __init__(self, name: str, cfg: TransformerConfig = None):
+        self.name = name
+        self.cfg = cfg or CONFIGS[name]
+        self.model = make_model(self.cfg)
+        self.params = random_params(self.model)
+        self.lm = isinstance(self.model, DecoderOnly)
+        rng = np.random.default_rng(SEED)
+        self.lengths = np.array([5, 2, 4] if self.lm else [6, 3, 5], np.int32)
+        width = int(self.lengths.max())
+        ids = rng.integers(4, self.cfg.vocab_size, (len(self.lengths), width))
+        ids[np.arange(width)[None, :] >= self.lengths[:, None]] = 0
+        self.ids = ids.astype(np.int32)
+
+    def generate(self, **kw):
+        fn = decoding.generate if self.lm else decoding.generate_seq2seq
+        out = fn(self.model, self.params, self.ids, max_new_tokens=NEW, **kw)
+        return jax.tree.map(np.asarray, out)
+
+    def beams(self, max_len=NEW, **kw):
+        out = decoding.beam_search(self.model, self.params, self.ids, max_len=max_len, **kw)
+        return jax.tree.map(np.asarray, out)
+
+    def teacher_forced_logits(self, rows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Full-forward logits `[m, T, vocab]` for generated `tokens` `[m, T]` after row `rows[i]`.
+
+        Entry `[i, t]` predicts `tokens[i, t]` from the prompt/source and `tokens[i, :t]`.
+        Rows are padded to a multiple of 16 (and decoder-only sequences to max_len) so the
+        reference compiles a few times only.
+        """
+        m, t = tokens.shape
+        pad_rows = -m % 16
+        rows = np.concatenate([rows, np.zeros(pad_rows, rows.dtype)])
+        tokens = np.concatenate([tokens, np.zeros((pad_rows, t), tokens.dtype)])
+        if not self.lm:
+            logits = _s2s_forward(self.model, self.params, self.ids[rows], tokens)
+            return np.asarray(logits, np.float64)[:m]
+        lengths = self.lengths[rows]
+        seqs = np.zeros((len(rows), self.cfg.max_len), np.int32)
+        for i, (r, n) in enumerate(zip(rows, lengths)):
+            seqs[i, :n] = self.ids[r, :n]
+            seqs[i, n:n + t - 1] = tokens[i, :t - 1]
+        valid = (np.arange(self.cfg.max_len)[None] < (lengths + t - 1)[:, None])
+        logits = np.asarray(_lm_forward(self.model, self.params, seqs, valid.astype(np.int32)),
+                            np.float64)
+        take = lengths[:, None] - 1 + np.arange(t)[None, :]
+        return np.take_along_axis(logits, take[:, :, None], axis=1)[:m]
+
+    def sequence_log_probs(self, rows, tokens, lengths) -> np.ndarray:
+        """float64 log p(tokens[i, :lengths[i]] | row rows[i]) by teacher forcing."""
+        logp = log_softmax(self.teacher_forced_logits(rows, tokens))
+        per_token = np.take_along_axis(logp, tokens[:, :, None], axis=2)[:, :, 0]
+        keep = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        return np.sum(np.where(keep, per_token, 0.0), axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lm_forward(model, params, ids, valid):
+    return model.apply({"params": params}, ids, segment_ids=valid)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _s2s_forward(model, params, inputs, targets):
+    # Every target slot is a real token (a generated 0 included): explicit segment ids.
+    return model.apply({"params": params}, inputs, targets,
+                       targets_segment_ids=jnp.ones_like(targets))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def gnmt(length, alpha):
+    return ((5.0 + np.asarray(length, np.float64)) / 6.0) ** alpha
+
+
+@functools.cache
+def setup(name: str) -> Setup:
+    return Setup(name)
+
+
+@functools.cache
+def sampled_run(name: str):
+    """Sampling at temperature 0.8 with all `NEW` steps (no stop tokens), logits kept."""
+    return setup(name).generate(rng=jax.random.key(1), temperature=0.8, stop_tokens=(),
+                                return_logits=True)
+
+
+@functools.cache
+def greedy_run(name: str):
+    """Greedy with a stop token taken from the output itself (the first token of row 0 that
+    appears from step 2 on), so row 0 stops early; returns (run, stop token)."""
+    s = setup(name)
+    first = s.generate(greedy=True, return_logits=True)
+    row = first.tokens[0, :first.lengths[0]].tolist()
+    stop = next((t for i, t in enumerate(row) if i >= 2 and t not in row[:i]), row[-1])
+    return s.generate(greedy=True, stop_tokens=(stop,), return_logits=True), stop
+
+
+def run_for(name: str):
+    return sampled_run(name) if name in SAMPLED else greedy_run(name)[0]
+
+
+# ---- the cache is exact --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_logits_match_full_recomputation(name):
+    s, run = setup(name), run_for(name)
+    rows = np.arange(len(s.lengths))
+    ref = s.teacher_forced_logits(rows, run.tokens)
+    for b in rows:
+        n = run.lengths[b]
+        assert n >= 1
+        np.testing.assert_allclose(run.logits[b, :n], ref[b, :n], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{name}, row {b}")
+    np.testing.assert_allclose(run.log_probs, s.sequence_log_probs(rows, run.tokens, run.lengths),
+                               rtol=1e-5, atol=1e-4)
+    if name in SAMPLED:
+        assert len(np.unique(run.tokens)) > 4  # varied output, not one repeated token
+
+
+def test_cross_attention_keys_values_come_from_the_cache_after_the_first_step():
+    s = setup("encdec_sinusoidal")
+    model, params = s.model, s.params
+    seg = (s.ids != 0).astype(np.int32)
+    encoded = jax.jit(lambda p, x: model.apply({"params": p}, x, segment_ids=x != 0,
+                                               method="encode"))(params, s.ids)
+    other = jax.random.normal(jax.random.key(3), encoded.shape)
+
+    @jax.jit
+    def step(params, cache, enc, token, pos):
+        ids = jnp.full((len(s.ids), 1), token, jnp.int32)
+        logits, state = model.apply(
+            {"params": params, "cache": cache}, enc, ids, encoder_segment_ids=seg,
+            segment_ids=jnp.ones_like(ids), positions=jnp.full_like(ids, pos), decode=True,
+            method="decode", mutable=["cache"])
+        return logits, state["cache"]
+
+    cache = init_cache(model, params, len(s.ids), 4, encoded=encoded, encoder_segment_ids=seg)
+    first, cache = step(params, cache, encoded, 0, 0)
+    first_other, _ = step(params, init_cache(model, params, len(s.ids), 4, encoded=encoded,
+                                             encoder_segment_ids=seg), other, 0, 0)
+    assert not np.allclose(first, first_other)  # at step 0 the encoder output is read ...
+    second, _ = step(params, cache, encoded, 7, 1)
+    second_other, _ = step(params, cache, other, 7, 1)
+    np.testing.assert_array_equal(second, second_other)  # ... afterwards only the cache is
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+def test_sampling_is_reproducible_for_a_key_and_differs_across_keys():
+    s, run = setup("gpt_learned"), sampled_run("gpt_learned")
+    again = s.generate(rng=jax.random.key(1), temperature=0.8, stop_tokens=(),
+                       return_logits=True)
+    other = s.generate(rng=jax.random.key(2), temperature=0.8, stop_tokens=(),
+                       return_logits=True)
+    np.testing.assert_array_equal(again.tokens, run.tokens)
+    assert (other.tokens != run.tokens).mean() > 0.3
+
+
+def test_stop_tokens_end_each_row_at_its_first_stop():
+    s, base = setup("gpt_learned"), sampled_run("gpt_learned")
+    stop = int(base.tokens[0, 3])
+    out = s.generate(rng=jax.random.key(1), temperature=0.8, stop_tokens=(stop, 60),
+                     return_logits=True)
+    step_logp = np.take_along_axis(log_softmax(base.logits.astype(np.float64)),
+                                   base.tokens[:, :, None], axis=2)[:, :, 0]
+    early = 0
+    for b in range(len(s.lengths)):
+        hits = np.flatnonzero(np.isin(base.tokens[b], (stop, 60)))
+        n = hits[0] + 1 if len(hits) else NEW
+        early += n < NEW
+        assert out.lengths[b] == n
+        np.testing.assert_array_equal(out.tokens[b, :n], base.tokens[b, :n])
+        assert (out.tokens[b, n:] == 0).all()
+        np.testing.assert_allclose(out.log_probs[b], step_logp[b, :n].sum(), rtol=1e-5,
+                                   atol=1e-5)
+    assert early >= 1
+
+
+def test_no_cache_reference_matches_cached_generation():
+    s, run = setup("gpt_learned"), sampled_run("gpt_learned")
+    ref = decoding.generate_no_cache(s.model, s.params, s.ids, max_new_tokens=NEW,
+                                     rng=jax.random.key(1), temperature=0.8, stop_tokens=(),
+                                     return_logits=True)
+    np.testing.assert_array_equal(np.asarray(ref.tokens), run.tokens)
+    np.testing.assert_allclose(np.asarray(ref.logits), run.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_one_equals_greedy():
+    s = setup("gpt_rotary_gqa")
+    greedy, stop = greedy_run("gpt_rotary_gqa")
+    top1 = s.generate(rng=jax.random.key(5), top_k=1, stop_tokens=(stop,), return_logits=True)
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    np.testing.assert_array_equal(top1.lengths, greedy.lengths)
+    assert greedy.lengths[0] < NEW
+
+
+def test_sample_logits_filters_and_temperature_match_their_distributions():
+    probs = np.array([0.5, 0.3, 0.1, 0.1])
+    n = 20000
+    logits = jnp.tile(jnp.log(jnp.asarray(probs, jnp.float32)), (n, 1))
+    settings = [dict(top_p=0.75), dict(top_k=2), dict(temperature=2.0), {}, dict(greedy=True)]
+
+    @jax.jit
+    def draw(logits, key):
+        return [decoding.sample_logits(logits, jax.random.fold_in(key, i), **kw)
+                for i, kw in enumerate(settings)]
+
+    top_p, top_k, hot, plain, greedy = (np.bincount(np.asarray(t), minlength=len(probs)) / n
+                                        for t in draw(logits, jax.random.key(11)))
+    tol = 4 * np.sqrt(0.25 / n)
+    kept = probs[:2] / probs[:2].sum()
+    np.testing.assert_allclose(top_p, [*kept, 0, 0], atol=tol)
+    np.testing.assert_allclose(top_k, [*kept, 0, 0], atol=tol)
+    np.testing.assert_allclose(hot, probs ** 0.5 / (probs ** 0.5).sum(), atol=tol)
+    np.testing.assert_allclose(plain, probs, atol=tol)
+    np.testing.assert_array_equal(greedy, [1, 0, 0, 0])
+
+
+# ---- beam search ---------------------------------------------------------------------------
+
+def test_beam_size_one_equals_greedy():
+    name = "encdec_sinusoidal"
+    greedy, stop = greedy_run(name)
+    beams = setup(name).beams(beam_size=1, alpha=0.0, eos_id=stop)
+    np.testing.assert_array_equal(beams.tokens[:, 0], greedy.tokens)
+    np.testing.assert_array_equal(beams.lengths[:, 0], greedy.lengths)
+    np.testing.assert_allclose(beams.log_probs[:, 0], greedy.log_probs, rtol=1e-5, atol=1e-5)
+    assert greedy.lengths.min() < NEW  # EOS handling was exercised
+
+
+def test_beam_scores_are_exact_and_at_least_greedy():
+    """Scanned layers and grouped-query attention: the beam reordering of the cache is exact."""
+    name = "gpt_rotary_gqa"
+    s = setup(name)
+    greedy, stop = greedy_run(name)
+    alpha, k = 0.6, 3
+    beams = s.beams(beam_size=k, alpha=alpha, eos_id=stop)
+    b = len(s.lengths)
+    tokens = beams.tokens.reshape(b * k, NEW)
+    lengths = beams.lengths.reshape(-1)
+    rows = np.repeat(np.arange(b), k)
+    logp = s.sequence_log_probs(rows, tokens, lengths)
+    np.testing.assert_allclose(beams.log_probs.reshape(-1), logp, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(beams.scores.reshape(-1), logp / gnmt(lengths, alpha),
+                               rtol=1e-5, atol=1e-4)
+    assert (np.diff(beams.scores, axis=1) <= 0).all()  # best first
+    for tok, n in zip(tokens, lengths):
+        assert n == NEW or tok[n - 1] == stop
+        assert stop not in tok[:n - 1] and (tok[n:] == 0).all()
+    for i in range(b):
+        assert len({tuple(t) for t in beams.tokens[i]}) == k  # distinct beams
+    greedy_score = (s.sequence_log_probs(np.arange(b), greedy.tokens, greedy.lengths)
+                    / gnmt(greedy.lengths, alpha))
+    assert (beams.scores[:, 0] >= greedy_score - 1e-5).all()
+
+
+def test_exhaustive_beam_search_equals_brute_force():
+    """With a beam wider than the search space, beam search must return the exact top beams."""
+    vocab, steps, eos, alpha = 6, 3, decoding.EOS_ID, 0.6
+    s = Setup("t5_vocab6", CONFIGS["t5_relative_gqa"].replace(vocab_size=vocab))
+    others = [t for t in range(vocab) if t != eos]
+    seqs = [[eos]] + [[a, eos] for a in others]
+    seqs += [[a, b, c] for a, b in itertools.product(others, repeat=2) for c in range(vocab)]
+    k = len(seqs) - 6  # 150: every candidate of the last step fits in the beam
+    beams = s.beams(beam_size=k, alpha=alpha, eos_id=eos, max_len=steps)
+    tokens = np.zeros((len(seqs), steps), np.int32)
+    lengths = np.array([len(q) for q in seqs])
+    for i, q in enumerate(seqs):
+        tokens[i, :len(q)] = q
+    for b in range(len(s.lengths)):
+        logp = s.sequence_log_probs(np.full(len(seqs), b), tokens, lengths)
+        score = logp / gnmt(lengths, alpha)
+        order = np.argsort(-score)[:k]
+        np.testing.assert_allclose(beams.scores[b], score[order], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(beams.tokens[b, 0], tokens[order[0]])
+        np.testing.assert_array_equal(beams.lengths[b], lengths[order])
+
+
+# ---- argument checks (all raise before anything compiles) ----------------------------------
+
+def test_value_errors():
+    s, e = setup("gpt_learned"), setup("encdec_sinusoidal")
+    m, p, ids = s.model, s.params, s.ids
+    with pytest.raises(ValueError, match="max_len=32"):
+        decoding.generate(m, p, ids, max_new_tokens=28, greedy=True)
+    with pytest.raises(ValueError, match="max_len=32"):
+        decoding.generate_seq2seq(e.model, e.params, e.ids, max_new_tokens=33, greedy=True)
+    with pytest.raises(ValueError, match="max_len=32"):
+        decoding.beam_search(e.model, e.params, e.ids, beam_size=2, max_len=40)
+    with pytest.raises(ValueError, match="generate_seq2seq"):
+        decoding.generate(e.model, e.params, e.ids, max_new_tokens=4, greedy=True)
+    with pytest.raises(ValueError, match="generate for decoder-only"):
+        decoding.generate_seq2seq(m, p, ids, max_new_tokens=4, greedy=True)
+    bad = [
+        dict(max_new_tokens=0, greedy=True),
+        dict(max_new_tokens=4),  # sampling without rng
+        dict(max_new_tokens=4, rng=jax.random.key(0), temperature=0.0),
+        dict(max_new_tokens=4, rng=jax.random.key(0), top_p=0.0),
+        dict(max_new_tokens=4, rng=jax.random.key(0), top_p=1.5),
+        dict(max_new_tokens=4, rng=jax.random.key(0), top_k=-1),
+        dict(max_new_tokens=4, greedy=True, stop_tokens=(64,)),
+        dict(max_new_tokens=4, greedy=True, prompt_lengths=np.array([1, 2])),
+        dict(max_new_tokens=4, greedy=True, prompt_lengths=np.array([0, 2, 3])),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError):
+            decoding.generate(m, p, ids, **kw)
+    with pytest.raises(ValueError, match="prompts"):
+        decoding.generate(m, p, ids[0], max_new_tokens=4, greedy=True)
+    with pytest.raises(ValueError, match="beam_size"):
+        decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
+    with pytest.raises(ValueError, match="eos_id"):
+        decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=64)
+
+
+# ---- sharded and replicated params ---------------------------------------------------------
+
+_SHARDED = textwrap.dedent("""
+    import jax, numpy as np
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flaxformer_lite import decoding
+    from flaxformer_lite.config import TransformerConfig
+    from flaxformer_lite.models import init_params, make_model
+    from flaxformer_lite.training import partitioning
+
+    assert jax.device_count() == 8
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    prompts = np.array([[5, 6, 7, 8], [9, 10, 0, 0]], np.int32)
+
+    def close(out, ref, what):
+        for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5,
+                                       err_msg=what)
+
+    for arch in ("decoder_only", "encoder_decoder"):
+        cfg = TransformerConfig(architecture=arch, vocab_size=64, d_model=32, num_heads=4,
+                                num_kv_heads=2, d_ff=64, num_layers=2, max_len=32,
+                                init_std=0.3, position="rotary")
+        model = make_model(cfg)
+        boxed = init_params(cfg, jax.random.key(0))
+        params = nn.meta.unbox(boxed)
+        sharded = jax.device_put(params, partitioning.logical_to_shardings(
+            nn.get_partition_spec(boxed), params, mesh))
+        specs = [x.sharding.spec for x in jax.tree.leaves(sharded)]
+        assert any("tensor" in s for s in specs) and any("fsdp" in s for s in specs)
+        gen = decoding.generate if arch == "decoder_only" else decoding.generate_seq2seq
+
+        def sample(p):
+            return gen(model, p, prompts, max_new_tokens=6, rng=jax.random.key(1),
+                       return_logits=True)
+
+        ref = sample(params)
+        close(sample(sharded), ref, arch + " sharded")
+        if arch == "decoder_only":
+            beams = decoding.beam_search(model, params, prompts, beam_size=2, max_len=6)
+            close(decoding.beam_search(model, sharded, prompts, beam_size=2, max_len=6), beams,
+                  "beams sharded")
+            close(sample(jax.device_put(params, NamedSharding(mesh, P()))), ref, "replicated")
+            jitted = jax.jit(lambda p, x: gen(model, p, x, max_new_tokens=6, greedy=True))
+            greedy = gen(model, params, prompts, max_new_tokens=6, greedy=True)
+            close(jitted(sharded, prompts), greedy, "inside the caller's jit")
+    print("ok")
+""")
+
+
+
+
+@pytest.mark.slow
+def test_generation_with_sharded_and_replicated_params():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")

@@ -1,0 +1,223 @@
+"""Several devices and several processes. JAX fixes the device count when it starts, so every
+run here is a subprocess (tests/_parallel_worker.py, tests/_train_worker.py) with its own
+`--xla_force_host_platform_device_count`; the references are other runs (one device, one
+process, no interruption), never stored numbers.
+
+The subprocesses share a persistent XLA compilation cache, so a program compiled by one run is
+not compiled again by the next (this changes no result, only start-up time).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+TIMEOUT = 900  # seconds per subprocess; generous for a loaded 2-core machine
+
+
+@pytest.fixture(scope="session")
+def worker_env(tmp_path_factory):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    return env
+
+
+def start(script, args, env, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(TESTS / script), *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, expect_rc=0) -> str:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"worker timed out:\n{out[-4000:]}")
+    assert proc.returncode == expect_rc, f"worker exited with {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+def run(script, args, env) -> str:
+    return finish(start(script, args, env))
+
+
+def load(path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def assert_params_close(a, b, atol=1e-5):
+    assert sorted(a) == sorted(b)
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    assert worst < atol, f"params differ by {worst}"
+
+
+def read_log(path) -> dict[int, list[float]]:
+    """step -> every loss logged for it (a resumed run logs some steps twice)."""
+    out: dict[int, list[float]] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            out.setdefault(record["step"], []).append(record["loss"])
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    deadline = time.time() + TIMEOUT
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"worker exited early:\n{proc.communicate()[0][-4000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("worker never reached the pause step")
+        time.sleep(0.1)
+
+
+# ---- single vs pmap vs mesh; restore on other device counts -----------------------------------
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory, worker_env):
+    out = tmp_path_factory.mktemp("equivalence")
+    run("_parallel_worker.py", ["equivalence", "--devices", 8, "--out", out], worker_env)
+    return out
+
+
+def test_single_pmap_mesh_give_the_same_params(equivalence):
+    single = load(equivalence / "single.npz")
+    assert_params_close(single, load(equivalence / "init.npz"), atol=10.0)  # same tree
+    moved = max(float(np.max(np.abs(single[k] - v)))
+                for k, v in load(equivalence / "init.npz").items())
+    assert moved > 1e-3  # three steps really changed the parameters
+    reference = json.loads((equivalence / "single.json").read_text())
+    for mode, layout in (("pmap", "pmap over 8 local devices"),
+                         ("mesh", "mesh (data=2, fsdp=2, tensor=2) over 8 devices")):
+        assert_params_close(single, load(equivalence / f"{mode}.npz"))
+        record = json.loads((equivalence / f"{mode}.json").read_text())
+        assert record["describe"].startswith(layout)
+        np.testing.assert_allclose(record["losses"], reference["losses"], rtol=1e-6)
+        # Eval on 5 rows: padding rows added to fill the shards change no sum.
+        for key in ("loss", "nll", "correct", "tokens", "sequences"):
+            np.testing.assert_allclose(record["eval"][key], reference["eval"][key], rtol=1e-5)
+    assert reference["eval"]["sequences"] == 5
+
+
+@pytest.mark.parametrize("devices,mode", [(1, "single"), (4, "mesh4")])
+def test_restore_on_fewer_devices(equivalence, worker_env, tmp_path, devices, mode):
+    """Saved from a (2, 2, 2) mesh on 8 devices, restored on 1 device and a (1, 2, 2) mesh."""
+    out = tmp_path / "restored"
+    run("_parallel_worker.py", ["restore", "--devices", devices, "--mode", mode, "--ckpt",
+                                equivalence / "ckpt", "--out", out], worker_env)
+    saved = load(equivalence / "mesh.npz")
+    restored = load(str(out) + ".npz")
+    assert_params_close(saved, restored, atol=1e-30)  # bit-exact
+    record = json.loads(Path(str(out) + ".json").read_text())
+    assert record["step"] == 3 and record["data_state"] == {"batches": 3}
+    assert record["devices"] == devices and record["leaf_devices"] == devices
+    assert record["load_state_matches"]
+    expected = json.loads((equivalence / "next.json").read_text())["loss"]
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)  # training continues identically
+
+
+# ---- trainer runs: kill/resume, SIGTERM, two processes -----------------------------------------
+
+STEPS = 8
+TRAIN_ARGS = ["--num_steps", STEPS, "--checkpoint_every", 2]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, worker_env):
+    """One process, one device, never interrupted."""
+    d = tmp_path_factory.mktemp("reference")
+    run("_train_worker.py", [*TRAIN_ARGS, "--workdir", d / "work", "--log", d / "log.jsonl",
+                             "--out", d / "params.npz"], worker_env)
+    return d
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, worker_env, tmp_path):
+    args = [*TRAIN_ARGS, "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
+            "--out", tmp_path / "params.npz"]
+    pause = tmp_path / "paused"
+    proc = start("_train_worker.py", [*args, "--pause_at", 5, "--pause_file", pause], worker_env)
+    wait_for(pause, proc)
+    proc.send_signal(signal.SIGKILL)  # no handler, no final save
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert max(read_log(tmp_path / "log.jsonl")) == 5
+    steps = sorted(int(p.name) for p in (tmp_path / "work" / "checkpoints").iterdir()
+                   if p.name.isdigit())
+    assert steps and max(steps) <= 5 and STEPS not in steps
+
+    run("_train_worker.py", args, worker_env)  # resumes from the latest checkpoint
+    assert json.loads((tmp_path / "params.npz.json").read_text()) == {"step": STEPS,
+                                                                       "interrupted": False}
+    expected = {step: losses[0] for step, losses in read_log(reference_run / "log.jsonl").items()}
+    got = read_log(tmp_path / "log.jsonl")
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step, losses in got.items():  # steps redone after the restart repeat their loss
+        np.testing.assert_allclose(losses, expected[step], rtol=1e-6)
+    assert_params_close(load(tmp_path / "params.npz"), load(reference_run / "params.npz"),
+                        atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_checkpoint_at_the_current_step(worker_env, tmp_path):
+    pause = tmp_path / "paused"
+    proc = start("_train_worker.py", [*TRAIN_ARGS, "--checkpoint_every", 100, "--workdir",
+                                      tmp_path / "work", "--out", tmp_path / "params.npz",
+                                      "--pause_at", 3, "--pause_file", pause], worker_env)
+    wait_for(pause, proc)
+    proc.send_signal(signal.SIGTERM)
+    Path(str(pause) + ".go").touch()  # let step 3 finish; the loop then sees the signal
+    finish(proc, expect_rc=0)
+    assert json.loads((tmp_path / "params.npz.json").read_text()) == {"step": 3,
+                                                                       "interrupted": True}
+    steps = [p.name for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == ["3"]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
+    """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
+    process feeds half of every global batch. Compared with one process on one device."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = [*TRAIN_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
+              "--num_processes", 2, "--coordinator", f"127.0.0.1:{port}",
+              "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
+              "--out", tmp_path / "params.npz"]
+    procs = [start("_train_worker.py", [*common, "--process_id", i], worker_env)
+             for i in range(2)]
+    try:
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    expected = read_log(reference_run / "log.jsonl")
+    got = read_log(tmp_path / "log.jsonl")  # written by process 0 only: one entry per step
+    assert sorted(got) == sorted(expected)
+    for step in got:
+        assert len(got[step]) == 1
+        np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
+    assert_params_close(load(tmp_path / "params.npz"), load(reference_run / "params.npz"))
+    data = sorted(p.name for p in (tmp_path / "work" / "checkpoints" / str(STEPS) /
+                                   "data").iterdir() if p.suffix == ".json")
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
