@@ -69,14 +69,19 @@ def _max_rss_bytes() -> int:
 
 
 def _batches(spec: dict, n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`n` (inputs, targets) int32 batches `[batch, context]`, identical in every worker."""
+    """`n` (inputs, targets) int32 batches `[batch, context]`, identical in every worker.
+
+    Ids start at 1: id 0 is padding in the library (no loss, not attended), so leaving it out
+    gives both frameworks the same loss over every token.
+    """
     rng = np.random.default_rng(spec["seed"])
     b, t, v = spec["batch"], spec["context"], spec["vocab"]
     if spec.get("data"):
         with open(spec["data"], encoding="utf-8") as f:
             text = f.read()
         chars = sorted(set(text))
-        data = np.array([chars.index(c) for c in text[:1_000_000]], np.int32)
+        lookup = {c: i + 1 for i, c in enumerate(chars)}
+        data = np.array([lookup[c] for c in text[:1_000_000]], np.int32)
         out = []
         for _ in range(n):
             starts = rng.integers(0, len(data) - t - 1, b)
@@ -84,8 +89,8 @@ def _batches(spec: dict, n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
             y = np.stack([data[s + 1:s + t + 1] for s in starts])
             out.append((x, y))
         return out
-    return [(rng.integers(0, v, (b, t)).astype(np.int32),
-             rng.integers(0, v, (b, t)).astype(np.int32)) for _ in range(n)]
+    return [(rng.integers(1, v, (b, t)).astype(np.int32),
+             rng.integers(1, v, (b, t)).astype(np.int32)) for _ in range(n)]
 
 
 def _serve(runner) -> None:
@@ -101,7 +106,10 @@ def _serve(runner) -> None:
 
 
 class JaxTrain:
-    """The library's DecoderOnly with an optax AdamW step (or `flaxformer_lite.training`)."""
+    """The library's DecoderOnly trained by `flaxformer_lite.training.train_step` (AdamW).
+
+    `spec["jax_step"] = "plain"` swaps in a bare optax AdamW step written here instead.
+    """
 
     def __init__(self, spec: dict):
         from flaxformer_lite import perf
@@ -129,44 +137,62 @@ class JaxTrain:
         overrides.update(spec.get("cfg", {}))
         self.config = fl.get_config("gpt2", **overrides)
         model = fl.make_model(self.config)
-        b, t = spec["batch"], spec["context"]
-        params = nn.meta.unbox(model.init(jax.random.key(spec["seed"]),
-                                          jnp.zeros((1, t), jnp.int32))["params"])
-        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
-        tx = optax.adamw(spec["lr"], b1=0.9, b2=0.99, weight_decay=0.1, mask=decay_mask)
-        segment_ids = jnp.ones((b, t), jnp.int32)  # every id is a real character here
+        self.batches = [{"inputs": jax.device_put(x), "targets": jax.device_put(y)}
+                        for x, y in _batches(spec)]
+        self.step_kind = spec.get("jax_step", "library")
+        try:
+            from flaxformer_lite import training
+        except ImportError:
+            self.step_kind = "plain"
+        if self.step_kind == "library":
+            # What users run: the training package's TrainState and train_step.
+            opt = training.OptimizerConfig(learning_rate=spec["lr"], b1=0.9, b2=0.99,
+                                           weight_decay=0.1)
+            tx = training.make_optimizer(opt)
+            self.state = training.create_train_state(self.config, opt, spec["seed"], tx=tx)
 
-        def loss_fn(p, inputs, targets):
-            logits = model.apply({"params": p}, inputs, segment_ids=segment_ids)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+            def train_step(state, batch):
+                state, metrics = training.train_step(state, batch, model=model, tx=tx)
+                return state, metrics["loss"] / metrics["tokens"]
+        else:
+            # A plain optax AdamW step, for comparison with the library's.
+            params = nn.meta.unbox(model.init(jax.random.key(spec["seed"]),
+                                              self.batches[0]["inputs"][:1])["params"])
+            decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+            tx = optax.adamw(spec["lr"], b1=0.9, b2=0.99, weight_decay=0.1, mask=decay_mask)
+            self.state = (params, tx.init(params))
 
-        def train_step(state, inputs, targets):
-            p, opt_state = state
-            loss, grads = jax.value_and_grad(loss_fn)(p, inputs, targets)
-            updates, opt_state = tx.update(grads, opt_state, p)
-            return (optax.apply_updates(p, updates), opt_state), loss
+            def loss_fn(p, batch):
+                logits = model.apply({"params": p}, batch["inputs"])
+                return optax.softmax_cross_entropy_with_integer_labels(
+                    logits, batch["targets"]).mean()
 
-        self.batches = [tuple(jax.device_put(a) for a in xy) for xy in _batches(spec)]
-        self.state = (params, tx.init(params))
+            def train_step(state, batch):
+                p, opt_state = state
+                loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+                updates, opt_state = tx.update(grads, opt_state, p)
+                return (optax.apply_updates(p, updates), opt_state), loss
+
         t0 = time.perf_counter()
         step = jax.jit(train_step, donate_argnums=0)
-        self.compiled = step.lower(self.state, *self.batches[0]).compile()
+        self.compiled = step.lower(self.state, self.batches[0]).compile()
         self.compile_s = time.perf_counter() - t0
         self.i = 0
         self.loss = float("nan")
         self.run(2)  # warm up: first executions allocate and page in
 
     def run(self, steps: int) -> dict:
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
-            x, y = self.batches[self.i % len(self.batches)]
-            t0 = time.perf_counter()
-            self.state, loss = self.compiled(self.state, x, y)
+            batch = self.batches[self.i % len(self.batches)]
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.state, loss = self.compiled(self.state, batch)
             loss.block_until_ready()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             self.i += 1
         self.loss = float(loss)
-        return {"times": times}
+        return {"times": times, "cpu": cpu}
 
     def matmul(self, n: int, repeats: int = 3) -> dict:
         """Float32 `[n, n] @ [n, n]` rate, FLOP/s (median of `repeats`)."""
@@ -196,6 +222,7 @@ class JaxTrain:
         from flaxformer_lite.params import flops_per_token
         return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
                 "device_peak": mem.get("peak_bytes_in_use"), "step_buffers": step_bytes,
+                "jax_step": self.step_kind,
                 "device_kind": dev.device_kind, "platform": dev.platform,
                 "flops_per_token": flops_per_token(self.config, self.spec["context"])["total"],
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "applied": self.applied}
@@ -209,7 +236,7 @@ class TorchTrain:
             from flaxformer_lite import perf
             perf.configure_cpu(xla_flags=False)
         import torch
-        import torch.nn.functional as F
+        import torch.nn.functional as F  # noqa: N812
         from torch import nn
 
         self.torch = torch
@@ -294,16 +321,17 @@ class TorchTrain:
         return loss
 
     def run(self, steps: int) -> dict:
-        times = []
+        times, cpu = [], []
         for _ in range(steps):
             x, y = self.batches[self.i % len(self.batches)]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = self._step(x, y)
             self._sync()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             self.i += 1
         self.loss = float(loss.detach())
-        return {"times": times}
+        return {"times": times, "cpu": cpu}
 
     def matmul(self, n: int, repeats: int = 3) -> dict:
         torch = self.torch
@@ -362,12 +390,12 @@ class JaxAttention:
             q, k, v, ct = (jax.random.normal(key, (b, length, h, d), dtype) for key in keys)
             compiled, outs, row = {}, {}, {"length": length}
             for name, fn in impls.items():
-                def loss(q, k, v, fn=fn):
+                def loss(q, k, v, ct, fn=fn):
                     return (fn(q, k, v).astype(jnp.float32) * ct.astype(jnp.float32)).sum()
                 try:
-                    c = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+                    c = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, ct).compile()
                     outs[name] = jax.jit(fn)(q, k, v).astype(jnp.float32)
-                    jax.block_until_ready(c(q, k, v))
+                    jax.block_until_ready(c(q, k, v, ct))
                 except Exception as e:  # e.g. cuDNN missing or an unsupported shape
                     row[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
                     continue
@@ -378,7 +406,7 @@ class JaxAttention:
             for _ in range(spec["repeats"]):  # interleaved
                 for name, c in compiled.items():
                     t0 = time.perf_counter()
-                    jax.block_until_ready(c(q, k, v))
+                    jax.block_until_ready(c(q, k, v, ct))
                     row[name]["times"].append(time.perf_counter() - t0)
             if "ops" in outs:
                 row["max_abs_diff_vs_ops"] = {
@@ -505,6 +533,9 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             results.append({"model": model_name, "skipped": "accelerator only"})
             continue
         dtype = "bfloat16" if (accelerator and model_name == "gpt2") else args.dtype
+        if args.data:  # characters get ids 1..n (0 is padding)
+            with open(args.data, encoding="utf-8") as f:
+                m["vocab"] = max(m["vocab"], len(set(f.read())) + 1)
         base = dict(m, seed=0, lr=1e-3, dtype=dtype, allocator=allocator, data=args.data,
                     configure_cpu=args.configure_cpu)
         workers = []
@@ -526,6 +557,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             raise SystemExit(f"JAX training failed: {probe['error']}")
         steps = max(1, round(args.round_seconds / max(probe["times"][0], 1e-4)))
         times = {w.name: [] for w in live}
+        cpu_times = {w.name: [] for w in live}
         round_medians = {w.name: [] for w in live}
         peaks = []
         for r in range(args.repeats):
@@ -536,6 +568,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                     print(f"  {w.name}: failed ({out['error'][:200]})")
                     continue
                 times[w.name] += out["times"]
+                cpu_times[w.name] += out["cpu"]
                 round_medians[w.name].append(_median(out["times"]))
             peaks.append(jax_worker.call("matmul", n=args.matmul_size)["flops_per_s"])
             print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
@@ -564,6 +597,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             achieved = flops_tok * tokens / t
             row = {
                 "framework": w.name, "step_s": t, "steps": len(times[w.name]),
+                "step_cpu_s": _median(cpu_times[w.name]),
                 "tokens_per_s": tokens / t, "flops_per_token": flops_tok,
                 "achieved_flops_per_s": achieved,
                 "mfu_datasheet": achieved / datasheet if datasheet else None,
@@ -597,7 +631,7 @@ def _fmt(x, scale=1.0, spec=".1f", none="n/a"):
 
 
 def print_train(res: dict) -> None:
-    cols = ["framework", "step ms", "tok/s", "GFLOP/tok", "GFLOP/s", "MFU sheet",
+    cols = ["framework", "step ms", "cpu ms", "tok/s", "GFLOP/tok", "GFLOP/s", "MFU sheet",
             "MFU mm", "x eager", "x compile", "x jax", "compile s", "peak MB", "loss"]
     lines = []
     for r in res["rows"]:
@@ -605,7 +639,8 @@ def print_train(res: dict) -> None:
             lines.append([r["framework"], "failed: " + str(r["error"]).splitlines()[-1][:60]])
             continue
         lines.append([
-            r["framework"], _fmt(r["step_s"], 1e3), _fmt(r["tokens_per_s"], 1, ".0f"),
+            r["framework"], _fmt(r["step_s"], 1e3), _fmt(r["step_cpu_s"], 1e3),
+            _fmt(r["tokens_per_s"], 1, ".0f"),
             _fmt(r["flops_per_token"], 1e-9, ".4f"), _fmt(r["achieved_flops_per_s"], 1e-9, ".0f"),
             _fmt(r["mfu_datasheet"], 100, ".1f") + ("%" if r["mfu_datasheet"] else ""),
             _fmt(r["mfu_measured_matmul"], 100, ".0f") + "%",

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import operator
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -345,16 +346,26 @@ def _check_ids(name: str, ids) -> None:
         raise ValueError(f"{name} must have at least one row and one column, got {ids.shape}.")
 
 
-def _check_total(cfg: TransformerConfig, prompt_len: int, new: int, new_name: str) -> None:
+def _positive_int(name: str, value) -> int:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+    return number
+
+
+def _check_total(cfg: TransformerConfig, prompt_len: int, new, new_name: str) -> int:
     """Prompt plus generated tokens must fit the model's `max_len` (checked before compiling)."""
-    if not isinstance(new, int) or new < 1:
-        raise ValueError(f"{new_name}={new!r} must be a positive integer.")
+    new = _positive_int(new_name, new)
     if prompt_len + new > cfg.max_len:
         what = f"prompt length {prompt_len} + " if prompt_len else ""
         raise ValueError(
             f"{what}{new_name}={new} exceeds the model's max_len={cfg.max_len}; lower "
             f"{new_name} to at most {cfg.max_len - prompt_len} or use a model with a larger "
             "TransformerConfig.max_len.")
+    return new
 
 
 def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_tokens, greedy,
@@ -368,10 +379,15 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
         if rng is None:
             raise ValueError("sampling needs an rng (e.g. jax.random.key(0)); pass rng=... or "
                              "greedy=True.")
-        if not temperature > 0:
+        known = _concrete(temperature)
+        if known is not None and not (known > 0).all():
             raise ValueError(f"temperature={temperature} must be > 0; for the argmax use "
                              "greedy=True.")
-    if not isinstance(top_k, int) or not 0 <= top_k <= cfg.vocab_size:
+    try:
+        k = operator.index(top_k)
+    except TypeError:
+        k = -1
+    if not 0 <= k <= cfg.vocab_size:
         raise ValueError(f"top_k={top_k!r} must be an int in [0, vocab_size={cfg.vocab_size}] "
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
@@ -383,9 +399,17 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
     dyn = {"rng": None if greedy else rng,
            "temperature": jnp.asarray(temperature, jnp.float32),
            "stop_tokens": jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)}
-    static = {"top_k": top_k, "top_p": float(top_p), "greedy": bool(greedy),
+    static = {"top_k": k, "top_p": float(top_p), "greedy": bool(greedy),
               "return_logits": bool(return_logits)}
     return dyn, static
+
+
+def _concrete(x) -> np.ndarray | None:
+    """`x` as a NumPy array, or None when it is traced (inside a caller's jit)."""
+    try:
+        return np.asarray(x)
+    except jax.errors.TracerArrayConversionError:
+        return None
 
 
 def _prompt_lengths(prompts, prompt_lengths) -> Array:
@@ -395,10 +419,7 @@ def _prompt_lengths(prompts, prompt_lengths) -> Array:
     if getattr(prompt_lengths, "shape", None) != (prompts.shape[0],):
         raise ValueError(f"prompt_lengths must have shape [batch]=({prompts.shape[0]},), got "
                          f"{getattr(prompt_lengths, 'shape', type(prompt_lengths).__name__)}.")
-    try:
-        known = np.asarray(prompt_lengths)
-    except jax.errors.TracerArrayConversionError:  # inside a caller's jit: values unknown
-        known = None
+    known = _concrete(prompt_lengths)
     if known is not None and ((known < 1).any() or (known > prompts.shape[1]).any()):
         raise ValueError(f"prompt_lengths={known.tolist()} must be in [1, prompts.shape[1]="
                          f"{prompts.shape[1]}]; every prompt needs at least one token.")
@@ -423,7 +444,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     cfg = _check_model(model, (DecoderOnly,), "generate",
                        "use generate_seq2seq for encoder-decoder models")
     _check_ids("prompts", prompts)
-    _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
     lengths = _prompt_lengths(prompts, prompt_lengths)
@@ -443,7 +464,7 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
                        "use generate for decoder-only models")
     _check_ids("inputs", inputs)
-    _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
+    max_new_tokens = _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
     return _generate_s2s(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), dyn,
@@ -467,16 +488,15 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                        "encoder-only models do not generate")
     _check_ids("inputs", inputs)
     if isinstance(model, DecoderOnly):
-        _check_total(cfg, inputs.shape[1], max_len, "max_len")
+        max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
         lengths = _prompt_lengths(inputs, prompt_lengths)
     else:
-        _check_total(cfg, 0, max_len, "max_len")
+        max_len = _check_total(cfg, 0, max_len, "max_len")
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths applies to decoder-only models; an encoder-decoder "
                              "model reads source padding from inputs (0 = pad).")
         lengths = None
-    if not isinstance(beam_size, int) or beam_size < 1:
-        raise ValueError(f"beam_size={beam_size!r} must be a positive integer.")
+    beam_size = _positive_int("beam_size", beam_size)
     if not 0 <= eos_id < cfg.vocab_size:
         raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size}).")
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
@@ -499,7 +519,7 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     cfg = _check_model(model, (DecoderOnly,), "generate_no_cache",
                        "it covers decoder-only models only")
     _check_ids("prompts", prompts)
-    _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
     lengths = _prompt_lengths(prompts, prompt_lengths)
@@ -591,12 +611,13 @@ BENCHMARK_CONFIG = TransformerConfig(
 
 def benchmark(config: TransformerConfig = BENCHMARK_CONFIG, *, batch_sizes: Sequence[int] = (1, 8),
               prompt_len: int = 16, new_tokens: int = 256, repeats: int = 3,
-              seed: int = 0) -> list[dict]:
+              seed: int = 0, on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Greedy generation speed with and without the KV cache on the default device.
 
     Every step runs (no stop tokens). Returns one row per (batch, method): `batch`, `method`
-    ("kv cache" / "no cache"), `seconds` (best of `repeats` after one compiling call),
-    `compile_seconds` (first call) and `tokens_per_s` (`batch * new_tokens / seconds`).
+    ("kv cache" / "no cache"), `seconds` (best of `repeats` runs of the compiled program after
+    a warm-up run), `compile_seconds` and `tokens_per_s` (`batch * new_tokens / seconds`);
+    `on_row` sees each row as soon as it is measured.
     """
     model = make_model(config)
     key = jax.random.key(seed)
@@ -606,23 +627,25 @@ def benchmark(config: TransformerConfig = BENCHMARK_CONFIG, *, batch_sizes: Sequ
         prompts = jax.random.randint(jax.random.fold_in(key, batch), (batch, prompt_len), 4,
                                      config.vocab_size, dtype=jnp.int32)
         for method, fn in (("kv cache", generate), ("no cache", generate_no_cache)):
-            def run(fn=fn, prompts=prompts):
-                out = fn(model, params, prompts, max_new_tokens=new_tokens, greedy=True,
-                         stop_tokens=())
-                return jax.block_until_ready(out.tokens)
+            def tokens(params, prompts, fn=fn):
+                return fn(model, params, prompts, max_new_tokens=new_tokens, greedy=True,
+                          stop_tokens=()).tokens
 
             start = time.perf_counter()
-            run()
+            compiled = jax.jit(tokens).lower(params, prompts).compile()
             compile_s = time.perf_counter() - start
+            jax.block_until_ready(compiled(params, prompts))  # warm-up: first-run allocations
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                run()
+                jax.block_until_ready(compiled(params, prompts))
                 times.append(time.perf_counter() - start)
             best = min(times)
             rows.append({"batch": batch, "method": method, "seconds": best,
                          "compile_seconds": compile_s,
                          "tokens_per_s": batch * new_tokens / best})
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 
@@ -653,7 +676,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
           f"heads, vocab {cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new "
           f"tokens, greedy, float32, {jax.devices()[0].platform}")
     rows = benchmark(cfg, batch_sizes=args.batch_sizes, prompt_len=args.prompt_len,
-                     new_tokens=args.new_tokens, repeats=args.repeats)
+                     new_tokens=args.new_tokens, repeats=args.repeats,
+                     on_row=lambda r: print(f"  batch {r['batch']}, {r['method']}: "
+                                            f"{r['tokens_per_s']:.1f} tokens/s", flush=True))
     print(format_table(rows))
 
 

@@ -37,9 +37,17 @@ _LM_KEYS = {
 
 # ---- likelihood ------------------------------------------------------------------------------
 
+def _kind(model) -> type:
+    kind = next((k for k in _LM_KEYS if isinstance(model, k)), None)
+    if kind is None:
+        raise ValueError(f"expected a DecoderOnly, EncoderDecoder or EncoderOnly model, got "
+                         f"{type(model).__name__}.")
+    return kind
+
+
 def _model_logits(model, params, batch: dict) -> Array:
     """Logits `[batch, length, vocab]` predicting `batch["targets"]`, for any model kind."""
-    kind = next(k for k in _LM_KEYS if isinstance(model, k))
+    kind = _kind(model)
     extra = {k: batch[k] for k in _LM_KEYS[kind] if batch.get(k) is not None}
     variables = {"params": params}
     if kind is EncoderDecoder:
@@ -76,9 +84,7 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     """
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
-    if not isinstance(model, tuple(_LM_KEYS)):
-        raise ValueError(f"perplexity needs a DecoderOnly, EncoderDecoder or EncoderOnly model, "
-                         f"got {type(model).__name__}.")
+    keys = ("inputs", "targets") + _LM_KEYS[_kind(model)]
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
                          "(the masked-LM logits).")
@@ -87,7 +93,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
         if "inputs" not in batch or "targets" not in batch:
             raise ValueError(f"batch {i} needs 'inputs' and 'targets' arrays, got keys "
                              f"{sorted(batch)}.")
-        nll, weights = token_nll(model, params, {k: jnp.asarray(v) for k, v in batch.items()})
+        arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
+        nll, weights = token_nll(model, params, arrays)
         total_nll += float(np.sum(np.asarray(nll, np.float64)))
         total_tokens += float(np.sum(np.asarray(weights, np.float64)))
     if total_tokens == 0:
@@ -95,11 +102,11 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     loss = total_nll / total_tokens
     out = {"tokens": int(total_tokens), "nll": total_nll, "loss": loss,
            "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
-    for name, count in (("bits_per_character", num_characters), ("bits_per_byte", num_bytes)):
+    for name, arg, count in (("bits_per_character", "num_characters", num_characters),
+                             ("bits_per_byte", "num_bytes", num_bytes)):
         if count is not None:
             if count <= 0:
-                raise ValueError(f"{name.replace('bits_per_', 'num_')}s={count} must be "
-                                 "positive.")
+                raise ValueError(f"{arg}={count} must be positive (the split's size).")
             out[name] = total_nll / math.log(2) / count
     return out
 

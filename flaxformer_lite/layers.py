@@ -145,8 +145,8 @@ class MultiHeadAttention(nn.Module):
 
     Self-attention projects q, k, v with one fused kernel `[embed, 3, heads, kv]` when the key
     and value heads equal the query heads. With `decode=True` the keys and values of the new
-    tokens are written into the `cache` collection at `cache_index` (`[batch, max_length,
-    kv_heads, head_dim]`), and the queries attend over the whole cache under `mask`; for cross
+    tokens are written into the `cache` collection at `cache_index` (`[batch, kv_heads,
+    max_length, head_dim]`), and the queries attend over the whole cache under `mask`; for cross
     attention the projected encoder keys/values are computed once (at `cache_index == 0`).
     """
 
@@ -184,16 +184,16 @@ class MultiHeadAttention(nn.Module):
             else:
                 kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
                            **dense)(kv_inputs)
-                k, v = kv[:, :, 0], kv[:, :, 1]
+                k, v = ops.unstack(kv, 2)
         elif cfg.fused_qkv and hk == h:
             qkv = Dense((d,), (3, h, dh), ("embed", None, "heads", "kv"), name="qkv",
                         **dense)(x)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = ops.unstack(qkv, 2)
         else:
             q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **dense)(x)
             kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
                        **dense)(x)
-            k, v = kv[:, :, 0], kv[:, :, 1]
+            k, v = ops.unstack(kv, 2)
 
         if cfg.position == "rotary" and not self.is_cross:
             pos = q_positions if q_positions is not None else jnp.arange(x.shape[1])[None]
@@ -213,15 +213,19 @@ class MultiHeadAttention(nn.Module):
                      init_std=self.out_init_std, **dense)(out)
 
     def _self_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
+        # Stored head-major, [batch, kv_heads, length, head_dim]: the layout the attention dots
+        # read, so XLA does not transpose the whole cache at every decoding step.
         is_initialized = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        head_major = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731 (its own inverse)
+        cached_k = self.variable("cache", "cached_key", jnp.zeros, head_major(k).shape, k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros, head_major(v).shape,
+                                 v.dtype)
         if not is_initialized:  # model.init(..., decode=True): shapes come from the inputs
             return k, v
-        start = (0, cache_index, 0, 0)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(k.dtype), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(v.dtype), start)
-        return cached_k.value, cached_v.value
+        start = (0, 0, cache_index, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, head_major(k), start)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, head_major(v), start)
+        return head_major(cached_k.value), head_major(cached_v.value)
 
     def _cross_cache(self, kv_inputs: Array, cache_index: Array, dense: dict):
         cfg = self.config

@@ -348,10 +348,14 @@ def dummy_inputs(config: TransformerConfig, batch: int = 1, length: int | None =
 
 def init_params(config: TransformerConfig, rng: Array, batch: int = 1,
                 length: int | None = None):
-    """Initialised parameters (boxed with their logical axis names) of `make_model(config)`."""
+    """Initialised parameters (boxed with their logical axis names) of `make_model(config)`.
+
+    Jitted: one compiled program instead of one small compilation per parameter shape.
+    """
     model = make_model(config)
-    return model.init({"params": rng, "dropout": rng}, **dummy_inputs(config, batch, length))[
-        "params"]
+    inputs = dummy_inputs(config, batch, length)
+    init = jax.jit(lambda r: model.init({"params": r, "dropout": r}, **inputs)["params"])
+    return init(rng)
 
 
 def init_cache(model: nn.Module, params, batch: int, length: int, *,

@@ -135,6 +135,8 @@ def test_perplexity_errors():
         evaluation.perplexity(model, params, [])
     with pytest.raises(ValueError, match="'inputs' and 'targets'"):
         evaluation.perplexity(model, params, [{"inputs": np.ones((1, 4), np.int32)}])
+    with pytest.raises(ValueError, match="num_characters=0"):
+        evaluation.perplexity(model, params, lm_batches()[:1], num_characters=0)
     mlm_less = make_model(tiny(architecture="encoder_only"))
     with pytest.raises(ValueError, match="mlm_head"):
         evaluation.perplexity(mlm_less, params, [])

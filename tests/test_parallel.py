@@ -29,7 +29,12 @@ def worker_env(tmp_path_factory):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # share compiled programs between xdist workers
+        base = base.parent
+    cache = base / "jax_compilation_cache"
+    cache.mkdir(exist_ok=True)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env.pop("XLA_FLAGS", None)  # each worker sets its own device count
@@ -171,8 +176,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, worker_env
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     for step, losses in got.items():  # steps redone after the restart repeat their loss
         np.testing.assert_allclose(losses, expected[step], rtol=1e-6)
+    # Usually bit-identical; but each process compiles its own executables, and float32 rounding
+    # differences between two compilations of one program are amplified by Adam (updates of
+    # ~lr for parameters whose gradients are ~0), hence allclose at 1e-5 (lr is 3e-3).
     assert_params_close(load(tmp_path / "params.npz"), load(reference_run / "params.npz"),
-                        atol=1e-6)
+                        atol=1e-5)
 
 
 @pytest.mark.slow

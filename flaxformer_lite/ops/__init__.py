@@ -8,6 +8,7 @@ from flaxformer_lite.ops.functional import (
     layer_norm,
     matmul,
     rms_norm,
+    unstack,
 )
 from flaxformer_lite.ops.masks import (
     causal_mask,
@@ -30,5 +31,5 @@ __all__ = [
     "causal_mask_from_positions", "combine_masks", "feed_forward", "layer_norm",
     "make_attention_mask", "matmul", "padding_mask", "relative_position_bias",
     "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
-    "sinusoidal_embedding", "sinusoidal_table",
+    "sinusoidal_embedding", "sinusoidal_table", "unstack",
 ]

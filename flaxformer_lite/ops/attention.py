@@ -192,6 +192,12 @@ def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
     return out.reshape(b, lq, h, v.shape[-1])
 
 
+def _barrier(x):
+    # Keeps XLA from folding the transpose that follows into the matmul, which it does by
+    # transposing the large scores operand instead.
+    return jax.lax.optimization_barrier(x)
+
+
 def _scores(q, k, bias, mask, scale):
     """Masked float32 scores `[b, hk, g, q, k]` from q `[b, q, hk, g, d]`, k `[b, k, hk, d]`."""
     s = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
@@ -209,8 +215,8 @@ def _forward(q, k, v, bias, mask, scale):
     e = jnp.exp(s - m)
     total = e.sum(-1, keepdims=True)
     p = (e / total).astype(v.dtype)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v)
-    return o, m, total
+    o = _barrier(jnp.einsum("bhgqk,bkhd->bhgqd", p, v))
+    return o.transpose(0, 3, 1, 2, 4), m, total
 
 
 def _backward(q, k, v, bias, mask, scale, o, m, total, do):
@@ -222,11 +228,12 @@ def _backward(q, k, v, bias, mask, scale, o, m, total, do):
     if mask is not None:
         ds = jnp.where(mask, ds, 0.0)
     dsc = ds * jnp.float32(scale)
-    dq = jnp.einsum("bhgqk,bkhd->bqhgd", dsc.astype(q.dtype), k)
+    dq = _barrier(jnp.einsum("bhgqk,bkhd->bhgqd", dsc.astype(q.dtype), k))
     # k and v gradients as [b, hk, d, k]: the scores stay the right-hand operand, untransposed.
-    dk = jnp.einsum("bqhgd,bhgqk->bhdk", q, dsc.astype(q.dtype)).transpose(0, 3, 1, 2)
-    dv = jnp.einsum("bqhgd,bhgqk->bhdk", do, p.astype(do.dtype)).transpose(0, 3, 1, 2)
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), ds
+    dk = _barrier(jnp.einsum("bqhgd,bhgqk->bhdk", q, dsc.astype(q.dtype)))
+    dv = _barrier(jnp.einsum("bqhgd,bhgqk->bhdk", do, p.astype(do.dtype)))
+    return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 3, 1, 2).astype(k.dtype),
+            dv.transpose(0, 3, 1, 2).astype(v.dtype), ds)
 
 
 def _reduce_to(x, shape):

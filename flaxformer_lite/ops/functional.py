@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +11,64 @@ import jax.numpy as jnp
 Array = jnp.ndarray
 
 
+# GELU with its derivative computed in the forward pass and saved for the backward one: the
+# derivative comes out of the same fused loop that reads x for the forward, and the backward
+# pass is one multiply that fuses into its consumer, instead of re-evaluating tanh/erf there.
+@jax.custom_vjp
 def _gelu_exact(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+def _gelu_exact_fwd(x):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (2.0 ** -0.5)))
+    pdf = jnp.exp(-0.5 * xf * xf) * (2.0 * math.pi) ** -0.5
+    return _gelu_exact(x), (cdf + xf * pdf).astype(x.dtype)
+
+
+@jax.custom_vjp
 def _gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def _gelu_tanh_fwd(x):
+    xf = x.astype(jnp.float32)
+    c = math.sqrt(2.0 / math.pi)
+    t = jnp.tanh(c * (xf + 0.044715 * xf * xf * xf))
+    dydx = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * xf * xf)
+    return _gelu_tanh(x), dydx.astype(x.dtype)
+
+
+def _times_saved_derivative(dydx, g):
+    return (g * dydx,)
+
+
+_gelu_exact.defvjp(_gelu_exact_fwd, _times_saved_derivative)
+_gelu_tanh.defvjp(_gelu_tanh_fwd, _times_saved_derivative)
+
+
+def _gx(x):
+    import os
+    if os.environ.get("FFL_GELU_VJP", "1") == "0":
+        return jax.nn.gelu(x, approximate=False)
+    return _gelu_exact(x)
+
+
+def _gt(x):
+    import os
+    if os.environ.get("FFL_GELU_VJP", "1") == "0":
+        return jax.nn.gelu(x, approximate=True)
+    return _gelu_tanh(x)
+
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": _gelu_exact,
-    "gelu_tanh": _gelu_tanh,
+    "gelu": _gx,
+    "gelu_tanh": _gt,
     "silu": jax.nn.silu,
     # gated variants (Shazeer 2020): act(x W_gate) * (x W_in)
     "swiglu": jax.nn.silu,
-    "geglu": _gelu_tanh,
+    "geglu": _gt,
     "reglu": jax.nn.relu,
 }
 GATED = ("swiglu", "geglu", "reglu")
@@ -68,6 +111,34 @@ def _matmul_bwd(barrier, res, dy):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def unstack(x, axis):
+    import os
+    if os.environ.get("FFL_UNSTACK", "1") == "0":
+        return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
+    return _unstack(x, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unstack(x: Array, axis: int) -> tuple[Array, ...]:
+    """`x` split along `axis` into `x.shape[axis]` arrays (e.g. q, k, v from a fused projection).
+
+    Same values as indexing; the backward pass stacks the gradients in one copy, where the
+    gradient of indexing pads each one to the full shape and adds the padded arrays.
+    """
+    return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
+
+
+def _unstack_fwd(x, axis):
+    return _unstack(x, axis), None
+
+
+def _unstack_bwd(axis, _, grads):
+    return (jnp.stack(grads, axis=axis),)
+
+
+_unstack.defvjp(_unstack_fwd, _unstack_bwd)
+
+
 def feed_forward(x: Array, w_in: Array, w_out: Array, *, activation_name: str = "relu",
                  b_in: Array | None = None, b_out: Array | None = None,
                  w_gate: Array | None = None, b_gate: Array | None = None) -> Array:
@@ -96,6 +167,8 @@ def feed_forward(x: Array, w_in: Array, w_out: Array, *, activation_name: str = 
 def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
                eps: float = 1e-5) -> Array:
     """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, computed in float32."""
+    if scale is not None and bias is not None and _fast_norm():
+        return _layer_norm(x, scale, bias, eps)
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
@@ -114,3 +187,40 @@ def rms_norm(x: Array, scale: Array | None = None, *, eps: float = 1e-6) -> Arra
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     return y.astype(x.dtype)
+
+
+def _fast_norm():
+    import os
+    return os.environ.get("FFL_LN_VJP", "1") == "1"
+
+
+# LayerNorm with a hand-written backward pass: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+# with g = dy * scale. It saves only the row mean and 1/std and needs two row reductions, where
+# autodiff of the forward formula stores more and streams the activations several more times.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+    x, mean, rstd, scale, bias = res
+    dyf = dy.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = dyf * scale.astype(jnp.float32)
+    dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) * rstd
+    rows = tuple(range(x.ndim - 1))
+    dscale = (dyf * xhat).sum(rows).astype(scale.dtype)
+    dbias = dyf.sum(rows).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

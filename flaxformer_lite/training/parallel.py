@@ -38,7 +38,7 @@ from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
 from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from flaxformer_lite.training.state import TrainState, create_train_state, param_logical_specs
-from flaxformer_lite.training.steps import eval_step, train_step
+from flaxformer_lite.training.steps import batch_keys, eval_step, train_step
 
 MODES = ("auto", "single", "pmap", "mesh")
 PMAP_AXIS = "devices"
@@ -171,6 +171,11 @@ class Engine:
                                  out_shardings=replicated)
             self._init = jax.jit(self._create, out_shardings=self._state_sharding)
             self.batch_shards = partitioning.num_batch_shards(self.mesh)
+            if self.batch_shards % jax.process_count():
+                raise ValueError(
+                    f"The batch is split {self.batch_shards} ways (data * fsdp) but there are "
+                    f"{jax.process_count()} processes, each feeding its own slice; make "
+                    "data * fsdp a multiple of the process count.")
         else:  # pragma: no cover - resolve_mode never returns anything else
             raise ValueError(self.mode)
 
@@ -270,11 +275,15 @@ class Engine:
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """This process's slice of the global batch (numpy, leading axis = examples) -> device
         arrays laid out for this mode. In "mesh" mode across processes the global batch is the
-        processes' slices stacked in process order."""
+        processes' slices stacked in process order. Entries the model does not read are dropped.
+        """
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         local_shards = self._local_batch_shards()
+        used = batch_keys(self.model_config.architecture)
         out = {}
         for key, value in batch.items():
+            if key not in used:
+                continue
             if isinstance(value, jax.Array) and value.sharding == target:
                 out[key] = value  # already laid out (the output of an earlier shard_batch)
                 continue
@@ -303,8 +312,11 @@ class Engine:
         """Host batch padded with all-zero rows (weight 0: they change no metric sum) to a
         multiple of this process's batch shards, e.g. for the short last batch of an eval set."""
         shards = self._local_batch_shards()
+        used = batch_keys(self.model_config.architecture)
         out = {}
         for key, value in batch.items():
+            if key not in used:
+                continue
             missing = -np.shape(value)[0] % shards
             if missing:
                 value = np.asarray(value)

@@ -39,6 +39,11 @@ _OPTIONAL_KEYS = {
 }
 
 
+def batch_keys(architecture: str) -> tuple[str, ...]:
+    """The batch entries a step of `architecture` reads (others are ignored)."""
+    return ("inputs", "targets") + _OPTIONAL_KEYS[architecture]
+
+
 def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
               dropout_rng: Array | None = None) -> Array:
     """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture."""
@@ -90,7 +95,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     `learning_rate_fn(step)` only feeds the `learning_rate` metric. `axis_name` is the pmap axis
     (None under jit). Returns the new state and metric sums (see `losses.metric_sums`) plus
     `grad_norm` (global L2 norm of the batch gradient, before clipping), `learning_rate`,
-    `steps` (= 1) and `nonfinite` (1.0 when the loss is NaN or infinite).
+    `steps` (= 1) and `nonfinite` (1.0 when the loss or the gradient norm is NaN or infinite).
     """
     loss_config = loss_config or losses.LossConfig()
     dropout = model.config.dropout_rate > 0 or model.config.attention_dropout_rate > 0
@@ -116,7 +121,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     metrics["learning_rate"] = (jnp.asarray(learning_rate_fn(state.step), jnp.float32)
                                 if learning_rate_fn is not None else jnp.zeros((), jnp.float32))
     metrics["steps"] = jnp.ones((), jnp.float32)
-    metrics["nonfinite"] = (~jnp.isfinite(sums["loss"])).astype(jnp.float32)
+    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    metrics["nonfinite"] = (~finite).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 

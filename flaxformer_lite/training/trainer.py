@@ -268,7 +268,8 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         for offset, m in enumerate(host):
             if m["nonfinite"] or not np.isfinite(m["loss"]):
                 raise NonFiniteLossError(
-                    f"The training loss is {m['loss']} (not finite) at step {first + offset}. "
+                    f"The training loss is {m['loss'] / max(m['tokens'], 1):.4g} and the "
+                    f"gradient norm {m['grad_norm']:.4g} at step {first + offset}: not finite. "
                     f"Nothing after the last good checkpoint (step {ckpt.latest_step()}) was "
                     "saved. Lower the learning rate, add warmup or clip_norm, or look for "
                     "bad data; rerunning resumes from that checkpoint.")

@@ -1,0 +1,237 @@
+"""The CPU fast paths (hand-written backward passes, chunked attention) against plain autodiff,
+and the process settings of `flaxformer_lite.perf`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxformer_lite import ops, perf
+from flaxformer_lite.ops import attention as attention_module
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rand(*shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def reference_attention(q, k, v, bias=None, mask=None, is_causal=False):
+    """Plain composition of public pieces: weights from `attention_weights`, then weights @ v."""
+    b, lq, h, d = q.shape
+    hk = k.shape[2]
+    w = ops.attention_weights(q, k, bias=bias, mask=mask, is_causal=is_causal)
+    w = w.reshape(b, hk, h // hk, lq, -1)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", w, v).reshape(b, lq, h, d)
+
+
+def numpy_attention(q, k, v, bias=None, mask=None):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if mask is not None:
+        s = np.where(np.asarray(mask), s, -1e30)
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@pytest.fixture(params=["whole batch", "chunked"])
+def chunking(request, monkeypatch):
+    """Run the CPU attention path on the whole batch, or one batch row per chunk."""
+    if request.param == "chunked":
+        monkeypatch.setattr(attention_module, "_CHUNK_MIN_BYTES", 0)
+        monkeypatch.setattr(attention_module, "_CHUNK_BYTES", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("kv_heads, bias_kind, mask_kind", [
+    (4, "none", "none"), (2, "shared", "causal"), (1, "per_row", "per_row"),
+    (4, "per_row", "causal"), (2, "none", "per_row"), (4, "shared", "none")])
+def test_cpu_attention_matches_autodiff(chunking, kv_heads, bias_kind, mask_kind):
+    assert jax.default_backend() == "cpu"
+    b, lq, lk, h, d = 3, 5, 6, 4, 8
+    q, k, v = rand(b, lq, h, d, seed=1), rand(b, lk, kv_heads, d, seed=2), rand(
+        b, lk, kv_heads, d, seed=3)
+    ct = rand(b, lq, h, d, seed=4)
+    bias = {"none": None, "shared": rand(1, h, lq, lk, seed=5),
+            "per_row": rand(b, 1, lq, lk, seed=5)}[bias_kind]
+    mask = None
+    if mask_kind == "per_row":
+        mask = np.array(jax.random.bernoulli(jax.random.key(6), 0.7, (b, 1, lq, lk)))
+        mask[..., 0] = True  # every query sees a key
+    causal = mask_kind == "causal"
+
+    def loss(fn):
+        def f(q, k, v, bias):
+            return (fn(q, k, v, bias=bias, mask=mask, is_causal=causal) * ct).sum()
+        return f
+
+    args = (q, k, v, bias)
+    argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
+    out = jax.jit(lambda *a: ops.scaled_dot_product_attention(
+        *a[:3], bias=a[3], mask=mask, is_causal=causal))(*args)
+    full_mask = mask
+    if causal:
+        full_mask = np.asarray(ops.causal_mask(lq, lk, offset=lk - lq))
+    np.testing.assert_allclose(out, numpy_attention(q, k, v, bias, full_mask), atol=1e-5,
+                               rtol=1e-5)
+    got = jax.jit(jax.grad(loss(ops.scaled_dot_product_attention), argnums))(*args)
+    want = jax.grad(loss(reference_attention), argnums)(*args)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_cpu_attention_matches_jax_nn_gradients(chunking):
+    q, k, v = rand(4, 8, 4, 16, seed=1), rand(4, 8, 2, 16, seed=2), rand(4, 8, 2, 16, seed=3)
+    ct = rand(4, 8, 4, 16, seed=4)
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, is_causal=True) * ct).sum()
+
+    got = jax.grad(loss(ops.scaled_dot_product_attention), (0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda *a, **kw: jax.nn.dot_product_attention(
+        *a, **kw, implementation="xla")), (0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_batch_chunk_sizes():
+    assert attention_module._batch_chunk(64, 6 * 256 * 256) == 2  # 3 MiB of scores per chunk
+    assert attention_module._batch_chunk(12, 4 * 64 * 64) == 12  # small: whole batch
+    assert attention_module._batch_chunk(7, 8 * 1024 * 1024) == 1
+    for b in (6, 10, 64):
+        assert b % attention_module._batch_chunk(b, 4 * 512 * 512) == 0
+
+
+@pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
+def test_gelu_saved_derivative(name):
+    x = jnp.linspace(-9.0, 9.0, 2001)
+    approximate = name == "gelu_tanh"
+    act = ops.activation(name)
+    np.testing.assert_array_equal(act(x), jax.nn.gelu(x, approximate=approximate))
+    got = jax.vmap(jax.grad(act))(x)
+    want = jax.vmap(jax.grad(lambda z: jax.nn.gelu(z, approximate=approximate)))(x)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # and against a float64 central difference of the forward formula
+    x64 = np.linspace(-4.0, 4.0, 81)
+    if approximate:
+        def f(z):
+            return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+    else:
+        from math import erf
+        def f(z):
+            return 0.5 * z * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+    fd = (f(x64 + 1e-6) - f(x64 - 1e-6)) / 2e-6
+    np.testing.assert_allclose(jax.vmap(jax.grad(act))(jnp.asarray(x64, jnp.float32)), fd,
+                               atol=2e-5)
+
+
+def test_layer_norm_backward_matches_autodiff():
+    x = rand(3, 5, 32, seed=1) * 3 + 1
+    scale, bias, ct = rand(32, seed=2), rand(32, seed=3), rand(3, 5, 32, seed=4)
+
+    def plain(x, s, b):
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * s + b
+
+    def loss(fn):
+        return lambda x, s, b: (fn(x, s, b) * ct).sum()
+
+    np.testing.assert_array_equal(ops.layer_norm(x, scale, bias), plain(x, scale, bias))
+    got = jax.jit(jax.grad(loss(ops.layer_norm), (0, 1, 2)))(x, scale, bias)
+    want = jax.grad(loss(plain), (0, 1, 2))(x, scale, bias)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    y16 = ops.layer_norm(x.astype(jnp.bfloat16), scale, bias)
+    assert y16.dtype == jnp.bfloat16
+
+
+def test_unstack_matches_indexing():
+    x = rand(2, 3, 3, 4, 5)
+    parts = ops.unstack(x, 2)
+    assert len(parts) == 3
+    for i, p in enumerate(parts):
+        np.testing.assert_array_equal(p, x[:, :, i])
+    cts = [rand(2, 3, 4, 5, seed=i) for i in range(3)]
+    got = jax.grad(lambda x: sum((p * c).sum() for p, c in zip(ops.unstack(x, 2), cts)))(x)
+    np.testing.assert_array_equal(got, jnp.stack(cts, axis=2))
+
+
+def _run(code: str, env: dict) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": REPO, **env}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_configure_cpu_adds_flags_only_when_unset():
+    code = ("import os, json; from flaxformer_lite import perf; a = perf.configure_cpu(); "
+            "import jax; jax.devices(); "
+            "print(json.dumps([a['xla_flags'], os.environ.get('XLA_FLAGS', '')]))")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.pop("XLA_FLAGS", None)
+    added, flags = json.loads(_run(code, {"XLA_FLAGS": ""}))
+    assert added == [f"{k}={v}" for k, v in perf.CPU_XLA_FLAGS.items()]
+    assert flags.split() == added
+    user = "--xla_cpu_experimental_ynn_fusion_type=dot --xla_force_host_platform_device_count=2"
+    added, flags = json.loads(_run(code, {"XLA_FLAGS": user}))
+    assert added == [] and flags == user  # the user's value wins
+
+
+def test_configure_cpu_after_backend_warns():
+    code = ("import warnings, jax; jax.devices(); from flaxformer_lite import perf\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always'); a = perf.configure_cpu(malloc=False)\n"
+            "print(len(w), a['xla_flags'])")
+    assert _run(code, {}) == "1 []"
+
+
+def test_jemalloc_env():
+    env = perf.jemalloc_env({"PATH": "/bin"})
+    if perf.jemalloc_path() is None:
+        assert "LD_PRELOAD" not in env
+    else:
+        assert "jemalloc" in env["LD_PRELOAD"] and env["MALLOC_CONF"] == perf.JEMALLOC_CONF
+    kept = perf.jemalloc_env({"LD_PRELOAD": "/usr/lib/libtcmalloc.so"})
+    assert kept["LD_PRELOAD"] == "/usr/lib/libtcmalloc.so"
+
+
+def test_benchmark_attention_section_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
+           "--sections=attention", "--attention_lengths=16,32", "--attention_heads=2",
+           "--attention_head_dim=8", "--attention_repeats=1", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["attention"]["rows"]
+    assert [r["length"] for r in rows] == [16, 32]
+    for r in rows:
+        assert r["ops"]["median_s"] > 0 and r["xla"]["median_s"] > 0
+        assert r["max_abs_diff_vs_ops"]["xla"] < 1e-4
+
+
+@pytest.mark.slow
+def test_benchmark_train_section_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
+           "--sections=train", "--models=nanogpt-char", "--frameworks=jax", "--repeats=1",
+           "--round_seconds=0.01", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (res,) = json.loads(out.read_text())["train"]
+    (row,) = res["rows"]
+    assert row["framework"] == "jax" and row["step_s"] > 0
+    assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
+    assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
