@@ -68,7 +68,7 @@ class Dense(nn.Module):
                 nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                              self.axes[n_in:]),
                 self.out_shape, cfg.params_dtype)
-            y = y + bias.reshape(k_out).astype(cfg.compute_dtype)
+            y = ops.bias_add(y, bias.reshape(k_out).astype(cfg.compute_dtype))
         return y.reshape(*batch_shape, *self.out_shape)
 
 

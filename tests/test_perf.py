@@ -105,11 +105,13 @@ def test_cpu_attention_matches_jax_nn_gradients(chunking):
 
 
 def test_batch_chunk_sizes():
-    assert attention_module._batch_chunk(64, 6 * 256 * 256) == 2  # 3 MiB of scores per chunk
-    assert attention_module._batch_chunk(12, 4 * 64 * 64) == 12  # small: whole batch
-    assert attention_module._batch_chunk(7, 8 * 1024 * 1024) == 1
+    chunk = attention_module._batch_chunk
+    assert chunk(64, 6 * 256 * 256) == 64  # 96 MiB of scores: whole batch
+    assert chunk(12, 4 * 64 * 64) == 12
+    assert chunk(16, 12 * 1024 * 1024) == 1  # gpt2 context: one 48 MiB row at a time
+    assert chunk(64, 16 * 512 * 512) == 2  # 16 MiB rows, 32 MiB chunks
     for b in (6, 10, 64):
-        assert b % attention_module._batch_chunk(b, 4 * 512 * 512) == 0
+        assert b % chunk(b, 16 * 512 * 512) == 0
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])
@@ -167,6 +169,40 @@ def test_unstack_matches_indexing():
     np.testing.assert_array_equal(got, jnp.stack(cts, axis=2))
 
 
+def test_bias_add_and_column_sum():
+    y, b, ct = rand(4, 6, 16, seed=1), rand(16, seed=2), rand(4, 6, 16, seed=3)
+    np.testing.assert_allclose(ops.column_sum(y), np.asarray(y, np.float64).sum((0, 1)),
+                               atol=1e-5, rtol=1e-5)
+    got = jax.jit(jax.grad(lambda y, b: (ops.bias_add(y, b) * ct).sum(), (0, 1)))(y, b)
+    np.testing.assert_array_equal(got[0], ct)
+    np.testing.assert_allclose(got[1], np.asarray(ct, np.float64).sum((0, 1)), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_model_gradients_same_with_fast_paths_off(monkeypatch):
+    """A whole GPT's loss and gradients with every fast path on == with all of them off."""
+    from flaxformer_lite import get_config, init_params, make_model
+    from flaxformer_lite.ops import fast_paths
+
+    cfg = get_config("gpt2", vocab_size=50, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                     max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0)
+    model = make_model(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (3, 16), 0, 50)
+
+    def grads():
+        def loss(p):
+            logits = model.apply({"params": p}, ids)
+            return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+        return jax.jit(jax.value_and_grad(loss))(params)  # a fresh trace reads the switches
+
+    fast = grads()
+    monkeypatch.setenv(fast_paths.ENV, ",".join(fast_paths.NAMES))
+    plain = grads()
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
+
+
 def _run(code: str, env: dict) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": REPO, **env}, timeout=120)
@@ -178,8 +214,6 @@ def test_configure_cpu_adds_flags_only_when_unset():
     code = ("import os, json; from flaxformer_lite import perf; a = perf.configure_cpu(); "
             "import jax; jax.devices(); "
             "print(json.dumps([a['xla_flags'], os.environ.get('XLA_FLAGS', '')]))")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.pop("XLA_FLAGS", None)
     added, flags = json.loads(_run(code, {"XLA_FLAGS": ""}))
     assert added == [f"{k}={v}" for k, v in perf.CPU_XLA_FLAGS.items()]
     assert flags.split() == added
@@ -235,3 +269,41 @@ def test_benchmark_train_section_runs(tmp_path):
     assert row["framework"] == "jax" and row["step_s"] > 0
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
+
+
+def test_launcher_sets_environment():
+    code = "import os; print(os.environ.get('LD_PRELOAD', ''), '|', os.environ['XLA_FLAGS'])"
+    out = subprocess.run([sys.executable, "-m", "flaxformer_lite.perf", "-c", code],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr
+    preload, flags = out.stdout.strip().split("|")
+    assert ("jemalloc" in preload) == (perf.jemalloc_path() is not None)
+    assert flags.split() == [f"{k}={v}" for k, v in perf.CPU_XLA_FLAGS.items()]
+
+
+def test_fast_path_switches(monkeypatch):
+    from flaxformer_lite.ops import fast_paths
+    monkeypatch.setenv(fast_paths.ENV, "gelu_vjp, bias_gemv")
+    assert not fast_paths.enabled("gelu_vjp") and not fast_paths.enabled("bias_gemv")
+    assert fast_paths.enabled("cpu_attention")
+    monkeypatch.setenv(fast_paths.ENV, "gelu_vjpp")
+    with pytest.raises(ValueError, match="gelu_vjpp"):
+        fast_paths.enabled("gelu_vjp")
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_relaunch_with_jemalloc(tmp_path, opt_out):
+    script = tmp_path / "script.py"
+    script.write_text("import os, sys\nfrom flaxformer_lite import perf\n"
+                      "perf.relaunch_with_jemalloc()\n"
+                      "print(os.environ.get('LD_PRELOAD', ''), '|', sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "FLAXFORMER_LITE_RELAUNCHED")}
+    env.update(PYTHONPATH=REPO, FLAXFORMER_LITE_JEMALLOC="0" if opt_out else "1")
+    out = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    preload, args = out.stdout.strip().split("|")
+    assert args.strip() == "['--flag=1']"  # same arguments after the relaunch
+    assert ("jemalloc" in preload) == (perf.jemalloc_path() is not None and not opt_out)

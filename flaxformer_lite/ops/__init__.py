@@ -4,6 +4,8 @@ from flaxformer_lite.ops.attention import attention_weights, scaled_dot_product_
 from flaxformer_lite.ops.functional import (
     ACTIVATIONS,
     activation,
+    bias_add,
+    column_sum,
     feed_forward,
     layer_norm,
     matmul,
@@ -27,8 +29,8 @@ from flaxformer_lite.ops.positions import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "causal_mask",
-    "causal_mask_from_positions", "combine_masks", "feed_forward", "layer_norm",
+    "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "bias_add", "causal_mask",
+    "causal_mask_from_positions", "column_sum", "combine_masks", "feed_forward", "layer_norm",
     "make_attention_mask", "matmul", "padding_mask", "relative_position_bias",
     "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
     "sinusoidal_embedding", "sinusoidal_table", "unstack",

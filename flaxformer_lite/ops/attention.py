@@ -13,6 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flaxformer_lite.ops.fast_paths import enabled
+
 Array = jnp.ndarray
 
 IMPLEMENTATIONS = ("ops", "xla", "cudnn")
@@ -143,23 +145,22 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
 
 # ---- CPU path ----------------------------------------------------------------------------------
 # The same math as above with a hand-written backward pass, used on the CPU backend when there is
-# no dropout and no weights to return. On a CPU the [batch, heads, q, kv] scores of a large batch
-# do not fit in cache, and autodiff streams them through memory a dozen times, two of them as
-# transposes. Here (1) every matmul contracts the scores along their last axis or as the left
-# operand's rows, so only the small [length, head_dim] operands are ever transposed; (2) the
-# backward pass recomputes the probabilities from the saved row max and sum instead of storing
-# them, and uses rowsum(dP * P) = rowsum(dO * O) (FlashAttention), a reduction over head_dim;
-# (3) large batches are attended a few rows at a time under `lax.scan`, forward and backward, so
-# each chunk's scores stay in cache. Outputs are bitwise the same probabilities times v.
-_CHUNK_BYTES = 4 * 2**20  # float32 scores per chunk
-_CHUNK_MIN_BYTES = 16 * 2**20  # below this the whole batch is attended at once
+# no dropout and no weights to return. Autodiff of the plain formula streams the
+# [batch, heads, q, kv] scores through memory a dozen times, two of them as transposes, and
+# stores the probabilities for the backward pass. Here (1) every matmul contracts the scores
+# along their last axis or as the left operand's rows, so only the small [length, head_dim]
+# operands are transposed (optimization barriers stop XLA from folding the output transposes
+# back into the matmuls by transposing the scores instead); (2) the backward pass recomputes the
+# probabilities from the saved row max and sum, bitwise as in the forward pass, and uses
+# rowsum(dP * P) = rowsum(dO * O) (FlashAttention), a reduction over head_dim. (3) Score tensors
+# too large to keep around (over _CHUNK_MIN_BYTES) are computed a few batch rows at a time under
+# `lax.scan`, forward and backward, which bounds the memory for long sequences.
+_CHUNK_BYTES = 32 * 2**20  # float32 scores per chunk
+_CHUNK_MIN_BYTES = 256 * 2**20  # below this the whole batch is attended at once
 
 
 def _use_cpu_path() -> bool:
-    import os
-    if os.environ.get("FFL_CPU_ATTENTION", "1") == "0":
-        return False
-    return jax.default_backend() == "cpu"
+    return jax.default_backend() == "cpu" and enabled("cpu_attention")
 
 
 def _batch_chunk(b: int, scores_per_row: int) -> int:

@@ -1,0 +1,32 @@
+"""Switches for the hand-written fast paths, so a benchmark can measure what each one gives.
+
+Every fast path computes the same math as the plain formula next to it (the tests compare them);
+they differ only in how XLA lays the work out. All are on by default. To turn some off, list them
+in the environment before the functions are traced:
+
+    FLAXFORMER_LITE_DISABLE=cpu_attention,gelu_vjp python experiments/benchmark.py ...
+
+- `cpu_attention`: attention with a hand-written backward pass on the CPU backend.
+- `gelu_vjp`: GELU saving its derivative in the forward pass.
+- `layer_norm_vjp`: LayerNorm with a hand-written backward pass.
+- `bias_gemv`: bias and norm-parameter gradients as matrix-vector products.
+- `unstack_vjp`: q/k/v split from a fused projection with a one-copy backward pass.
+
+The matmul backward barrier is a model setting instead (`TransformerConfig.matmul_barrier`).
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = "FLAXFORMER_LITE_DISABLE"
+NAMES = ("cpu_attention", "gelu_vjp", "layer_norm_vjp", "bias_gemv", "unstack_vjp")
+
+
+def enabled(name: str) -> bool:
+    """Whether fast path `name` is on (it is unless listed in `FLAXFORMER_LITE_DISABLE`)."""
+    disabled = {s.strip() for s in os.environ.get(ENV, "").split(",") if s.strip()}
+    unknown = sorted(disabled.difference(NAMES))
+    if unknown:
+        raise ValueError(f"{ENV} names unknown fast paths {unknown}; known: {', '.join(NAMES)}.")
+    return name not in disabled
