@@ -34,6 +34,20 @@ from flaxformer_lite.training import (
 EMBEDDED = "embedded"  # the default dataset: the Python standard library's docstrings
 
 
+def define_flags(config_file: str, workdir: str):
+    """The `--config` (an ml_collections file in experiments/configs/, default `config_file`)
+    and `--workdir` flags every script takes; returns their flag holders."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "configs", config_file),
+        "Experiment config file.")
+    workdir_flag = flags.DEFINE_string(
+        "workdir", workdir, "Checkpoints, metrics, samples and plots go here; reruns resume.")
+    return config, workdir_flag
+
+
 def embedded_corpus_file(data_dir: str | None = None) -> Path:
     """Write the offline docstring corpus once under the data dir and return its path."""
     root = Path(data_dir or default_data_dir()) / "embedded"

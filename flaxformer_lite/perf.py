@@ -14,9 +14,16 @@ What it does (each measured by `experiments/benchmark.py`, see docs/performance.
   `MALLOC_MMAP_THRESHOLD_` / `MALLOC_TRIM_THRESHOLD_` variables are set or another allocator
   (jemalloc, tcmalloc) is preloaded.
 
-A preloaded jemalloc is faster still for large models (glibc caps the mmap threshold at 32 MiB),
-but preloading must happen before the process starts; `jemalloc_env()` gives the environment to
-launch a child process with it.
+A preloaded jemalloc is faster still, for small models too: with glibc, even with those
+thresholds, the 0.8M-parameter Shakespeare run took ~19M minor page faults and 162 s; with
+jemalloc 0.2M faults and 122 s (same machine, same hour). Preloading must happen before the
+process starts; two ways:
+
+    python -m flaxformer_lite.perf experiments/lm.py --config=...   # jemalloc + XLA flags
+    perf.relaunch_with_jemalloc()   # first line of a script: re-executes it with jemalloc
+
+Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libjemalloc2`);
+`jemalloc_env()` gives the same environment for other launchers.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 import warnings
 
 # XLA:CPU flags added when absent from XLA_FLAGS. An empty value for the YNN fusion type turns
@@ -126,3 +134,46 @@ def jemalloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env["LD_PRELOAD"] = " ".join(p for p in (path, env.get("LD_PRELOAD", "")) if p)
     env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
+
+
+_RELAUNCHED = "FLAXFORMER_LITE_RELAUNCHED"
+
+
+def relaunch_with_jemalloc() -> bool:
+    """Re-execute the running script once with jemalloc preloaded, if jemalloc is installed.
+
+    Call it first thing in a training script, before importing jax. It returns False (and does
+    nothing) when jemalloc is not installed, another allocator is already preloaded, the process
+    was already relaunched, JAX has started, or `FLAXFORMER_LITE_JEMALLOC=0` is set; otherwise
+    it replaces the process (same pid, same arguments) and does not return. On the small
+    Shakespeare model this removes ~19M page faults and a quarter of the wall time.
+    """
+    if (os.environ.get(_RELAUNCHED) or os.environ.get("FLAXFORMER_LITE_JEMALLOC", "1") == "0"
+            or _other_allocator() or _backend_initialized() or jemalloc_path() is None
+            or not sys.orig_argv[1:]):
+        return False
+    env = jemalloc_env()
+    env[_RELAUNCHED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    return True  # not reached
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flaxformer_lite.perf script.py [args]`: run a script with jemalloc and flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m flaxformer_lite.perf script.py [args...]\n"
+              "Runs the script with jemalloc preloaded (if installed) and CPU XLA flags added "
+              "to XLA_FLAGS where unset.")
+        raise SystemExit(0 if argv else 2)
+    env = jemalloc_env()
+    have = _flag_names(env.get("XLA_FLAGS", ""))
+    added = [f"{k}={v}" for k, v in CPU_XLA_FLAGS.items() if k not in have]
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), *added]).strip()
+    os.execve(sys.executable, [sys.executable, *argv], env)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,6 +24,7 @@ def get_config():
     c.num_steps = 1500
     c.seed = 0
     c.log_every = 50
+    c.progress = True  # tqdm bar; False prints only evaluations
     c.eval_every = 500
     c.eval_split = "validation"
     c.test_split = "test"
