@@ -105,6 +105,71 @@ def _serve(runner) -> None:
             _reply({"error": f"{type(e).__name__}: {e}"})
 
 
+def op_category(name: str) -> str:
+    """Kind of an XLA:CPU thunk from its HLO name: matmul, reduction, elementwise, copy, other."""
+    base = name.split(".")[0].removeprefix("wrapped_")
+    if base.startswith(("dot", "convolution")) or "custom-call" in base or "gemm" in base:
+        return "matmul"
+    if base.startswith(("copy", "transpose", "broadcast", "concatenate", "slice", "pad",
+                        "dynamic", "gather", "scatter", "iota")):
+        return "copy/transpose"
+    if "reduce" in base:
+        return "reduction"
+    if "fusion" in base or base in ("add", "multiply", "select", "exponential", "convert"):
+        return "elementwise"
+    return "other"
+
+
+def summarize_trace(trace, steps: int, wall_s: float) -> dict:
+    """Op time per step by category from a Perfetto JSON trace of `steps` XLA:CPU steps.
+
+    An op's time runs from the start of its thunk to its completion marker ("end: <op>"), so a
+    matmul whose shards run on the Eigen pool counts in full. Independent ops can run at the
+    same time on the two threads, so the per-category sums may add up to more than the step;
+    `idle_s` is the part of the step during which no op was in flight at all.
+    """
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    ops = sorted((e for e in events if e.get("ph") == "X"
+                  and "XLA" in names.get((e.get("pid"), e.get("tid")), "")
+                  and not e["name"].startswith(("ThunkExecutor", "ThreadpoolListener"))),
+                 key=lambda e: e["ts"])
+    open_ops: dict[str, list[list[float]]] = {}
+    spans: list[tuple[str, list[float]]] = []
+    for e in ops:
+        if e["name"].startswith("end: "):  # completion of the oldest open op of that name
+            queue = open_ops.get(e["name"][5:])
+            if queue:
+                span = queue.pop(0)
+                span[1] = max(span[1], e["ts"])
+            continue
+        span = [e["ts"], e["ts"] + e.get("dur", 0)]
+        open_ops.setdefault(e["name"], []).append(span)
+        spans.append((e["name"], span))
+    per_op: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for name, (a, b) in spans:
+        per_op[name] = per_op.get(name, 0.0) + (b - a) * 1e-6 / steps
+        counts[name] = counts.get(name, 0) + 1
+    covered, end = 0.0, float("-inf")
+    for a, b in sorted(span for _, span in spans):  # union of the op intervals, microseconds
+        if b > end:
+            covered += b - max(a, end)
+            end = b
+    cats: dict[str, dict] = {}
+    for name, t in per_op.items():
+        c = cats.setdefault(op_category(name), {"seconds": 0.0, "ops": 0, "examples": []})
+        c["seconds"] += t
+        c["ops"] += counts[name] / steps
+        if len(c["examples"]) < 3:
+            c["examples"].append(name)
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
+    return {"wall_s": wall_s / steps, "busy_s": sum(per_op.values()),
+            "idle_s": max(0.0, wall_s - covered * 1e-6) / steps, "categories": cats,
+            "top": [{"op": n, "seconds": t, "category": op_category(n)} for n, t in top]}
+
+
 class JaxTrain:
     """The library's DecoderOnly trained by `flaxformer_lite.training.train_step` (AdamW).
 
@@ -209,6 +274,21 @@ class JaxTrain:
             self._mm(*self._mm_args).block_until_ready()
             times.append(time.perf_counter() - t0)
         return {"flops_per_s": 2 * n ** 3 / float(np.median(times))}
+
+    def profile(self, steps: int = 5) -> dict:
+        """Per-op time of `steps` steps from a `jax.profiler` trace (see `summarize_trace`)."""
+        import glob
+        import gzip
+
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            with self.jax.profiler.trace(d, create_perfetto_trace=True):
+                self.run(steps)
+                wall = time.perf_counter() - t0
+            path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+            with gzip.open(path[0]) as f:
+                trace = json.load(f)
+        return summarize_trace(trace, steps, wall)
 
     def stats(self) -> dict:
         jax = self.jax
@@ -419,7 +499,25 @@ class JaxAttention:
         return {"max_rss": _max_rss_bytes()}
 
 
-WORKERS = {"jax": JaxTrain, "torch": TorchTrain, "attention": JaxAttention}
+class JaxDecoding:
+    """Greedy generation with the KV cache vs recomputation (`flaxformer_lite.decoding`)."""
+
+    def __init__(self, spec: dict):
+        from flaxformer_lite import perf
+        if spec.get("configure_cpu", True):
+            perf.configure_cpu(malloc=spec["allocator"] == "glibc")
+        self.spec = spec
+
+    def run_all(self) -> dict:
+        from flaxformer_lite import decoding
+        s = self.spec
+        rows = decoding.benchmark(batch_sizes=s["batch_sizes"], new_tokens=s["new_tokens"],
+                                  repeats=s["repeats"])
+        return {"rows": rows, "config": "flaxformer_lite.decoding.BENCHMARK_CONFIG"}
+
+
+WORKERS = {"jax": JaxTrain, "torch": TorchTrain, "attention": JaxAttention,
+           "decoding": JaxDecoding}
 
 
 def worker_main(kind: str, spec: dict) -> None:
@@ -481,7 +579,10 @@ class Worker:
 
 
 def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
-    """'name:KEY=VAL,cfg.field=VAL,configure_cpu=0' -> (name, env, cfg, spec overrides)."""
+    """'name:KEY=VAL,cfg.field=VAL,disable=a+b,configure_cpu=0' -> (name, env, cfg, spec).
+
+    `disable=a+b` turns off fast paths a and b (`flaxformer_lite.ops.fast_paths`).
+    """
     name, _, rest = text.partition(":")
     env, cfg, spec = {}, {}, {}
     for item in filter(None, rest.split(",")):
@@ -491,6 +592,8 @@ def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
                 cfg[key[4:]] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 cfg[key[4:]] = value
+        elif key == "disable":
+            env["FLAXFORMER_LITE_DISABLE"] = value.replace("+", ",")
         elif key == "configure_cpu":
             spec["configure_cpu"] = value not in ("0", "false", "False")
         else:
@@ -665,6 +768,16 @@ def _print_rows(cols, lines) -> None:
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
 
 
+def _call_worker(kind: str, spec: dict, env: dict, op: str = "run_all", **op_args) -> dict:
+    """Run one command in a fresh `kind` worker; print the error, if any, under `kind`."""
+    w = Worker(kind, kind, spec, env)
+    out = w.call(op, **op_args)
+    w.close()
+    if "error" in out:
+        print(f"  {kind} failed: {out['error'][:300]}")
+    return out
+
+
 def bench_attention(args, env, allocator, accelerator) -> dict:
     lengths = args.attention_lengths or ([128, 256, 512, 1024, 2048, 4096] if accelerator
                                          else [128, 256, 512, 1024, 2048])
@@ -675,11 +788,8 @@ def bench_attention(args, env, allocator, accelerator) -> dict:
                 configure_cpu=args.configure_cpu)
     print(f"\n[attention] causal, batch {spec['batch']}, {spec['heads']} heads of "
           f"{spec['head_dim']}, {spec['dtype']}, forward + backward ...", flush=True)
-    w = Worker("attention", "attention", spec, env)
-    out = w.call("run_all")
-    w.close()
+    out = _call_worker("attention", spec, env)
     if "error" in out:
-        print(f"  attention failed: {out['error'][:300]}")
         return out
     impls = [k for k in out["rows"][0] if k not in ("length", "max_abs_diff_vs_ops")]
     cols = ["length"] + [f"{n} ms" for n in impls] + [f"{n} MB" for n in impls] + [
@@ -703,6 +813,50 @@ def bench_attention(args, env, allocator, accelerator) -> dict:
         lines.append([row["length"], *ms, *mb, *rate])
     out.update(spec)
     _print_rows(cols, lines)
+    return out
+
+
+def bench_profile(args, env, allocator) -> dict:
+    """Where a JAX training step's time goes, per op category (first model of --models)."""
+    out = {}
+    for name in args.models:
+        if MODELS[name].get("accelerator_only"):
+            continue
+        spec = dict(MODELS[name], dtype=args.dtype, allocator=allocator, seed=0, lr=1e-3,
+                    data=args.data, configure_cpu=args.configure_cpu)
+        print(f"\n[profile] {name}: jax.profiler trace of {args.profile_steps} training steps",
+              flush=True)
+        res = out[name] = _call_worker("jax", spec, env, "profile", steps=args.profile_steps)
+        if "error" in res:
+            continue
+        busy = res["busy_s"]
+        lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), f"{100 * v['seconds'] / busy:.0f}%",
+                  f"{v['ops']:.0f}"]
+                 for c, v in sorted(res["categories"].items(), key=lambda kv: -kv[1]["seconds"])]
+        print(f"  step {res['wall_s'] * 1e3:.1f} ms wall while traced; sum of op times "
+              f"{busy * 1e3:.1f} ms (ops run two at a time where independent); no op in "
+              f"flight {res['idle_s'] * 1e3:.1f} ms")
+        _print_rows(["category", "ms/step", "share", "ops/step"], lines)
+        print("  top ops: " + ", ".join(f"{t['op']} {t['seconds'] * 1e3:.2f} ms"
+                                        for t in res["top"][:6]))
+    return out
+
+
+def bench_decoding(args, env, allocator) -> dict:
+    spec = dict(batch_sizes=args.decoding_batch, new_tokens=args.decoding_new_tokens,
+                repeats=args.decoding_repeats, allocator=allocator,
+                configure_cpu=args.configure_cpu)
+    print(f"\n[decoding] greedy, {spec['new_tokens']} new tokens, batch {spec['batch_sizes']}, "
+          "KV cache vs recomputation ...", flush=True)
+    out = _call_worker("decoding", spec, env)
+    if "error" in out:
+        return out
+    base = {r["batch"]: r["tokens_per_s"] for r in out["rows"] if r["method"] == "no cache"}
+    lines = [[r["batch"], r["method"], _fmt(r["seconds"], 1, ".3f"),
+              _fmt(r["tokens_per_s"], 1, ".1f"), _fmt(r["tokens_per_s"] / base[r["batch"]], 1,
+                                                      ".1f") + "x"] for r in out["rows"]]
+    _print_rows(["batch", "method", "seconds", "tokens/s", "speed-up"], lines)
+    out.update(spec)
     return out
 
 
@@ -731,7 +885,7 @@ def machine_info(env) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="train,attention",
-                        help="comma list of: train, attention")
+                        help="comma list of: train, attention, decoding, profile")
     parser.add_argument("--models", default="nanogpt-char,gpt-6x384,gpt2",
                         help=f"comma list of: {', '.join(MODELS)} (gpt2 needs an accelerator)")
     parser.add_argument("--frameworks", default="jax,torch,torch_compile",
@@ -739,7 +893,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="alternated rounds per model")
     parser.add_argument("--round_seconds", type=float, default=1.0,
                         help="about how long each framework runs per round")
-    parser.add_argument("--matmul_size", type=int, default=2048)
+    parser.add_argument("--matmul_size", type=int, default=None,
+                        help="n of the [n, n] @ [n, n] float32 peak (default 2048 on CPU, 8192 "
+                             "on accelerators)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype of the CPU models (gpt2 on GPU uses bfloat16)")
     parser.add_argument("--data", default=None,
@@ -752,13 +908,21 @@ def main(argv=None) -> int:
     parser.add_argument("--configure_cpu", type=int, default=1,
                         help="1: JAX workers call flaxformer_lite.perf.configure_cpu()")
     parser.add_argument("--variant", action="append", default=[],
-                        help="an extra JAX row, 'name:ENV=VAL,cfg.field=VAL,configure_cpu=0'")
+                        help="an extra JAX row, 'name:ENV=VAL,cfg.field=VAL,disable=a+b,"
+                             "configure_cpu=0' (repeatable; disable names fast paths of "
+                             "flaxformer_lite.ops.fast_paths)")
     parser.add_argument("--attention_lengths", default=None,
                         help="comma list (default 128..2048 on CPU, ..4096 on accelerators)")
     parser.add_argument("--attention_batch", type=int, default=1)
     parser.add_argument("--attention_heads", type=int, default=8)
     parser.add_argument("--attention_head_dim", type=int, default=64)
     parser.add_argument("--attention_repeats", type=int, default=5)
+    parser.add_argument("--profile_steps", type=int, default=5,
+                        help="steps traced by the profile section")
+    parser.add_argument("--decoding_batch", default="1",
+                        help="comma list of batch sizes for the decoding section")
+    parser.add_argument("--decoding_new_tokens", type=int, default=256)
+    parser.add_argument("--decoding_repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_spec", default=None, help=argparse.SUPPRESS)
@@ -768,11 +932,16 @@ def main(argv=None) -> int:
         return 0
 
     args.sections = args.sections.split(",")
+    for name in args.sections:
+        if name not in ("train", "attention", "decoding", "profile"):
+            parser.error(f"--sections: unknown {name!r}; known: train, attention, decoding, "
+                         "profile")
     args.models = args.models.split(",")
     args.frameworks = args.frameworks.split(",")
     for name in args.models:
         if name not in MODELS:
             parser.error(f"--models: unknown {name!r}; known: {', '.join(MODELS)}")
+    args.decoding_batch = [int(x) for x in args.decoding_batch.split(",")]
     if args.attention_lengths:
         args.attention_lengths = [int(x) for x in args.attention_lengths.split(",")]
     try:
@@ -783,6 +952,8 @@ def main(argv=None) -> int:
 
     env, allocator = _env(args)
     accelerator = _accelerator()
+    if args.matmul_size is None:
+        args.matmul_size = 8192 if accelerator else 2048
     info = machine_info(env)
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average']}; "
           f"allocator {allocator}; jax {info['jax']}, torch {info['torch']}")
@@ -791,6 +962,10 @@ def main(argv=None) -> int:
         results["train"] = bench_train(args, env, allocator, accelerator)
     if "attention" in args.sections:
         results["attention"] = bench_attention(args, env, allocator, accelerator)
+    if "decoding" in args.sections:
+        results["decoding"] = bench_decoding(args, env, allocator)
+    if "profile" in args.sections:
+        results["profile"] = bench_profile(args, env, allocator)
     results["machine"]["load_average_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
