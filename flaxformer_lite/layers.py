@@ -23,9 +23,7 @@ Array = jnp.ndarray
 
 
 def _use_barrier(config: TransformerConfig) -> bool:
-    if config.matmul_barrier is not None:
-        return config.matmul_barrier
-    return jax.default_backend() == "cpu"
+    return bool(config.matmul_barrier)
 
 
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:

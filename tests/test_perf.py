@@ -180,25 +180,27 @@ def test_bias_add_and_column_sum():
 
 
 def test_model_gradients_same_with_fast_paths_off(monkeypatch):
-    """A whole GPT's loss and gradients with every fast path on == with all of them off."""
+    """A whole GPT's loss and gradients with every fast path and the matmul barrier on == with
+    all of them off."""
     from flaxformer_lite import get_config, init_params, make_model
     from flaxformer_lite.ops import fast_paths
 
-    cfg = get_config("gpt2", vocab_size=50, d_model=32, num_heads=4, d_ff=64, num_layers=2,
-                     max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0)
-    model = make_model(cfg)
-    params = init_params(cfg, jax.random.key(0))
-    ids = jax.random.randint(jax.random.key(1), (3, 16), 0, 50)
+    def grads(barrier: bool):
+        cfg = get_config("gpt2", vocab_size=50, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                         max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0,
+                         matmul_barrier=barrier)
+        model = make_model(cfg)
+        params = init_params(cfg, jax.random.key(0))
+        ids = jax.random.randint(jax.random.key(1), (3, 16), 0, 50)
 
-    def grads():
         def loss(p):
             logits = model.apply({"params": p}, ids)
             return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
         return jax.jit(jax.value_and_grad(loss))(params)  # a fresh trace reads the switches
 
-    fast = grads()
+    fast = grads(barrier=True)
     monkeypatch.setenv(fast_paths.ENV, ",".join(fast_paths.NAMES))
-    plain = grads()
+    plain = grads(barrier=False)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
 

@@ -86,7 +86,9 @@ def matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     With `barrier=True` the backward pass puts `lax.optimization_barrier` on the incoming
     gradient before its two matmuls. On XLA:CPU that stops the elementwise backward chain
     (activation', norm', residual) from being fused into the strided transpose the weight
-    gradient needs, which roughly halves the step time of small models. Math is unchanged.
+    gradient needs. That halved a plain small GPT's step; with the backward passes of
+    `ops.fast_paths` it measures neutral to slower, so models use it only when
+    `TransformerConfig.matmul_barrier` is set. Math is unchanged.
     """
     return jnp.matmul(x, w)
 
