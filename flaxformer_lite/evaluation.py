@@ -20,25 +20,24 @@ import jax.numpy as jnp
 import numpy as np
 import sacrebleu
 
-from flaxformer_lite.models import DecoderOnly, EncoderDecoder, EncoderOnly
+from flaxformer_lite.models import (
+    OPTIONAL_BATCH_KEYS,
+    DecoderOnly,
+    EncoderDecoder,
+    EncoderOnly,
+    batch_keys,
+)
 
 Array = jnp.ndarray
 
 PAD_ID = 0
 EOS_ID = 1
 
-_LM_KEYS = {
-    DecoderOnly: ("segment_ids", "positions"),
-    EncoderDecoder: ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
-                     "targets_positions"),
-    EncoderOnly: ("segment_ids", "positions", "token_type_ids"),
-}
-
-
 # ---- likelihood ------------------------------------------------------------------------------
 
 def _kind(model) -> type:
-    kind = next((k for k in _LM_KEYS if isinstance(model, k)), None)
+    kind = next((k for k in (DecoderOnly, EncoderDecoder, EncoderOnly) if isinstance(model, k)),
+                None)
     if kind is None:
         raise ValueError(f"expected a DecoderOnly, EncoderDecoder or EncoderOnly model, got "
                          f"{type(model).__name__}.")
@@ -48,7 +47,8 @@ def _kind(model) -> type:
 def _model_logits(model, params, batch: dict) -> Array:
     """Logits `[batch, length, vocab]` predicting `batch["targets"]`, for any model kind."""
     kind = _kind(model)
-    extra = {k: batch[k] for k in _LM_KEYS[kind] if batch.get(k) is not None}
+    extra = {k: batch[k] for k in OPTIONAL_BATCH_KEYS[model.config.architecture]
+             if batch.get(k) is not None}
     variables = {"params": params}
     if kind is EncoderDecoder:
         return model.apply(variables, batch["inputs"], batch["targets"], **extra)
@@ -84,7 +84,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     """
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
-    keys = ("inputs", "targets") + _LM_KEYS[_kind(model)]
+    _kind(model)
+    keys = batch_keys(model.config.architecture)
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
                          "(the masked-LM logits).")

@@ -22,10 +22,6 @@ from flaxformer_lite.config import TransformerConfig
 Array = jnp.ndarray
 
 
-def _use_barrier(config: TransformerConfig) -> bool:
-    return bool(config.matmul_barrier)
-
-
 def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     """Logical sharding constraint on an activation (no-op without mesh axis rules)."""
     return nn.with_logical_constraint(x, names)
@@ -59,7 +55,7 @@ class Dense(nn.Module):
         k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
         x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)
         w2 = kernel.reshape(k_in, k_out).astype(cfg.compute_dtype)
-        y = ops.matmul(x2, w2, _use_barrier(cfg))
+        y = ops.matmul(x2, w2, cfg.matmul_barrier)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -96,7 +92,7 @@ class Embed(nn.Module):
         """`[..., d_model]` -> logits `[..., num_embeddings]`."""
         cfg = self.config
         table = self.embedding.astype(cfg.compute_dtype)
-        return ops.matmul(x.astype(cfg.compute_dtype), table.T, _use_barrier(cfg))
+        return ops.matmul(x.astype(cfg.compute_dtype), table.T, cfg.matmul_barrier)
 
 
 class Norm(nn.Module):

@@ -326,6 +326,20 @@ class EncoderOnly(nn.Module):
         return out
 
 
+# Optional batch entries each architecture's model reads, besides "inputs" and "targets".
+OPTIONAL_BATCH_KEYS = {
+    "decoder_only": ("segment_ids", "positions"),
+    "encoder_decoder": ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
+                        "targets_positions"),
+    "encoder_only": ("segment_ids", "positions", "token_type_ids"),
+}
+
+
+def batch_keys(architecture: str) -> tuple[str, ...]:
+    """The batch entries a model of `architecture` reads (others are ignored)."""
+    return ("inputs", "targets") + OPTIONAL_BATCH_KEYS[architecture]
+
+
 def make_model(config: TransformerConfig) -> nn.Module:
     """The model class for `config.architecture` (T5 for relative-position RMS-norm seq2seq)."""
     if config.architecture == "decoder_only":

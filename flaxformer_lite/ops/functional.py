@@ -143,21 +143,22 @@ def _bias_add_bwd(b, g):
 _bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
-def unstack(x: Array, axis: int) -> tuple[Array, ...]:
-    """`x` split along `axis` into `x.shape[axis]` arrays (e.g. q, k, v from a fused projection)."""
-    if enabled("unstack_vjp"):
-        return _unstack(x, axis)
+def _split(x: Array, axis: int) -> tuple[Array, ...]:
     return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _unstack(x: Array, axis: int) -> tuple[Array, ...]:
+def unstack(x: Array, axis: int) -> tuple[Array, ...]:
     """`x` split along `axis` into `x.shape[axis]` arrays (e.g. q, k, v from a fused projection).
 
     Same values as indexing; the backward pass stacks the gradients in one copy, where the
     gradient of indexing pads each one to the full shape and adds the padded arrays.
     """
-    return tuple(jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis]))
+    return _unstack(x, axis) if enabled("unstack_vjp") else _split(x, axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _unstack(x: Array, axis: int) -> tuple[Array, ...]:
+    return _split(x, axis)
 
 
 def _unstack_fwd(x, axis):
@@ -244,14 +245,16 @@ def _layer_norm_bwd(eps, res, dy):
     xhat = (x.astype(jnp.float32) - mean) * rstd
     g = dyf * scale.astype(jnp.float32)
     dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) * rstd
-    if not enabled("bias_gemv"):
-        rows = tuple(range(x.ndim - 1))
-        dscale = (dyf * xhat).sum(rows).astype(scale.dtype)
-        dbias = dyf.sum(rows).astype(bias.dtype)
-    else:
-        dscale = column_sum(dyf * xhat).astype(scale.dtype)
-        dbias = column_sum(dyf).astype(bias.dtype)
+    dscale = _parameter_gradient(dyf * xhat).astype(scale.dtype)
+    dbias = _parameter_gradient(dyf).astype(bias.dtype)
     return dx.astype(x.dtype), dscale, dbias
+
+
+def _parameter_gradient(g: Array) -> Array:
+    """Float32 `g [..., n]` summed over all but the last axis, as `column_sum` when enabled."""
+    if enabled("bias_gemv"):
+        return column_sum(g)
+    return g.sum(tuple(range(g.ndim - 1)))
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

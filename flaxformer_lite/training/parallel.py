@@ -33,12 +33,12 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite.config import TransformerConfig
-from flaxformer_lite.models import make_model
+from flaxformer_lite.models import batch_keys, make_model
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
 from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
 from flaxformer_lite.training.state import TrainState, create_train_state, param_logical_specs
-from flaxformer_lite.training.steps import batch_keys, eval_step, train_step
+from flaxformer_lite.training.steps import eval_step, train_step
 
 MODES = ("auto", "single", "pmap", "mesh")
 PMAP_AXIS = "devices"

@@ -25,24 +25,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxformer_lite.models import OPTIONAL_BATCH_KEYS
 from flaxformer_lite.training import losses
 from flaxformer_lite.training.state import TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-
-_OPTIONAL_KEYS = {
-    "decoder_only": ("segment_ids", "positions"),
-    "encoder_decoder": ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
-                        "targets_positions"),
-    "encoder_only": ("segment_ids", "positions", "token_type_ids"),
-}
-
-
-def batch_keys(architecture: str) -> tuple[str, ...]:
-    """The batch entries a step of `architecture` reads (others are ignored)."""
-    return ("inputs", "targets") + _OPTIONAL_KEYS[architecture]
-
 
 def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
               dropout_rng: Array | None = None) -> Array:
@@ -52,7 +40,7 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     for key in ("inputs", "targets"):
         if key not in batch:
             raise ValueError(f"A {arch} batch needs {key!r}; got keys {sorted(batch)}.")
-    kwargs = {k: batch[k] for k in _OPTIONAL_KEYS[arch] if k in batch}
+    kwargs = {k: batch[k] for k in OPTIONAL_BATCH_KEYS[arch] if k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
     if arch == "decoder_only":
