@@ -20,11 +20,13 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from flaxformer_lite import get_config
+from flaxformer_lite import get_config, params
 from flaxformer_lite.data import load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
 from flaxformer_lite.training import (
+    Engine,
+    LossConfig,
     OptimizerConfig,
     ParallelConfig,
     TensorBoardHook,
@@ -84,10 +86,20 @@ def parallel_config(cfg: ml_collections.ConfigDict) -> ParallelConfig:
     return ParallelConfig(**cfg.parallel.to_dict())
 
 
-def describe_run(model_cfg, engine, num_params: int) -> str:
-    return (f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "
+def make_engine(cfg: ml_collections.ConfigDict, model_cfg, loss: LossConfig | None = None
+                ) -> Engine:
+    """The compiled steps for `cfg.optimizer` and `cfg.parallel` (pass it to `train`)."""
+    return Engine(model_cfg, optimizer_config(cfg), parallel_config(cfg), loss)
+
+
+def describe_run(ds, tok, engine: Engine) -> str:
+    """The line every script prints first: data, devices, parallel mode, model, compile cache."""
+    cache = jax.config.jax_compilation_cache_dir or "off"
+    return (f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
+            f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "
             f"{jax.process_count()} process(es); {engine.describe()}; "
-            f"{model_cfg.architecture} model with {num_params:,} parameters")
+            f"{engine.model_config.architecture} model with "
+            f"{params.count(engine.model_config):,} parameters; compilation cache {cache}")
 
 
 class MetricsWriter:
@@ -139,6 +151,8 @@ class MetricsWriter:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def read_metrics(workdir: str) -> list[dict]:

@@ -20,6 +20,7 @@ from flaxformer_lite import perf
 
 perf.relaunch_with_jemalloc()  # when installed: far fewer page faults
 perf.configure_cpu()
+perf.enable_compilation_cache()  # reruns load compiled steps from disk
 
 import json  # noqa: E402
 import math  # noqa: E402
@@ -101,9 +102,8 @@ def main(argv):
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
-    writer.write(f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
-                 f"{jax.device_count()} device(s) on {jax.devices()[0].platform}; "
-                 f"{params.count(model_cfg):,} parameters")
+    engine = common.make_engine(cfg, model_cfg)
+    writer.write(common.describe_run(ds, tok, engine))
 
     def eval_fn(state, engine):
         if sample is None:
@@ -115,8 +115,8 @@ def main(argv):
         writer.write(f"sample: {texts[0][:300]!r}")
         return {}
 
-    result = train(model_cfg, common.optimizer_config(cfg), train_data, workdir=workdir,
-                   num_steps=cfg.num_steps, parallel=common.parallel_config(cfg),
+    result = train(model_cfg, engine.optimizer_config, train_data, engine=engine,
+                   workdir=workdir, num_steps=cfg.num_steps, parallel=engine.parallel,
                    seed=cfg.seed, eval_data=eval_data, eval_fn=eval_fn,
                    eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,

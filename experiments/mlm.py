@@ -18,6 +18,7 @@ from flaxformer_lite import perf
 
 perf.relaunch_with_jemalloc()  # when installed: far fewer page faults
 perf.configure_cpu()
+perf.enable_compilation_cache()  # reruns load compiled steps from disk
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -70,12 +71,11 @@ def main(argv):
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
-    writer.write(f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
-                 f"{jax.device_count()} device(s) on {jax.devices()[0].platform}; "
-                 f"{params.count(model_cfg):,} parameters")
-    result = train(model_cfg, common.optimizer_config(cfg), lambda: iter(pipe),
-                   workdir=workdir, num_steps=cfg.num_steps,
-                   parallel=common.parallel_config(cfg), seed=cfg.seed,
+    engine = common.make_engine(cfg, model_cfg)
+    writer.write(common.describe_run(ds, tok, engine))
+    result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
+                   workdir=workdir, num_steps=cfg.num_steps, parallel=engine.parallel,
+                   seed=cfg.seed,
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,

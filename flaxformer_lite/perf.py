@@ -24,6 +24,11 @@ process starts; two ways:
 
 Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libjemalloc2`);
 `jemalloc_env()` gives the same environment for other launchers.
+
+`enable_compilation_cache()` turns on JAX's persistent compilation cache, so a rerun (or any
+run of the same shapes) loads its compiled steps from disk instead of compiling them again:
+on the Shakespeare model the jitted init went from 4.2-5.4 s to 0.8 s and the train step from
+3.4-4.3 s to 1.2 s (tracing only). The experiment scripts call it; the library never does.
 """
 
 from __future__ import annotations
@@ -106,6 +111,40 @@ def configure_cpu(*, xla_flags: bool = True, malloc: bool = True) -> dict[str, o
     if malloc:
         applied["malloc"] = _tune_glibc_malloc()
     return applied
+
+
+_CACHE_SWITCH = "FLAXFORMER_LITE_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/flaxformer_lite/jax` (default `~/.cache/flaxformer_lite/jax`)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "flaxformer_lite", "jax")
+
+
+def enable_compilation_cache(directory: str | None = None, *,
+                             min_compile_seconds: float = 0.5) -> str | None:
+    """Turn on JAX's persistent compilation cache; returns its directory (None: left off).
+
+    A directory the user already chose (`JAX_COMPILATION_CACHE_DIR` or
+    `jax.config.jax_compilation_cache_dir`) wins over `directory`, which defaults to
+    `default_cache_dir()`. `FLAXFORMER_LITE_COMPILATION_CACHE=0` leaves the cache off and any
+    other value of it names the directory. Only programs that took at least
+    `min_compile_seconds` to compile are written. The cache is trusted code: keep it in a
+    directory only you can write to.
+    """
+    import jax
+
+    switch = os.environ.get(_CACHE_SWITCH, "")
+    if switch in ("0", "false", "False"):
+        return None
+    chosen = jax.config.jax_compilation_cache_dir
+    if not chosen:
+        chosen = directory or switch or default_cache_dir()
+        os.makedirs(chosen, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", chosen)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    return chosen
 
 
 def jemalloc_path() -> str | None:

@@ -17,7 +17,8 @@ def run(script, workdir, *flags):
     cmd = [sys.executable, str(ROOT / "experiments" / script), f"--workdir={workdir}",
            "--config.progress=False" if script != "translate.py" else "--config.log_every=5",
            *flags]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               FLAXFORMER_LITE_COMPILATION_CACHE=str(Path(workdir).parent / "jax_cache"))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res.stdout
@@ -37,7 +38,11 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
               "--config.model.max_len=32", "--config.optimizer.warmup_steps=2",
               "--config.optimizer.decay_steps=20", *TINY_MODEL]
     work = tmp_path / "work"
-    run("lm.py", work, "--config.num_steps=10", *common)
+    out = run("lm.py", work, "--config.num_steps=10", *common)
+    assert f"compilation cache {tmp_path / 'jax_cache'}" in out
+    assert "single device" in out  # the parallel mode is printed at start
+    cached = set(os.listdir(tmp_path / "jax_cache"))
+    assert any("train_step" in name for name in cached)  # the second run loads it
     first = metrics(work)
     assert [m["step"] for m in first] == [10]
     assert 0 < first[0]["eval_loss"] < 10

@@ -232,6 +232,23 @@ def test_configure_cpu_after_backend_warns():
     assert _run(code, {}) == "1 []"
 
 
+def test_compilation_cache_default_user_choice_and_off(tmp_path):
+    code = ("import jax, jax.numpy as jnp; from flaxformer_lite import perf; "
+            "d = perf.enable_compilation_cache(); "
+            "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready(); "
+            "print(d, jax.config.jax_compilation_cache_dir or 'unset')")
+    clean = {"JAX_COMPILATION_CACHE_DIR": "", "FLAXFORMER_LITE_COMPILATION_CACHE": "",
+             "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    default = tmp_path / "xdg" / "flaxformer_lite" / "jax"
+    assert _run(code, clean) == f"{default} {default}"
+    assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": "0"}) == "None unset"
+    user = tmp_path / "user"
+    assert _run(code, {**clean, "JAX_COMPILATION_CACHE_DIR": str(user)}) == f"{user} {user}"
+    switch = tmp_path / "switch"
+    assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": str(switch)}
+                ) == f"{switch} {switch}"
+
+
 def test_jemalloc_env():
     env = perf.jemalloc_env({"PATH": "/bin"})
     if perf.jemalloc_path() is None:
@@ -309,3 +326,11 @@ def test_relaunch_with_jemalloc(tmp_path, opt_out):
     preload, args = out.stdout.strip().split("|")
     assert args.strip() == "['--flag=1']"  # same arguments after the relaunch
     assert ("jemalloc" in preload) == (perf.jemalloc_path() is not None and not opt_out)
+
+
+def test_perf_import_does_not_start_jax_and_package_names_resolve():
+    code = ("import sys; import flaxformer_lite.perf; before = 'jax' in sys.modules; "
+            "import flaxformer_lite as fl; "
+            "ok = all(getattr(fl, n) is not None for n in fl.__all__); "
+            "print(before, ok, sorted(fl.__all__) == sorted([*fl._NAMES, *fl._SUBMODULES]))")
+    assert _run(code, {}) == "False True True"

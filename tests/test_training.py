@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import signal
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -519,3 +520,43 @@ def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
     best = min(evals, key=evals.get)
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == sorted({best, 6})
     assert [s for s, m in seen if "train/loss" in m] == [3, 6]
+
+
+def _read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """Scalars in TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_hook_writes_scalars_and_skips_non_finite(tmp_path):
+    from flaxformer_lite.training import TensorBoardHook
+
+    hook = TensorBoardHook(tmp_path / "tb")
+    hook(10, {"train/loss": 2.5, "train/bad": float("nan"), "eval/name": "text"})
+    hook(20, {"train/loss": 1.25})
+    hook.close()
+    scalars = _read_scalars(tmp_path / "tb")
+    assert scalars == {"train/loss": [(10, 2.5), (20, 1.25)]}
+
+
+def test_tensorboard_hook_reports_a_writer_error_on_first_use(tmp_path):
+    from flaxformer_lite.training import TensorBoardHook
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    hook = TensorBoardHook(blocker / "tb")  # cannot create a directory inside a file
+    with pytest.raises(OSError):
+        hook(1, {"train/loss": 1.0})

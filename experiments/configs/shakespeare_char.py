@@ -2,7 +2,8 @@
 
 4 layers, 4 heads, d_model 128, context 64, batch 12, 2000 steps, dropout 0, AdamW (0.9, 0.99),
 weight decay 0.1, clip 1.0, lr 1e-3 warming up for 100 steps then cosine to 1e-4; validation is
-the last 10% of the characters.
+the last 10% of the characters. Evaluated on the whole validation split (111k characters) at steps
+1000 and 2000: about the forward-pass budget of nanoGPT's nine 20-batch estimates on both splits.
 
     python experiments/lm.py --config=experiments/configs/shakespeare_char.py \
         --workdir=/tmp/shakespeare --config.dataset=../shared/data/tinyshakespeare/input.txt
@@ -23,7 +24,7 @@ def get_config():
     c.seq_len = 64
     c.batch_size = 12
     c.num_steps = 2000
-    c.eval_every = 500
+    c.eval_every = 1000
     c.checkpoint_every = 1000
     c.model.max_len = 64
     c.sample_length = 63

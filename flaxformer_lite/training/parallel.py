@@ -113,6 +113,7 @@ class Engine:
         self._custom_devices = devices is not None
         self.mode = resolve_mode(parallel, len(self.devices))
         self.mesh: Mesh | None = None
+        self._init_compiled: dict[Any, Any] = {}  # key shape and dtype -> executable
         self._build()
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -179,6 +180,14 @@ class Engine:
         else:  # pragma: no cover - resolve_mode never returns anything else
             raise ValueError(self.mode)
 
+    def _init_compiler_options(self) -> dict[str, Any] | None:
+        """The init runs once, so on CPU it is compiled with LLVM at -O1: its random-number and
+        inverse-erf fusions then compile in about half the time (4.2-4.9 s -> 2.2-2.7 s on the
+        0.8M-parameter Shakespeare model), at no cost to the training step."""
+        if all(d.platform == "cpu" for d in self.devices):
+            return {"xla_backend_optimization_level": 1}
+        return None
+
     def _create(self, rng) -> TrainState:
         return create_train_state(self.model_config, self.optimizer_config, rng, tx=self.tx)
 
@@ -205,7 +214,11 @@ class Engine:
     def init_state(self, rng: jax.Array | int) -> TrainState:
         """A fresh state from `rng` (a typed key or int seed), laid out for this mode."""
         rng = jax.random.key(rng) if isinstance(rng, int) else rng
-        state = self._init(rng)
+        kind = (rng.shape, rng.dtype)
+        if kind not in self._init_compiled:
+            self._init_compiled[kind] = self._init.lower(rng).compile(
+                self._init_compiler_options())
+        state = self._init_compiled[kind](rng)
         if self.mode == "pmap":
             state = self._replicate(state)
         return state

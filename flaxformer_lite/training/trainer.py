@@ -91,18 +91,44 @@ def print_hook(step: int, metrics: Mapping[str, float]) -> None:
 
 
 class TensorBoardHook:
-    """Write every metric as a scalar to `logdir` with tensorboardX."""
+    """Write every metric as a scalar to `logdir` with tensorboardX.
+
+    The writer is created on a background thread: importing tensorboardX imports PyTorch when
+    it is installed (~2 s), time that then overlaps the first compilation instead of adding to
+    it. The first metrics wait for it.
+    """
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter
+        self._writer = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._create, args=(os.fspath(logdir),),
+                                        name="tensorboard-writer", daemon=True)
+        self._thread.start()
 
-        self.writer = SummaryWriter(os.fspath(logdir))
+    def _create(self, logdir: str) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir)
+        except BaseException as e:  # re-raised on the caller's thread
+            self._error = e
+
+    @property
+    def writer(self):
+        """The `tensorboardX.SummaryWriter` (waits until it exists)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._writer
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 self.writer.add_scalar(key, value, step)
         self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 # ---- signals ----------------------------------------------------------------------------------
