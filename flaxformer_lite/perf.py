@@ -129,7 +129,8 @@ def enable_compilation_cache(directory: str | None = None, *,
     A directory the user already chose (`JAX_COMPILATION_CACHE_DIR` or
     `jax.config.jax_compilation_cache_dir`) wins over `directory`, which defaults to
     `default_cache_dir()`. `FLAXFORMER_LITE_COMPILATION_CACHE=0` leaves the cache off and any
-    other value of it names the directory. Only programs that took at least
+    other value of it names the directory; one that cannot be created leaves the cache off with a
+    warning. Only programs that took at least
     `min_compile_seconds` to compile are written. The cache is trusted code: keep it in a
     directory only you can write to.
     """
@@ -141,7 +142,12 @@ def enable_compilation_cache(directory: str | None = None, *,
     chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
         chosen = directory or switch or default_cache_dir()
-        os.makedirs(chosen, exist_ok=True)
+        try:
+            os.makedirs(chosen, exist_ok=True)
+        except OSError as e:  # read-only home, say: run uncached rather than fail
+            warnings.warn(f"Compilation cache left off: cannot create {chosen} ({e}).",
+                          stacklevel=2)
+            return None
         jax.config.update("jax_compilation_cache_dir", chosen)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return chosen

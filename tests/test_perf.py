@@ -244,6 +244,10 @@ def test_compilation_cache_default_user_choice_and_off(tmp_path):
     assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": "0"}) == "None unset"
     user = tmp_path / "user"
     assert _run(code, {**clean, "JAX_COMPILATION_CACHE_DIR": str(user)}) == f"{user} {user}"
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": str(blocked / "c")}
+                ) == "None unset"  # warns and runs uncached
     switch = tmp_path / "switch"
     assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": str(switch)}
                 ) == f"{switch} {switch}"
