@@ -116,9 +116,9 @@ def main(argv):
         return {}
 
     result = train(model_cfg, engine.optimizer_config, train_data, engine=engine,
-                   workdir=workdir, num_steps=cfg.num_steps, parallel=engine.parallel,
-                   seed=cfg.seed, eval_data=eval_data, eval_fn=eval_fn,
-                   eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every,
+                   workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
+                   eval_data=eval_data, eval_fn=eval_fn, eval_every=cfg.eval_every,
+                   checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
                    hooks=[writer])
     writer.close()

@@ -123,8 +123,7 @@ def main(argv):
     engine = common.make_engine(cfg, model_cfg, LossConfig(label_smoothing=cfg.label_smoothing))
     writer.write(common.describe_run(ds, tok, engine))
     result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
-                   workdir=workdir, num_steps=cfg.num_steps, parallel=engine.parallel,
-                   loss=engine.loss, seed=cfg.seed,
+                   workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,

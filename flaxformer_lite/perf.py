@@ -130,9 +130,8 @@ def enable_compilation_cache(directory: str | None = None, *,
     `jax.config.jax_compilation_cache_dir`) wins over `directory`, which defaults to
     `default_cache_dir()`. `FLAXFORMER_LITE_COMPILATION_CACHE=0` leaves the cache off and any
     other value of it names the directory; one that cannot be created leaves the cache off with a
-    warning. Only programs that took at least
-    `min_compile_seconds` to compile are written. The cache is trusted code: keep it in a
-    directory only you can write to.
+    warning. Only programs that took at least `min_compile_seconds` to compile are written. The
+    cache is trusted code: keep it in a directory only you can write to.
     """
     import jax
 

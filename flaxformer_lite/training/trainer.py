@@ -229,7 +229,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
       (default: `log_hook`). Metric names are "train/..." and "eval/...".
-    engine: reuse an `Engine` (and its compiled steps) built for the same configs.
+    engine: reuse an `Engine` (and its compiled steps) built for the same configs; `parallel`
+      and `loss` then default to the engine's.
     """
     if num_steps < 0:
         raise ValueError(f"num_steps={num_steps} must be >= 0.")
@@ -238,8 +239,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
-    parallel = parallel or ParallelConfig()
-    loss = loss or LossConfig()
+    parallel = parallel or (engine.parallel if engine is not None else ParallelConfig())
+    loss = loss or (engine.loss if engine is not None else LossConfig())
     workdir = os.path.abspath(os.fspath(workdir))
     hooks = [log_hook] if hooks is None else list(hooks)
     main = distributed.is_main_process()
