@@ -15,7 +15,8 @@ over all timed steps and the median of the per-round speed ratios. PyTorch is op
 (`pip install -e ".[bench]"`); without it the PyTorch columns are skipped.
 
 Attention: `ops.scaled_dot_product_attention` against `jax.nn.dot_product_attention` (XLA, and
-cuDNN on a GPU), causal, forward + backward time and the compiled function's memory.
+cuDNN on a GPU), and PyTorch's fused `scaled_dot_product_attention` when PyTorch is installed;
+causal, forward + backward time and (JAX) the compiled function's memory.
 """
 
 from __future__ import annotations
@@ -516,8 +517,47 @@ class JaxDecoding:
         return {"rows": rows, "config": "flaxformer_lite.decoding.BENCHMARK_CONFIG"}
 
 
+class TorchAttention:
+    """PyTorch's fused `scaled_dot_product_attention`, causal, forward + backward, same shapes."""
+
+    def __init__(self, spec: dict):
+        import torch
+
+        self.torch = torch
+        self.spec = spec
+
+    def run_all(self) -> dict:
+        torch = self.torch
+        import torch.nn.functional as F  # noqa: N812
+
+        spec = self.spec
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+        b, h, d = spec["batch"], spec["heads"], spec["head_dim"]
+
+        def step(q, k, v, ct):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return torch.autograd.grad(out, (q, k, v), ct)
+
+        rows = []
+        for length in spec["lengths"]:
+            torch.manual_seed(length)
+            q, k, v, ct = (torch.randn(b, h, length, d, device=device, dtype=dtype,
+                                       requires_grad=True) for _ in range(4))
+            step(q, k, v, ct)  # warm-up
+            times = []
+            for _ in range(spec["repeats"]):
+                t0 = time.perf_counter()
+                step(q, k, v, ct)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            rows.append({"length": length, "times": times})
+        return {"rows": rows}
+
+
 WORKERS = {"jax": JaxTrain, "torch": TorchTrain, "attention": JaxAttention,
-           "decoding": JaxDecoding}
+           "decoding": JaxDecoding, "torch_attention": TorchAttention}
 
 
 def worker_main(kind: str, spec: dict) -> None:
@@ -791,6 +831,10 @@ def bench_attention(args, env, allocator, accelerator) -> dict:
     out = _call_worker("attention", spec, env)
     if "error" in out:
         return out
+    if "torch" in args.frameworks:  # PyTorch's fused kernel, in its own process
+        sdpa = _call_worker("torch_attention", spec, env)
+        for row, trow in zip(out["rows"], sdpa.get("rows", [])):
+            row["torch_sdpa"] = {"times": trow["times"], "memory": None}
     impls = [k for k in out["rows"][0] if k not in ("length", "max_abs_diff_vs_ops")]
     cols = ["length"] + [f"{n} ms" for n in impls] + [f"{n} MB" for n in impls] + [
         f"{n} GFLOP/s" for n in impls]

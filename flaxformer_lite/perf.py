@@ -27,8 +27,9 @@ Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libj
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a rerun (or any
 run of the same shapes) loads its compiled steps from disk instead of compiling them again:
-on the Shakespeare model the jitted init went from 4.2-5.4 s to 0.8 s and the train step from
-3.4-4.3 s to 1.2 s (tracing only). The experiment scripts call it; the library never does.
+on the Shakespeare model XLA compiled the init in 3.7 s and the train step in 4.4 s on a first run,
+and loaded them in 0.35 s and 0.15 s on a rerun. The experiment scripts call it; the library
+never does.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The CPU fast paths (hand-written backward passes, chunked attention) against plain autodiff,
 and the process settings of `flaxformer_lite.perf`."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -276,6 +277,10 @@ def test_benchmark_attention_section_runs(tmp_path):
     for r in rows:
         assert r["ops"]["median_s"] > 0 and r["xla"]["median_s"] > 0
         assert r["max_abs_diff_vs_ops"]["xla"] < 1e-4
+        if importlib.util.find_spec("torch") is not None:  # the bench extra is installed
+            assert r["torch_sdpa"]["median_s"] > 0
+        else:
+            assert "torch_sdpa" not in r
 
 
 @pytest.mark.slow
