@@ -25,6 +25,9 @@ process starts; two ways:
 Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libjemalloc2`);
 `jemalloc_env()` gives the same environment for other launchers.
 
+`step_compiler_options(devices)` gives the compile options `training.Engine` builds its train
+and eval steps with: on CPUs, matmuls through oneDNN (about 6-13% off a step).
+
 `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a rerun (or any
 run of the same shapes) loads its compiled steps from disk instead of compiling them again:
 on the Shakespeare model XLA compiled the init in 3.7 s and the train step in 4.4 s on a first run,
@@ -45,6 +48,17 @@ import warnings
 CPU_XLA_FLAGS: dict[str, str] = {
     "--xla_cpu_experimental_ynn_fusion_type": "",
 }
+
+# XLA:CPU compile options for the training and evaluation steps (see `step_compiler_options`):
+# every matmul (dot) runs as its own oneDNN call instead of XLA's Eigen kernel. Measured on a
+# 2-core x86 CPU in one process, the same lowered step compiled both ways and timed in
+# alternation: the Shakespeare model's train step 0.91-0.94x the time, its eval step at batch
+# 128 0.87x, the 6-layer/384/context-256 model's train step 0.92-0.96x; same loss.
+CPU_STEP_COMPILER_OPTIONS: dict[str, object] = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+_ONEDNN_SWITCH = "FLAXFORMER_LITE_ONEDNN"
 
 # glibc mallopt parameters (malloc.h) and the value used for both: the largest mmap threshold
 # glibc accepts on 64-bit hosts (32 MiB) and a trim threshold that keeps freed memory mapped.
@@ -112,6 +126,22 @@ def configure_cpu(*, xla_flags: bool = True, malloc: bool = True) -> dict[str, o
     if malloc:
         applied["malloc"] = _tune_glibc_malloc()
     return applied
+
+
+def step_compiler_options(devices) -> dict[str, object]:
+    """XLA compile options for a train or eval step that runs on `devices` (`jax.Device`s).
+
+    On CPUs, `CPU_STEP_COMPILER_OPTIONS` (matmuls through oneDNN) less any option that
+    `XLA_FLAGS` already names, so a flag you set wins; `{}` for accelerators, and everywhere when
+    `FLAXFORMER_LITE_ONEDNN=0` is set. Options apply to one compiled program, not the process,
+    which is why `Engine` can use them without `configure_cpu()`.
+    """
+    devices = list(devices)
+    if (os.environ.get(_ONEDNN_SWITCH, "1") in ("0", "false", "False") or not devices
+            or any(d.platform != "cpu" for d in devices)):
+        return {}
+    have = _flag_names(os.environ.get("XLA_FLAGS", ""))
+    return {k: v for k, v in CPU_STEP_COMPILER_OPTIONS.items() if f"--{k}" not in have}
 
 
 _CACHE_SWITCH = "FLAXFORMER_LITE_COMPILATION_CACHE"

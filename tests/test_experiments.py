@@ -42,7 +42,9 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
     assert f"compilation cache {tmp_path / 'jax_cache'}" in out
     assert "single device" in out  # the parallel mode is printed at start
     cached = set(os.listdir(tmp_path / "jax_cache"))
-    assert any("train_step" in name for name in cached)  # the second run loads it
+    # The second run loads the init from disk (the CPU steps hold oneDNN calls, which XLA
+    # cannot serialize, and are compiled again).
+    assert any("_create" in name for name in cached)
     first = metrics(work)
     assert [m["step"] for m in first] == [10]
     assert 0 < first[0]["eval_loss"] < 10

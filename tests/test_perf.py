@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -252,6 +253,19 @@ def test_compilation_cache_default_user_choice_and_off(tmp_path):
     switch = tmp_path / "switch"
     assert _run(code, {**clean, "FLAXFORMER_LITE_COMPILATION_CACHE": str(switch)}
                 ) == f"{switch} {switch}"
+
+
+def test_step_compiler_options(monkeypatch):
+    cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="gpu")
+    monkeypatch.delenv("FLAXFORMER_LITE_ONEDNN", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert perf.step_compiler_options([cpu, cpu]) == perf.CPU_STEP_COMPILER_OPTIONS
+    assert perf.step_compiler_options([cpu, gpu]) == {}
+    assert perf.step_compiler_options([]) == {}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_onednn=false")  # the user's flag wins
+    assert "xla_cpu_use_onednn" not in perf.step_compiler_options([cpu])
+    monkeypatch.setenv("FLAXFORMER_LITE_ONEDNN", "0")
+    assert perf.step_compiler_options([cpu]) == {}
 
 
 def test_jemalloc_env():

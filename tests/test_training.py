@@ -17,7 +17,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flaxformer_lite import get_config, make_model
+from flaxformer_lite import get_config, make_model, perf
 from flaxformer_lite.models import init_params
 from flaxformer_lite.training import (
     Checkpointer,
@@ -317,6 +317,33 @@ def test_step_metrics_match_an_independent_gradient(engine, step_setup):
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(grads), rtol=1e-4)
     np.testing.assert_allclose(metrics["learning_rate"], 3e-3 / 2, rtol=1e-6)
     assert int(new_state.step) == 1 and float(metrics["nonfinite"]) == 0.0
+
+
+def test_cpu_steps_use_onednn_and_match_xla_defaults(engine):
+    """On CPU the engine compiles its steps with oneDNN matmuls; XLA's own kernels, the
+    reference, give the same parameters and metrics."""
+    if jax.devices()[0].platform != "cpu":
+        pytest.skip("oneDNN compile options apply to CPUs only")
+    plain = Engine(TINY, OPT, ParallelConfig(mode="single", compiler_options={}), LOSS)
+    assert plain.step_compiler_options() == {}
+    assert engine.step_compiler_options() == perf.step_compiler_options(jax.devices())
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(0).items()}
+    state = engine.init_state(0)
+    onednn = '"kind":"__onednn_fusion"'  # the fusion's backend config in the compiled HLO
+    if engine.step_compiler_options():  # FLAXFORMER_LITE_ONEDNN=0 turns them off
+        assert onednn in engine._train.lower(state, batch).compile().as_text()
+    assert onednn not in plain._train.lower(state, batch).compile().as_text()
+    states = {"onednn": engine.init_state(0), "xla": plain.init_state(0)}
+    metrics = {}
+    for name, eng in (("onednn", engine), ("xla", plain)):
+        for i in range(3):
+            states[name], m = eng.train_step(states[name], synthetic_batch(i))
+        metrics[name] = {**m, **{f"eval_{k}": v for k, v in
+                                 eng.eval_step(states[name], synthetic_batch(5)).items()}}
+    assert max_diff(states["onednn"].params, states["xla"].params) < 1e-5
+    assert max_diff(states["onednn"].params, engine.init_state(0).params) > 1e-3
+    for k in ("loss", "grad_norm", "eval_loss"):
+        np.testing.assert_allclose(metrics["onednn"][k], metrics["xla"][k], rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["transformer-base", "bert-base"])
