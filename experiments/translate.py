@@ -19,7 +19,7 @@ from flaxformer_lite import perf
 
 perf.relaunch_with_jemalloc()  # when installed: far fewer page faults
 perf.configure_cpu()
-perf.enable_compilation_cache()  # reruns load compiled steps from disk
+perf.enable_compilation_cache()  # reruns load compiled programs from disk
 
 import json  # noqa: E402
 import time  # noqa: E402
