@@ -53,8 +53,8 @@ CPU_XLA_FLAGS: dict[str, str] = {
 # XLA:CPU compile options for the training and evaluation steps (see `step_compiler_options`):
 # every matmul (dot) runs as its own oneDNN call instead of XLA's Eigen kernel. Measured on a
 # 2-core x86 CPU in one process, the same lowered step compiled both ways and timed in
-# alternation: the Shakespeare model's train step 0.91-0.94x the time, its eval step at batch
-# 128 0.87x, the 6-layer/384/context-256 model's train step 0.92-0.96x; same loss.
+# alternation: the Shakespeare model's train step 0.885-0.94x the time, its eval step at batch
+# 128 0.84-0.87x, the 6-layer/384/context-256 model's train step 0.96x; same loss.
 CPU_STEP_COMPILER_OPTIONS: dict[str, object] = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",

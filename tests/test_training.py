@@ -247,6 +247,8 @@ def test_config_errors_name_the_field():
         LossConfig(label_smoothing=1.0)
     with pytest.raises(ValueError, match="ParallelConfig.mode"):
         ParallelConfig(mode="dp")
+    with pytest.raises(ValueError, match="ParallelConfig.compiler_options"):
+        ParallelConfig(mode="pmap", compiler_options={"xla_cpu_use_onednn": True})
     with pytest.raises(ValueError, match="devices"):
         partitioning.make_mesh(data=3)
 

@@ -43,13 +43,13 @@ from flaxformer_lite.training.state import TrainState, create_train_state, param
 from flaxformer_lite.training.steps import eval_step, train_step
 
 MODES = ("auto", "single", "pmap", "mesh")
+PMAP_AXIS = "devices"
 
 # XLA cannot serialize programs with oneDNN calls (see `ParallelConfig.compiler_options`), so the
 # persistent compilation cache skips the CPU train and eval steps; its warning says nothing the
 # user can act on.
 warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry"
                         r".*onednn", category=UserWarning)
-PMAP_AXIS = "devices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,9 @@ class ParallelConfig:
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
                              f"{', '.join(MODES)}.")
+        if self.mode == "pmap" and self.compiler_options:
+            raise ValueError("ParallelConfig.compiler_options cannot apply to mode='pmap' "
+                             "(jax.pmap takes no compile options); use mode='mesh' or drop them.")
 
     def replace(self, **changes) -> ParallelConfig:
         return dataclasses.replace(self, **changes)
