@@ -26,7 +26,8 @@ Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libj
 `jemalloc_env()` gives the same environment for other launchers.
 
 `step_compiler_options(devices)` gives the compile options `training.Engine` builds its train
-and eval steps with: on CPUs, matmuls through oneDNN (about 6-13% off a step).
+and eval steps with: on CPUs, matmuls through oneDNN (~11% off the Shakespeare model's train
+step, ~15% off its eval step).
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a rerun (or any
 run of the same shapes) loads compiled programs from disk instead of compiling them again: on
@@ -53,8 +54,9 @@ CPU_XLA_FLAGS: dict[str, str] = {
 # XLA:CPU compile options for the training and evaluation steps (see `step_compiler_options`):
 # every matmul (dot) runs as its own oneDNN call instead of XLA's Eigen kernel. Measured on a
 # 2-core x86 CPU in one process, the same lowered step compiled both ways and timed in
-# alternation: the Shakespeare model's train step 0.885-0.94x the time, its eval step at batch
-# 128 0.84-0.87x, the 6-layer/384/context-256 model's train step 0.96x; same loss.
+# alternation: the Shakespeare model's train step 0.88-0.99x the time (0.885x over 12 rounds),
+# its eval step at batch 128 0.84-0.88x, the 6-layer/384/context-256 model's train step
+# 0.96x; same loss.
 CPU_STEP_COMPILER_OPTIONS: dict[str, object] = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
