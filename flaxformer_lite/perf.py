@@ -86,6 +86,11 @@ def _flag_names(flags: str) -> set[str]:
     return {f.split("=", 1)[0] for f in flags.split()}
 
 
+def _switched_off(variable: str) -> bool:
+    """True when the environment variable `variable` is set to 0 or false."""
+    return os.environ.get(variable, "") in ("0", "false", "False")
+
+
 def _other_allocator(env=None) -> bool:
     preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
     return any(name in preload for name in ("jemalloc", "tcmalloc", "mimalloc"))
@@ -140,7 +145,7 @@ def step_compiler_options(devices) -> dict[str, object]:
     which is why `Engine` can use them without `configure_cpu()`.
     """
     devices = list(devices)
-    if (os.environ.get(_ONEDNN_SWITCH, "1") in ("0", "false", "False") or not devices
+    if (_switched_off(_ONEDNN_SWITCH) or not devices
             or any(d.platform != "cpu" for d in devices)):
         return {}
     have = _flag_names(os.environ.get("XLA_FLAGS", ""))
@@ -169,9 +174,9 @@ def enable_compilation_cache(directory: str | None = None, *,
     """
     import jax
 
-    switch = os.environ.get(_CACHE_SWITCH, "")
-    if switch in ("0", "false", "False"):
+    if _switched_off(_CACHE_SWITCH):
         return None
+    switch = os.environ.get(_CACHE_SWITCH, "")
     chosen = jax.config.jax_compilation_cache_dir
     if not chosen:
         chosen = directory or switch or default_cache_dir()
