@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from flaxformer_lite import get_config, params
+from flaxformer_lite import get_config
 from flaxformer_lite.data import load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
@@ -92,14 +92,14 @@ def make_engine(cfg: ml_collections.ConfigDict, model_cfg, loss: LossConfig | No
     return Engine(model_cfg, optimizer_config(cfg), parallel_config(cfg), loss)
 
 
-def describe_run(ds, tok, engine: Engine) -> str:
+def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
     """The line every script prints first: data, devices, parallel mode, model, compile cache."""
     cache = jax.config.jax_compilation_cache_dir or "off"
     return (f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
             f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "
             f"{jax.process_count()} process(es); {engine.describe()}; "
             f"{engine.model_config.architecture} model with "
-            f"{params.count(engine.model_config):,} parameters; compilation cache {cache}")
+            f"{num_params:,} parameters; compilation cache {cache}")
 
 
 class MetricsWriter:

@@ -102,8 +102,9 @@ def main(argv):
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
+    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg)
-    writer.write(common.describe_run(ds, tok, engine))
+    writer.write(common.describe_run(ds, tok, engine, num_params))
 
     def eval_fn(state, engine):
         if sample is None:
@@ -125,7 +126,7 @@ def main(argv):
     common.plot_losses(workdir, result.history)
     evals = [h for h in result.history if "eval/nll" in h]
     final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
-             "parameters": params.count(model_cfg), "dataset": ds.name}
+             "parameters": num_params, "dataset": ds.name}
     if evals:
         nll = evals[-1]["eval/nll"]
         final.update(eval_loss=nll, eval_bits_per_token=nll / math.log(2))

@@ -71,8 +71,9 @@ def main(argv):
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
+    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg)
-    writer.write(common.describe_run(ds, tok, engine))
+    writer.write(common.describe_run(ds, tok, engine, num_params))
     result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
                    workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
@@ -83,7 +84,7 @@ def main(argv):
     common.plot_losses(workdir, result.history)
     evals = [h for h in result.history if "eval/nll" in h]
     final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
-             "parameters": params.count(model_cfg)}
+             "parameters": num_params}
     if evals:
         final.update(eval_loss=evals[-1]["eval/nll"], eval_accuracy=evals[-1]["eval/accuracy"])
     if jax.process_index() == 0:

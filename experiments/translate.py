@@ -120,8 +120,9 @@ def main(argv):
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
+    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg, LossConfig(label_smoothing=cfg.label_smoothing))
-    writer.write(common.describe_run(ds, tok, engine))
+    writer.write(common.describe_run(ds, tok, engine, num_params))
     result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
                    workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
@@ -137,7 +138,7 @@ def main(argv):
     final = score(cfg, hyps, [ex["targets"] for ex in test])
     final.update(step=result.step, split=cfg.test_split, examples=len(test),
                  beam_size=cfg.beam_size, alpha=cfg.alpha,
-                 wall_seconds=round(time.time() - t0, 1), parameters=params.count(model_cfg))
+                 wall_seconds=round(time.time() - t0, 1), parameters=num_params)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)
