@@ -152,6 +152,23 @@ def step_compiler_options(devices) -> dict[str, object]:
     return {k: v for k, v in CPU_STEP_COMPILER_OPTIONS.items() if f"--{k}" not in have}
 
 
+def lower_thread_priority(increment: int = 10) -> bool:
+    """Raise the calling thread's nice value by `increment` (Linux, where each thread has its
+    own); True if done. Background compilations call it so that the work the main thread
+    waits for gets the CPU first. Elsewhere a thread id is not a process id, so nothing is done.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except OSError:
+        return False
+    return True
+
+
 _CACHE_SWITCH = "FLAXFORMER_LITE_COMPILATION_CACHE"
 
 

@@ -357,3 +357,23 @@ def test_perf_import_does_not_start_jax_and_package_names_resolve():
             "ok = all(getattr(fl, n) is not None for n in fl.__all__); "
             "print(before, ok, sorted(fl.__all__) == sorted([*fl._NAMES, *fl._SUBMODULES]))")
     assert _run(code, {}) == "False True True"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_lower_thread_priority_affects_only_the_calling_thread():
+    import threading
+
+    seen = {}
+
+    def work():
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        seen["done"] = perf.lower_thread_priority(3)
+        seen["change"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == {"done": True, "change": 3}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before

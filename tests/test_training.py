@@ -7,6 +7,8 @@ import functools
 import logging
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.linen as nn
@@ -18,6 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite import get_config, make_model, perf
+from flaxformer_lite import params as params_lib
 from flaxformer_lite.models import init_params
 from flaxformer_lite.training import (
     Checkpointer,
@@ -41,6 +44,7 @@ from flaxformer_lite.training import (
     train_step,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 VOCAB, LENGTH = 64, 16
 # One layer keeps compile times short; tests/test_parallel.py uses two.
 TINY = get_config("gpt2", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64, num_layers=1,
@@ -348,6 +352,63 @@ def test_cpu_steps_use_onednn_and_match_xla_defaults(engine):
         np.testing.assert_allclose(metrics["onednn"][k], metrics["xla"][k], rtol=1e-5)
 
 
+def _compiles(records, name: str) -> int:
+    """How many programs named `name` JAX lowered for XLA (it logs each under log_compiles)."""
+    return sum(f"Compiling jit({name})" in r.getMessage() for r in records)
+
+
+def test_precompile_compiles_each_step_once_and_changes_nothing(caplog):
+    """Steps compiled ahead on background threads are not compiled again when they run, and
+    compute exactly what an engine that compiles on first use computes."""
+    ahead = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS)
+    usual = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS)
+    eval_batch = synthetic_batch(50, batch=6)
+    results = {}
+    for name, eng in (("ahead", ahead), ("usual", usual)):
+        state = eng.init_state(0)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            if name == "ahead":
+                eng.precompile(state, synthetic_batch(0), eval_batch)
+                assert eng._compiling  # still compiling: the steps must wait for it
+            for i in range(2):
+                state, m = eng.train_step(state, synthetic_batch(i))
+            ev = eng.eval_step(state, eval_batch)
+        assert _compiles(caplog.records, "train_step") == 1
+        assert _compiles(caplog.records, "eval_step") == 1
+        results[name] = (state.params, m, ev)
+    assert max_diff(results["ahead"], results["usual"]) == 0.0
+
+
+@pytest.mark.parametrize("one_shot", [False, True])
+def test_train_compiles_ahead_and_warms_up_once(tmp_path, caplog, one_shot):
+    """train() compiles the eval step with the train step (peeking at a re-iterable eval set,
+    never at a one-shot iterator) and calls warm_up once, before the first step."""
+    eng = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS)
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+    calls = []
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        result = train(TINY, OPT, Batches(), workdir=tmp_path, engine=eng, num_steps=4,
+                       loss=LOSS, parallel=ParallelConfig(mode="single"),
+                       eval_data=iter(eval_batches) if one_shot else (lambda: iter(eval_batches)),
+                       eval_every=2, checkpoint_every=None, log_every=2, hooks=[],
+                       warm_up=lambda state, engine: calls.append(
+                           (int(state.step), engine, sorted(engine._compiling))))
+    assert calls == [(0, eng, ["train"] if one_shot else ["eval", "train"])]
+    assert _compiles(caplog.records, "train_step") == 1
+    assert _compiles(caplog.records, "eval_step") == 1
+    tokens = {h["step"]: h.get("eval/tokens") for h in result.history}
+    assert tokens[2] == sum(float((b["targets"] != 0).sum()) for b in eval_batches)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "transformer-base", "bert-base", "t5-small"])
+def test_engine_counts_parameters_like_params_count(preset):
+    config = get_config(preset, vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64,
+                        num_layers=1, max_len=LENGTH)
+    assert Engine(config, OPT, ParallelConfig(mode="single")).num_params() == \
+        params_lib.count(config)
+
+
 @pytest.mark.parametrize("preset", ["transformer-base", "bert-base"])
 def test_step_dispatches_on_architecture(preset):
     extra = {"mlm_head": True} if preset == "bert-base" else {}
@@ -579,6 +640,20 @@ def test_tensorboard_hook_writes_scalars_and_skips_non_finite(tmp_path):
     hook.close()
     scalars = _read_scalars(tmp_path / "tb")
     assert scalars == {"train/loss": [(10, 2.5), (20, 1.25)]}
+
+
+def test_tensorboard_hook_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports PyTorch when installed (~1.6 s); the hook loads it without, and
+    `import torch` works normally afterwards."""
+    code = ("import importlib.util, sys; from flaxformer_lite.training import TensorBoardHook; "
+            f"h = TensorBoardHook({str(tmp_path / 'tb')!r}); h(1, {{'train/loss': 1.0}}); "
+            "h.close(); loaded = 'torch' in sys.modules; "
+            "importlib.util.find_spec('torch') and __import__('torch'); print(loaded)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False"]
+    assert _read_scalars(tmp_path / "tb") == {"train/loss": [(1, 1.0)]}
 
 
 def test_tensorboard_hook_reports_a_writer_error_on_first_use(tmp_path):

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -104,6 +106,15 @@ def _first_replica(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+def _compile_quietly(lowered) -> None:
+    """Compile `lowered` (a background warm-up: the executable lands in JAX's cache)."""
+    perf.lower_thread_priority()
+    try:
+        lowered.compile()
+    except Exception:  # the step itself raises this when it runs
+        pass
+
+
 class Engine:
     """Model + optimizer + device layout: the compiled train and eval steps for one mode.
 
@@ -131,6 +142,7 @@ class Engine:
         self.mode = resolve_mode(parallel, len(self.devices))
         self.mesh: Mesh | None = None
         self._init_compiled: dict[Any, Any] = {}  # key shape and dtype -> executable
+        self._compiling: dict[str, threading.Thread] = {}  # step name -> background compile
         self._build()
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -259,6 +271,10 @@ class Engine:
 
         return jax.tree.map(one, tree)
 
+    def num_params(self) -> int:
+        """Number of model parameters, from the state's shapes (nothing traced or allocated)."""
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(self._abstract.params))
+
     def abstract_state(self) -> TrainState:
         """`ShapeDtypeStruct`s with the shardings checkpoints are restored onto."""
         if self.mode == "pmap":
@@ -365,9 +381,46 @@ class Engine:
         return out
 
     # ---- steps ----------------------------------------------------------------------------------
+    def precompile(self, state: TrainState, batch: Mapping[str, Any],
+                   eval_batch: Mapping[str, Any] | None = None) -> None:
+        """Start compiling the train step for batches shaped like `batch`, and the eval step for
+        `eval_batch`, on background threads; returns once both are traced.
+
+        Tracing is Python and holds the GIL; XLA compiles without it and leaves part of the CPU
+        idle. Started together, the eval step is traced while the train step compiles and is
+        compiled while training runs, instead of stalling the first evaluation (on the
+        Shakespeare recipe about a second). The threads run at a lower priority
+        (`perf.lower_thread_priority`) so that the train step, which the caller waits for,
+        comes first. `train_step` and `eval_step` wait for their
+        compilation and then find the executable in JAX's cache, so nothing compiles twice.
+        A failed background compile is ignored: the step raises the same error when it runs.
+        `train()` calls this before its first step; it does nothing in "pmap" mode.
+        """
+        if self.mode == "pmap":
+            return
+        jobs = [("train", self._train, self.shard_batch(batch))]
+        if eval_batch is not None:
+            jobs.append(("eval", self._eval, self.shard_batch(self.pad_batch(eval_batch))))
+        for name, step, example in jobs:
+            if name in self._compiling:
+                continue
+            with self._mesh_context():
+                lowered = step.lower(state, example)
+            thread = threading.Thread(target=_compile_quietly, args=(lowered,),
+                                      name=f"compile-{name}-step", daemon=True)
+            thread.start()
+            self._compiling[name] = thread
+
+    def _wait_for_compile(self, name: str) -> None:
+        thread = self._compiling.pop(name, None)
+        if thread is not None:
+            thread.join()
+
     def train_step(self, state: TrainState, batch: Mapping[str, Any]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step; `batch` is host data (sharded here) or the output of `shard_batch`."""
+        if self._compiling:
+            self._wait_for_compile("train")
         batch = self.shard_batch(batch)
         with self._mesh_context():
             return self._train(state, batch)
@@ -375,6 +428,8 @@ class Engine:
     def eval_step(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Metric sums on one batch (no dropout, no update). A batch whose size the batch
         shards do not divide is padded with empty rows first (see `pad_batch`)."""
+        if self._compiling:
+            self._wait_for_compile("eval")
         batch = self.shard_batch(self.pad_batch(batch))
         with self._mesh_context():
             return self._eval(state, batch)

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -93,32 +94,18 @@ def print_hook(step: int, metrics: Mapping[str, float]) -> None:
 class TensorBoardHook:
     """Write every metric as a scalar to `logdir` with tensorboardX.
 
-    The writer is created on a background thread: importing tensorboardX imports PyTorch when
-    it is installed (~2 s), time that then overlaps the first compilation instead of adding to
-    it. The first metrics wait for it.
+    The writer (and its event file) is created with the first metrics.
     """
 
     def __init__(self, logdir: str | os.PathLike):
+        self._logdir = os.fspath(logdir)
         self._writer = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._create, args=(os.fspath(logdir),),
-                                        name="tensorboard-writer", daemon=True)
-        self._thread.start()
-
-    def _create(self, logdir: str) -> None:
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir)
-        except BaseException as e:  # re-raised on the caller's thread
-            self._error = e
 
     @property
     def writer(self):
-        """The `tensorboardX.SummaryWriter` (waits until it exists)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        """The `tensorboardX.SummaryWriter` (created on first use)."""
+        if self._writer is None:
+            self._writer = _summary_writer_class()(self._logdir)
         return self._writer
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -128,7 +115,28 @@ class TensorBoardHook:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _summary_writer_class():
+    """`tensorboardX.SummaryWriter`, imported without PyTorch when PyTorch is not loaded yet.
+
+    tensorboardX imports torch whenever it is installed, only to accept torch tensors (these
+    hooks pass floats): ~1.6 s of CPU at the start of every run. `sys.modules["torch"] = None`
+    turns that import into an ImportError for the moment tensorboardX loads; torch imports
+    normally afterwards.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 # ---- signals ----------------------------------------------------------------------------------
@@ -194,6 +202,14 @@ def _write_config(workdir: str, **configs) -> None:
         json.dump(record, f, indent=2, sort_keys=True)
 
 
+def _first_eval_batch(eval_data) -> Batch | None:
+    """The first batch of a re-iterable `eval_data` (a factory or a collection), to compile the
+    eval step early; None for a one-shot iterator, which peeking would consume."""
+    if eval_data is None or hasattr(eval_data, "__next__"):
+        return None
+    return next(_make_iterator(eval_data), None)
+
+
 def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
     """Mean eval metrics over every batch of `eval_data` (a factory or an iterable)."""
     sums: dict[str, Any] = {}
@@ -214,7 +230,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           best_metric: str | None = None, best_mode: str = "min",
           log_every: int = 100, hooks: Sequence[Hook] | None = None,
           async_checkpointing: bool = True, handle_signals: bool = True,
-          engine: Engine | None = None) -> TrainResult:
+          engine: Engine | None = None,
+          warm_up: Callable[[TrainState, Engine], Any] | None = None) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -231,6 +248,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       (default: `log_hook`). Metric names are "train/..." and "eval/...".
     engine: reuse an `Engine` (and its compiled steps) built for the same configs; `parallel`
       and `loss` then default to the engine's.
+    warm_up: `(state, engine) -> None`, called once before the first step, after the train and
+      eval steps have started compiling on background threads (`Engine.precompile`; for that
+      the `eval_data` factory is called once more, for its first batch). Start compiling what
+      `eval_fn` runs here (a sampler, a beam search) so that it overlaps too.
     """
     if num_steps < 0:
         raise ValueError(f"num_steps={num_steps} must be >= 0.")
@@ -262,13 +283,14 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         return _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
                      eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
-                     hooks=hooks if main else [], handle_signals=handle_signals)
+                     hooks=hooks if main else [], handle_signals=handle_signals,
+                     warm_up=warm_up)
     finally:
         ckpt.close()
 
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
-          eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals
+          eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up
           ) -> TrainResult:
     restored = ckpt.restore(engine.abstract_state())
     if restored is None:
@@ -360,6 +382,11 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 log.warning("The training data ran out after %d steps (num_steps=%d).", step,
                             num_steps)
                 break
+            if step == start_step:  # compile what the run needs side by side, then train
+                engine.precompile(state, batch,
+                                  _first_eval_batch(eval_data) if evaluating else None)
+                if warm_up is not None:
+                    warm_up(state, engine)
             state, metrics = engine.train_step(state, batch)
             step += 1
             pending.append(metrics)
