@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
-from flaxformer_lite import decoding, make_model, params  # noqa: E402
+from flaxformer_lite import decoding, make_model  # noqa: E402
 from flaxformer_lite.data import lm_pipeline, window_pipeline  # noqa: E402
 from flaxformer_lite.training import initialize, train  # noqa: E402
 
@@ -74,16 +74,28 @@ def make_sampler(model, cfg, tok):
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
 
+    compiling = []  # the background compile started by warm_up
+
     @jax.jit
     def run(params, rng):
         return decoding.generate(model, params, prompts, max_new_tokens=new, rng=rng,
                                  temperature=cfg.temperature, top_k=cfg.top_k,
                                  stop_tokens=())
 
+    def key(step):
+        return jax.random.fold_in(jax.random.key(cfg.seed), step)
+
     def sample(params, step):
-        out = run(params, jax.random.fold_in(jax.random.key(cfg.seed), step))
+        while compiling:
+            compiling.pop().join()
+        out = run(params, key(step))
         return [cfg.sample_prompt + tok.decode(row.tolist()) for row in np.asarray(out.tokens)]
 
+    def warm_up(params):
+        """Compile `run` for these parameters' shapes while the train step compiles."""
+        compiling.append(common.compile_in_background(run, params, key(0)))
+
+    sample.warm_up = warm_up
     return sample
 
 
@@ -102,8 +114,8 @@ def main(argv):
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
-    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg)
+    num_params = engine.num_params()
     writer.write(common.describe_run(ds, tok, engine, num_params))
 
     def eval_fn(state, engine):
@@ -121,7 +133,9 @@ def main(argv):
                    eval_data=eval_data, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   hooks=[writer])
+                   hooks=[writer],
+                   warm_up=(lambda state, engine: sample.warm_up(engine.params(state)))
+                   if sample else None)
     writer.close()
     common.plot_losses(workdir, result.history)
     evals = [h for h in result.history if "eval/nll" in h]
@@ -134,6 +148,7 @@ def main(argv):
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)
     print(json.dumps(final, indent=2))
+    common.skip_teardown()
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
-from flaxformer_lite import make_model, params  # noqa: E402
+from flaxformer_lite import make_model  # noqa: E402
 from flaxformer_lite.data import MASK_ID, mlm_pipeline  # noqa: E402
 from flaxformer_lite.training import initialize, train  # noqa: E402
 
@@ -71,8 +71,8 @@ def main(argv):
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
-    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg)
+    num_params = engine.num_params()
     writer.write(common.describe_run(ds, tok, engine, num_params))
     result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
                    workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
@@ -91,6 +91,7 @@ def main(argv):
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)
     print(json.dumps(final, indent=2))
+    common.skip_teardown()
 
 
 if __name__ == "__main__":

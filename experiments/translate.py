@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from absl import app, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
-from flaxformer_lite import decoding, evaluation, make_model, params  # noqa: E402
+from flaxformer_lite import decoding, evaluation, make_model  # noqa: E402
 from flaxformer_lite.data import EOS_ID, translation_pipeline  # noqa: E402
 from flaxformer_lite.training import LossConfig, initialize, train  # noqa: E402
 
@@ -59,7 +59,11 @@ def make_decoder(model, cfg, tok):
         return decoding.generate_seq2seq(model, params, src, max_new_tokens=cfg.max_decode_len,
                                          greedy=True).tokens
 
+    compiling = []  # the background compile started by warm_up
+
     def decode(params, texts):
+        while compiling:
+            compiling.pop().join()
         src = _encode_sources(tok, texts, cfg.max_source_len)
         out = []
         for start in range(0, len(src), chunk):
@@ -71,6 +75,12 @@ def make_decoder(model, cfg, tok):
             out.extend(tok.decode(evaluation.strip_ids(row)) for row in ids)
         return out
 
+    def warm_up(params):
+        """Compile `run` for these parameters' shapes while the train step compiles."""
+        src = np.zeros((chunk, cfg.max_source_len), np.int32)
+        compiling.append(common.compile_in_background(run, params, src))
+
+    decode.warm_up = warm_up
     return decode
 
 
@@ -120,15 +130,16 @@ def main(argv):
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),
                                   progress=cfg.progress)
-    num_params = params.count(model_cfg)
     engine = common.make_engine(cfg, model_cfg, LossConfig(label_smoothing=cfg.label_smoothing))
+    num_params = engine.num_params()
     writer.write(common.describe_run(ds, tok, engine, num_params))
     result = train(model_cfg, engine.optimizer_config, lambda: iter(pipe), engine=engine,
                    workdir=workdir, num_steps=cfg.num_steps, seed=cfg.seed,
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   hooks=[writer])
+                   hooks=[writer],
+                   warm_up=lambda state, engine: decode.warm_up(engine.params(state)))
     writer.close()
     common.plot_losses(workdir, result.history)
     if result.interrupted:
@@ -146,6 +157,7 @@ def main(argv):
             f.write("\n".join(hyps) + "\n")
     logging.info("test results: %s", final)
     print(json.dumps(final, indent=2))
+    common.skip_teardown()
 
 
 if __name__ == "__main__":
