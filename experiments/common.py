@@ -199,9 +199,8 @@ def compile_in_background(jitted, *args) -> threading.Thread:
     priority (`perf.lower_thread_priority`).
 
     A later call with arguments of the same shapes, dtypes and placement finds the executable in
-    JAX's cache; join the thread before that call so it does not compile a second copy. Failures
-    are left for that call to raise. Pass it as `train(warm_up=...)` work, which runs while the
-    train step compiles.
+    JAX's cache; join the thread before that call so it does not compile a second copy (or use
+    `CompiledAhead`, which does). Failures are left for that call to raise.
     """
     def run():
         perf.lower_thread_priority()
@@ -213,6 +212,25 @@ def compile_in_background(jitted, *args) -> threading.Thread:
     thread = threading.Thread(target=run, name="compile-in-background", daemon=True)
     thread.start()
     return thread
+
+
+class CompiledAhead:
+    """A jitted function that can be compiled ahead: `warm_up(*args)` starts compiling it for
+    such arguments in the background (`compile_in_background`); a call waits for that first.
+    The scripts warm their sampler or beam search up from `train(warm_up=...)`, while the train
+    step compiles."""
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self._compiling: list[threading.Thread] = []
+
+    def warm_up(self, *args) -> None:
+        self._compiling.append(compile_in_background(self.jitted, *args))
+
+    def __call__(self, *args):
+        while self._compiling:
+            self._compiling.pop().join()
+        return self.jitted(*args)
 
 
 def skip_teardown() -> None:

@@ -74,8 +74,7 @@ def make_sampler(model, cfg, tok):
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
 
-    compiling = []  # the background compile started by warm_up
-
+    @common.CompiledAhead
     @jax.jit
     def run(params, rng):
         return decoding.generate(model, params, prompts, max_new_tokens=new, rng=rng,
@@ -86,16 +85,10 @@ def make_sampler(model, cfg, tok):
         return jax.random.fold_in(jax.random.key(cfg.seed), step)
 
     def sample(params, step):
-        while compiling:
-            compiling.pop().join()
         out = run(params, key(step))
         return [cfg.sample_prompt + tok.decode(row.tolist()) for row in np.asarray(out.tokens)]
 
-    def warm_up(params):
-        """Compile `run` for these parameters' shapes while the train step compiles."""
-        compiling.append(common.compile_in_background(run, params, key(0)))
-
-    sample.warm_up = warm_up
+    sample.warm_up = lambda params: run.warm_up(params, key(0))  # during the train step's compile
     return sample
 
 

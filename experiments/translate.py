@@ -50,6 +50,7 @@ def make_decoder(model, cfg, tok):
     per chunk shape."""
     chunk = 128
 
+    @common.CompiledAhead
     @jax.jit
     def run(params, src):
         if cfg.beam_size > 1:
@@ -59,11 +60,7 @@ def make_decoder(model, cfg, tok):
         return decoding.generate_seq2seq(model, params, src, max_new_tokens=cfg.max_decode_len,
                                          greedy=True).tokens
 
-    compiling = []  # the background compile started by warm_up
-
     def decode(params, texts):
-        while compiling:
-            compiling.pop().join()
         src = _encode_sources(tok, texts, cfg.max_source_len)
         out = []
         for start in range(0, len(src), chunk):
@@ -75,12 +72,9 @@ def make_decoder(model, cfg, tok):
             out.extend(tok.decode(evaluation.strip_ids(row)) for row in ids)
         return out
 
-    def warm_up(params):
-        """Compile `run` for these parameters' shapes while the train step compiles."""
-        src = np.zeros((chunk, cfg.max_source_len), np.int32)
-        compiling.append(common.compile_in_background(run, params, src))
-
-    decode.warm_up = warm_up
+    # during the train step's compile
+    decode.warm_up = lambda params: run.warm_up(
+        params, np.zeros((chunk, cfg.max_source_len), np.int32))
     return decode
 
 

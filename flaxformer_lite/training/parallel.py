@@ -391,9 +391,9 @@ class Engine:
         compiled while training runs, instead of stalling the first evaluation (on the
         Shakespeare recipe about a second). The threads run at a lower priority
         (`perf.lower_thread_priority`) so that the train step, which the caller waits for,
-        comes first. `train_step` and `eval_step` wait for their
-        compilation and then find the executable in JAX's cache, so nothing compiles twice.
-        A failed background compile is ignored: the step raises the same error when it runs.
+        comes first. `train_step` and `eval_step` wait for their compilation and then find
+        the executable in JAX's cache, so nothing compiles twice. A failed background compile
+        is ignored: the step raises the same error when it runs.
         `train()` calls this before its first step; it does nothing in "pmap" mode.
         """
         if self.mode == "pmap":
