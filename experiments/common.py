@@ -194,29 +194,10 @@ def plot_losses(workdir: str, history: list[dict]) -> str | None:
     return path
 
 
-def compile_in_background(jitted, *args) -> threading.Thread:
-    """Trace and compile `jitted` for arguments shaped like `args` on a daemon thread of lower
-    priority (`perf.lower_thread_priority`).
-
-    A later call with arguments of the same shapes, dtypes and placement finds the executable in
-    JAX's cache; join the thread before that call so it does not compile a second copy (or use
-    `CompiledAhead`, which does). Failures are left for that call to raise.
-    """
-    def run():
-        perf.lower_thread_priority()
-        try:
-            jitted.lower(*args).compile()
-        except Exception:  # the real call raises it, with a useful traceback
-            pass
-
-    thread = threading.Thread(target=run, name="compile-in-background", daemon=True)
-    thread.start()
-    return thread
-
-
 class CompiledAhead:
-    """A jitted function that can be compiled ahead: `warm_up(*args)` starts compiling it for
-    such arguments in the background (`compile_in_background`); a call waits for that first.
+    """A jitted function that can be compiled ahead: `warm_up(*args)` starts tracing and
+    compiling it for such arguments in the background (`perf.compile_in_background`); a call
+    waits for that first.
     The scripts warm their sampler or beam search up from `train(warm_up=...)`, while the train
     step compiles."""
 
@@ -225,7 +206,7 @@ class CompiledAhead:
         self._compiling: list[threading.Thread] = []
 
     def warm_up(self, *args) -> None:
-        self._compiling.append(compile_in_background(self.jitted, *args))
+        self._compiling.append(perf.compile_in_background(lambda: self.jitted.lower(*args)))
 
     def __call__(self, *args):
         while self._compiling:

@@ -43,6 +43,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import threading
 import warnings
 
 # XLA:CPU flags added when absent from XLA_FLAGS. An empty value for the YNN fusion type turns
@@ -159,14 +160,33 @@ def lower_thread_priority(increment: int = 10) -> bool:
     """
     if not sys.platform.startswith("linux"):
         return False
-    import threading
-
     tid = threading.get_native_id()
     try:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
     except OSError:
         return False
     return True
+
+
+def compile_in_background(lower, name: str = "compile-in-background") -> threading.Thread:
+    """Start `lower().compile()` on a daemon thread of lower priority; returns the thread.
+
+    `lower` returns a `jax.stages.Lowered` (`lambda: jitted.lower(*args)` traces on the thread
+    too; `lambda: lowered` keeps the tracing on the caller's). The executable lands in JAX's
+    cache, where a later call with arguments of the same shapes, dtypes and placement finds it;
+    join the thread before that call so it does not compile a second copy. Failures are left
+    for that call to raise, with a useful traceback.
+    """
+    def run():
+        lower_thread_priority()
+        try:
+            lower().compile()
+        except Exception:  # the real call raises it
+            pass
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 _CACHE_SWITCH = "FLAXFORMER_LITE_COMPILATION_CACHE"

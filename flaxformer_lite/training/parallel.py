@@ -106,15 +106,6 @@ def _first_replica(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
-def _compile_quietly(lowered) -> None:
-    """Compile `lowered` (a background warm-up: the executable lands in JAX's cache)."""
-    perf.lower_thread_priority()
-    try:
-        lowered.compile()
-    except Exception:  # the step itself raises this when it runs
-        pass
-
-
 class Engine:
     """Model + optimizer + device layout: the compiled train and eval steps for one mode.
 
@@ -390,7 +381,7 @@ class Engine:
         idle. Started together, the eval step is traced while the train step compiles and is
         compiled while training runs, instead of stalling the first evaluation (on the
         Shakespeare recipe about a second). The threads run at a lower priority
-        (`perf.lower_thread_priority`) so that the train step, which the caller waits for,
+        (`perf.compile_in_background`) so that the train step, which the caller waits for,
         comes first. `train_step` and `eval_step` wait for their compilation and then find
         the executable in JAX's cache, so nothing compiles twice. A failed background compile
         is ignored: the step raises the same error when it runs.
@@ -406,10 +397,8 @@ class Engine:
                 continue
             with self._mesh_context():
                 lowered = step.lower(state, example)
-            thread = threading.Thread(target=_compile_quietly, args=(lowered,),
-                                      name=f"compile-{name}-step", daemon=True)
-            thread.start()
-            self._compiling[name] = thread
+            self._compiling[name] = perf.compile_in_background(
+                lambda lowered=lowered: lowered, name=f"compile-{name}-step")
 
     def _wait_for_compile(self, name: str) -> None:
         thread = self._compiling.pop(name, None)
