@@ -25,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor for --mode mesh")
     p.add_argument("--devices", type=int, default=1, help="CPU devices of this process")
     p.add_argument("--checkpoint_every", type=int, default=2)
+    p.add_argument("--log_every", type=int, default=1)
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--accumulation_steps", type=int, default=1)
     p.add_argument("--log", default=None)
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
                    num_steps=args.num_steps,
                    parallel=ParallelConfig(mode=args.mode, data=data, fsdp=fsdp, tensor=tensor),
                    loss=LossConfig(label_smoothing=0.1, z_loss=1e-4), seed=0,
-                   checkpoint_every=args.checkpoint_every, keep_checkpoints=3, log_every=1,
+                   checkpoint_every=args.checkpoint_every, keep_checkpoints=3,
+                   log_every=args.log_every,
                    hooks=[record])
     params = result.params  # every process takes part (gathers sharded arrays)
     if args.out and distributed.is_main_process():

@@ -200,6 +200,19 @@ def test_sigterm_leaves_a_checkpoint_at_the_current_step(worker_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_long_log_interval_on_two_cpu_devices_finishes(worker_env, tmp_path):
+    """Between logs the trainer waits for the step `STEPS_AHEAD` back. Unbounded, two CPU
+    devices in one process queued hundreds of steps and XLA aborted the run after 40 s: each
+    queued all-reduce held one of its few CPU threads, waiting for peers that had none left."""
+    steps = 3000
+    run("_train_worker.py", ["--workdir", tmp_path / "work", "--devices", 2, "--mode", "mesh",
+                             "--num_steps", steps, "--log_every", steps, "--checkpoint_every", 0,
+                             "--out", tmp_path / "params.npz"], worker_env)
+    assert json.loads((tmp_path / "params.npz.json").read_text()) == {"step": steps,
+                                                                       "interrupted": False}
+
+
+@pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
     """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
     process feeds half of every global batch. Compared with one process on one device."""

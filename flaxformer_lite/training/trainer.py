@@ -46,6 +46,15 @@ from flaxformer_lite.training.state import TrainState
 
 log = logging.getLogger("flaxformer_lite.training")
 
+# Steps the host may dispatch before the devices finish them. Between logs the loop only waits
+# for a step `STEPS_AHEAD` steps back, which keeps the devices fed (the host prepares the next
+# batch while a step runs) and bounds the executions queued at once. Unbounded, several CPU
+# devices in one process (`--xla_force_host_platform_device_count`) can deadlock: every queued
+# execution's all-reduce waits for its peers on one of XLA's few CPU threads, until none is left
+# for the peers and XLA aborts the process after 40 s (reproduced with 2 devices and a long
+# `log_every`).
+STEPS_AHEAD = 2
+
 Batch = Mapping[str, Any]
 Hook = Callable[[int, dict[str, float]], None]
 
@@ -390,6 +399,8 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             state, metrics = engine.train_step(state, batch)
             step += 1
             pending.append(metrics)
+            if len(pending) > STEPS_AHEAD:
+                jax.block_until_ready(pending[-STEPS_AHEAD - 1])
             is_log = step % log_every == 0 or step == num_steps
             is_ckpt = bool(checkpoint_every) and step % checkpoint_every == 0
             is_eval = bool(evaluating) and step % eval_every == 0
