@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from flaxformer_lite import get_config, perf
+from flaxformer_lite import get_config
 from flaxformer_lite.data import load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
@@ -192,26 +191,6 @@ def plot_losses(workdir: str, history: list[dict]) -> str | None:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-class CompiledAhead:
-    """A jitted function that can be compiled ahead: `warm_up(*args)` starts tracing and
-    compiling it for such arguments in the background (`perf.compile_in_background`); a call
-    waits for that first.
-    The scripts warm their sampler or beam search up from `train(warm_up=...)`, while the train
-    step compiles."""
-
-    def __init__(self, jitted):
-        self.jitted = jitted
-        self._compiling: list[threading.Thread] = []
-
-    def warm_up(self, *args) -> None:
-        self._compiling.append(perf.compile_in_background(lambda: self.jitted.lower(*args)))
-
-    def __call__(self, *args):
-        while self._compiling:
-            self._compiling.pop().join()
-        return self.jitted(*args)
 
 
 def skip_teardown() -> None:

@@ -74,7 +74,7 @@ def make_sampler(model, cfg, tok):
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
 
-    @common.CompiledAhead
+    @perf.CompiledAhead
     @jax.jit
     def run(params, rng):
         return decoding.generate(model, params, prompts, max_new_tokens=new, rng=rng,

@@ -50,7 +50,7 @@ def make_decoder(model, cfg, tok):
     per chunk shape."""
     chunk = 128
 
-    @common.CompiledAhead
+    @perf.CompiledAhead
     @jax.jit
     def run(params, src):
         if cfg.beam_size > 1:

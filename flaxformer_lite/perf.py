@@ -189,6 +189,53 @@ def compile_in_background(lower, name: str = "compile-in-background") -> threadi
     return thread
 
 
+class CompiledAhead:
+    """A jitted (or pmapped) function whose compilation can start ahead, in the background.
+
+        sample = perf.CompiledAhead(jax.jit(sample_fn))
+        sample.warm_up(params, rng)   # traces and compiles on a thread; returns at once
+        ...                           # other work: XLA compiles without holding the GIL
+        out = sample(params, rng)     # waits for that compilation, then runs it from the cache
+
+    `warm_up(*args)` traces on the thread too (arguments may be `jax.ShapeDtypeStruct`s);
+    `compile_ahead(lowered)` compiles a program already lowered on the caller's thread, for
+    tracing that needs the caller's context (a mesh, logical axis rules). Both go through
+    `compile_in_background`. A call waits for every pending compilation first, so the
+    executable is found in JAX's cache and nothing compiles twice; the training `Engine`
+    wraps its steps in this, and the experiment scripts their sampler and beam search.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._pending: list[threading.Thread] = []
+
+    def warm_up(self, *args, **kwargs) -> None:
+        """Start tracing and compiling for arguments shaped like these."""
+        self._pending.append(compile_in_background(lambda: self.fn.lower(*args, **kwargs)))
+
+    def compile_ahead(self, lowered, name: str = "compile-in-background") -> None:
+        """Start compiling `lowered` (this function's `lower(...)`, traced by the caller)."""
+        self._pending.append(compile_in_background(lambda: lowered, name=name))
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a background compilation has not been waited for yet."""
+        return bool(self._pending)
+
+    def wait(self) -> None:
+        """Block until every background compilation started so far has finished."""
+        while self._pending:
+            self._pending.pop().join()
+
+    def lower(self, *args, **kwargs):
+        return self.fn.lower(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if self._pending:
+            self.wait()
+        return self.fn(*args, **kwargs)
+
+
 _CACHE_SWITCH = "FLAXFORMER_LITE_COMPILATION_CACHE"
 
 

@@ -85,33 +85,3 @@ def test_mlm_on_a_local_file(tmp_path):
     evals = metrics(tmp_path / "work")
     assert [m["step"] for m in evals] == [5, 10]
     assert all(m["eval_loss"] > 0 and 0 <= m["eval_accuracy"] <= 1 for m in evals)
-
-
-def test_compiled_ahead_compiles_once_and_calls_wait_for_it(caplog):
-    """A function warmed up in the background is not compiled again by its first call."""
-    import logging
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    sys.path.insert(0, str(ROOT))
-    from experiments import common
-
-    def doubled_sine(x):
-        return jnp.sin(x) * 2
-
-    fn = common.CompiledAhead(jax.jit(doubled_sine))
-    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
-    before = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)  # process-wide: the warm-up runs on a thread
-    try:
-        with caplog.at_level(logging.WARNING):
-            fn.warm_up(jax.ShapeDtypeStruct(x.shape, x.dtype))
-            assert fn._compiling  # the first call must wait for this
-            out = fn(x)
-    finally:
-        jax.config.update("jax_log_compiles", before)
-    assert not fn._compiling
-    assert sum("Compiling jit(doubled_sine)" in r.getMessage() for r in caplog.records) == 1
-    np.testing.assert_allclose(out, np.sin(x.astype(np.float64)) * 2, rtol=1e-6)

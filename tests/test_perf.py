@@ -383,3 +383,35 @@ def test_lower_thread_priority_affects_only_the_calling_thread():
     thread.join()
     assert seen == {"done": True, "change": 3}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+
+
+def test_compiled_ahead_compiles_once_and_calls_wait_for_it(caplog):
+    """A function warmed up in the background is not compiled again by its first call, and a
+    program lowered by the caller and compiled ahead is not either."""
+    import logging
+
+    def doubled_sine(x):
+        return jnp.sin(x) * 2
+
+    def halved_cosine(x):
+        return jnp.cos(x) / 2
+
+    x = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
+    sine = perf.CompiledAhead(jax.jit(doubled_sine))
+    cosine = perf.CompiledAhead(jax.jit(halved_cosine))
+    before = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)  # process-wide: the warm-up runs on a thread
+    try:
+        with caplog.at_level(logging.WARNING):
+            sine.warm_up(jax.ShapeDtypeStruct(x.shape, x.dtype))
+            cosine.compile_ahead(cosine.lower(x))
+            assert sine.compiling and cosine.compiling  # the first calls must wait for these
+            out = sine(x), cosine(x)
+    finally:
+        jax.config.update("jax_log_compiles", before)
+    assert not sine.compiling and not cosine.compiling
+    for name in ("doubled_sine", "halved_cosine"):
+        assert sum(f"Compiling jit({name})" in r.getMessage() for r in caplog.records) == 1
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(out[0], np.sin(x64) * 2, rtol=1e-6)
+    np.testing.assert_allclose(out[1], np.cos(x64) / 2, rtol=1e-6, atol=1e-7)

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -133,7 +132,6 @@ class Engine:
         self.mode = resolve_mode(parallel, len(self.devices))
         self.mesh: Mesh | None = None
         self._init_compiled: dict[Any, Any] = {}  # key shape and dtype -> executable
-        self._compiling: dict[str, threading.Thread] = {}  # step name -> background compile
         self._build()
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -200,6 +198,9 @@ class Engine:
                     "data * fsdp a multiple of the process count.")
         else:  # pragma: no cover - resolve_mode never returns anything else
             raise ValueError(self.mode)
+        # `precompile` starts their compilation on background threads; calls wait for it.
+        self._train = perf.CompiledAhead(self._train)
+        self._eval = perf.CompiledAhead(self._eval)
 
     def step_compiler_options(self) -> dict[str, Any]:
         """The XLA compile options of the train and eval steps (see `ParallelConfig`)."""
@@ -381,9 +382,9 @@ class Engine:
         idle. Started together, the eval step is traced while the train step compiles and is
         compiled while training runs, instead of stalling the first evaluation (on the
         Shakespeare recipe about a second). The threads run at a lower priority
-        (`perf.compile_in_background`) so that the train step, which the caller waits for,
-        comes first. `train_step` and `eval_step` wait for their compilation and then find
-        the executable in JAX's cache, so nothing compiles twice. A failed background compile
+        (`perf.CompiledAhead`) so that the train step, which the caller waits for, comes
+        first. `train_step` and `eval_step` wait for their compilation and then find the
+        executable in JAX's cache, so nothing compiles twice. A failed background compile
         is ignored: the step raises the same error when it runs.
         `train()` calls this before its first step; it does nothing in "pmap" mode.
         """
@@ -393,23 +394,15 @@ class Engine:
         if eval_batch is not None:
             jobs.append(("eval", self._eval, self.shard_batch(self.pad_batch(eval_batch))))
         for name, step, example in jobs:
-            if name in self._compiling:
+            if step.compiling:
                 continue
             with self._mesh_context():
                 lowered = step.lower(state, example)
-            self._compiling[name] = perf.compile_in_background(
-                lambda lowered=lowered: lowered, name=f"compile-{name}-step")
-
-    def _wait_for_compile(self, name: str) -> None:
-        thread = self._compiling.pop(name, None)
-        if thread is not None:
-            thread.join()
+            step.compile_ahead(lowered, name=f"compile-{name}-step")
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step; `batch` is host data (sharded here) or the output of `shard_batch`."""
-        if self._compiling:
-            self._wait_for_compile("train")
         batch = self.shard_batch(batch)
         with self._mesh_context():
             return self._train(state, batch)
@@ -417,8 +410,6 @@ class Engine:
     def eval_step(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Metric sums on one batch (no dropout, no update). A batch whose size the batch
         shards do not divide is padded with empty rows first (see `pad_batch`)."""
-        if self._compiling:
-            self._wait_for_compile("eval")
         batch = self.shard_batch(self.pad_batch(batch))
         with self._mesh_context():
             return self._eval(state, batch)
