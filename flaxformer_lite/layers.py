@@ -161,12 +161,15 @@ class MultiHeadAttention(nn.Module):
         decode: bool = False,
         cache_index: Array | None = None,
         deterministic: bool = True,
+        is_causal: bool = False,
     ) -> Array:
         """x `[batch, q_len, d_model]`, kv_inputs `[batch, kv_len, d_model]` (cross only).
 
         mask `[b|1, 1|heads, q_len, kv_len]` (True = attend), bias likewise (added to scores);
         in decode mode `kv_len` is the cache length. Positions `[batch, len]` drive rotary
-        embeddings. Returns `[batch, q_len, d_model]`.
+        embeddings. `is_causal` adds the causal mask inside the attention function, which
+        (unlike a causal `mask`) lets it skip the blocks above the diagonal. Returns
+        `[batch, q_len, d_model]`.
         """
         cfg = self.config
         h, hk, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
@@ -201,8 +204,9 @@ class MultiHeadAttention(nn.Module):
         if not deterministic and cfg.attention_dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
         out = ops.scaled_dot_product_attention(
-            q, k, v, bias=bias, mask=mask, dropout_rate=cfg.attention_dropout_rate,
-            dropout_rng=dropout_rng, implementation=cfg.attention_implementation)
+            q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+            dropout_rate=cfg.attention_dropout_rate, dropout_rng=dropout_rng,
+            implementation=cfg.attention_implementation)
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
                      init_std=self.out_init_std, **dense)(out)
 
@@ -271,7 +275,8 @@ class TransformerLayer(nn.Module):
 
     Pre-LN: `x + f(norm(x))` per sub-layer. Post-LN (the paper's): `norm(x + f(x))`. Dropout on
     each sub-layer's output before the residual add. Signature fits `nn.scan`:
-    `(x, None) -> (x, None)` with the rest passed as broadcast arguments.
+    `(x, None) -> (x, None)` with the rest passed as broadcast arguments. `causal`: the
+    self-attention is causal on top of `self_mask` (decoders, outside decode mode).
     """
 
     config: TransformerConfig
@@ -279,6 +284,7 @@ class TransformerLayer(nn.Module):
     num_layers: int = 1
     decode: bool = False
     deterministic: bool = True
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: Array, _unused: Any, encoded: Array | None, self_mask: Array | None,
@@ -299,7 +305,7 @@ class TransformerLayer(nn.Module):
         attn = MultiHeadAttention(cfg, out_init_std=out_std, name="self_attention")
         x = sublayer("self_attention", lambda y: attn(
             y, mask=self_mask, bias=self_bias, q_positions=positions, decode=decode,
-            cache_index=cache_index, deterministic=deterministic), x)
+            cache_index=cache_index, deterministic=deterministic, is_causal=self.causal), x)
         if self.has_cross:
             cross = MultiHeadAttention(cfg, is_cross=True, out_init_std=out_std,
                                        name="cross_attention")
@@ -343,7 +349,7 @@ class LayerStack(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, encoded=None, self_mask=None, self_bias=None,
                  cross_mask=None, positions=None, decode=False, cache_index=None,
-                 deterministic=True) -> Array:
+                 deterministic=True, causal=False) -> Array:
         cfg = self.config
         layer_cls = TransformerLayer
         if cfg.remat != "none":
@@ -351,7 +357,7 @@ class LayerStack(nn.Module):
                                  prevent_cse=not cfg.scan_layers)
         args = (encoded, self_mask, self_bias, cross_mask, positions, cache_index)
         kwargs = dict(has_cross=self.has_cross, num_layers=self.num_layers, decode=decode,
-                      deterministic=deterministic)
+                      deterministic=deterministic, causal=causal)
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls, variable_axes={"params": 0, "cache": 0},

@@ -135,7 +135,9 @@ class Decoder(nn.Module):
             packed = positions is not None
             positions = default_positions(ids) if positions is None else positions
             cache_index = None
-            mask = ops.make_attention_mask(segment_ids, causal=True)
+            # Causality goes to the attention function (is_causal), which then skips the score
+            # blocks above the diagonal; the mask keeps padding and packed segments apart.
+            mask = ops.make_attention_mask(segment_ids)
             rel_q = rel_kv = positions if packed else positions[:1]
         x = _Embedder(cfg, self.token_embed, name="embedder")(ids, positions, None, deterministic)
         bias = None
@@ -154,7 +156,7 @@ class Decoder(nn.Module):
         x = LayerStack(cfg, cfg.decoder_layers, has_cross=self.has_cross, name="layers")(
             x, encoded=encoded, self_mask=mask, self_bias=bias, cross_mask=cross_mask,
             positions=positions, decode=decode, cache_index=cache_index,
-            deterministic=deterministic)
+            deterministic=deterministic, causal=not decode)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
         x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)

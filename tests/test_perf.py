@@ -46,12 +46,15 @@ def numpy_attention(q, k, v, bias=None, mask=None):
     return np.einsum("bhqk,bkhd->bqhd", w, v)
 
 
-@pytest.fixture(params=["whole batch", "chunked"])
+@pytest.fixture(params=["whole batch", "chunked", "query blocks", "chunked, query blocks"])
 def chunking(request, monkeypatch):
-    """Run the CPU attention path on the whole batch, or one batch row per chunk."""
-    if request.param == "chunked":
+    """Run the CPU attention path on the whole batch or one batch row per chunk, and causal
+    attention in one block or in blocks of two queries (the last block shorter)."""
+    if "chunked" in request.param:
         monkeypatch.setattr(attention_module, "_CHUNK_MIN_BYTES", 0)
         monkeypatch.setattr(attention_module, "_CHUNK_BYTES", 1)
+    if "blocks" in request.param:
+        monkeypatch.setattr(attention_module, "_query_block", lambda lq: 2)
     return request.param
 
 
@@ -90,6 +93,34 @@ def test_cpu_attention_matches_autodiff(chunking, kv_heads, bias_kind, mask_kind
     want = jax.grad(loss(reference_attention), argnums)(*args)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lq, lk", [(6, 4), (4, 7)])
+def test_cpu_attention_causal_with_unequal_lengths(chunking, lq, lk):
+    """Queries are the last `lq` positions of the keys; with more queries than keys the first
+    rows see no key at all (uniform weights, as `attention_weights`)."""
+    q, k, v = rand(2, lq, 4, 8, seed=1), rand(2, lk, 2, 8, seed=2), rand(2, lk, 2, 8, seed=3)
+    bias = rand(1, 4, lq, lk, seed=5)
+    ct = rand(2, lq, 4, 8, seed=4)
+
+    def loss(fn):
+        return lambda q, k, v, bias: (fn(q, k, v, bias=bias, is_causal=True) * ct).sum()
+
+    got = jax.jit(jax.value_and_grad(loss(ops.scaled_dot_product_attention), (0, 1, 2, 3)))(
+        q, k, v, bias)
+    want = jax.value_and_grad(loss(reference_attention), (0, 1, 2, 3))(q, k, v, bias)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
+
+
+def test_causal_query_blocks_cover_the_keys_they_need():
+    blocks = attention_module._blocks
+    assert blocks(5, 5, False, 2) == [(0, 5, 5)]
+    assert blocks(5, 5, True, 2) == [(0, 2, 2), (2, 4, 4), (4, 5, 5)]
+    assert blocks(4, 7, True, 3) == [(0, 3, 6), (3, 4, 7)]  # queries are the last 4 keys
+    for lq in (64, 128, 256, 1000, 4096):
+        size = attention_module._query_block(lq)
+        assert 32 <= size and -(-lq // size) <= 16
 
 
 def test_cpu_attention_matches_jax_nn_gradients(chunking):
