@@ -234,8 +234,11 @@ def rms_norm(x: Array, scale: Array | None = None, *, eps: float = 1e-6) -> Arra
 
 
 # LayerNorm with a hand-written backward pass: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-# with g = dy * scale. It saves only the row mean and 1/std and needs two row reductions, where
-# autodiff of the forward formula stores more and streams the activations several more times.
+# with g = dy * scale. It saves only the row mean and 1/std, where autodiff of the forward formula
+# stores more and streams the activations several more times. The two row means are matrix-vector
+# products with the scale, sum(g) = dy @ scale and sum(g * xhat) = (dy * xhat) @ scale, so g is
+# never written out, dy * xhat is written once (the scale's gradient needs it too), and XLA:CPU
+# does not split the reductions into its slower two-pass tree reduction.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _layer_norm(x, scale, bias, eps):
     return _layer_norm_fwd(x, scale, bias, eps)[0]
@@ -252,13 +255,23 @@ def _layer_norm_fwd(x, scale, bias, eps):
 
 def _layer_norm_bwd(eps, res, dy):
     x, mean, rstd, scale, bias = res
+    n = x.shape[-1]
     dyf = dy.astype(jnp.float32)
+    sf = scale.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
-    g = dyf * scale.astype(jnp.float32)
-    dx = (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True)) * rstd
-    dscale = _parameter_gradient(dyf * xhat).astype(scale.dtype)
+    dy_xhat = dyf * xhat
+    mean_g = _row_dot(dyf, sf) / n
+    mean_gx = _row_dot(dy_xhat, sf) / n
+    dx = (dyf * sf - mean_g - xhat * mean_gx) * rstd
+    dscale = _parameter_gradient(dy_xhat).astype(scale.dtype)
     dbias = _parameter_gradient(dyf).astype(bias.dtype)
     return dx.astype(x.dtype), dscale, dbias
+
+
+def _row_dot(a: Array, w: Array) -> Array:
+    """`a [..., n] @ w [n]` as a float32 `[..., 1]`: one matrix-vector product."""
+    a2 = a.reshape(-1, a.shape[-1])
+    return jnp.dot(a2, w, preferred_element_type=jnp.float32).reshape(*a.shape[:-1], 1)
 
 
 def _parameter_gradient(g: Array) -> Array:
