@@ -8,6 +8,7 @@ import pytest
 
 import flaxformer_lite as fl
 from flaxformer_lite.models import dummy_inputs
+from flaxformer_lite.ops import attention as attention_module
 
 TINY = dict(vocab_size=61, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=24,
             dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -144,6 +145,32 @@ def test_packed_segments_are_isolated(built, name):
         alone_b = _apply(model, params, {"inputs": b})
     np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
     np.testing.assert_allclose(out[:, 5:12], alone_b, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "t5"])
+def test_causal_query_blocks_match_jax_attention(built, name, monkeypatch):
+    """Decoders pass is_causal with a padding/packing mask; on the CPU the attention then runs
+    in query blocks (here of 4). Logits match `jax.nn.dot_product_attention` on a batch with
+    padding and packed segments (padding positions are not compared: no loss reads them)."""
+    monkeypatch.setattr(attention_module, "_query_block", lambda lq: 4)
+    cfg, model, params = built[name]
+    reference = fl.make_model(cfg.replace(attention_implementation="xla"))
+    x = _ids((2, 14), seed=10).at[1, 11:].set(0)
+    seg = jnp.array([[1] * 6 + [2] * 8, [1] * 11 + [0] * 3])
+    pos = jnp.array([list(range(6)) + list(range(8)), list(range(11)) + [0] * 3])
+    if cfg.architecture == "encoder_decoder":
+        src = _ids((2, 9), seed=11)
+        kw = dict(targets_segment_ids=seg, targets_positions=pos,
+                  inputs_segment_ids=jnp.ones((2, 9), jnp.int32))
+        got = model.apply({"params": params}, src, x, **kw)
+        want = reference.apply({"params": params}, src, x, **kw)
+    else:
+        kw = {"segment_ids": seg, "positions": pos}
+        got = _apply(model, params, {"inputs": x}, **kw)
+        want = _apply(reference, params, {"inputs": x}, **kw)
+    real = np.asarray(seg) != 0
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5,
+                               rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms",

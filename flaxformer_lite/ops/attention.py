@@ -84,9 +84,9 @@ def scaled_dot_product_attention(
 ) -> Array | tuple[Array, Array]:
     """Attention output `[batch, q_length, heads, head_dim]` (and weights if `return_weights`).
 
-    A query whose keys are all masked (a padding row) gets an output no loss should read: the
-    mean of the values over all keys, or, in the CPU path's causal blocks, over the keys of its
-    block.
+    A query whose keys are all masked (a padding row) gets an output no loss should read, and
+    it depends on the implementation: "ops" averages the values over all keys (over the keys of
+    its block in the CPU path's causal blocks).
 
     Args:
       q: queries `[batch, q_length, heads, head_dim]`.
