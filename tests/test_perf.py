@@ -60,7 +60,8 @@ def chunking(request, monkeypatch):
 
 @pytest.mark.parametrize("kv_heads, bias_kind, mask_kind", [
     (4, "none", "none"), (2, "shared", "causal"), (1, "per_row", "per_row"),
-    (4, "per_row", "causal"), (2, "none", "per_row"), (4, "shared", "none")])
+    (4, "per_row", "causal"), (2, "none", "per_row"), (4, "shared", "none"),
+    (2, "per_key", "causal")])
 def test_cpu_attention_matches_autodiff(chunking, kv_heads, bias_kind, mask_kind):
     assert jax.default_backend() == "cpu"
     b, lq, lk, h, d = 3, 5, 6, 4, 8
@@ -68,7 +69,7 @@ def test_cpu_attention_matches_autodiff(chunking, kv_heads, bias_kind, mask_kind
         b, lk, kv_heads, d, seed=3)
     ct = rand(b, lq, h, d, seed=4)
     bias = {"none": None, "shared": rand(1, h, lq, lk, seed=5),
-            "per_row": rand(b, 1, lq, lk, seed=5)}[bias_kind]
+            "per_row": rand(b, 1, lq, lk, seed=5), "per_key": rand(1, h, 1, lk, seed=5)}[bias_kind]
     mask = None
     if mask_kind == "per_row":
         mask = np.array(jax.random.bernoulli(jax.random.key(6), 0.7, (b, 1, lq, lk)))
