@@ -12,9 +12,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flaxformer_lite.ops.fast_paths import enabled
+from flaxformer_lite.ops.masks import causal_mask
 
 Array = jnp.ndarray
 
@@ -59,8 +59,7 @@ def attention_weights(
     if bias is not None:
         logits = logits + _to_groups(bias, hk, g).astype(jnp.float32)
     if is_causal:
-        lk = k.shape[1]
-        causal = jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq)
+        causal = causal_mask(lq, k.shape[1], offset=k.shape[1] - lq)
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     if mask is not None:
         logits = jnp.where(_to_groups(mask, hk, g), logits, jnp.finfo(jnp.float32).min)
@@ -142,7 +141,7 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
     if is_causal and q.shape[1] != k.shape[1]:
         # jax's is_causal aligns queries to the first keys; "ops" aligns them to the last.
         lq, lk = q.shape[1], k.shape[1]
-        causal = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None, None]
+        causal = causal_mask(lq, lk, offset=lk - lq)
         mask = causal if mask is None else mask & causal
         is_causal = False
     return jax.nn.dot_product_attention(
@@ -198,15 +197,15 @@ def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
     g = h // hk
     scale = d ** -0.5 if scale is None else scale
-    bias5, mask5 = _to_groups(bias, hk, g), _to_groups(mask, hk, g)
-    if mask5 is not None:
-        mask5 = mask5.astype(bool)
     # Blocks need every query to see a key of its own block; with more queries than keys the
     # causal mask goes in whole.
     causal = is_causal and lq <= lk
     if is_causal and not causal:
-        tri = (np.arange(lk)[None, :] <= np.arange(lq)[:, None] + (lk - lq))[None, None, None]
-        mask5 = jnp.asarray(tri) if mask5 is None else jnp.logical_and(mask5, tri)
+        tri = causal_mask(lq, lk, offset=lk - lq)
+        mask = tri if mask is None else jnp.logical_and(mask, tri)
+    bias5, mask5 = _to_groups(bias, hk, g), _to_groups(mask, hk, g)
+    if mask5 is not None:
+        mask5 = mask5.astype(bool)
     block = _query_block(lq) if causal else lq
     chunk = _batch_chunk(b, h * lq * lk)
     out = _attention_core(q.reshape(b, lq, hk, g, d), k, v, bias5, mask5, float(scale), chunk,
@@ -248,10 +247,9 @@ def _block_of(x, lo, hi, keys):
 
 def _block_mask(mask, lo, hi, keys, causal, offset):
     m = _block_of(mask, lo, hi, keys)
-    if causal:
-        tri = np.arange(keys)[None, :] <= np.arange(lo, hi)[:, None] + offset
-        if not tri.all():
-            m = tri if m is None else jnp.logical_and(m, tri)
+    if causal and keys - 1 > lo + offset:  # the block's first query does not see all its keys
+        tri = causal_mask(hi - lo, keys, offset=lo + offset)[None]
+        m = tri if m is None else jnp.logical_and(m, tri)
     return m
 
 
