@@ -357,6 +357,25 @@ def _compiles(records, name: str) -> int:
     return sum(f"Compiling jit({name})" in r.getMessage() for r in records)
 
 
+def test_precompile_takes_the_eval_batch_lazily():
+    """A function for the eval batch is called only when the eval step is compiled ahead: in
+    "pmap" mode (steps compile on first use) never, so no eval batch is fetched for nothing."""
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return synthetic_batch(50, batch=6)
+
+    pmapped = Engine(TINY, OPT, ParallelConfig(mode="pmap"), LOSS)
+    pmapped.precompile(pmapped.init_state(0), synthetic_batch(0), fetch)
+    assert calls == [] and not pmapped._eval.compiling
+    single = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS)
+    single.precompile(single.init_state(0), synthetic_batch(0), fetch)
+    assert calls == [1] and single._eval.compiling
+    single._eval.wait()
+    single._train.wait()
+
+
 def test_precompile_compiles_each_step_once_and_changes_nothing(caplog):
     """Steps compiled ahead on background threads are not compiled again when they run, and
     compute exactly what an engine that compiles on first use computes."""

@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -374,9 +374,12 @@ class Engine:
 
     # ---- steps ----------------------------------------------------------------------------------
     def precompile(self, state: TrainState, batch: Mapping[str, Any],
-                   eval_batch: Mapping[str, Any] | None = None) -> None:
+                   eval_batch: Mapping[str, Any] | Callable[[], Mapping[str, Any] | None]
+                   | None = None) -> None:
         """Start compiling the train step for batches shaped like `batch`, and the eval step for
-        `eval_batch`, on background threads; returns once both are traced.
+        `eval_batch`, on background threads; returns once both are traced. `eval_batch` may be
+        a function returning it (or None), called only when it is used, so a caller need not
+        fetch an eval batch for nothing.
 
         Tracing is Python and holds the GIL; XLA compiles without it and leaves part of the CPU
         idle. Started together, the eval step is traced while the train step compiles and is
@@ -391,6 +394,8 @@ class Engine:
         if self.mode == "pmap":
             return
         jobs = [("train", self._train, self.shard_batch(batch))]
+        if callable(eval_batch):
+            eval_batch = eval_batch()
         if eval_batch is not None:
             jobs.append(("eval", self._eval, self.shard_batch(self.pad_batch(eval_batch))))
         for name, step, example in jobs:

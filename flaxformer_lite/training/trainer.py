@@ -21,6 +21,7 @@ What it guarantees:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -392,8 +393,8 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                             num_steps)
                 break
             if step == start_step:  # compile what the run needs side by side, then train
-                peek = evaluating and engine.mode != "pmap"  # pmap steps compile on first use
-                engine.precompile(state, batch, _first_eval_batch(eval_data) if peek else None)
+                engine.precompile(state, batch, functools.partial(_first_eval_batch, eval_data)
+                                  if evaluating else None)
                 if warm_up is not None:
                     warm_up(state, engine)
             state, metrics = engine.train_step(state, batch)
