@@ -49,6 +49,7 @@ class TransformerConfig:
     norm: str = "layer"
     norm_position: str = "pre"
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm's learned bias (nanoGPT's bias=False drops it too)
     use_bias: bool = True
     final_norm: bool = True  # a norm after the last layer (pre-LN models need it)
     tie_embeddings: bool = True  # output projection = input embedding matrix transposed

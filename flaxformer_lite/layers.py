@@ -96,7 +96,8 @@ class Embed(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale only), by `config.norm`, in float32."""
+    """LayerNorm (scale, and bias unless `config.norm_bias` is off) or RMSNorm (scale only), by
+    `config.norm`, in float32."""
 
     config: TransformerConfig
 
@@ -108,9 +109,11 @@ class Norm(nn.Module):
                            (x.shape[-1],), cfg.params_dtype)
         if cfg.norm == "rms":
             return ops.rms_norm(x, scale, eps=cfg.norm_eps)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                               ("embed",)),
-                          (x.shape[-1],), cfg.params_dtype)
+        bias = None
+        if cfg.norm_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   ("embed",)),
+                              (x.shape[-1],), cfg.params_dtype)
         return ops.layer_norm(x, scale, bias, eps=cfg.norm_eps)
 
 

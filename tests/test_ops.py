@@ -248,6 +248,8 @@ def test_norms_match_numpy():
     ln = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * scale + bias
     np.testing.assert_allclose(ops.layer_norm(jnp.float32(x), jnp.float32(scale),
                                               jnp.float32(bias)), ln, atol=1e-5)
+    np.testing.assert_allclose(ops.layer_norm(jnp.float32(x), jnp.float32(scale)), ln - bias,
+                               atol=1e-5)
     rms = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * scale
     np.testing.assert_allclose(ops.rms_norm(jnp.float32(x), jnp.float32(scale)), rms, atol=1e-5)
     assert ops.rms_norm(jnp.bfloat16(x)).dtype == jnp.bfloat16

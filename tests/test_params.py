@@ -60,6 +60,18 @@ def test_breakdown_adds_up_and_matches_closed_form(counts):
     assert t5["position_embeddings"] == 2 * 32 * 8  # one relative table per stack
 
 
+def test_count_without_biases_matches_nanogpt():
+    # nanoGPT's GPT with bias=False (no biases in its Linear or LayerNorm layers): tied token
+    # table, learned positions, per layer two norm scales, qkv + output projection (4 d^2) and
+    # the MLP (8 d^2), then the final norm's scale.
+    d, layers, vocab, ctx = 128, 4, 65, 64
+    cfg = get_config("gpt2", vocab_size=vocab, d_model=d, num_heads=4, d_ff=4 * d,
+                     num_layers=layers, max_len=ctx, use_bias=False, norm_bias=False)
+    c = params.breakdown(cfg)
+    assert c["total"] == vocab * d + ctx * d + layers * (12 * d * d + 2 * d) + d
+    assert c["norms"] == (2 * layers + 1) * d
+
+
 def test_count_allocates_nothing_for_175b():
     # eval_shape: if this allocated, 175e9 float32 parameters would need 700 GB.
     assert params.count("gpt3-175b") > 174e9

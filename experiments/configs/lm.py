@@ -31,7 +31,8 @@ def get_config():
     c.top_k = 0
     c.model = ml_collections.ConfigDict(dict(
         preset="gpt2", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=256,
-        dropout_rate=0.0, attention_dropout_rate=0.0, use_bias=False, activation="gelu"))
+        dropout_rate=0.0, attention_dropout_rate=0.0, use_bias=False, norm_bias=True,
+        activation="gelu"))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
         decay_steps=2000, final_learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8,

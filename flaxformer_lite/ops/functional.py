@@ -210,8 +210,11 @@ def feed_forward(x: Array, w_in: Array, w_out: Array, *, activation_name: str = 
 
 def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
                eps: float = 1e-5) -> Array:
-    """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, computed in float32."""
-    if scale is not None and bias is not None and enabled("layer_norm_vjp"):
+    """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, computed in float32.
+
+    `scale` and `bias` are optional (`[features]`); without a bias no bias gradient is computed.
+    """
+    if scale is not None and enabled("layer_norm_vjp"):
         return _layer_norm(x, scale, bias, eps)
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
@@ -249,7 +252,9 @@ def _layer_norm_fwd(x, scale, bias, eps):
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
     rstd = jax.lax.rsqrt(var + eps)
-    y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = (xf - mean) * rstd * scale.astype(jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype), (x, mean, rstd, scale, bias)
 
 
@@ -264,7 +269,7 @@ def _layer_norm_bwd(eps, res, dy):
     mean_gx = _row_dot(dy_xhat, sf) / n
     dx = (dyf * sf - mean_g - xhat * mean_gx) * rstd
     dscale = _parameter_gradient(dy_xhat).astype(scale.dtype)
-    dbias = _parameter_gradient(dyf).astype(bias.dtype)
+    dbias = None if bias is None else _parameter_gradient(dyf).astype(bias.dtype)
     return dx.astype(x.dtype), dscale, dbias
 
 
