@@ -297,7 +297,7 @@ def test_determinism_across_runs(text_ds, char_tok):
 
 
 @pytest.mark.parametrize("kind", ["lm_packed", "lm_buckets", "translation_packed", "mlm",
-                                  "windows"])
+                                  "windows", "windows_prefetch"])
 def test_resume_mid_epoch_gives_same_batches(text_ds, parallel_ds, char_tok, kind):
     mlm_tok = fd.CharTokenizer(char_tok.chars, reserve_mask=True)
     make = {
@@ -310,6 +310,8 @@ def test_resume_mid_epoch_gives_same_batches(text_ds, parallel_ds, char_tok, kin
         "mlm": lambda: fd.mlm_pipeline(text_ds, mlm_tok, batch_size=4, max_len=32),
         "windows": lambda: fd.window_pipeline(char_tok.encode(text_ds.full_text()),
                                              batch_size=4, seq_len=16),
+        "windows_prefetch": lambda: fd.window_pipeline(char_tok.encode(text_ds.full_text()),
+                                                      batch_size=4, seq_len=16, prefetch=2),
     }[kind]
     it = iter(make())
     steps = 40  # several epochs of the tiny corpus: resuming crosses epoch boundaries

@@ -779,7 +779,7 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
 
 def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_len: int,
                     seed: int = 0, random: bool = True, num_steps: int | None = None,
-                    shard: tuple[int, int] | None = None, prefetch: int = 2) -> Pipeline:
+                    shard: tuple[int, int] | None = None, prefetch: int = 0) -> Pipeline:
     """Windows of one long token stream (nanoGPT's `get_batch`), as a resumable pipeline.
 
     random=True: batch `step` takes `batch_size` windows of `seq_len + 1` tokens at offsets
@@ -791,6 +791,9 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     random=False: consecutive non-overlapping windows covering every target token once, for an
     exact evaluation over the stream; the last window is padded with 0 (weight 0) and the last
     batch with all-zero rows, so every process gets the same number of batches.
+
+    prefetch: batches made ahead on a background thread; 0 (default) makes each on the calling
+    thread, which is cheaper here: a batch is one gather of a few thousand tokens.
     """
     tokens = np.asarray(tokens, np.int32)
     if seq_len < 1:
@@ -830,7 +833,7 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
         if num_steps is not None:
             steps = min(steps, num_steps)
     ds = grain.MapDataset.range(int(steps)).map(batch_at).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
                     stats=None, description=f"windows batch={batch_size} seq_len={seq_len} "
                     f"random={random} over {len(tokens)} tokens")
