@@ -21,7 +21,8 @@ VARIANTS = {
     "gpt_sinusoidal_postln_scan_remat": fl.get_config(
         "gpt2", position="sinusoidal", norm_position="post", final_norm=False, scan_layers=True,
         remat="full", **TINY),
-    "gpt_mqa_unfused": fl.get_config("gpt2", num_kv_heads=1, fused_qkv=False, **TINY),
+    "gpt_mqa_unfused_no_biases": fl.get_config("gpt2", num_kv_heads=1, fused_qkv=False,
+                                               use_bias=False, norm_bias=False, **TINY),
     "transformer": fl.get_config("transformer-base", **TINY),
     "t5": fl.get_config("t5-small", head_dim=8, **TINY),
     "t5_scan": fl.get_config("t5-small", head_dim=8, scan_layers=True, **TINY),
