@@ -59,8 +59,7 @@ def attention_weights(
     if bias is not None:
         logits = logits + _to_groups(bias, hk, g).astype(jnp.float32)
     if is_causal:
-        causal = causal_mask(lq, k.shape[1], offset=k.shape[1] - lq)
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
+        mask = _and_causal(mask, lq, k.shape[1])
     if mask is not None:
         logits = jnp.where(_to_groups(mask, hk, g), logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -140,9 +139,7 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
         bias = bias.astype(q.dtype)
     if is_causal and q.shape[1] != k.shape[1]:
         # jax's is_causal aligns queries to the first keys; "ops" aligns them to the last.
-        lq, lk = q.shape[1], k.shape[1]
-        causal = causal_mask(lq, lk, offset=lk - lq)
-        mask = causal if mask is None else mask & causal
+        mask = _and_causal(mask, q.shape[1], k.shape[1])
         is_causal = False
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
@@ -174,6 +171,12 @@ def _use_cpu_path() -> bool:
     return jax.default_backend() == "cpu" and enabled("cpu_attention")
 
 
+def _and_causal(mask, lq, lk):
+    """`mask` (or None) and the causal mask, with the `lq` queries at the last key positions."""
+    tri = causal_mask(lq, lk, offset=lk - lq)
+    return tri if mask is None else jnp.logical_and(mask, tri)
+
+
 def _batch_chunk(b: int, scores_per_row: int) -> int:
     """Batch rows per chunk: the whole batch when small, else chunks of about _CHUNK_BYTES."""
     if b < 2 or b * scores_per_row * 4 < _CHUNK_MIN_BYTES:
@@ -201,8 +204,7 @@ def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
     # causal mask goes in whole.
     causal = is_causal and lq <= lk
     if is_causal and not causal:
-        tri = causal_mask(lq, lk, offset=lk - lq)
-        mask = tri if mask is None else jnp.logical_and(mask, tri)
+        mask = _and_causal(mask, lq, lk)
     bias5, mask5 = _to_groups(bias, hk, g), _to_groups(mask, hk, g)
     if mask5 is not None:
         mask5 = mask5.astype(bool)
