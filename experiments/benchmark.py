@@ -176,6 +176,9 @@ class JaxTrain:
     """The library's DecoderOnly trained by `flaxformer_lite.training.train_step` (AdamW).
 
     `spec["jax_step"] = "plain"` swaps in a bare optax AdamW step written here instead.
+    `spec["cpu_devices"] = n` presents the CPU to JAX as n devices (`jax_num_cpu_devices`) and
+    trains data parallel over them: the same step and global batch, the batch split n ways and
+    the state replicated, so XLA sums the gradients across the devices.
     """
 
     def __init__(self, spec: dict):
@@ -192,6 +195,8 @@ class JaxTrain:
 
         import flaxformer_lite as fl
 
+        if spec.get("cpu_devices"):
+            jax.config.update("jax_num_cpu_devices", int(spec["cpu_devices"]))
         self.jax, self.jnp = jax, jnp
         self.spec = spec
         on_gpu = jax.default_backend() == "gpu"
@@ -244,8 +249,18 @@ class JaxTrain:
         # through oneDNN); the plain step XLA's defaults.
         self.compiler_options = (perf.step_compiler_options(jax.devices())
                                  if self.step_kind == "library" else {})
+        out_shardings = None
+        if jax.device_count() > 1:  # data parallel: batch split over the devices
+            from jax.sharding import AxisType, NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+            out_shardings = NamedSharding(mesh, P())
+            self.state = jax.device_put(self.state, out_shardings)
+            self.batches = [jax.device_put(b, NamedSharding(mesh, P("data")))
+                            for b in self.batches]
         t0 = time.perf_counter()
-        step = jax.jit(train_step, donate_argnums=0)
+        step = jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
         self.compiled = step.lower(self.state, self.batches[0]).compile(
             self.compiler_options or None)
         self.compile_s = time.perf_counter() - t0
@@ -311,7 +326,7 @@ class JaxTrain:
         from flaxformer_lite.params import flops_per_token
         return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
                 "device_peak": mem.get("peak_bytes_in_use"), "step_buffers": step_bytes,
-                "jax_step": self.step_kind,
+                "jax_step": self.step_kind, "devices": jax.device_count(),
                 "device_kind": dev.device_kind, "platform": dev.platform,
                 "flops_per_token": flops_per_token(self.config, self.spec["context"])["total"],
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "applied": self.applied}
@@ -627,9 +642,11 @@ class Worker:
 
 
 def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
-    """'name:KEY=VAL,cfg.field=VAL,disable=a+b,configure_cpu=0' -> (name, env, cfg, spec).
+    """'name:KEY=VAL,cfg.field=VAL,disable=a+b,configure_cpu=0,cpu_devices=2' ->
+    (name, env, cfg, spec).
 
-    `disable=a+b` turns off fast paths a and b (`flaxformer_lite.ops.fast_paths`).
+    `disable=a+b` turns off fast paths a and b (`flaxformer_lite.ops.fast_paths`);
+    `cpu_devices=n` trains data parallel over the CPU presented as n devices (`JaxTrain`).
     """
     name, _, rest = text.partition(":")
     env, cfg, spec = {}, {}, {}
@@ -644,6 +661,8 @@ def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
             env["FLAXFORMER_LITE_DISABLE"] = value.replace("+", ",")
         elif key == "configure_cpu":
             spec["configure_cpu"] = value not in ("0", "false", "False")
+        elif key == "cpu_devices":
+            spec["cpu_devices"] = int(value)
         else:
             env[key] = value
     return name, env, cfg, spec
@@ -961,8 +980,9 @@ def main(argv=None) -> int:
                         help="1: JAX workers call flaxformer_lite.perf.configure_cpu()")
     parser.add_argument("--variant", action="append", default=[],
                         help="an extra JAX row, 'name:ENV=VAL,cfg.field=VAL,disable=a+b,"
-                             "configure_cpu=0' (repeatable; disable names fast paths of "
-                             "flaxformer_lite.ops.fast_paths)")
+                             "configure_cpu=0,cpu_devices=2' (repeatable; disable names fast "
+                             "paths of flaxformer_lite.ops.fast_paths; cpu_devices=n trains "
+                             "data parallel over the CPU split into n JAX devices)")
     parser.add_argument("--attention_lengths", default=None,
                         help="comma list (default 128..2048 on CPU, ..4096 on accelerators)")
     parser.add_argument("--attention_batch", type=int, default=1)

@@ -40,6 +40,7 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)
+    common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)

@@ -90,6 +90,7 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()
     options = cfg.dataset_options.to_dict() if cfg.dataset.startswith("synthetic/") else {}

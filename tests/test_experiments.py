@@ -77,11 +77,33 @@ def test_mlm_on_a_local_file(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"paragraph {i}: masked language models read both ways."
                                 for i in range(300)) + "\n")
-    run("mlm.py", tmp_path / "work", f"--config.dataset={text}",
-        f"--config.data_dir={tmp_path / 'data'}", "--config.tokenizer=char",
-        "--config.num_steps=10", "--config.eval_every=5", "--config.eval_batches=2",
-        "--config.seq_len=32", "--config.batch_size=4", "--config.model.max_len=32",
-        "--config.optimizer.warmup_steps=2", "--config.optimizer.decay_steps=10", *TINY_MODEL)
+    # The CPU split into two devices: the run is data parallel over them.
+    out = run("mlm.py", tmp_path / "work", f"--config.dataset={text}",
+              f"--config.data_dir={tmp_path / 'data'}", "--config.tokenizer=char",
+              "--config.num_steps=10", "--config.eval_every=5", "--config.eval_batches=2",
+              "--config.seq_len=32", "--config.batch_size=4", "--config.model.max_len=32",
+              "--config.optimizer.warmup_steps=2", "--config.optimizer.decay_steps=10",
+              "--config.parallel.cpu_devices=2", *TINY_MODEL)
+    assert "2 device(s) [cpu]" in out and "mesh" in out
     evals = metrics(tmp_path / "work")
     assert [m["step"] for m in evals] == [5, 10]
     assert all(m["eval_loss"] > 0 and 0 <= m["eval_accuracy"] <= 1 for m in evals)
+
+
+def test_cpu_devices_must_be_a_whole_number():
+    import importlib.util
+
+    import ml_collections
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location("common", ROOT / "experiments" / "common.py")
+        common = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(common)
+    finally:
+        sys.path.remove(str(ROOT))
+    for bad in (-1, 1.5, True, "2"):
+        cfg = ml_collections.ConfigDict({"parallel": {"cpu_devices": bad}})
+        with pytest.raises(ValueError, match="config.parallel.cpu_devices"):
+            common.use_cpu_devices(cfg)
+    common.use_cpu_devices(ml_collections.ConfigDict({"parallel": {"cpu_devices": 0}}))
