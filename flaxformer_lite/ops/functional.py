@@ -216,15 +216,22 @@ def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, 
     """
     if scale is not None and enabled("layer_norm_vjp"):
         return _layer_norm(x, scale, bias, eps)
+    return _affine_layer_norm(x, scale, bias, eps)[0]
+
+
+def _affine_layer_norm(x, scale, bias, eps):
+    """The forward formula (`scale` and `bias` may be None); also returns the float32 row mean
+    and 1/std `[..., 1]` that the hand-written backward saves."""
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    rstd = jax.lax.rsqrt(var + eps)
+    y = (xf - mean) * rstd
     if scale is not None:
         y = y * scale.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return y.astype(x.dtype), mean, rstd
 
 
 def rms_norm(x: Array, scale: Array | None = None, *, eps: float = 1e-6) -> Array:
@@ -248,14 +255,8 @@ def _layer_norm(x, scale, bias, eps):
 
 
 def _layer_norm_fwd(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(var + eps)
-    y = (xf - mean) * rstd * scale.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+    y, mean, rstd = _affine_layer_norm(x, scale, bias, eps)
+    return y, (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_bwd(eps, res, dy):

@@ -393,6 +393,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                             num_steps)
                 break
             if step == start_step:  # compile what the run needs side by side, then train
+                batch = engine.shard_batch(batch)  # laid out once, for the compile and the step
                 engine.precompile(state, batch, functools.partial(_first_eval_batch, eval_data)
                                   if evaluating else None)
                 if warm_up is not None:
