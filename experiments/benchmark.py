@@ -250,11 +250,15 @@ class JaxTrain:
         self.compiler_options = (perf.step_compiler_options(jax.devices())
                                  if self.step_kind == "library" else {})
         out_shardings = None
-        if jax.device_count() > 1:  # data parallel: batch split over the devices
+        self.num_devices = 1
+        if spec.get("cpu_devices", 0) > 1 and jax.default_backend() == "cpu":
+            # Data parallel over the CPU's devices; elsewhere every row uses one device, as
+            # the MFU columns assume.
+            self.num_devices = jax.device_count()
             from jax.sharding import AxisType, NamedSharding
             from jax.sharding import PartitionSpec as P
 
-            mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+            mesh = jax.make_mesh((self.num_devices,), ("data",), axis_types=(AxisType.Auto,))
             out_shardings = NamedSharding(mesh, P())
             self.state = jax.device_put(self.state, out_shardings)
             self.batches = [jax.device_put(b, NamedSharding(mesh, P("data")))
@@ -326,7 +330,7 @@ class JaxTrain:
         from flaxformer_lite.params import flops_per_token
         return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
                 "device_peak": mem.get("peak_bytes_in_use"), "step_buffers": step_bytes,
-                "jax_step": self.step_kind, "devices": jax.device_count(),
+                "jax_step": self.step_kind, "devices": self.num_devices,
                 "device_kind": dev.device_kind, "platform": dev.platform,
                 "flops_per_token": flops_per_token(self.config, self.spec["context"])["total"],
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "applied": self.applied}
@@ -775,7 +779,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 "compile_s": st.get("compile_s"), "loss": st.get("loss"),
                 "peak_memory": st.get("device_peak") or st.get("max_rss"),
                 "peak_memory_kind": "device" if st.get("device_peak") else "process max RSS",
-                "step_buffers": st.get("step_buffers"),
+                "step_buffers": st.get("step_buffers"), "devices": st.get("devices", 1),
             }
             for ref in ("jax", "torch eager", "torch.compile"):
                 if ref in round_medians and round_medians[ref] and w.name != ref:

@@ -93,9 +93,9 @@ def use_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
     """`config.parallel.cpu_devices = n` (> 0): JAX sees this host's CPU as n devices, and the
     default parallel mode trains data parallel over them (mode "auto" becomes "mesh").
 
-    On a 2-core CPU, two devices run two half-batch programs side by side, which keeps the cores
-    busier than one program whose ops each split over both: the 6-layer/384 model's train step
-    took 0.85-0.90x the time, the Shakespeare recipe's ~0.98x (docs/performance.md). Call it
+    On a 2-core CPU two devices run two half-batch programs side by side, presumably keeping the
+    cores busier than one program whose ops each split over both: the 6-layer/384 model's train
+    step took 0.85-0.90x the time, the Shakespeare recipe's ~0.98x (docs/performance.md). Call it
     first thing in `main`, before anything starts JAX's backend; 0 leaves JAX's default (one CPU
     device unless `XLA_FLAGS` says otherwise). Accelerators are unaffected.
     """
