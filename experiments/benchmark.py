@@ -255,10 +255,12 @@ class JaxTrain:
             # Data parallel over the CPU's devices; elsewhere every row uses one device, as
             # the MFU columns assume.
             self.num_devices = jax.device_count()
-            from jax.sharding import AxisType, NamedSharding
+            from jax.sharding import NamedSharding
             from jax.sharding import PartitionSpec as P
 
-            mesh = jax.make_mesh((self.num_devices,), ("data",), axis_types=(AxisType.Auto,))
+            from flaxformer_lite.training.partitioning import make_mesh
+
+            mesh = make_mesh()  # every device on the data axis
             out_shardings = NamedSharding(mesh, P())
             self.state = jax.device_put(self.state, out_shardings)
             self.batches = [jax.device_put(b, NamedSharding(mesh, P("data")))
