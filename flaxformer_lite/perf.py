@@ -26,14 +26,15 @@ Both do nothing when jemalloc is not installed (Debian/Ubuntu: `apt install libj
 `jemalloc_env()` gives the same environment for other launchers.
 
 `step_compiler_options(devices)` gives the compile options `training.Engine` builds its train
-and eval steps with: on CPUs, matmuls through oneDNN (~11% off the Shakespeare model's train
-step, ~15% off its eval step).
+and eval steps with: on Intel CPUs, matmuls through oneDNN (~11% off the Shakespeare model's
+train step, ~15% off its eval step, on a Sapphire Rapids Xeon; 4-8% slower on an AMD EPYC, so
+not used there).
 
 `enable_compilation_cache()` turns on JAX's persistent compilation cache, so a rerun (or any
 run of the same shapes) loads compiled programs from disk instead of compiling them again: on
 the Shakespeare model the init took 3.7 s to compile on a first run and 0.35 s to load on a
-rerun, the sampler 2.3 s and 0.13 s. XLA cannot serialize programs that call oneDNN, so on CPUs
-the train and eval steps are compiled on every run (~2 s and ~0.5 s there); on accelerators they
+rerun, the sampler 2.3 s and 0.13 s. XLA cannot serialize programs that call oneDNN, so on Intel
+CPUs the train and eval steps are compiled on every run (~2 s and ~0.5 s there); elsewhere they
 are cached too. The experiment scripts call it; the library never does.
 """
 
@@ -53,11 +54,15 @@ CPU_XLA_FLAGS: dict[str, str] = {
 }
 
 # XLA:CPU compile options for the training and evaluation steps (see `step_compiler_options`):
-# every matmul (dot) runs as its own oneDNN call instead of XLA's Eigen kernel. Measured on a
-# 2-core x86 CPU in one process, the same lowered step compiled both ways and timed in
-# alternation: the Shakespeare model's train step 0.88-0.99x the time (0.885x over 12 rounds),
-# its eval step at batch 128 0.84-0.88x, the 6-layer/384/context-256 model's train step
-# 0.96x; same loss.
+# every matmul (dot) runs as its own oneDNN call instead of XLA's Eigen kernel. Measured on two
+# 2-core x86 CPUs, the same step compiled both ways and timed in alternation (same loss):
+# - Intel Xeon (Sapphire Rapids, AVX-512): the Shakespeare model's train step 0.88-0.99x the
+#   time (0.885x over 12 rounds), its eval step at batch 128 0.84-0.88x, the
+#   6-layer/384/context-256 model's train step 0.96x.
+# - AMD EPYC (Zen 3, AVX2): the Shakespeare model's train step 1.04x and 1.08x the time, on
+#   one device and on two; slower, and the program cannot be cached (see below).
+# So they are used by default on Intel CPUs only (`FLAXFORMER_LITE_ONEDNN=1` or `=0` decides
+# instead).
 CPU_STEP_COMPILER_OPTIONS: dict[str, object] = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
@@ -137,17 +142,41 @@ def configure_cpu(*, xla_flags: bool = True, malloc: bool = True) -> dict[str, o
     return applied
 
 
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...);
+    "" where there is none (not Linux, not x86)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _onednn_by_default() -> bool:
+    """Whether the CPU steps use oneDNN: `FLAXFORMER_LITE_ONEDNN` when set, else on Intel CPUs
+    (where it was measured faster; see `CPU_STEP_COMPILER_OPTIONS`)."""
+    if _switched_off(_ONEDNN_SWITCH):
+        return False
+    if os.environ.get(_ONEDNN_SWITCH, "") in ("1", "true", "True"):
+        return True
+    return cpu_vendor() == "GenuineIntel"
+
+
 def step_compiler_options(devices) -> dict[str, object]:
     """XLA compile options for a train or eval step that runs on `devices` (`jax.Device`s).
 
-    On CPUs, `CPU_STEP_COMPILER_OPTIONS` (matmuls through oneDNN) less any option that
-    `XLA_FLAGS` already names, so a flag you set wins; `{}` for accelerators, and everywhere when
-    `FLAXFORMER_LITE_ONEDNN=0` is set. Options apply to one compiled program, not the process,
-    which is why `Engine` can use them without `configure_cpu()`.
+    On Intel CPUs, `CPU_STEP_COMPILER_OPTIONS` (matmuls through oneDNN) less any option that
+    `XLA_FLAGS` already names, so a flag you set wins; `{}` for accelerators and other CPUs.
+    `FLAXFORMER_LITE_ONEDNN=0` turns the options off everywhere, `=1` on for every CPU. Options
+    apply to one compiled program, not the process, which is why `Engine` can use them without
+    `configure_cpu()`.
     """
     devices = list(devices)
-    if (_switched_off(_ONEDNN_SWITCH) or not devices
-            or any(d.platform != "cpu" for d in devices)):
+    if (not devices or any(d.platform != "cpu" for d in devices)
+            or not _onednn_by_default()):
         return {}
     have = _flag_names(os.environ.get("XLA_FLAGS", ""))
     return {k: v for k, v in CPU_STEP_COMPILER_OPTIONS.items() if f"--{k}" not in have}

@@ -302,6 +302,12 @@ def test_step_compiler_options(monkeypatch):
     cpu, gpu = types.SimpleNamespace(platform="cpu"), types.SimpleNamespace(platform="gpu")
     monkeypatch.delenv("FLAXFORMER_LITE_ONEDNN", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setattr(perf, "cpu_vendor", lambda: "AuthenticAMD")  # measured slower there
+    assert perf.step_compiler_options([cpu]) == {}
+    monkeypatch.setenv("FLAXFORMER_LITE_ONEDNN", "1")  # unless asked for
+    assert perf.step_compiler_options([cpu]) == perf.CPU_STEP_COMPILER_OPTIONS
+    monkeypatch.delenv("FLAXFORMER_LITE_ONEDNN")
+    monkeypatch.setattr(perf, "cpu_vendor", lambda: "GenuineIntel")
     assert perf.step_compiler_options([cpu, cpu]) == perf.CPU_STEP_COMPILER_OPTIONS
     assert perf.step_compiler_options([cpu, gpu]) == {}
     assert perf.step_compiler_options([]) == {}
@@ -309,6 +315,15 @@ def test_step_compiler_options(monkeypatch):
     assert "xla_cpu_use_onednn" not in perf.step_compiler_options([cpu])
     monkeypatch.setenv("FLAXFORMER_LITE_ONEDNN", "0")
     assert perf.step_compiler_options([cpu]) == {}
+
+
+def test_cpu_vendor(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert perf.cpu_vendor(str(info)) == "AuthenticAMD"
+    info.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")  # an Arm host names none
+    assert perf.cpu_vendor(str(info)) == ""
+    assert perf.cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 def test_jemalloc_env():

@@ -326,28 +326,29 @@ def test_step_metrics_match_an_independent_gradient(engine, step_setup):
 
 
 def test_cpu_steps_use_onednn_and_match_xla_defaults(engine):
-    """On CPU the engine compiles its steps with oneDNN matmuls; XLA's own kernels, the
-    reference, give the same parameters and metrics."""
+    """On CPU the engine can compile its steps with oneDNN matmuls (the default on Intel CPUs);
+    XLA's own kernels, the reference, give the same parameters and metrics."""
     if jax.devices()[0].platform != "cpu":
         pytest.skip("oneDNN compile options apply to CPUs only")
+    assert engine.step_compiler_options() == perf.step_compiler_options(jax.devices())
+    onednn_engine = Engine(TINY, OPT, ParallelConfig(
+        mode="single", compiler_options=perf.CPU_STEP_COMPILER_OPTIONS), LOSS)
     plain = Engine(TINY, OPT, ParallelConfig(mode="single", compiler_options={}), LOSS)
     assert plain.step_compiler_options() == {}
-    assert engine.step_compiler_options() == perf.step_compiler_options(jax.devices())
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(0).items()}
-    state = engine.init_state(0)
+    state = onednn_engine.init_state(0)
     onednn = '"kind":"__onednn_fusion"'  # the fusion's backend config in the compiled HLO
-    if engine.step_compiler_options():  # FLAXFORMER_LITE_ONEDNN=0 turns them off
-        assert onednn in engine._train.lower(state, batch).compile().as_text()
+    assert onednn in onednn_engine._train.lower(state, batch).compile().as_text()
     assert onednn not in plain._train.lower(state, batch).compile().as_text()
-    states = {"onednn": engine.init_state(0), "xla": plain.init_state(0)}
+    states = {"onednn": onednn_engine.init_state(0), "xla": plain.init_state(0)}
     metrics = {}
-    for name, eng in (("onednn", engine), ("xla", plain)):
+    for name, eng in (("onednn", onednn_engine), ("xla", plain)):
         for i in range(3):
             states[name], m = eng.train_step(states[name], synthetic_batch(i))
         metrics[name] = {**m, **{f"eval_{k}": v for k, v in
                                  eng.eval_step(states[name], synthetic_batch(5)).items()}}
     assert max_diff(states["onednn"].params, states["xla"].params) < 1e-5
-    assert max_diff(states["onednn"].params, engine.init_state(0).params) > 1e-3
+    assert max_diff(states["onednn"].params, onednn_engine.init_state(0).params) > 1e-3
     for k in ("loss", "grad_norm", "eval_loss"):
         np.testing.assert_allclose(metrics["onednn"][k], metrics["xla"][k], rtol=1e-5)
 

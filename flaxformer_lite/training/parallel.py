@@ -61,10 +61,10 @@ class ParallelConfig:
     axis_rules: logical axis name -> mesh axes (`partitioning.DEFAULT_RULES`).
     donate: let each step reuse the previous state's device memory.
     compiler_options: XLA compile options for the train and eval steps ("jit" modes; `jax.pmap`
-      takes none). None = `perf.step_compiler_options(devices)`: on CPUs, matmuls through
-      oneDNN (~11% faster steps, see docs/performance.md), at the price of compiling them
-      on every run: XLA cannot write them to the persistent compilation cache. `{}` = XLA's
-      defaults.
+      takes none). None = `perf.step_compiler_options(devices)`: on Intel CPUs, matmuls
+      through oneDNN (~11% faster steps, see docs/performance.md), at the price of compiling
+      them on every run: XLA cannot write them to the persistent compilation cache. `{}` =
+      XLA's defaults.
     """
 
     mode: str = "auto"
