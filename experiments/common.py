@@ -94,15 +94,20 @@ def use_cpu_devices(cfg: ml_collections.ConfigDict) -> None:
     default parallel mode trains data parallel over them (mode "auto" becomes "mesh").
 
     On a 2-core CPU two devices run two half-batch programs side by side, presumably keeping the
-    cores busier than one program whose ops each split over both: the 6-layer/384 model's train
-    step took 0.85-0.90x the time, the Shakespeare recipe's ~0.98x (docs/performance.md). Call it
-    first thing in `main`, before anything starts JAX's backend; 0 leaves JAX's default (one CPU
-    device unless `XLA_FLAGS` says otherwise). Accelerators are unaffected.
+    cores busier than one program whose ops each split over both: the Shakespeare model's train
+    step took 0.85-0.9x the time on an Intel Xeon and ~0.65x on an AMD EPYC, the 6-layer/384
+    model's 0.85-0.90x on the Xeon (docs/performance.md). Call it first thing in `main`, before
+    anything starts JAX's backend; 0 leaves JAX's default (one CPU device). A device count the
+    user set already (`--xla_force_host_platform_device_count` in `XLA_FLAGS`, or
+    `JAX_NUM_CPU_DEVICES`) wins. Accelerators are unaffected.
     """
     n = cfg.parallel.get("cpu_devices", 0)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"config.parallel.cpu_devices={n!r} must be a whole number >= 0 "
                          "(0 = JAX's default, n = split the CPU into n devices).")
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or "JAX_NUM_CPU_DEVICES" in os.environ):
+        return
     if n:
         try:
             jax.config.update("jax_num_cpu_devices", n)

@@ -40,10 +40,11 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
     work = tmp_path / "work"
     out = run("lm.py", work, "--config.num_steps=10", *common)
     assert f"compilation cache {tmp_path / 'jax_cache'}" in out
-    assert "single device" in out  # the parallel mode is printed at start
+    # The parallel mode is printed at start: the config splits the CPU into two devices.
+    assert "2 device(s) [cpu]" in out and "mesh" in out
     cached = set(os.listdir(tmp_path / "jax_cache"))
-    # The second run loads the init from disk (the CPU steps hold oneDNN calls, which XLA
-    # cannot serialize, and are compiled again).
+    # The second run loads the init from disk (on Intel CPUs the steps hold oneDNN calls,
+    # which XLA cannot serialize, and are compiled again).
     assert any("_create" in name for name in cached)
     first = metrics(work)
     assert [m["step"] for m in first] == [10]
@@ -90,7 +91,7 @@ def test_mlm_on_a_local_file(tmp_path):
     assert all(m["eval_loss"] > 0 and 0 <= m["eval_accuracy"] <= 1 for m in evals)
 
 
-def test_cpu_devices_must_be_a_whole_number():
+def test_cpu_devices_must_be_a_whole_number(monkeypatch):
     import importlib.util
 
     import ml_collections
@@ -107,3 +108,14 @@ def test_cpu_devices_must_be_a_whole_number():
         with pytest.raises(ValueError, match="config.parallel.cpu_devices"):
             common.use_cpu_devices(cfg)
     common.use_cpu_devices(ml_collections.ConfigDict({"parallel": {"cpu_devices": 0}}))
+    # A device count the user set in XLA_FLAGS wins: JAX's setting is left alone.
+    calls = []
+    monkeypatch.setattr(common.jax.config, "update", lambda *a: calls.append(a))
+    two = ml_collections.ConfigDict({"parallel": {"cpu_devices": 2}})
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    common.use_cpu_devices(two)
+    assert calls == []
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
+    common.use_cpu_devices(two)
+    assert calls == [("jax_num_cpu_devices", 2)]
