@@ -245,7 +245,7 @@ class JaxTrain:
                 updates, opt_state = tx.update(grads, opt_state, p)
                 return (optax.apply_updates(p, updates), opt_state), loss
 
-        # The library's step gets the compile options `Engine` gives it (on CPUs: matmuls
+        # The library's step gets the compile options `Engine` gives it (on Intel CPUs: matmuls
         # through oneDNN); the plain step XLA's defaults.
         self.compiler_options = (perf.step_compiler_options(jax.devices())
                                  if self.step_kind == "library" else {})
