@@ -66,9 +66,19 @@ def load(path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def assert_params_close(a, b, atol=1e-5):
+def assert_params_close(a, b, atol=1e-5, key_bias=False):
+    """Every parameter within `atol`. The key bias (`qkv/bias[1]`) is left out unless
+    `key_bias`: its gradient is zero in exact arithmetic (it adds `q . b_k` to every score of a
+    row, which the softmax cancels), so what is computed is rounding noise, which Adam turns into
+    updates of ~lr whose size differs between any two compilations (seen: 1.6e-5 at lr 3e-3,
+    every other parameter within 1.3e-7)."""
     assert sorted(a) == sorted(b)
-    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+    def diff(k):
+        d = np.abs(a[k] - b[k])
+        return d[[0, 2]] if k.endswith("qkv/bias") and not key_bias else d
+
+    worst = max(float(np.max(diff(k))) for k in a)
     assert worst < atol, f"params differ by {worst}"
 
 
@@ -129,7 +139,7 @@ def test_restore_on_fewer_devices(equivalence, worker_env, tmp_path, devices, mo
                                 equivalence / "ckpt", "--out", out], worker_env)
     saved = load(equivalence / "mesh.npz")
     restored = load(str(out) + ".npz")
-    assert_params_close(saved, restored, atol=1e-30)  # bit-exact
+    assert_params_close(saved, restored, atol=1e-30, key_bias=True)  # bit-exact
     record = json.loads(Path(str(out) + ".json").read_text())
     assert record["step"] == 3 and record["data_state"] == {"batches": 3}
     assert record["devices"] == devices and record["leaf_devices"] == devices
