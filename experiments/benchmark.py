@@ -686,6 +686,8 @@ def _env(args) -> tuple[dict, str]:
             raise SystemExit("--allocator=jemalloc: no libjemalloc found (apt install "
                              "libjemalloc2), or use --allocator=glibc.")
         env = perf.jemalloc_env(env)
+    elif allocator == "glibc":
+        env = perf.hugepage_env(env)  # transparent huge pages where the kernel allows
     return env, allocator
 
 
@@ -980,7 +982,8 @@ def main(argv=None) -> int:
     parser.add_argument("--allocator", default="auto",
                         choices=("auto", "jemalloc", "glibc", "default"),
                         help="memory allocator for every worker alike: jemalloc (preloaded), "
-                             "glibc (raised mmap/trim thresholds), default; auto = jemalloc if "
+                             "glibc (raised mmap/trim thresholds; transparent huge pages where the "
+                             "kernel allows, see perf.hugepage_env), default; auto = jemalloc if "
                              "installed, else glibc")
     parser.add_argument("--configure_cpu", type=int, default=1,
                         help="1: JAX workers call flaxformer_lite.perf.configure_cpu()")
@@ -1033,9 +1036,12 @@ def main(argv=None) -> int:
     if args.matmul_size is None:
         args.matmul_size = 8192 if accelerator else 2048
     info = machine_info(env)
+    label = allocator  # workers get `allocator`; "glibc" tells them to call mallopt
+    if allocator == "glibc" and "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+        label = "glibc, huge pages"
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average']}; "
-          f"allocator {allocator}; jax {info['jax']}, torch {info['torch']}")
-    results = {"machine": info, "allocator": allocator, "args": vars(args)}
+          f"allocator {label}; jax {info['jax']}, torch {info['torch']}")
+    results = {"machine": info, "allocator": label, "args": vars(args)}
     if "train" in args.sections:
         results["train"] = bench_train(args, env, allocator, accelerator)
     if "attention" in args.sections:

@@ -375,13 +375,17 @@ def test_benchmark_train_section_runs(tmp_path):
 
 
 def test_launcher_sets_environment():
-    code = "import os; print(os.environ.get('LD_PRELOAD', ''), '|', os.environ['XLA_FLAGS'])"
+    code = ("import os; print(os.environ.get('LD_PRELOAD', ''), '|',"
+            " os.environ.get('GLIBC_TUNABLES', ''), '|', os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-m", "flaxformer_lite.perf", "-c", code],
                          capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": ""})
+                         env={**env, "PYTHONPATH": REPO, "XLA_FLAGS": ""})
     assert out.returncode == 0, out.stderr
-    preload, flags = out.stdout.strip().split("|")
-    assert ("jemalloc" in preload) == (perf.jemalloc_path() is not None)
+    preload, tunables, flags = out.stdout.strip().split("|")
+    jemalloc, hugepages = _expected_allocator_env()
+    assert ("jemalloc" in preload) == jemalloc
+    assert (perf.GLIBC_HUGEPAGE_TUNABLE in tunables) == hugepages
     assert flags.split() == [f"{k}={v}" for k, v in perf.CPU_XLA_FLAGS.items()]
 
 
@@ -395,21 +399,84 @@ def test_fast_path_switches(monkeypatch):
         fast_paths.enabled("gelu_vjp")
 
 
+def _expected_allocator_env() -> tuple[bool, bool]:
+    """(jemalloc preloaded, huge pages tunable) that `allocator_env` gives on this machine."""
+    if perf.jemalloc_path() is not None:
+        return True, False
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    return False, "GLIBC_TUNABLES" in perf.hugepage_env(clean)
+
+
 @pytest.mark.parametrize("opt_out", [False, True])
-def test_relaunch_with_jemalloc(tmp_path, opt_out):
+def test_relaunch_with_fast_malloc(tmp_path, opt_out):
     script = tmp_path / "script.py"
     script.write_text("import os, sys\nfrom flaxformer_lite import perf\n"
-                      "perf.relaunch_with_jemalloc()\n"
-                      "print(os.environ.get('LD_PRELOAD', ''), '|', sys.argv[1:])\n")
+                      "perf.relaunch_with_fast_malloc()\n"
+                      "print(os.environ.get('LD_PRELOAD', ''), '|',"
+                      " os.environ.get('GLIBC_TUNABLES', ''), '|', sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "FLAXFORMER_LITE_RELAUNCHED")}
-    env.update(PYTHONPATH=REPO, FLAXFORMER_LITE_JEMALLOC="0" if opt_out else "1")
+           if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "FLAXFORMER_LITE_RELAUNCHED")}
+    env.update(PYTHONPATH=REPO, FLAXFORMER_LITE_RELAUNCH="0" if opt_out else "1")
     out = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
                          text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
-    preload, args = out.stdout.strip().split("|")
+    preload, tunables, args = out.stdout.strip().split("|")
     assert args.strip() == "['--flag=1']"  # same arguments after the relaunch
-    assert ("jemalloc" in preload) == (perf.jemalloc_path() is not None and not opt_out)
+    jemalloc, hugepages = _expected_allocator_env()
+    assert ("jemalloc" in preload) == (jemalloc and not opt_out)
+    assert (perf.GLIBC_HUGEPAGE_TUNABLE in tunables) == (hugepages and not opt_out)
+
+
+def test_transparent_hugepages_and_glibc_version(tmp_path):
+    f = tmp_path / "enabled"
+    f.write_text("always [madvise] never\n")
+    assert perf.transparent_hugepages(str(f)) == "madvise"
+    f.write_text("[always] madvise never\n")
+    assert perf.transparent_hugepages(str(f)) == "always"
+    assert perf.transparent_hugepages(str(tmp_path / "missing")) == ""
+    v = perf.glibc_version()
+    assert v is None or (v[0] == 2 and v[1] > 0)
+
+
+def test_hugepage_env():
+    on = dict(thp="madvise", glibc=(2, 36))
+    env = perf.hugepage_env({"PATH": "/bin"}, **on)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": perf.GLIBC_HUGEPAGE_TUNABLE}
+    # Other tunables are kept; the user's own hugetlb setting wins.
+    env = perf.hugepage_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, **on)
+    assert env["GLIBC_TUNABLES"] == ("glibc.malloc.tcache_count=0:"
+                                     + perf.GLIBC_HUGEPAGE_TUNABLE)
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert perf.hugepage_env(mine, **on) == mine
+    # Nothing to gain: pages huge already, or none; an old glibc; another allocator.
+    assert perf.hugepage_env({}, thp="always", glibc=(2, 36)) == {}
+    assert perf.hugepage_env({}, thp="never", glibc=(2, 36)) == {}
+    assert perf.hugepage_env({}, thp="madvise", glibc=(2, 31)) == {}
+    jem = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    assert perf.hugepage_env(jem, **on) == jem
+
+
+def test_hugepages_cut_page_faults():
+    """The tunable does what it is for: a large block malloc'd, touched and freed over and over
+    costs a fraction of the page faults (glibc maps and unmaps it each time)."""
+    if "GLIBC_TUNABLES" not in perf.hugepage_env({}):
+        pytest.skip("transparent huge pages in madvise mode and glibc >= 2.35 needed")
+    code = ("import ctypes, resource\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(5):\n"  # 64 MiB each time, written through, freed
+            "    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    faults = {}
+    for name, extra in (("plain", {}), ("huge", perf.hugepage_env({}))):
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, env={**env, **extra})
+        assert out.returncode == 0, out.stderr
+        faults[name] = int(out.stdout)
+    assert faults["plain"] > 5 * 16_000  # 4 KiB pages: 16k faults per 64 MiB block
+    assert faults["huge"] < faults["plain"] / 10, faults
 
 
 def test_perf_import_does_not_start_jax_and_package_names_resolve():
