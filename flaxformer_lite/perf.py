@@ -22,8 +22,9 @@ and both must be in place when the process starts:
 - jemalloc preloaded, when installed (Debian/Ubuntu: `apt install libjemalloc2`): the
   0.8M-parameter Shakespeare run went from ~19M minor page faults and 162 s to 0.2M and 122 s.
 - otherwise glibc's malloc on transparent huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`,
-  glibc >= 2.35, kernel mode "madvise"): ~4k page faults per step of that GPT instead of 0.97M,
-  its step 1.1-1.2x faster; the small model's one-device step 1.35x faster.
+  glibc >= 2.35, kernel mode "madvise"): ~4k page faults per step of that GPT instead of 0.97M;
+  its one-device step 1.11x faster and the small model's 1.35x, about level on two devices
+  (1.04x and 1.00x; one run each on a 2-core AMD EPYC).
 Two ways to get them:
 
     python -m flaxformer_lite.perf experiments/lm.py --config=...   # allocator + XLA flags
@@ -410,7 +411,7 @@ def relaunch_with_fast_malloc() -> bool:
     `FLAXFORMER_LITE_RELAUNCH=0` is set; otherwise it replaces the process (same pid, same
     arguments) and does not return. Measured: jemalloc took the small Shakespeare run from ~19M
     page faults to 0.2M and cut a quarter of its wall time; huge pages made the 6-layer
-    d_model-384 GPT's step 1.1-1.2x faster on one device (see docs/performance.md).
+    d_model-384 GPT's one-device step 1.11x faster (see docs/performance.md).
     """
     if (os.environ.get(_RELAUNCHED) or _switched_off("FLAXFORMER_LITE_RELAUNCH")
             or _backend_initialized() or not sys.orig_argv[1:]):
