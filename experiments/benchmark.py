@@ -1036,8 +1036,9 @@ def main(argv=None) -> int:
     if args.matmul_size is None:
         args.matmul_size = 8192 if accelerator else 2048
     info = machine_info(env)
+    from flaxformer_lite.perf import GLIBC_HUGEPAGE_TUNABLE
     label = allocator  # workers get `allocator`; "glibc" tells them to call mallopt
-    if allocator == "glibc" and "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+    if allocator == "glibc" and GLIBC_HUGEPAGE_TUNABLE in env.get("GLIBC_TUNABLES", ""):
         label = "glibc, huge pages"
     print(f"machine: {info['cpu']}, {info['cores']} cores, load {info['load_average']}; "
           f"allocator {label}; jax {info['jax']}, torch {info['torch']}")

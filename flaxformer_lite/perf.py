@@ -394,7 +394,6 @@ def allocator_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `env` that gives a child process the faster allocator this machine has:
     jemalloc preloaded when installed (`jemalloc_env`), else glibc on huge pages
     (`hugepage_env`); unchanged when neither applies."""
-    env = dict(os.environ if env is None else env)
     return jemalloc_env(env) if jemalloc_path() is not None else hugepage_env(env)
 
 

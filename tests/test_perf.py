@@ -377,10 +377,9 @@ def test_benchmark_train_section_runs(tmp_path):
 def test_launcher_sets_environment():
     code = ("import os; print(os.environ.get('LD_PRELOAD', ''), '|',"
             " os.environ.get('GLIBC_TUNABLES', ''), '|', os.environ['XLA_FLAGS'])")
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-m", "flaxformer_lite.perf", "-c", code],
                          capture_output=True, text=True, timeout=60,
-                         env={**env, "PYTHONPATH": REPO, "XLA_FLAGS": ""})
+                         env={**_allocator_free_env(), "PYTHONPATH": REPO, "XLA_FLAGS": ""})
     assert out.returncode == 0, out.stderr
     preload, tunables, flags = out.stdout.strip().split("|")
     jemalloc, hugepages = _expected_allocator_env()
@@ -399,12 +398,17 @@ def test_fast_path_switches(monkeypatch):
         fast_paths.enabled("gelu_vjp")
 
 
+def _allocator_free_env(*drop: str) -> dict[str, str]:
+    """This process's environment without allocator settings (and without `drop`)."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", *drop)}
+
+
 def _expected_allocator_env() -> tuple[bool, bool]:
     """(jemalloc preloaded, huge pages tunable) that `allocator_env` gives on this machine."""
     if perf.jemalloc_path() is not None:
         return True, False
-    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
-    return False, "GLIBC_TUNABLES" in perf.hugepage_env(clean)
+    return False, "GLIBC_TUNABLES" in perf.hugepage_env(_allocator_free_env())
 
 
 @pytest.mark.parametrize("opt_out", [False, True])
@@ -414,8 +418,7 @@ def test_relaunch_with_fast_malloc(tmp_path, opt_out):
                       "perf.relaunch_with_fast_malloc()\n"
                       "print(os.environ.get('LD_PRELOAD', ''), '|',"
                       " os.environ.get('GLIBC_TUNABLES', ''), '|', sys.argv[1:])\n")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LD_PRELOAD", "GLIBC_TUNABLES", "FLAXFORMER_LITE_RELAUNCHED")}
+    env = _allocator_free_env("FLAXFORMER_LITE_RELAUNCHED")
     env.update(PYTHONPATH=REPO, FLAXFORMER_LITE_RELAUNCH="0" if opt_out else "1")
     out = subprocess.run([sys.executable, str(script), "--flag=1"], capture_output=True,
                          text=True, timeout=60, env=env)
@@ -469,10 +472,10 @@ def test_hugepages_cut_page_faults():
             "    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
     faults = {}
-    for name, extra in (("plain", {}), ("huge", perf.hugepage_env({}))):
-        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+    plain = _allocator_free_env()
+    for name, env in (("plain", plain), ("huge", perf.hugepage_env(plain))):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, env={**env, **extra})
+                             timeout=60, env=env)
         assert out.returncode == 0, out.stderr
         faults[name] = int(out.stdout)
     assert faults["plain"] > 5 * 16_000  # 4 KiB pages: 16k faults per 64 MiB block
