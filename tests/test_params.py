@@ -60,6 +60,15 @@ def test_breakdown_adds_up_and_matches_closed_form(counts):
     assert t5["position_embeddings"] == 2 * 32 * 8  # one relative table per stack
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert-base", "t5-small", "transformer-base"])
+def test_breakdown_through_scan_equals_the_unrolled_model(name):
+    # `breakdown` traces the layers as one scan; the unrolled model users build by default has
+    # the same parameters, component by component.
+    cfg = get_config(name)
+    assert not cfg.scan_layers
+    assert params._tally(params.param_shapes(cfg)) == params.breakdown(cfg)
+
+
 def test_count_without_biases_matches_nanogpt():
     # nanoGPT's GPT with bias=False (no biases in its Linear or LayerNorm layers): tied token
     # table, learned positions, per layer two norm scales, qkv + output projection (4 d^2) and
