@@ -91,7 +91,7 @@ def test_cpu_attention_matches_autodiff(chunking, kv_heads, bias_kind, mask_kind
     np.testing.assert_allclose(out, numpy_attention(q, k, v, bias, full_mask), atol=1e-5,
                                rtol=1e-5)
     got = jax.jit(jax.grad(loss(ops.scaled_dot_product_attention), argnums))(*args)
-    want = jax.grad(loss(reference_attention), argnums)(*args)
+    want = jax.jit(jax.grad(loss(reference_attention), argnums))(*args)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
@@ -109,7 +109,7 @@ def test_cpu_attention_causal_with_unequal_lengths(chunking, lq, lk):
 
     got = jax.jit(jax.value_and_grad(loss(ops.scaled_dot_product_attention), (0, 1, 2, 3)))(
         q, k, v, bias)
-    want = jax.value_and_grad(loss(reference_attention), (0, 1, 2, 3))(q, k, v, bias)
+    want = jax.jit(jax.value_and_grad(loss(reference_attention), (0, 1, 2, 3)))(q, k, v, bias)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
@@ -132,8 +132,8 @@ def test_cpu_attention_matches_jax_nn_gradients(chunking):
         return lambda q, k, v: (fn(q, k, v, is_causal=True) * ct).sum()
 
     got = jax.grad(loss(ops.scaled_dot_product_attention), (0, 1, 2))(q, k, v)
-    want = jax.grad(loss(lambda *a, **kw: jax.nn.dot_product_attention(
-        *a, **kw, implementation="xla")), (0, 1, 2))(q, k, v)
+    want = jax.jit(jax.grad(loss(lambda *a, **kw: jax.nn.dot_product_attention(
+        *a, **kw, implementation="xla")), (0, 1, 2)))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=1e-4)
 
