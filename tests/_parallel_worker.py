@@ -1,7 +1,8 @@
 """Engine-level runs in their own process (the device count is fixed at JAX start-up).
 
-    equivalence --devices 8 --out DIR   3 steps on the same global batches in "single", "pmap"
-                                        and "mesh" (data=2, fsdp=2, tensor=2); writes
+    equivalence --devices 8 --out DIR   3 steps on the same global batches in "single", "pmap",
+                                        "mesh" (data=2, fsdp=2, tensor=2) and "mesh_micro" (the
+                                        same mesh, 2 micro-batches per step); writes
                                         DIR/<mode>.npz (params) and DIR/<mode>.json (losses
                                         and eval sums on a 5-row batch),
                                         DIR/init.npz (the initial params), then saves the mesh
@@ -59,7 +60,9 @@ def make_engine(mode: str):
     parallel = {"single": ParallelConfig(mode="single"),
                 "pmap": ParallelConfig(mode="pmap"),
                 "mesh": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2),
-                "mesh4": ParallelConfig(mode="mesh", data=1, fsdp=2, tensor=2)}[mode]
+                "mesh4": ParallelConfig(mode="mesh", data=1, fsdp=2, tensor=2),
+                "mesh_micro": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2,
+                                             microbatches=2)}[mode]
     return Engine(tiny_config(), optimizer, parallel, LossConfig(label_smoothing=0.1))
 
 
@@ -69,7 +72,7 @@ def run_equivalence(out: str) -> None:
     from flaxformer_lite.training import Checkpointer
 
     batches = global_batches(4)
-    for mode in ("single", "pmap", "mesh"):
+    for mode in ("single", "pmap", "mesh", "mesh_micro"):
         engine = make_engine(mode)
         state = engine.init_state(0)
         if mode == "single":

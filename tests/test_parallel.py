@@ -119,12 +119,15 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
                 for k, v in load(equivalence / "init.npz").items())
     assert moved > 1e-3  # three steps really changed the parameters
     reference = json.loads((equivalence / "single.json").read_text())
-    for mode, layout in (("pmap", "pmap over 8 local devices"),
-                         ("mesh", "mesh (data=2, fsdp=2, tensor=2) over 8 devices")):
+    mesh = "mesh (data=2, fsdp=2, tensor=2) over 8 devices"
+    for mode, layout in (("pmap", "pmap over 8 local devices"), ("mesh", mesh),
+                         ("mesh_micro", mesh)):
         assert_params_close(single, load(equivalence / f"{mode}.npz"))
         record = json.loads((equivalence / f"{mode}.json").read_text())
         assert record["describe"].startswith(layout)
-        np.testing.assert_allclose(record["losses"], reference["losses"], rtol=1e-6)
+        # Micro-batches add the same sums in another order: float32 rounding only.
+        rtol = 1e-5 if mode == "mesh_micro" else 1e-6
+        np.testing.assert_allclose(record["losses"], reference["losses"], rtol=rtol)
         # Eval on 5 rows: padding rows added to fill the shards change no sum.
         for key in ("loss", "nll", "correct", "tokens", "sequences"):
             np.testing.assert_allclose(record["eval"][key], reference["eval"][key], rtol=1e-5)

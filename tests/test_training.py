@@ -305,6 +305,42 @@ def test_accumulation_over_4_micro_batches_equals_one_big_batch(step_setup):
     np.testing.assert_allclose(lrs, [1e-2 / 3] * 4 + [2e-2 / 3] * 4, rtol=1e-6)
 
 
+def test_microbatches_inside_the_step_equal_the_whole_batch(step_setup):
+    # Padded rows: the slices hold different token counts, and the step still takes the
+    # gradient of the whole batch's token mean (unlike accumulation over train steps).
+    model, params = step_setup
+    tx = make_optimizer(OPT)
+    states, metrics = {}, {}
+    for k in (1, 4):
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=LOSS,
+                                         microbatches=k))
+        state = manual_state(params, tx)
+        for i in range(2):
+            state, m = step(state, synthetic_batch(i, batch=16, pad=True))
+        states[k], metrics[k] = state, m
+    assert max_diff(states[1].params, states[4].params) < 1e-5
+    assert max_diff(states[1].params, params) > 1e-3
+    for key in ("loss", "nll", "correct", "tokens", "sequences", "grad_norm"):
+        np.testing.assert_allclose(float(metrics[4][key]), float(metrics[1][key]), rtol=1e-5)
+
+
+def test_microbatches_errors(step_setup):
+    model, params = step_setup
+    tx = make_optimizer(OPT)
+    state = manual_state(params, tx)
+    batch = synthetic_batch(0, batch=6)
+    with pytest.raises(ValueError, match="microbatches=4"):
+        train_step(state, batch, model=model, tx=tx, microbatches=4)
+    with pytest.raises(ValueError, match="positive integer"):
+        train_step(state, batch, model=model, tx=tx, microbatches=0)
+    with pytest.raises(ValueError, match="ParallelConfig.microbatches"):
+        ParallelConfig(microbatches=0)
+    engine = Engine(TINY, OPT, ParallelConfig(mode="single", microbatches=4))
+    # Checked on the host batch, before the state is read or anything compiles.
+    with pytest.raises(ValueError, match="not divisible by ParallelConfig.microbatches=4"):
+        engine.train_step(engine.abstract_state(), batch)
+
+
 def test_step_metrics_match_an_independent_gradient(engine, step_setup):
     model, params = step_setup
     batch = synthetic_batch(3)

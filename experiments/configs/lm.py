@@ -42,5 +42,5 @@ def get_config():
     # Xeon) to 1.5x (AMD EPYC) faster on a 2-core CPU than one (docs/performance.md); it
     # changes nothing on a GPU or TPU host, whose accelerators train.
     c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=-1, fsdp=1, tensor=1,
-                                                cpu_devices=2))
+                                                cpu_devices=2, microbatches=1))
     return c

@@ -33,5 +33,5 @@ def get_config():
         weight_decay=0.01, clip_norm=1.0, accumulation_steps=1))
     # cpu_devices: split a CPU host into that many JAX devices (0 = JAX's default)
     c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=-1, fsdp=1, tensor=1,
-                                                cpu_devices=0))
+                                                cpu_devices=0, microbatches=1))
     return c

@@ -60,6 +60,10 @@ class ParallelConfig:
     data, fsdp, tensor: mesh axis sizes for mode "mesh" (one may be -1 = the rest).
     axis_rules: logical axis name -> mesh axes (`partitioning.DEFAULT_RULES`).
     donate: let each step reuse the previous state's device memory.
+    microbatches: compute each train step's gradient in this many slices of the batch, one
+      after another inside the step (`train_step(microbatches=...)`): the same update with
+      about 1/k of the activation memory, and on a 2-core CPU a faster large-model step
+      (docs/performance.md). Each device's share of the batch must divide by it.
     compiler_options: XLA compile options for the train and eval steps ("jit" modes; `jax.pmap`
       takes none). None = `perf.step_compiler_options(devices)`: on Intel CPUs, matmuls
       through oneDNN (~11% faster steps, see docs/performance.md), at the price of compiling
@@ -74,8 +78,13 @@ class ParallelConfig:
     axis_rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
     donate: bool = True
     compiler_options: Mapping[str, Any] | None = None
+    microbatches: int = 1
 
     def __post_init__(self):
+        if (not isinstance(self.microbatches, int) or isinstance(self.microbatches, bool)
+                or self.microbatches < 1):
+            raise ValueError(f"ParallelConfig.microbatches={self.microbatches!r} must be a "
+                             "positive integer (1 = the whole batch at once).")
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
                              f"{', '.join(MODES)}.")
@@ -137,7 +146,8 @@ class Engine:
     # ---- layout ---------------------------------------------------------------------------------
     def _build(self) -> None:
         step = functools.partial(train_step, model=self.model, tx=self.tx, loss_config=self.loss,
-                                 learning_rate_fn=self.learning_rate_fn)
+                                 learning_rate_fn=self.learning_rate_fn,
+                                 microbatches=self.parallel.microbatches)
         evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss)
         donate = (0,) if self.parallel.donate else ()
         options = self.step_compiler_options() or None
@@ -393,7 +403,7 @@ class Engine:
         """
         if self.mode == "pmap":
             return
-        jobs = [("train", self._train, self.shard_batch(batch))]
+        jobs = [("train", self._train, self._train_batch(batch))]
         if callable(eval_batch):
             eval_batch = eval_batch()
         if eval_batch is not None:
@@ -408,9 +418,22 @@ class Engine:
     def train_step(self, state: TrainState, batch: Mapping[str, Any]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
         """One step; `batch` is host data (sharded here) or the output of `shard_batch`."""
-        batch = self.shard_batch(batch)
+        batch = self._train_batch(batch)
         with self._mesh_context():
             return self._train(state, batch)
+
+    def _train_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """`shard_batch`, checking that each device's rows split into the micro-batches."""
+        batch = self.shard_batch(batch)
+        k = self.parallel.microbatches
+        for key, value in batch.items():
+            rows = value.shape[1] if self.mode == "pmap" else value.shape[0] // self.batch_shards
+            if rows % k:
+                raise ValueError(
+                    f"Batch {key!r} has {rows} examples per device ({self.describe()}), not "
+                    f"divisible by ParallelConfig.microbatches={k}; make the batch size a "
+                    f"multiple of {k * self.batch_shards} or change microbatches.")
+        return batch
 
     def eval_step(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Metric sums on one batch (no dropout, no update). A batch whose size the batch

@@ -76,7 +76,7 @@ def _psum(tree, axis_name):
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation,
                loss_config: losses.LossConfig | None = None,
-               learning_rate_fn=None, axis_name: str | None = None
+               learning_rate_fn=None, axis_name: str | None = None, microbatches: int = 1
                ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step (one micro-batch when accumulating) on `batch`.
 
@@ -84,23 +84,44 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     (None under jit). Returns the new state and metric sums (see `losses.metric_sums`) plus
     `grad_norm` (global L2 norm of the batch gradient, before clipping), `learning_rate`,
     `steps` (= 1) and `nonfinite` (1.0 when the loss or the gradient norm is NaN or infinite).
+
+    `microbatches = k` computes the gradient in `k` slices of the batch, one after another
+    inside the step (`lax.scan`), and sums them: the same update (up to float rounding) with
+    about 1/k of the activation memory. Slice i holds examples i, i + k, i + 2k, ..., so on a
+    mesh each slice stays spread over the batch shards. With dropout, slice i draws its masks
+    from `fold_in(step key, i)`.
     """
     loss_config = loss_config or losses.LossConfig()
     dropout = model.config.dropout_rate > 0 or model.config.attention_dropout_rate > 0
     key = step_rng(state, axis_name) if dropout else None
-    targets = batch["targets"]
-    weights = losses.loss_weights(targets)
     # The gradient of the global mean: local sums over the global count (a constant).
+    weights = losses.loss_weights(batch["targets"])
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
 
-    def loss_fn(params):
+    def loss_fn(params, batch, key):
+        targets = batch["targets"]
         logits = logits_fn(model, params, batch, deterministic=not dropout, dropout_rng=key)
-        sums = losses.metric_sums(logits, targets, weights,
+        sums = losses.metric_sums(logits, targets, losses.loss_weights(targets),
                                   label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
         return sums["loss"] / total_tokens, sums
 
-    grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        grads, sums = grad_fn(state.params, batch, key)
+    else:
+        slices = split_microbatches(batch, microbatches)
+
+        def accumulate(carry, xs):
+            i, micro = xs
+            micro_key = None if key is None else jax.random.fold_in(key, i)
+            return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, micro_key)), None
+
+        first = jax.tree.map(lambda x: x[0], slices)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                             jax.eval_shape(grad_fn, state.params, first, key))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros,
+                                        (jnp.arange(microbatches), slices))
     grads, sums = _psum((grads, sums), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -113,6 +134,23 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     metrics["nonfinite"] = (~finite).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def split_microbatches(batch: Batch, microbatches: int) -> dict[str, Array]:
+    """`[batch, ...]` arrays -> `[microbatches, batch / microbatches, ...]`, slice i holding
+    examples i, i + microbatches, ... (a reshape that keeps each device's rows on it)."""
+    if not isinstance(microbatches, int) or microbatches < 1:
+        raise ValueError(f"microbatches={microbatches!r} must be a positive integer.")
+    out = {}
+    for name, x in batch.items():
+        if x.shape[0] % microbatches:
+            raise ValueError(
+                f"Batch {name!r} has {x.shape[0]} examples (per device under pmap), not "
+                f"divisible by microbatches={microbatches}; make the batch size a multiple "
+                "of it.")
+        out[name] = jnp.swapaxes(
+            x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]), 0, 1)
+    return out
 
 
 def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
