@@ -360,7 +360,8 @@ def test_benchmark_train_section_runs(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
            "--sections=train", "--models=nanogpt-char", "--frameworks=jax", "--repeats=1",
-           "--round_seconds=0.01", "--variant=dp2:cpu_devices=2", f"--out={out}"]
+           "--round_seconds=0.01", "--variant=dp2:cpu_devices=2,microbatches=2",
+           f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -369,9 +370,11 @@ def test_benchmark_train_section_runs(tmp_path):
     assert row["framework"] == "jax" and row["step_s"] > 0 and row["devices"] == 1
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
-    # The same step data parallel over the CPU as two devices.
+    # The same step data parallel over the CPU as two devices, each device's rows in two
+    # micro-batches: after as many steps, the same loss.
     assert dp2["framework"] == "dp2" and dp2["devices"] == 2 and dp2["step_s"] > 0
     assert dp2["flops_per_token"] == row["flops_per_token"]
+    np.testing.assert_allclose(dp2["loss"], row["loss"], rtol=1e-4)
 
 
 def test_launcher_sets_environment():
