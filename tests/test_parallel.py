@@ -125,6 +125,7 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
         assert_params_close(single, load(equivalence / f"{mode}.npz"))
         record = json.loads((equivalence / f"{mode}.json").read_text())
         assert record["describe"].startswith(layout)
+        assert record["describe"].endswith("2 micro-batches per step") == (mode == "mesh_micro")
         # Micro-batches add the same sums in another order: float32 rounding only.
         rtol = 1e-5 if mode == "mesh_micro" else 1e-6
         np.testing.assert_allclose(record["losses"], reference["losses"], rtol=rtol)

@@ -241,14 +241,18 @@ class Engine:
         return stack
 
     def describe(self) -> str:
-        """One line: mode, devices and mesh shape."""
+        """One line: mode, devices and mesh shape (and micro-batches, if any)."""
         if self.mode == "mesh":
             shape = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
-            return f"mesh ({shape}) over {len(self.devices)} devices"
-        if self.mode == "pmap":
-            return (f"pmap over {len(self._local_devices)} local devices "
+            text = f"mesh ({shape}) over {len(self.devices)} devices"
+        elif self.mode == "pmap":
+            text = (f"pmap over {len(self._local_devices)} local devices "
                     f"x {jax.process_count()} processes")
-        return f"single device ({self._device_sharding.device_set})"
+        else:
+            text = f"single device ({self._device_sharding.device_set})"
+        if self.parallel.microbatches > 1:
+            text += f", {self.parallel.microbatches} micro-batches per step"
+        return text
 
     # ---- state ----------------------------------------------------------------------------------
     def init_state(self, rng: jax.Array | int) -> TrainState:
