@@ -324,6 +324,36 @@ def test_microbatches_inside_the_step_equal_the_whole_batch(step_setup):
         np.testing.assert_allclose(float(metrics[4][key]), float(metrics[1][key]), rtol=1e-5)
 
 
+def test_microbatches_with_dropout_draw_one_key_per_slice(step_setup):
+    # With SGD at rate 1 the update is minus the gradient; the step's gradient must be the sum
+    # of each slice's gradient under dropout key fold_in(step key, slice).
+    from flaxformer_lite.training.steps import logits_fn, step_rng
+
+    _, params = step_setup
+    model = make_model(TINY.replace(dropout_rate=0.3))
+    tx = optax.sgd(1.0)
+    state = manual_state(params, tx)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(0, batch=8, pad=True).items()}
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, microbatches=2))
+    new, _ = step(state, batch)
+    got = jax.tree.map(jnp.subtract, params, new.params)
+    total = float((batch["targets"] != 0).sum())
+
+    def slice_loss(p, i):
+        micro = {k: v[i::2] for k, v in batch.items()}
+        logits = logits_fn(model, p, micro, deterministic=False,
+                           dropout_rng=jax.random.fold_in(step_rng(state), i))
+        return metric_sums(logits, micro["targets"], micro["targets"] != 0)["loss"] / total
+
+    want = jax.tree.map(jnp.add, *(jax.jit(jax.grad(slice_loss), static_argnums=1)(params, i)
+                                   for i in range(2)))
+    assert max_diff(got, want) < 1e-5
+    # ...and not the gradient with one key for the whole batch.
+    whole = jax.tree.map(jnp.subtract, params, jax.jit(functools.partial(
+        train_step, model=model, tx=tx))(state, batch)[0].params)
+    assert max_diff(got, whole) > 1e-4
+
+
 def test_microbatches_errors(step_setup):
     model, params = step_setup
     tx = make_optimizer(OPT)
