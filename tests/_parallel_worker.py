@@ -7,7 +7,9 @@
                                         and eval sums on a 5-row batch),
                                         DIR/init.npz (the initial params), then saves the mesh
                                         state to DIR/ckpt and records the loss of a 4th step in
-                                        DIR/next.json.
+                                        DIR/next.json; DIR/collectives.json counts the
+                                        collectives of the compiled data-parallel step (data=8)
+                                        with the whole batch and with 2 micro-batches.
     restore --devices N --mode M --ckpt DIR/ckpt --out FILE
                                         restores that checkpoint onto N devices in mode M,
                                         writes the params to FILE.npz and the 4th step's loss
@@ -52,6 +54,19 @@ def flatten(tree):
             for path, v in jax.tree.leaves_with_path(tree)}
 
 
+def compiled_collectives(engine, batch) -> dict[str, int]:
+    """Collective ops in the compiled train step, by kind (from the optimized HLO text)."""
+    import collections
+    import re
+
+    state = engine.abstract_state()
+    with engine._mesh_context():
+        text = engine._train.fn.lower(state, engine._train_batch(batch)).compile().as_text()
+    kinds = re.findall(r"= \S+ (all-to-all|all-gather|collective-permute|all-reduce|"
+                       r"reduce-scatter)(?:-start)?\(", text)
+    return dict(collections.Counter(kinds))
+
+
 def make_engine(mode: str):
     from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
 
@@ -62,7 +77,9 @@ def make_engine(mode: str):
                 "mesh": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2),
                 "mesh4": ParallelConfig(mode="mesh", data=1, fsdp=2, tensor=2),
                 "mesh_micro": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2,
-                                             microbatches=2)}[mode]
+                                             microbatches=2),
+                "data8": ParallelConfig(mode="mesh", data=8),
+                "data8_micro": ParallelConfig(mode="mesh", data=8, microbatches=2)}[mode]
     return Engine(tiny_config(), optimizer, parallel, LossConfig(label_smoothing=0.1))
 
 
@@ -97,6 +114,12 @@ def run_equivalence(out: str) -> None:
             m = engine.metrics_to_host(metrics)
             with open(os.path.join(out, "next.json"), "w") as f:
                 json.dump({"loss": m["loss"] / m["tokens"]}, f)
+    # Micro-batch i takes rows i, i + k, ... of each device's rows: no data moves between
+    # devices, so slicing must not add collectives (contiguous slices would).
+    rows16 = global_batches(1, batch=16)[0]
+    with open(os.path.join(out, "collectives.json"), "w") as f:
+        json.dump({mode: compiled_collectives(make_engine(mode), rows16)
+                   for mode in ("data8", "data8_micro")}, f)
 
 
 def run_restore(ckpt_dir: str, mode: str, out: str) -> None:

@@ -135,6 +135,14 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
     assert reference["eval"]["sequences"] == 5
 
 
+def test_microbatches_add_no_collectives(equivalence):
+    """On a data-parallel mesh the micro-batched step compiles to the same collectives as the
+    whole-batch step (one fused all-reduce): each slice stays on its device."""
+    counts = json.loads((equivalence / "collectives.json").read_text())
+    assert counts["data8"].get("all-reduce", 0) >= 1
+    assert counts["data8_micro"] == counts["data8"]
+
+
 @pytest.mark.parametrize("devices,mode", [(1, "single"), (4, "mesh4")])
 def test_restore_on_fewer_devices(equivalence, worker_env, tmp_path, devices, mode):
     """Saved from a (2, 2, 2) mesh on 8 devices, restored on 1 device and a (1, 2, 2) mesh."""
