@@ -406,7 +406,8 @@ _SHARDED = textwrap.dedent("""
                                 num_kv_heads=2, d_ff=64, num_layers=2, max_len=32,
                                 init_std=0.3, position="rotary")
         model = make_model(cfg)
-        boxed = init_params(cfg, jax.random.key(0))
+        with jax.threefry_partitionable(False):  # compiles ~3x faster on XLA:CPU
+            boxed = init_params(cfg, jax.random.key(0))
         params = nn.meta.unbox(boxed)
         sharded = jax.device_put(params, partitioning.logical_to_shardings(
             nn.get_partition_spec(boxed), params, mesh))
