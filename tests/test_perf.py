@@ -370,6 +370,13 @@ def test_benchmark_train_section_runs(tmp_path):
     assert row["framework"] == "jax" and row["step_s"] > 0 and row["devices"] == 1
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
+    # The MFU reference is the best matmul rate of any round, JAX with and without the step's
+    # flags (no PyTorch here).
+    by_round = res["matmul_flops_per_s_by_round"]
+    assert len(by_round["jax"]) == len(by_round["jax_default"]) == 1 and not by_round["torch"]
+    assert res["matmul_peak_flops_per_s"] == max(by_round["jax"] + by_round["jax_default"])
+    assert row["mfu_measured_matmul"] == pytest.approx(
+        row["achieved_flops_per_s"] / res["matmul_peak_flops_per_s"])
     # The same step data parallel over the CPU as two devices, each device's rows in two
     # micro-batches: after as many steps, the same loss.
     assert dp2["framework"] == "dp2" and dp2["devices"] == 2 and dp2["step_s"] > 0
