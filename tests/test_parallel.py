@@ -137,7 +137,7 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
 
 def test_microbatches_add_no_collectives(equivalence):
     """On a data-parallel mesh the micro-batched step compiles to the same collectives as the
-    whole-batch step (one fused all-reduce): each slice stays on its device."""
+    whole-batch step (the gradient all-reduce): slicing moves no rows between devices."""
     counts = json.loads((equivalence / "collectives.json").read_text())
     assert counts["data8"].get("all-reduce", 0) >= 1
     assert counts["data8_micro"] == counts["data8"]
