@@ -22,6 +22,7 @@ NORM_POSITIONS = ("pre", "post")
 ATTENTION_IMPLEMENTATIONS = ("ops", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+PADDINGS = ("anywhere", "trailing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,12 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     attention_implementation: str = "ops"
+    # Where a decoder-only model's unpacked rows may hold padding (id 0). "trailing": only
+    # after a row's last token, so causal self-attention needs no padding mask (a real token
+    # never sees a later key): `is_causal` alone, exact at every real position, which lets
+    # cuDNN run its causal kernel instead of reading a [batch, 1, length, length] bias.
+    # Rows with segment ids or positions given (packed) keep their mask either way.
+    padding: str = "anywhere"
     remat: str = "none"
     scan_layers: bool = False
     # Barrier on each dense layer's incoming gradient (`ops.matmul`): it halved XLA:CPU's step
@@ -76,6 +83,11 @@ class TransformerConfig:
     # models and 10% slower on larger ones, so it is off unless asked for.
     matmul_barrier: bool = False
     fused_qkv: bool = True  # one projection for q, k, v in self-attention
+    # The decoder's output head multiplies as if the vocabulary were padded with zero rows to a
+    # multiple of this (0: off); parameters and logits keep `vocab_size` and the same values.
+    # GPT-2's 50,257 columns make the step's largest matmul misaligned on GPUs: 128 is the
+    # setting for accelerators (see docs/performance.md).
+    vocab_pad_multiple: int = 0
 
     def __post_init__(self):
         _validate(self)
@@ -147,6 +159,11 @@ def _validate(c: TransformerConfig) -> None:
     _choice("dtype", c.dtype, DTYPES)
     _choice("param_dtype", c.param_dtype, DTYPES)
     _choice("remat", c.remat, REMAT_POLICIES)
+    _choice("padding", c.padding, PADDINGS)
+    if (not isinstance(c.vocab_pad_multiple, int) or isinstance(c.vocab_pad_multiple, bool)
+            or c.vocab_pad_multiple < 0):
+        raise ValueError(f"TransformerConfig.vocab_pad_multiple={c.vocab_pad_multiple!r} must be "
+                         "0 (off) or a positive integer such as 128.")
     for name in ("vocab_size", "d_model", "num_heads", "d_ff", "num_layers", "max_len",
                  "relative_num_buckets", "relative_max_distance"):
         _positive(name, getattr(c, name))

@@ -41,6 +41,7 @@ class Dense(nn.Module):
     config: TransformerConfig
     use_bias: bool = True
     init_std: float | None = None
+    pad_out_multiple: int = 0  # see `ops.matmul_padded_out`
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -55,7 +56,7 @@ class Dense(nn.Module):
         k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
         x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)
         w2 = kernel.reshape(k_in, k_out).astype(cfg.compute_dtype)
-        y = ops.matmul(x2, w2, cfg.matmul_barrier)
+        y = ops.matmul_padded_out(x2, w2, self.pad_out_multiple, cfg.matmul_barrier)
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -92,7 +93,8 @@ class Embed(nn.Module):
         """`[..., d_model]` -> logits `[..., num_embeddings]`."""
         cfg = self.config
         table = self.embedding.astype(cfg.compute_dtype)
-        return ops.matmul(x.astype(cfg.compute_dtype), table.T, cfg.matmul_barrier)
+        return ops.matmul_padded_out(x.astype(cfg.compute_dtype), table.T,
+                                     cfg.vocab_pad_multiple, cfg.matmul_barrier)
 
 
 class Norm(nn.Module):

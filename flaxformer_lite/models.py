@@ -123,6 +123,7 @@ class Decoder(nn.Module):
                  positions: Array | None = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         cfg = self.config
+        given_segments = segment_ids is not None
         if decode and segment_ids is None:  # every fed token is real (0 is the start token)
             segment_ids = jnp.ones_like(ids)
         segment_ids = _segments(ids, segment_ids)
@@ -136,8 +137,11 @@ class Decoder(nn.Module):
             positions = default_positions(ids) if positions is None else positions
             cache_index = None
             # Causality goes to the attention function (is_causal), which then skips the score
-            # blocks above the diagonal; the mask keeps padding and packed segments apart.
-            mask = ops.make_attention_mask(segment_ids)
+            # blocks above the diagonal; the mask keeps padding and packed segments apart, and
+            # is left out where padding only trails the tokens (`config.padding`).
+            mask = None
+            if cfg.padding != "trailing" or packed or given_segments:
+                mask = ops.make_attention_mask(segment_ids)
             rel_q = rel_kv = positions if packed else positions[:1]
         x = _Embedder(cfg, self.token_embed, name="embedder")(ids, positions, None, deterministic)
         bias = None
@@ -164,7 +168,8 @@ class Decoder(nn.Module):
             logits = self.token_embed.attend(x)
         else:
             logits = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
-                           use_bias=False, name="logits")(x)
+                           use_bias=False, pad_out_multiple=cfg.vocab_pad_multiple,
+                           name="logits")(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     def _cache_state(self, ids, positions, valid):

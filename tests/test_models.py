@@ -154,6 +154,51 @@ def test_source_padding_invariance(built, name):
         np.testing.assert_allclose(a["logits"], b["logits"][:, :7], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_sinusoidal_postln_scan_remat"])
+def test_trailing_padding_needs_no_decoder_mask(built, name):
+    """`padding="trailing"` drops the decoder-only model's padding mask: the same parameters
+    give the same logits at every real position of right-padded rows, and rows with explicit
+    segment ids keep their mask. Left padding breaks the promise, and the logits then differ
+    (so the test can fail)."""
+    cfg, model, params = built[name]
+    trailing = fl.make_model(cfg.replace(padding="trailing"))
+    run = lambda m, t, **kw: _apply(m, params, {"inputs": t}, **kw)  # noqa: E731
+    rows = _ids((2, 9), seed=8)
+    right = rows.at[0, 6:].set(0)  # row 0: six tokens, then padding
+    exact, fast = run(model, right), run(trailing, right)
+    np.testing.assert_allclose(fast[0, :6], exact[0, :6], atol=1e-5)
+    np.testing.assert_allclose(fast[1], exact[1], atol=1e-5)
+    left = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), rows[:, :6]], axis=1)
+    assert np.abs(np.asarray(run(trailing, left)[:, 3:] - run(model, left)[:, 3:])).max() > 1e-3
+    seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9])
+    np.testing.assert_array_equal(run(trailing, rows, segment_ids=seg),
+                                  run(model, rows, segment_ids=seg))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "transformer"])
+def test_padded_vocab_head_is_exact(built, name):
+    """`vocab_pad_multiple` pads the output head's matmul (tied table or untied kernel; vocab
+    61 -> 64) but neither the parameters nor the logits or their gradients."""
+    cfg, model, params = built[name]
+    padded = fl.make_model(cfg.replace(vocab_pad_multiple=16))
+    batch = {"inputs": _ids((2, 7))}
+    if cfg.architecture == "encoder_decoder":
+        batch["targets"] = _ids((2, 6), seed=3)
+
+    def loss(m, p):
+        return _apply(m, p, batch).sum() / 7.0
+
+    a, b = _apply(model, params, batch), _apply(padded, params, batch)
+    assert a.shape == b.shape == (2, 6 if "targets" in batch else 7, cfg.vocab_size)
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    grads = [jax.jit(jax.grad(loss, argnums=1), static_argnums=0)(m, params)
+             for m in (model, padded)]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), *grads)
+    assert fl.params.count(cfg.replace(vocab_pad_multiple=16)) == fl.params.count(cfg)
+    with pytest.raises(ValueError, match="vocab_pad_multiple"):
+        cfg.replace(vocab_pad_multiple=-1)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "t5", "bert"])
 def test_packed_segments_are_isolated(built, name):
     cfg, model, params = built[name]

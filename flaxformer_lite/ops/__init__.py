@@ -9,6 +9,7 @@ from flaxformer_lite.ops.functional import (
     feed_forward,
     layer_norm,
     matmul,
+    matmul_padded_out,
     rms_norm,
     unstack,
 )
@@ -31,7 +32,7 @@ from flaxformer_lite.ops.positions import (
 __all__ = [
     "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "bias_add", "causal_mask",
     "causal_mask_from_positions", "column_sum", "combine_masks", "feed_forward", "layer_norm",
-    "make_attention_mask", "matmul", "padding_mask", "relative_position_bias",
+    "make_attention_mask", "matmul", "matmul_padded_out", "padding_mask", "relative_position_bias",
     "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
     "sinusoidal_embedding", "sinusoidal_table", "unstack",
 ]

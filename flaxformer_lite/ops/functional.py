@@ -104,6 +104,18 @@ def matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     return jnp.matmul(x, w)
 
 
+def matmul_padded_out(x: Array, w: Array, multiple: int, barrier: bool = False) -> Array:
+    """`x @ w` (`x [..., in]`, `w [in, out]`) computed with `w`'s columns padded with zeros to a
+    multiple of `multiple`, then sliced back to `[..., out]`: the same numbers, but a matmul
+    whose output width accelerators tile evenly (a GPT-2 head of 50,257 columns is not).
+    `multiple` 0 or a width that already fits: plain `matmul`."""
+    pad = (-w.shape[-1]) % multiple if multiple else 0
+    if not pad:
+        return matmul(x, w, barrier)
+    y = matmul(x, jnp.pad(w, ((0, 0), (0, pad))), barrier)
+    return y[..., : w.shape[-1]]
+
+
 def _matmul_fwd(x, w, barrier):
     return jnp.matmul(x, w), (x, w)
 
