@@ -6,10 +6,10 @@
 
 Training: step time, tokens/s, model FLOPs per token (`flaxformer_lite.params.flops_per_token`:
 6N plus the attention term), achieved FLOP/s, MFU against the device's datasheet peak (when
-known) and against a float32 matmul peak measured in the same run (the best rate JAX, with
-and, where it has any, without the step's compile options, or PyTorch reached in any round),
-compile time and peak memory, for the library's model with an optax AdamW step, PyTorch eager
-and `torch.compile`.
+known) and against a matmul peak in the step's dtype measured in the same run (the best rate
+JAX, with and, where it has any, without the step's compile options, or PyTorch reached in any
+round), compile time and peak memory, for the library's model with an optax AdamW step,
+PyTorch eager and `torch.compile`.
 
 Each framework runs in its own worker process. The parent alternates them round by round,
 rotating which goes first, so machine noise lands on all of them alike; tables report medians
@@ -207,7 +207,11 @@ class JaxTrain:
                          num_layers=spec["layers"], max_len=spec["context"], dropout_rate=0.0,
                          attention_dropout_rate=0.0, dtype=spec["dtype"])
         if on_gpu and spec["dtype"] == "bfloat16":
-            overrides["attention_implementation"] = "cudnn"
+            # The library's GPU settings: cuDNN flash attention, causal alone (the ids here
+            # hold no padding, they start at 1, so `padding="trailing"` is exact and spares
+            # cuDNN a dense mask bias), and the output head's matmul padded to 128 columns.
+            overrides.update(attention_implementation="cudnn", padding="trailing",
+                             vocab_pad_multiple=128)
         overrides.update(spec.get("cfg", {}))
         self.config = fl.get_config("gpt2", **overrides)
         model = fl.make_model(self.config)
@@ -291,15 +295,16 @@ class JaxTrain:
         return {"times": times, "cpu": cpu}
 
     def matmul(self, n: int, repeats: int = 3) -> dict:
-        """Float32 `[n, n] @ [n, n]` rate, FLOP/s (median of `repeats`), compiled with the step's
-        compile options; where it has any (oneDNN on Intel CPUs) also without them
-        (`default_flops_per_s`, else None): they suit the step's shapes, not necessarily a
-        square matmul, and the reference is a peak."""
+        """`[n, n] @ [n, n]` rate in the step's compute dtype, FLOP/s (median of `repeats`),
+        compiled with the step's compile options; where it has any (oneDNN on Intel CPUs) also
+        without them (`default_flops_per_s`, else None): they suit the step's shapes, not
+        necessarily a square matmul, and the reference is a peak."""
         jax, jnp = self.jax, self.jnp
         if not hasattr(self, "_mm"):
             k1, k2 = jax.random.split(jax.random.key(1))
-            self._mm_args = (jax.random.normal(k1, (n, n), jnp.float32),
-                             jax.random.normal(k2, (n, n), jnp.float32))
+            dtype = jnp.dtype(self.spec["dtype"])
+            self._mm_args = (jax.random.normal(k1, (n, n), dtype),
+                             jax.random.normal(k2, (n, n), dtype))
             lowered = jax.jit(jnp.matmul).lower(*self._mm_args)
             self._mm = {"step": lowered.compile(self.compiler_options or None)}
             if self.compiler_options:
@@ -455,8 +460,9 @@ class TorchTrain:
 
     def matmul(self, n: int, repeats: int = 3) -> dict:
         torch = self.torch
-        a = torch.randn(n, n, device=self.device)
-        b = torch.randn(n, n, device=self.device)
+        dtype = getattr(torch, self.spec["dtype"])
+        a = torch.randn(n, n, device=self.device, dtype=dtype)
+        b = torch.randn(n, n, device=self.device, dtype=dtype)
         a @ b
         times = []
         for _ in range(repeats):
@@ -539,6 +545,18 @@ class JaxAttention:
         return {"max_rss": _max_rss_bytes()}
 
 
+def decoding_config(name: str, dtype: str = "float32"):
+    """The decoding section's model: "small" (`decoding.BENCHMARK_CONFIG`, 6 layers of 384,
+    vocabulary 256) or "gpt2" (124M, vocabulary 50,257), in compute `dtype`."""
+    import flaxformer_lite as fl
+    from flaxformer_lite import decoding
+    if name == "small":
+        return decoding.BENCHMARK_CONFIG.replace(dtype=dtype)
+    if name == "gpt2":
+        return fl.get_config("gpt2", dropout_rate=0.0, attention_dropout_rate=0.0, dtype=dtype)
+    raise ValueError(f"--decoding_model: unknown {name!r}; known: small, gpt2")
+
+
 class JaxDecoding:
     """Greedy generation with the KV cache vs recomputation (`flaxformer_lite.decoding`)."""
 
@@ -551,9 +569,12 @@ class JaxDecoding:
     def run_all(self) -> dict:
         from flaxformer_lite import decoding
         s = self.spec
-        rows = decoding.benchmark(batch_sizes=s["batch_sizes"], new_tokens=s["new_tokens"],
-                                  repeats=s["repeats"])
-        return {"rows": rows, "config": "flaxformer_lite.decoding.BENCHMARK_CONFIG"}
+        config = decoding_config(s["model"], s["dtype"])
+        rows = decoding.benchmark(config, batch_sizes=s["batch_sizes"],
+                                  new_tokens=s["new_tokens"], repeats=s["repeats"])
+        return {"rows": rows, "model": s["model"], "dtype": s["dtype"],
+                "layers": config.num_layers, "d_model": config.d_model,
+                "vocab": config.vocab_size}
 
 
 class TorchAttention:
@@ -689,6 +710,8 @@ def _env(args) -> tuple[dict, str]:
     from flaxformer_lite import perf
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", REPO)
+    # Several workers share one GPU; JAX would otherwise take 75% of its memory per process.
+    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     allocator = args.allocator
     if allocator == "auto":
         allocator = "jemalloc" if perf.jemalloc_path() else "glibc"
@@ -855,7 +878,8 @@ def print_train(res: dict) -> None:
             _fmt(r["compile_s"], 1, ".1f"), _fmt(r["peak_memory"], 2 ** -20, ".0f"),
             _fmt(r["loss"], 1, ".3f")])
     print(f"\n{res['model']}: {res['shape']}, {res['dtype']}, {res['rounds']} rounds x "
-          f"{res['steps_per_round']} steps; fp32 {res['matmul_size']}^2 matmul, median of "
+          f"{res['steps_per_round']} steps; {res['dtype']} {res['matmul_size']}^2 matmul, "
+          "median of "
           f"rounds: {_fmt(res['jax_matmul_flops_per_s'], 1e-9, '.0f')} GFLOP/s (JAX, step's "
           f"compile options), {_fmt(res['jax_default_matmul_flops_per_s'], 1e-9, '.0f')} "
           f"(JAX, without them), {_fmt(res['torch_matmul_flops_per_s'], 1e-9, '.0f')} "
@@ -952,12 +976,13 @@ def bench_profile(args, env, allocator) -> dict:
     return out
 
 
-def bench_decoding(args, env, allocator) -> dict:
+def bench_decoding(args, env, allocator, accelerator) -> dict:
     spec = dict(batch_sizes=args.decoding_batch, new_tokens=args.decoding_new_tokens,
                 repeats=args.decoding_repeats, allocator=allocator,
-                configure_cpu=args.configure_cpu)
-    print(f"\n[decoding] greedy, {spec['new_tokens']} new tokens, batch {spec['batch_sizes']}, "
-          "KV cache vs recomputation ...", flush=True)
+                configure_cpu=args.configure_cpu, model=args.decoding_model,
+                dtype="bfloat16" if accelerator else args.dtype)
+    print(f"\n[decoding] {spec['model']} model, {spec['dtype']}, greedy, {spec['new_tokens']} "
+          f"new tokens, batch {spec['batch_sizes']}, KV cache vs recomputation ...", flush=True)
     out = _call_worker("decoding", spec, env)
     if "error" in out:
         return out
@@ -1004,8 +1029,8 @@ def main(argv=None) -> int:
     parser.add_argument("--round_seconds", type=float, default=1.0,
                         help="about how long each framework runs per round")
     parser.add_argument("--matmul_size", type=int, default=None,
-                        help="n of the [n, n] @ [n, n] float32 peak (default 2048 on CPU, 8192 "
-                             "on accelerators)")
+                        help="n of the [n, n] @ [n, n] matmul peak, in the training dtype "
+                             "(default 2048 on CPU, 8192 on accelerators)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype of the CPU models (gpt2 on GPU uses bfloat16)")
     parser.add_argument("--data", default=None,
@@ -1034,6 +1059,9 @@ def main(argv=None) -> int:
                         help="steps traced by the profile section")
     parser.add_argument("--decoding_batch", default="1",
                         help="comma list of batch sizes for the decoding section")
+    parser.add_argument("--decoding_model", default="small", choices=("small", "gpt2"),
+                        help="decoding section's model: small (6 layers of 384, vocabulary 256) "
+                             "or gpt2 (124M); bfloat16 on accelerators, --dtype on a CPU")
     parser.add_argument("--decoding_new_tokens", type=int, default=256)
     parser.add_argument("--decoding_repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -1080,7 +1108,7 @@ def main(argv=None) -> int:
     if "attention" in args.sections:
         results["attention"] = bench_attention(args, env, allocator, accelerator)
     if "decoding" in args.sections:
-        results["decoding"] = bench_decoding(args, env, allocator)
+        results["decoding"] = bench_decoding(args, env, allocator, accelerator)
     if "profile" in args.sections:
         results["profile"] = bench_profile(args, env, allocator)
     results["machine"]["load_average_end"] = os.getloadavg()
