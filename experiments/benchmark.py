@@ -56,6 +56,7 @@ DATASHEET_PEAKS = {
 }
 
 REPLY = "@@bench "
+PROGRESS = "@@progress "  # a line the parent prints as it arrives (kept if a run is cut short)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +571,14 @@ class JaxDecoding:
         from flaxformer_lite import decoding
         s = self.spec
         config = decoding_config(s["model"], s["dtype"])
+        def progress(r):
+            sys.stdout.write(f"{PROGRESS}batch {r['batch']}, {r['method']}: {r['seconds']:.3f} s, "
+                             f"{r['tokens_per_s']:.1f} tokens/s\n")
+            sys.stdout.flush()
+
         rows = decoding.benchmark(config, batch_sizes=s["batch_sizes"],
-                                  new_tokens=s["new_tokens"], repeats=s["repeats"])
+                                  new_tokens=s["new_tokens"], repeats=s["repeats"],
+                                  on_row=progress)
         return {"rows": rows, "model": s["model"], "dtype": s["dtype"],
                 "layers": config.num_layers, "d_model": config.d_model,
                 "vocab": config.vocab_size}
@@ -656,6 +663,8 @@ class Worker:
                 return {"error": f"worker exited (code {self.proc.poll()}): {tail}"}
             if line.startswith(REPLY):
                 return json.loads(line[len(REPLY):])
+            if line.startswith(PROGRESS):
+                print(f"  {self.name}: {line[len(PROGRESS):].rstrip()}", flush=True)
 
     def call(self, op: str, **args) -> dict:
         if self.error:

@@ -355,6 +355,36 @@ def test_benchmark_attention_section_runs(tmp_path):
             assert "torch_sdpa" not in r
 
 
+def test_benchmark_decoding_section_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
+           "--sections=decoding", "--decoding_batch=1,2", "--decoding_new_tokens=3",
+           "--decoding_repeats=1", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["decoding"]
+    assert res["model"] == "small" and res["dtype"] == "float32"
+    assert sorted((r["batch"], r["method"]) for r in res["rows"]) == [
+        (1, "kv cache"), (1, "no cache"), (2, "kv cache"), (2, "no cache")]
+    assert all(r["seconds"] > 0 for r in res["rows"])
+    # Each row is printed as soon as it is measured, so a run cut short keeps its rows.
+    assert proc.stdout.count("decoding: batch ") == 4
+
+
+def test_benchmark_decoding_models():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(REPO, "experiments", "benchmark.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gpt2 = bench.decoding_config("gpt2", "bfloat16")
+    assert (gpt2.num_layers, gpt2.d_model, gpt2.vocab_size, gpt2.dtype) == (
+        12, 768, 50257, "bfloat16")
+    assert bench.decoding_config("small").vocab_size == 256
+    with pytest.raises(ValueError, match="decoding_model"):
+        bench.decoding_config("gpt3")
+
+
 @pytest.mark.slow
 def test_benchmark_train_section_runs(tmp_path):
     out = tmp_path / "bench.json"
