@@ -36,7 +36,9 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
               "--config.seq_len=16", "--config.batch_size=4", "--config.eval_every=10",
               "--config.eval_batches=2", "--config.log_every=5", "--config.sample_length=8",
               "--config.model.max_len=32", "--config.optimizer.warmup_steps=2",
-              "--config.optimizer.decay_steps=20", *TINY_MODEL]
+              "--config.optimizer.decay_steps=20", *TINY_MODEL,
+              # Settings meant for GPUs, exact anywhere: rows of running text hold no padding.
+              "--config.model.padding=trailing", "--config.model.vocab_pad_multiple=16"]
     work = tmp_path / "work"
     out = run("lm.py", work, "--config.num_steps=10", *common)
     assert f"compilation cache {tmp_path / 'jax_cache'}" in out

@@ -26,7 +26,9 @@ def get_config():
     c.progress = True
     c.model = ml_collections.ConfigDict(dict(
         preset="bert-base", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=128,
-        dropout_rate=0.1, attention_dropout_rate=0.1, mlm_head=True))
+        dropout_rate=0.1, attention_dropout_rate=0.1, mlm_head=True,
+        # On a GPU: dtype="bfloat16", attention_implementation="cudnn" (docs/training.md).
+        dtype="float32", attention_implementation="ops", vocab_pad_multiple=0))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=100,
         decay_steps=1000, final_learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-6,
