@@ -83,8 +83,9 @@ class TransformerConfig:
     # models and 10% slower on larger ones, so it is off unless asked for.
     matmul_barrier: bool = False
     fused_qkv: bool = True  # one projection for q, k, v in self-attention
-    # The decoder's output head multiplies as if the vocabulary were padded with zero rows to a
-    # multiple of this (0: off); parameters and logits keep `vocab_size` and the same values.
+    # The output head (tied or untied, and BERT's masked-LM decoder) multiplies as if the
+    # vocabulary were padded with zero rows to a multiple of this (0: off); parameters and
+    # logits keep `vocab_size` and the same values.
     # GPT-2's 50,257 columns make the step's largest matmul misaligned on GPUs: 128 is the
     # setting for accelerators (see docs/performance.md).
     vocab_pad_multiple: int = 0

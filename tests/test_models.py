@@ -175,10 +175,11 @@ def test_trailing_padding_needs_no_decoder_mask(built, name):
                                   run(model, rows, segment_ids=seg))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "transformer"])
+@pytest.mark.parametrize("name", ["gpt2", "gpt_rotary_gqa_swiglu_rms", "transformer", "bert"])
 def test_padded_vocab_head_is_exact(built, name):
-    """`vocab_pad_multiple` pads the output head's matmul (tied table or untied kernel; vocab
-    61 -> 64) but neither the parameters nor the logits or their gradients."""
+    """`vocab_pad_multiple` pads the output head's matmul (tied table, untied kernel, BERT's
+    masked-LM decoder; vocab 61 -> 64) but neither the parameters nor the logits or their
+    gradients."""
     cfg, model, params = built[name]
     padded = fl.make_model(cfg.replace(vocab_pad_multiple=16))
     batch = {"inputs": _ids((2, 7))}
