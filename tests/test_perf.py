@@ -358,7 +358,7 @@ def test_benchmark_attention_section_runs(tmp_path):
 def test_benchmark_decoding_section_runs(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
-           "--sections=decoding", "--decoding_batch=1,2", "--decoding_new_tokens=3",
+           "--sections=decoding", "--decoding_batch=2", "--decoding_new_tokens=3",
            "--decoding_repeats=1", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO})
@@ -366,10 +366,10 @@ def test_benchmark_decoding_section_runs(tmp_path):
     res = json.loads(out.read_text())["decoding"]
     assert res["model"] == "small" and res["dtype"] == "float32"
     assert sorted((r["batch"], r["method"]) for r in res["rows"]) == [
-        (1, "kv cache"), (1, "no cache"), (2, "kv cache"), (2, "no cache")]
+        (2, "kv cache"), (2, "no cache")]
     assert all(r["seconds"] > 0 for r in res["rows"])
     # Each row is printed as soon as it is measured, so a run cut short keeps its rows.
-    assert proc.stdout.count("decoding: batch ") == 4
+    assert proc.stdout.count("decoding: batch ") == 2
 
 
 def test_benchmark_decoding_models():
