@@ -336,15 +336,17 @@ def test_jemalloc_env():
     assert kept["LD_PRELOAD"] == "/usr/lib/libtcmalloc.so"
 
 
-def test_benchmark_attention_section_runs(tmp_path):
+def test_benchmark_attention_and_decoding_sections_run(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
-           "--sections=attention", "--attention_lengths=16,32", "--attention_heads=2",
-           "--attention_head_dim=8", "--attention_repeats=1", f"--out={out}"]
+           "--sections=attention,decoding", "--attention_lengths=16,32", "--attention_heads=2",
+           "--attention_head_dim=8", "--attention_repeats=1", "--decoding_batch=2",
+           "--decoding_new_tokens=3", "--decoding_repeats=1", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["attention"]["rows"]
+    res = json.loads(out.read_text())
+    rows = res["attention"]["rows"]
     assert [r["length"] for r in rows] == [16, 32]
     for r in rows:
         assert r["ops"]["median_s"] > 0 and r["xla"]["median_s"] > 0
@@ -353,21 +355,11 @@ def test_benchmark_attention_section_runs(tmp_path):
             assert r["torch_sdpa"]["median_s"] > 0
         else:
             assert "torch_sdpa" not in r
-
-
-def test_benchmark_decoding_section_runs(tmp_path):
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
-           "--sections=decoding", "--decoding_batch=2", "--decoding_new_tokens=3",
-           "--decoding_repeats=1", f"--out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())["decoding"]
-    assert res["model"] == "small" and res["dtype"] == "float32"
-    assert sorted((r["batch"], r["method"]) for r in res["rows"]) == [
+    dec = res["decoding"]
+    assert dec["model"] == "small" and dec["dtype"] == "float32"
+    assert sorted((r["batch"], r["method"]) for r in dec["rows"]) == [
         (2, "kv cache"), (2, "no cache")]
-    assert all(r["seconds"] > 0 for r in res["rows"])
+    assert all(r["seconds"] > 0 for r in dec["rows"])
     # Each row is printed as soon as it is measured, so a run cut short keeps its rows.
     assert proc.stdout.count("decoding: batch ") == 2
 
