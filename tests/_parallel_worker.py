@@ -61,7 +61,7 @@ def compiled_collectives(engine, batch) -> dict[str, int]:
 
     state = engine.abstract_state()
     with engine._mesh_context():
-        text = engine._train.fn.lower(state, engine._train_batch(batch)).compile().as_text()
+        text = engine._train.lower(state, engine._train_batch(batch)).compile().as_text()
     kinds = re.findall(r"= \S+ (all-to-all|all-gather|collective-permute|all-reduce|"
                        r"reduce-scatter)(?:-start)?\(", text)
     return dict(collections.Counter(kinds))
