@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _NAMES = {
     "PRESETS": "config", "TransformerConfig": "config", "get_config": "config",
+    "gpu_config": "config",
     "DecoderLayer": "layers", "Dense": "layers", "Embed": "layers", "EncoderLayer": "layers",
     "FeedForward": "layers", "LayerStack": "layers", "MultiHeadAttention": "layers",
     "Norm": "layers", "RelativePositionBias": "layers", "TransformerLayer": "layers",
@@ -29,8 +30,8 @@ __all__ = [
     "PRESETS", "T5", "Decoder", "DecoderLayer", "DecoderOnly", "Dense", "Embed", "Encoder",
     "EncoderDecoder", "EncoderLayer", "EncoderOnly", "FeedForward", "LayerStack",
     "MultiHeadAttention", "Norm", "params", "RelativePositionBias", "TransformerConfig",
-    "TransformerLayer", "get_config", "init_cache", "init_params", "make_model", "ops",
-    "shift_right",
+    "TransformerLayer", "get_config", "gpu_config", "init_cache", "init_params", "make_model",
+    "ops", "shift_right",
 ]
 
 
@@ -51,7 +52,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers see the eager imports
     from flaxformer_lite import ops, params
-    from flaxformer_lite.config import PRESETS, TransformerConfig, get_config
+    from flaxformer_lite.config import PRESETS, TransformerConfig, get_config, gpu_config
     from flaxformer_lite.layers import (
         DecoderLayer,
         Dense,

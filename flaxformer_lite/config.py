@@ -287,3 +287,30 @@ def get_config(name: str, **overrides) -> TransformerConfig:
         raise ValueError(f"Unknown config name {name!r}; known presets: {', '.join(PRESETS)}.")
     config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
+
+
+def gpu_config(config: TransformerConfig | str, *, trailing_padding: bool = False,
+               **overrides) -> TransformerConfig:
+    """`config` (or the preset of that name) with the settings that make a step fast on NVIDIA
+    GPUs, none of which changes the model's parameters:
+
+    - `dtype="bfloat16"`: bfloat16 compute; parameters and optimizer state stay float32.
+    - `attention_implementation="cudnn"`: cuDNN flash attention through
+      `jax.nn.dot_product_attention`. It has no attention dropout, so a config with
+      `attention_dropout_rate > 0` keeps its own implementation (set the rate to 0 to get cuDNN).
+    - `vocab_pad_multiple=128`: the output head multiplied 128-aligned (GPT-2's 50,257 columns
+      as 50,304).
+    - `padding="trailing"` when `trailing_padding=True` and the model is decoder-only: a promise
+      that unpacked rows pad only after their last token (rows of running text, packed rows),
+      so causal attention needs no padding mask and cuDNN runs its causal kernel.
+
+    On an H200 these took gpt2's train step from 75.2 ms (PyTorch eager) to 36.6 ms;
+    docs/performance.md, "Results: one NVIDIA H200". `overrides` are applied last.
+    """
+    base = get_config(config)
+    settings: dict[str, Any] = dict(dtype="bfloat16", vocab_pad_multiple=128)
+    if overrides.get("attention_dropout_rate", base.attention_dropout_rate) == 0:
+        settings["attention_implementation"] = "cudnn"
+    if trailing_padding and base.architecture == "decoder_only":
+        settings["padding"] = "trailing"
+    return base.replace(**{**settings, **overrides})

@@ -50,3 +50,31 @@ def test_presets_have_expected_shapes():
     assert (big.d_model, big.d_ff, big.num_heads, big.encoder_layers) == (1024, 4096, 16, 6)
     g = get_config("gpt3-175b")
     assert (g.num_layers, g.d_model, g.num_heads, g.dim_per_head) == (96, 12288, 96, 128)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-base", "t5-small", "transformer-base"])
+def test_gpu_config_keeps_the_parameters_and_applies_the_settings(name):
+    from flaxformer_lite import gpu_config, params
+
+    base = get_config(name)
+    fast = gpu_config(name, trailing_padding=True)
+    # No parameter changes (counted through the `ops` attention: cuDNN does not trace on a CPU).
+    assert params.breakdown(fast.replace(attention_implementation="ops")) == params.breakdown(base)
+    assert (fast.dtype, fast.param_dtype, fast.vocab_pad_multiple) == ("bfloat16", "float32", 128)
+    # cuDNN has no attention dropout: presets trained with it keep their implementation.
+    expected = "cudnn" if base.attention_dropout_rate == 0 else base.attention_implementation
+    assert fast.attention_implementation == expected
+    # The trailing-padding promise only means something to a decoder-only model.
+    assert fast.padding == ("trailing" if base.architecture == "decoder_only" else "anywhere")
+    assert gpu_config(name).padding == "anywhere"
+
+
+def test_gpu_config_overrides_win():
+    from flaxformer_lite import gpu_config
+
+    config = gpu_config("gpt2", trailing_padding=True, attention_dropout_rate=0.0,
+                        dtype="float16", vocab_pad_multiple=64, num_layers=2)
+    assert config.attention_implementation == "cudnn"  # dropout off: cuDNN
+    assert (config.dtype, config.vocab_pad_multiple, config.num_layers) == ("float16", 64, 2)
+    with pytest.raises(ValueError, match="vocab_pad_multiple"):
+        gpu_config("gpt2", vocab_pad_multiple=-1)
