@@ -1,8 +1,10 @@
 """Engine-level runs in their own process (the device count is fixed at JAX start-up).
 
     equivalence --devices 8 --out DIR   3 steps on the same global batches in "single", "pmap",
-                                        "mesh" (data=2, fsdp=2, tensor=2) and "mesh_micro" (the
-                                        same mesh, 2 micro-batches per step); writes
+                                        "mesh" (data=2, fsdp=2, tensor=2), "mesh_micro" (the
+                                        same mesh, 2 micro-batches per step) and
+                                        "mesh_padded_head" (the same mesh, the vocabulary split
+                                        over `tensor` and its head padded); writes
                                         DIR/<mode>.npz (params) and DIR/<mode>.json (losses
                                         and eval sums on a 5-row batch),
                                         DIR/init.npz (the initial params), then saves the mesh
@@ -24,11 +26,11 @@ import os
 import sys
 
 
-def tiny_config():
+def tiny_config(**changes):
     from flaxformer_lite import get_config
 
     return get_config("gpt2", vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2,
-                      max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0)
+                      max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0, **changes)
 
 
 def global_batches(n: int, batch: int = 8, length: int = 16, vocab: int = 64):
@@ -78,9 +80,12 @@ def make_engine(mode: str):
                 "mesh4": ParallelConfig(mode="mesh", data=1, fsdp=2, tensor=2),
                 "mesh_micro": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2,
                                              microbatches=2),
+                "mesh_padded_head": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2),
                 "data8": ParallelConfig(mode="mesh", data=8),
                 "data8_micro": ParallelConfig(mode="mesh", data=8, microbatches=2)}[mode]
-    return Engine(tiny_config(), optimizer, parallel, LossConfig(label_smoothing=0.1))
+    # The padded head: the vocabulary (64, split over `tensor`) multiplied as 96 columns.
+    model = tiny_config(vocab_pad_multiple=48 if mode == "mesh_padded_head" else 0)
+    return Engine(model, optimizer, parallel, LossConfig(label_smoothing=0.1))
 
 
 def run_equivalence(out: str) -> None:
@@ -89,7 +94,7 @@ def run_equivalence(out: str) -> None:
     from flaxformer_lite.training import Checkpointer
 
     batches = global_batches(4)
-    for mode in ("single", "pmap", "mesh", "mesh_micro"):
+    for mode in ("single", "pmap", "mesh", "mesh_micro", "mesh_padded_head"):
         engine = make_engine(mode)
         state = engine.init_state(0)
         if mode == "single":

@@ -121,7 +121,7 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
     reference = json.loads((equivalence / "single.json").read_text())
     mesh = "mesh (data=2, fsdp=2, tensor=2) over 8 devices"
     for mode, layout in (("pmap", "pmap over 8 local devices"), ("mesh", mesh),
-                         ("mesh_micro", mesh)):
+                         ("mesh_micro", mesh), ("mesh_padded_head", mesh)):
         assert_params_close(single, load(equivalence / f"{mode}.npz"))
         record = json.loads((equivalence / f"{mode}.json").read_text())
         assert record["describe"].startswith(layout)
