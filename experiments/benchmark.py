@@ -207,14 +207,13 @@ class JaxTrain:
                          num_heads=spec["heads"], d_ff=4 * spec["d_model"],
                          num_layers=spec["layers"], max_len=spec["context"], dropout_rate=0.0,
                          attention_dropout_rate=0.0, dtype=spec["dtype"])
-        if on_gpu and spec["dtype"] == "bfloat16":
-            # The library's GPU settings: cuDNN flash attention, causal alone (the ids here
-            # hold no padding, they start at 1, so `padding="trailing"` is exact and spares
-            # cuDNN a dense mask bias), and the output head's matmul padded to 128 columns.
-            overrides.update(attention_implementation="cudnn", padding="trailing",
-                             vocab_pad_multiple=128)
         overrides.update(spec.get("cfg", {}))
-        self.config = fl.get_config("gpt2", **overrides)
+        if on_gpu and spec["dtype"] == "bfloat16":
+            # The library's GPU settings (`gpu_config`); the ids here start at 1 and hold no
+            # padding, so `padding="trailing"` is exact.
+            self.config = fl.gpu_config("gpt2", trailing_padding=True, **overrides)
+        else:
+            self.config = fl.get_config("gpt2", **overrides)
         model = fl.make_model(self.config)
         self.batches = [{"inputs": jax.device_put(x), "targets": jax.device_put(y)}
                         for x, y in _batches(spec)]

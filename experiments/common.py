@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from flaxformer_lite import get_config
+from flaxformer_lite import get_config, gpu_config
 from flaxformer_lite.data import load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
@@ -72,10 +72,16 @@ def resolve_dataset(spec: str, *, kind: str, data_dir: str | None = None, **opti
     return load_dataset(spec, kind=kind, data_dir=data_dir, **options)
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int):
-    """`cfg.model` (a preset name plus field overrides) -> `TransformerConfig`."""
-    overrides = dict(cfg.model.to_dict())
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
+                 trailing_padding: bool = False):
+    """`cfg.model` -> `TransformerConfig`: the preset named `preset`, with `gpu_config`'s
+    settings when `gpu` is true (`trailing_padding` passed on), then every field that is set
+    (unset placeholders, None, keep the preset's or the GPU setting's value)."""
+    overrides = {k: v for k, v in cfg.model.to_dict().items() if v is not None}
     preset = overrides.pop("preset")
+    if overrides.pop("gpu", False):
+        return gpu_config(preset, trailing_padding=trailing_padding, vocab_size=vocab_size,
+                          **overrides)
     return get_config(preset, vocab_size=vocab_size, **overrides)
 
 

@@ -102,7 +102,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
-    model_cfg = common.model_config(cfg, tok.vocab_size)
+    model_cfg = common.model_config(cfg, tok.vocab_size, trailing_padding=True)
     model = make_model(model_cfg)
     train_data, eval_data, _ = make_data(cfg, ds, tok)
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None

@@ -4,6 +4,7 @@ The README's first command: a real language model trained in a few minutes on an
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -33,10 +34,11 @@ def get_config():
         preset="gpt2", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=256,
         dropout_rate=0.0, attention_dropout_rate=0.0, use_bias=False, norm_bias=True,
         activation="gelu",
-        # On a GPU: dtype="bfloat16", attention_implementation="cudnn", padding="trailing"
-        # (rows of running text hold no padding), vocab_pad_multiple=128 (docs/training.md).
-        dtype="float32", attention_implementation="ops", padding="anywhere",
-        vocab_pad_multiple=0))
+        # gpu=True: `flaxformer_lite.gpu_config(..., trailing_padding=True)` (bfloat16, cuDNN
+        # attention, causal alone: rows of running text pad only at their end, the head 128
+        # wide). The fields below, when set, override the preset and those settings.
+        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
+        padding=placeholder(str), vocab_pad_multiple=placeholder(int)))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
         decay_steps=2000, final_learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8,

@@ -4,6 +4,7 @@
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -27,8 +28,11 @@ def get_config():
     c.model = ml_collections.ConfigDict(dict(
         preset="bert-base", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=128,
         dropout_rate=0.1, attention_dropout_rate=0.1, mlm_head=True,
-        # On a GPU: dtype="bfloat16", attention_implementation="cudnn" (docs/training.md).
-        dtype="float32", attention_implementation="ops", vocab_pad_multiple=0))
+        # gpu=True: `flaxformer_lite.gpu_config` (bfloat16, the head 128 wide; cuDNN attention
+        # only with attention_dropout_rate=0, which it lacks). The fields below, when set,
+        # override the preset and those settings.
+        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
+        vocab_pad_multiple=placeholder(int)))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=100,
         decay_steps=1000, final_learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-6,

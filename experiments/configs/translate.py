@@ -4,6 +4,7 @@ A few minutes on a 2-core CPU; reaches 100% exact match on held-out sequences.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config():
@@ -40,8 +41,10 @@ def get_config():
         preset="transformer-base", d_model=128, num_heads=4, d_ff=256, num_layers=2,
         max_len=32, dropout_rate=0.0, attention_dropout_rate=0.0, norm_position="pre",
         final_norm=True,
-        # On a GPU: dtype="bfloat16", attention_implementation="cudnn" (docs/training.md).
-        dtype="float32", attention_implementation="ops", vocab_pad_multiple=0))
+        # gpu=True: `flaxformer_lite.gpu_config` (bfloat16, cuDNN attention, the head 128 wide).
+        # The fields below, when set, override the preset and those settings.
+        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
+        vocab_pad_multiple=placeholder(int)))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
         decay_steps=1500, final_learning_rate=1e-5, b1=0.9, b2=0.98, eps=1e-9,
