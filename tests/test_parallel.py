@@ -121,12 +121,13 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
     reference = json.loads((equivalence / "single.json").read_text())
     mesh = "mesh (data=2, fsdp=2, tensor=2) over 8 devices"
     for mode, layout in (("pmap", "pmap over 8 local devices"), ("mesh", mesh),
-                         ("mesh_micro", mesh), ("mesh_padded_head", mesh)):
+                         ("mesh_micro", mesh)):
         assert_params_close(single, load(equivalence / f"{mode}.npz"))
         record = json.loads((equivalence / f"{mode}.json").read_text())
         assert record["describe"].startswith(layout)
         assert record["describe"].endswith("2 micro-batches per step") == (mode == "mesh_micro")
-        # Micro-batches add the same sums in another order: float32 rounding only.
+        # Micro-batches add the same sums in another order: float32 rounding only. (The
+        # micro-batched run also pads its vocabulary-split head, which changes no number.)
         rtol = 1e-5 if mode == "mesh_micro" else 1e-6
         np.testing.assert_allclose(record["losses"], reference["losses"], rtol=rtol)
         # Eval on 5 rows: padding rows added to fill the shards change no sum.
