@@ -687,12 +687,14 @@ class Worker:
 
 
 def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
-    """'name:KEY=VAL,cfg.field=VAL,disable=a+b,configure_cpu=0,cpu_devices=2' ->
+    """'name:KEY=VAL,cfg.field=VAL,disable=a+b,configure_cpu=0,cpu_devices=2,batch=32' ->
     (name, env, cfg, spec).
 
     `disable=a+b` turns off fast paths a and b (`flaxformer_lite.ops.fast_paths`);
     `cpu_devices=n` trains data parallel over the CPU presented as n devices (`JaxTrain`);
-    `microbatches=k` computes the library step's gradient in k slices of the batch.
+    `microbatches=k` computes the library step's gradient in k slices of the batch;
+    `batch=n` trains on n sequences a step (the row's tokens/s, MFU and speed ratios then count
+    its own tokens: ratios compare time per token).
     """
     name, _, rest = text.partition(":")
     env, cfg, spec = {}, {}, {}
@@ -707,7 +709,7 @@ def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
             env["FLAXFORMER_LITE_DISABLE"] = value.replace("+", ",")
         elif key == "configure_cpu":
             spec["configure_cpu"] = value not in ("0", "false", "False")
-        elif key in ("cpu_devices", "microbatches"):
+        elif key in ("cpu_devices", "microbatches", "batch"):
             spec[key] = int(value)
         else:
             env[key] = value
@@ -761,8 +763,10 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
         workers = []
         print(f"\n[{model_name}] starting workers ...", flush=True)
         jax_specs = [("jax", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
+        batch_of = {}  # sequences per step, by row
         for name, venv, cfg, over in jax_specs:
             workers.append(Worker(name, "jax", dict(base, cfg=cfg, **over), {**env, **venv}))
+            batch_of[name] = over.get("batch", m["batch"])
         if "torch" in args.frameworks:
             workers.append(Worker("torch eager", "torch", dict(base, compile=False), env))
         if "torch_compile" in args.frameworks:
@@ -811,7 +815,6 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             w.close()
         info = stats[jax_worker.name]
         flops_tok = info["flops_per_token"]
-        tokens = m["batch"] * m["context"]
         # The MFU reference: the best matmul rate of any framework in any round. JAX's alone,
         # compiled with the step's options, can trail the machine (on the AMD EPYC 94-98
         # GFLOP/s against PyTorch's 118-135), which read as MFU over 100%.
@@ -825,9 +828,11 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 rows.append({"framework": w.name, "error": w.error or st.get("error")})
                 continue
             t = _median(times[w.name])
+            tokens = batch_of.get(w.name, m["batch"]) * m["context"]
             achieved = flops_tok * tokens / t
             row = {
-                "framework": w.name, "step_s": t, "steps": len(times[w.name]),
+                "framework": w.name, "batch": batch_of.get(w.name, m["batch"]),
+                "step_s": t, "steps": len(times[w.name]),
                 "step_cpu_s": _median(cpu_times[w.name]),
                 "tokens_per_s": tokens / t, "flops_per_token": flops_tok,
                 "achieved_flops_per_s": achieved,
@@ -841,7 +846,9 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             for ref in ("jax", "torch eager", "torch.compile"):
                 if ref in round_medians and round_medians[ref] and w.name != ref:
                     n = min(len(round_medians[ref]), len(round_medians[w.name]))
-                    ratios = [round_medians[ref][i] / round_medians[w.name][i]
+                    # Time per token: rows with another batch (`batch=n`) compare alike.
+                    per_ref = batch_of.get(ref, m["batch"]) / batch_of.get(w.name, m["batch"])
+                    ratios = [round_medians[ref][i] / round_medians[w.name][i] / per_ref
                               for i in range(n)]
                     row[f"speed_vs_{ref.replace(' ', '_').replace('.', '_')}"] = _median(ratios)
             rows.append(row)

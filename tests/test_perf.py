@@ -383,12 +383,12 @@ def test_benchmark_train_section_runs(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
            "--sections=train", "--models=nanogpt-char", "--frameworks=jax", "--repeats=1",
            "--round_seconds=0.01", "--variant=dp2:cpu_devices=2,microbatches=2",
-           f"--out={out}"]
+           "--variant=b24:batch=24", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (res,) = json.loads(out.read_text())["train"]
-    row, dp2 = res["rows"]
+    row, dp2, b24 = res["rows"]
     assert row["framework"] == "jax" and row["step_s"] > 0 and row["devices"] == 1
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
@@ -406,6 +406,11 @@ def test_benchmark_train_section_runs(tmp_path):
     assert dp2["framework"] == "dp2" and dp2["devices"] == 2 and dp2["step_s"] > 0
     assert dp2["flops_per_token"] == row["flops_per_token"]
     np.testing.assert_allclose(dp2["loss"], row["loss"], rtol=1e-4)
+    # Another batch size: its own tokens count, and the speed ratio is per token (one round,
+    # so the round's median is the row's step time).
+    assert (row["batch"], b24["batch"]) == (12, 24)
+    assert b24["tokens_per_s"] == pytest.approx(24 * 64 / b24["step_s"])
+    assert b24["speed_vs_jax"] == pytest.approx(row["step_s"] / b24["step_s"] * 2)
 
 
 def test_launcher_sets_environment():
