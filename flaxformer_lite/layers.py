@@ -145,8 +145,9 @@ class MultiHeadAttention(nn.Module):
     Self-attention projects q, k, v with one fused kernel `[embed, 3, heads, kv]` when the key
     and value heads equal the query heads. With `decode=True` the keys and values of the new
     tokens are written into the `cache` collection at `cache_index` (`[batch, kv_heads,
-    max_length, head_dim]`), and the queries attend over the whole cache under `mask`; for cross
-    attention the projected encoder keys/values are computed once (at `cache_index == 0`).
+    max_length, head_dim]`), and the queries attend over the whole cache under `mask` (on the
+    CPU over the cache as it was plus the new keys, written after: `ops.cached_attention`); for
+    cross attention the projected encoder keys/values are computed once (at `cache_index == 0`).
     """
 
     config: TransformerConfig
@@ -202,18 +203,33 @@ class MultiHeadAttention(nn.Module):
             q = ops.apply_rotary(q, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
             k = ops.apply_rotary(k, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
 
-        if decode and not self.is_cross:
-            k, v = self._self_cache(k, v, cache_index)
-
-        dropout_rng = None
-        if not deterministic and cfg.attention_dropout_rate > 0:
-            dropout_rng = self.make_rng("dropout")
-        out = ops.scaled_dot_product_attention(
-            q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-            dropout_rate=cfg.attention_dropout_rate, dropout_rng=dropout_rng,
-            implementation=cfg.attention_implementation)
+        dropout = not deterministic and cfg.attention_dropout_rate > 0
+        if (decode and not self.is_cross and not dropout
+                and ops.attention.read_cache_before_write(cfg.attention_implementation)
+                and self.has_variable("cache", "cached_key")):
+            out = self._attend_then_cache(q, k, v, cache_index, bias, mask)
+        else:
+            if decode and not self.is_cross:
+                k, v = self._self_cache(k, v, cache_index)
+            out = ops.scaled_dot_product_attention(
+                q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+                dropout_rate=cfg.attention_dropout_rate,
+                dropout_rng=self.make_rng("dropout") if dropout else None,
+                implementation=cfg.attention_implementation)
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
                      init_std=self.out_init_std, **dense)(out)
+
+    def _attend_then_cache(self, q, k, v, cache_index, bias, mask) -> Array:
+        # Attend over the cache as it was plus the new keys (`ops.cached_attention`), then
+        # write them. The write takes a zero that depends on the attention's output, so XLA
+        # orders it after the cache's last read and updates the loop buffer in place; read after
+        # the write, XLA:CPU copied each batch-1 cache four times a token.
+        out = ops.cached_attention(q, self.get_variable("cache", "cached_key"),
+                                   self.get_variable("cache", "cached_value"), k, v,
+                                   cache_index, bias=bias, mask=mask)
+        after = out[:, :1, :1, :1] * 0  # per row: a NaN in one row stays in that row
+        self._self_cache(k + after.astype(k.dtype), v + after.astype(v.dtype), cache_index)
+        return out
 
     def _self_cache(self, k: Array, v: Array, cache_index: Array) -> tuple[Array, Array]:
         # Stored head-major, [batch, kv_heads, length, head_dim]: the layout the attention dots

@@ -133,6 +133,38 @@ def test_attention_errors():
                                          dropout_rng=jax.random.key(0))
 
 
+@pytest.mark.parametrize("kv_heads, new", [(4, 1), (2, 3)])  # one decoded token; a prompt
+def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new):
+    """Reading the cache before the write gives attention over the cache after it."""
+    length, index = 9, 4
+    normal = np.random.default_rng(0).standard_normal  # (jax.random compiles per shape)
+    q = normal((B, new, H, D), np.float32)
+    k_new, v_new = normal((2, B, new, kv_heads, D), np.float32)
+    # Stale slots (>= index) hold garbage: they must not matter.
+    k_cache, v_cache = normal((2, B, kv_heads, length, D), np.float32)
+    written_k = np.asarray(k_cache).transpose(0, 2, 1, 3).copy()
+    written_v = np.asarray(v_cache).transpose(0, 2, 1, 3).copy()
+    written_k[:, index:index + new], written_v[:, index:index + new] = k_new, v_new
+    # The decoder's mask: valid slots (row 1 has a padded slot) up to each new token.
+    valid = np.ones((B, length), bool)
+    valid[1, 2] = False
+    slots = np.arange(length)
+    causal = slots[None, :] <= index + np.arange(new)[:, None]
+    mask = valid[:, None, None, :] & causal[None, None]
+    bias = normal((1, H, new, length), np.float32)
+    attend = jax.jit(ops.cached_attention)
+    for kw in (dict(mask=mask), dict(mask=mask, bias=bias)):
+        ref, _ = np_attention(q, written_k, written_v, **kw)
+        out = attend(q, k_cache, v_cache, k_new, v_new, index, **kw)
+        np.testing.assert_allclose(out, ref, atol=2e-5)
+    # Without a mask the new tokens attend the valid slots and, causally, each other.
+    ref, _ = np_attention(q, written_k, written_v,
+                          mask=np.broadcast_to(slots[None, :] <= index + np.arange(new)[:, None],
+                                               (B, H, new, length)))
+    out = attend(q, k_cache, v_cache, k_new, v_new, jnp.int32(index))
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
 def test_mask_builders_match_loops():
     q_seg = np.array([[1, 1, 2, 0]])
     kv_seg = np.array([[1, 2, 2, 0, 1]])

@@ -1,6 +1,10 @@
 """Pure functions holding the Transformer's math: no Flax, no state, all jit-compatible."""
 
-from flaxformer_lite.ops.attention import attention_weights, scaled_dot_product_attention
+from flaxformer_lite.ops.attention import (
+    attention_weights,
+    cached_attention,
+    scaled_dot_product_attention,
+)
 from flaxformer_lite.ops.functional import (
     ACTIVATIONS,
     activation,
@@ -30,8 +34,9 @@ from flaxformer_lite.ops.positions import (
 )
 
 __all__ = [
-    "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "bias_add", "causal_mask",
-    "causal_mask_from_positions", "column_sum", "combine_masks", "feed_forward", "layer_norm",
+    "ACTIVATIONS", "activation", "apply_rotary", "attention_weights", "bias_add",
+    "cached_attention", "causal_mask", "causal_mask_from_positions", "column_sum",
+    "combine_masks", "feed_forward", "layer_norm",
     "make_attention_mask", "matmul", "matmul_padded_out", "padding_mask", "relative_position_bias",
     "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
     "sinusoidal_embedding", "sinusoidal_table", "unstack",

@@ -146,6 +146,81 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
         implementation=implementation)
 
 
+def cached_attention(
+    q: Array,
+    k_cache: Array,
+    v_cache: Array,
+    k_new: Array,
+    v_new: Array,
+    index: Array | int,
+    *,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    scale: float | None = None,
+) -> Array:
+    """Attention of new tokens over a KV cache *before* their keys and values are written to it.
+
+    The result equals `scaled_dot_product_attention(q, k, v, bias=bias, mask=mask)` with the new
+    keys/values written at `index` (a query that may attend nothing gets another, equally
+    meaningless, average): the scores of the old cache and of the new keys are normalised
+    together. Why: inside a decoding loop the cache is a loop-carried
+    buffer, and the caller can then write the new keys into it *after* this read (make the write
+    depend on the result, as `layers.MultiHeadAttention` does), so XLA updates it in place. Read
+    after the write instead, XLA:CPU copied each batch-1 cache four times per token.
+
+    q: `[batch, new, heads, head_dim]`; k_cache, v_cache: `[batch, kv_heads, cache, head_dim]`
+    (head-major: the layer's cache layout), valid at slots `< index`; k_new, v_new:
+    `[batch, new, kv_heads, head_dim]`, to be written at slots `index .. index + new - 1`.
+    bias, mask: broadcastable to `[batch, heads, new, cache]` over the *written* cache (slots
+    `>= index + new` are ignored); without a mask the new tokens attend causally among
+    themselves. Returns `[batch, new, heads, head_dim]` in q's dtype; scores in float32.
+    """
+    b, lq, h, d = q.shape
+    hk, length = k_cache.shape[1], k_cache.shape[2]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
+    g = h // hk
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, lq, hk, g, d)
+    s_old = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k_cache, preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32)
+    s_old, s_new = s_old * jnp.float32(scale), s_new * jnp.float32(scale)
+    if bias is not None:
+        bias5 = _to_groups(bias, hk, g).astype(jnp.float32)
+        s_old = s_old + bias5
+        s_new = s_new + _new_slots(bias5, index, lq)
+    old_ok = (jnp.arange(length) < index)[None, None, None, None, :]
+    new_ok = jnp.tril(jnp.ones((lq, lq), bool))
+    if mask is not None:
+        mask5 = _to_groups(mask, hk, g).astype(bool)
+        old_ok = old_ok & mask5
+        new_ok = _new_slots(mask5, index, lq)
+    low = jnp.finfo(jnp.float32).min
+    s_old, s_new = jnp.where(old_ok, s_old, low), jnp.where(new_ok, s_new, low)
+    top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+    total = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)  # [b, hk, g, q, 1]
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", p_old.astype(v_cache.dtype), v_cache,
+                     preferred_element_type=jnp.float32)
+    out = out + jnp.einsum("bhgqk,bkhd->bqhgd", p_new.astype(v_new.dtype), v_new,
+                           preferred_element_type=jnp.float32)
+    out = out / total.transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, lq, h, v_cache.shape[-1]).astype(q.dtype)
+
+
+def read_cache_before_write(implementation: str) -> bool:
+    """Whether a decoding step should attend with `cached_attention` and write its keys and
+    values afterwards: the "ops" implementation on the CPU backend, where it was measured
+    (fast path `cached_attention`)."""
+    return (implementation == "ops" and jax.default_backend() == "cpu"
+            and enabled("cached_attention"))
+
+
+def _new_slots(x: Array, index, n: int) -> Array:
+    """Key slots `index .. index + n - 1` of a `[b, hk, g, q, k]` bias/mask (k of size 1 stays)."""
+    return x if x.shape[4] == 1 else jax.lax.dynamic_slice_in_dim(x, index, n, axis=4)
+
+
 # ---- CPU path ----------------------------------------------------------------------------------
 # The same math as above with a hand-written backward pass, used on the CPU backend when there is
 # no dropout and no weights to return. Autodiff of the plain formula streams the

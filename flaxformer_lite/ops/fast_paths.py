@@ -11,6 +11,8 @@ in the environment before the functions are traced:
 - `layer_norm_vjp`: LayerNorm with a hand-written backward pass.
 - `bias_gemv`: bias and norm-parameter gradients as matrix-vector products.
 - `unstack_vjp`: q/k/v split from a fused projection with a one-copy backward pass.
+- `cached_attention`: decoding on the CPU backend attends over the KV cache before writing the
+  new keys and values into it (`ops.cached_attention`), so XLA updates the cache in place.
 
 The matmul backward barrier is a model setting instead (`TransformerConfig.matmul_barrier`).
 """
@@ -20,7 +22,8 @@ from __future__ import annotations
 import os
 
 ENV = "FLAXFORMER_LITE_DISABLE"
-NAMES = ("cpu_attention", "gelu_vjp", "layer_norm_vjp", "bias_gemv", "unstack_vjp")
+NAMES = ("cpu_attention", "gelu_vjp", "layer_norm_vjp", "bias_gemv", "unstack_vjp",
+         "cached_attention")
 
 
 def enabled(name: str) -> bool:
