@@ -32,6 +32,14 @@ def _to_groups(x: Array | None, kv_heads: int, groups: int) -> Array | None:
     return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
 
 
+def _groups_and_scale(heads: int, kv_heads: int, head_dim: int, scale: float | None):
+    """Query heads per key/value head, and the score scale (default `head_dim ** -0.5`)."""
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                         f"({kv_heads}).")
+    return heads // kv_heads, head_dim ** -0.5 if scale is None else scale
+
+
 def attention_weights(
     q: Array,
     k: Array,
@@ -49,10 +57,7 @@ def attention_weights(
     """
     b, lq, h, d = q.shape
     hk = k.shape[2]
-    if h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
-    g = h // hk
-    scale = d ** -0.5 if scale is None else scale
+    g, scale = _groups_and_scale(h, hk, d, scale)
     qg = q.reshape(b, lq, hk, g, d)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(scale)
@@ -177,10 +182,7 @@ def cached_attention(
     """
     b, lq, h, d = q.shape
     hk, length = k_cache.shape[1], k_cache.shape[2]
-    if h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
-    g = h // hk
-    scale = d ** -0.5 if scale is None else scale
+    g, scale = _groups_and_scale(h, hk, d, scale)
     qg = q.reshape(b, lq, hk, g, d)
     s_old = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k_cache, preferred_element_type=jnp.float32)
     s_new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32)
@@ -271,10 +273,7 @@ def _query_block(lq: int) -> int:
 def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
     b, lq, h, d = q.shape
     lk, hk = k.shape[1], k.shape[2]
-    if h % hk:
-        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hk}).")
-    g = h // hk
-    scale = d ** -0.5 if scale is None else scale
+    g, scale = _groups_and_scale(h, hk, d, scale)
     # Blocks need every query to see a key of its own block; with more queries than keys the
     # causal mask goes in whole.
     causal = is_causal and lq <= lk
