@@ -771,6 +771,8 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             workers.append(Worker("torch eager", "torch", dict(base, compile=False), env))
         if "torch_compile" in args.frameworks:
             workers.append(Worker("torch.compile", "torch", dict(base, compile=True), env))
+        for w in workers:
+            batch_of.setdefault(w.name, m["batch"])
         live = [w for w in workers if not w.error]
         for w in workers:
             if w.error:
@@ -828,10 +830,10 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 rows.append({"framework": w.name, "error": w.error or st.get("error")})
                 continue
             t = _median(times[w.name])
-            tokens = batch_of.get(w.name, m["batch"]) * m["context"]
+            tokens = batch_of[w.name] * m["context"]
             achieved = flops_tok * tokens / t
             row = {
-                "framework": w.name, "batch": batch_of.get(w.name, m["batch"]),
+                "framework": w.name, "batch": batch_of[w.name],
                 "step_s": t, "steps": len(times[w.name]),
                 "step_cpu_s": _median(cpu_times[w.name]),
                 "tokens_per_s": tokens / t, "flops_per_token": flops_tok,
@@ -847,7 +849,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 if ref in round_medians and round_medians[ref] and w.name != ref:
                     n = min(len(round_medians[ref]), len(round_medians[w.name]))
                     # Time per token: rows with another batch (`batch=n`) compare alike.
-                    per_ref = batch_of.get(ref, m["batch"]) / batch_of.get(w.name, m["batch"])
+                    per_ref = batch_of[ref] / batch_of[w.name]
                     ratios = [round_medians[ref][i] / round_medians[w.name][i] / per_ref
                               for i in range(n)]
                     row[f"speed_vs_{ref.replace(' ', '_').replace('.', '_')}"] = _median(ratios)
