@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -125,13 +126,61 @@ def op_category(name: str) -> str:
     return "other"
 
 
-def summarize_trace(trace, steps: int, wall_s: float) -> dict:
+# Model components by the module path in an op's metadata (`op_name`), first match wins.
+COMPONENTS = (
+    ("attention projections", re.compile(r"_attention/(query|key_value|qkv|out)/")),
+    ("attention: scores, softmax, values", re.compile(r"(self|cross)_attention/")),
+    ("feed-forward", re.compile(r"/mlp/")),
+    ("norms", re.compile(r"_norm/")),
+    ("embeddings, output head", re.compile(
+        r"/(embedder|token_embed|position_embed|type_embed|logits|relative_bias|pooler|"
+        r"mlm_transform)\b")),
+)
+PASSES = ("forward", "backward", "other")
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """`{instruction name: metadata op_name}` from a compiled module's HLO text."""
+    out = {}
+    for m in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"",
+                         hlo_text, re.MULTILINE):
+        out[m.group(1)] = m.group(2)
+    return out
+
+
+def op_component(op_name: str | None) -> tuple[str, str]:
+    """`(component, pass)` of an op from its metadata `op_name`, e.g.
+    "jit(train_step)/transpose(jvp(DecoderOnly))/decoder/layers/layer_0/mlp/wi/dot_general"
+    is ("feed-forward", "backward"). Ops outside the differentiated function (the optimizer's
+    update) and ops XLA added without metadata (copies) count in the "other" pass; model ops
+    that match no component are "loss, residuals, masks". A fusion counts where the metadata
+    XLA gave it points (its root op's), so the split is approximate at fusion borders."""
+    if not op_name:
+        return "no metadata (XLA's copies)", "other"
+    if "transpose(jvp(" in op_name:
+        step = "backward"
+    elif "jvp(" in op_name:
+        step = "forward"
+    else:
+        return "optimizer update, rest", "other"
+    for name, pattern in COMPONENTS:
+        if pattern.search(op_name):
+            return name, step
+    return "loss, residuals, masks", step
+
+
+def summarize_trace(trace, steps: int, wall_s: float,
+                    op_names: dict[str, str] | None = None) -> dict:
     """Op time per step by category from a Perfetto JSON trace of `steps` XLA:CPU steps.
 
     An op's time runs from the start of its thunk to its completion marker ("end: <op>"), so a
     matmul whose shards run on the Eigen pool counts in full. Independent ops can run at the
     same time on the two threads, so the per-category sums may add up to more than the step;
-    `idle_s` is the part of the step during which no op was in flight at all.
+    `idle_s` is the part of the step during which no op was in flight at all. Each op's
+    `wall_seconds` is the step time attributed to it: every moment split evenly among the ops
+    then in flight, so they sum to the busy part of the step (`busy_wall_s`). With `op_names`
+    (`hlo_op_names` of the compiled step), that time is split by model component and pass
+    (`op_component`): where in the model the step's time goes.
     """
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
@@ -157,22 +206,42 @@ def summarize_trace(trace, steps: int, wall_s: float) -> dict:
     for name, (a, b) in spans:
         per_op[name] = per_op.get(name, 0.0) + (b - a) * 1e-6 / steps
         counts[name] = counts.get(name, 0) + 1
-    covered, end = 0.0, float("-inf")
-    for a, b in sorted(span for _, span in spans):  # union of the op intervals, microseconds
-        if b > end:
-            covered += b - max(a, end)
-            end = b
+    # The step's time attributed to the ops in flight, split evenly among them (two ops
+    # sharing the cores each get half): sums to the time during which any op ran.
+    per_wall = dict.fromkeys(per_op, 0.0)
+    edges = sorted([(a, 1, i) for i, (_, (a, _b)) in enumerate(spans)]
+                   + [(b, -1, i) for i, (_, (_a, b)) in enumerate(spans)])
+    active: set[int] = set()
+    last = covered = 0.0
+    for t, kind, i in edges:  # microseconds
+        if active and t > last:
+            covered += t - last
+            for j in active:
+                per_wall[spans[j][0]] += (t - last) * 1e-6 / steps / len(active)
+        active.add(i) if kind == 1 else active.discard(i)
+        last = t
     cats: dict[str, dict] = {}
     for name, t in per_op.items():
-        c = cats.setdefault(op_category(name), {"seconds": 0.0, "ops": 0, "examples": []})
+        c = cats.setdefault(op_category(name), {"seconds": 0.0, "wall_seconds": 0.0, "ops": 0,
+                                                "examples": []})
         c["seconds"] += t
+        c["wall_seconds"] += per_wall[name]
         c["ops"] += counts[name] / steps
         if len(c["examples"]) < 3:
             c["examples"].append(name)
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:10]
-    return {"wall_s": wall_s / steps, "busy_s": sum(per_op.values()),
-            "idle_s": max(0.0, wall_s - covered * 1e-6) / steps, "categories": cats,
-            "top": [{"op": n, "seconds": t, "category": op_category(n)} for n, t in top]}
+    out = {"wall_s": wall_s / steps, "busy_s": sum(per_op.values()),
+           "busy_wall_s": covered * 1e-6 / steps,
+           "idle_s": max(0.0, wall_s - covered * 1e-6) / steps, "categories": cats,
+           "top": [{"op": n, "seconds": t, "category": op_category(n)} for n, t in top]}
+    if op_names is not None:
+        comps: dict[str, dict[str, float]] = {}
+        for name, t in per_wall.items():
+            comp, step = op_component(op_names.get(name))
+            row = comps.setdefault(comp, dict.fromkeys(PASSES, 0.0))
+            row[step] += t
+        out["components"] = comps
+    return out
 
 
 class JaxTrain:
@@ -333,7 +402,7 @@ class JaxTrain:
             path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
             with gzip.open(path[0]) as f:
                 trace = json.load(f)
-        return summarize_trace(trace, steps, wall)
+        return summarize_trace(trace, steps, wall, hlo_op_names(self.compiled.as_text()))
 
     def stats(self) -> dict:
         jax = self.jax
@@ -968,7 +1037,8 @@ def bench_attention(args, env, allocator, accelerator) -> dict:
 
 
 def bench_profile(args, env, allocator) -> dict:
-    """Where a JAX training step's time goes, per op category (first model of --models)."""
+    """Where a JAX training step's time goes, by op category and by model component and
+    pass, for each model of --models (a `jax.profiler` trace; see `summarize_trace`)."""
     out = {}
     for name in args.models:
         if MODELS[name].get("accelerator_only"):
@@ -980,14 +1050,24 @@ def bench_profile(args, env, allocator) -> dict:
         res = out[name] = _call_worker("jax", spec, env, "profile", steps=args.profile_steps)
         if "error" in res:
             continue
-        busy = res["busy_s"]
-        lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), f"{100 * v['seconds'] / busy:.0f}%",
-                  f"{v['ops']:.0f}"]
-                 for c, v in sorted(res["categories"].items(), key=lambda kv: -kv[1]["seconds"])]
+        busy, wall = res["busy_s"], res["busy_wall_s"]
+        lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), _fmt(v["wall_seconds"], 1e3, ".1f"),
+                  f"{100 * v['wall_seconds'] / wall:.0f}%", f"{v['ops']:.0f}"]
+                 for c, v in sorted(res["categories"].items(),
+                                    key=lambda kv: -kv[1]["wall_seconds"])]
         print(f"  step {res['wall_s'] * 1e3:.1f} ms wall while traced; sum of op times "
               f"{busy * 1e3:.1f} ms (ops run two at a time where independent); no op in "
               f"flight {res['idle_s'] * 1e3:.1f} ms")
-        _print_rows(["category", "ms/step", "share", "ops/step"], lines)
+        _print_rows(["category", "op time ms", "step ms", "share", "ops/step"], lines)
+        comps = res.get("components")
+        if comps:
+            print("  by model component (step time, ms/step, each moment split among the ops "
+                  "in flight):")
+            lines = [[c, *(_fmt(v[p], 1e3, ".1f") for p in PASSES),
+                      _fmt(sum(v.values()), 1e3, ".1f"),
+                      f"{100 * sum(v.values()) / wall:.0f}%"]
+                     for c, v in sorted(comps.items(), key=lambda kv: -sum(kv[1].values()))]
+            _print_rows(["component", *PASSES, "total", "share"], lines)
         print("  top ops: " + ", ".join(f"{t['op']} {t['seconds'] * 1e3:.2f} ms"
                                         for t in res["top"][:6]))
     return out

@@ -339,9 +339,10 @@ def test_jemalloc_env():
 def test_benchmark_attention_and_decoding_sections_run(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
-           "--sections=attention,decoding", "--attention_lengths=16,32", "--attention_heads=2",
-           "--attention_head_dim=8", "--attention_repeats=1", "--decoding_batch=2",
-           "--decoding_new_tokens=3", "--decoding_repeats=1", f"--out={out}"]
+           "--sections=attention,decoding,profile", "--attention_lengths=16,32",
+           "--attention_heads=2", "--attention_head_dim=8", "--attention_repeats=1",
+           "--decoding_batch=2", "--decoding_new_tokens=3", "--decoding_repeats=1",
+           "--models=nanogpt-char", "--profile_steps=2", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -362,13 +363,84 @@ def test_benchmark_attention_and_decoding_sections_run(tmp_path):
     assert all(r["seconds"] > 0 for r in dec["rows"])
     # Each row is printed as soon as it is measured, so a run cut short keeps its rows.
     assert proc.stdout.count("decoding: batch ") == 2
+    # The profile of a real step: every op's time lands in one category and one component,
+    # and the metadata attributes nearly all of it to the model's parts and passes.
+    prof = res["profile"]["nanogpt-char"]
+    busy = prof["busy_s"]
+    assert busy > 0 and prof["categories"]["matmul"]["seconds"] > 0
+    assert sum(c["seconds"] for c in prof["categories"].values()) == pytest.approx(busy)
+    assert 0 < prof["busy_wall_s"] <= min(busy, prof["wall_s"]) * (1 + 1e-9)
+    comps = prof["components"]
+    assert sum(sum(v.values()) for v in comps.values()) == pytest.approx(prof["busy_wall_s"])
+    for name in ("attention projections", "attention: scores, softmax, values",
+                 "feed-forward", "norms"):
+        assert comps[name]["forward"] > 0 and comps[name]["backward"] > 0, name
+        assert comps[name]["other"] == 0, name
+    assert comps["optimizer update, rest"]["other"] > 0
+    assert sum(comps.get("no metadata (XLA's copies)", {}).values()) < 0.2 * busy
+    assert "by model component" in proc.stdout
 
 
-def test_benchmark_decoding_models():
+def test_profile_splits_op_time_by_component_and_pass():
+    bench = _load_benchmark()
+    hlo = "\n".join([
+        "ENTRY %main {",
+        '  %dot.1 = f32[8,4]{1,0} dot(%a, %b), metadata={op_name="jit(train_step)/'
+        'transpose(jvp(DecoderOnly))/decoder/layers/layer_0/mlp/wi/dot_general"}',
+        '  %exp_fusion.2 = f32[8,4]{1,0} fusion(%dot.1), kind=kLoop, metadata={op_name='
+        '"jit(train_step)/jvp(DecoderOnly)/decoder/layers/layer_1/self_attention/exp"}',
+        '  %fusion.5 = f32[8,4]{1,0} fusion(%dot.1), kind=kLoop, metadata={op_name='
+        '"jit(train_step)/jvp(DecoderOnly)/decoder/layers/layer_1/self_attention_norm/mul"}',
+        '  ROOT %add.4 = f32[8,4]{1,0} add(%x, %y), metadata={op_name="jit(train_step)/add"}',
+        "  %copy.3 = f32[8,4]{1,0} copy(%dot.1)",
+        "}"])
+    names = bench.hlo_op_names(hlo)
+    assert names["dot.1"].endswith("mlp/wi/dot_general") and "copy.3" not in names
+    assert bench.op_component(names["exp_fusion.2"]) == (
+        "attention: scores, softmax, values", "forward")
+    assert bench.op_component(
+        "jit(f)/transpose(jvp(T5))/encoder/layers/layer_0/cross_attention/key_value/add") == (
+        "attention projections", "backward")
+    meta = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": 7,
+             "args": {"name": "XLAEigen"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "python"}}]
+
+    def op(name, ts, dur=1.0, tid=7):
+        return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+    # Two steps; the matmul's time runs to its completion marker; a host-side event on
+    # another thread is no op. Microseconds.
+    events = meta + [op("dot.1", 0, 2), op("end: dot.1", 30), op("exp_fusion.2", 10, 10),
+                     op("fusion.5", 40, 10), op("add.4", 50, 20), op("copy.3", 70, 10),
+                     op("python_work", 80, 100, tid=8)]
+    events += [dict(e, ts=e["ts"] + 1000) for e in events if e["ph"] == "X"]
+    out = bench.summarize_trace({"traceEvents": events}, 2, 2000e-6, names)
+    assert out["busy_s"] == pytest.approx(80e-6)
+    # In flight: [0, 30] (the exp inside it) and [40, 80] of each step's 1000.
+    assert out["busy_wall_s"] == pytest.approx(70e-6)
+    assert out["idle_s"] == pytest.approx((2000 - 2 * 70) * 1e-6 / 2)
+    # The step's time: the matmul and the exp share [10, 20] half and half.
+    matmul = out["categories"]["matmul"]
+    assert (matmul["seconds"], matmul["wall_seconds"]) == (pytest.approx(30e-6),
+                                                           pytest.approx(25e-6))
+    comps = out["components"]
+    assert comps["feed-forward"] == {"forward": 0, "backward": pytest.approx(25e-6), "other": 0}
+    assert comps["attention: scores, softmax, values"]["forward"] == pytest.approx(5e-6)
+    assert comps["norms"]["forward"] == pytest.approx(10e-6)
+    assert comps["optimizer update, rest"]["other"] == pytest.approx(20e-6)
+    assert comps["no metadata (XLA's copies)"]["other"] == pytest.approx(10e-6)
+
+
+def _load_benchmark():
     spec = importlib.util.spec_from_file_location(
         "benchmark", os.path.join(REPO, "experiments", "benchmark.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_decoding_models():
+    bench = _load_benchmark()
     gpt2 = bench.decoding_config("gpt2", "bfloat16")
     assert (gpt2.num_layers, gpt2.d_model, gpt2.vocab_size, gpt2.dtype) == (
         12, 768, 50257, "bfloat16")
