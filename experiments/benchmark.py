@@ -111,8 +111,12 @@ def _serve(runner) -> None:
 
 
 def op_category(name: str) -> str:
-    """Kind of an XLA:CPU thunk from its HLO name: matmul, reduction, elementwise, copy, other."""
+    """Kind of an XLA:CPU thunk from its HLO name: matmul, reduction, elementwise, copy,
+    collective (with the devices' rendezvous waits), other."""
     base = name.split(".")[0].removeprefix("wrapped_")
+    if base.startswith(("all-reduce", "all-gather", "reduce-scatter", "collective-permute",
+                        "all-to-all", "Rendezvous", "Wait")):
+        return "collective/wait"
     if (base.startswith(("dot", "convolution", "onednn")) or "custom-call" in base
             or "gemm" in base):
         return "matmul"
@@ -137,6 +141,9 @@ COMPONENTS = (
         r"mlm_transform)\b")),
 )
 PASSES = ("forward", "backward", "other")
+# Thunks that hold others (a loop over micro-batches, a branch): in flight while their body
+# runs, so they would be counted twice.
+CONTAINERS = ("while", "conditional", "call")
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
@@ -176,7 +183,8 @@ def summarize_trace(trace, steps: int, wall_s: float,
     An op's time runs from the start of its thunk to its completion marker ("end: <op>"), so a
     matmul whose shards run on the Eigen pool counts in full. Independent ops can run at the
     same time on the two threads, so the per-category sums may add up to more than the step;
-    `idle_s` is the part of the step during which no op was in flight at all. Each op's
+    `idle_s` is the part of the step during which no op was in flight at all (loops and
+    branches count through the ops in their bodies, `CONTAINERS`). Each op's
     `wall_seconds` is the step time attributed to it: every moment split evenly among the ops
     then in flight, so they sum to the busy part of the step (`busy_wall_s`). With `op_names`
     (`hlo_op_names` of the compiled step), that time is split by model component and pass
@@ -187,7 +195,8 @@ def summarize_trace(trace, steps: int, wall_s: float,
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
     ops = sorted((e for e in events if e.get("ph") == "X"
                   and "XLA" in names.get((e.get("pid"), e.get("tid")), "")
-                  and not e["name"].startswith(("ThunkExecutor", "ThreadpoolListener"))),
+                  and not e["name"].startswith(("ThunkExecutor", "ThreadpoolListener"))
+                  and e["name"].split(".")[0] not in CONTAINERS),
                  key=lambda e: e["ts"])
     open_ops: dict[str, list[list[float]]] = {}
     spans: list[tuple[str, list[float]]] = []
@@ -1040,37 +1049,47 @@ def bench_profile(args, env, allocator) -> dict:
     """Where a JAX training step's time goes, by op category and by model component and
     pass, for each model of --models (a `jax.profiler` trace; see `summarize_trace`)."""
     out = {}
-    for name in args.models:
-        if MODELS[name].get("accelerator_only"):
+    rows = [("", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
+    for model in args.models:
+        if MODELS[model].get("accelerator_only"):
             continue
-        spec = dict(MODELS[name], dtype=args.dtype, allocator=allocator, seed=0, lr=1e-3,
-                    data=args.data, configure_cpu=args.configure_cpu)
-        print(f"\n[profile] {name}: jax.profiler trace of {args.profile_steps} training steps",
-              flush=True)
-        res = out[name] = _call_worker("jax", spec, env, "profile", steps=args.profile_steps)
-        if "error" in res:
-            continue
-        busy, wall = res["busy_s"], res["busy_wall_s"]
-        lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), _fmt(v["wall_seconds"], 1e3, ".1f"),
-                  f"{100 * v['wall_seconds'] / wall:.0f}%", f"{v['ops']:.0f}"]
-                 for c, v in sorted(res["categories"].items(),
-                                    key=lambda kv: -kv[1]["wall_seconds"])]
-        print(f"  step {res['wall_s'] * 1e3:.1f} ms wall while traced; sum of op times "
-              f"{busy * 1e3:.1f} ms (ops run two at a time where independent); no op in "
-              f"flight {res['idle_s'] * 1e3:.1f} ms")
-        _print_rows(["category", "op time ms", "step ms", "share", "ops/step"], lines)
-        comps = res.get("components")
-        if comps:
-            print("  by model component (step time, ms/step, each moment split among the ops "
-                  "in flight):")
-            lines = [[c, *(_fmt(v[p], 1e3, ".1f") for p in PASSES),
-                      _fmt(sum(v.values()), 1e3, ".1f"),
-                      f"{100 * sum(v.values()) / wall:.0f}%"]
-                     for c, v in sorted(comps.items(), key=lambda kv: -sum(kv[1].values()))]
-            _print_rows(["component", *PASSES, "total", "share"], lines)
-        print("  top ops: " + ", ".join(f"{t['op']} {t['seconds'] * 1e3:.2f} ms"
-                                        for t in res["top"][:6]))
+        for variant, venv, cfg, over in rows:
+            spec = dict(MODELS[model], dtype=args.dtype, allocator=allocator, seed=0, lr=1e-3,
+                        data=args.data, configure_cpu=args.configure_cpu, cfg=cfg, **over)
+            name = f"{model} {variant}" if variant else model
+            print(f"\n[profile] {name}: jax.profiler trace of {args.profile_steps} training "
+                  "steps", flush=True)
+            out[name] = _call_worker("jax", spec, {**env, **venv}, "profile",
+                                     steps=args.profile_steps)
+            _print_profile(out[name])
     return out
+
+
+def _print_profile(res: dict) -> None:
+    """The profile of one row: op categories, model components by pass, the slowest ops."""
+    if "error" in res:
+        print(f"  failed: {res['error'][:300]}")
+        return
+    busy, wall = res["busy_s"], res["busy_wall_s"]
+    lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), _fmt(v["wall_seconds"], 1e3, ".1f"),
+              f"{100 * v['wall_seconds'] / wall:.0f}%", f"{v['ops']:.0f}"]
+             for c, v in sorted(res["categories"].items(),
+                                key=lambda kv: -kv[1]["wall_seconds"])]
+    print(f"  step {res['wall_s'] * 1e3:.1f} ms wall while traced; sum of op times "
+          f"{busy * 1e3:.1f} ms (ops run two at a time where independent); no op in "
+          f"flight {res['idle_s'] * 1e3:.1f} ms")
+    _print_rows(["category", "op time ms", "step ms", "share", "ops/step"], lines)
+    comps = res.get("components")
+    if comps:
+        print("  by model component (step time, ms/step, each moment split among the ops "
+              "in flight):")
+        lines = [[c, *(_fmt(v[p], 1e3, ".1f") for p in PASSES),
+                  _fmt(sum(v.values()), 1e3, ".1f"),
+                  f"{100 * sum(v.values()) / wall:.0f}%"]
+                 for c, v in sorted(comps.items(), key=lambda kv: -sum(kv[1].values()))]
+        _print_rows(["component", *PASSES, "total", "share"], lines)
+    print("  top ops: " + ", ".join(f"{t['op']} {t['seconds'] * 1e3:.2f} ms"
+                                    for t in res["top"][:6]))
 
 
 def bench_decoding(args, env, allocator, accelerator) -> dict:

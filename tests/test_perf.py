@@ -409,10 +409,10 @@ def test_profile_splits_op_time_by_component_and_pass():
         return {"ph": "X", "pid": 1, "tid": tid, "name": name, "ts": ts, "dur": dur}
 
     # Two steps; the matmul's time runs to its completion marker; a host-side event on
-    # another thread is no op. Microseconds.
+    # another thread is no op, nor is a loop around the ops. Microseconds.
     events = meta + [op("dot.1", 0, 2), op("end: dot.1", 30), op("exp_fusion.2", 10, 10),
                      op("fusion.5", 40, 10), op("add.4", 50, 20), op("copy.3", 70, 10),
-                     op("python_work", 80, 100, tid=8)]
+                     op("python_work", 80, 100, tid=8), op("while.9", 0, 80)]
     events += [dict(e, ts=e["ts"] + 1000) for e in events if e["ph"] == "X"]
     out = bench.summarize_trace({"traceEvents": events}, 2, 2000e-6, names)
     assert out["busy_s"] == pytest.approx(80e-6)
@@ -429,6 +429,9 @@ def test_profile_splits_op_time_by_component_and_pass():
     assert comps["norms"]["forward"] == pytest.approx(10e-6)
     assert comps["optimizer update, rest"]["other"] == pytest.approx(20e-6)
     assert comps["no metadata (XLA's copies)"]["other"] == pytest.approx(10e-6)
+    assert [bench.op_category(n) for n in ("dot.1", "all-reduce.3", "Rendezvous",
+                                           "wrapped_reduce.2", "exp_fusion.2")] == [
+        "matmul", "collective/wait", "collective/wait", "reduction", "elementwise"]
 
 
 def _load_benchmark():
