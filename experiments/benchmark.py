@@ -227,7 +227,10 @@ def summarize_trace(trace, steps: int, wall_s: float,
             covered += t - last
             for j in active:
                 per_wall[spans[j][0]] += (t - last) * 1e-6 / steps / len(active)
-        active.add(i) if kind == 1 else active.discard(i)
+        if kind == 1:
+            active.add(i)
+        else:
+            active.discard(i)
         last = t
     cats: dict[str, dict] = {}
     for name, t in per_op.items():
@@ -1071,6 +1074,9 @@ def _print_profile(res: dict) -> None:
         print(f"  failed: {res['error'][:300]}")
         return
     busy, wall = res["busy_s"], res["busy_wall_s"]
+    if not wall:
+        print("  no XLA:CPU ops in the trace (this summary reads XLA:CPU's thunks)")
+        return
     lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), _fmt(v["wall_seconds"], 1e3, ".1f"),
               f"{100 * v['wall_seconds'] / wall:.0f}%", f"{v['ops']:.0f}"]
              for c, v in sorted(res["categories"].items(),
