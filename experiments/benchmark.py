@@ -159,11 +159,12 @@ def op_component(op_name: str | None) -> tuple[str, str]:
     """`(component, pass)` of an op from its metadata `op_name`, e.g.
     "jit(train_step)/transpose(jvp(DecoderOnly))/decoder/layers/layer_0/mlp/wi/dot_general"
     is ("feed-forward", "backward"). Ops outside the differentiated function (the optimizer's
-    update) and ops XLA added without metadata (copies) count in the "other" pass; model ops
-    that match no component are "loss, residuals, masks". A fusion counts where the metadata
-    XLA gave it points (its root op's), so the split is approximate at fusion borders."""
+    update) and ops XLA rewrote without metadata (split reductions, matrix-vector products,
+    copies) count in the "other" pass; model ops that match no component are "loss,
+    residuals, masks". A fusion counts where the metadata XLA gave it points (its root op's),
+    so the split is approximate at fusion borders."""
     if not op_name:
-        return "no metadata (XLA's copies)", "other"
+        return "no metadata (rewritten by XLA)", "other"
     if "transpose(jvp(" in op_name:
         step = "backward"
     elif "jvp(" in op_name:
