@@ -177,13 +177,22 @@ def op_component(op_name: str | None) -> tuple[str, str]:
     return "loss, residuals, masks", step
 
 
+def _op_name(event: dict) -> str:
+    """The HLO op of a trace event: its name on XLA:CPU, `args.hlo_op` on a GPU stream, where
+    the event is named after the kernel."""
+    return (event.get("args") or {}).get("hlo_op") or event["name"]
+
+
 def summarize_trace(trace, steps: int, wall_s: float,
                     op_names: dict[str, str] | None = None) -> dict:
-    """Op time per step by category from a Perfetto JSON trace of `steps` XLA:CPU steps.
+    """Op time per step by category from a Perfetto JSON trace of `steps` training steps.
 
-    An op's time runs from the start of its thunk to its completion marker ("end: <op>"), so a
-    matmul whose shards run on the Eigen pool counts in full. Independent ops can run at the
-    same time on the two threads, so the per-category sums may add up to more than the step;
+    On XLA:CPU an op's time runs from the start of its thunk to its completion marker
+    ("end: <op>"), so a matmul whose shards run on the Eigen pool counts in full. On a GPU the
+    ops are the kernels on the device's streams (XLA's command buffers hide which HLO op a
+    kernel belongs to: profile with `--xla_gpu_enable_command_buffer=`). Independent ops can
+    run at the same time (on two CPU threads, or GPU streams), so the per-category sums may add
+    up to more than the step;
     `idle_s` is the part of the step during which no op was in flight at all (loops and
     branches count through the ops in their bodies, `CONTAINERS`). Each op's
     `wall_seconds` is the step time attributed to it: every moment split evenly among the ops
@@ -194,23 +203,33 @@ def summarize_trace(trace, steps: int, wall_s: float,
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    ops = sorted((e for e in events if e.get("ph") == "X"
-                  and "XLA" in names.get((e.get("pid"), e.get("tid")), "")
-                  and not e["name"].startswith(("ThunkExecutor", "ThreadpoolListener"))
-                  and e["name"].split(".")[0] not in CONTAINERS),
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+
+    def is_op(e):
+        thread = names.get((e.get("pid"), e.get("tid")), "")
+        if "XLA" in thread:  # XLA:CPU's thunk executor
+            return not e["name"].startswith(("ThunkExecutor", "ThreadpoolListener"))
+        # GPU kernels: the streams of a "/device:GPU:n" process.
+        return (processes.get(e.get("pid"), "").startswith("/device:")
+                and thread.startswith("Stream"))
+
+    ops = sorted((e for e in events if e.get("ph") == "X" and is_op(e)
+                  and _op_name(e).split(".")[0] not in CONTAINERS),
                  key=lambda e: e["ts"])
     open_ops: dict[str, list[list[float]]] = {}
     spans: list[tuple[str, list[float]]] = []
     for e in ops:
-        if e["name"].startswith("end: "):  # completion of the oldest open op of that name
-            queue = open_ops.get(e["name"][5:])
+        name = _op_name(e)
+        if name.startswith("end: "):  # completion of the oldest open op of that name
+            queue = open_ops.get(name[5:])
             if queue:
                 span = queue.pop(0)
                 span[1] = max(span[1], e["ts"])
             continue
         span = [e["ts"], e["ts"] + e.get("dur", 0)]
-        open_ops.setdefault(e["name"], []).append(span)
-        spans.append((e["name"], span))
+        open_ops.setdefault(name, []).append(span)
+        spans.append((name, span))
     per_op: dict[str, float] = {}
     counts: dict[str, int] = {}
     for name, (a, b) in spans:
@@ -828,6 +847,11 @@ def _accelerator() -> bool:
     return out.stdout.strip() in ("gpu", "tpu", "cuda", "rocm")
 
 
+def _train_dtype(model: str, accelerator: bool, default: str) -> str:
+    """gpt2 trains in bfloat16 on an accelerator (the library's GPU settings); else --dtype."""
+    return "bfloat16" if (accelerator and model == "gpt2") else default
+
+
 def bench_train(args, env, allocator, accelerator) -> list[dict]:
     results = []
     for model_name in args.models:
@@ -836,7 +860,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             print(f"\n[{model_name}] skipped: accelerator only (no GPU/TPU here)")
             results.append({"model": model_name, "skipped": "accelerator only"})
             continue
-        dtype = "bfloat16" if (accelerator and model_name == "gpt2") else args.dtype
+        dtype = _train_dtype(model_name, accelerator, args.dtype)
         if args.data:  # characters get ids 1..n (0 is padding)
             with open(args.data, encoding="utf-8") as f:
                 m["vocab"] = max(m["vocab"], len(set(f.read())) + 1)
@@ -1049,16 +1073,18 @@ def bench_attention(args, env, allocator, accelerator) -> dict:
     return out
 
 
-def bench_profile(args, env, allocator) -> dict:
+def bench_profile(args, env, allocator, accelerator) -> dict:
     """Where a JAX training step's time goes, by op category and by model component and
     pass, for each model of --models (a `jax.profiler` trace; see `summarize_trace`)."""
     out = {}
     rows = [("", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
     for model in args.models:
-        if MODELS[model].get("accelerator_only"):
+        m = dict(MODELS[model])
+        if m.pop("accelerator_only", False) and not accelerator:
             continue
+        dtype = _train_dtype(model, accelerator, args.dtype)
         for variant, venv, cfg, over in rows:
-            spec = dict(MODELS[model], dtype=args.dtype, allocator=allocator, seed=0, lr=1e-3,
+            spec = dict(m, dtype=dtype, allocator=allocator, seed=0, lr=1e-3,
                         data=args.data, configure_cpu=args.configure_cpu, cfg=cfg, **over)
             name = f"{model} {variant}" if variant else model
             print(f"\n[profile] {name}: jax.profiler trace of {args.profile_steps} training "
@@ -1076,14 +1102,15 @@ def _print_profile(res: dict) -> None:
         return
     busy, wall = res["busy_s"], res["busy_wall_s"]
     if not wall:
-        print("  no XLA:CPU ops in the trace (this summary reads XLA:CPU's thunks)")
+        print("  no XLA ops in the trace (this summary reads XLA:CPU's thunks and GPU "
+              "stream kernels)")
         return
     lines = [[c, _fmt(v["seconds"], 1e3, ".1f"), _fmt(v["wall_seconds"], 1e3, ".1f"),
               f"{100 * v['wall_seconds'] / wall:.0f}%", f"{v['ops']:.0f}"]
              for c, v in sorted(res["categories"].items(),
                                 key=lambda kv: -kv[1]["wall_seconds"])]
     print(f"  step {res['wall_s'] * 1e3:.1f} ms wall while traced; sum of op times "
-          f"{busy * 1e3:.1f} ms (ops run two at a time where independent); no op in "
+          f"{busy * 1e3:.1f} ms (independent ops overlap); no op in "
           f"flight {res['idle_s'] * 1e3:.1f} ms")
     _print_rows(["category", "op time ms", "step ms", "share", "ops/step"], lines)
     comps = res.get("components")
@@ -1233,7 +1260,7 @@ def main(argv=None) -> int:
     if "decoding" in args.sections:
         results["decoding"] = bench_decoding(args, env, allocator, accelerator)
     if "profile" in args.sections:
-        results["profile"] = bench_profile(args, env, allocator)
+        results["profile"] = bench_profile(args, env, allocator, accelerator)
     results["machine"]["load_average_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

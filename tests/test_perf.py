@@ -434,6 +434,40 @@ def test_profile_splits_op_time_by_component_and_pass():
         "matmul", "collective/wait", "collective/wait", "reduction", "elementwise"]
 
 
+def test_profile_reads_gpu_stream_kernels():
+    """On a GPU the ops are the kernels on the device's streams, named by their HLO op in
+    `args.hlo_op`; host threads, even in the device's process, are no ops."""
+    bench = _load_benchmark()
+    names = {"dot.1": "jit(train_step)/jvp(DecoderOnly)/decoder/layers/layer_0/mlp/wi/dot_general",
+             "fusion.2": "jit(train_step)/transpose(jvp(DecoderOnly))/decoder/layers/layer_0/"
+                         "self_attention/exp"}
+    meta = [{"ph": "M", "name": "process_name", "pid": 3, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 4, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 3, "tid": 1,
+             "args": {"name": "Stream #12(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 3, "tid": 2,
+             "args": {"name": "Stream #14(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 3, "tid": 9,
+             "args": {"name": "XlaModule"}},
+            {"ph": "M", "name": "thread_name", "pid": 4, "tid": 5, "args": {"name": "python"}}]
+
+    def kernel(name, hlo, ts, dur, tid=1, pid=3):
+        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur,
+                "args": {"hlo_op": hlo} if hlo else {}}
+
+    events = meta + [kernel("sm90_xmma_gemm_f32", "dot.1", 0, 6),
+                     kernel("loop_exp_fusion", "fusion.2", 4, 4, tid=2),
+                     kernel("jit_train_step", None, 0, 10, tid=9),
+                     kernel("Execute", None, 0, 10, tid=5, pid=4)]
+    out = bench.summarize_trace({"traceEvents": events}, 1, 20e-6, names)
+    assert out["busy_s"] == pytest.approx(10e-6) and out["busy_wall_s"] == pytest.approx(8e-6)
+    assert out["idle_s"] == pytest.approx(12e-6)
+    comps = out["components"]
+    assert comps["feed-forward"]["forward"] == pytest.approx(5e-6)  # [4, 6] shared
+    assert comps["attention: scores, softmax, values"]["backward"] == pytest.approx(3e-6)
+    assert out["top"][0]["op"] == "dot.1" and out["categories"]["matmul"]["ops"] == 1
+
+
 def _load_benchmark():
     spec = importlib.util.spec_from_file_location(
         "benchmark", os.path.join(REPO, "experiments", "benchmark.py"))
