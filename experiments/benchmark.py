@@ -192,13 +192,12 @@ def summarize_trace(trace, steps: int, wall_s: float,
     ops are the kernels on the device's streams (XLA's command buffers hide which HLO op a
     kernel belongs to: profile with `--xla_gpu_enable_command_buffer=`). Independent ops can
     run at the same time (on two CPU threads, or GPU streams), so the per-category sums may add
-    up to more than the step;
-    `idle_s` is the part of the step during which no op was in flight at all (loops and
-    branches count through the ops in their bodies, `CONTAINERS`). Each op's
-    `wall_seconds` is the step time attributed to it: every moment split evenly among the ops
-    then in flight, so they sum to the busy part of the step (`busy_wall_s`). With `op_names`
-    (`hlo_op_names` of the compiled step), that time is split by model component and pass
-    (`op_component`): where in the model the step's time goes.
+    up to more than the step; `idle_s` is the part of the step during which no op was in
+    flight at all (loops and branches count through the ops in their bodies, `CONTAINERS`).
+    Each op's `wall_seconds` is the step time attributed to it: every moment split evenly
+    among the ops then in flight, so they sum to the busy part of the step (`busy_wall_s`).
+    With `op_names` (`hlo_op_names` of the compiled step), that time is split by model
+    component and pass (`op_component`): where in the model the step's time goes.
     """
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
