@@ -846,25 +846,33 @@ def _accelerator() -> bool:
     return out.stdout.strip() in ("gpu", "tpu", "cuda", "rocm")
 
 
-def _train_dtype(model: str, accelerator: bool, default: str) -> str:
-    """gpt2 trains in bfloat16 on an accelerator (the library's GPU settings); else --dtype."""
-    return "bfloat16" if (accelerator and model == "gpt2") else default
+def _model_spec(model: str, args, allocator: str,
+                accelerator: bool) -> tuple[dict, dict] | None:
+    """`(shape, spec)` of `model` for the train and profile sections' workers, or None for an
+    accelerator-only model without an accelerator. gpt2 trains in bfloat16 on an accelerator
+    (the library's GPU settings), other models in --dtype; with --data the vocabulary holds
+    its characters (ids 1..n; 0 is padding)."""
+    shape = dict(MODELS[model])
+    if shape.pop("accelerator_only", False) and not accelerator:
+        return None
+    if args.data:
+        with open(args.data, encoding="utf-8") as f:
+            shape["vocab"] = max(shape["vocab"], len(set(f.read())) + 1)
+    dtype = "bfloat16" if (accelerator and model == "gpt2") else args.dtype
+    return shape, dict(shape, seed=0, lr=1e-3, dtype=dtype, allocator=allocator,
+                       data=args.data, configure_cpu=args.configure_cpu)
 
 
 def bench_train(args, env, allocator, accelerator) -> list[dict]:
     results = []
     for model_name in args.models:
-        m = dict(MODELS[model_name])
-        if m.pop("accelerator_only", False) and not accelerator:
+        specs = _model_spec(model_name, args, allocator, accelerator)
+        if specs is None:
             print(f"\n[{model_name}] skipped: accelerator only (no GPU/TPU here)")
             results.append({"model": model_name, "skipped": "accelerator only"})
             continue
-        dtype = _train_dtype(model_name, accelerator, args.dtype)
-        if args.data:  # characters get ids 1..n (0 is padding)
-            with open(args.data, encoding="utf-8") as f:
-                m["vocab"] = max(m["vocab"], len(set(f.read())) + 1)
-        base = dict(m, seed=0, lr=1e-3, dtype=dtype, allocator=allocator, data=args.data,
-                    configure_cpu=args.configure_cpu)
+        m, base = specs
+        dtype = base["dtype"]
         workers = []
         print(f"\n[{model_name}] starting workers ...", flush=True)
         jax_specs = [("jax", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
@@ -1078,13 +1086,11 @@ def bench_profile(args, env, allocator, accelerator) -> dict:
     out = {}
     rows = [("", {}, {}, {})] + [_parse_variant(v) for v in args.variant]
     for model in args.models:
-        m = dict(MODELS[model])
-        if m.pop("accelerator_only", False) and not accelerator:
+        specs = _model_spec(model, args, allocator, accelerator)
+        if specs is None:
             continue
-        dtype = _train_dtype(model, accelerator, args.dtype)
         for variant, venv, cfg, over in rows:
-            spec = dict(m, dtype=dtype, allocator=allocator, seed=0, lr=1e-3,
-                        data=args.data, configure_cpu=args.configure_cpu, cfg=cfg, **over)
+            spec = dict(specs[1], cfg=cfg, **over)
             name = f"{model} {variant}" if variant else model
             print(f"\n[profile] {name}: jax.profiler trace of {args.profile_steps} training "
                   "steps", flush=True)
