@@ -213,13 +213,13 @@ def summarize_trace(trace, steps: int, wall_s: float,
         return (processes.get(e.get("pid"), "").startswith("/device:")
                 and thread.startswith("Stream"))
 
-    ops = sorted((e for e in events if e.get("ph") == "X" and is_op(e)
-                  and _op_name(e).split(".")[0] not in CONTAINERS),
-                 key=lambda e: e["ts"])
+    ops = sorted(((_op_name(e), e) for e in events if e.get("ph") == "X" and is_op(e)),
+                 key=lambda ne: ne[1]["ts"])
     open_ops: dict[str, list[list[float]]] = {}
     spans: list[tuple[str, list[float]]] = []
-    for e in ops:
-        name = _op_name(e)
+    for name, e in ops:
+        if name.split(".")[0] in CONTAINERS:
+            continue
         if name.startswith("end: "):  # completion of the oldest open op of that name
             queue = open_ops.get(name[5:])
             if queue:
