@@ -27,12 +27,29 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
     return nn.with_logical_constraint(x, names)
 
 
+def mesh_splits(names: Sequence[str | None]) -> tuple[int, ...]:
+    """Into how many pieces the current mesh and logical axis rules split each named axis: all
+    1 outside `jax.set_mesh` (one device, `pmap`) or without rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not any(names):
+        return (1,) * len(names)
+    out = []
+    for entry in nn.logical_to_mesh_axes(tuple(names)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        out.append(math.prod(mesh.shape.get(a, 1) for a in axes))
+    return tuple(out)
+
+
 class Dense(nn.Module):
     """`y = x W + b` contracting the last `len(in_shape)` axes of `x` into `out_shape`.
 
     The kernel has shape `in_shape + out_shape` with logical `axes` (e.g. `[embed, heads, kv]`
     for a query projection) and is multiplied as a 2-D matrix through `ops.matmul`, whose
-    backward is laid out for XLA:CPU when `barrier` is on.
+    backward is laid out for XLA:CPU when `barrier` is on. Flattening `[3, heads, head_dim]`
+    into one axis would lose a split of `heads` (only a split of the leading factor survives a
+    reshape), so when the mesh splits an axis other than the first of `in_shape` or
+    `out_shape` (a fused q/k/v or k/v projection under tensor parallelism) the kernel is
+    contracted as it is, and each device computes only its own heads.
     """
 
     in_shape: tuple[int, ...]
@@ -52,17 +69,25 @@ class Dense(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
             self.in_shape + self.out_shape, cfg.params_dtype)
         n_in = len(self.in_shape)
-        batch_shape = x.shape[: x.ndim - n_in]
-        k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)
-        w2 = kernel.reshape(k_in, k_out).astype(cfg.compute_dtype)
-        y = ops.matmul_padded_out(x2, w2, self.pad_out_multiple, cfg.matmul_barrier)
+        bias = None
         if self.use_bias:
             bias = self.param(
                 "bias",
                 nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                              self.axes[n_in:]),
                 self.out_shape, cfg.params_dtype)
+        splits = mesh_splits(self.axes)
+        if max(splits[1:n_in] + splits[n_in + 1:], default=1) > 1:
+            contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+            y = jax.lax.dot_general(x.astype(cfg.compute_dtype),
+                                    kernel.astype(cfg.compute_dtype), (contract, ((), ())))
+            return y if bias is None else y + bias.astype(cfg.compute_dtype)
+        batch_shape = x.shape[: x.ndim - n_in]
+        k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)
+        w2 = kernel.reshape(k_in, k_out).astype(cfg.compute_dtype)
+        y = ops.matmul_padded_out(x2, w2, self.pad_out_multiple, cfg.matmul_barrier)
+        if bias is not None:
             y = ops.bias_add(y, bias.reshape(k_out).astype(cfg.compute_dtype))
         return y.reshape(*batch_shape, *self.out_shape)
 

@@ -11,7 +11,10 @@
                                         state to DIR/ckpt and records the loss of a 4th step in
                                         DIR/next.json; DIR/collectives.json counts the
                                         collectives of the compiled data-parallel step (data=8)
-                                        with the whole batch and with 2 micro-batches.
+                                        with the whole batch and with 2 micro-batches;
+                                        DIR/flops.json the per-device FLOPs of the step on one
+                                        device and on a (data=2, tensor=4) mesh, with q/k/v in
+                                        one projection and with q apart from k/v.
     restore --devices N --mode M --ckpt DIR/ckpt --out FILE
                                         restores that checkpoint onto N devices in mode M,
                                         writes the params to FILE.npz and the 4th step's loss
@@ -69,7 +72,16 @@ def compiled_collectives(engine, batch) -> dict[str, int]:
     return dict(collections.Counter(kinds))
 
 
-def make_engine(mode: str):
+def compiled_flops(engine, batch) -> float:
+    """XLA's count of the compiled train step's floating-point operations on one device."""
+    state = engine.abstract_state()
+    with engine._mesh_context():
+        compiled = engine._train.lower(state, engine._train_batch(batch)).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def make_engine(mode: str, **model_changes):
     from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
 
     optimizer = OptimizerConfig(learning_rate=1e-3, weight_decay=0.1, clip_norm=1.0,
@@ -81,11 +93,12 @@ def make_engine(mode: str):
                 "mesh_micro": ParallelConfig(mode="mesh", data=2, fsdp=2, tensor=2,
                                              microbatches=2),
                 "data8": ParallelConfig(mode="mesh", data=8),
-                "data8_micro": ParallelConfig(mode="mesh", data=8, microbatches=2)}[mode]
+                "data8_micro": ParallelConfig(mode="mesh", data=8, microbatches=2),
+                "tensor4": ParallelConfig(mode="mesh", data=2, tensor=4)}[mode]
     # "mesh_micro" also pads the head (64 columns, 32 per tensor shard, multiplied as 96): one
     # more compiled mesh program would cost the suite ~15 s, and either change alone breaking
     # its equality with the single device fails the test.
-    model = tiny_config(vocab_pad_multiple=48 if mode == "mesh_micro" else 0)
+    model = tiny_config(vocab_pad_multiple=48 if mode == "mesh_micro" else 0, **model_changes)
     return Engine(model, optimizer, parallel, LossConfig(label_smoothing=0.1))
 
 
@@ -126,6 +139,10 @@ def run_equivalence(out: str) -> None:
     with open(os.path.join(out, "collectives.json"), "w") as f:
         json.dump({mode: compiled_collectives(make_engine(mode), rows16)
                    for mode in ("data8", "data8_micro")}, f)
+    with open(os.path.join(out, "flops.json"), "w") as f:
+        json.dump({f"{mode}/{'fused' if fused else 'separate'}":
+                   compiled_flops(make_engine(mode, fused_qkv=fused), rows16)
+                   for mode in ("single", "tensor4") for fused in (True, False)}, f)
 
 
 def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
