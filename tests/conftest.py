@@ -1,7 +1,31 @@
-"""Suite-wide settings."""
+"""Suite-wide settings and fixtures."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import jax
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """`load_script("experiments/benchmark.py")`: a repository script imported as a module (its
+    `main` not run), with the repository root on `sys.path` while it imports, as when run."""
+
+    def load(path: str):
+        spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(ROOT))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(str(ROOT))
+        return module
+
+    return load
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -93,27 +93,14 @@ def test_mlm_on_a_local_file(tmp_path):
     assert all(m["eval_loss"] > 0 and 0 <= m["eval_accuracy"] <= 1 for m in evals)
 
 
-def load_module(name: str, path: Path):
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module
-
-
 @pytest.mark.parametrize("name, trailing", [("lm", True), ("shakespeare_char", True),
                                             ("translate", False), ("multi30k", False),
                                             ("mlm", False)])
-def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing):
+def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_script):
     from flaxformer_lite import gpu_config
 
-    common = load_module("common", ROOT / "experiments" / "common.py")
-    cfg = load_module(name, ROOT / "experiments" / "configs" / f"{name}.py").get_config()
+    common = load_script("experiments/common.py")
+    cfg = load_script(f"experiments/configs/{name}.py").get_config()
     plain = common.model_config(cfg, 100, trailing_padding=trailing)
     assert (plain.dtype, plain.vocab_pad_multiple, plain.padding) == ("float32", 0, "anywhere")
     cfg.model.gpu = True
@@ -124,10 +111,10 @@ def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing):
     assert common.model_config(cfg, 100, trailing_padding=trailing).dtype == "float32"
 
 
-def test_cpu_devices_must_be_a_whole_number(monkeypatch):
+def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 
-    common = load_module("common", ROOT / "experiments" / "common.py")
+    common = load_script("experiments/common.py")
     for bad in (-1, 1.5, True, "2"):
         cfg = ml_collections.ConfigDict({"parallel": {"cpu_devices": bad}})
         with pytest.raises(ValueError, match="config.parallel.cpu_devices"):

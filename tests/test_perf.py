@@ -381,8 +381,8 @@ def test_benchmark_attention_and_decoding_sections_run(tmp_path):
     assert "by model component" in proc.stdout
 
 
-def test_profile_splits_op_time_by_component_and_pass():
-    bench = _load_benchmark()
+def test_profile_splits_op_time_by_component_and_pass(load_script):
+    bench = load_script("experiments/benchmark.py")
     hlo = "\n".join([
         "ENTRY %main {",
         '  %dot.1 = f32[8,4]{1,0} dot(%a, %b), metadata={op_name="jit(train_step)/'
@@ -434,10 +434,10 @@ def test_profile_splits_op_time_by_component_and_pass():
         "matmul", "collective/wait", "collective/wait", "reduction", "elementwise"]
 
 
-def test_profile_reads_gpu_stream_kernels():
+def test_profile_reads_gpu_stream_kernels(load_script):
     """On a GPU the ops are the kernels on the device's streams, named by their HLO op in
     `args.hlo_op`; host threads, even in the device's process, are no ops."""
-    bench = _load_benchmark()
+    bench = load_script("experiments/benchmark.py")
     names = {"dot.1": "jit(train_step)/jvp(DecoderOnly)/decoder/layers/layer_0/mlp/wi/dot_general",
              "fusion.2": "jit(train_step)/transpose(jvp(DecoderOnly))/decoder/layers/layer_0/"
                          "self_attention/exp"}
@@ -468,16 +468,8 @@ def test_profile_reads_gpu_stream_kernels():
     assert out["top"][0]["op"] == "dot.1" and out["categories"]["matmul"]["ops"] == 1
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location(
-        "benchmark", os.path.join(REPO, "experiments", "benchmark.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
-def test_benchmark_decoding_models():
-    bench = _load_benchmark()
+def test_benchmark_decoding_models(load_script):
+    bench = load_script("experiments/benchmark.py")
     gpt2 = bench.decoding_config("gpt2", "bfloat16")
     assert (gpt2.num_layers, gpt2.d_model, gpt2.vocab_size, gpt2.dtype) == (
         12, 768, 50257, "bfloat16")
