@@ -131,3 +131,41 @@ def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)
     common.use_cpu_devices(two)
     assert calls == [("jax_num_cpu_devices", 2)]
+
+
+def test_mesh_report_splits_work_state_and_gradients(tmp_path):
+    """The per-device report of a compiled step on 4 CPU devices, checked against what each
+    layout must do: data parallel all-reduces every gradient (at least the parameters' bytes)
+    and keeps the whole state; FSDP holds ~1/4 of it; tensor parallel splits the FLOPs."""
+    from flaxformer_lite import get_config, params
+
+    model = "vocab_size=64,d_model=32,num_heads=4,d_ff=64,num_layers=2,max_len=16"
+    out = tmp_path / "mesh.json"
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "mesh_report.py"), "--config=gpt2",
+         f"--set={model}", "--batch=8", "--meshes=4x1x1,1x4x1,2x1x2", f"--out={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "GFLOP/dev" in res.stdout
+    rows = {r["mesh"]: r for r in json.loads(out.read_text())["rows"]}
+    one, data, fsdp, tensor = (rows[m] for m in ("one device", "4x1x1", "1x4x1", "2x1x2"))
+    n = params.count(get_config("gpt2", vocab_size=64, d_model=32, num_heads=4, d_ff=64,
+                                num_layers=2, max_len=16))
+    assert data["collective_bytes"]["all-reduce"] >= 4 * n
+    assert data["argument_bytes"] >= 3 * 4 * n  # parameters and Adam's two moments, whole
+    assert fsdp["argument_bytes"] < 0.4 * one["argument_bytes"]
+    assert fsdp["collective_bytes"]["all-gather"] > 0
+    for row in (data, fsdp, tensor):
+        assert row["devices"] == 4 and row["flops_vs_ideal"] < 1.3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--meshes=2x2x2,2x1x1"], "every mesh must use all"),
+    (["--meshes=2x2"], "DATAxFSDPxTENSOR"),
+    (["--meshes=4x1x1", "--batch=6"], "multiple of data * fsdp"),
+    (["--set=num_layers"], "FIELD=VALUE"),
+])
+def test_mesh_report_rejects_bad_flags(flags, message):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / "mesh_report.py"), *flags],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and message in res.stderr, res.stderr

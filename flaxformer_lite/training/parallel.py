@@ -426,6 +426,22 @@ class Engine:
         with self._mesh_context():
             return self._train(state, batch)
 
+    def lower_train_step(self, batch: Mapping[str, Any],
+                         state: TrainState | None = None) -> jax.stages.Lowered:
+        """The train step lowered for `batch`'s shapes, against `state` or by default the
+        abstract state, so no parameter is allocated. `.compile()` it to read, per device,
+        XLA's `cost_analysis()` (FLOPs), `memory_analysis()` and the optimized HLO (its
+        collectives): what a mesh layout costs before any run (`experiments/mesh_report.py`).
+        Not in "pmap" mode, whose step is not a `jax.jit`.
+        """
+        if self.mode == "pmap":
+            raise ValueError("lower_train_step: ParallelConfig.mode='pmap' steps are pmapped; "
+                             "use mode='single' or 'mesh'.")
+        state = self.abstract_state() if state is None else state
+        batch = self._train_batch(batch)
+        with self._mesh_context():
+            return self._train.lower(state, batch)
+
     def _train_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """`shard_batch`, checking that each device's rows split into the micro-batches."""
         batch = self.shard_batch(batch)
