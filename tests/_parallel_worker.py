@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--ckpt", default=None)
     p.add_argument("--mode", default="mesh")
     args = p.parse_args(argv)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "  # the last count wins
+                               f"--xla_force_host_platform_device_count={args.devices}")
     if args.command == "equivalence":
         run_equivalence(args.out)
     else:

@@ -40,7 +40,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "  # the last count wins
+                               f"--xla_force_host_platform_device_count={args.devices}")
     import numpy as np
 
     from flaxformer_lite import get_config

@@ -475,7 +475,8 @@ _SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_generation_with_sharded_and_replicated_params():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=root,

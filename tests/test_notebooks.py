@@ -43,8 +43,11 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     # A last cell reports which Python the kernel runs, to check it is this environment's.
     nb.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.prefix)"))
 
-    # The kernel process inherits this environment.
+    # The kernel process inherits this environment. The notebooks train for a while: there
+    # the suite's fast-compile flag (conftest.py) would cost more than it saves.
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_backend_optimization_level=0", "").strip())
     monkeypatch.setenv("PYTHONPATH",
                        os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     client = nbclient.NotebookClient(

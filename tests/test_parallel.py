@@ -37,7 +37,7 @@ def worker_env(tmp_path_factory):
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+    # Each worker appends its own device count to XLA_FLAGS (the last one counts).
     return env
 
 
