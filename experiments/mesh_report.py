@@ -2,8 +2,8 @@
 
     python experiments/mesh_report.py --config=gpt2 --batch=16 --length=1024 \\
         --meshes=8x1x1,1x8x1,2x1x4,1x2x4
-    python experiments/mesh_report.py --config=gpt3-2.7b --set=scan_layers=True,remat=full \\
-        --devices=16 --meshes=1x16x1,1x8x2,1x4x4 --batch=32 --length=2048
+    python experiments/mesh_report.py --config=gpt2-xl --set=scan_layers=True,remat=full \\
+        --meshes=8x1x1,1x8x1,1x4x2,2x1x4 --batch=8
 
 Each mesh is `data x fsdp x tensor` (`ParallelConfig(mode="mesh", ...)`). The train step (the
 library's `Engine`, AdamW) is compiled for the abstract state, so no parameter is allocated,
@@ -15,6 +15,11 @@ all-reduce, reduce-scatter, all-to-all and collective-permute results; a loop bo
 even if it runs per layer or per micro-batch), and memory: the state and batch it holds
 (arguments) and the step's temporaries. Bytes and FLOPs are what XLA:CPU compiles; a GPU or
 TPU compiler fuses and schedules differently but partitions the same way.
+
+XLA counts a loop's body once: with `scan_layers=True` (or micro-batches) the FLOPs and bytes
+cover one layer (one micro-batch) of the loop plus everything outside it, so compare such rows
+with each other only, or report with `scan_layers=False` for whole-step totals. Memory is the
+compiled program's either way (a scanned stack's temporaries are one layer's).
 """
 
 from __future__ import annotations
@@ -181,10 +186,16 @@ def main(argv=None) -> int:
           f"{devices} CPU devices; compiling the train step (nothing allocated) ...", flush=True)
     rows = report(config, meshes, args.batch, length, args.microbatches)
     print_rows(rows)
+    loops = config.scan_layers or args.microbatches > 1
+    if loops:
+        print("  (scan_layers / micro-batches: XLA counts a loop body once, so FLOPs and bytes "
+              "hold one iteration of the loop; compare rows, or use scan_layers=False and "
+              "--microbatches=1 for whole-step totals)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": args.config, "overrides": overrides, "batch": args.batch,
-                       "length": length, "devices": devices, "rows": rows}, f, indent=1)
+                       "length": length, "devices": devices, "loops_counted_once": loops,
+                       "rows": rows}, f, indent=1)
         print(f"wrote {args.out}")
     return 0
 

@@ -147,7 +147,9 @@ def test_mesh_report_splits_work_state_and_gradients(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "GFLOP/dev" in res.stdout
-    rows = {r["mesh"]: r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    assert not report["loops_counted_once"]  # no scan, no micro-batches: whole-step counts
+    rows = {r["mesh"]: r for r in report["rows"]}
     one, data, fsdp, tensor = (rows[m] for m in ("one device", "4x1x1", "1x4x1", "2x1x2"))
     n = params.count(get_config("gpt2", vocab_size=64, d_model=32, num_heads=4, d_ff=64,
                                 num_layers=2, max_len=16))
