@@ -64,9 +64,7 @@ def compiled_collectives(engine, batch) -> dict[str, int]:
     import collections
     import re
 
-    state = engine.abstract_state()
-    with engine._mesh_context():
-        text = engine._train.lower(state, engine._train_batch(batch)).compile().as_text()
+    text = engine.lower_train_step(batch).compile().as_text()
     kinds = re.findall(r"= \S+ (all-to-all|all-gather|collective-permute|all-reduce|"
                        r"reduce-scatter)(?:-start)?\(", text)
     return dict(collections.Counter(kinds))
@@ -74,10 +72,7 @@ def compiled_collectives(engine, batch) -> dict[str, int]:
 
 def compiled_flops(engine, batch) -> float:
     """XLA's count of the compiled train step's floating-point operations on one device."""
-    state = engine.abstract_state()
-    with engine._mesh_context():
-        compiled = engine._train.lower(state, engine._train_batch(batch)).compile()
-    cost = compiled.cost_analysis()
+    cost = engine.lower_train_step(batch).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 

@@ -525,6 +525,15 @@ def test_step_dispatches_on_architecture(preset):
     assert max_diff(state.params, params) > 0
 
 
+def test_lower_train_step_allocates_nothing_and_refuses_pmap():
+    engine = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS)
+    compiled = engine.lower_train_step(synthetic_batch(0)).compile()
+    assert compiled.cost_analysis() and compiled.memory_analysis().argument_size_in_bytes > 0
+    assert not engine._init_compiled  # the state was never built: the abstract one sufficed
+    with pytest.raises(ValueError, match="mode='pmap'"):
+        Engine(TINY, OPT, ParallelConfig(mode="pmap"), LOSS).lower_train_step(synthetic_batch(0))
+
+
 def test_mesh_shardings_follow_logical_axes():
     mesh = partitioning.make_mesh(1, 1, 1)
     engine = Engine(TINY, OPT, ParallelConfig(mode="mesh", data=1, fsdp=1, tensor=1))
