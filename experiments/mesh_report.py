@@ -181,6 +181,9 @@ def main(argv=None) -> int:
         config = get_config(args.config, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(f"--config/--set: {e}")
+    if config.architecture == "encoder_only" and not config.mlm_head:
+        parser.error(f"--config={args.config} trains with its masked-LM head: add "
+                     "mlm_head=True to --set")
     length = args.length or config.max_len
     print(f"{args.config} {overrides or ''}: global batch {args.batch} x {length} tokens, "
           f"{devices} CPU devices; compiling the train step (nothing allocated) ...", flush=True)
