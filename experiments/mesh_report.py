@@ -44,16 +44,37 @@ _COLLECTIVE_RE = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.*?) (" + "|".join(COL
                             + r")(?:-start)?\(", re.MULTILINE)
 
 
+def _array_bytes(shapes: str) -> int:
+    """Bytes of the arrays in an HLO shape such as `(f32[8,4]{1,0}, bf16[3])`."""
+    return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", shapes))
+
+
+def collective_ops(hlo_text: str) -> list[tuple[str, int]]:
+    """`(kind, bytes of its result)` for each collective in optimized HLO text. An async
+    collective counts at its `-start`; a tuple result counts each of its arrays (a start's tuple
+    holds its operands too, so those count as well: an upper bound)."""
+    return [(m.group(2), _array_bytes(m.group(1))) for m in _COLLECTIVE_RE.finditer(hlo_text)]
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """Bytes of each collective's result per device, by kind, from optimized HLO text. An
-    async collective counts at its `-start`; a tuple result counts each of its arrays (a start's
-    tuple holds its operands too, so those count as well: an upper bound)."""
+    """Bytes of the collectives' results per device, by kind (`collective_ops`)."""
     out = dict.fromkeys(COLLECTIVES, 0)
-    for m in _COLLECTIVE_RE.finditer(hlo_text):
-        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
-            size = math.prod(int(d) for d in dims.split(",") if d)
-            out[m.group(2)] += _BYTES.get(dtype, 4) * size
+    for kind, size in collective_ops(hlo_text):
+        out[kind] += size
     return out
+
+
+def step_cost(compiled) -> dict:
+    """Per device, from a compiled program: XLA's FLOPs, collective bytes by kind, and the
+    memory of its arguments and temporaries."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return {"flops": float(cost.get("flops", float("nan"))),
+            "collective_bytes": collective_bytes(compiled.as_text()),
+            "argument_bytes": int(memory.argument_size_in_bytes),
+            "temp_bytes": int(memory.temp_size_in_bytes)}
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -106,15 +127,9 @@ def report(config, meshes, batch: int, length: int, microbatches: int = 1) -> li
         t0 = time.perf_counter()
         compiled = engine.lower_train_step(data).compile()
         compile_s = time.perf_counter() - t0
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        memory = compiled.memory_analysis()
         rows.append({
             "mesh": "one device" if mesh is None else "x".join(map(str, mesh)),
-            "devices": devices, "flops": float(cost.get("flops", float("nan"))),
-            "collective_bytes": collective_bytes(compiled.as_text()),
-            "argument_bytes": int(memory.argument_size_in_bytes),
-            "temp_bytes": int(memory.temp_size_in_bytes),
+            "devices": devices, **step_cost(compiled),
             "compile_s": compile_s, "describe": engine.describe()})
         print(f"  {rows[-1]['mesh']}: compiled in {compile_s:.1f} s", flush=True)
         del engine, compiled

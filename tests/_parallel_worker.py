@@ -28,6 +28,10 @@ import json
 import os
 import sys
 
+# `experiments/mesh_report.py` reads compiled steps (FLOPs, collectives) for these checks too.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "experiments"))
+
 
 def tiny_config(**changes):
     from flaxformer_lite import get_config
@@ -62,18 +66,18 @@ def flatten(tree):
 def compiled_collectives(engine, batch) -> dict[str, int]:
     """Collective ops in the compiled train step, by kind (from the optimized HLO text)."""
     import collections
-    import re
+
+    from mesh_report import collective_ops
 
     text = engine.lower_train_step(batch).compile().as_text()
-    kinds = re.findall(r"= \S+ (all-to-all|all-gather|collective-permute|all-reduce|"
-                       r"reduce-scatter)(?:-start)?\(", text)
-    return dict(collections.Counter(kinds))
+    return dict(collections.Counter(kind for kind, _ in collective_ops(text)))
 
 
 def compiled_flops(engine, batch) -> float:
     """XLA's count of the compiled train step's floating-point operations on one device."""
-    cost = engine.lower_train_step(batch).compile().cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    from mesh_report import step_cost
+
+    return step_cost(engine.lower_train_step(batch).compile())["flops"]
 
 
 def make_engine(mode: str, **model_changes):
