@@ -5,7 +5,9 @@ appends every step's loss to `--log` (JSON lines, main process only) and writes 
 parameters to `--out` (.npz). `--pause_at N` makes step N write `--pause_file` and wait until
 `<pause_file>.go` exists, so the test can signal (or kill) the process at a known step.
 Multi-process runs pass --num_processes/--process_id/--coordinator; each process then feeds its
-slice of every global batch.
+slice of every global batch. `--eval_batches N` evaluates N batches every half run; the
+last one's second half is empty, so with two processes the second yields one batch fewer
+(the trainer must still end the evaluation together).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--log_every", type=int, default=1)
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--accumulation_steps", type=int, default=1)
+    p.add_argument("--eval_batches", type=int, default=0)
     p.add_argument("--log", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--pause_at", type=int, default=-1)
@@ -81,7 +84,23 @@ def main(argv=None) -> int:
         def set_state(self, state):
             self.index = int(state["index"])
 
+    def eval_batches():
+        """Global batch j from seed 5000 + j; the last one's second half is padding, and a
+        process whose slice of it is all padding yields nothing for it."""
+        for j in range(args.eval_batches):
+            tokens = np.random.RandomState(5000 + j).randint(
+                4, 64, size=(args.global_batch, 17)).astype(np.int32)
+            if j == args.eval_batches - 1:
+                tokens[args.global_batch // 2:] = 0
+            local = distributed.local_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+            if np.any(local["targets"]):
+                yield local
+
     def record(step, metrics):
+        if args.log and "eval/loss" in metrics:
+            with open(args.log, "a") as f:
+                f.write(json.dumps({"step": step, "eval": {k: v for k, v in metrics.items()
+                                                          if k.startswith("eval/")}}) + "\n")
         if args.log and "train/loss" in metrics:
             with open(args.log, "a") as f:
                 f.write(json.dumps({"step": step, "loss": metrics["train/loss"],
@@ -105,6 +124,8 @@ def main(argv=None) -> int:
                    loss=LossConfig(label_smoothing=0.1, z_loss=1e-4), seed=0,
                    checkpoint_every=args.checkpoint_every, keep_checkpoints=3,
                    log_every=args.log_every,
+                   eval_data=eval_batches if args.eval_batches else None,
+                   eval_every=max(1, args.num_steps // 2),
                    hooks=[record])
     params = result.params  # every process takes part (gathers sharded arrays)
     if args.out and distributed.is_main_process():

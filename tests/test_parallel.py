@@ -88,7 +88,19 @@ def read_log(path) -> dict[int, list[float]]:
     with open(path) as f:
         for line in f:
             record = json.loads(line)
-            out.setdefault(record["step"], []).append(record["loss"])
+            if "loss" in record:
+                out.setdefault(record["step"], []).append(record["loss"])
+    return out
+
+
+def read_eval_log(path) -> dict[int, dict[str, float]]:
+    """step -> the eval metrics logged for it."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval" in record:
+                out[record["step"]] = record["eval"]
     return out
 
 
@@ -177,14 +189,15 @@ def test_restore_on_fewer_devices(equivalence, worker_env, tmp_path, devices, mo
 
 STEPS = 8
 TRAIN_ARGS = ["--num_steps", STEPS, "--checkpoint_every", 2]
+EVAL_ARGS = ["--eval_batches", 3]
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, worker_env):
     """One process, one device, never interrupted."""
     d = tmp_path_factory.mktemp("reference")
-    run("_train_worker.py", [*TRAIN_ARGS, "--workdir", d / "work", "--log", d / "log.jsonl",
-                             "--out", d / "params.npz"], worker_env)
+    run("_train_worker.py", [*TRAIN_ARGS, *EVAL_ARGS, "--workdir", d / "work",
+                             "--log", d / "log.jsonl", "--out", d / "params.npz"], worker_env)
     return d
 
 
@@ -250,11 +263,13 @@ def test_long_log_interval_on_two_cpu_devices_finishes(worker_env, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
     """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
-    process feeds half of every global batch. Compared with one process on one device."""
+    process feeds half of every global batch. Compared with one process on one device. The
+    second process runs out of eval batches one before the first: the evaluation must still end
+    together (not hang in a collective step) and sum the same examples as one process."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = [*TRAIN_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
+    common = [*TRAIN_ARGS, *EVAL_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
               "--num_processes", 2, "--coordinator", f"127.0.0.1:{port}",
               "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
               "--out", tmp_path / "params.npz"]
@@ -274,6 +289,13 @@ def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
         assert len(got[step]) == 1
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
     assert_params_close(load(tmp_path / "params.npz"), load(reference_run / "params.npz"))
+    expected_eval = read_eval_log(reference_run / "log.jsonl")
+    got_eval = read_eval_log(tmp_path / "log.jsonl")
+    assert sorted(got_eval) == sorted(expected_eval) == [STEPS // 2, STEPS]
+    for step, metrics in got_eval.items():
+        assert sorted(metrics) == sorted(expected_eval[step])
+        for name, value in metrics.items():
+            np.testing.assert_allclose(value, expected_eval[step][name], rtol=1e-5, err_msg=name)
     data = sorted(p.name for p in (tmp_path / "work" / "checkpoints" / str(STEPS) /
                                    "data").iterdir() if p.suffix == ".json")
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -221,9 +221,34 @@ def _first_eval_batch(eval_data) -> Batch | None:
 
 
 def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
-    """Mean eval metrics over every batch of `eval_data` (a factory or an iterable)."""
+    """Mean eval metrics over every batch of `eval_data` (a factory or an iterable).
+
+    On a multi-process run the processes' eval sets may end at different batches (a finite
+    pipeline shards examples, and packing or a remainder leaves some processes a batch short).
+    Each step then agrees on whether any process still has a batch (one tiny all-gather), and
+    a process that has run out feeds an all-zero batch shaped like its last one (weight 0: it
+    changes no metric sum), so that no process waits alone in a collective step.
+    """
     sums: dict[str, Any] = {}
-    for batch in _make_iterator(eval_data):
+    batches = _make_iterator(eval_data)
+    multi = jax.process_count() > 1
+    last = None
+    while True:
+        batch = next(batches, None)
+        if multi:  # 2: has a batch, 1: ran out after some, 0: never had one
+            code = 2 if batch is not None else int(last is not None)
+            codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).ravel()
+            if not np.any(codes == 2):
+                break
+            if np.any(codes == 0):  # every process raises, none waits in a collective
+                raise ValueError(
+                    f"eval_data yields no batch on process(es) {np.flatnonzero(codes == 0)} "
+                    "while others have some; give every process at least one eval batch "
+                    "(fewer processes, or a smaller eval batch size).")
+            batch = batch if batch is not None else jax.tree.map(np.zeros_like, last)
+            last = batch
+        elif batch is None:
+            break
         sums = add_metrics(sums, engine.metrics_to_host(engine.eval_step(state, batch)))
     return summarize(sums) if sums else {}
 
