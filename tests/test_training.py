@@ -230,14 +230,20 @@ def test_weight_decay_mask_spares_norms_biases_and_vectors(scan):
         seen.add(name)
         assert decays == (name in ("kernel", "embedding")), (path, leaf.shape)
     assert {"kernel", "bias", "scale", "embedding"} <= seen
-    # The real optimizer: zero gradients leave Adam's step at 0, so only decay moves params.
-    lr, wd = 0.1, 0.5
-    tx = make_optimizer(OptimizerConfig(learning_rate=lr, weight_decay=wd))
+    # The real optimizers: zero gradients leave Adam's and Adafactor's steps at 0, so only
+    # decay moves params, by the same learning-rate-scaled amount in both (warmup included:
+    # the first update's rate is 1/4 of the peak).
+    peak, wd = 0.4, 0.5
     zeros = jax.tree.map(np.zeros_like, params)
-    new = jax.jit(lambda p: optax.apply_updates(p, tx.update(zeros, tx.init(p), p)[0]))(params)
-    for p, n, m in zip(jax.tree.leaves(params), jax.tree.leaves(new), jax.tree.leaves(mask),
-                       strict=True):
-        np.testing.assert_allclose(n, p * (1 - lr * wd) if m else p, rtol=1e-6)
+    for optimizer in ("adamw", "adafactor"):
+        tx = make_optimizer(OptimizerConfig(optimizer=optimizer, learning_rate=peak,
+                                            warmup_steps=4, weight_decay=wd))
+        new = jax.jit(lambda p, tx=tx: optax.apply_updates(
+            p, tx.update(zeros, tx.init(p), p)[0]))(params)
+        for p, n, m in zip(jax.tree.leaves(params), jax.tree.leaves(new),
+                           jax.tree.leaves(mask), strict=True):
+            np.testing.assert_allclose(n, p * (1 - peak / 4 * wd) if m else p, rtol=1e-6,
+                                       err_msg=optimizer)
 
 
 def test_config_errors_name_the_field():

@@ -37,7 +37,8 @@ class OptimizerConfig:
       `learning_rate`, then half a cosine down to `final_learning_rate` at update
       `decay_steps`) or "vaswani" (`d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)`).
     weight_decay: decoupled decay, applied only to matrices (never to biases, norm scales or
-      other 1-D parameters; see `decay_mask`).
+      other 1-D parameters; see `decay_mask`): each update subtracts `lr * weight_decay * p`,
+      `lr` the scheduled learning rate, for AdamW and Adafactor alike.
     clip_norm: clip the (accumulated) gradient to this global L2 norm; None = no clipping.
     accumulation_steps: average the gradients of this many consecutive train steps
       (micro-batches) into one update (`optax.MultiSteps`).
@@ -210,8 +211,12 @@ def make_optimizer(config: OptimizerConfig, d_model: int | None = None
         base = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                            weight_decay=config.weight_decay, mask=decay_mask)
     else:
-        base = optax.adafactor(schedule, weight_decay_rate=config.weight_decay or None,
-                               weight_decay_mask=decay_mask)
+        # optax adds Adafactor's decay after the learning-rate scaling (p -= wd * p); scale it
+        # by the schedule so that `weight_decay` means what it means for AdamW (p -= lr*wd*p).
+        wd = config.weight_decay
+        base = optax.adafactor(
+            schedule, weight_decay_rate=(lambda count: wd * schedule(count)) if wd else None,
+            weight_decay_mask=decay_mask)
     if config.clip_norm is not None:
         base = optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
     if config.accumulation_steps > 1:
