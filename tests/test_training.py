@@ -715,6 +715,32 @@ def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
     assert [s for s, m in seen if "train/loss" in m] == [3, 6]
 
 
+def test_best_checkpoint_is_kept_between_checkpoint_steps(engine, tmp_path):
+    """Evaluations at steps 2, 4, 6 and checkpoints every 3: the best evaluation (by "max", so
+    the first, the loss falling) must still be kept; it used to be saved only at common steps."""
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+    result = train(TINY, OPT, Batches(), workdir=tmp_path, engine=engine,
+                   num_steps=6, loss=LOSS, parallel=ParallelConfig(mode="single"),
+                   eval_data=lambda: iter(eval_batches), eval_every=2, checkpoint_every=3,
+                   keep_checkpoints=1, best_metric="eval/loss", best_mode="max", hooks=[])
+    evals = {h["step"]: h["eval/loss"] for h in result.history if "eval/loss" in h}
+    best = max(evals, key=evals.get)
+    assert best != 6  # else the check below could not tell
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [best, 6]
+
+
+def test_eval_misuse_is_refused(engine, tmp_path):
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+    common = dict(engine=engine, num_steps=4, loss=LOSS, parallel=ParallelConfig(mode="single"),
+                  eval_every=2, hooks=[])
+    with pytest.raises(ValueError, match="one-shot iterator"):  # before any step
+        train(TINY, OPT, Batches(), workdir=tmp_path / "a", eval_data=iter(eval_batches),
+              **common)
+    with pytest.raises(ValueError, match="best_metric='eval/los' .*'eval/loss'"):
+        train(TINY, OPT, Batches(), workdir=tmp_path / "b", eval_data=lambda: eval_batches,
+              best_metric="eval/los", **common)
+
+
 def _read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     """Scalars in TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
     import struct

@@ -168,6 +168,11 @@ class Checkpointer:
             return False
         if metrics is not None:
             metrics = {k: float(v) for k, v in metrics.items()}
+            if self.best_metric is not None and self.best_metric not in metrics:
+                raise ValueError(
+                    f"best_metric={self.best_metric!r} is not among the metrics saved at step "
+                    f"{step}: {sorted(metrics)}. Pick one of those (eval metrics are named "
+                    "'eval/...').")
         return self._manager.save(
             step, args=ocp.args.Composite(**{
                 STATE_ITEM: ocp.args.StandardSave(state),

@@ -277,7 +277,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     eval_fn: `(state, engine) -> {name: value}` for anything else (BLEU, samples); keys
       without a "/" get the "eval/" prefix. Both run every `eval_every` steps and at the end.
     checkpoint_every: save every this many steps (None: only at the end and on interrupts).
-    best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` min|max).
+    best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` min|max);
+      every evaluation then also saves a checkpoint, so the best one is always among them.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
       (default: `log_hook`). Metric names are "train/..." and "eval/...".
@@ -295,6 +296,11 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
+    if (hasattr(eval_data, "__next__") and eval_every and eval_every < num_steps):
+        raise ValueError(
+            f"eval_data is a one-shot iterator, but evaluation runs every {eval_every} steps and "
+            "the iterator would be empty after the first; pass a function returning a fresh "
+            "iterator (eval_data=lambda: make_eval_batches()) or a list of batches.")
     parallel = parallel or (engine.parallel if engine is not None else ParallelConfig())
     loss = loss or (engine.loss if engine is not None else LossConfig())
     workdir = os.path.abspath(os.fspath(workdir))
@@ -429,8 +435,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             if len(pending) > STEPS_AHEAD:
                 jax.block_until_ready(pending[-STEPS_AHEAD - 1])
             is_log = step % log_every == 0 or step == num_steps
-            is_ckpt = bool(checkpoint_every) and step % checkpoint_every == 0
             is_eval = bool(evaluating) and step % eval_every == 0
+            is_ckpt = (bool(checkpoint_every) and step % checkpoint_every == 0
+                       or is_eval and ckpt.best_metric is not None)
             if is_log or is_ckpt or is_eval:
                 flush(log_now=is_log)
             if is_eval:
