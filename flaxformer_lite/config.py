@@ -10,6 +10,8 @@ Every check raises `ValueError` naming the field and what is allowed, before any
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -150,6 +152,26 @@ def _positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"TransformerConfig.{name}={value!r} must be a positive integer.")
 
 
+def _real(name: str, value: Any, low: float, high: float = math.inf, *,
+          low_open: bool = False, high_open: bool = False) -> None:
+    """`value` a finite real number in the interval from `low` to `high` (ends closed unless
+    `*_open`)."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        raise ValueError(f"TransformerConfig.{name}={value!r} must be a finite number "
+                         f"{'in ' if math.isfinite(high) else ''}{interval}.")
+
+
+BOOL_FIELDS = ("norm_bias", "use_bias", "final_norm", "tie_embeddings",
+               "share_encoder_decoder_embeddings", "scale_embeddings", "embedding_norm",
+               "pooler", "mlm_head", "scan_layers", "matmul_barrier", "fused_qkv")
+
+
 def _validate(c: TransformerConfig) -> None:
     _choice("architecture", c.architecture, ARCHITECTURES)
     _choice("activation", c.activation, ACTIVATIONS)
@@ -178,24 +200,39 @@ def _validate(c: TransformerConfig) -> None:
         raise ValueError(
             f"TransformerConfig.num_heads={c.num_heads} is not divisible by "
             f"num_kv_heads={c.kv_heads}; grouped-query attention needs whole groups.")
+    for name in BOOL_FIELDS:
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"TransformerConfig.{name}={getattr(c, name)!r} must be True or "
+                             "False.")
     if c.position == "rotary":
-        rotary_dims = int(c.dim_per_head * c.rotary_fraction)
-        if not 0.0 < c.rotary_fraction <= 1.0 or rotary_dims % 2:
+        _real("rotary_base", c.rotary_base, 0.0, low_open=True)
+        _real("rotary_fraction", c.rotary_fraction, 0.0, 1.0, low_open=True)
+        if int(c.dim_per_head * c.rotary_fraction) % 2:
             raise ValueError(
-                f"TransformerConfig.rotary_fraction={c.rotary_fraction} must be in (0, 1] and "
-                f"rotate an even number of the head_dim={c.dim_per_head} dimensions.")
+                f"TransformerConfig.rotary_fraction={c.rotary_fraction} must rotate an even "
+                f"number of the head_dim={c.dim_per_head} dimensions.")
+    if c.position == "relative":
+        # Half the buckets (a quarter per direction in the encoder) hold exact distances; the
+        # logarithmic rest needs max_distance beyond them (T5: 32 buckets, distance 128).
+        exact = c.relative_num_buckets // (2 if c.decoder_layers else 4)
+        if c.relative_num_buckets < 4 or c.relative_max_distance <= exact:
+            raise ValueError(
+                f"TransformerConfig.relative_num_buckets={c.relative_num_buckets} and "
+                f"relative_max_distance={c.relative_max_distance}: need at least 4 buckets and "
+                f"a max distance above the {exact} exact-distance buckets (T5 uses 32 and "
+                "128).")
     for name in ("dropout_rate", "attention_dropout_rate"):
-        rate = getattr(c, name)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"TransformerConfig.{name}={rate} must be in [0, 1).")
-    if c.norm_eps <= 0:
-        raise ValueError(f"TransformerConfig.norm_eps={c.norm_eps} must be positive.")
+        _real(name, getattr(c, name), 0.0, 1.0, high_open=True)
+    _real("norm_eps", c.norm_eps, 0.0, low_open=True)
+    _real("init_std", c.init_std, 0.0)
     if c.architecture != "encoder_only" and (c.pooler or c.mlm_head or c.type_vocab_size):
         raise ValueError(
             "TransformerConfig.pooler, mlm_head and type_vocab_size belong to "
             f"architecture='encoder_only', not {c.architecture!r}.")
-    if c.type_vocab_size < 0:
-        raise ValueError(f"TransformerConfig.type_vocab_size={c.type_vocab_size} must be >= 0.")
+    if (not isinstance(c.type_vocab_size, int) or isinstance(c.type_vocab_size, bool)
+            or c.type_vocab_size < 0):
+        raise ValueError(f"TransformerConfig.type_vocab_size={c.type_vocab_size!r} must be an "
+                         "integer >= 0 (0: no token types; BERT uses 2).")
     if c.architecture != "encoder_decoder" and (
             c.num_encoder_layers is not None or c.num_decoder_layers is not None):
         raise ValueError(

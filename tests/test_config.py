@@ -22,10 +22,37 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config
     (dict(pooler=True), "pooler"),
     (dict(position="rotary", head_dim=6, rotary_fraction=0.5), "rotary_fraction"),
     (dict(num_encoder_layers=2), "num_encoder_layers"),
+    # Values that used to pass and give NaN logits, or fail later without naming the field.
+    (dict(dropout_rate=None), "dropout_rate=None must be a finite number"),
+    (dict(norm_eps=float("nan")), "norm_eps=nan"),
+    (dict(norm_eps="1e-5"), "norm_eps='1e-5'"),
+    (dict(init_std=-0.02), "init_std"),
+    (dict(position="rotary", rotary_base=0.0), "rotary_base"),
+    (dict(position="rotary", rotary_fraction=float("nan")), "rotary_fraction"),
+    (dict(position="relative", relative_num_buckets=2), "relative_num_buckets=2"),
+    (dict(position="relative", relative_max_distance=8), "relative_max_distance=8"),
+    (dict(architecture="encoder_only", type_vocab_size=2.5), "type_vocab_size=2.5"),
+    (dict(scan_layers="yes"), "scan_layers='yes' must be True or False"),
 ])
 def test_bad_values_name_the_field(changes, match):
     with pytest.raises(ValueError, match=match):
         TransformerConfig(**changes)
+
+
+def test_relative_buckets_at_the_limit_are_valid_buckets():
+    """The smallest accepted settings give in-range buckets, every distance a bucket."""
+    import numpy as np
+
+    from flaxformer_lite.ops import relative_position_bucket
+
+    for architecture, bidirectional in (("decoder_only", False), ("encoder_only", True)):
+        exact = 4 // (2 if not bidirectional else 4)
+        TransformerConfig(architecture=architecture, position="relative",
+                          relative_num_buckets=4, relative_max_distance=exact + 1)
+        buckets = np.asarray(relative_position_bucket(
+            np.arange(-50, 51), bidirectional=bidirectional, num_buckets=4,
+            max_distance=exact + 1))
+        assert buckets.min() >= 0 and buckets.max() < 4
 
 
 def test_replace_revalidates_and_configs_hash():

@@ -5,6 +5,7 @@ Multi-device and multi-process behaviour is in tests/test_parallel.py (subproces
 
 import functools
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -253,8 +254,17 @@ def test_config_errors_name_the_field():
         OptimizerConfig(schedule="cosine", warmup_steps=10)
     with pytest.raises(ValueError, match="accumulation_steps"):
         OptimizerConfig(accumulation_steps=0)
+    for field, value in (("b1", 1.5), ("b2", -0.1), ("eps", -1.0), ("learning_rate", math.inf),
+                         ("weight_decay", math.nan), ("warmup_steps", 2.5),
+                         ("warmup_steps", None), ("clip_norm", 0.0)):
+        with pytest.raises(ValueError, match=f"OptimizerConfig.{field}="):
+            OptimizerConfig(**{field: value})
+    with pytest.raises(ValueError, match="OptimizerConfig.decay_steps=10.5"):
+        OptimizerConfig(schedule="cosine", decay_steps=10.5)
     with pytest.raises(ValueError, match="LossConfig.label_smoothing"):
         LossConfig(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="LossConfig.z_loss=nan"):
+        LossConfig(z_loss=math.nan)
     with pytest.raises(ValueError, match="ParallelConfig.mode"):
         ParallelConfig(mode="dp")
     with pytest.raises(ValueError, match="ParallelConfig.compiler_options"):

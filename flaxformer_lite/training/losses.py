@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping
 
 import jax
@@ -33,11 +34,16 @@ class LossConfig:
     z_loss: float = 0.0
 
     def __post_init__(self):
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"LossConfig.label_smoothing={self.label_smoothing} must be in "
+        def number(value) -> bool:
+            return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                    and math.isfinite(value))
+
+        if not (number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
+            raise ValueError(f"LossConfig.label_smoothing={self.label_smoothing!r} must be in "
                              "[0, 1); 0.1 is the paper's value.")
-        if self.z_loss < 0:
-            raise ValueError(f"LossConfig.z_loss={self.z_loss} must be >= 0 (0 disables it).")
+        if not (number(self.z_loss) and self.z_loss >= 0):
+            raise ValueError(f"LossConfig.z_loss={self.z_loss!r} must be a finite number >= 0 "
+                             "(0 disables it).")
 
 
 def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0,

@@ -13,6 +13,8 @@ parameters (and the schedule's count) move once every k steps, so `warmup_steps`
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable
 
 import jax
@@ -75,6 +77,22 @@ class OptimizerConfig:
         return dataclasses.asdict(self)
 
 
+def _number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = False, integer: bool = False) -> None:
+    """`value` a finite number (an int if `integer`) from `low` to `high`, else a ValueError
+    naming the field."""
+    ok = (isinstance(value, numbers.Integral if integer else numbers.Real)
+          and not isinstance(value, bool)
+          and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (value < high if high_open else value <= high))
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        where = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                 if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        raise ValueError(f"OptimizerConfig.{name}={value!r} must be {kind} {where}.")
+
+
 def _validate(c: OptimizerConfig) -> None:
     if c.optimizer not in OPTIMIZERS:
         raise ValueError(f"OptimizerConfig.optimizer={c.optimizer!r} is not one of "
@@ -82,10 +100,15 @@ def _validate(c: OptimizerConfig) -> None:
     if c.schedule not in SCHEDULES:
         raise ValueError(f"OptimizerConfig.schedule={c.schedule!r} is not one of "
                          f"{', '.join(SCHEDULES)}.")
-    if not c.learning_rate > 0:
-        raise ValueError(f"OptimizerConfig.learning_rate={c.learning_rate} must be positive.")
-    if c.warmup_steps < 0:
-        raise ValueError(f"OptimizerConfig.warmup_steps={c.warmup_steps} must be >= 0.")
+    _number("learning_rate", c.learning_rate, 0.0, low_open=True)
+    _number("warmup_steps", c.warmup_steps, 0, integer=True)
+    if c.decay_steps is not None:
+        _number("decay_steps", c.decay_steps, 1, integer=True)
+    _number("final_learning_rate", c.final_learning_rate, 0.0)
+    _number("weight_decay", c.weight_decay, 0.0)
+    _number("b1", c.b1, 0.0, 1.0, high_open=True)
+    _number("b2", c.b2, 0.0, 1.0, high_open=True)
+    _number("eps", c.eps, 0.0)
     if c.schedule == "vaswani" and c.warmup_steps < 1:
         raise ValueError("OptimizerConfig.warmup_steps must be >= 1 for schedule='vaswani' "
                          "(the paper used 4000).")
@@ -94,14 +117,8 @@ def _validate(c: OptimizerConfig) -> None:
             f"OptimizerConfig.decay_steps={c.decay_steps} must be set and larger than "
             f"warmup_steps={c.warmup_steps} for schedule='cosine' (usually the number of "
             "optimizer updates in the run).")
-    if c.final_learning_rate < 0:
-        raise ValueError(f"OptimizerConfig.final_learning_rate={c.final_learning_rate} must be "
-                         ">= 0.")
-    if c.weight_decay < 0:
-        raise ValueError(f"OptimizerConfig.weight_decay={c.weight_decay} must be >= 0.")
-    if c.clip_norm is not None and not c.clip_norm > 0:
-        raise ValueError(f"OptimizerConfig.clip_norm={c.clip_norm} must be positive, or None "
-                         "for no clipping.")
+    if c.clip_norm is not None:
+        _number("clip_norm", c.clip_norm, 0.0, low_open=True)
     if not isinstance(c.accumulation_steps, int) or c.accumulation_steps < 1:
         raise ValueError(f"OptimizerConfig.accumulation_steps={c.accumulation_steps} must be a "
                          "positive integer (1 = no accumulation).")
