@@ -123,14 +123,24 @@ def count(config: TransformerConfig | str) -> int:
 def matmul_params(config: TransformerConfig | str, counts: dict[str, int] | None = None) -> int:
     """Parameters used in a matrix multiply per token (N in `6N`): all but lookup tables.
 
-    Token embeddings count when tied (they are the output projection) and not otherwise (an
-    untied input table is only looked up; the untied output matrix is in `output_head`).
+    A token table counts only where it is also the output projection: tied, in a model that
+    produces logits over the vocabulary (a decoder, or BERT's masked-LM head). Otherwise it is
+    only looked up: an untied table (the untied output matrix is in `output_head`), a backbone
+    encoder's table without `mlm_head`, and the encoder's own table when an encoder-decoder
+    does not share them. BERT's pooler runs once per sequence, not per token: left out.
     """
     config = get_config(config) if isinstance(config, str) else config
     counts = breakdown(config) if counts is None else counts
     n = counts["total"] - sum(counts[c] for c in _LOOKUP_ONLY)
-    if not config.tie_embeddings:
-        n -= counts["token_embeddings"]
+    tables = counts["token_embeddings"]
+    if not config.tie_embeddings or (config.architecture == "encoder_only"
+                                     and not config.mlm_head):
+        n -= tables
+    elif (config.architecture == "encoder_decoder"
+          and not config.share_encoder_decoder_embeddings):
+        n -= tables // 2  # two [vocab, d_model] tables; the decoder's is the output projection
+    if config.pooler:
+        n -= config.d_model * config.d_model + config.d_model  # Dense with a bias
     return n
 
 
@@ -139,8 +149,9 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
     """Training FLOPs per token: `6 N` (forward 2N, backward 4N) plus the attention term.
 
     The attention term is `6 * 2 * layers * seq_len * heads * head_dim` (scores and weighted sum,
-    forward and backward; Kaplan et al. 2020, PaLM appendix B), over all attention stacks
-    (self and cross). `seq_len` defaults to `config.max_len`.
+    forward and backward, every query against every key: PaLM's appendix B and Chinchilla's
+    convention; Kaplan et al. 2020 count half, as if causal masking halved the work), over all
+    attention stacks (self and cross). `seq_len` defaults to `config.max_len`.
     """
     config = get_config(config) if isinstance(config, str) else config
     seq_len = config.max_len if seq_len is None else seq_len
