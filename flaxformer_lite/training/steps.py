@@ -82,7 +82,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
 
     `learning_rate_fn(step)` only feeds the `learning_rate` metric. `axis_name` is the pmap axis
     (None under jit). Returns the new state and metric sums (see `losses.metric_sums`) plus
-    `grad_norm` (global L2 norm of the batch gradient, before clipping), `learning_rate`,
+    `grad_norm` (global L2 norm of this step's gradient, before clipping), `learning_rate`,
     `steps` (= 1) and `nonfinite` (1.0 when the loss or the gradient norm is NaN or infinite).
 
     `microbatches = k` computes the gradient in `k` slices of the batch, one after another
