@@ -90,21 +90,23 @@ def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Arra
     `greedy` takes the argmax. Otherwise the logits are divided by `temperature`, restricted to
     the `top_k` largest (0 = no limit), then to the smallest set of most likely tokens whose
     probability reaches `top_p` (nucleus sampling; the most likely token always stays), and one
-    token is drawn with `rng`.
+    token is drawn with `rng`. Both sets are exact under ties (common with bfloat16 logits):
+    tied tokens are ranked by id, lowest first, as `argmax` ranks them, so `top_k=1` is greedy.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    rows = jnp.arange(logits.shape[0])[:, None]
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        top = jax.lax.top_k(logits, top_k)[1]  # ties: lower ids first
+        keep = jnp.zeros(logits.shape, bool).at[rows, top].set(True)
+        logits = jnp.where(keep, logits, -jnp.inf)
     if top_p < 1.0:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        order = jnp.argsort(-logits, axis=-1, stable=True)  # descending, ties by id
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(mass_before < top_p)
+        logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -392,13 +394,19 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
-    stops = [int(s) for s in stop_tokens]
-    if any(not 0 <= s < cfg.vocab_size for s in stops):
-        raise ValueError(f"stop_tokens={stops} must be ids in [0, vocab_size={cfg.vocab_size}).")
-    width = 4 * max(1, -(-len(stops) // 4))  # padded with -1 so small sets share a compile
+    known = _concrete(stop_tokens)
+    if known is not None and known.size and (
+            not np.issubdtype(known.dtype, np.integer)
+            or ((known < 0) | (known >= cfg.vocab_size)).any()):
+        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
+                         f"{cfg.vocab_size}).")
+    stops = jnp.asarray(stop_tokens if known is None else known.astype(np.int32),
+                        jnp.int32).reshape(-1)  # traced inside a caller's jit: as given
+    width = 4 * max(1, -(-stops.shape[0] // 4))  # padded with -1 so small sets share a compile
     dyn = {"rng": None if greedy else rng,
            "temperature": jnp.asarray(temperature, jnp.float32),
-           "stop_tokens": jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)}
+           "stop_tokens": jnp.concatenate(
+               [stops, jnp.full((width - stops.shape[0],), -1, jnp.int32)])}
     static = {"top_k": k, "top_p": float(top_p), "greedy": bool(greedy),
               "return_logits": bool(return_logits)}
     return dyn, static
@@ -415,6 +423,15 @@ def _concrete(x) -> np.ndarray | None:
 def _prompt_lengths(prompts, prompt_lengths) -> Array:
     """Default lengths count the non-pad tokens of right-padded prompts; validate when known."""
     if prompt_lengths is None:
+        known = _concrete(prompts)
+        if known is not None:
+            real = known != PAD_ID
+            bad = np.flatnonzero(~real.any(axis=1) | (real[:, 1:] & ~real[:, :-1]).any(axis=1))
+            if bad.size:
+                raise ValueError(
+                    f"prompts row(s) {bad.tolist()} are empty or not right-padded (a pad id "
+                    f"{PAD_ID} before a token): put each prompt's tokens first and the padding "
+                    f"after them, or pass prompt_lengths= when {PAD_ID} is a real token.")
         return jnp.sum(prompts != PAD_ID, axis=1).astype(jnp.int32)
     if getattr(prompt_lengths, "shape", None) != (prompts.shape[0],):
         raise ValueError(f"prompt_lengths must have shape [batch]=({prompts.shape[0]},), got "
@@ -497,7 +514,9 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                              "model reads source padding from inputs (0 = pad).")
         lengths = None
     beam_size = _positive_int("beam_size", beam_size)
-    if not 0 <= eos_id < cfg.vocab_size:
+    known = _concrete(eos_id)  # None when traced inside a caller's jit
+    if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
+                                  and 0 <= known < cfg.vocab_size):
         raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size}).")
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
                         jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),

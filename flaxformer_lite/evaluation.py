@@ -160,7 +160,11 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     hypotheses = list(hypotheses)
     if not hypotheses:
         raise ValueError("bleu needs at least one hypothesis.")
-    streams = ([list(references)] if references and isinstance(references[0], str)
+    references = list(references)
+    if not references:
+        raise ValueError("bleu needs references: one string per hypothesis, or a list of "
+                         "reference streams.")
+    streams = ([references] if isinstance(references[0], str)
                else [list(r) for r in references])
     for i, stream in enumerate(streams):
         if len(stream) != len(hypotheses):

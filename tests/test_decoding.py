@@ -242,6 +242,25 @@ def test_stop_tokens_end_each_row_at_its_first_stop():
     assert early >= 1
 
 
+def test_stop_tokens_and_eos_id_may_be_traced_by_a_caller_jit():
+    """Documented as traced arguments: passing them through the caller's jit must work and
+    give what the same values give eagerly."""
+    s, base = setup("gpt_learned"), sampled_run("gpt_learned")
+    stop = int(base.tokens[0, 3])
+    eager = s.generate(rng=jax.random.key(1), temperature=0.8, stop_tokens=(stop, 60))
+    traced = jax.jit(lambda stops: decoding.generate(
+        s.model, s.params, s.ids, max_new_tokens=NEW, rng=jax.random.key(1), temperature=0.8,
+        stop_tokens=stops))(jnp.asarray([stop, 60]))
+    np.testing.assert_array_equal(traced.tokens, eager.tokens)
+    np.testing.assert_array_equal(traced.lengths, eager.lengths)
+    e = setup("encdec_sinusoidal")
+    beams = e.beams(beam_size=2, eos_id=stop)
+    traced = jax.jit(lambda eos: decoding.beam_search(
+        e.model, e.params, e.ids, beam_size=2, max_len=NEW, eos_id=eos))(jnp.int32(stop))
+    np.testing.assert_array_equal(traced.tokens, beams.tokens)
+    np.testing.assert_allclose(traced.scores, beams.scores, rtol=1e-6)
+
+
 def test_no_cache_reference_matches_cached_generation():
     s, run = setup("gpt_learned"), sampled_run("gpt_learned")
     ref = decoding.generate_no_cache(s.model, s.params, s.ids, max_new_tokens=NEW,
@@ -318,6 +337,24 @@ def test_sample_logits_filters_and_temperature_match_their_distributions():
     np.testing.assert_allclose(hot, probs ** 0.5 / (probs ** 0.5).sum(), atol=tol)
     np.testing.assert_allclose(plain, probs, atol=tol)
     np.testing.assert_array_equal(greedy, [1, 0, 0, 0])
+
+
+def test_sample_logits_sets_are_exact_under_ties():
+    """Tied logits (bfloat16 models make many) must not widen the top-k or nucleus set: ties
+    rank by id, as argmax does. Kept sets and frequencies against the documented definition."""
+    n = 20000
+    tied = jnp.tile(jnp.log(jnp.asarray([0.4, 0.2, 0.2, 0.2], jnp.float32)), (n, 1))
+    top_max = jnp.tile(jnp.asarray([0.0, 2.0, 2.0, 1.0], jnp.float32), (n, 1))
+    key = jax.random.key(3)
+    freq = {name: np.bincount(np.asarray(jax.jit(functools.partial(
+        decoding.sample_logits, **kw))(logits, jax.random.fold_in(key, i))), minlength=4) / n
+        for i, (name, logits, kw) in enumerate([
+            ("top_p", tied, dict(top_p=0.5)), ("top_k", tied, dict(top_k=2)),
+            ("top_1", top_max, dict(top_k=1)), ("both", tied, dict(top_k=3, top_p=0.6))])}
+    tol = 4 * np.sqrt(0.25 / n)
+    for name in ("top_p", "top_k", "both"):  # {0, 1}: 0.4 and the first 0.2, renormalised
+        np.testing.assert_allclose(freq[name], [2 / 3, 1 / 3, 0, 0], atol=tol, err_msg=name)
+    np.testing.assert_array_equal(freq["top_1"], [0, 1, 0, 0])  # argmax's pick of the tie
 
 
 # ---- beam search ---------------------------------------------------------------------------
@@ -413,6 +450,14 @@ def test_value_errors():
             decoding.generate(m, p, ids, **kw)
     with pytest.raises(ValueError, match="prompts"):
         decoding.generate(m, p, ids[0], max_new_tokens=4, greedy=True)
+    # Left padding, or an empty row, used to continue from a pad token without a word.
+    for rows in ([[0, 0, 6, 8], [5, 6, 7, 8]], [[5, 6, 0, 0], [0, 0, 0, 0]]):
+        with pytest.raises(ValueError, match="not right-padded"):
+            decoding.generate(m, p, np.array(rows, np.int32), max_new_tokens=4, greedy=True)
+        with pytest.raises(ValueError, match="not right-padded"):
+            decoding.beam_search(m, p, np.array(rows, np.int32), beam_size=2, max_len=4)
+    with pytest.raises(ValueError, match="stop_tokens"):
+        decoding.generate(m, p, ids, max_new_tokens=4, greedy=True, stop_tokens=(1.5,))
     with pytest.raises(ValueError, match="beam_size"):
         decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
     with pytest.raises(ValueError, match="eos_id"):

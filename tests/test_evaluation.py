@@ -199,6 +199,10 @@ def test_bleu_errors():
         evaluation.bleu([[1, 2, 3]], REFS[:1])
     with pytest.raises(ValueError, match="at least one"):
         evaluation.bleu([], [])
+    with pytest.raises(ValueError, match="needs references"):
+        evaluation.bleu(HYPS, [])
+    np_refs = evaluation.bleu(HYPS, np.array(REFS))  # a NumPy array of strings is a stream
+    assert np_refs["bleu"] == evaluation.bleu(HYPS, REFS)["bleu"]
 
 
 # ---- exact match ---------------------------------------------------------------------------
