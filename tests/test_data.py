@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 import flaxformer_lite as ffl
 from flaxformer_lite import data as fd
+from flaxformer_lite.data.builders import read_lines
 
 WORDS = ("the a cat dog sat ran on in mat hat big red old new sun sky tree see you we go "
          "and but so not far near up down").split()
@@ -221,6 +222,27 @@ def test_parallel_mismatch_names_files_and_counts(tmp_path):
     assert str(src) in msg and str(tgt) in msg and "3 lines" in msg and "2 lines" in msg
 
 
+def test_lines_split_on_newline_only(tmp_path):
+    """A stray CR (or form feed, or Unicode line separator) inside a line is text: the line
+    counts are `wc -l`'s, so aligned parallel files stay aligned; CRLF is one line end."""
+    src = _write(tmp_path / "train.de", "eins\rzwei\r\ndrei\x0cvier\nf\u2028nf\n")
+    tgt = _write(tmp_path / "train.en", "one two\nthree four\nfive\n")
+    assert [read_lines(p) for p in (src, tgt)] == [
+        ["eins\rzwei", "drei\x0cvier", "f\u2028nf"], ["one two", "three four", "five"]]
+    assert fd.split_units("a\x0cb\u2028c\x85d\ne\n", "line") == ["a\x0cb\u2028c\x85d\n", "e\n"]
+    ds = fd.load_parallel_corpus({"train": (src, tgt)}, data_dir=tmp_path)
+    assert len(ds.split("train")) == 3
+
+
+def test_two_files_for_one_split_are_refused(tmp_path):
+    for stem in ("train", "dev", "val"):
+        for lang in ("de", "en"):
+            _write(tmp_path / f"{stem}.{lang}", f"{stem} {lang}\n")
+    with pytest.raises(ValueError, match="both name the 'validation' split"):
+        fd.load_parallel_corpus(tmp_path, source_lang="de", target_lang="en",
+                                data_dir=tmp_path / "tfds")
+
+
 def test_bad_input_errors(tmp_path):
     empty = _write(tmp_path / "empty.txt", "")
     with pytest.raises(ValueError, match="empty"):
@@ -257,7 +279,10 @@ def _fake_catalog_source(builder, split, **kwargs):
     if builder.name.startswith("wmt"):
         return [{"de": f"Satz {i} ({split})".encode(), "en": f"sentence {i} ({split})".encode()}
                 for i in range(6)]
-    return [{"text": f"line {i} of {builder.name} ({split})\n".encode()} for i in range(6)]
+    lines = [f"line {i} of {builder.name} ({split})\n" for i in range(6)]
+    if builder.name == "tiny_shakespeare":  # as TFDS stores it: one example per split
+        return [{"text": "\n".join(lines).encode()}]
+    return [{"text": line.encode()} for line in lines]  # lm1b: one sentence per example
 
 
 @pytest.mark.parametrize("name", fd.CATALOG_NAMES)
@@ -268,7 +293,8 @@ def test_catalog_names_through_tfds_mock(tmp_path, name):
         assert set(ds.splits) >= {"train", "test"} and len(ds.split("train")) == 6
         tok = fd.ByteTokenizer()
         if ds.kind == "text":
-            assert ds.split("test")[2] == {"text": f"line 2 of {name} (test)\n"}
+            # tiny_shakespeare's one example is split into its paragraphs.
+            assert ds.split("test")[2]["text"].strip() == f"line 2 of {name} (test)"
             pipe = fd.lm_pipeline(ds, tok, batch_size=2, max_len=32, num_epochs=1,
                                   shuffle=False, pack=False)
             first = "line 0 of " + name

@@ -5,7 +5,7 @@ back with `tfds.data_source` as random-access sources, so no TensorFlow is neede
 config's name holds a hash of the source files' contents and of the options, so prepared data
 lives under
 
-    data_dir/<builder>/<slug>-<hash>/1.0.0/
+    data_dir/<builder>/<slug>-<hash>/1.1.0/
 
 and is reused while the sources are unchanged; an edited file gets a new hash and is rebuilt.
 Tokenizers built for a dataset are cached in the same folder (`Dataset.cache_dir`).
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 UNITS = ("paragraph", "line", "document")
 SYNTHETIC_TASKS = ("copy", "reverse", "sort", "addition")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: a lone "\r" is text, not a line end
 
 
 def default_data_dir() -> Path:
@@ -96,7 +96,7 @@ def _resolve_files(paths: str | os.PathLike | Sequence[str | os.PathLike], what:
 
 
 def read_text_file(path: str | os.PathLike) -> str:
-    """The file's text: strict UTF-8, CRLF/CR line ends turned into LF.
+    """The file's text: strict UTF-8, CRLF line ends turned into LF.
 
     Raises FileNotFoundError for a missing file and ValueError for an empty file or bytes that
     are not UTF-8 (naming the byte offset and line, and how to fix it).
@@ -118,19 +118,20 @@ def read_text_file(path: str | os.PathLike) -> str:
         ) from None
     if text.startswith("\ufeff"):
         text = text[1:]  # a UTF-8 byte-order mark is not text
-    return text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\r\n", "\n")  # a lone "\r" stays text, as `wc -l` reads it
 
 
 def split_units(text: str, unit: str) -> list[str]:
     """Splits text into examples, keeping every character: `"".join(units) == text`.
 
     "paragraph": blocks separated by blank lines (the blank lines stay with the block before);
-    "line": one line each (with its "\\n"); "document": the whole text.
+    "line": one line each (with its "\\n"; split on "\\n" only, as `wc -l` counts); "document":
+    the whole text.
     """
     if unit == "paragraph":
         units = re.split(r"(?<=\n\n)(?=[^\n])", text)
     elif unit == "line":
-        units = text.splitlines(keepends=True)
+        units = re.split(r"(?<=\n)", text)
     elif unit == "document":
         units = [text]
     else:
@@ -533,7 +534,13 @@ def find_parallel_files(folder: str | os.PathLike, source_lang: str, target_lang
         stem = src.name[:-len(source_lang) - 1]
         if not tgt.is_file():
             raise FileNotFoundError(f"{str(src)!r} has no parallel file {str(tgt)!r}.")
-        found[SPLIT_ALIASES.get(stem, stem)] = (src, tgt)
+        split = SPLIT_ALIASES.get(stem, stem)
+        if split in found:
+            raise ValueError(
+                f"{str(found[split][0])!r} and {str(src)!r} both name the {split!r} split "
+                f"({', '.join(sorted(SPLIT_ALIASES))} all mean validation); keep one, or pass "
+                "{split: (source_file, target_file)} explicitly.")
+        found[split] = (src, tgt)
     if "train" not in found:
         raise ValueError(f"no 'train.{source_lang}' / 'train.{target_lang}' pair in "
                          f"{str(folder)!r}; files there: "

@@ -27,6 +27,7 @@ from flaxformer_lite.data.builders import (
     load_parallel_corpus,
     load_synthetic_task,
     load_text_corpus,
+    split_units,
 )
 
 
@@ -39,11 +40,15 @@ class CatalogEntry:
     download: str  # what preparing it downloads
     module: str | None = None  # module to import so TFDS registers the builder
     joiner: str = ""  # joins a text split's examples into running text
+    # Split each stored example into these units (`split_units`): for datasets that store a
+    # whole split as one example, which a pipeline would otherwise cut to its first `max_len`.
+    unit: str | None = None
 
 
 CATALOG: dict[str, CatalogEntry] = {
     "tiny_shakespeare": CatalogEntry(
-        "text", ("train", "validation", "test"), "about 1 MB (one text file)"),
+        "text", ("train", "validation", "test"), "about 1 MB (one text file)",
+        unit="paragraph"),  # TFDS stores each split as a single example
     "lm1b": CatalogEntry(
         "text", ("train", "test"), "about 1.7 GB (one sentence per example)", joiner="\n"),
     "wmt14_translate": CatalogEntry(
@@ -112,8 +117,12 @@ def load_catalog(name: str, *, data_dir: str | os.PathLike | None = None,
                    for split in entry.splits}
     except Exception as e:
         raise _explain(name, entry, data_dir, download, e) from e
-    return Dataset(name=name, kind=entry.kind,
-                   splits={s: ExampleSource(src, fields) for s, src in sources.items()},
+    splits = {s: ExampleSource(src, fields) for s, src in sources.items()}
+    if entry.unit is not None:  # small whole-text splits: held as a list of units
+        splits = {s: ExampleSource([{"text": u} for ex in src
+                                    for u in split_units(ex["text"], entry.unit)],
+                                   {"text": "text"}) for s, src in splits.items()}
+    return Dataset(name=name, kind=entry.kind, splits=splits,
                    cache_dir=data_dir / "flaxformer_lite" / name.replace("/", "_"),
                    joiner=entry.joiner, info={"catalog": name, "data_dir": str(data_dir),
                                               **({"source_lang": source_lang,
