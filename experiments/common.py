@@ -22,7 +22,7 @@ import jax
 import ml_collections
 
 from flaxformer_lite import get_config, gpu_config
-from flaxformer_lite.data import load_dataset
+from flaxformer_lite.data import BOS_ID, EOS_ID, load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
 from flaxformer_lite.training import (
@@ -70,6 +70,16 @@ def resolve_dataset(spec: str, *, kind: str, data_dir: str | None = None, **opti
     if spec in ("", EMBEDDED):
         spec = str(embedded_corpus_file(data_dir))
     return load_dataset(spec, kind=kind, data_dir=data_dir, **options)
+
+
+def lm_prompt(tok, text: str, sampler: str) -> tuple[list[int], tuple[int, ...], str]:
+    """(prompt ids, stop tokens, the prompt as shown) for sampling an LM the way its training
+    rows start: running text after `text` (the windows sampler), or a packed document: BOS and
+    the stripped text, ending at EOS."""
+    if sampler == "packed":  # packed documents are stripped of outer newlines, then framed
+        text = text.strip("\n")
+        return [BOS_ID] + tok.encode(text), (EOS_ID,), text
+    return tok.encode(text) or [tok.encode("\n")[0]], (), text
 
 
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,

@@ -70,7 +70,9 @@ def make_data(cfg, ds, tok):
 
 
 def make_sampler(model, cfg, tok):
-    prompt = tok.encode(cfg.sample_prompt) or [tok.encode("\n")[0]]
+    """Samples that start the way training rows do: running text after `sample_prompt` for
+    the windows sampler; for packed documents, BOS + the stripped prompt, ending at EOS."""
+    prompt, stops, text = common.lm_prompt(tok, cfg.sample_prompt, cfg.sampler)
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
 
@@ -79,14 +81,14 @@ def make_sampler(model, cfg, tok):
     def run(params, rng):
         return decoding.generate(model, params, prompts, max_new_tokens=new, rng=rng,
                                  temperature=cfg.temperature, top_k=cfg.top_k,
-                                 stop_tokens=())
+                                 stop_tokens=stops)
 
     def key(step):
         return jax.random.fold_in(jax.random.key(cfg.seed), step)
 
     def sample(params, step):
         out = run(params, key(step))
-        return [cfg.sample_prompt + tok.decode(row.tolist()) for row in np.asarray(out.tokens)]
+        return [text + tok.decode(row.tolist()) for row in np.asarray(out.tokens)]
 
     sample.warm_up = lambda params: run.warm_up(params, key(0))  # during the train step's compile
     return sample

@@ -114,6 +114,15 @@ def test_byte_and_char_round_trip(tmp_path, reserve_mask):
         char.decode([char.vocab_size])
 
 
+def test_tokenizers_of_different_splits_are_cached_apart(tmp_path):
+    """A tokenizer asked for another split is that split's, not the cached train one."""
+    ds = fd.load_text_corpus(_write(tmp_path / "c.txt", "abc\n\n" * 9 + "xyz\n"),
+                             data_dir=tmp_path / "tfds")
+    train, validation = (ds.tokenizer("char", split=s) for s in ("train", "validation"))
+    assert set(train.chars) == set("abc\n") and set(validation.chars) == set("xyz\n")
+    assert ds.tokenizer("char").chars == train.chars  # both cached, neither overwritten
+
+
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_sentencepiece_round_trip_and_cache(text_ds, model_type):
     tok = text_ds.tokenizer(model_type, vocab_size=400)
@@ -470,6 +479,32 @@ def test_mlm_masking():
     kept = (inputs[chosen] == ids[chosen]).mean()
     assert abs(masked - 0.8) < 0.04 and 0.06 < kept < 0.16
     assert ((inputs >= 5) | (inputs <= fd.MASK_ID)).all()
+
+
+def test_mlm_masks_belong_to_the_example_not_to_the_process(text_ds, char_tok):
+    """Each example's masks are the same on one process or two (so processes do not repeat
+    one another's masks), and differ between epochs."""
+    tok = fd.CharTokenizer(char_tok.chars, reserve_mask=True)
+
+    def masks(shard, epochs=1):
+        pipe = fd.mlm_pipeline(text_ds, tok, batch_size=4, max_len=48, seed=4, pack=False,
+                               shuffle=False, num_epochs=epochs, shard=shard)
+        out: dict[tuple, list] = {}
+        for b in pipe:
+            for x, t in zip(b["inputs"], b["targets"]):
+                if x.any():
+                    original = tuple(np.where(t != 0, t, x)[:np.count_nonzero(x)])
+                    out.setdefault(original, []).append(tuple(x))
+        return out
+
+    one, two = masks((0, 1)), masks((0, 2))
+    for key, value in masks((1, 2)).items():
+        two.setdefault(key, []).extend(value)
+    assert len(one) > 8 and {k: sorted(v) for k, v in one.items()} == {
+        k: sorted(v) for k, v in two.items()}
+    twice = masks((0, 1), epochs=2)
+    pairs = [(v[0], v[1]) for k, v in twice.items() if len(one[k]) == 1]
+    assert len(pairs) > 8 and sum(a != b for a, b in pairs) > len(pairs) // 2  # fresh masks
 
 
 def test_prefetch_to_device_keeps_checkpoint_position(text_ds, char_tok):

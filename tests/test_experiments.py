@@ -111,6 +111,18 @@ def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_scr
     assert common.model_config(cfg, 100, trailing_padding=trailing).dtype == "float32"
 
 
+def test_lm_samples_start_like_training_rows(load_script):
+    """Packed rows are BOS + a stripped document + EOS; windows are running text."""
+    from flaxformer_lite.data import BOS_ID, EOS_ID, CharTokenizer
+
+    common = load_script("experiments/common.py")
+    tok = CharTokenizer.from_texts(["\nto be\n"])
+    assert common.lm_prompt(tok, "\nto\n", "packed") == (
+        [BOS_ID, *tok.encode("to")], (EOS_ID,), "to")
+    assert common.lm_prompt(tok, "\nto", "windows") == (tok.encode("\nto"), (), "\nto")
+    assert common.lm_prompt(tok, "", "windows")[0] == tok.encode("\n")
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 

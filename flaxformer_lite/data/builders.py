@@ -237,8 +237,12 @@ class Dataset:
                   reserve_mask: bool = False, split: str = "train",
                   max_chars: int = 10_000_000) -> Tokenizer:
         """A tokenizer trained on `split` (shared by both languages of a translation set),
-        cached in `cache_dir`. See `tokenizers.build_tokenizer`."""
-        return build_tokenizer(kind, lambda: self.texts(split), cache_dir=self.cache_dir,
+        cached in `cache_dir` (another split's in `cache_dir/<split>`). See
+        `tokenizers.build_tokenizer`."""
+        cache = self.cache_dir
+        if cache is not None and split != "train":
+            cache = Path(cache) / split
+        return build_tokenizer(kind, lambda: self.texts(split), cache_dir=cache,
                                vocab_size=vocab_size, reserve_mask=reserve_mask,
                                max_chars=max_chars)
 

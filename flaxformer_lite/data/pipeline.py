@@ -202,8 +202,10 @@ def _examples(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[st
               num_threads: int) -> grain.IterDataset:
     """This process's examples, shuffled anew each epoch, repeated, and `process`ed.
 
-    `process(example, position)` (position: the example's place in this process's stream,
-    unique across epochs) returns the tokenized example or None to skip it. Examples are read
+    `process(example, uid)` returns the tokenized example or None to skip it. `uid` is
+    `epoch * len(source) + index`: unique across epochs, and the same whatever the number of
+    processes or the shuffle, so per-example randomness (MLM masks) seeded by it differs
+    between processes and does not depend on how the data is sharded. Examples are read
     in groups of READ_GROUP (one `__getitems__` call: far cheaper than one read each) by
     `num_threads` reader threads, then handed on one by one; the order is that of the
     stream whatever the group size or thread count.
@@ -220,7 +222,9 @@ def _examples(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[st
         positions = np.arange(group * READ_GROUP, min((group + 1) * READ_GROUP, total))
         keys = [int(i) for i in order(positions)]
         examples = getitems(keys) if getitems else [source[i] for i in keys]
-        out = (process(ex, int(p)) for p, ex in zip(positions, examples))
+        epochs = positions // len(order)
+        out = (process(ex, int(e) * len(source) + k)
+               for e, k, ex in zip(epochs, keys, examples))
         return [x for x in out if x is not None]
 
     ds = grain.MapDataset.range(-(-total // READ_GROUP)).map(work)
@@ -625,8 +629,8 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     stats = PipelineStats(limit=f"max_len={max_len} tokens")
     source = _source(data, split, ("text",))
 
-    def tokenize(ex: Mapping[str, str], position: int) -> Batch | None:
-        del position
+    def tokenize(ex: Mapping[str, str], uid: int) -> Batch | None:
+        del uid
         text = ex["text"].strip("\n")
         if not text:
             stats.add(empty=True)
@@ -676,8 +680,8 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
     source = _source(data, split, ("inputs", "targets"))
     target_tokenizer = target_tokenizer or tokenizer
 
-    def tokenize(ex: Mapping[str, str], position: int) -> Batch | None:
-        del position
+    def tokenize(ex: Mapping[str, str], uid: int) -> Batch | None:
+        del uid
         src, tgt = ex["inputs"].strip(), ex["targets"].strip()
         if not src or not tgt:
             stats.add(empty=True)
@@ -733,8 +737,9 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                  prefetch: int = 2) -> Pipeline:
     """Masked-LM batches: `[BOS] + ids + [EOS]` (at most `max_len`), masked by `mask_tokens`.
 
-    The masks are drawn afresh each epoch (dynamic masking) from the seed and the example's
-    position in this process's stream, so they are reproducible and resume exactly. Needs a
+    The masks are drawn afresh each epoch (dynamic masking) from the seed, the example and
+    the epoch, so they are reproducible, resume exactly, and are the same whatever the number
+    of processes. Needs a
     tokenizer that reserves the MASK id (`reserve_mask=True`). Other options as in
     `lm_pipeline`.
     """
@@ -750,14 +755,14 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
     stats = PipelineStats(limit=f"max_len={max_len} tokens")
     source = _source(data, split, ("text",))
 
-    def tokenize_and_mask(ex: Mapping[str, str], position: int) -> Batch | None:
+    def tokenize_and_mask(ex: Mapping[str, str], uid: int) -> Batch | None:
         text = ex["text"].strip("\n")
         if not text:
             stats.add(empty=True)
             return None
         ids = _truncate(tokenizer.encode(text), max_len - 2, stats)
         ids = np.asarray([BOS_ID] + ids + [EOS_ID], np.int32)
-        rng = np.random.default_rng([seed, 1, position])  # fresh masks each epoch
+        rng = np.random.default_rng([seed, 1, uid])  # per example, fresh each epoch
         inputs, targets = mask_tokens(ids, rng, vocab_size=tokenizer.vocab_size,
                                       first_real_id=tokenizer.first_real_id,
                                       mask_rate=mask_rate)
