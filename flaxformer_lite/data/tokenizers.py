@@ -9,7 +9,8 @@ Real tokens start at `first_real_id` (4, or 5 with a mask id). `encode` never ad
 pipelines add them where the task needs them. `decode` drops PAD/BOS/EOS, writes MASK as
 "[MASK]" and UNK as " ⁇ " (SentencePiece's convention), so `decode(encode(s)) == s` for every
 string the tokenizer covers (bytes: every string; characters: strings made of known characters;
-SentencePiece: every string, thanks to byte fallback and identity normalisation).
+SentencePiece: every string, thanks to byte fallback and identity normalisation, except that
+U+2581 "▁", SentencePiece's own marker for a space, decodes as a space).
 
 Tokenizers built for a dataset are cached beside its prepared data (`build_tokenizer`), so the
 second run, and every process of a multi-host run, loads the same vocabulary.
