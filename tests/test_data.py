@@ -243,6 +243,28 @@ def test_lines_split_on_newline_only(tmp_path):
     assert len(ds.split("train")) == 3
 
 
+def test_endless_pipeline_of_empty_examples_raises(char_tok):
+    """Used to spin forever inside next(): every epoch skipped every example. Run in a thread
+    so that a regression fails after a minute instead of hanging the suite."""
+    import threading
+
+    empty = [{"text": "\n"}, {"text": "\n\n"}] * 100
+    for pack in (True, False):
+        outcome = []
+
+        def first(pack=pack, outcome=outcome):
+            try:
+                next(iter(fd.lm_pipeline(empty, char_tok, batch_size=2, max_len=8, pack=pack)))
+            except ValueError as e:
+                outcome.append(str(e))
+
+        thread = threading.Thread(target=first, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "next() did not return"
+        assert outcome and "whole epoch of this process's 200 examples gave no tokens" in outcome[0]
+
+
 def test_two_files_for_one_split_are_refused(tmp_path):
     for stem in ("train", "dev", "val"):
         for lang in ("de", "en"):

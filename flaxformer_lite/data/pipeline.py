@@ -151,9 +151,24 @@ READ_GROUP = 128  # examples read, decoded and tokenized per hand-off to a reade
 
 
 class _Unbatch(grain.experimental.FlatMapTransform):
+    """Hands on a group's examples one by one. `empty_limit`: raise once that many groups in a
+    row yielded nothing (more than a whole epoch: every example is empty), where an endless
+    pipeline would otherwise spin forever inside `next()`."""
+
     max_fan_out = READ_GROUP
 
+    def __init__(self, empty_limit: int | None = None, shard_size: int = 0):
+        self.empty_limit, self.shard_size, self._empty = empty_limit, shard_size, 0
+
     def flat_map(self, element):
+        if element:
+            self._empty = 0
+        elif self.empty_limit is not None:
+            self._empty += 1
+            if self._empty > self.empty_limit:
+                raise ValueError(
+                    f"a whole epoch of this process's {self.shard_size} examples gave no tokens "
+                    "(every example is empty after stripping); check the split's text.")
         return element
 
 
@@ -230,7 +245,8 @@ def _examples(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[st
     ds = grain.MapDataset.range(-(-total // READ_GROUP)).map(work)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=2 * num_threads))
-    return grain.experimental.FlatMapIterDataset(ds, _Unbatch())
+    limit = None if num_epochs else -(-len(order) // READ_GROUP) + 1
+    return grain.experimental.FlatMapIterDataset(ds, _Unbatch(limit, len(order)))
 
 
 def _truncate(ids: list[int], limit: int, stats: PipelineStats) -> list[int]:
