@@ -81,7 +81,7 @@ class Dense(nn.Module):
             contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
             y = jax.lax.dot_general(x.astype(cfg.compute_dtype),
                                     kernel.astype(cfg.compute_dtype), (contract, ((), ())))
-            return y if bias is None else y + bias.astype(cfg.compute_dtype)
+            return y if bias is None else ops.bias_add(y, bias.astype(cfg.compute_dtype))
         batch_shape = x.shape[: x.ndim - n_in]
         k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
         x2 = x.reshape(*batch_shape, k_in).astype(cfg.compute_dtype)

@@ -328,7 +328,7 @@ class EncoderOnly(nn.Module):
         if cfg.mlm_head:
             h = ops.activation(cfg.activation)(self.mlm_transform(hidden))
             h = self.mlm_norm(h)
-            logits = self.token_embed.attend(h) + self.mlm_bias.astype(h.dtype)
+            logits = ops.bias_add(self.token_embed.attend(h), self.mlm_bias.astype(h.dtype))
             out["logits"] = logits.astype(jnp.float32)
         return out
 

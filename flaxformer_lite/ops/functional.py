@@ -146,8 +146,13 @@ def column_sum(x: Array) -> Array:
 
 
 def bias_add(y: Array, b: Array) -> Array:
-    """`y + b` for `y [..., n]`, `b [n]`; the bias gradient is a `column_sum`."""
-    return _bias_add(y, b) if enabled("bias_gemv") else y + b
+    """`y + b` for `y [..., *b.shape]` (e.g. `b [n]`, or `[heads, head_dim]` unflattened).
+
+    The bias gradient sums the cotangent over every leading axis in float32. Autodiff of
+    `y + b` would sum a bfloat16 cotangent in bfloat16: on XLA:CPU a 4096-row bias gradient
+    came out 3.8% off. For a 1-D bias the sum is a `column_sum` (fast path `bias_gemv`).
+    """
+    return _bias_add(y, b)
 
 
 @jax.custom_vjp
@@ -160,7 +165,11 @@ def _bias_add_fwd(y, b):
 
 
 def _bias_add_bwd(b, g):
-    return g, column_sum(g).astype(b.dtype)
+    if b.ndim == 1 and enabled("bias_gemv"):
+        db = column_sum(g)
+    else:
+        db = jnp.sum(g, axis=tuple(range(g.ndim - b.ndim)), dtype=jnp.float32)
+    return g, db.astype(b.dtype)
 
 
 _bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
