@@ -68,6 +68,11 @@ class TransformerConfig:
     rotary_fraction: float = 1.0  # fraction of head_dim rotated
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
+    final_dropout: bool = False  # dropout after the last layer (and final norm): T5 has it
+    # Multiplier of q . k; None = head_dim**-0.5. T5 uses 1.0 with the 1/sqrt(head_dim) folded
+    # into the query's initialisation, which the library then does too (same function at init).
+    attention_scale: float | None = None
+    scale_tied_logits: bool = False  # tied output head reads x * d_model**-0.5 (T5)
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -169,7 +174,8 @@ def _real(name: str, value: Any, low: float, high: float = math.inf, *,
 
 BOOL_FIELDS = ("norm_bias", "use_bias", "final_norm", "tie_embeddings",
                "share_encoder_decoder_embeddings", "scale_embeddings", "embedding_norm",
-               "pooler", "mlm_head", "scan_layers", "matmul_barrier", "fused_qkv")
+               "pooler", "mlm_head", "scan_layers", "matmul_barrier", "fused_qkv",
+               "final_dropout", "scale_tied_logits")
 
 
 def _validate(c: TransformerConfig) -> None:
@@ -224,6 +230,8 @@ def _validate(c: TransformerConfig) -> None:
     for name in ("dropout_rate", "attention_dropout_rate"):
         _real(name, getattr(c, name), 0.0, 1.0, high_open=True)
     _real("norm_eps", c.norm_eps, 0.0, low_open=True)
+    if c.attention_scale is not None:
+        _real("attention_scale", c.attention_scale, 0.0, low_open=True)
     _real("init_std", c.init_std, 0.0)
     if c.architecture != "encoder_only" and (c.pooler or c.mlm_head or c.type_vocab_size):
         raise ValueError(
@@ -238,6 +246,9 @@ def _validate(c: TransformerConfig) -> None:
         raise ValueError(
             "TransformerConfig.num_encoder_layers / num_decoder_layers apply to "
             f"architecture='encoder_decoder'; use num_layers for {c.architecture!r}.")
+    if c.scale_tied_logits and (c.architecture == "encoder_only" or not c.tie_embeddings):
+        raise ValueError("TransformerConfig.scale_tied_logits scales what a decoder's tied "
+                         "output head reads; it needs a decoder and tie_embeddings=True.")
     if c.mlm_head and not c.tie_embeddings:
         raise ValueError("TransformerConfig.mlm_head needs tie_embeddings=True (BERT ties them).")
 
@@ -281,13 +292,16 @@ def _gpt(d_model, num_layers, num_heads, max_len):
 def _t5(d_model, d_ff, num_layers, num_heads):
     # Raffel et al. 2020 (T5 v1.0 checkpoints): relative position buckets (32, max distance 128),
     # RMS norm without bias, no dense biases, ReLU, head_dim 64, SentencePiece vocab 32128,
-    # one embedding shared by encoder, decoder and the (tied) output projection.
+    # one embedding shared by encoder, decoder and the (tied) output projection, which reads
+    # the decoder output scaled by d_model**-0.5; unscaled q . k; dropout 0.1 everywhere,
+    # attention weights and the stacks' outputs included.
     return TransformerConfig(
         architecture="encoder_decoder", vocab_size=32128, d_model=d_model, num_heads=num_heads,
         head_dim=64, d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
         position="relative", norm="rms", norm_position="pre", norm_eps=1e-6, use_bias=False,
         scale_embeddings=False, relative_num_buckets=32, relative_max_distance=128,
-        dropout_rate=0.1)
+        dropout_rate=0.1, attention_dropout_rate=0.1, final_dropout=True, attention_scale=1.0,
+        scale_tied_logits=True)
 
 
 PRESETS: dict[str, TransformerConfig] = {

@@ -59,14 +59,25 @@ class Dense(nn.Module):
     use_bias: bool = True
     init_std: float | None = None
     pad_out_multiple: int = 0  # see `ops.matmul_padded_out`
+    # Multiplies the initial kernel's slices along the first output axis (e.g. q of a fused
+    # [embed, 3, heads, head_dim] kernel), one factor each; None = all 1.
+    slice_init_scales: tuple[float, ...] | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
         std = cfg.init_std if self.init_std is None else self.init_std
+        init = nn.initializers.normal(std)
+        if self.slice_init_scales is not None:
+            factors = jnp.asarray(self.slice_init_scales, jnp.float32).reshape(
+                (1,) * len(self.in_shape) + (-1,) + (1,) * (len(self.out_shape) - 1))
+            base = init
+
+            def init(key, shape, dtype):
+                return (base(key, shape, jnp.float32) * factors).astype(dtype)
+
         kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
+            "kernel", nn.with_logical_partitioning(init, self.axes),
             self.in_shape + self.out_shape, cfg.params_dtype)
         n_in = len(self.in_shape)
         bias = None
@@ -205,8 +216,13 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         h, hk, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         dense = dict(config=cfg, use_bias=cfg.use_bias)
+        # An explicit score scale (T5's 1.0) moves the default head_dim**-0.5 into the query's
+        # initialisation, so that the model starts out computing the same function.
+        fold = 1.0 if cfg.attention_scale is None else dh ** -0.5 / cfg.attention_scale
+        q_init = dict(init_std=cfg.init_std * fold)
         if self.is_cross:
-            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **dense)(x)
+            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **q_init,
+                      **dense)(x)
             if decode:
                 k, v = self._cross_cache(kv_inputs, cache_index, dense)
             else:
@@ -215,10 +231,12 @@ class MultiHeadAttention(nn.Module):
                 k, v = ops.unstack(kv, 2)
         elif cfg.fused_qkv and hk == h:
             qkv = Dense((d,), (3, h, dh), ("embed", None, "heads", "kv"), name="qkv",
+                        slice_init_scales=None if fold == 1.0 else (fold, 1.0, 1.0),
                         **dense)(x)
             q, k, v = ops.unstack(qkv, 2)
         else:
-            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **dense)(x)
+            q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **q_init,
+                      **dense)(x)
             kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
                        **dense)(x)
             k, v = ops.unstack(kv, 2)
@@ -238,7 +256,7 @@ class MultiHeadAttention(nn.Module):
                 k, v = self._self_cache(k, v, cache_index)
             out = ops.scaled_dot_product_attention(
                 q, k, v, bias=bias, mask=mask, is_causal=is_causal,
-                dropout_rate=cfg.attention_dropout_rate,
+                scale=cfg.attention_scale, dropout_rate=cfg.attention_dropout_rate,
                 dropout_rng=self.make_rng("dropout") if dropout else None,
                 implementation=cfg.attention_implementation)
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
@@ -251,7 +269,8 @@ class MultiHeadAttention(nn.Module):
         # the write, XLA:CPU copied each batch-1 cache four times a token.
         out = ops.cached_attention(q, self.get_variable("cache", "cached_key"),
                                    self.get_variable("cache", "cached_value"), k, v,
-                                   cache_index, bias=bias, mask=mask)
+                                   cache_index, bias=bias, mask=mask,
+                                   scale=self.config.attention_scale)
         after = out[:, :1, :1, :1] * 0  # per row: a NaN in one row stays in that row
         self._self_cache(k + after.astype(k.dtype), v + after.astype(v.dtype), cache_index)
         return out

@@ -104,7 +104,9 @@ class Encoder(nn.Module):
             x, self_mask=mask, self_bias=bias, positions=positions, deterministic=deterministic)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        if cfg.final_dropout:
+            x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        return x
 
 
 class Decoder(nn.Module):
@@ -163,8 +165,11 @@ class Decoder(nn.Module):
             deterministic=deterministic, causal=not decode)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+        if cfg.final_dropout:
+            x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         if cfg.tie_embeddings:
+            if cfg.scale_tied_logits:
+                x = x * jnp.asarray(cfg.d_model ** -0.5, x.dtype)
             logits = self.token_embed.attend(x)
         else:
             logits = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,

@@ -54,7 +54,8 @@ CONFIGS = {
                               activation="relu", share_encoder_decoder_embeddings=False),
     "t5_relative_gqa": tiny(architecture="encoder_decoder", position="relative", norm="rms",
                             use_bias=False, num_kv_heads=2, relative_num_buckets=8,
-                            relative_max_distance=16, activation="relu"),
+                            relative_max_distance=16, activation="relu", attention_scale=1.0,
+                            scale_tied_logits=True),
 }
 SAMPLED = ("gpt_learned", "t5_relative_gqa")  # checked on sampled runs; the others on greedy
 

@@ -318,3 +318,53 @@ def test_parameters_carry_logical_axes(built):
         assert {"embed", "heads", "kv", "mlp"} <= names
         if name == "t5_scan":
             assert "layers" in names
+
+
+# ---- T5's own conventions -------------------------------------------------------------------
+
+def test_t5_attention_scale_and_query_init_fold(built):
+    """T5 multiplies q . k by 1.0, not head_dim**-0.5; with the query kernel rescaled by
+    sqrt(head_dim) the default-scaled model must give the same logits. At init the query
+    slice is head_dim**-0.5 as wide as the key slice (T5's fold), so both start alike."""
+    cfg, model, params = built["t5"]
+    params = nn.meta.unbox(params)
+    assert cfg.attention_scale == 1.0 and cfg.dim_per_head == 8
+    plain = fl.make_model(cfg.replace(attention_scale=None))
+
+    def widen(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name.endswith("qkv/kernel"):
+            return x.at[:, 0].multiply(8 ** 0.5)
+        return x * 8 ** 0.5 if name.endswith("query/kernel") else x
+
+    widened = jax.tree.map_with_path(widen, params)
+    batch = {"inputs": _ids((2, 8), 1), "targets": _ids((2, 6), 2)}
+    np.testing.assert_allclose(_apply(plain, widened, batch), _apply(model, params, batch),
+                               rtol=2e-5, atol=2e-5)
+    qkv = np.asarray(params["encoder"]["layers"]["layer_0"]["self_attention"]["qkv"]["kernel"])
+    ratio = qkv[:, 0].std() / qkv[:, 1].std()
+    assert abs(ratio - 8 ** -0.5) < 0.05, ratio
+
+
+def test_scaled_tied_logits_are_the_unscaled_ones_times_rsqrt_d(built):
+    cfg, model, params = built["t5"]
+    assert cfg.scale_tied_logits
+    unscaled = fl.make_model(cfg.replace(scale_tied_logits=False))
+    batch = {"inputs": _ids((2, 8), 1), "targets": _ids((2, 6), 2)}
+    np.testing.assert_allclose(_apply(model, params, batch),
+                               _apply(unscaled, params, batch) * cfg.d_model ** -0.5,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("final_dropout", [False, True])
+def test_no_dropout_between_the_final_norm_and_the_head_unless_asked(built, final_dropout):
+    """GPT-2 and BERT feed the final norm's output straight to the head; T5 drops it out."""
+    cfg = VARIANTS["gpt2"].replace(dropout_rate=0.5, final_dropout=final_dropout)
+    model, params = fl.make_model(cfg), nn.meta.unbox(built["gpt2"][2])
+    logits, state = _run(model, params, _ids((2, 8)), deterministic=False,
+                         rngs={"dropout": jax.random.key(1)}, capture_intermediates=True,
+                         mutable=["intermediates"])
+    normed = state["intermediates"]["decoder"]["final_norm"]["__call__"][0]
+    head = normed @ params["token_embed"]["embedding"].T
+    assert np.allclose(logits, head, rtol=1e-5, atol=1e-5) != final_dropout
+    assert fl.get_config("t5-small").final_dropout and not fl.get_config("gpt2").final_dropout

@@ -131,6 +131,23 @@ def test_attention_errors():
     with pytest.raises(ValueError, match="dropout"):
         ops.scaled_dot_product_attention(q, q, q, implementation="xla", dropout_rate=0.1,
                                          dropout_rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="even number"):
+        ops.apply_rotary(rand(1, 2, 1, 6), jnp.arange(2), fraction=0.5)
+
+
+def test_attention_scale_may_be_traced_and_masks_may_be_integers():
+    """A scale from the caller's jit (the CPU path compiles its scale in, so such a call
+    takes the plain path), and a 0/1 int mask on every implementation."""
+    q, k = rand(B, LQ, 2, D, seed=3), rand(B, LK, 2, D, seed=4)
+    want = ops.scaled_dot_product_attention(q, k, k, scale=0.5)
+    got = jax.jit(lambda s: ops.scaled_dot_product_attention(q, k, k, scale=s))(0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    mask = np.asarray(ops.causal_mask(LQ, LK), np.int32)
+    want = ops.scaled_dot_product_attention(q, k, k, mask=mask.astype(bool))
+    for impl in ("ops", "xla"):
+        np.testing.assert_allclose(
+            ops.scaled_dot_product_attention(q, k, k, mask=mask, implementation=impl), want,
+            rtol=1e-5, atol=1e-6, err_msg=impl)
 
 
 @pytest.mark.parametrize("kv_heads, new", [(4, 1), (2, 3)])  # one decoded token; a prompt
@@ -181,6 +198,12 @@ def test_mask_builders_match_loops():
     packed = np.asarray(ops.make_attention_mask(np.array([[1, 1, 2, 2]]), causal=True))[0, 0]
     expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
     np.testing.assert_array_equal(packed, expected)
+    # Per-segment positions given once serve both sides of self-attention (the keys used to
+    # default to the row index, which masked every query of the second segment).
+    for side in ("q_positions", "kv_positions"):
+        by_position = ops.make_attention_mask(np.array([[1, 1, 2, 2]]), causal=True,
+                                              **{side: np.array([[0, 1, 0, 1]])})
+        np.testing.assert_array_equal(np.asarray(by_position)[0, 0], expected)
     assert ops.combine_masks(None, None) is None
 
 

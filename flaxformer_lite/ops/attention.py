@@ -9,6 +9,7 @@ for plots. Scores and softmax run in float32 whatever the input dtype.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,8 @@ def scaled_dot_product_attention(
                              "dropout nor returning weights; use implementation='ops'.")
         return _delegate(q, k, v, bias, mask, scale, is_causal, implementation)
 
-    if not use_dropout and not return_weights and _use_cpu_path():
+    if (not use_dropout and not return_weights and _use_cpu_path()
+            and (scale is None or isinstance(scale, numbers.Real))):  # compiled-in scale
         return _cpu_attention(q, k, v, bias, mask, scale, is_causal)
     weights = attention_weights(q, k, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
     probs = weights
@@ -142,6 +144,8 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
     bias, mask = four_d(bias), four_d(mask)
     if bias is not None:
         bias = bias.astype(q.dtype)
+    if mask is not None:
+        mask = mask.astype(bool)  # "ops" takes any 0/1 mask; jax's wants booleans
     if is_causal and q.shape[1] != k.shape[1]:
         # jax's is_causal aligns queries to the first keys; "ops" aligns them to the last.
         mask = _and_causal(mask, q.shape[1], k.shape[1])

@@ -71,8 +71,12 @@ def make_attention_mask(
 
     Unpacked rows pass `(tokens != 0).astype(jnp.int32)` as their segment ids. With `causal`,
     positions (defaults: the row index) decide order; packed rows may pass per-segment positions,
-    since the segment mask already separates segments.
+    since the segment mask already separates segments. Self-attention (no `kv_segment_ids`)
+    uses one set of positions for both sides: the one given.
     """
+    if kv_segment_ids is None:
+        q_positions = q_positions if q_positions is not None else kv_positions
+        kv_positions = kv_positions if kv_positions is not None else q_positions
     mask = segment_mask(q_segment_ids, kv_segment_ids)
     if causal:
         if q_positions is None and kv_positions is None:

@@ -50,6 +50,9 @@ def apply_rotary(x: Array, positions: Array, *, base: float = 10000.0,
     """
     d = x.shape[-1]
     rot = int(d * fraction)
+    if rot % 2 or not 0 < rot <= d:
+        raise ValueError(f"apply_rotary: fraction={fraction} of head_dim={d} gives {rot} "
+                         "dimensions; it must rotate an even number of them, at least 2.")
     half = rot // 2
     inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / rot)
     positions = jnp.asarray(positions)
