@@ -177,6 +177,7 @@ class MetricsWriter:
                 record[k.replace("/", "_")] = v
             if "eval/nll" in metrics:  # mean nats per target token, without label smoothing
                 record["eval_loss"] = metrics["eval/nll"]
+                record["eval_bits_per_token"] = metrics["eval/nll"] / math.log(2)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             line = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()
@@ -210,6 +211,21 @@ def read_metrics(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def final_results(workdir: str, result, **extra) -> dict | None:
+    """What `results.json` holds: the run's step and the last evaluation in `metrics.jsonl`
+    (earlier runs included, so rerunning a finished run keeps its numbers); None when the run
+    was interrupted (no final results to write)."""
+    if result.interrupted:
+        return None
+    evals = [m for m in read_metrics(workdir) if "eval_loss" in m and m["step"] <= result.step]
+    out = {"step": result.step, **extra}
+    if evals:
+        last = evals[-1]
+        out.update({k: last[k] for k in ("eval_loss", "eval_bits_per_token", "eval_accuracy")
+                    if k in last})
+    return out
+
+
 def plot_losses(workdir: str, history: list[dict]) -> str | None:
     """Train and eval loss curves (this run's history plus earlier evals) -> `loss.png`."""
     if not is_main_process():
@@ -219,7 +235,8 @@ def plot_losses(workdir: str, history: list[dict]) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]
+    # nll on both curves: train/loss adds label smoothing and z-loss, which eval_loss leaves out
+    train = [(h["step"], h["train/nll"]) for h in history if "train/nll" in h]
     evals = [(m["step"], m["eval_loss"]) for m in read_metrics(workdir) if "eval_loss" in m]
     if not train and not evals:
         return None
@@ -229,7 +246,7 @@ def plot_losses(workdir: str, history: list[dict]) -> str | None:
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval", lw=1.5, ms=3)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylabel("cross-entropy (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -23,7 +23,6 @@ perf.configure_cpu()
 perf.enable_compilation_cache()  # reruns load compiled programs from disk
 
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -117,10 +116,11 @@ def main(argv):
     def eval_fn(state, engine):
         if sample is None:
             return {}
-        texts = sample(engine.params(state), int(state.step))
+        step = int(engine.to_host(state.step))  # one value, whatever the parallel mode
+        texts = sample(engine.params(state), step)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
-                f.write(f"=== step {int(state.step)} ===\n" + "\n---\n".join(texts) + "\n")
+                f.write(f"=== step {step} ===\n" + "\n---\n".join(texts) + "\n")
         writer.write(f"sample: {texts[0][:300]!r}")
         return {}
 
@@ -134,12 +134,11 @@ def main(argv):
                    if sample else None)
     writer.close()
     common.plot_losses(workdir, result.history)
-    evals = [h for h in result.history if "eval/nll" in h]
-    final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
-             "parameters": num_params, "dataset": ds.name}
-    if evals:
-        nll = evals[-1]["eval/nll"]
-        final.update(eval_loss=nll, eval_bits_per_token=nll / math.log(2))
+    final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),
+                                 parameters=num_params, dataset=ds.name)
+    if final is None:  # interrupted: the checkpoint holds the state, a rerun continues
+        common.skip_teardown()
+        return
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

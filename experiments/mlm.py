@@ -83,11 +83,11 @@ def main(argv):
                    hooks=[writer])
     writer.close()
     common.plot_losses(workdir, result.history)
-    evals = [h for h in result.history if "eval/nll" in h]
-    final = {"step": result.step, "wall_seconds": round(time.time() - t0, 1),
-             "parameters": num_params}
-    if evals:
-        final.update(eval_loss=evals[-1]["eval/nll"], eval_accuracy=evals[-1]["eval/accuracy"])
+    final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),
+                                 parameters=num_params)
+    if final is None:  # interrupted: the checkpoint holds the state, a rerun continues
+        common.skip_teardown()
+        return
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

@@ -332,8 +332,9 @@ def jemalloc_path() -> str | None:
 def jemalloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `env` (default `os.environ`) that preloads jemalloc in a child process.
 
-    Leaves `LD_PRELOAD` and `MALLOC_CONF` alone when already set; returns the copy unchanged
-    if jemalloc is not installed.
+    Puts jemalloc before anything already in `LD_PRELOAD`, unless that preloads an allocator
+    (then the copy is unchanged, as when jemalloc is not installed); an existing `MALLOC_CONF`
+    is kept.
     """
     env = dict(os.environ if env is None else env)
     path = jemalloc_path()

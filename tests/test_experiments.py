@@ -123,6 +123,25 @@ def test_lm_samples_start_like_training_rows(load_script):
     assert common.lm_prompt(tok, "", "windows")[0] == tok.encode("\n")
 
 
+def test_results_come_from_every_run_and_not_from_an_interrupted_one(tmp_path, load_script):
+    """A rerun of a finished run trains and evaluates nothing; results.json must keep the last
+    evaluation (from metrics.jsonl), and an interrupted run has no final results."""
+    import types
+
+    common = load_script("experiments/common.py")
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 10, "eval_loss": 2.0, "eval_bits_per_token": 2.885, "eval_accuracy": 0.4}\n'
+        '{"step": 20, "eval_loss": 1.5, "eval_bits_per_token": 2.164, "eval_accuracy": 0.5}\n')
+    rerun = types.SimpleNamespace(step=20, interrupted=False, history=[])
+    assert common.final_results(str(tmp_path), rerun, parameters=7) == {
+        "step": 20, "parameters": 7, "eval_loss": 1.5, "eval_bits_per_token": 2.164,
+        "eval_accuracy": 0.5}
+    assert common.final_results(str(tmp_path), types.SimpleNamespace(
+        step=15, interrupted=False))["eval_loss"] == 2.0  # not a later run's evaluation
+    assert common.final_results(str(tmp_path), types.SimpleNamespace(
+        step=20, interrupted=True)) is None
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 

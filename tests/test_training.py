@@ -247,6 +247,20 @@ def test_weight_decay_mask_spares_norms_biases_and_vectors(scan):
                                        err_msg=optimizer)
 
 
+def test_numpy_seeds_and_single_process_launchers(monkeypatch):
+    """A NumPy integer seed is a seed (it used to reach the init as raw key data), and a
+    launcher exporting JAX_NUM_PROCESSES=1 alone starts no multi-process run."""
+    from flaxformer_lite.training import distributed
+    from flaxformer_lite.training.state import create_train_state
+
+    a, b = (create_train_state(TINY, OPT, seed) for seed in (7, np.int64(7)))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    monkeypatch.setattr(distributed, "_initialized", False)
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    assert distributed.initialize() is False
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="OptimizerConfig.schedule"):
         OptimizerConfig(schedule="linear")

@@ -47,14 +47,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     explicit = coordinator_address is not None or num_processes is not None
     if not explicit and not auto_detect:
         return False
+    if explicit and num_processes == 1:  # a launcher's single process: nothing to join
+        _initialized = True
+        return False
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):
         raise ValueError(
             "Multi-process training needs all of coordinator_address, num_processes and "
             f"process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); got "
             f"{coordinator_address!r}, {num_processes!r}, {process_id!r}.")
-    if explicit and num_processes == 1:
-        _initialized = True
-        return False
     # gloo gives CPU devices cross-process collectives; harmless on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address,

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -257,7 +258,7 @@ class Engine:
     # ---- state ----------------------------------------------------------------------------------
     def init_state(self, rng: jax.Array | int) -> TrainState:
         """A fresh state from `rng` (a typed key or int seed), laid out for this mode."""
-        rng = jax.random.key(rng) if isinstance(rng, int) else rng
+        rng = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
         kind = (rng.shape, rng.dtype)
         if kind not in self._init_compiled:
             self._init_compiled[kind] = self._init.lower(rng).compile(

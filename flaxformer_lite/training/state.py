@@ -6,6 +6,7 @@ The model and the optimizer are not in it: they are static (functions of the con
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ class TrainState:
     params: float32 parameters (unboxed); opt_state: the optax state;
     rng: the run's dropout key as raw `uint32` key data (`jax.random.key_data`), folded with
     `step` in every train step, so the randomness of step t never depends on earlier steps,
-    on restarts or on the device count.
+    on restarts or (under jit) on the device count; `pmap` also folds in the device index.
     """
 
     step: jax.Array
@@ -59,8 +60,8 @@ def create_train_state(config: TransformerConfig, optimizer_config: OptimizerCon
     `jax.jit` (the parallel engine jits it with output shardings, so large models are created
     directly in their sharded layout).
     """
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if isinstance(rng, numbers.Integral):  # NumPy integers too
+        rng = jax.random.key(int(rng))
     if tx is None:
         tx = make_optimizer(optimizer_config, d_model=config.d_model)
     params_rng, dropout_rng = jax.random.split(rng)
