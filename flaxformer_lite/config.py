@@ -157,19 +157,24 @@ def _positive(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"TransformerConfig.{name}={value!r} must be a positive integer.")
 
 
-def _real(name: str, value: Any, low: float, high: float = math.inf, *,
-          low_open: bool = False, high_open: bool = False) -> None:
-    """`value` a finite real number in the interval from `low` to `high` (ends closed unless
-    `*_open`)."""
-    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
-          and math.isfinite(value)
+def check_number(owner: str, name: str, value: Any, low: float, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = False, integer: bool = False,
+                 hint: str = "") -> None:
+    """`value` a finite number (an integer if `integer`) from `low` to `high` (ends closed
+    unless `*_open`), else a ValueError naming `owner.name`. Shared by the library's configs."""
+    ok = (isinstance(value, numbers.Integral if integer else numbers.Real)
+          and not isinstance(value, bool) and math.isfinite(value)
           and (value > low if low_open else value >= low)
           and (value < high if high_open else value <= high))
     if not ok:
-        interval = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                    if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
-        raise ValueError(f"TransformerConfig.{name}={value!r} must be a finite number "
-                         f"{'in ' if math.isfinite(high) else ''}{interval}.")
+        kind = "an integer" if integer else "a finite number"
+        where = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                 if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
+        raise ValueError(f"{owner}.{name}={value!r} must be {kind} {where}{hint}.")
+
+
+def _real(name: str, value: Any, low: float, high: float = math.inf, **kw) -> None:
+    check_number("TransformerConfig", name, value, low, high, **kw)
 
 
 BOOL_FIELDS = ("norm_bias", "use_bias", "final_norm", "tie_embeddings",

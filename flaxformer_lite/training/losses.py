@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flaxformer_lite.config import check_number
 
 Array = jax.Array
 
@@ -34,16 +35,9 @@ class LossConfig:
     z_loss: float = 0.0
 
     def __post_init__(self):
-        def number(value) -> bool:
-            return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                    and math.isfinite(value))
-
-        if not (number(self.label_smoothing) and 0.0 <= self.label_smoothing < 1.0):
-            raise ValueError(f"LossConfig.label_smoothing={self.label_smoothing!r} must be in "
-                             "[0, 1); 0.1 is the paper's value.")
-        if not (number(self.z_loss) and self.z_loss >= 0):
-            raise ValueError(f"LossConfig.z_loss={self.z_loss!r} must be a finite number >= 0 "
-                             "(0 disables it).")
+        check_number("LossConfig", "label_smoothing", self.label_smoothing, 0.0, 1.0,
+                     high_open=True, hint="; 0.1 is the paper's value")
+        check_number("LossConfig", "z_loss", self.z_loss, 0.0, hint=" (0 disables it)")
 
 
 def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0,

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from flaxformer_lite.config import check_number
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine", "vaswani")
@@ -77,20 +78,8 @@ class OptimizerConfig:
         return dataclasses.asdict(self)
 
 
-def _number(name: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = False, integer: bool = False) -> None:
-    """`value` a finite number (an int if `integer`) from `low` to `high`, else a ValueError
-    naming the field."""
-    ok = (isinstance(value, numbers.Integral if integer else numbers.Real)
-          and not isinstance(value, bool)
-          and math.isfinite(value)
-          and (value > low if low_open else value >= low)
-          and (value < high if high_open else value <= high))
-    if not ok:
-        kind = "an integer" if integer else "a finite number"
-        where = (f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-                 if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}")
-        raise ValueError(f"OptimizerConfig.{name}={value!r} must be {kind} {where}.")
+def _number(name: str, value, low: float, high: float = math.inf, **kw) -> None:
+    check_number("OptimizerConfig", name, value, low, high, **kw)
 
 
 def _validate(c: OptimizerConfig) -> None:
