@@ -64,10 +64,9 @@ def main(argv):
         guess = np.asarray(predict(engine.params(state), row))[0]
         masked = row[0] == MASK_ID
         filled = np.where(masked, guess, row[0])
-        writer.write("masked: " + tok.decode([t for t in row[0].tolist() if t > MASK_ID])[:200]
-                     .replace("\n", " "))
-        writer.write("filled: " + tok.decode([t for t in filled.tolist() if t > MASK_ID])[:200]
-                     .replace("\n", " "))
+        # decode drops padding, BOS and EOS and writes the masks as "[MASK]"
+        writer.write("masked: " + tok.decode(row[0].tolist())[:200].replace("\n", " "))
+        writer.write("filled: " + tok.decode(filled.tolist())[:200].replace("\n", " "))
         return {}
 
     writer = common.MetricsWriter(workdir, cfg.num_steps, common.latest_step(workdir),

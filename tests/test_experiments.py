@@ -91,6 +91,10 @@ def test_mlm_on_a_local_file(tmp_path):
     evals = metrics(tmp_path / "work")
     assert [m["step"] for m in evals] == [5, 10]
     assert all(m["eval_loss"] > 0 and 0 <= m["eval_accuracy"] <= 1 for m in evals)
+    masked = [line for line in out.splitlines() if line.startswith("masked: ")]
+    assert masked and all("[MASK]" in line for line in masked)  # the display shows them
+    results = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert results["step"] == 10 and results["eval_loss"] == evals[-1]["eval_loss"]
 
 
 @pytest.mark.parametrize("name, trailing", [("lm", True), ("shakespeare_char", True),
