@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -41,7 +40,12 @@ from flaxformer_lite.models import batch_keys, make_model
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
 from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
-from flaxformer_lite.training.state import TrainState, create_train_state, param_logical_specs
+from flaxformer_lite.training.state import (
+    TrainState,
+    as_key,
+    create_train_state,
+    param_logical_specs,
+)
 from flaxformer_lite.training.steps import eval_step, train_step
 
 MODES = ("auto", "single", "pmap", "mesh")
@@ -258,7 +262,7 @@ class Engine:
     # ---- state ----------------------------------------------------------------------------------
     def init_state(self, rng: jax.Array | int) -> TrainState:
         """A fresh state from `rng` (a typed key or int seed), laid out for this mode."""
-        rng = jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
+        rng = as_key(rng)
         kind = (rng.shape, rng.dtype)
         if kind not in self._init_compiled:
             self._init_compiled[kind] = self._init.lower(rng).compile(

@@ -51,6 +51,12 @@ def param_logical_specs(config: TransformerConfig):
     return nn.get_partition_spec(abstract)
 
 
+def as_key(rng: jax.Array | int) -> jax.Array:
+    """`rng` as a typed key: an integer seed (Python or NumPy) becomes `jax.random.key(seed)`;
+    a key passes through."""
+    return jax.random.key(int(rng)) if isinstance(rng, numbers.Integral) else rng
+
+
 def create_train_state(config: TransformerConfig, optimizer_config: OptimizerConfig,
                        rng: jax.Array | int, *,
                        tx: optax.GradientTransformation | None = None) -> TrainState:
@@ -60,8 +66,7 @@ def create_train_state(config: TransformerConfig, optimizer_config: OptimizerCon
     `jax.jit` (the parallel engine jits it with output shardings, so large models are created
     directly in their sharded layout).
     """
-    if isinstance(rng, numbers.Integral):  # NumPy integers too
-        rng = jax.random.key(int(rng))
+    rng = as_key(rng)
     if tx is None:
         tx = make_optimizer(optimizer_config, d_model=config.d_model)
     params_rng, dropout_rng = jax.random.split(rng)
