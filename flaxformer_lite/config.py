@@ -25,6 +25,7 @@ ATTENTION_IMPLEMENTATIONS = ("ops", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PADDINGS = ("anywhere", "trailing")
+INITS = ("gpt2", "bert", "t5")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,11 @@ class TransformerConfig:
     # into the query's initialisation, which the library then does too (same function at init).
     attention_scale: float | None = None
     scale_tied_logits: bool = False  # tied output head reads x * d_model**-0.5 (T5)
+    # How parameters start (`layers.kernel_init`): "gpt2" N(0, init_std), residual-branch
+    # output projections divided by sqrt(2 * layers); "bert" N(0, init_std) truncated at two
+    # standard deviations (TF's initializer), nothing divided; "t5" variance scaling by fan-in
+    # (T5X), token embeddings N(0, 1), `init_std` unused.
+    init: str = "gpt2"
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -191,6 +197,7 @@ def _validate(c: TransformerConfig) -> None:
     _choice("norm_position", c.norm_position, NORM_POSITIONS)
     _choice("attention_implementation", c.attention_implementation, ATTENTION_IMPLEMENTATIONS)
     _choice("dtype", c.dtype, DTYPES)
+    _choice("init", c.init, INITS)
     _choice("param_dtype", c.param_dtype, DTYPES)
     _choice("remat", c.remat, REMAT_POLICIES)
     _choice("padding", c.padding, PADDINGS)
@@ -276,12 +283,13 @@ def _bert(d_model, num_layers, num_heads):
     # Devlin et al. 2019 (BERT); the released uncased checkpoints' config: WordPiece 30522,
     # 512 positions, 2 token types, post-LN with eps 1e-12, GELU, pooler. `mlm_head` is off so the
     # preset is the published backbone (embeddings + encoder + pooler); MLM training turns it on.
+    # Every weight starts from a normal of std 0.02 truncated at two std (`init="bert"`).
     return TransformerConfig(
         architecture="encoder_only", vocab_size=30522, d_model=d_model, num_heads=num_heads,
         d_ff=4 * d_model, num_layers=num_layers, max_len=512, activation="gelu",
         position="learned", norm="layer", norm_position="post", norm_eps=1e-12,
         final_norm=False, type_vocab_size=2, embedding_norm=True, pooler=True, dropout_rate=0.1,
-        attention_dropout_rate=0.1)
+        attention_dropout_rate=0.1, init="bert")
 
 
 def _gpt(d_model, num_layers, num_heads, max_len):
@@ -299,14 +307,14 @@ def _t5(d_model, d_ff, num_layers, num_heads):
     # RMS norm without bias, no dense biases, ReLU, head_dim 64, SentencePiece vocab 32128,
     # one embedding shared by encoder, decoder and the (tied) output projection, which reads
     # the decoder output scaled by d_model**-0.5; unscaled q . k; dropout 0.1 everywhere,
-    # attention weights and the stacks' outputs included.
+    # attention weights and the stacks' outputs included. Initialised as T5X does (`init="t5"`).
     return TransformerConfig(
         architecture="encoder_decoder", vocab_size=32128, d_model=d_model, num_heads=num_heads,
         head_dim=64, d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
         position="relative", norm="rms", norm_position="pre", norm_eps=1e-6, use_bias=False,
         scale_embeddings=False, relative_num_buckets=32, relative_max_distance=128,
         dropout_rate=0.1, attention_dropout_rate=0.1, final_dropout=True, attention_scale=1.0,
-        scale_tied_logits=True)
+        scale_tied_logits=True, init="t5")
 
 
 PRESETS: dict[str, TransformerConfig] = {

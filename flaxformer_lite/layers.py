@@ -40,6 +40,57 @@ def mesh_splits(names: Sequence[str | None]) -> tuple[int, ...]:
     return tuple(out)
 
 
+Initializer = Any  # (key, shape, dtype) -> array
+
+
+def kernel_init(cfg: TransformerConfig, in_ndim: int, *, kind: str = "dense",
+                residual_layers: int = 0, scale: float = 1.0) -> Initializer:
+    """The initializer of a dense kernel `in_shape + out_shape`, by `cfg.init`.
+
+    - "gpt2": N(0, init_std); a residual branch's output projection (`residual_layers` = the
+      stack's depth) N(0, init_std / sqrt(2 * layers)), as GPT-2 does.
+    - "bert": N(0, init_std) truncated at two standard deviations (TF's
+      `truncated_normal_initializer`, as BERT's code uses everywhere).
+    - "t5": variance 1 / fan_in, fan_in the product of the input axes (T5X's flattened
+      `DenseGeneral`); normal for attention projections (`kind="attention"`), truncated normal
+      of that same variance otherwise (feed-forward, untied output head).
+
+    `scale` multiplies the standard deviation (a query's folded score scale).
+    """
+    if cfg.init == "t5":
+        dist = "normal" if kind == "attention" else "truncated_normal"
+
+        def init(key, shape, dtype):
+            return nn.initializers.variance_scaling(
+                scale ** 2, "fan_in", dist, in_axis=tuple(range(in_ndim)),
+                out_axis=tuple(range(in_ndim, len(shape))))(key, shape, dtype)
+        return init
+    std = scale * cfg.init_std
+    if cfg.init == "bert":
+        return nn.initializers.truncated_normal(std)
+    return nn.initializers.normal(std / math.sqrt(2 * residual_layers) if residual_layers
+                                  else std)
+
+
+def embedding_init(cfg: TransformerConfig, token_table: bool = False) -> Initializer:
+    """The initializer of an embedding table `[num, d_model]`, by `cfg.init`.
+
+    A token table whose lookups are multiplied by sqrt(d_model) (`scale_embeddings`) starts at
+    std d_model**-0.5, so that the scaled embedding has unit variance. Otherwise "gpt2" and
+    "bert" use `init_std` (normal / truncated), and "t5" N(0, 1) for the token table (T5X) and
+    variance 1 / d_model for any other table.
+    """
+    if token_table and cfg.scale_embeddings:
+        std = cfg.d_model ** -0.5
+    elif cfg.init == "t5":
+        std = 1.0 if token_table else cfg.d_model ** -0.5
+    else:
+        std = cfg.init_std
+    if cfg.init == "bert":
+        return nn.initializers.truncated_normal(std)
+    return nn.initializers.normal(std)
+
+
 class Dense(nn.Module):
     """`y = x W + b` contracting the last `len(in_shape)` axes of `x` into `out_shape`.
 
@@ -57,7 +108,11 @@ class Dense(nn.Module):
     axes: tuple[str | None, ...]
     config: TransformerConfig
     use_bias: bool = True
-    init_std: float | None = None
+    # `kernel_init`'s arguments: "attention" or "dense"; the depth of the stack whose residual
+    # branch this layer ends (0: none); a factor on the standard deviation.
+    init_kind: str = "dense"
+    residual_layers: int = 0
+    init_scale: float = 1.0
     pad_out_multiple: int = 0  # see `ops.matmul_padded_out`
     # Multiplies the initial kernel's slices along the first output axis (e.g. q of a fused
     # [embed, 3, heads, head_dim] kernel), one factor each; None = all 1.
@@ -66,8 +121,8 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        std = cfg.init_std if self.init_std is None else self.init_std
-        init = nn.initializers.normal(std)
+        init = kernel_init(cfg, len(self.in_shape), kind=self.init_kind,
+                           residual_layers=self.residual_layers, scale=self.init_scale)
         if self.slice_init_scales is not None:
             factors = jnp.asarray(self.slice_init_scales, jnp.float32).reshape(
                 (1,) * len(self.in_shape) + (-1,) + (1,) * (len(self.out_shape) - 1))
@@ -112,13 +167,13 @@ class Embed(nn.Module):
     num_embeddings: int
     config: TransformerConfig
     axes: tuple[str, str] = ("vocab", "embed")
-    init_std: float | None = None
+    token_table: bool = False  # the token embedding (see `embedding_init`)
 
     def setup(self):
         cfg = self.config
-        std = cfg.init_std if self.init_std is None else self.init_std
+        init = embedding_init(cfg, self.token_table)
         self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(nn.initializers.normal(std), self.axes),
+            "embedding", nn.with_logical_partitioning(init, self.axes),
             (self.num_embeddings, cfg.d_model), cfg.params_dtype)
 
     def __call__(self, ids: Array) -> Array:
@@ -165,10 +220,12 @@ class RelativePositionBias(nn.Module):
     def __call__(self, q_positions: Array, kv_positions: Array) -> Array:
         """Positions `[q]`, `[kv]` or `[batch, q]`, `[batch, kv]` -> bias `[b|1, heads, q, kv]`."""
         cfg = self.config
+        # T5X: uniform with variance 1 / fan_avg; otherwise as the other weights.
+        init = (nn.initializers.variance_scaling(1.0, "fan_avg", "uniform") if cfg.init == "t5"
+                else embedding_init(cfg))
         table = self.param(
             "rel_embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                         (None, "heads")),
+            nn.with_logical_partitioning(init, (None, "heads")),
             (cfg.relative_num_buckets, cfg.num_heads), cfg.params_dtype)
         return ops.relative_position_bias(
             table, q_positions, kv_positions, bidirectional=self.bidirectional,
@@ -188,7 +245,7 @@ class MultiHeadAttention(nn.Module):
 
     config: TransformerConfig
     is_cross: bool = False
-    out_init_std: float | None = None
+    residual_layers: int = 0  # the output projection's `Dense.residual_layers`
 
     @nn.compact
     def __call__(
@@ -215,11 +272,11 @@ class MultiHeadAttention(nn.Module):
         """
         cfg = self.config
         h, hk, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
-        dense = dict(config=cfg, use_bias=cfg.use_bias)
+        dense = dict(config=cfg, use_bias=cfg.use_bias, init_kind="attention")
         # An explicit score scale (T5's 1.0) moves the default head_dim**-0.5 into the query's
         # initialisation, so that the model starts out computing the same function.
         fold = 1.0 if cfg.attention_scale is None else dh ** -0.5 / cfg.attention_scale
-        q_init = dict(init_std=cfg.init_std * fold)
+        q_init = dict(init_scale=fold)
         if self.is_cross:
             q = Dense((d,), (h, dh), ("embed", "heads", "kv"), name="query", **q_init,
                       **dense)(x)
@@ -260,7 +317,7 @@ class MultiHeadAttention(nn.Module):
                 dropout_rng=self.make_rng("dropout") if dropout else None,
                 implementation=cfg.attention_implementation)
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
-                     init_std=self.out_init_std, **dense)(out)
+                     residual_layers=self.residual_layers, **dense)(out)
 
     def _attend_then_cache(self, q, k, v, cache_index, bias, mask) -> Array:
         # Attend over the cache as it was plus the new keys (`ops.cached_attention`), then
@@ -310,7 +367,7 @@ class FeedForward(nn.Module):
     """Position-wise feed-forward block (`ops.feed_forward` with owned parameters)."""
 
     config: TransformerConfig
-    out_init_std: float | None = None
+    residual_layers: int = 0  # the output projection's `Dense.residual_layers`
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool = True) -> Array:
@@ -327,12 +384,7 @@ class FeedForward(nn.Module):
         h = constrain(h, ("batch", "length", "act_mlp"))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="wo",
-                     init_std=self.out_init_std, **dense)(h)
-
-
-def _residual_init(cfg: TransformerConfig, num_layers: int) -> float:
-    # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
-    return cfg.init_std / math.sqrt(2 * max(num_layers, 1))
+                     residual_layers=self.residual_layers, **dense)(h)
 
 
 class TransformerLayer(nn.Module):
@@ -357,7 +409,7 @@ class TransformerLayer(nn.Module):
                  cache_index: Array | None):
         cfg = self.config
         decode, deterministic = self.decode, self.deterministic
-        out_std = _residual_init(cfg, self.num_layers)
+        depth = max(self.num_layers, 1)
         drop = nn.Dropout(cfg.dropout_rate)
 
         def sublayer(name, fn, x):
@@ -367,17 +419,17 @@ class TransformerLayer(nn.Module):
             y = fn(x)
             return Norm(cfg, name=f"{name}_norm")(x + drop(y, deterministic=deterministic))
 
-        attn = MultiHeadAttention(cfg, out_init_std=out_std, name="self_attention")
+        attn = MultiHeadAttention(cfg, residual_layers=depth, name="self_attention")
         x = sublayer("self_attention", lambda y: attn(
             y, mask=self_mask, bias=self_bias, q_positions=positions, decode=decode,
             cache_index=cache_index, deterministic=deterministic, is_causal=self.causal), x)
         if self.has_cross:
-            cross = MultiHeadAttention(cfg, is_cross=True, out_init_std=out_std,
+            cross = MultiHeadAttention(cfg, is_cross=True, residual_layers=depth,
                                        name="cross_attention")
             x = sublayer("cross_attention", lambda y: cross(
                 y, encoded, mask=cross_mask, decode=decode, cache_index=cache_index,
                 deterministic=deterministic), x)
-        ffn = FeedForward(cfg, out_init_std=out_std, name="mlp")
+        ffn = FeedForward(cfg, residual_layers=depth, name="mlp")
         x = sublayer("mlp", lambda y: ffn(y, deterministic=deterministic), x)
         x = constrain(x, ("batch", "length", "act_embed"))
         return x, None

@@ -72,8 +72,7 @@ class _Embedder(nn.Module):
 
 
 def _embed_table(cfg: TransformerConfig, name: str) -> Embed:
-    std = cfg.d_model ** -0.5 if cfg.scale_embeddings else cfg.init_std
-    return Embed(cfg.vocab_size, cfg, init_std=std, name=name)
+    return Embed(cfg.vocab_size, cfg, token_table=True, name=name)
 
 
 class Encoder(nn.Module):

@@ -1,6 +1,7 @@
 """Every model family inits and runs under jit; causality, padding and packing hold."""
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -354,6 +355,90 @@ def test_scaled_tied_logits_are_the_unscaled_ones_times_rsqrt_d(built):
     np.testing.assert_allclose(_apply(model, params, batch),
                                _apply(unscaled, params, batch) * cfg.d_model ** -0.5,
                                rtol=1e-5, atol=1e-6)
+
+
+# ---- initialisation: each scheme against its source's formula ------------------------------
+
+def _truncated_std(bound: float = 2.0) -> float:
+    """Standard deviation of N(0, 1) truncated to [-bound, bound] (closed form)."""
+    pdf = math.exp(-bound ** 2 / 2) / math.sqrt(2 * math.pi)
+    return math.sqrt(1 - 2 * bound * pdf / math.erf(bound / math.sqrt(2)))
+
+
+def _expected_init(scheme: str, d: int, h: int, dh: int, d_ff: int, layers: int, buckets: int):
+    """(path suffix -> (std, bound or None, uniform)) written from each source: GPT-2 (std
+    0.02, residual outputs / sqrt(2 * layers)), BERT (TF truncated normal, std 0.02 before
+    truncation), T5X (variance 1 / fan_in; query / sqrt(head_dim); N(0, 1) token table;
+    uniform relative bias of variance 1 / fan_avg)."""
+    if scheme == "gpt2":
+        r = 0.02 / math.sqrt(2 * layers)
+        return {"qkv/kernel": (0.02, None, False), "out/kernel": (r, None, False),
+                "wi/kernel": (0.02, None, False), "wo/kernel": (r, None, False),
+                "token_embed/embedding": (0.02, None, False),
+                "position_embed/embedding": (0.02, None, False)}
+    if scheme == "bert":
+        t = (0.02 * _truncated_std(), 0.04, False)
+        return {k: t for k in ("qkv/kernel", "out/kernel", "wi/kernel", "wo/kernel",
+                               "token_embed/embedding", "position_embed/embedding",
+                               "type_embed/embedding", "pooler/kernel", "mlm_transform/kernel")}
+    trunc = lambda fan: (fan ** -0.5, 2 * fan ** -0.5 / _truncated_std(), False)  # noqa: E731
+    fan_avg = (buckets + h) / 2
+    return {"query/kernel": ((d * dh) ** -0.5, None, False),
+            "key_value/kernel": (d ** -0.5, None, False),
+            "qkv/kernel:q": ((d * dh) ** -0.5, None, False),
+            "qkv/kernel:kv": (d ** -0.5, None, False),
+            "out/kernel": ((h * dh) ** -0.5, None, False),
+            "wi/kernel": trunc(d), "wo/kernel": trunc(d_ff), "logits/kernel": trunc(d),
+            "token_embed/embedding": (1.0, None, False),
+            "rel_embedding": (fan_avg ** -0.5, (3 / fan_avg) ** 0.5, True)}
+
+
+@pytest.mark.parametrize("scheme,cfg", [
+    ("gpt2", fl.get_config("gpt2", vocab_size=512, d_model=256, num_heads=4, d_ff=1024,
+                           num_layers=3, max_len=256)),
+    ("bert", fl.get_config("bert-base", vocab_size=512, d_model=256, num_heads=4, d_ff=1024,
+                           num_layers=1, max_len=256, mlm_head=True)),
+    ("t5", fl.get_config("t5-small", vocab_size=512, d_model=256, num_heads=4, d_ff=1024,
+                         num_layers=1, scan_layers=True, tie_embeddings=False,
+                         scale_tied_logits=False)),
+    ("t5", fl.get_config("t5-small", vocab_size=512, d_model=256, num_heads=4, d_ff=1024,
+                         num_layers=1, fused_qkv=False)),
+])
+def test_initialisation_follows_each_source(scheme, cfg):
+    """Every kernel and table starts with its source's standard deviation (within 4%, on
+    65k-262k values) and truncation bound; biases and norm offsets at 0, norm scales at 1."""
+    assert cfg.init == scheme
+    expected = _expected_init(scheme, cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff,
+                              cfg.num_layers, cfg.relative_num_buckets)
+    params = nn.meta.unbox(fl.init_params(cfg, jax.random.key(0)))
+    seen = set()
+    for path, x in jax.tree.leaves_with_path(params):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        x = np.asarray(x, np.float64)
+        if name.endswith(("bias", "mlm_bias")) or "norm/" in name:
+            assert np.all(x == (1.0 if name.endswith("scale") else 0.0)), name
+            continue
+        if name.endswith("qkv/kernel") and scheme == "t5":  # q folded, k and v as they are
+            parts = {"qkv/kernel:q": x[..., 0, :, :], "qkv/kernel:kv": x[..., 1:, :, :]}
+        else:
+            parts = {name: x}
+        for part, values in parts.items():
+            key = next(k for k in expected if part.endswith(k))
+            std, bound, uniform = expected[key]
+            seen.add(key)
+            tol = 0.2 if values.size < 1000 else 0.04
+            assert abs(values.std() / std - 1) < tol, (part, values.std(), std)
+            assert abs(values.mean()) < 3 * std / math.sqrt(values.size) + 1e-12, part
+            if bound is not None:
+                assert np.abs(values).max() <= bound * (1 + 1e-6), (part, bound)
+            if uniform:  # flat: no value far beyond the bound, many near it
+                assert np.abs(values).max() > 0.8 * bound, part
+    unused = set()  # cross-attention always has query and key_value
+    if scheme == "t5" and not cfg.fused_qkv:
+        unused |= {"qkv/kernel:q", "qkv/kernel:kv"}
+    if scheme == "t5" and cfg.tie_embeddings:
+        unused.add("logits/kernel")
+    assert seen == set(expected) - unused, seen
 
 
 @pytest.mark.parametrize("final_dropout", [False, True])
