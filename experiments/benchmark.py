@@ -50,11 +50,20 @@ MODELS = {
                  accelerator_only=True),
 }
 
-# Datasheet dense bfloat16 (V100: float16) tensor peaks, FLOP/s, by device-kind substring.
+# Datasheet dense bfloat16 (V100: float16) tensor peaks, FLOP/s, by device-kind substring;
+# the longest matching name counts ("H100 PCIe" before "H100", the SXM part).
 DATASHEET_PEAKS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "H100": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12,
+    "V100": 125e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
 }
+FRAMEWORKS = ("jax", "torch", "torch_compile")
+RESERVED_ROWS = ("jax", "torch eager", "torch.compile")  # row names variants may not take
+
+
+def datasheet_peak(device_kind: str) -> float | None:
+    """The datasheet bfloat16 peak of `device_kind` (the longest matching name), or None."""
+    hits = [k for k in DATASHEET_PEAKS if k.lower() in device_kind.lower()]
+    return DATASHEET_PEAKS[max(hits, key=len)] if hits else None
 
 REPLY = "@@bench "
 PROGRESS = "@@progress "  # a line the parent prints as it arrives (kept if a run is cut short)
@@ -426,8 +435,8 @@ class JaxTrain:
         import gzip
 
         with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
             with self.jax.profiler.trace(d, create_perfetto_trace=True):
+                t0 = time.perf_counter()  # after the profiler has started
                 self.run(steps)
                 wall = time.perf_counter() - t0
             path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
@@ -467,6 +476,10 @@ class TorchTrain:
         self.torch = torch
         self.spec = spec
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            # JAX multiplies float32 on NVIDIA GPUs in TF32 by default; PyTorch in full float32
+            # unless told. Both alike, so a float32 row compares the same arithmetic.
+            torch.set_float32_matmul_precision("high")
         L, H, D, T, V = (spec[k] for k in ("layers", "heads", "d_model", "context", "vocab"))
 
         class Block(nn.Module):
@@ -523,12 +536,10 @@ class TorchTrain:
                          torch.from_numpy(y).long().to(self.device)) for x, y in _batches(spec)]
         self.i = 0
         self.loss = float("nan")
-        t0 = time.perf_counter()
+        # Two warm-up steps, as `JaxTrain`: the rows then train on the same batches.
         first = self.run(1)["times"][0]
-        self.run(1)
         later = self.run(1)["times"][0]
         self.compile_s = max(first - later, 0.0) if spec["compile"] else 0.0
-        del t0
 
     def _sync(self):
         if self.device == "cuda":
@@ -794,12 +805,19 @@ def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
     `cpu_devices=n` trains data parallel over the CPU presented as n devices (`JaxTrain`);
     `microbatches=k` computes the library step's gradient in k slices of the batch;
     `batch=n` trains on n sequences a step (the row's tokens/s, MFU and speed ratios then count
-    its own tokens: ratios compare time per token).
+    its own tokens: ratios compare time per token). Other upper-case keys are environment
+    variables of the row's worker; anything else raises `ValueError` (a typo must not give a
+    silent copy of the baseline).
     """
     name, _, rest = text.partition(":")
+    if not name or name in RESERVED_ROWS:
+        raise ValueError(f"--variant {text!r}: give the row a name of its own before ':' (not "
+                         f"empty, nor one of {', '.join(RESERVED_ROWS)}).")
     env, cfg, spec = {}, {}, {}
     for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--variant {text!r}: {item!r} is not KEY=VALUE.")
         if key.startswith("cfg."):
             try:
                 cfg[key[4:]] = ast.literal_eval(value)
@@ -810,9 +828,17 @@ def _parse_variant(text: str) -> tuple[str, dict, dict, dict]:
         elif key == "configure_cpu":
             spec["configure_cpu"] = value not in ("0", "false", "False")
         elif key in ("cpu_devices", "microbatches", "batch"):
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--variant {text!r}: {key}={value!r} must be a positive "
+                                 "integer.")
             spec[key] = int(value)
-        else:
+        elif re.fullmatch(r"[A-Z_][A-Z0-9_]*", key):
             env[key] = value
+        else:
+            raise ValueError(
+                f"--variant {text!r}: unknown key {key!r}; known: cfg.<TransformerConfig "
+                "field>, disable, configure_cpu, cpu_devices, microbatches, batch, or an "
+                "upper-case environment variable.")
     return name, env, cfg, spec
 
 
@@ -833,6 +859,36 @@ def _env(args) -> tuple[dict, str]:
     elif allocator == "glibc":
         env = perf.hugepage_env(env)  # transparent huge pages where the kernel allows
     return env, allocator
+
+
+def speed_ratio(ref_times: list[float], times: list[float], ref_work: float = 1.0) -> float:
+    """Median over rounds of `ref time / time / ref_work`: how many times faster a row is than
+    the reference row, per unit of work (`ref_work`: the reference's work per step over the
+    row's). Only rounds where both ran count; a failed round holds NaN."""
+    return _median([a / b / ref_work for a, b in zip(ref_times, times)
+                    if not (math.isnan(a) or math.isnan(b))])
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def _median(xs):
@@ -910,6 +966,7 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 out = w.call("run", steps=steps)
                 if "error" in out:
                     print(f"  {w.name}: failed ({out['error'][:200]})")
+                    round_medians[w.name].append(float("nan"))  # keeps rounds aligned
                     continue
                 times[w.name] += out["times"]
                 cpu_times[w.name] += out["cpu"]
@@ -924,18 +981,17 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                     mm["torch"].append(rate)
             print(f"  round {r + 1}/{args.repeats}: " + ", ".join(
                 f"{n} {1e3 * round_medians[n][-1]:.1f} ms" for n in round_medians
-                if round_medians[n]), flush=True)
+                if round_medians[n] and not math.isnan(round_medians[n][-1])), flush=True)
         stats = {w.name: w.call("stats") for w in workers}
         for w in workers:
             w.close()
         info = stats[jax_worker.name]
-        flops_tok = info["flops_per_token"]
         # The MFU reference: the best matmul rate of any framework in any round. JAX's alone,
         # compiled with the step's options, can trail the machine (on the AMD EPYC 94-98
         # GFLOP/s against PyTorch's 118-135), which read as MFU over 100%.
         peak_measured = max(max(v) for v in mm.values() if v)
-        datasheet = next((v for k, v in DATASHEET_PEAKS.items()
-                          if k.lower() in info["device_kind"].lower()), None)
+        # The datasheet peak is bfloat16's: a float32 row's fraction of it would mislead.
+        datasheet = datasheet_peak(info["device_kind"]) if dtype == "bfloat16" else None
         rows = []
         for w in workers:
             st = stats[w.name]
@@ -944,6 +1000,9 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
                 continue
             t = _median(times[w.name])
             tokens = batch_of[w.name] * m["context"]
+            # A variant's own model (`cfg.num_layers=2`, ...) does its own work; the PyTorch
+            # rows are the base model.
+            flops_tok = st.get("flops_per_token") or info["flops_per_token"]
             achieved = flops_tok * tokens / t
             row = {
                 "framework": w.name, "batch": batch_of[w.name],
@@ -960,12 +1019,10 @@ def bench_train(args, env, allocator, accelerator) -> list[dict]:
             }
             for ref in ("jax", "torch eager", "torch.compile"):
                 if ref in round_medians and round_medians[ref] and w.name != ref:
-                    n = min(len(round_medians[ref]), len(round_medians[w.name]))
                     # Time per token: rows with another batch (`batch=n`) compare alike.
-                    per_ref = batch_of[ref] / batch_of[w.name]
-                    ratios = [round_medians[ref][i] / round_medians[w.name][i] / per_ref
-                              for i in range(n)]
-                    row[f"speed_vs_{ref.replace(' ', '_').replace('.', '_')}"] = _median(ratios)
+                    row[f"speed_vs_{ref.replace(' ', '_').replace('.', '_')}"] = speed_ratio(
+                        round_medians[ref], round_medians[w.name],
+                        batch_of[ref] / batch_of[w.name])
             rows.append(row)
         results.append({
             "model": model_name, "shape": m, "dtype": dtype, "steps_per_round": steps,
@@ -1088,6 +1145,7 @@ def bench_profile(args, env, allocator, accelerator) -> dict:
     for model in args.models:
         specs = _model_spec(model, args, allocator, accelerator)
         if specs is None:
+            print(f"\n[profile] {model} skipped: accelerator only (no GPU/TPU here)")
             continue
         for variant, venv, cfg, over in rows:
             spec = dict(specs[1], cfg=cfg, **over)
@@ -1180,10 +1238,11 @@ def main(argv=None) -> int:
                         help=f"comma list of: {', '.join(MODELS)} (gpt2 needs an accelerator)")
     parser.add_argument("--frameworks", default="jax,torch,torch_compile",
                         help="comma list of: jax, torch, torch_compile")
-    parser.add_argument("--repeats", type=int, default=5, help="alternated rounds per model")
-    parser.add_argument("--round_seconds", type=float, default=1.0,
+    parser.add_argument("--repeats", type=_positive_int, default=5,
+                        help="alternated rounds per model")
+    parser.add_argument("--round_seconds", type=_positive_float, default=1.0,
                         help="about how long each framework runs per round")
-    parser.add_argument("--matmul_size", type=int, default=None,
+    parser.add_argument("--matmul_size", type=_positive_int, default=None,
                         help="n of the [n, n] @ [n, n] matmul peak, in the training dtype "
                              "(default 2048 on CPU, 8192 on accelerators)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -1206,19 +1265,19 @@ def main(argv=None) -> int:
                              "devices; microbatches=k computes the gradient in k slices)")
     parser.add_argument("--attention_lengths", default=None,
                         help="comma list (default 128..2048 on CPU, ..4096 on accelerators)")
-    parser.add_argument("--attention_batch", type=int, default=1)
-    parser.add_argument("--attention_heads", type=int, default=8)
-    parser.add_argument("--attention_head_dim", type=int, default=64)
-    parser.add_argument("--attention_repeats", type=int, default=5)
-    parser.add_argument("--profile_steps", type=int, default=5,
+    parser.add_argument("--attention_batch", type=_positive_int, default=1)
+    parser.add_argument("--attention_heads", type=_positive_int, default=8)
+    parser.add_argument("--attention_head_dim", type=_positive_int, default=64)
+    parser.add_argument("--attention_repeats", type=_positive_int, default=5)
+    parser.add_argument("--profile_steps", type=_positive_int, default=5,
                         help="steps traced by the profile section")
     parser.add_argument("--decoding_batch", default="1",
                         help="comma list of batch sizes for the decoding section")
     parser.add_argument("--decoding_model", default="small", choices=("small", "gpt2"),
                         help="decoding section's model: small (6 layers of 384, vocabulary 256) "
                              "or gpt2 (124M); bfloat16 on accelerators, --dtype on a CPU")
-    parser.add_argument("--decoding_new_tokens", type=int, default=256)
-    parser.add_argument("--decoding_repeats", type=int, default=3)
+    parser.add_argument("--decoding_new_tokens", type=_positive_int, default=256)
+    parser.add_argument("--decoding_repeats", type=_positive_int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_spec", default=None, help=argparse.SUPPRESS)
@@ -1237,9 +1296,25 @@ def main(argv=None) -> int:
     for name in args.models:
         if name not in MODELS:
             parser.error(f"--models: unknown {name!r}; known: {', '.join(MODELS)}")
-    args.decoding_batch = [int(x) for x in args.decoding_batch.split(",")]
-    if args.attention_lengths:
-        args.attention_lengths = [int(x) for x in args.attention_lengths.split(",")]
+    for name in args.frameworks:
+        if name not in FRAMEWORKS:
+            parser.error(f"--frameworks: unknown {name!r}; known: {', '.join(FRAMEWORKS)} "
+                         "(the JAX rows always run)")
+    names = []
+    for text in args.variant:
+        try:
+            names.append(_parse_variant(text)[0])
+        except ValueError as e:
+            parser.error(str(e))
+    if len(set(names)) < len(names):
+        parser.error(f"--variant: row names must differ, got {', '.join(names)}")
+    for flag in ("decoding_batch", "attention_lengths"):
+        text = getattr(args, flag)
+        if text:
+            try:
+                setattr(args, flag, [_positive_int(x) for x in text.split(",")])
+            except argparse.ArgumentTypeError as e:
+                parser.error(f"--{flag}={text}: {e}")
     try:
         import torch  # noqa: F401
     except ImportError:

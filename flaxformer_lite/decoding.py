@@ -638,6 +638,10 @@ def benchmark(config: TransformerConfig = BENCHMARK_CONFIG, *, batch_sizes: Sequ
     a warm-up run), `compile_seconds` and `tokens_per_s` (`batch * new_tokens / seconds`);
     `on_row` sees each row as soon as it is measured.
     """
+    for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens),
+                        ("repeats", repeats), *(("batch_sizes", b) for b in batch_sizes)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"benchmark: {name} must hold positive integers, got {value!r}.")
     model = make_model(config)
     key = jax.random.key(seed)
     params = init_params(config, key)

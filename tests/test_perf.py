@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flaxformer_lite as fl
 from flaxformer_lite import ops, perf
 from flaxformer_lite.ops import attention as attention_module
 
@@ -484,12 +485,12 @@ def test_benchmark_train_section_runs(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
            "--sections=train", "--models=nanogpt-char", "--frameworks=jax", "--repeats=1",
            "--round_seconds=0.01", "--variant=dp2:cpu_devices=2,microbatches=2",
-           "--variant=b24:batch=24", f"--out={out}"]
+           "--variant=b24:batch=24", "--variant=l1:cfg.num_layers=1", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (res,) = json.loads(out.read_text())["train"]
-    row, dp2, b24 = res["rows"]
+    row, dp2, b24, l1 = res["rows"]
     assert row["framework"] == "jax" and row["step_s"] > 0 and row["devices"] == 1
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
@@ -512,6 +513,40 @@ def test_benchmark_train_section_runs(tmp_path):
     assert (row["batch"], b24["batch"]) == (12, 24)
     assert b24["tokens_per_s"] == pytest.approx(24 * 64 / b24["step_s"])
     assert b24["speed_vs_jax"] == pytest.approx(row["step_s"] / b24["step_s"] * 2)
+    # A variant of another size is credited with its own model's FLOPs.
+    from flaxformer_lite.params import flops_per_token
+    base_cfg = fl.get_config("gpt2", vocab_size=res["shape"]["vocab"], num_layers=4,
+                             d_model=128, num_heads=4, d_ff=512, max_len=64)
+    assert row["flops_per_token"] == flops_per_token(base_cfg, 64)["total"]
+    assert l1["flops_per_token"] == flops_per_token(base_cfg.replace(num_layers=1), 64)["total"]
+    assert l1["achieved_flops_per_s"] == pytest.approx(
+        l1["flops_per_token"] * l1["tokens_per_s"])
+
+
+def test_benchmark_flags_and_ratios(load_script, capsys):
+    """Bad flags stop the command before any worker starts, naming the flag; speed ratios pair
+    the same rounds; datasheet peaks match the most specific device name."""
+    bench = load_script("experiments/benchmark.py")
+    for argv, match in [
+            (["--variant=mb:microbatch=2"], "unknown key 'microbatch'"),
+            (["--variant=jax:batch=24"], "name of its own"),
+            (["--variant=a:batch=2", "--variant=a:batch=3"], "row names must differ"),
+            (["--variant=a:cpu_devices=two"], "cpu_devices='two'"),
+            (["--frameworks=troch"], "unknown 'troch'"),
+            (["--repeats=0"], "not a positive integer"),
+            (["--decoding_batch=1,a"], "--decoding_batch"),
+            (["--attention_lengths=1k"], "--attention_lengths")]:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2 and match in capsys.readouterr().err, argv
+    assert bench._parse_variant("a:XLA_FLAGS=--x,cfg.num_layers=2,batch=4") == (
+        "a", {"XLA_FLAGS": "--x"}, {"num_layers": 2}, {"batch": 4})
+    nan = float("nan")
+    assert bench.speed_ratio([1.0, 2.0, 3.0], [nan, 2.0, 3.0]) == 1.0
+    assert bench.speed_ratio([2.0, 4.0], [1.0, 1.0], ref_work=2.0) == 1.5
+    assert bench.datasheet_peak("NVIDIA H100 PCIe") == 756e12
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.datasheet_peak("cpu") is None
 
 
 def test_launcher_sets_environment():

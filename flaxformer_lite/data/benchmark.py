@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores; "
-          f"batch {args.batch_size}, {args.seconds:.0f} s per row, {args.threads} read threads")
+          f"batch {args.batch_size}, {args.seconds:g} s per row, {args.threads} read threads")
     rows = []
     common = dict(batch_size=args.batch_size, num_threads=args.threads)
     if args.text:
