@@ -1,5 +1,6 @@
 """The pure functions against float64 NumPy references and jax.nn.dot_product_attention."""
 
+import functools
 import math
 
 import jax
@@ -133,6 +134,36 @@ def test_attention_errors():
                                          dropout_rng=jax.random.key(0))
     with pytest.raises(ValueError, match="even number"):
         ops.apply_rotary(rand(1, 2, 1, 6), jnp.arange(2), fraction=0.5)
+    x = rand(2, 3, 8)
+    for bad in (dict(scale=jnp.ones(1)), dict(scale=jnp.ones(8), bias=jnp.zeros((1, 8)))):
+        with pytest.raises(ValueError, match=r"must be \[features\]"):
+            ops.layer_norm(x, **bad)
+    with pytest.raises(ValueError, match=r"must be \[features\]"):
+        ops.rms_norm(x, jnp.ones(()))
+
+
+@pytest.mark.parametrize("implementation", ["ops", "xla"])
+def test_attention_refuses_mismatched_operands_on_every_path(implementation):
+    """The CPU path used to slice a longer v, mask or bias down to fit, and a float additive
+    mask (0 / -1e9) was read as booleans: it attended everything *but* the allowed keys."""
+    q, k = rand(2, 5, 4, 8), rand(2, 5, 4, 8)
+    attend = functools.partial(ops.scaled_dot_product_attention, implementation=implementation)
+    cases = [
+        (dict(q=q, k=k, v=rand(2, 6, 4, 8)), "k, v must share"),
+        (dict(q=q, k=rand(1, 5, 4, 8), v=rand(1, 5, 4, 8)), "batch sizes must agree"),
+        (dict(q=q, k=rand(2, 5, 4, 6), v=rand(2, 5, 4, 6)), "head_dim"),
+        (dict(q=q, k=k, v=k, mask=jnp.ones((2, 1, 5, 6), bool)), "mask of shape"),
+        (dict(q=q, k=k, v=k, bias=jnp.zeros((1, 4, 7, 5))), "bias of shape"),
+        (dict(q=q, k=k, v=k, bias=jnp.zeros((1, 3, 5, 5))), "bias of shape"),
+        (dict(q=q, k=k, v=k, mask=jnp.where(ops.causal_mask(5), 0.0, -1e9)), "as `bias=`"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            attend(**kwargs)
+    # Broadcastable masks and biases still pass: [q, k], [b, 1, 1, k], [1, h, q, k].
+    for extra in (dict(mask=ops.causal_mask(5)), dict(mask=jnp.ones((2, 1, 1, 5), bool)),
+                  dict(bias=jnp.zeros((1, 4, 5, 5)))):
+        assert attend(q, k, k, **extra).shape == q.shape
 
 
 def test_attention_scale_may_be_traced_and_masks_may_be_integers():

@@ -111,6 +111,7 @@ def scaled_dot_product_attention(
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError("q, k, v must be [batch, length, heads, head_dim]; got shapes "
                          f"{q.shape}, {k.shape}, {v.shape}.")
+    _check_operands(q, k, v, bias, mask)
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
     if implementation != "ops":
         if use_dropout or return_weights:
@@ -131,6 +132,32 @@ def scaled_dot_product_attention(
     probs = probs.reshape(b, hk, h // hk, lq, -1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, lq, h, v.shape[-1])
     return (out, weights) if return_weights else out
+
+
+def _check_operands(q, k, v, bias, mask) -> None:
+    """Shape and mask-type errors that name the argument, raised while tracing: every path
+    (the CPU one would otherwise slice a longer `v` or mask down without a word)."""
+    if not (q.shape[0] == k.shape[0] == v.shape[0]) or k.shape[1:3] != v.shape[1:3]:
+        raise ValueError(
+            "q, k, v: the batch sizes must agree and k, v must share [kv_length, kv_heads]; got "
+            f"q {q.shape}, k {k.shape}, v {v.shape}.")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share head_dim; got q {q.shape}, k {k.shape}.")
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    for name, x in (("mask", mask), ("bias", bias)):
+        if x is None:
+            continue
+        try:
+            ok = jnp.broadcast_shapes(jnp.shape(x), full) == full
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} of shape {jnp.shape(x)} does not broadcast to [batch, "
+                             f"heads, q_length, kv_length] = {full}.")
+    if mask is not None and jnp.issubdtype(jnp.result_type(mask), jnp.floating):
+        raise ValueError(
+            f"mask is {jnp.result_type(mask)}; it must be boolean (True = may attend) or 0/1 "
+            "integers. Pass an additive mask (0 / -inf) as `bias=`.")
 
 
 def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):

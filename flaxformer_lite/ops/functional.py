@@ -229,12 +229,22 @@ def feed_forward(x: Array, w_in: Array, w_out: Array, *, activation_name: str = 
     return y + b_out if b_out is not None else y
 
 
+def _check_features(fn: str, x: Array, **params: Array | None) -> None:
+    """A norm's scale and bias are `[features]` (a broadcastable `(1,)` ran forward, then
+    failed in the hand-written gradient)."""
+    for name, p in params.items():
+        if p is not None and jnp.shape(p) != x.shape[-1:]:
+            raise ValueError(f"{fn}: {name} has shape {jnp.shape(p)}; it must be [features] = "
+                             f"{x.shape[-1:]}.")
+
+
 def layer_norm(x: Array, scale: Array | None = None, bias: Array | None = None, *,
                eps: float = 1e-5) -> Array:
     """`(x - mean) / sqrt(var + eps) * scale + bias` over the last axis, computed in float32.
 
     `scale` and `bias` are optional (`[features]`); without a bias no bias gradient is computed.
     """
+    _check_features("layer_norm", x, scale=scale, bias=bias)
     if scale is not None and enabled("layer_norm_vjp"):
         return _layer_norm(x, scale, bias, eps)
     return _affine_layer_norm(x, scale, bias, eps)[0]
@@ -257,6 +267,7 @@ def _affine_layer_norm(x, scale, bias, eps):
 
 def rms_norm(x: Array, scale: Array | None = None, *, eps: float = 1e-6) -> Array:
     """`x / sqrt(mean(x^2) + eps) * scale` over the last axis (T5, LLaMA), in float32."""
+    _check_features("rms_norm", x, scale=scale)
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + eps)
     if scale is not None:
