@@ -39,7 +39,7 @@ _CONFIG, _WORKDIR = common.define_flags("translate.py", "/tmp/flaxformer_transla
 def _encode_sources(tok, texts, max_len):
     rows = np.zeros((len(texts), max_len), np.int32)
     for i, t in enumerate(texts):
-        ids = (tok.encode(t) + [EOS_ID])[:max_len]
+        ids = (tok.encode(t.strip()) + [EOS_ID])[:max_len]  # stripped, as in training
         ids[-1] = EOS_ID
         rows[i, :len(ids)] = ids
     return rows
@@ -90,6 +90,8 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    if cfg.metric not in ("bleu", "exact_match"):
+        raise app.UsageError(f"--config.metric={cfg.metric!r}: use bleu or exact_match.")
     common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()

@@ -110,6 +110,13 @@ def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Arra
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _never_pad(scores: Array) -> Array:
+    """`scores` `[..., vocab]` with the padding id ruled out: an emitted 0 would read as
+    padding everywhere after (stripped from hypotheses, weight 0 when re-scored), so no loop
+    chooses it; an untrained model often would. Log-probabilities stay the model's own."""
+    return scores.at[..., PAD_ID].set(_NEG)
+
+
 # ---- the two kinds of decoder: prefill and one step -------------------------------------------
 #
 # A prefill returns `(cache, ctx, token0, pos0)`: the cache holding everything before the first
@@ -194,8 +201,8 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
                                             keepdims=False)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
         key = None if greedy else jax.random.fold_in(dyn["rng"], i)
-        token = sample_logits(logits, key, temperature=dyn["temperature"], top_k=top_k,
-                              top_p=top_p, greedy=greedy)
+        token = sample_logits(_never_pad(logits), key, temperature=dyn["temperature"],
+                              top_k=top_k, top_p=top_p, greedy=greedy)
         token = jnp.where(done, PAD_ID, token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         new = {
@@ -278,7 +285,7 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
         prev = state["live_tokens"][:, :, jnp.maximum(i - 1, 0)].reshape(b * k)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
         logp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
-        cand = (state["live_logp"][:, :, None] + logp).reshape(b, k * vocab)
+        cand = (state["live_logp"][:, :, None] + _never_pad(logp)).reshape(b, k * vocab)
         cand_logp, cand_idx = jax.lax.top_k(cand, 2 * k)  # 2k: at least k do not end in EOS
         parent, token = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
         cand_tokens = gather(state["live_tokens"], parent).at[:, :, i].set(token)
@@ -339,13 +346,19 @@ def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str) -> Transfor
     return cfg
 
 
-def _check_ids(name: str, ids) -> None:
+def _check_ids(name: str, ids, vocab_size: int) -> None:
     if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{name} must be int token ids [batch, length], got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} with shape "
                          f"{getattr(ids, 'shape', None)}.")
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column, got {ids.shape}.")
+    if not isinstance(ids, jax.core.Tracer):  # concrete: out-of-range ids decoded to NaN
+        host = np.asarray(ids)  # NumPy: jnp here would be traced inside a caller's jit
+        low, high = int(host.min()), int(host.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{name} holds ids from {low} to {high}; they must lie in "
+                             f"[0, {vocab_size}) (TransformerConfig.vocab_size).")
 
 
 def _positive_int(name: str, value) -> int:
@@ -460,7 +473,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     """
     cfg = _check_model(model, (DecoderOnly,), "generate",
                        "use generate_seq2seq for encoder-decoder models")
-    _check_ids("prompts", prompts)
+    _check_ids("prompts", prompts, cfg.vocab_size)
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
@@ -473,14 +486,16 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
                      rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
                      greedy: bool = False, return_logits: bool = False) -> Generation:
-    """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding).
+    """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding, after each
+    row's tokens as the pipelines pad them: with learned or sinusoidal positions a left-padded
+    source shifts its positions, in training as here).
 
     The encoder runs once; the decoder starts from token 0 and samples as in `generate`.
     `max_new_tokens` (the target length) must not exceed `config.max_len`.
     """
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
                        "use generate for decoder-only models")
-    _check_ids("inputs", inputs)
+    _check_ids("inputs", inputs, cfg.vocab_size)
     max_new_tokens = _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
@@ -503,7 +518,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
                        "encoder-only models do not generate")
-    _check_ids("inputs", inputs)
+    _check_ids("inputs", inputs, cfg.vocab_size)
     if isinstance(model, DecoderOnly):
         max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
         lengths = _prompt_lengths(inputs, prompt_lengths)
@@ -537,7 +552,7 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     """
     cfg = _check_model(model, (DecoderOnly,), "generate_no_cache",
                        "it covers decoder-only models only")
-    _check_ids("prompts", prompts)
+    _check_ids("prompts", prompts, cfg.vocab_size)
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)

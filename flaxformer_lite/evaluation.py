@@ -26,6 +26,7 @@ from flaxformer_lite.models import (
     EncoderDecoder,
     EncoderOnly,
     batch_keys,
+    check_batch,
 )
 
 Array = jnp.ndarray
@@ -94,6 +95,7 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
         if "inputs" not in batch or "targets" not in batch:
             raise ValueError(f"batch {i} needs 'inputs' and 'targets' arrays, got keys "
                              f"{sorted(batch)}.")
+        check_batch(model.config, batch)
         arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
         nll, weights = token_nll(model, params, arrays)
         total_nll += float(np.sum(np.asarray(nll, np.float64)))

@@ -11,11 +11,16 @@ let prompts of different lengths share one batch (see `flaxformer_lite.decoding`
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import TransformerConfig
@@ -31,6 +36,19 @@ from flaxformer_lite.layers import (
 )
 
 Array = jnp.ndarray
+
+
+def _check_ids(what: str, ids: Array, **aux: Array | None) -> None:
+    """`ids` are integer `[batch, length]`, and the per-token entries given with them
+    (segment ids, positions, token types) have their shape: named errors while tracing."""
+    if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{what} must be integer token ids [batch, length], got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} of shape "
+                         f"{getattr(ids, 'shape', None)}.")
+    for name, x in aux.items():
+        if x is not None and tuple(jnp.shape(x)) != ids.shape:
+            raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; it must match {what} "
+                             f"{ids.shape}.")
 
 
 def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
@@ -86,6 +104,8 @@ class Encoder(nn.Module):
                  positions: Array | None = None, token_type_ids: Array | None = None,
                  deterministic: bool = True) -> Array:
         cfg = self.config
+        _check_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
+                   token_type_ids=token_type_ids)
         _check_length(cfg, inputs.shape[1], "inputs")
         segment_ids = _segments(inputs, segment_ids)
         packed = positions is not None
@@ -124,9 +144,24 @@ class Decoder(nn.Module):
                  positions: Array | None = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         cfg = self.config
+        _check_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions)
+        if encoded is not None and (
+                encoded.ndim != 3 or encoded.shape[0] != ids.shape[0] or
+                encoder_segment_ids is not None
+                and tuple(jnp.shape(encoder_segment_ids)) != encoded.shape[:2]):
+            raise ValueError(
+                f"The encoder output {encoded.shape} must be [batch, source_length, d_model] "
+                f"for the decoder's batch of {ids.shape[0]}, with source segment ids of shape "
+                f"[batch, source_length] (got {jnp.shape(encoder_segment_ids)}): the inputs and "
+                "targets must hold the same examples.")
         given_segments = segment_ids is not None
         if decode and segment_ids is None:  # every fed token is real (0 is the start token)
             segment_ids = jnp.ones_like(ids)
+        elif self.has_cross and segment_ids is None:
+            # Shifted targets start with the start token 0, which is not padding: a row's first
+            # column always counts (it was masked out, and `decode` gave other logits).
+            first = (jnp.arange(ids.shape[1]) == 0)[None]
+            segment_ids = ((ids != 0) | first).astype(jnp.int32)
         segment_ids = _segments(ids, segment_ids)
         if decode:
             mask, positions, kv_positions, cache_index = self._cache_state(
@@ -254,7 +289,9 @@ class EncoderDecoder(nn.Module):
         """Decoder ids `[batch, tgt_len]` (already shifted) -> logits `[batch, tgt_len, vocab]`.
 
         `encoder_segment_ids` `[batch, src_len]` masks source padding (0) and, when packed,
-        keeps each target segment on its own source segment.
+        keeps each target segment on its own source segment; without it every source position
+        is attended to, so pass `(inputs != 0)` for padded sources, as `__call__` does.
+        `segment_ids` default to the non-zero ids plus the first column (the start token 0).
         """
         return self.decoder(decoder_inputs, encoded=encoded,
                             encoder_segment_ids=encoder_segment_ids, segment_ids=segment_ids,
@@ -349,6 +386,74 @@ OPTIONAL_BATCH_KEYS = {
 def batch_keys(architecture: str) -> tuple[str, ...]:
     """The batch entries a model of `architecture` reads (others are ignored)."""
     return ("inputs", "targets") + OPTIONAL_BATCH_KEYS[architecture]
+
+
+_WARNED_KEYS: set[str] = set()
+
+
+def check_batch(config: TransformerConfig, batch: Mapping[str, Any]) -> None:
+    """Raise `ValueError` for a host batch the model would silently misread.
+
+    Every entry the model reads is `[batch, length]` and they agree (an encoder-decoder's
+    `inputs*` and `targets*` entries agree among themselves and in batch size). Token ids lie in
+    `[0, vocab_size)`: JAX's gathers clamp or fill out-of-range ids instead of failing, so -1
+    (PyTorch's ignore index) trained as the last token and ids past the vocabulary gave NaN.
+    Likewise `token_type_ids` in `[0, type_vocab_size)` (only 0 without a type embedding)
+    and learned `positions` below `max_len`. Keys the model does not read are dropped; one
+    that looks like a misspelt key is reported once (`logging`). Values that are not concrete
+    (traced) are skipped.
+    """
+    keys = batch_keys(config.architecture)
+    for key in batch:
+        if key not in keys and key not in _WARNED_KEYS:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+            if close:
+                _WARNED_KEYS.add(key)
+                logging.getLogger(__name__).warning(
+                    "Batch entry %r is not read by a %s model (did you mean %r?); it is "
+                    "ignored.", key, config.architecture, close[0])
+    arrays = {k: batch[k] for k in keys if batch.get(k) is not None
+              and not isinstance(batch[k], jax.core.Tracer)}
+    groups = ([("inputs", "inputs_segment_ids", "inputs_positions"),
+               ("targets", "targets_segment_ids", "targets_positions")]
+              if config.architecture == "encoder_decoder" else [keys])
+    rows = {}
+    for group in groups:
+        shapes = {k: tuple(np.shape(arrays[k])) for k in group if k in arrays}
+        for k, shape in shapes.items():
+            if len(shape) != 2:
+                raise ValueError(f"Batch entry {k!r} has shape {shape}; it must be "
+                                 "[batch, length].")
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"Batch entries must share one [batch, length] shape; got {shapes}.")
+        rows.update({k: shape[0] for k, shape in shapes.items()})
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"Batch entries disagree on the batch size: {rows}.")
+    limits = {"inputs": config.vocab_size, "targets": config.vocab_size}
+    if "token_type_ids" in keys:
+        limits["token_type_ids"] = config.type_vocab_size
+    for k in ("positions", "inputs_positions", "targets_positions"):
+        limits[k] = config.max_len if config.position == "learned" else None
+    for k, limit in limits.items():
+        if k not in arrays or np.size(arrays[k]) == 0:
+            continue
+        values = np.asarray(arrays[k])
+        low, high = int(values.min()), int(values.max())
+        if k == "token_type_ids" and not limit:
+            if high > 0 or low < 0:
+                raise ValueError("Batch entry 'token_type_ids' holds types other than 0, but "
+                                 "the model has no token-type embedding "
+                                 "(TransformerConfig.type_vocab_size=0).")
+            continue
+        if low < 0 or (limit is not None and high >= limit):
+            bound = f"[0, {limit})" if limit is not None else ">= 0"
+            what = {"inputs": "vocab_size", "targets": "vocab_size",
+                    "token_type_ids": "type_vocab_size"}.get(k, "max_len")
+            raise ValueError(
+                f"Batch entry {k!r} holds values from {low} to {high}; they must lie in {bound}"
+                + (f" (TransformerConfig.{what}={limit})" if limit is not None else "")
+                + (". Token id 0 is padding and carries no loss; there is no -100 ignore "
+                   "index." if low < 0 and k in ("inputs", "targets") else "."))
 
 
 def make_model(config: TransformerConfig) -> nn.Module:

@@ -309,6 +309,34 @@ def test_cache_written_before_or_after_the_read_decodes_alike(monkeypatch):
                                atol=1e-5)
 
 
+def test_no_loop_emits_the_padding_id():
+    """A model whose every next-token distribution ranks 0 (padding) first: generation used to
+    return rows of 0 that read as empty. Now the best other token, with the model's own
+    log-probability (pad's mass included)."""
+    s = Setup("gpt_learned")
+    params = jax.tree.map(np.array, s.params)
+    norm, table = params["decoder"]["final_norm"], params["token_embed"]["embedding"]
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal(s.cfg.d_model)
+    norm["scale"][:], norm["bias"][:] = 0.0, b  # every final hidden state is b
+    table[0] = 10 * b / (b @ b)  # logit of 0 is 10, the others b . E_j
+    logits = table @ b
+    assert logits.argmax() == 0
+    best = 1 + logits[1:].argmax()
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    out = decoding.generate(s.model, params, s.ids, max_new_tokens=NEW, greedy=True,
+                            stop_tokens=())
+    np.testing.assert_array_equal(np.asarray(out.tokens), best)
+    np.testing.assert_allclose(np.asarray(out.log_probs), NEW * logp[best], rtol=1e-5)
+    sampled = decoding.generate(s.model, params, s.ids, max_new_tokens=NEW, stop_tokens=(),
+                                rng=jax.random.key(0), temperature=3.0)
+    assert np.all(np.asarray(sampled.tokens) != 0)
+    beams = decoding.beam_search(s.model, params, s.ids, beam_size=3, max_len=NEW, eos_id=1)
+    for row, n in zip(np.asarray(beams.tokens).reshape(-1, NEW),
+                      np.asarray(beams.lengths).reshape(-1)):
+        assert np.all(row[:n] != 0)
+
+
 def test_top_k_one_equals_greedy():
     s = setup("gpt_rotary_gqa")
     greedy, stop = greedy_run("gpt_rotary_gqa")
@@ -463,6 +491,12 @@ def test_value_errors():
         decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
     with pytest.raises(ValueError, match="eos_id"):
         decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=64)
+    # Ids outside the vocabulary decoded to NaN scores and tokens 0 without a word.
+    for bad_ids in (np.full((2, 4), 64, np.int32), np.full((2, 4), -1, np.int32)):
+        with pytest.raises(ValueError, match=r"prompts holds ids.*\[0, 64\)"):
+            decoding.generate(m, p, bad_ids, max_new_tokens=4, greedy=True)
+        with pytest.raises(ValueError, match="inputs holds ids"):
+            decoding.beam_search(e.model, e.params, bad_ids, beam_size=2, max_len=4)
 
 
 # ---- sharded and replicated params ---------------------------------------------------------

@@ -357,6 +357,71 @@ def test_scaled_tied_logits_are_the_unscaled_ones_times_rsqrt_d(built):
                                rtol=1e-5, atol=1e-6)
 
 
+# ---- host batches the models would misread -------------------------------------------------
+
+def test_check_batch_refuses_what_the_gathers_would_misread(caplog):
+    """JAX's gathers do not fail on bad ids: -1 trained as the last token, ids past the
+    vocabulary gave NaN. Mismatched entries were padded into agreement on several devices."""
+    from flaxformer_lite.models import check_batch
+    gpt, bert = VARIANTS["gpt2"], VARIANTS["bert"]
+    s2s = VARIANTS["transformer"]
+    ok = np.ones((2, 5), np.int32)
+    check_batch(gpt, {"inputs": ok, "targets": ok, "segment_ids": ok, "positions": 0 * ok})
+    check_batch(s2s, {"inputs": np.ones((2, 7), np.int32), "targets": ok})
+    check_batch(bert, {"inputs": ok, "targets": 0 * ok, "token_type_ids": ok})
+    check_batch(gpt.replace(type_vocab_size=0), {"inputs": ok, "targets": ok})
+    cases = [
+        (gpt, {"inputs": ok, "targets": ok - 2}, "from -1 to -1.*no -100"),
+        (gpt, {"inputs": ok * 61, "targets": ok}, r"\[0, 61\).*vocab_size=61"),
+        (gpt, {"inputs": ok, "targets": np.ones((3, 5), np.int32)}, "share one"),
+        (gpt, {"inputs": ok, "targets": ok, "positions": ok * 24}, "max_len=24"),
+        (gpt, {"inputs": ok[0], "targets": ok[0]}, r"\[batch, length\]"),
+        (s2s, {"inputs": np.ones((3, 7), np.int32), "targets": ok}, "batch size"),
+        (bert, {"inputs": ok, "targets": ok, "token_type_ids": 2 * ok}, "type_vocab_size=2"),
+    ]
+    for cfg, batch, match in cases:
+        with pytest.raises(ValueError, match=match):
+            check_batch(cfg, batch)
+    with caplog.at_level("WARNING"):
+        check_batch(gpt, {"inputs": ok, "targets": ok, "segment_id": ok, "raw_text": ok})
+    assert "did you mean 'segment_ids'" in caplog.text and "raw_text" not in caplog.text
+
+
+@pytest.mark.parametrize("name", ["transformer", "t5"])
+def test_encode_then_decode_methods_equal_the_teacher_forced_call(built, name):
+    """`decode` on shifted targets used to read the start token 0 as padding."""
+    from flaxformer_lite.layers import shift_right
+    cfg, model, params = built[name]
+    inputs = np.array(_ids((2, 9), 1))
+    inputs[1, 5:] = 0  # a padded source
+    targets = np.array(_ids((2, 7), 2))
+    targets[0, 4:] = 0
+    full = _apply(model, params, {"inputs": inputs, "targets": targets})
+    encoded = _run(model, params, inputs, method="encode", segment_ids=(inputs != 0) * 1)
+    split = _run(model, params, encoded, shift_right(jnp.asarray(targets)), method="decode",
+                 encoder_segment_ids=(inputs != 0) * 1)
+    real = targets != 0  # where the loss reads them
+    np.testing.assert_allclose(np.asarray(split)[real], np.asarray(full)[real], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_model_inputs_of_the_wrong_shape_are_named():
+    """Used to fail deep in a broadcast or reshape ("add got incompatible shapes")."""
+    gpt, s2s = VARIANTS["gpt2"], VARIANTS["transformer"]
+    ids = jnp.ones((2, 5), jnp.int32)
+    cases = [
+        (gpt, dict(inputs=ids[0]), "integer token ids"),
+        (gpt, dict(inputs=ids.astype(jnp.float32)), "integer token ids"),
+        (gpt, dict(inputs=ids, segment_ids=ids[:, :3]), "segment_ids has shape"),
+        (gpt, dict(inputs=ids, positions=ids[:1]), "positions has shape"),
+        (s2s, dict(inputs=jnp.ones((3, 5), jnp.int32), targets=ids), "same examples"),
+    ]
+    for cfg, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            jax.eval_shape(functools.partial(fl.make_model(cfg).init, jax.random.key(0)),
+                           **kwargs)
+
+
 # ---- initialisation: each scheme against its source's formula ------------------------------
 
 def _truncated_std(bound: float = 2.0) -> float:
