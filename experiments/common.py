@@ -96,7 +96,12 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
-    return OptimizerConfig(**cfg.optimizer.to_dict())
+    """`config.optimizer`; an unset `decay_steps` is the run's number of updates, so that
+    `--config.num_steps` alone moves the end of the cosine schedule with it."""
+    fields = cfg.optimizer.to_dict()
+    if fields.get("decay_steps") is None and fields.get("schedule") == "cosine":
+        fields["decay_steps"] = -(-cfg.num_steps // fields.get("accumulation_steps", 1))
+    return OptimizerConfig(**fields)
 
 
 def parallel_config(cfg: ml_collections.ConfigDict) -> ParallelConfig:

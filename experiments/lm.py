@@ -42,6 +42,11 @@ def make_data(cfg, ds, tok):
     if cfg.sampler == "windows":  # nanoGPT: random windows of the running text
         train_tokens = np.asarray(tok.encode(ds.full_text("train")), np.int32)
         val_tokens = np.asarray(tok.encode(ds.full_text("validation")), np.int32)
+        for split, tokens in (("train", train_tokens), ("validation", val_tokens)):
+            if len(tokens) < cfg.seq_len + 1:  # now, not at the first evaluation
+                raise ValueError(
+                    f"The {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = "
+                    f"{cfg.seq_len + 1}; use a shorter --config.seq_len or more text.")
         train_pipe = window_pipeline(train_tokens, batch_size=cfg.batch_size,
                                      seq_len=cfg.seq_len, seed=cfg.seed)
 

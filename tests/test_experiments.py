@@ -207,3 +207,22 @@ def test_mesh_report_rejects_bad_flags(flags, message):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "mesh_report.py"), *flags],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_translate_refuses_an_unknown_metric_at_once(tmp_path):
+    """Any metric but bleu used to report exact match and exit 0."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "translate.py"),
+           f"--workdir={tmp_path}", "--config.metric=rouge"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode != 0 and "--config.metric='rouge'" in res.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cosine_decay_follows_num_steps_unless_set(load_script):
+    common = load_script("experiments/common.py")
+    cfg = load_script("experiments/configs/lm.py").get_config()
+    cfg.num_steps, cfg.optimizer.accumulation_steps = 5001, 2
+    assert common.optimizer_config(cfg).decay_steps == 2501  # updates, rounded up
+    cfg.optimizer.decay_steps = 700
+    assert common.optimizer_config(cfg).decay_steps == 700

@@ -283,11 +283,42 @@ def test_config_errors_name_the_field():
         ParallelConfig(mode="dp")
     with pytest.raises(ValueError, match="ParallelConfig.compiler_options"):
         ParallelConfig(mode="pmap", compiler_options={"xla_cpu_use_onednn": True})
+    renamed = tuple((k, "model" if v == "tensor" else v) for k, v in partitioning.DEFAULT_RULES)
+    with pytest.raises(ValueError, match="'act_mlp' to mesh axis 'model'"):  # was a KeyError
+        ParallelConfig(mode="mesh", axis_rules=renamed)
     with pytest.raises(ValueError, match="devices"):
         partitioning.make_mesh(data=3)
 
 
 # ---- steps -------------------------------------------------------------------------------------
+
+def test_engine_and_perplexity_check_host_batches(engine):
+    """Out-of-range ids are refused before any step; so are entries of different lengths,
+    which `pad_batch` would otherwise pad into agreement on several devices."""
+    from flaxformer_lite.evaluation import perplexity
+    ids = np.ones((2, 8), np.int32)
+    with pytest.raises(ValueError, match="targets.*vocab_size"):
+        engine.shard_batch({"inputs": ids, "targets": ids * VOCAB})
+    with pytest.raises(ValueError, match="share one"):
+        engine.pad_batch({"inputs": ids[:1], "targets": ids})
+    model = make_model(TINY)
+    with pytest.raises(ValueError, match="-100 ignore"):
+        perplexity(model, numpy_params(TINY), [{"inputs": ids, "targets": ids - 101}])
+
+
+def test_a_schedule_that_does_not_fit_the_run_is_reported(caplog):
+    from flaxformer_lite.training import trainer
+    cosine = OptimizerConfig(schedule="cosine", warmup_steps=100, decay_steps=2000,
+                             accumulation_steps=2)
+    with caplog.at_level(logging.WARNING, logger="flaxformer_lite.training"):
+        trainer._warn_schedule(cosine, 4000)  # 2000 updates: fits
+        assert not caplog.records
+        trainer._warn_schedule(cosine, 10_000)
+        trainer._warn_schedule(cosine.replace(decay_steps=200), 150)
+    text = caplog.text
+    assert "ends at update 2000, but this run makes 5000 updates" in text
+    assert "warmup_steps=100: the run's 75 updates end before" in text
+
 
 @pytest.fixture(scope="module")
 def step_setup():
@@ -764,6 +795,16 @@ def test_eval_misuse_is_refused(engine, tmp_path):
     with pytest.raises(ValueError, match="best_metric='eval/los' .*'eval/loss'"):
         train(TINY, OPT, Batches(), workdir=tmp_path / "b", eval_data=lambda: eval_batches,
               best_metric="eval/los", **common)
+    # Step counts that used to run as something else (-2 as 2, 2.5 as 3).
+    for bad in (dict(eval_every=-2), dict(checkpoint_every=2.5), dict(num_steps=2.5),
+                dict(log_every=0)):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"{name}=.* must be an integer"):
+            train(TINY, OPT, Batches(), workdir=tmp_path / "c", **{**common, **bad})
+    # Without eval_every the evaluation still runs at the end, as documented.
+    result = train(TINY, OPT, Batches(), workdir=tmp_path / "d",
+                   eval_data=lambda: eval_batches, **{**common, "eval_every": None})
+    assert [h["step"] for h in result.history if "eval/loss" in h] == [4]
 
 
 def _read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:

@@ -41,7 +41,7 @@ def get_config():
         padding=placeholder(str), vocab_pad_multiple=placeholder(int)))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
-        decay_steps=2000, final_learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8,
+        decay_steps=placeholder(int), final_learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8,
         weight_decay=0.1, clip_norm=1.0, accumulation_steps=1))
     # cpu_devices: split a CPU host into that many JAX devices (0 = JAX's default, one), which
     # the "auto" mode then trains data parallel. Two run this model's step 1.1-1.2x (Intel

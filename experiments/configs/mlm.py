@@ -35,7 +35,7 @@ def get_config():
         vocab_pad_multiple=placeholder(int)))
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=100,
-        decay_steps=1000, final_learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-6,
+        decay_steps=placeholder(int), final_learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-6,
         weight_decay=0.01, clip_norm=1.0, accumulation_steps=1))
     # cpu_devices: split a CPU host into that many JAX devices (0 = JAX's default)
     c.parallel = ml_collections.ConfigDict(dict(mode="auto", data=-1, fsdp=1, tensor=1,

@@ -38,5 +38,5 @@ def get_config():
     c.model.update(dict(d_model=256, num_heads=4, d_ff=1024, num_layers=3, max_len=64,
                         dropout_rate=0.2, attention_dropout_rate=0.0))
     c.optimizer.update(dict(learning_rate=1e-3, schedule="cosine", warmup_steps=200,
-                            decay_steps=1200, final_learning_rate=1e-5, weight_decay=0.0))
+                            final_learning_rate=1e-5, weight_decay=0.0))
     return c

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite import perf
 from flaxformer_lite.config import TransformerConfig
-from flaxformer_lite.models import batch_keys, make_model
+from flaxformer_lite.models import batch_keys, check_batch, make_model
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
 from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
@@ -93,6 +93,17 @@ class ParallelConfig:
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
                              f"{', '.join(MODES)}.")
+        for rule in self.axis_rules:
+            if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
+                raise ValueError(f"ParallelConfig.axis_rules: {rule!r} is not a (logical name, "
+                                 "mesh axes) pair.")
+            logical, axes = rule
+            named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            unknown = [a for a in named if a not in partitioning.MESH_AXES]
+            if unknown:
+                raise ValueError(
+                    f"ParallelConfig.axis_rules map {logical!r} to mesh axis {unknown[0]!r}; the "
+                    f"mesh's axes are {', '.join(partitioning.MESH_AXES)} (None: replicated).")
         if self.mode == "pmap" and self.compiler_options:
             raise ValueError("ParallelConfig.compiler_options cannot apply to mode='pmap' "
                              "(jax.pmap takes no compile options); use mode='mesh' or drop them.")
@@ -346,6 +357,9 @@ class Engine:
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         local_shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture)
+        check_batch(self.model_config, {  # what is not laid out yet (that was checked then)
+            k: v for k, v in batch.items()
+            if not (isinstance(v, jax.Array) and v.sharding == target)})
         out = {}
         for key, value in batch.items():
             if key not in used:
@@ -379,6 +393,7 @@ class Engine:
         multiple of this process's batch shards, e.g. for the short last batch of an eval set."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture)
+        check_batch(self.model_config, batch)  # before padding can make row counts agree
         out = {}
         for key, value in batch.items():
             if key not in used:

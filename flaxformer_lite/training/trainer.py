@@ -253,6 +253,26 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
     return summarize(sums) if sums else {}
 
 
+def _warn_schedule(opt: OptimizerConfig, num_steps: int) -> None:
+    """A learning-rate schedule that does not fit the run trains quietly with the wrong rates
+    (a cosine ending at update 2000 of 10000 sits at its final rate for 80% of the run)."""
+    updates = -(-num_steps // opt.accumulation_steps)
+    if opt.schedule == "cosine" and opt.decay_steps != updates:
+        log.warning("The cosine schedule ends at update %d, but this run makes %d updates "
+                    "(num_steps=%d / accumulation_steps=%d); set decay_steps=%d to decay "
+                    "over the run.", opt.decay_steps, updates, num_steps,
+                    opt.accumulation_steps, updates)
+    if 0 < updates <= opt.warmup_steps and opt.schedule != "vaswani":
+        log.warning("warmup_steps=%d: the run's %d updates end before the learning rate "
+                    "reaches its peak.", opt.warmup_steps, updates)
+
+
+def _check_count(name: str, value: Any, *, low: int, hint: str = "") -> None:
+    """A step count must be an integer >= `low` (2.5 or -2 used to run as something else)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}{hint}.")
+
+
 def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           train_data: Callable[[], Iterable[Batch]] | Iterable[Batch], *,
           workdir: str | os.PathLike, num_steps: int,
@@ -275,8 +295,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     eval_data: factory of a finite iterable of eval batches (pad the last one with target 0);
       summed with `eval_step` into "eval/loss", "eval/accuracy", "eval/perplexity", ...
     eval_fn: `(state, engine) -> {name: value}` for anything else (BLEU, samples); keys
-      without a "/" get the "eval/" prefix. Both run every `eval_every` steps and at the end.
-    checkpoint_every: save every this many steps (None: only at the end and on interrupts).
+      without a "/" get the "eval/" prefix. Both run every `eval_every` steps (None or 0: only
+      at the end) and at the end of the run.
+    checkpoint_every: save every this many steps (None or 0: only at the end and on
+      interrupts).
     best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` min|max);
       every evaluation then also saves a checkpoint, so the best one is always among them.
     log_every: how often train metrics (means over the window) reach the hooks and history.
@@ -289,10 +311,11 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       the `eval_data` factory is called once more, for its first batch). Start compiling what
       `eval_fn` runs here (a sampler, a beam search) so that it overlaps too.
     """
-    if num_steps < 0:
-        raise ValueError(f"num_steps={num_steps} must be >= 0.")
-    if log_every < 1:
-        raise ValueError(f"log_every={log_every} must be >= 1.")
+    _check_count("num_steps", num_steps, low=0)
+    _check_count("log_every", log_every, low=1)
+    for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if value is not None:
+            _check_count(name, value, low=0, hint=" (0 or None: only at the end)")
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
@@ -317,6 +340,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         raise ValueError("train(engine=...) was built for different configs than the ones "
                          "passed to train().")
     log.info("Training on %s.", engine.describe())
+    if main:
+        _warn_schedule(optimizer_config, num_steps)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
                         best_metric=best_metric, best_mode=best_mode,
                         async_save=async_checkpointing)
@@ -407,7 +432,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         if ckpt.save(step, engine.to_checkpoint(state), data_state=data, metrics=metrics):
             log.info("Saving checkpoint at step %d.", step)
 
-    evaluating = eval_every and (eval_data is not None or eval_fn is not None)
+    evaluating = eval_data is not None or eval_fn is not None
     interrupted = False
     start_step = step
     with _StopSignals(handle_signals) as signals:
@@ -435,7 +460,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             if len(pending) > STEPS_AHEAD:
                 jax.block_until_ready(pending[-STEPS_AHEAD - 1])
             is_log = step % log_every == 0 or step == num_steps
-            is_eval = bool(evaluating) and step % eval_every == 0
+            is_eval = evaluating and bool(eval_every) and step % eval_every == 0
             is_ckpt = (bool(checkpoint_every) and step % checkpoint_every == 0
                        or is_eval and ckpt.best_metric is not None)
             if is_log or is_ckpt or is_eval:
