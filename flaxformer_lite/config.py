@@ -222,6 +222,9 @@ def _validate(c: TransformerConfig) -> None:
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"TransformerConfig.{name}={getattr(c, name)!r} must be True or "
                              "False.")
+    if c.position == "sinusoidal" and c.d_model % 2:
+        raise ValueError(f"TransformerConfig.d_model={c.d_model} must be even for "
+                         "position='sinusoidal' (sine and cosine halves).")
     if c.position == "rotary":
         _real("rotary_base", c.rotary_base, 0.0, low_open=True)
         _real("rotary_fraction", c.rotary_fraction, 0.0, 1.0, low_open=True)

@@ -28,6 +28,7 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config
     (dict(norm_eps="1e-5"), "norm_eps='1e-5'"),
     (dict(init_std=-0.02), "init_std"),
     (dict(init="xavier"), "init"),
+    (dict(position="sinusoidal", d_model=33, num_heads=3), "d_model=33 must be even"),
     (dict(position="rotary", rotary_base=0.0), "rotary_base"),
     (dict(position="rotary", rotary_fraction=float("nan")), "rotary_fraction"),
     (dict(position="relative", relative_num_buckets=2), "relative_num_buckets=2"),

@@ -148,6 +148,12 @@ def test_sentencepiece_round_trip_and_cache(text_ds, model_type):
     assert ids.count(fd.MASK_ID) == 1 and masked.decode(ids) == "the [MASK] sat"
 
 
+def test_sentencepiece_says_when_the_text_cannot_fill_the_vocabulary(caplog):
+    with caplog.at_level("WARNING"):
+        tok = fd.train_sentencepiece(["the cat sat on the mat"] * 20, 2000)
+    assert tok.vocab_size < 2000 and f"learned {tok.vocab_size} pieces of the 2000" in caplog.text
+
+
 def test_shared_translation_vocabulary(parallel_ds):
     tok = parallel_ds.tokenizer("char")
     ex = parallel_ds.split("train")[0]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import io
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -265,6 +266,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
         remove_extra_whitespaces=False, max_sentence_length=max_sentence_length,
         hard_vocab_limit=False, num_threads=num_threads, minloglevel=2)
     tokenizer = SentencePieceTokenizer(proto.getvalue())
+    if tokenizer.vocab_size < vocab_size:  # hard_vocab_limit=False: the text ran out of merges
+        logging.getLogger(__name__).warning(
+            "SentencePiece learned %d pieces of the %d asked for: the text is too small for "
+            "more.", tokenizer.vocab_size, vocab_size)
     if path is not None:
         tokenizer.save(path)
     return tokenizer
@@ -294,7 +299,8 @@ def build_tokenizer(kind: str, texts: Callable[[], Iterable[str]], *,
 
     `texts()` yields the training text (called only when the tokenizer must be built). `kind`:
     "byte" (nothing to learn), "char" (alphabet of the training text), "bpe" / "unigram"
-    (SentencePiece with `vocab_size` pieces). With `cache_dir=None` nothing is cached.
+    (SentencePiece with at most `vocab_size` pieces: fewer, with a warning, when the text is
+    too small for more). With `cache_dir=None` nothing is cached.
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}.")
