@@ -655,8 +655,7 @@ def benchmark(config: TransformerConfig = BENCHMARK_CONFIG, *, batch_sizes: Sequ
     """
     for name, value in (("prompt_len", prompt_len), ("new_tokens", new_tokens),
                         ("repeats", repeats), *(("batch_sizes", b) for b in batch_sizes)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"benchmark: {name} must hold positive integers, got {value!r}.")
+        _positive_int(name, value)
     model = make_model(config)
     key = jax.random.key(seed)
     params = init_params(config, key)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.config import TransformerConfig, check_number
 from flaxformer_lite.training import distributed
 from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
 from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
@@ -267,12 +267,6 @@ def _warn_schedule(opt: OptimizerConfig, num_steps: int) -> None:
                     "reaches its peak.", opt.warmup_steps, updates)
 
 
-def _check_count(name: str, value: Any, *, low: int, hint: str = "") -> None:
-    """A step count must be an integer >= `low` (2.5 or -2 used to run as something else)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be an integer >= {low}{hint}.")
-
-
 def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           train_data: Callable[[], Iterable[Batch]] | Iterable[Batch], *,
           workdir: str | os.PathLike, num_steps: int,
@@ -311,11 +305,13 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       the `eval_data` factory is called once more, for its first batch). Start compiling what
       `eval_fn` runs here (a sampler, a beam search) so that it overlaps too.
     """
-    _check_count("num_steps", num_steps, low=0)
-    _check_count("log_every", log_every, low=1)
+    # Step counts are integers (2.5 or -2 used to run as something else).
+    check_number("train", "num_steps", num_steps, 0, integer=True)
+    check_number("train", "log_every", log_every, 1, integer=True)
     for name, value in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
         if value is not None:
-            _check_count(name, value, low=0, hint=" (0 or None: only at the end)")
+            check_number("train", name, value, 0, integer=True,
+                         hint=" (0 or None: only at the end)")
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
