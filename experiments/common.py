@@ -32,6 +32,7 @@ from flaxformer_lite.training import (
     ParallelConfig,
     TensorBoardHook,
     is_main_process,
+    num_updates,
 )
 
 EMBEDDED = "embedded"  # the default dataset: the Python standard library's docstrings
@@ -100,7 +101,7 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     `--config.num_steps` alone moves the end of the cosine schedule with it."""
     fields = cfg.optimizer.to_dict()
     if fields.get("decay_steps") is None and fields.get("schedule") == "cosine":
-        fields["decay_steps"] = -(-cfg.num_steps // fields.get("accumulation_steps", 1))
+        fields["decay_steps"] = num_updates(cfg.num_steps, fields.get("accumulation_steps", 1))
     return OptimizerConfig(**fields)
 
 

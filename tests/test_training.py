@@ -36,6 +36,7 @@ from flaxformer_lite.training import (
     iterator_state,
     learning_rate_at,
     make_optimizer,
+    num_updates,
     make_schedule,
     metric_sums,
     partitioning,
@@ -319,6 +320,25 @@ def test_a_schedule_that_does_not_fit_the_run_is_reported(caplog):
     text = caplog.text
     assert "ends at update 2000, but this run makes 5000 updates" in text
     assert "warmup_steps=100: the run's 75 updates end before" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flaxformer_lite.training"):
+        trainer._warn_schedule(cosine.replace(decay_steps=1000), 2001)
+    assert "ends at update" not in caplog.text  # 2001 micro-batches make 1000 updates
+    assert "the last 1 micro-batch(es) are accumulated but never applied" in caplog.text
+
+
+@pytest.mark.parametrize("num_steps,k", [(7, 3), (6, 3), (2, 3), (5, 1)])
+def test_num_updates_counts_what_multisteps_applies(num_steps, k):
+    tx = make_optimizer(OptimizerConfig(learning_rate=1.0, accumulation_steps=k,
+                                        weight_decay=0.0))
+    params = {"w": jnp.zeros(())}
+    opt_state, applied = tx.init(params), 0
+    for _ in range(num_steps):
+        updates, opt_state = tx.update({"w": jnp.ones(())}, opt_state, params)
+        new = optax.apply_updates(params, updates)
+        applied += int(new["w"] != params["w"])
+        params = new
+    assert applied == num_updates(num_steps, k)
 
 
 @pytest.fixture(scope="module")

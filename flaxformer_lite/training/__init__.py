@@ -36,6 +36,7 @@ from flaxformer_lite.training.optim import (
     learning_rate_at,
     make_optimizer,
     make_schedule,
+    num_updates,
     vaswani_schedule,
     warmup_cosine_schedule,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "decay_mask", "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",
     "learning_rate_at", "load_state", "local_batch", "log_hook", "logical_to_shardings",
     "logits_fn", "loss_weights", "make_mesh", "make_optimizer", "make_schedule", "metric_sums",
-    "param_logical_specs", "print_hook", "process_slice", "restore_iterator", "state_shardings",
-    "summarize", "train", "train_step", "vaswani_schedule", "warmup_cosine_schedule",
+    "num_updates", "param_logical_specs", "print_hook", "process_slice", "restore_iterator",
+    "state_shardings", "summarize", "train", "train_step", "vaswani_schedule",
+    "warmup_cosine_schedule",
 ]

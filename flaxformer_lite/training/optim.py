@@ -175,6 +175,15 @@ def make_schedule(config: OptimizerConfig, d_model: int | None = None) -> Schedu
     return constant_schedule(config.learning_rate, config.warmup_steps)
 
 
+def num_updates(num_steps: int, accumulation_steps: int = 1) -> int:
+    """Optimizer updates a run of `num_steps` train steps makes: `num_steps // k`.
+
+    `optax.MultiSteps` applies the average at the end of every k-th micro-batch, so a trailing
+    partial group (`num_steps % k` micro-batches) is accumulated but never applied.
+    """
+    return num_steps // accumulation_steps
+
+
 def learning_rate_at(config: OptimizerConfig, step, d_model: int | None = None):
     """Learning rate used by train step number `step` (0-based, counting micro-batches).
 
