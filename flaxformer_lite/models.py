@@ -163,8 +163,9 @@ class Decoder(nn.Module):
             first = (jnp.arange(ids.shape[1]) == 0)[None]
             segment_ids = ((ids != 0) | first).astype(jnp.int32)
         segment_ids = _segments(ids, segment_ids)
+        overflow = None
         if decode:
-            mask, positions, kv_positions, cache_index = self._cache_state(
+            mask, positions, kv_positions, cache_index, overflow = self._cache_state(
                 ids, positions, segment_ids != 0)
             rel_q, rel_kv = positions, kv_positions
         else:
@@ -209,13 +210,19 @@ class Decoder(nn.Module):
             logits = Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), cfg,
                            use_bias=False, pad_out_multiple=cfg.vocab_pad_multiple,
                            name="logits")(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = logits.astype(jnp.float32)
+        if overflow is not None:  # written past the cache: NaN, not quietly wrong logits
+            logits = jnp.where(overflow, jnp.nan, logits)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def _cache_state(self, ids, positions, valid):
         """Cache bookkeeping shared by all layers: write slot, positions and validity.
 
         Returns the mask `[batch, 1, new, cache]` (valid cached slots up to each new token),
-        the new tokens' positions, the cached positions `[batch, cache]` and the write index.
+        the new tokens' positions, the cached positions `[batch, cache]`, the write index and
+        whether this call writes past the cache's end. `dynamic_update_slice` would clamp
+        such a write onto the last slots and the logits would look fine; a concrete index
+        raises instead, a traced one (inside `jit`) turns the logits into NaN.
         """
         b, t = ids.shape
         initialized = self.has_variable("cache", "index")
@@ -226,8 +233,14 @@ class Decoder(nn.Module):
             _check_length(self.config, t, "the decoding cache")
             positions = default_positions(ids) if positions is None else positions
             mask = ops.make_attention_mask(valid.astype(jnp.int32), causal=True)
-            return mask, positions, positions, None
+            return mask, positions, positions, None, None
         i = index.value
+        size = kv_valid.value.shape[1]
+        if not isinstance(i, jax.core.Tracer) and int(i) + t > size:
+            raise ValueError(
+                f"This decode=True call writes tokens {int(i)}..{int(i) + t - 1} into a cache "
+                f"of {size} slots; make the cache longer (models.init_cache(model, params, "
+                "batch, length)).")
         if positions is None:
             positions = default_positions(ids, offset=i)
         kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
@@ -237,7 +250,7 @@ class Decoder(nn.Module):
         causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
         mask = kv_valid.value[:, None, None, :] & causal[None, None]
         index.value = i + t
-        return mask, positions, kv_pos.value, i
+        return mask, positions, kv_pos.value, i, i + t > size
 
 
 class DecoderOnly(nn.Module):

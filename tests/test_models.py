@@ -518,3 +518,33 @@ def test_no_dropout_between_the_final_norm_and_the_head_unless_asked(built, fina
     head = normed @ params["token_embed"]["embedding"].T
     assert np.allclose(logits, head, rtol=1e-5, atol=1e-5) != final_dropout
     assert fl.get_config("t5-small").final_dropout and not fl.get_config("gpt2").final_dropout
+
+
+@pytest.mark.parametrize("name", ["gpt2", "transformer"])
+def test_decoding_past_the_cache_is_refused_or_nan(built, name):
+    """A write past the cache's end used to be clamped onto its last slots: finite, wrong
+    logits. Concrete calls raise; inside jit the logits are NaN."""
+    cfg, model, params = built[name]
+    x = _ids((2, 5), seed=8)
+    if cfg.architecture == "encoder_decoder":
+        encoded = _run(model, params, _ids((2, 6), seed=9), method=model.encode)
+        cache = fl.init_cache(model, params, 2, 4, encoded=encoded)
+
+        def step(cache, tok):
+            return model.apply({"params": params, "cache": cache}, encoded, tok, decode=True,
+                               method=model.decode, mutable=["cache"])
+    else:
+        cache = fl.init_cache(model, params, 2, 4)
+
+        def step(cache, tok):
+            return model.apply({"params": params, "cache": cache}, tok, decode=True,
+                               mutable=["cache"])
+
+    logits, mut = jax.jit(step)(cache, x[:, :3])
+    assert np.isfinite(logits).all()
+    logits, _ = jax.jit(step)(mut["cache"], x[:, 3:4])  # fills the last slot: fine
+    assert np.isfinite(logits).all()
+    logits, _ = jax.jit(step)(mut["cache"], x[:, 3:5])  # one slot too many
+    assert np.isnan(logits).all()
+    with pytest.raises(ValueError, match="writes tokens 3..4 into a cache of 4 slots"):
+        step(mut["cache"], x[:, 3:5])
