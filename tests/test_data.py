@@ -154,6 +154,19 @@ def test_sentencepiece_says_when_the_text_cannot_fill_the_vocabulary(caplog):
     assert tok.vocab_size < 2000 and f"learned {tok.vocab_size} pieces of the 2000" in caplog.text
 
 
+def test_sentencepiece_reads_at_most_max_chars_even_of_one_long_text():
+    # One document (a whole file as one example): the cap used to be checked only between
+    # texts, so all of it was read. Past the cap lie 600 characters seen nowhere else, which
+    # a 300-piece vocabulary without byte pieces could not hold.
+    head = "the cat sat on the mat " * 400
+    tail = "".join(map(chr, range(0x4E00, 0x4E00 + 600)))
+    tok = fd.train_sentencepiece([head + tail], 300, byte_fallback=False, max_chars=len(head))
+    assert fd.UNK_ID in tok.encode(tail[:5])
+    with pytest.raises(ValueError, match="distinct characters"):
+        fd.train_sentencepiece([head + tail], 300, byte_fallback=False,
+                               max_chars=len(head) + 600)
+
+
 def test_shared_translation_vocabulary(parallel_ds):
     tok = parallel_ds.tokenizer("char")
     ex = parallel_ds.split("train")[0]

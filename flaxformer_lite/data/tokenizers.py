@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +220,26 @@ class SentencePieceTokenizer(Tokenizer):
         return _write_bytes(path, self.model_proto)
 
 
+def _capped_chunks(texts: Iterable[str], max_chars: int, chunk: int) -> Iterator[str]:
+    """The lines of `texts`, cut into pieces of at most `chunk` characters, until `max_chars`
+    characters have been given (the last piece cut short), however long one text is."""
+    left = max_chars
+    for text in texts:
+        start = 0
+        while start < len(text) and left > 0:
+            end = text.find("\n", start)
+            end = len(text) if end < 0 else end
+            for piece in range(start, end, chunk):
+                part = text[piece:min(piece + chunk, end, piece + left)]
+                yield part
+                left -= len(part)
+                if left <= 0:
+                    return
+            start = end + 1
+        if left <= 0:
+            return
+
+
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
                         reserve_mask: bool = False, byte_fallback: bool = True,
                         character_coverage: float = 1.0, max_chars: int = 10_000_000,
@@ -230,8 +250,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     Ids: pad 0, eos 1, bos 2, unk 3, then "[MASK]" (4, when `reserve_mask`), then "\\n" (so
     multi-line text keeps its line breaks), then byte pieces (`byte_fallback`: any character
     round-trips, even one never seen) and the learned pieces. Normalisation is the identity and
-    whitespace is kept, so decode(encode(s)) == s. Reads at most `max_chars` characters (the
-    Flax WMT example caps its vocabulary corpus the same way); lines longer than
+    whitespace is kept, so decode(encode(s)) == s. Reads at most `max_chars` characters, line
+    breaks not counted, even from one long text (the Flax WMT example caps its vocabulary
+    corpus the same way); lines longer than
     `max_sentence_length` bytes are split. Training is deterministic for fixed input.
     """
     import sentencepiece as spm
@@ -239,14 +260,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
     user_symbols = ([MASK_TOKEN] if reserve_mask else []) + ["\n"]
-    sentences, total, chunk = [], 0, max_sentence_length // 4  # <= 4 UTF-8 bytes a character
-    for text in texts:
-        for line in text.split("\n"):
-            for start in range(0, len(line), chunk):
-                sentences.append(line[start:start + chunk])
-                total += len(sentences[-1])
-        if total >= max_chars:
-            break
+    sentences = list(_capped_chunks(texts, max_chars, max_sentence_length // 4))  # <= 4 bytes
     if not sentences:
         raise ValueError("cannot train SentencePiece on empty text.")
     alphabet = set().union(*map(set, sentences))
