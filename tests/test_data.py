@@ -401,6 +401,29 @@ def test_resume_mid_epoch_gives_same_batches(text_ds, parallel_ds, char_tok, kin
         assert _same(_take(resumed, steps - k), reference[k:]), f"resume after {k}"
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_an_iterator_already_used_resumes_exactly(text_ds, char_tok, pack):
+    # The state of a finished epoch restored on an iterator that had run (to its end, or
+    # partly) used to replay the last group of examples read.
+    def make():
+        return iter(fd.lm_pipeline(text_ds, char_tok, batch_size=4, max_len=32, num_epochs=1,
+                                   shuffle=False, prefetch=0, pack=pack))
+
+    it = make()
+    batches = list(it)
+    end = json.loads(json.dumps(it.get_state()))
+    for used in (len(batches), 2):
+        again = make()
+        _take(again, used)
+        again.set_state(end)
+        assert list(again) == []
+    middle = make()
+    _take(middle, 3)
+    mid_state, rest = middle.get_state(), list(middle)
+    middle.set_state(mid_state)  # back to the middle of an iterator that reached its end
+    assert _same(list(middle), rest)
+
+
 def _segments(row_seg):
     return [int(s) for s in np.unique(row_seg) if s != 0]
 

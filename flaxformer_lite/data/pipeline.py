@@ -246,7 +246,50 @@ def _examples(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[st
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=2 * num_threads))
     limit = None if num_epochs else -(-len(order) // READ_GROUP) + 1
-    return grain.experimental.FlatMapIterDataset(ds, _Unbatch(limit, len(order)))
+    return _Flatten(ds, _Unbatch(limit, len(order)))
+
+
+class _Flatten(grain.IterDataset):
+    """Each group of examples handed on one by one; grain's `FlatMapIterDataset` with the same
+    state (`parent` before the current group, `next_index_in_buffer`), except that restoring
+    an end-of-data state clears the buffer: grain 0.2's iterator kept the old group there, so
+    `set_state` on an iterator already used replayed it."""
+
+    def __init__(self, parent: grain.IterDataset, unbatch: _Unbatch):
+        super().__init__(parent)
+        self.unbatch = unbatch
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _FlattenIterator(self._parent.__iter__(), self.unbatch)
+
+
+class _FlattenIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, unbatch: _Unbatch):
+        super().__init__(parent)
+        self._unbatch = unbatch
+        self._buffer: list = []
+        self._next = 0
+        self._group_state = parent.get_state()
+
+    def __next__(self):
+        while self._next >= len(self._buffer):
+            self._group_state = self._parent.get_state()
+            group = next(self._parent)  # StopIteration at the end
+            self._buffer, self._next = self._unbatch.flat_map(group), 0
+        self._next += 1
+        return self._buffer[self._next - 1]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": copy.deepcopy(self._group_state), "next_index_in_buffer": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._group_state = copy.deepcopy(state["parent"])
+        try:
+            self._buffer, self._next = (self._unbatch.flat_map(next(self._parent)),
+                                        state["next_index_in_buffer"])
+        except StopIteration:
+            self._buffer, self._next = [], 0
 
 
 def _truncate(ids: list[int], limit: int, stats: PipelineStats) -> list[int]:
