@@ -312,7 +312,15 @@ def test_bad_input_errors(tmp_path):
         fd.load_dataset("synthetic/shuffle", data_dir=tmp_path)
     with pytest.raises(ValueError, match="language pair"):
         fd.load_dataset("wmt14_translate/xx-en", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="'data/nope.txt' does not exist"):
+        fd.load_dataset("data/nope.txt", data_dir=tmp_path)  # a path, not an unknown name
+    with pytest.raises(TypeError, match="mappings like {'text': '...'}; the first one is a str"):
+        fd.lm_pipeline(["some text", "more"], fd.ByteTokenizer(), batch_size=2, max_len=8)
     good = _write(tmp_path / "good.txt", _text(1, 20))
+    with pytest.raises(ValueError, match=r"options \['unitt'\] .* it takes \[.*'unit'"):
+        fd.load_dataset(good, data_dir=tmp_path, unitt="document")
+    with pytest.raises(ValueError, match=r"options \['num_trian'\]"):
+        fd.load_dataset("synthetic/copy", data_dir=tmp_path, num_trian=5)
     with pytest.raises(ValueError, match="unit must be one of"):
         fd.load_text_corpus(good, unit="sentence", data_dir=tmp_path)
     ds = fd.load_text_corpus(good, data_dir=tmp_path)
@@ -351,6 +359,12 @@ def test_catalog_names_through_tfds_mock(tmp_path, name):
         else:  # de-en: German source, English target
             assert ds.split("test")[2] == {"inputs": "Satz 2 (test)",
                                            "targets": "sentence 2 (test)"}
+            # One language given: the other is the pair's other one.
+            en_de = fd.load_dataset(name, data_dir=tmp_path / "en_de", source_lang="en")
+            assert en_de.split("test")[2] == {"inputs": "sentence 2 (test)",
+                                              "targets": "Satz 2 (test)"}
+            assert fd.load_dataset(name, data_dir=tmp_path / "de_en", target_lang="en").split(
+                "test")[2] == ds.split("test")[2]
             pipe = fd.translation_pipeline(ds, tok, batch_size=2, max_source_len=32,
                                            num_epochs=1, shuffle=False, pack=False)
             first = "sentence 0 (train)"

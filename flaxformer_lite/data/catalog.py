@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flaxformer_lite.data.builders import (
     SYNTHETIC_TASKS,
@@ -91,7 +94,8 @@ def load_catalog(name: str, *, data_dir: str | os.PathLike | None = None,
     ~/tensorflow_datasets). Data not prepared there raises a clear error, unless
     `download=True`, which asks TFDS to download and prepare it (needs network and TensorFlow).
     Translation direction: `source_lang` -> `target_lang`, default the pair's order ("de-en":
-    German to English). Tokenizers are cached in `data_dir/flaxformer_lite/<name>/`.
+    German to English); given one, the other is the pair's other language. Tokenizers are
+    cached in `data_dir/flaxformer_lite/<name with "/" as "_">/`.
     """
     import tensorflow_datasets as tfds
 
@@ -99,6 +103,10 @@ def load_catalog(name: str, *, data_dir: str | os.PathLike | None = None,
     data_dir = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     if entry.kind == "translation":
         first, second = config.split("-")
+        if source_lang and not target_lang:  # the other language of the pair
+            target_lang = second if source_lang == first else first
+        elif target_lang and not source_lang:
+            source_lang = second if target_lang == first else first
         source_lang, target_lang = source_lang or first, target_lang or second
         if {source_lang, target_lang} != {first, second}:
             raise ValueError(f"{name} holds {first!r} and {second!r}; got source_lang="
@@ -160,6 +168,17 @@ def _explain(name: str, entry: CatalogEntry, data_dir: Path, download: bool,
                         f"{missing}: {type(error).__name__}: {error}. {how}")
 
 
+def _check_options(loader: Callable, options: Mapping[str, Any], spec: str) -> None:
+    """A misspelt option names what the loader takes, instead of a TypeError from the call."""
+    known = [name for name, p in inspect.signature(loader).parameters.items()
+             if p.kind == p.KEYWORD_ONLY and name not in ("data_dir", "source_lang",
+                                                           "target_lang")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"options {unknown} do not apply to {spec!r} "
+                         f"({loader.__name__}); it takes {known}.")
+
+
 def load_dataset(spec: str | os.PathLike, *, kind: str | None = None,
                  data_dir: str | os.PathLike | None = None, source_lang: str | None = None,
                  target_lang: str | None = None, download: bool = False,
@@ -179,18 +198,23 @@ def load_dataset(spec: str | os.PathLike, *, kind: str | None = None,
     path = Path(spec).expanduser()
     if path.exists():
         if kind in (None, "text"):
+            _check_options(load_text_corpus, options, spec)
             return load_text_corpus(path, data_dir=data_dir, **options)
         if kind == "translation":
+            _check_options(load_parallel_corpus, options, spec)
             return load_parallel_corpus(path, source_lang=source_lang, target_lang=target_lang,
                                         data_dir=data_dir, **options)
         raise ValueError(f"kind must be 'text' or 'translation', got {kind!r}.")
     match = re.fullmatch(r"synthetic/(\w+)", spec)
     if match:
+        _check_options(load_synthetic_task, options, spec)
         return load_synthetic_task(match.group(1), data_dir=data_dir, **options)
     if options:
         raise ValueError(f"options {sorted(options)} do not apply to catalog dataset {spec!r}.")
-    if spec.startswith(("/", ".", "~")) and spec.split("/")[0] not in CATALOG:
-        raise FileNotFoundError(f"dataset path {spec!r} does not exist.")
+    if spec.split("/")[0] not in CATALOG and (
+            "/" in spec or os.sep in spec or spec.startswith((".", "~")) or path.suffix):
+        raise FileNotFoundError(f"dataset path {spec!r} does not exist (relative to "
+                                f"{os.getcwd()}).")
     ds = load_catalog(spec, data_dir=data_dir, source_lang=source_lang, target_lang=target_lang,
                       download=download)
     if kind is not None and ds.kind != kind:

@@ -140,6 +140,10 @@ def _source(data: Dataset | Sequence[Mapping[str, str]], split: str, fields: Seq
     if len(source) == 0:
         raise ValueError(f"split {split!r} has no examples.")
     first = source[0]
+    if not isinstance(first, Mapping):
+        example = {f: "..." for f in fields}
+        raise TypeError(f"examples must be mappings like {example}; the first one is a "
+                        f"{type(first).__name__} ({first!r:.60}).")
     missing = [f for f in fields if f not in first]
     if missing:
         raise ValueError(f"examples need the fields {list(fields)}; the first one has "
