@@ -57,13 +57,18 @@ def main(argv):
         return it if not cfg.eval_batches else (b for _, b in zip(range(cfg.eval_batches), it))
 
     example = next(iter(eval_batches()))
-    predict = jax.jit(lambda p, x: model.apply({"params": p}, x)["logits"].argmax(-1))
+    predict = jax.jit(lambda p, x, seg, pos: model.apply(
+        {"params": p}, x, segment_ids=seg, positions=pos)["logits"].argmax(-1))
 
     def eval_fn(state, engine):
-        row = np.asarray(example["inputs"][:1])
-        guess = np.asarray(predict(engine.params(state), row))[0]
+        # The first example of a packed row, read as training reads it (its own positions,
+        # attending only within itself).
+        first = np.asarray(example["segment_ids"][:1]) == 1
+        row = np.where(first, example["inputs"][:1], 0)
+        guess = np.asarray(predict(engine.params(state), row, first.astype(np.int32),
+                                   np.asarray(example["positions"][:1])))[0]
         masked = row[0] == MASK_ID
-        filled = np.where(masked, guess, row[0])
+        filled = np.where(masked & first[0], guess, row[0])
         # decode drops padding, BOS and EOS and writes the masks as "[MASK]"
         writer.write("masked: " + tok.decode(row[0].tolist())[:200].replace("\n", " "))
         writer.write("filled: " + tok.decode(filled.tolist())[:200].replace("\n", " "))
