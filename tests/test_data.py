@@ -538,6 +538,8 @@ def test_window_sampler(char_tok, text_ds):
     halves = [next(iter(fd.window_pipeline(tokens, batch_size=4, seq_len=16, seed=3,
                                           shard=(i, 2)))) for i in range(2)]
     assert _same([b], [{k: np.concatenate([h[k] for h in halves]) for k in b}])
+    with pytest.raises(ValueError, match="holds id 0 at index 3; id 0 is padding"):
+        fd.window_pipeline(np.array([5, 6, 7, 0, 8]), batch_size=1, seq_len=2)
     # sequential windows cover every target exactly once
     seq = list(fd.window_pipeline(tokens, batch_size=3, seq_len=16, random=False))
     targets = np.concatenate([t for s in seq for t in s["targets"]])

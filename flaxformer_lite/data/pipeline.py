@@ -850,6 +850,9 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
                     shard: tuple[int, int] | None = None, prefetch: int = 0) -> Pipeline:
     """Windows of one long token stream (nanoGPT's `get_batch`), as a resumable pipeline.
 
+    Every id must be > 0: 0 is padding, whose targets carry no loss, so a stream holding it
+    is refused rather than trained with those tokens silently left out.
+
     random=True: batch `step` takes `batch_size` windows of `seq_len + 1` tokens at offsets
     drawn uniformly from [0, len(tokens) - seq_len) by a generator seeded with (seed, step);
     `inputs = w[:-1]`, `targets = w[1:]`. The global batch is drawn on every process and each
@@ -871,6 +874,12 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     if len(tokens) < seq_len + 1:
         raise ValueError(f"the stream has {len(tokens)} tokens, fewer than seq_len + 1 = "
                          f"{seq_len + 1}; use a shorter seq_len or more text.")
+    if tokens.min() <= 0:
+        at = int(np.argmax(tokens <= 0))
+        raise ValueError(
+            f"the stream holds id {int(tokens[at])} at index {at}; id 0 is padding (a target 0 "
+            "carries no loss) and ids are >= 0. The library's tokenizers never emit it; for "
+            "ids from another tokenizer, shift them by one (tokens + 1, vocab_size + 1).")
     index, count = process_shard(shard)
     local = _local_batch_size(batch_size, count)
     span = np.arange(seq_len + 1)
