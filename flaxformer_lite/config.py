@@ -70,6 +70,10 @@ class TransformerConfig:
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     final_dropout: bool = False  # dropout after the last layer (and final norm): T5 has it
+    # Dropout also on the feed-forward's hidden activation `[batch, length, d_ff]` (T5; also
+    # tensor2tensor's `relu_dropout` and Flax's WMT example). GPT-2, BERT and the paper drop
+    # only the sub-layer outputs.
+    ffn_hidden_dropout: bool = False
     # Multiplier of q . k; None = head_dim**-0.5. T5 uses 1.0 with the 1/sqrt(head_dim) folded
     # into the query's initialisation, which the library then does too (same function at init).
     attention_scale: float | None = None
@@ -186,7 +190,7 @@ def _real(name: str, value: Any, low: float, high: float = math.inf, **kw) -> No
 BOOL_FIELDS = ("norm_bias", "use_bias", "final_norm", "tie_embeddings",
                "share_encoder_decoder_embeddings", "scale_embeddings", "embedding_norm",
                "pooler", "mlm_head", "scan_layers", "matmul_barrier", "fused_qkv",
-               "final_dropout", "scale_tied_logits")
+               "final_dropout", "ffn_hidden_dropout", "scale_tied_logits")
 
 
 def _validate(c: TransformerConfig) -> None:
@@ -228,10 +232,12 @@ def _validate(c: TransformerConfig) -> None:
     if c.position == "rotary":
         _real("rotary_base", c.rotary_base, 0.0, low_open=True)
         _real("rotary_fraction", c.rotary_fraction, 0.0, 1.0, low_open=True)
-        if int(c.dim_per_head * c.rotary_fraction) % 2:
+        rotated = int(c.dim_per_head * c.rotary_fraction)
+        if rotated < 2 or rotated % 2:
             raise ValueError(
                 f"TransformerConfig.rotary_fraction={c.rotary_fraction} must rotate an even "
-                f"number of the head_dim={c.dim_per_head} dimensions.")
+                f"number (at least 2) of the head_dim={c.dim_per_head} dimensions; it rotates "
+                f"{rotated}.")
     if c.position == "relative":
         # Half the buckets (a quarter per direction in the encoder) hold exact distances; the
         # logarithmic rest needs max_distance beyond them (T5: 32 buckets, distance 128).
@@ -316,8 +322,8 @@ def _t5(d_model, d_ff, num_layers, num_heads):
         head_dim=64, d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
         position="relative", norm="rms", norm_position="pre", norm_eps=1e-6, use_bias=False,
         scale_embeddings=False, relative_num_buckets=32, relative_max_distance=128,
-        dropout_rate=0.1, attention_dropout_rate=0.1, final_dropout=True, attention_scale=1.0,
-        scale_tied_logits=True, init="t5")
+        dropout_rate=0.1, attention_dropout_rate=0.1, final_dropout=True,
+        ffn_hidden_dropout=True, attention_scale=1.0, scale_tied_logits=True, init="t5")
 
 
 PRESETS: dict[str, TransformerConfig] = {

@@ -382,7 +382,8 @@ class FeedForward(nn.Module):
             h = Dense((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"), name="wi", **dense)(x)
             h = ops.activation(cfg.activation)(h)
         h = constrain(h, ("batch", "length", "act_mlp"))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        if cfg.ffn_hidden_dropout:
+            h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         return Dense((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), name="wo",
                      residual_layers=self.residual_layers, **dense)(h)
 

@@ -21,6 +21,7 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config
     (dict(architecture="rnn"), "architecture"),
     (dict(pooler=True), "pooler"),
     (dict(position="rotary", head_dim=6, rotary_fraction=0.5), "rotary_fraction"),
+    (dict(position="rotary", head_dim=8, rotary_fraction=0.1), "at least 2.*it rotates 0"),
     (dict(num_encoder_layers=2), "num_encoder_layers"),
     # Values that used to pass and give NaN logits, or fail later without naming the field.
     (dict(dropout_rate=None), "dropout_rate=None must be a finite number"),

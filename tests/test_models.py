@@ -548,3 +548,20 @@ def test_decoding_past_the_cache_is_refused_or_nan(built, name):
     assert np.isnan(logits).all()
     with pytest.raises(ValueError, match="writes tokens 3..4 into a cache of 4 slots"):
         step(mut["cache"], x[:, 3:5])
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "bert-base", "transformer-base", "t5-small"])
+def test_feed_forward_hidden_dropout_only_where_the_source_has_it(preset):
+    # T5 drops the feed-forward's hidden activation; GPT-2, BERT and the paper only drop each
+    # sub-layer's output (outside the block). Small widths, the preset's dropout switches.
+    from flaxformer_lite.layers import FeedForward
+    base = fl.get_config(preset)
+    cfg = VARIANTS["gpt2"].replace(dropout_rate=0.5, activation=base.activation,
+                                   ffn_hidden_dropout=base.ffn_hidden_dropout)
+    assert base.ffn_hidden_dropout == preset.startswith("t5")
+    block = FeedForward(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 5, cfg.d_model))
+    params = block.init(jax.random.key(1), x)
+    det = block.apply(params, x)
+    train = block.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+    assert np.array_equal(det, train) != cfg.ffn_hidden_dropout
