@@ -163,20 +163,26 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
 
 
 def training_memory(config: TransformerConfig | str, *, param_dtype: str = "float32",
-                    optimizer: str = "adam", optimizer_dtype: str = "float32",
+                    optimizer: str = "adam", optimizer_dtype: str | None = None,
+                    accumulation_steps: int = 1,
                     counts: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes held across a training step, activations excluded: params, grads, optimizer state.
 
     Adam keeps two moments per parameter; SGD with momentum one; Adafactor ~ factored second
-    moments (counted as 0 here, it is O(rows + cols)). A bf16 `param_dtype` with float32
-    optimizer moments is the usual mixed-precision layout.
+    moments (counted as 0 here, it is O(rows + cols)). The moments take `optimizer_dtype`,
+    by default the parameters' dtype, as optax (and `training.make_optimizer`) keep them.
+    The library's mixed precision (`dtype="bfloat16"` compute, float32 `param_dtype`) is the
+    float32 layout: 16 bytes a parameter with Adam. `accumulation_steps > 1` adds
+    `optax.MultiSteps`'s running gradient sum, one more copy in the parameters' dtype.
     """
     counts = breakdown(config) if counts is None else counts
     n = counts["total"]
     pbytes = jnp.dtype(param_dtype).itemsize
-    obytes = jnp.dtype(optimizer_dtype).itemsize
+    obytes = jnp.dtype(optimizer_dtype or param_dtype).itemsize
     moments = {"adam": 2, "adamw": 2, "sgd": 1, "adafactor": 0}[optimizer]
     out = {"params": n * pbytes, "grads": n * pbytes, "optimizer": n * obytes * moments}
+    if accumulation_steps > 1:
+        out["accumulated_grads"] = n * pbytes
     out["total"] = sum(out.values())
     return out
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from flaxformer_lite import get_config, params
@@ -149,3 +150,20 @@ def test_flops_per_token_match_xla_on_the_forward_pass(name, changes):
     per_token = cost["flops"] / (batch * length)
     expected = params.flops_per_token(config, seq_len=length)["total"] / 3
     assert expected <= per_token <= 1.06 * expected, (per_token, expected)
+
+
+@pytest.mark.parametrize("param_dtype,k", [("float32", 1), ("bfloat16", 1), ("float32", 4)])
+def test_training_memory_equals_the_optimizer_the_library_builds(param_dtype, k):
+    from flaxformer_lite.models import init_params
+    from flaxformer_lite.training import OptimizerConfig, make_optimizer
+    cfg = get_config("gpt2", vocab_size=96, d_model=32, num_heads=2, d_ff=64, num_layers=2,
+                     max_len=16)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype), shapes)
+    tx = make_optimizer(OptimizerConfig(accumulation_steps=k))
+    state = jax.eval_shape(tx.init, shapes)
+    # Arrays the size of a parameter (the step counters are scalars).
+    held = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim)
+    mem = params.training_memory(cfg, param_dtype=param_dtype, accumulation_steps=k)
+    assert mem["optimizer"] + mem.get("accumulated_grads", 0) == held
+    assert mem["params"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
