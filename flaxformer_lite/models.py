@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -404,19 +404,26 @@ def batch_keys(architecture: str) -> tuple[str, ...]:
 _WARNED_KEYS: set[str] = set()
 
 
-def check_batch(config: TransformerConfig, batch: Mapping[str, Any]) -> None:
+def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
+                checked: Collection[str] = ()) -> None:
     """Raise `ValueError` for a host batch the model would silently misread.
 
-    Every entry the model reads is `[batch, length]` and they agree (an encoder-decoder's
+    `inputs` and `targets` are present. Every entry the model reads is `[batch, length]` and
+    they agree (an encoder-decoder's
     `inputs*` and `targets*` entries agree among themselves and in batch size). Token ids lie in
     `[0, vocab_size)`: JAX's gathers clamp or fill out-of-range ids instead of failing, so -1
     (PyTorch's ignore index) trained as the last token and ids past the vocabulary gave NaN.
     Likewise `token_type_ids` in `[0, type_vocab_size)` (only 0 without a type embedding)
     and learned `positions` below `max_len`. Keys the model does not read are dropped; one
     that looks like a misspelt key is reported once (`logging`). Values that are not concrete
-    (traced) are skipped.
+    (traced) are skipped, and so are those of the keys in `checked` (already checked).
     """
     keys = batch_keys(config.architecture)
+    missing = [k for k in ("inputs", "targets") if batch.get(k) is None]
+    if missing:
+        raise ValueError(f"The batch has no {' or '.join(map(repr, missing))} entry (it has "
+                         f"{sorted(batch)}); every batch holds 'inputs' and 'targets' "
+                         "[batch, length] (targets 0 = padding, no loss).")
     for key in batch:
         if key not in keys and key not in _WARNED_KEYS:
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
@@ -425,7 +432,7 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any]) -> None:
                 logging.getLogger(__name__).warning(
                     "Batch entry %r is not read by a %s model (did you mean %r?); it is "
                     "ignored.", key, config.architecture, close[0])
-    arrays = {k: batch[k] for k in keys if batch.get(k) is not None
+    arrays = {k: batch[k] for k in keys if batch.get(k) is not None and k not in checked
               and not isinstance(batch[k], jax.core.Tracer)}
     groups = ([("inputs", "inputs_segment_ids", "inputs_positions"),
                ("targets", "targets_segment_ids", "targets_positions")]

@@ -746,7 +746,7 @@ def test_resume_reproduces_uninterrupted_run(engine, tmp_path, checkpointable):
 def test_nan_guard_keeps_last_good_checkpoint(engine, tmp_path, monkeypatch):
     # The poisoned batches' out-of-range ids are the easy way to a NaN loss; the engine's batch
     # check (which refuses them) is switched off so that the guard itself is tested.
-    monkeypatch.setattr(parallel_module, "check_batch", lambda config, batch: None)
+    monkeypatch.setattr(parallel_module, "check_batch", lambda config, batch, **kw: None)
     with pytest.raises(NonFiniteLossError, match="at step 4") as error:
         run(engine, tmp_path, 8, Batches(poison_from=4), checkpoint_every=2)
     assert "step 2" in str(error.value)
@@ -807,6 +807,38 @@ def test_best_checkpoint_is_kept_between_checkpoint_steps(engine, tmp_path):
     best = max(evals, key=evals.get)
     assert best != 6  # else the check below could not tell
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [best, 6]
+
+
+def test_the_last_evaluation_ranks_the_last_checkpoint(engine, tmp_path):
+    """num_steps a multiple of checkpoint_every but not of eval_every: the final step's
+    checkpoint used to be saved before its evaluation ran, so best_metric never saw it."""
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+    result = train(TINY, OPT, Batches(), workdir=tmp_path, engine=engine,
+                   num_steps=5, loss=LOSS, parallel=ParallelConfig(mode="single"),
+                   eval_data=lambda: iter(eval_batches), eval_every=2, checkpoint_every=5,
+                   keep_checkpoints=1, best_metric="eval/loss", hooks=[])
+    evals = {h["step"]: h["eval/loss"] for h in result.history if "eval/loss" in h}
+    assert sorted(evals) == [2, 4, 5] and min(evals, key=evals.get) == 5  # the loss falls
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [5]
+
+
+def test_train_arguments_that_would_fail_later_are_named(engine, tmp_path):
+    common = dict(engine=engine, num_steps=2, loss=LOSS, parallel=ParallelConfig(mode="single"),
+                  hooks=[])
+    batch = synthetic_batch(0)
+    cases = [
+        (dict(seed=1.5), r"seed=1.5\) must be an integer"),
+        (dict(keep_checkpoints=0), r"keep_checkpoints=0 must be"),
+        (dict(train_data=batch), "train_data is a single batch"),
+        (dict(train_data=[{"inputs": batch["inputs"]}]), "no 'targets' entry"),
+        (dict(parallel=ParallelConfig(mode="single", microbatches=2)),
+         "built for a different parallel"),
+    ]
+    for i, (change, match) in enumerate(cases):
+        kwargs = {**common, "train_data": Batches(), **change}
+        with pytest.raises(ValueError, match=match):
+            train(TINY, OPT, workdir=tmp_path / str(i), **kwargs)
+        assert not list((tmp_path / str(i)).glob("checkpoints/[0-9]*"))  # nothing trained
 
 
 def test_eval_misuse_is_refused(engine, tmp_path):

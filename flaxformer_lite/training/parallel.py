@@ -357,9 +357,8 @@ class Engine:
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         local_shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture)
-        check_batch(self.model_config, {  # what is not laid out yet (that was checked then)
-            k: v for k, v in batch.items()
-            if not (isinstance(v, jax.Array) and v.sharding == target)})
+        check_batch(self.model_config, batch, checked={  # laid out: checked then
+            k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target})
         out = {}
         for key, value in batch.items():
             if key not in used:

@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import signal
 import sys
@@ -316,6 +317,19 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         if value is not None:
             check_number("train", name, value, 0, integer=True,
                          hint=" (0 or None: only at the end)")
+    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, jax.Array)):
+        raise ValueError(f"train(seed={seed!r}) must be an integer or a typed key "
+                         "(jax.random.key(n)).")
+    if keep_checkpoints is not None:
+        check_number("train", "keep_checkpoints", keep_checkpoints, 1, integer=True,
+                     hint=" (None keeps all)")
+    if isinstance(train_data, Mapping):
+        raise ValueError("train_data is a single batch (a mapping); pass an iterable of "
+                         "batches, e.g. [batch] or itertools.repeat(batch), or a function "
+                         "returning an iterator.")
+    if eval_every and eval_data is None and eval_fn is None:
+        log.warning("eval_every=%s, but there is neither eval_data nor eval_fn: nothing will "
+                    "be evaluated.", eval_every)
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
@@ -326,6 +340,14 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
             "iterator (eval_data=lambda: make_eval_batches()) or a list of batches.")
     parallel = parallel or (engine.parallel if engine is not None else ParallelConfig())
     loss = loss or (engine.loss if engine is not None else LossConfig())
+    if engine is not None:
+        given = {"model_config": model_config, "optimizer_config": optimizer_config,
+                 "loss": loss, "parallel": parallel}
+        differ = [k for k, v in given.items() if getattr(engine, k) != v]
+        if differ:
+            raise ValueError(f"train(engine=...) was built for a different {', '.join(differ)} "
+                             "than the one(s) passed to train(); pass the engine's, or leave "
+                             "parallel/loss out to use the engine's.")
     workdir = os.path.abspath(os.fspath(workdir))
     hooks = [log_hook] if hooks is None else list(hooks)
     main = distributed.is_main_process()
@@ -335,10 +357,6 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                       parallel=parallel)
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss)
-    elif (engine.model_config, engine.optimizer_config, engine.loss) != (
-            model_config, optimizer_config, loss):
-        raise ValueError("train(engine=...) was built for different configs than the ones "
-                         "passed to train().")
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
@@ -460,7 +478,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             if len(pending) > STEPS_AHEAD:
                 jax.block_until_ready(pending[-STEPS_AHEAD - 1])
             is_log = step % log_every == 0 or step == num_steps
-            is_eval = evaluating and bool(eval_every) and step % eval_every == 0
+            # The last step evaluates in the loop too, so a checkpoint saved there carries
+            # the metrics (best_metric ranks it).
+            is_eval = evaluating and (bool(eval_every) and step % eval_every == 0
+                                      or step == num_steps)
             is_ckpt = (bool(checkpoint_every) and step % checkpoint_every == 0
                        or is_eval and ckpt.best_metric is not None)
             if is_log or is_ckpt or is_eval:
