@@ -181,15 +181,22 @@ def test_attention_scale_may_be_traced_and_masks_may_be_integers():
             rtol=1e-5, atol=1e-6, err_msg=impl)
 
 
-@pytest.mark.parametrize("kv_heads, new", [(4, 1), (2, 3)])  # one decoded token; a prompt
-def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new):
+@pytest.mark.parametrize("kv_heads, new, dtype", [
+    (4, 1, "float32"), (2, 3, "float32"),  # one decoded token; a prompt
+    (2, 1, "bfloat16"), (2, 3, "bfloat16")])  # grouped bfloat16 dots XLA:CPU cannot run
+def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new, dtype):
     """Reading the cache before the write gives attention over the cache after it."""
     length, index = 9, 4
     normal = np.random.default_rng(0).standard_normal  # (jax.random compiles per shape)
-    q = normal((B, new, H, D), np.float32)
-    k_new, v_new = normal((2, B, new, kv_heads, D), np.float32)
+
+    def draw(shape):  # values the dtype holds exactly, so the reference sees the same inputs
+        return np.asarray(jnp.asarray(normal(shape), dtype), np.float32)
+
+    atol = 2e-5 if dtype == "float32" else 2e-2
+    q = draw((B, new, H, D))
+    k_new, v_new = draw((2, B, new, kv_heads, D))
     # Stale slots (>= index) hold garbage: they must not matter.
-    k_cache, v_cache = normal((2, B, kv_heads, length, D), np.float32)
+    k_cache, v_cache = draw((2, B, kv_heads, length, D))
     written_k = np.asarray(k_cache).transpose(0, 2, 1, 3).copy()
     written_v = np.asarray(v_cache).transpose(0, 2, 1, 3).copy()
     written_k[:, index:index + new], written_v[:, index:index + new] = k_new, v_new
@@ -200,17 +207,23 @@ def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new)
     causal = slots[None, :] <= index + np.arange(new)[:, None]
     mask = valid[:, None, None, :] & causal[None, None]
     bias = normal((1, H, new, length), np.float32)
-    attend = jax.jit(ops.cached_attention)
+    jitted = jax.jit(ops.cached_attention)
+
+    def attend(*arrays, **kw):
+        out = jitted(*(jnp.asarray(x, dtype) for x in arrays[:5]), *arrays[5:], **kw)
+        assert out.dtype == dtype
+        return np.asarray(out, np.float32)
+
     for kw in (dict(mask=mask), dict(mask=mask, bias=bias)):
         ref, _ = np_attention(q, written_k, written_v, **kw)
         out = attend(q, k_cache, v_cache, k_new, v_new, index, **kw)
-        np.testing.assert_allclose(out, ref, atol=2e-5)
+        np.testing.assert_allclose(out, ref, atol=atol)
     # Without a mask the new tokens attend the valid slots and, causally, each other.
     ref, _ = np_attention(q, written_k, written_v,
                           mask=np.broadcast_to(slots[None, :] <= index + np.arange(new)[:, None],
                                                (B, H, new, length)))
     out = attend(q, k_cache, v_cache, k_new, v_new, jnp.int32(index))
-    np.testing.assert_allclose(out, ref, atol=2e-5)
+    np.testing.assert_allclose(out, ref, atol=atol)
 
 
 def test_mask_builders_match_loops():

@@ -214,6 +214,12 @@ def cached_attention(
     b, lq, h, d = q.shape
     hk, length = k_cache.shape[1], k_cache.shape[2]
     g, scale = _groups_and_scale(h, hk, d, scale)
+    out_dtype = q.dtype
+    if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
+        # XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for some of these grouped dots
+        # ("Unsupported element type for DotThunk"): compute in float32 there.
+        q, k_cache, v_cache, k_new, v_new = (
+            x.astype(jnp.float32) for x in (q, k_cache, v_cache, k_new, v_new))
     qg = q.reshape(b, lq, hk, g, d)
     s_old = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k_cache, preferred_element_type=jnp.float32)
     s_new = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k_new, preferred_element_type=jnp.float32)
@@ -238,7 +244,7 @@ def cached_attention(
     out = out + jnp.einsum("bhgqk,bkhd->bqhgd", p_new.astype(v_new.dtype), v_new,
                            preferred_element_type=jnp.float32)
     out = out / total.transpose(0, 3, 1, 2, 4)
-    return out.reshape(b, lq, h, v_cache.shape[-1]).astype(q.dtype)
+    return out.reshape(b, lq, h, v_cache.shape[-1]).astype(out_dtype)
 
 
 def read_cache_before_write(implementation: str) -> bool:
