@@ -90,12 +90,20 @@ def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Arra
     `greedy` takes the argmax. Otherwise the logits are divided by `temperature`, restricted to
     the `top_k` largest (0 = no limit), then to the smallest set of most likely tokens whose
     probability reaches `top_p` (nucleus sampling; the most likely token always stays), and one
-    token is drawn with `rng`. Both sets are exact under ties (common with bfloat16 logits):
-    tied tokens are ranked by id, lowest first, as `argmax` ranks them, so `top_k=1` is greedy.
+    token is drawn with `rng`. Tied tokens (common with bfloat16 logits) are ranked by id,
+    lowest first, as `argmax` ranks them, so `top_k=1` is greedy and the top-k set is exact;
+    the nucleus keeps a token while the mass before it is below `top_p - 1e-6`, so float32
+    rounding of a cumulative sum that should equal `top_p` does not add a token. Logits of
+    `-inf` (ruled out) stay out at any temperature: the logits are shifted by their maximum
+    before they are divided, and the temperature is clipped to [1e-30, 1e30] (XLA may divide
+    through a reciprocal, which float32 flushes to 0 past that), so a tiny temperature gives
+    the argmax and a huge one the uniform draw, never NaN.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.clip(jnp.asarray(temperature, jnp.float32), 1e-30, 1e30)
+    logits = (logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) / temperature
     rows = jnp.arange(logits.shape[0])[:, None]
     if top_k:
         top = jax.lax.top_k(logits, top_k)[1]  # ties: lower ids first
@@ -105,16 +113,18 @@ def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Arra
         order = jnp.argsort(-logits, axis=-1, stable=True)  # descending, ties by id
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(mass_before < top_p)
+        inside = (mass_before < top_p - 1e-6).at[:, 0].set(True)  # the top token always stays
+        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(inside)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _never_pad(scores: Array) -> Array:
+def _never_pad(scores: Array, low: float = _NEG) -> Array:
     """`scores` `[..., vocab]` with the padding id ruled out: an emitted 0 would read as
     padding everywhere after (stripped from hypotheses, weight 0 when re-scored), so no loop
-    chooses it; an untrained model often would. Log-probabilities stay the model's own."""
-    return scores.at[..., PAD_ID].set(_NEG)
+    chooses it; an untrained model often would. Log-probabilities stay the model's own.
+    Sampling passes `low=-inf`, which no temperature brings back into reach."""
+    return scores.at[..., PAD_ID].set(low)
 
 
 # ---- the two kinds of decoder: prefill and one step -------------------------------------------
@@ -201,7 +211,7 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
                                             keepdims=False)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
         key = None if greedy else jax.random.fold_in(dyn["rng"], i)
-        token = sample_logits(_never_pad(logits), key, temperature=dyn["temperature"],
+        token = sample_logits(_never_pad(logits, -jnp.inf), key, temperature=dyn["temperature"],
                               top_k=top_k, top_p=top_p, greedy=greedy)
         token = jnp.where(done, PAD_ID, token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
@@ -361,6 +371,16 @@ def _check_ids(name: str, ids, vocab_size: int) -> None:
                              f"[0, {vocab_size}) (TransformerConfig.vocab_size).")
 
 
+def _check_sources(inputs) -> None:
+    """A source row of padding alone gives the decoder nothing to attend (its cross-attention
+    averages masked slots); refuse it, as `generate` refuses an empty prompt."""
+    if not isinstance(inputs, jax.core.Tracer):
+        empty = np.flatnonzero(~(np.asarray(inputs) != PAD_ID).any(axis=1))
+        if empty.size:
+            raise ValueError(f"inputs row(s) {empty.tolist()} hold only padding ({PAD_ID}); "
+                             "give every row a source, or leave empty rows out.")
+
+
 def _positive_int(name: str, value) -> int:
     try:
         number = operator.index(value)
@@ -394,10 +414,13 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
         if rng is None:
             raise ValueError("sampling needs an rng (e.g. jax.random.key(0)); pass rng=... or "
                              "greedy=True.")
+        if jnp.ndim(temperature) != 0:
+            raise ValueError(f"temperature must be one number, got shape "
+                             f"{jnp.shape(temperature)}.")
         known = _concrete(temperature)
-        if known is not None and not (known > 0).all():
-            raise ValueError(f"temperature={temperature} must be > 0; for the argmax use "
-                             "greedy=True.")
+        if known is not None and not (np.isfinite(known) and known > 0):
+            raise ValueError(f"temperature={temperature} must be a finite number > 0; for the "
+                             "argmax use greedy=True.")
     try:
         k = operator.index(top_k)
     except TypeError:
@@ -410,9 +433,10 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
-            or ((known < 0) | (known >= cfg.vocab_size)).any()):
-        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
-                         f"{cfg.vocab_size}).")
+            or ((known <= PAD_ID) | (known >= cfg.vocab_size)).any()):
+        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [1, vocab_size="
+                         f"{cfg.vocab_size}): the padding id {PAD_ID} is never emitted, so it "
+                         "could never stop a row.")
     stops = jnp.asarray(stop_tokens if known is None else known.astype(np.int32),
                         jnp.int32).reshape(-1)  # traced inside a caller's jit: as given
     width = 4 * max(1, -(-stops.shape[0] // 4))  # padded with -1 so small sets share a compile
@@ -496,6 +520,7 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
                        "use generate for decoder-only models")
     _check_ids("inputs", inputs, cfg.vocab_size)
+    _check_sources(inputs)
     max_new_tokens = _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
@@ -524,6 +549,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
         lengths = _prompt_lengths(inputs, prompt_lengths)
     else:
         max_len = _check_total(cfg, 0, max_len, "max_len")
+        _check_sources(inputs)
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths applies to decoder-only models; an encoder-decoder "
                              "model reads source padding from inputs (0 = pad).")
@@ -531,8 +557,10 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     beam_size = _positive_int("beam_size", beam_size)
     known = _concrete(eos_id)  # None when traced inside a caller's jit
     if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
-                                  and 0 <= known < cfg.vocab_size):
-        raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size}).")
+                                  and PAD_ID < known < cfg.vocab_size):
+        raise ValueError(f"eos_id={eos_id} must be an id in [1, vocab_size={cfg.vocab_size}): "
+                         f"the padding id {PAD_ID} is never emitted, so it could never end a "
+                         "beam.")
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
                         jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),
                         beam_size=beam_size, max_len=max_len)

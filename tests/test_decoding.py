@@ -328,9 +328,13 @@ def test_no_loop_emits_the_padding_id():
                             stop_tokens=())
     np.testing.assert_array_equal(np.asarray(out.tokens), best)
     np.testing.assert_allclose(np.asarray(out.log_probs), NEW * logp[best], rtol=1e-5)
-    sampled = decoding.generate(s.model, params, s.ids, max_new_tokens=NEW, stop_tokens=(),
-                                rng=jax.random.key(0), temperature=3.0)
-    assert np.all(np.asarray(sampled.tokens) != 0)
+    # Hot enough that -1e9 / temperature stopped ruling pad out; cold enough that the scaled
+    # logits overflowed and the nucleus fell back to id 0.
+    for kw in (dict(temperature=3.0), dict(temperature=1e9), dict(temperature=1e30),
+               dict(temperature=1e-38, top_p=0.9)):
+        sampled = decoding.generate(s.model, params, s.ids, max_new_tokens=NEW, stop_tokens=(),
+                                    rng=jax.random.key(0), **kw)
+        assert np.all(np.asarray(sampled.tokens) != 0), kw
     beams = decoding.beam_search(s.model, params, s.ids, beam_size=3, max_len=NEW, eos_id=1)
     for row, n in zip(np.asarray(beams.tokens).reshape(-1, NEW),
                       np.asarray(beams.lengths).reshape(-1)):
@@ -384,6 +388,12 @@ def test_sample_logits_sets_are_exact_under_ties():
     for name in ("top_p", "top_k", "both"):  # {0, 1}: 0.4 and the first 0.2, renormalised
         np.testing.assert_allclose(freq[name], [2 / 3, 1 / 3, 0, 0], atol=tol, err_msg=name)
     np.testing.assert_array_equal(freq["top_1"], [0, 1, 0, 0])  # argmax's pick of the tie
+    # Twelve tied tokens of sixteen and top_p=0.5: the first six (the float32 cumulative sum
+    # of six twelfths is 0.49999997 and used to let a seventh in).
+    twelve = jnp.tile(jnp.asarray([0.0] * 12 + [-jnp.inf] * 4), (n, 1))
+    kept = np.bincount(np.asarray(jax.jit(functools.partial(
+        decoding.sample_logits, top_p=0.5))(twelve, key)), minlength=16) / n
+    np.testing.assert_allclose(kept, [1 / 6] * 6 + [0] * 10, atol=tol)
 
 
 # ---- beam search ---------------------------------------------------------------------------
@@ -489,6 +499,21 @@ def test_value_errors():
             decoding.beam_search(m, p, np.array(rows, np.int32), beam_size=2, max_len=4)
     with pytest.raises(ValueError, match="stop_tokens"):
         decoding.generate(m, p, ids, max_new_tokens=4, greedy=True, stop_tokens=(1.5,))
+    # Accepted before, then: a stop of 0 never fired; inf gave uniform draws, pad included; a
+    # per-row array failed inside tracing.
+    for kw, match in [(dict(stop_tokens=(0,), greedy=True), "padding id 0 is never emitted"),
+                      (dict(temperature=float("inf")), "temperature=inf must be a finite"),
+                      (dict(temperature=np.array([1.0, 2.0])), "temperature must be one number")]:
+        with pytest.raises(ValueError, match=match):
+            decoding.generate(m, p, ids, max_new_tokens=4, rng=jax.random.key(0), **kw)
+    empty_row = np.asarray(e.ids).copy()
+    empty_row[1] = 0
+    with pytest.raises(ValueError, match=r"inputs row\(s\) \[1\] hold only padding"):
+        decoding.generate_seq2seq(e.model, e.params, empty_row, max_new_tokens=4, greedy=True)
+    with pytest.raises(ValueError, match=r"inputs row\(s\) \[1\] hold only padding"):
+        decoding.beam_search(e.model, e.params, empty_row, beam_size=2, max_len=4)
+    with pytest.raises(ValueError, match="eos_id=0 must be an id in \\[1, "):
+        decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=0)
     with pytest.raises(ValueError, match="beam_size"):
         decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
     with pytest.raises(ValueError, match="eos_id"):
