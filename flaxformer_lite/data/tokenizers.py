@@ -252,8 +252,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
     round-trips, even one never seen) and the learned pieces. Normalisation is the identity and
     whitespace is kept, so decode(encode(s)) == s. Reads at most `max_chars` characters, line
     breaks not counted, even from one long text (the Flax WMT example caps its vocabulary
-    corpus the same way); lines longer than
-    `max_sentence_length` bytes are split. Training is deterministic for fixed input.
+    corpus the same way); lines longer than `max_sentence_length` bytes are split. Training is
+    deterministic for fixed input.
     """
     import sentencepiece as spm
 
