@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -91,6 +92,10 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
     overrides = {k: v for k, v in cfg.model.to_dict().items() if v is not None}
     preset = overrides.pop("preset")
     if overrides.pop("gpu", False):
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"--config.model.gpu=True selects the GPU settings (cuDNN "
+                             f"attention, bfloat16), but JAX runs on {jax.default_backend()}; "
+                             "leave it out here.")
         return gpu_config(preset, trailing_padding=trailing_padding, vocab_size=vocab_size,
                           **overrides)
     return get_config(preset, vocab_size=vocab_size, **overrides)
@@ -156,13 +161,16 @@ def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
 
 
 class MetricsWriter:
-    """Hook: eval results -> `metrics.jsonl`; everything -> TensorBoard; a tqdm progress bar
-    with loss, tokens/s and ETA; `loss.png` at the end (main process only)."""
+    """Hook: eval results -> `metrics.jsonl`; train windows -> `train_metrics.jsonl`;
+    everything -> TensorBoard; a tqdm progress bar with loss, tokens/s and ETA (main process
+    only). On a resumed run (`on_start`) the records a killed run wrote past the restored
+    checkpoint are dropped from these files and `samples.txt`, so every step appears once."""
 
     def __init__(self, workdir: str, num_steps: int, start_step: int = 0,
                  progress: bool = True):
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.train_path = os.path.join(workdir, "train_metrics.jsonl")
         self.main = is_main_process()
         self.tb = TensorBoardHook(os.path.join(workdir, "tensorboard")) if self.main else None
         self.bar = None
@@ -172,13 +180,35 @@ class MetricsWriter:
             self.bar = tqdm(total=num_steps, initial=start_step, dynamic_ncols=True,
                             unit="step", file=sys.stdout, mininterval=1.0)
         self.start = time.time()
+        self.start_step = start_step
+        self.time_offset = 0.0  # seconds the earlier runs took up to the restored step
+
+    def on_start(self, step: int) -> None:
+        """The step the run starts from (0, or the restored checkpoint's)."""
+        self.start_step = step
+        if not self.main:
+            return
+        self.tb.on_start(step)
+        kept = _trim_jsonl(self.path, step)
+        _trim_jsonl(self.train_path, step)
+        _trim_samples(os.path.join(self.workdir, "samples.txt"), step)
+        self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.main:
             return
         self.tb(step, metrics)
+        if "train/nll" in metrics:
+            train = {"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()
+                                      if k.startswith("train/")}}
+            with open(self.train_path, "a") as f:
+                f.write(json.dumps(train) + "\n")
         if any(k.startswith("eval/") for k in metrics):
-            record = {"step": step, "time": round(time.time() - self.start, 2)}
+            elapsed = self.time_offset + time.time() - self.start
+            record = {"step": step, "time": round(elapsed, 2)}
             for k, v in metrics.items():
                 record[k.replace("/", "_")] = v
             if "eval/nll" in metrics:  # mean nats per target token, without label smoothing
@@ -209,12 +239,50 @@ class MetricsWriter:
             self.tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
+def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
+    path = os.path.join(workdir, name)
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _trim_jsonl(path: str, last_step: int) -> list[dict]:
+    """Keep the records of steps <= `last_step` (rewritten atomically); return them."""
+    if not os.path.exists(path):
+        return []
+    records = read_metrics(os.path.dirname(path), os.path.basename(path))
+    kept = [r for r in records if r["step"] <= last_step]
+    if len(kept) != len(records):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(path + ".tmp", path)
+    return kept
+
+
+def _trim_samples(path: str, last_step: int) -> None:
+    """Drop the `=== step N ===` blocks of `samples.txt` with N > `last_step`."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        text = f.read()
+    blocks = re.split(r"(?m)^(?==== step \d+ ===$)", text)
+    kept = [b for b in blocks if not b.startswith("=== step ")
+            or int(b.split()[2]) <= last_step]
+    if len(kept) != len(blocks):
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(kept))
+        os.replace(path + ".tmp", path)
+
+
+def previous_results(workdir: str, result, writer: MetricsWriter) -> dict | None:
+    """`results.json` of a run already finished, when this rerun trained no step: the scripts
+    then print it and leave it, `loss.png` and the test outputs as they were."""
+    path = os.path.join(workdir, "results.json")
+    if result.interrupted or result.step != writer.start_step or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def final_results(workdir: str, result, **extra) -> dict | None:
@@ -233,7 +301,8 @@ def final_results(workdir: str, result, **extra) -> dict | None:
 
 
 def plot_losses(workdir: str, history: list[dict]) -> str | None:
-    """Train and eval loss curves (this run's history plus earlier evals) -> `loss.png`."""
+    """Train and eval loss curves (`train_metrics.jsonl`, else this run's history, and
+    `metrics.jsonl`: earlier runs of the workdir included) -> `loss.png`."""
     if not is_main_process():
         return None
     import matplotlib
@@ -242,7 +311,8 @@ def plot_losses(workdir: str, history: list[dict]) -> str | None:
     import matplotlib.pyplot as plt
 
     # nll on both curves: train/loss adds label smoothing and z-loss, which eval_loss leaves out
-    train = [(h["step"], h["train/nll"]) for h in history if "train/nll" in h]
+    train = ([(m["step"], m["train_nll"]) for m in read_metrics(workdir, "train_metrics.jsonl")]
+             or [(h["step"], h["train/nll"]) for h in history if "train/nll" in h])
     evals = [(m["step"], m["eval_loss"]) for m in read_metrics(workdir) if "eval_loss" in m]
     if not train and not evals:
         return None

@@ -79,6 +79,12 @@ def make_sampler(model, cfg, tok):
     prompt, stops, text = common.lm_prompt(tok, cfg.sample_prompt, cfg.sampler)
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
+    if new < 1:  # at start-up, not at the first evaluation
+        raise app.UsageError(
+            f"--config.sample_length={cfg.sample_length} with a prompt of {len(prompt)} tokens "
+            f"(--config.sample_prompt) leaves no token to sample within the model's max_len="
+            f"{model.config.max_len}; shorten the prompt or set sample_length >= 1 "
+            "(num_samples=0 turns sampling off).")
 
     @perf.CompiledAhead
     @jax.jit
@@ -138,6 +144,11 @@ def main(argv):
                    warm_up=(lambda state, engine: sample.warm_up(engine.params(state)))
                    if sample else None)
     writer.close()
+    previous = common.previous_results(workdir, result, writer)
+    if previous is not None:  # a finished run rerun: nothing trained, nothing rewritten
+        print(json.dumps(previous, indent=2))
+        common.skip_teardown()
+        return
     common.plot_losses(workdir, result.history)
     final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),
                                  parameters=num_params, dataset=ds.name)

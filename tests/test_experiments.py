@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,21 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
     assert second[1]["eval_loss"] < second[0]["eval_loss"]
     assert (work / "loss.png").exists() and (work / "samples.txt").exists()
     assert json.loads((work / "results.json").read_text())["step"] == 20
+    # Rerunning the finished run trains nothing and rewrites nothing.
+    written = {name: (work / name).read_bytes() for name in ("results.json", "loss.png")}
+    run("lm.py", work, "--config.num_steps=20", *common)
+    assert all((work / name).read_bytes() == data for name, data in written.items())
+    # A run killed after logging step 20 but before its checkpoint: the rerun resumes from 10
+    # and logs 11..20 again, once (the records past step 10 used to stay, and repeat).
+    shutil.rmtree(work / "checkpoints" / "20")
+    run("lm.py", work, "--config.num_steps=20", *common)
+    third = metrics(work)
+    assert [m["step"] for m in third] == [10, 20]
+    assert third[1]["eval_loss"] == pytest.approx(second[1]["eval_loss"], rel=1e-6)
+    train_steps = [json.loads(line)["step"] for line in
+                   (work / "train_metrics.jsonl").read_text().splitlines()]
+    assert train_steps == [5, 10, 15, 20]
+    assert (work / "samples.txt").read_text().count("=== step 20 ===") == 1
 
 
 @pytest.mark.slow
@@ -100,7 +116,10 @@ def test_mlm_on_a_local_file(tmp_path):
 @pytest.mark.parametrize("name, trailing", [("lm", True), ("shakespeare_char", True),
                                             ("translate", False), ("multi30k", False),
                                             ("mlm", False)])
-def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_script):
+def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_script,
+                                                        monkeypatch):
+    import jax
+
     from flaxformer_lite import gpu_config
 
     common = load_script("experiments/common.py")
@@ -108,6 +127,9 @@ def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_scr
     plain = common.model_config(cfg, 100, trailing_padding=trailing)
     assert (plain.dtype, plain.vocab_pad_multiple, plain.padding) == ("float32", 0, "anywhere")
     cfg.model.gpu = True
+    with pytest.raises(ValueError, match="but JAX runs on cpu"):  # cuDNN would fail later
+        common.model_config(cfg, 100, trailing_padding=trailing)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     fast = common.model_config(cfg, 100, trailing_padding=trailing)
     assert fast == gpu_config(plain, trailing_padding=trailing)
     assert fast.dtype == "bfloat16" and fast.padding == ("trailing" if trailing else "anywhere")
@@ -226,3 +248,21 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     assert common.optimizer_config(cfg).decay_steps == 2500  # updates: MultiSteps drops the odd one
     cfg.optimizer.decay_steps = 700
     assert common.optimizer_config(cfg).decay_steps == 700
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("translate.py", ["--config.test_split=tset"], "has no split 'tset'"),
+    ("translate.py", ["--config.max_decode_len=64"], "--config.max_decode_len=64 exceeds"),
+    ("lm.py", ["--config.sample_length=0"], "--config.sample_length=0 with a prompt"),
+])
+def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script, flags,
+                                                                  message):
+    """These used to fail at the first evaluation (losing the steps before it) or, for the
+    test split, after the whole run."""
+    cmd = [sys.executable, str(ROOT / "experiments" / script), f"--workdir={tmp_path / 'w'}",
+           f"--config.data_dir={tmp_path / 'data'}", "--config.num_steps=2", *TINY_MODEL,
+           "--config.model.max_len=32", *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "w" / "checkpoints").exists()

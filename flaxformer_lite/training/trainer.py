@@ -111,12 +111,18 @@ class TensorBoardHook:
     def __init__(self, logdir: str | os.PathLike):
         self._logdir = os.fspath(logdir)
         self._writer = None
+        self._purge_step = None
+
+    def on_start(self, step: int) -> None:
+        """A resumed run: events a killed run wrote after `step` are purged (hidden from
+        TensorBoard), so each step's curve holds one value."""
+        self._purge_step = step + 1 if step else None
 
     @property
     def writer(self):
         """The `tensorboardX.SummaryWriter` (created on first use)."""
         if self._writer is None:
-            self._writer = _summary_writer_class()(self._logdir)
+            self._writer = _summary_writer_class()(self._logdir, purge_step=self._purge_step)
         return self._writer
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -196,7 +202,9 @@ def _make_iterator(data) -> Iterator[Batch]:
 
 
 def _write_config(workdir: str, **configs) -> None:
-    """Record the run's configs in `workdir/config.json` (warn if the model/optimizer changed)."""
+    """Record the run's configs in `workdir/config.json`, once its checkpoint (if any) has been
+    restored with them (a run that fails to restore leaves the record alone); name the fields
+    that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`."""
     path = os.path.join(workdir, "config.json")
     record = json.loads(json.dumps(
         {name: (c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c))
@@ -204,11 +212,13 @@ def _write_config(workdir: str, **configs) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        changed = [k for k in ("model", "optimizer") if old.get(k) != record.get(k)]
+        changed = [f"{name}.{k}: {old[name].get(k)!r} -> {v!r}"
+                   for name in ("model", "optimizer", "loss", "parallel")
+                   if isinstance(old.get(name), dict)
+                   for k, v in record[name].items() if old[name].get(k) != v]
         if changed:
-            log.warning("The %s config differs from the one recorded in %s; checkpoints of a "
-                        "different model or optimizer fail to restore.", " and ".join(changed),
-                        path)
+            log.warning("This run's configs differ from the run recorded in %s: %s.", path,
+                        "; ".join(changed))
     with open(path, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
 
@@ -302,7 +312,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       every evaluation then also saves a checkpoint, so the best one is always among them.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
-      (default: `log_hook`). Metric names are "train/..." and "eval/...".
+      (default: `log_hook`). Metric names are "train/..." and "eval/...". A hook with an
+      `on_start(step)` method is first told the step the run starts from: 0, or the restored
+      checkpoint's, past which a killed run may have logged (`TensorBoardHook` then hides
+      those events).
     engine: reuse an `Engine` (and its compiled steps) built for the same configs; `parallel`
       and `loss` then default to the engine's.
     warm_up: `(state, engine) -> None`, called once before the first step, after the train and
@@ -353,8 +366,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     main = distributed.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)
-        _write_config(workdir, model=model_config, optimizer=optimizer_config, loss=loss,
-                      parallel=parallel)
+    record = functools.partial(_write_config, workdir, model=model_config,
+                               optimizer=optimizer_config, loss=loss, parallel=parallel)
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss)
     log.info("Training on %s.", engine.describe())
@@ -368,14 +381,14 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                      eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      hooks=hooks if main else [], handle_signals=handle_signals,
-                     warm_up=warm_up)
+                     warm_up=warm_up, record_config=record if main else None)
     finally:
         ckpt.close()
 
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
-          eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up
-          ) -> TrainResult:
+          eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up,
+          record_config) -> TrainResult:
     restored = ckpt.restore(engine.abstract_state())
     if restored is None:
         state, step, data_state = engine.init_state(seed), 0, None
@@ -383,6 +396,11 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         state = engine.from_checkpoint(restored.state)
         step, data_state = restored.step, restored.data_state
         log.info("Resumed from step %d in %s.", step, ckpt.directory)
+    if record_config is not None:
+        record_config()
+    for hook in hooks:  # e.g. drop what a killed run logged past the restored checkpoint
+        if callable(getattr(hook, "on_start", None)):
+            hook.on_start(step)
     iterator = _make_iterator(train_data)
     if step:
         _restore_position(iterator, data_state, step)
