@@ -200,6 +200,9 @@ def main(argv=None) -> int:
         parser.error(f"--config={args.config} trains with its masked-LM head: add "
                      "mlm_head=True to --set")
     length = args.length or config.max_len
+    if not 1 <= length <= config.max_len:
+        parser.error(f"--length={length} must lie in [1, max_len={config.max_len}] "
+                     "(raise it with --set=max_len=...).")
     print(f"{args.config} {overrides or ''}: global batch {args.batch} x {length} tokens, "
           f"{devices} CPU devices; compiling the train step (nothing allocated) ...", flush=True)
     rows = report(config, meshes, args.batch, length, args.microbatches)

@@ -224,6 +224,7 @@ def test_mesh_report_splits_work_state_and_gradients(tmp_path):
     (["--meshes=4x1x1", "--batch=6"], "multiple of data * fsdp"),
     (["--set=num_layers"], "FIELD=VALUE"),
     (["--config=bert-base", "--meshes=2x1x1", "--batch=2"], "mlm_head=True"),
+    (["--meshes=1x1x1", "--batch=1", "--length=2048"], "--length=2048 must lie in"),
 ])
 def test_mesh_report_rejects_bad_flags(flags, message):
     res = subprocess.run([sys.executable, str(ROOT / "experiments" / "mesh_report.py"), *flags],
