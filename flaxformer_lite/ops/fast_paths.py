@@ -15,6 +15,12 @@ in the environment before the functions are traced:
   new keys and values into it (`ops.cached_attention`), so XLA updates the cache in place.
 
 The matmul backward barrier is a model setting instead (`TransformerConfig.matmul_barrier`).
+
+Autodiff: these are reverse-mode rules (`jax.custom_vjp`), as are `ops.matmul` and
+`ops.bias_add` (float32 weight and bias gradients), which every Dense layer uses, on or off.
+`jax.grad`, `jax.vjp`, `jax.jacrev` and Hessian-vector products (`jax.jvp` of `jax.grad`, so
+`jax.hessian`) work; forward mode of a model itself (`jax.jvp`, `jax.linearize`,
+`jax.jacfwd` of the logits) does not.
 """
 
 from __future__ import annotations

@@ -28,10 +28,12 @@ def _normal_cdf(xf):
     return 0.5 + 0.5 * jax.lax.erf(xf * _SQRT_HALF)
 
 
-@jax.custom_vjp
-def _gelu_exact(x):
+def _gelu_exact_formula(x):
     xf = x.astype(jnp.float32)
     return (xf * _normal_cdf(xf)).astype(x.dtype)
+
+
+_gelu_exact = jax.custom_vjp(_gelu_exact_formula)
 
 
 def _gelu_exact_bwd(x, g):
@@ -40,9 +42,11 @@ def _gelu_exact_bwd(x, g):
     return ((g.astype(jnp.float32) * dydx).astype(x.dtype),)
 
 
-@jax.custom_vjp
-def _gelu_tanh(x):
+def _gelu_tanh_formula(x):
     return jax.nn.gelu(x, approximate=True)
+
+
+_gelu_tanh = jax.custom_vjp(_gelu_tanh_formula)
 
 
 def _gelu_tanh_bwd(x, g):
@@ -52,12 +56,14 @@ def _gelu_tanh_bwd(x, g):
     return ((g.astype(jnp.float32) * dydx).astype(x.dtype),)
 
 
-def _keep_input(fn):
-    return lambda x: (fn(x), x)
+def _keep_input(formula):
+    # The forward rules call the plain formula, not the custom_vjp function: inside them it
+    # would break forward-over-reverse (`jax.jvp` of `jax.grad`, `jax.hessian`).
+    return lambda x: (formula(x), x)
 
 
-_gelu_exact.defvjp(_keep_input(_gelu_exact), _gelu_exact_bwd)
-_gelu_tanh.defvjp(_keep_input(_gelu_tanh), _gelu_tanh_bwd)
+_gelu_exact.defvjp(_keep_input(_gelu_exact_formula), _gelu_exact_bwd)
+_gelu_tanh.defvjp(_keep_input(_gelu_tanh_formula), _gelu_tanh_bwd)
 
 
 def _gelu(x):
@@ -90,7 +96,6 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     """`x @ w` for `x [..., in]`, `w [in, out]`, with an optional CPU-friendly backward.
 
@@ -99,8 +104,18 @@ def matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     (activation', norm', residual) from being fused into the strided transpose the weight
     gradient needs. That halved a plain small GPT's step; with the backward passes of
     `ops.fast_paths` it measures neutral to slower, so models use it only when
-    `TransformerConfig.matmul_barrier` is set. Math is unchanged.
+    `TransformerConfig.matmul_barrier` is set. Math is unchanged. The weight gradient is
+    accumulated in float32. Reverse mode only (a `custom_vjp`): `jax.jvp` of a model fails,
+    `jax.jvp` of `jax.grad` (Hessian-vector products) works.
     """
+    if jnp.ndim(w) != 2 or jnp.ndim(x) < 1 or jnp.shape(x)[-1] != jnp.shape(w)[0]:
+        raise ValueError(f"matmul needs x [..., in] and w [in, out]; got x {jnp.shape(x)}, "
+                         f"w {jnp.shape(w)}.")
+    return _matmul(x, w, barrier)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     return jnp.matmul(x, w)
 
 
@@ -131,7 +146,7 @@ def _matmul_bwd(barrier, res, dy):
     return dx, dw
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def column_sum(x: Array) -> Array:
@@ -152,6 +167,9 @@ def bias_add(y: Array, b: Array) -> Array:
     `y + b` would sum a bfloat16 cotangent in bfloat16: on XLA:CPU a 4096-row bias gradient
     came out 3.8% off. For a 1-D bias the sum is a `column_sum` (fast path `bias_gemv`).
     """
+    if jnp.ndim(b) > jnp.ndim(y) or jnp.shape(y)[jnp.ndim(y) - jnp.ndim(b):] != jnp.shape(b):
+        raise ValueError(f"bias_add needs y [..., *b.shape]; got y {jnp.shape(y)}, "
+                         f"b {jnp.shape(b)}.")
     return _bias_add(y, b)
 
 
@@ -194,7 +212,7 @@ def _unstack(x: Array, axis: int) -> tuple[Array, ...]:
 
 
 def _unstack_fwd(x, axis):
-    return _unstack(x, axis), None
+    return _split(x, axis), None
 
 
 def _unstack_bwd(axis, _, grads):
