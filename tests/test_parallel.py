@@ -168,9 +168,10 @@ def test_tensor_parallel_splits_the_work(equivalence, projection):
     assert per_device < 1.3 * flops[f"single/{projection}"] / 8
 
 
-@pytest.mark.parametrize("devices,mode", [(1, "single"), (4, "mesh4")])
-def test_restore_on_fewer_devices(equivalence, worker_env, tmp_path, devices, mode):
-    """Saved from a (2, 2, 2) mesh on 8 devices, restored on 1 device and a (1, 2, 2) mesh."""
+@pytest.mark.parametrize("devices,mode", [(1, "single"), (4, "mesh4"), (8, "pmap")])
+def test_restore_on_other_devices_and_modes(equivalence, worker_env, tmp_path, devices, mode):
+    """Saved from a (2, 2, 2) mesh on 8 devices, restored on 1 device, a (1, 2, 2) mesh and
+    replicated under pmap on the same 8 devices."""
     out = tmp_path / "restored"
     run("_parallel_worker.py", ["restore", "--devices", devices, "--mode", mode, "--ckpt",
                                 equivalence / "ckpt", "--out", out], worker_env)
