@@ -355,10 +355,15 @@ class Engine:
         processes' slices stacked in process order. Entries the model does not read are dropped.
         """
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
-        local_shards = self._local_batch_shards()
-        used = batch_keys(self.model_config.architecture)
         check_batch(self.model_config, batch, checked={  # laid out: checked then
             k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target})
+        return self._lay_out(batch)
+
+    def _lay_out(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """`shard_batch` for a batch already checked (the output of `pad_batch`)."""
+        target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
+        local_shards = self._local_batch_shards()
+        used = batch_keys(self.model_config.architecture)
         out = {}
         for key, value in batch.items():
             if key not in used:
@@ -430,7 +435,7 @@ class Engine:
         if callable(eval_batch):
             eval_batch = eval_batch()
         if eval_batch is not None:
-            jobs.append(("eval", self._eval, self.shard_batch(self.pad_batch(eval_batch))))
+            jobs.append(("eval", self._eval, self._lay_out(self.pad_batch(eval_batch))))
         for name, step, example in jobs:
             if step.compiling:
                 continue
@@ -477,7 +482,7 @@ class Engine:
     def eval_step(self, state: TrainState, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """Metric sums on one batch (no dropout, no update). A batch whose size the batch
         shards do not divide is padded with empty rows first (see `pad_batch`)."""
-        batch = self.shard_batch(self.pad_batch(batch))
+        batch = self._lay_out(self.pad_batch(batch))
         with self._mesh_context():
             return self._eval(state, batch)
 
