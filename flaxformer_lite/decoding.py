@@ -35,7 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxformer_lite.config import TransformerConfig
-from flaxformer_lite.models import DecoderOnly, EncoderDecoder, init_cache, init_params, make_model
+from flaxformer_lite.models import (
+    DecoderOnly,
+    EncoderDecoder,
+    check_token_ids,
+    init_cache,
+    init_params,
+    make_model,
+)
 
 Array = jnp.ndarray
 
@@ -357,10 +364,7 @@ def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str) -> Transfor
 
 
 def _check_ids(name: str, ids, vocab_size: int) -> None:
-    if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-        raise ValueError(f"{name} must be int token ids [batch, length], got "
-                         f"{getattr(ids, 'dtype', type(ids).__name__)} with shape "
-                         f"{getattr(ids, 'shape', None)}.")
+    check_token_ids(name, ids)
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column, got {ids.shape}.")
     if not isinstance(ids, jax.core.Tracer):  # concrete: out-of-range ids decoded to NaN

@@ -38,7 +38,7 @@ from flaxformer_lite.layers import (
 Array = jnp.ndarray
 
 
-def _check_ids(what: str, ids: Array, **aux: Array | None) -> None:
+def check_token_ids(what: str, ids: Array, **aux: Array | None) -> None:
     """`ids` are integer `[batch, length]`, and the per-token entries given with them
     (segment ids, positions, token types) have their shape: named errors while tracing."""
     if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
@@ -104,7 +104,7 @@ class Encoder(nn.Module):
                  positions: Array | None = None, token_type_ids: Array | None = None,
                  deterministic: bool = True) -> Array:
         cfg = self.config
-        _check_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
+        check_token_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
                    token_type_ids=token_type_ids)
         _check_length(cfg, inputs.shape[1], "inputs")
         segment_ids = _segments(inputs, segment_ids)
@@ -144,7 +144,7 @@ class Decoder(nn.Module):
                  positions: Array | None = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         cfg = self.config
-        _check_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions)
+        check_token_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions)
         if encoded is not None and (
                 encoded.ndim != 3 or encoded.shape[0] != ids.shape[0] or
                 encoder_segment_ids is not None
