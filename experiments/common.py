@@ -275,14 +275,17 @@ def _trim_samples(path: str, last_step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-def previous_results(workdir: str, result, writer: MetricsWriter) -> dict | None:
-    """`results.json` of a run already finished, when this rerun trained no step: the scripts
-    then print it and leave it, `loss.png` and the test outputs as they were."""
+def finished_before(workdir: str, result, writer: MetricsWriter) -> bool:
+    """True when this is a rerun of a finished run that trained no step: its `results.json`
+    is printed and left, with `loss.png` and the test outputs, as it was (the script then
+    returns)."""
     path = os.path.join(workdir, "results.json")
     if result.interrupted or result.step != writer.start_step or not os.path.exists(path):
-        return None
+        return False
     with open(path) as f:
-        return json.load(f)
+        print(json.dumps(json.load(f), indent=2))
+    skip_teardown()
+    return True
 
 
 def final_results(workdir: str, result, **extra) -> dict | None:

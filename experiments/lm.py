@@ -144,10 +144,7 @@ def main(argv):
                    warm_up=(lambda state, engine: sample.warm_up(engine.params(state)))
                    if sample else None)
     writer.close()
-    previous = common.previous_results(workdir, result, writer)
-    if previous is not None:  # a finished run rerun: nothing trained, nothing rewritten
-        print(json.dumps(previous, indent=2))
-        common.skip_teardown()
+    if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
     final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),

@@ -86,10 +86,7 @@ def main(argv):
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
                    hooks=[writer])
     writer.close()
-    previous = common.previous_results(workdir, result, writer)
-    if previous is not None:  # a finished run rerun: nothing trained, nothing rewritten
-        print(json.dumps(previous, indent=2))
-        common.skip_teardown()
+    if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
     final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),

@@ -117,7 +117,7 @@ def main(argv):
         raise app.UsageError(f"--config.max_decode_len={cfg.max_decode_len} exceeds the "
                              f"model's max_len={model_cfg.max_len} (--config.model.max_len).")
     decode = make_decoder(model, cfg, tok)
-    test_split = list(ds.split(cfg.test_split))  # a wrong name fails now, not after training
+    test = list(ds.split(cfg.test_split))  # a wrong name fails now, not after training
     eval_split = list(ds.split(cfg.eval_split))
     if cfg.eval_decode_examples:
         eval_split = eval_split[:cfg.eval_decode_examples]
@@ -142,15 +142,11 @@ def main(argv):
                    hooks=[writer],
                    warm_up=lambda state, engine: decode.warm_up(engine.params(state)))
     writer.close()
-    previous = common.previous_results(workdir, result, writer)
-    if previous is not None:  # a finished run rerun: nothing trained, nothing rewritten
-        print(json.dumps(previous, indent=2))
-        common.skip_teardown()
+    if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
     if result.interrupted:
         return
-    test = test_split
     hyps = decode(result.params, [ex["inputs"] for ex in test])
     final = score(cfg, hyps, [ex["targets"] for ex in test])
     final.update(step=result.step, split=cfg.test_split, examples=len(test),

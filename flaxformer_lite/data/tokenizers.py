@@ -226,7 +226,7 @@ def _capped_chunks(texts: Iterable[str], max_chars: int, chunk: int) -> Iterator
     left = max_chars
     for text in texts:
         start = 0
-        while start < len(text) and left > 0:
+        while start < len(text):
             end = text.find("\n", start)
             end = len(text) if end < 0 else end
             for piece in range(start, end, chunk):
@@ -236,8 +236,6 @@ def _capped_chunks(texts: Iterable[str], max_chars: int, chunk: int) -> Iterator
                 if left <= 0:
                     return
             start = end + 1
-        if left <= 0:
-            return
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
