@@ -39,10 +39,10 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxformer_lite.config import TransformerConfig, check_number
-from flaxformer_lite.training import distributed, optim
+from flaxformer_lite.training import distributed
 from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
 from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
-from flaxformer_lite.training.optim import OptimizerConfig
+from flaxformer_lite.training.optim import OptimizerConfig, num_updates
 from flaxformer_lite.training.parallel import Engine, ParallelConfig
 from flaxformer_lite.training.state import TrainState
 
@@ -267,7 +267,7 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
 def _warn_schedule(opt: OptimizerConfig, num_steps: int) -> None:
     """A learning-rate schedule that does not fit the run trains quietly with the wrong rates
     (a cosine ending at update 2000 of 10000 sits at its final rate for 80% of the run)."""
-    updates = optim.num_updates(num_steps, opt.accumulation_steps)
+    updates = num_updates(num_steps, opt.accumulation_steps)
     if num_steps % opt.accumulation_steps:
         log.warning("num_steps=%d is not a multiple of accumulation_steps=%d: the last %d "
                     "micro-batch(es) are accumulated but never applied.", num_steps,
