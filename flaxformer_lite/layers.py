@@ -256,7 +256,6 @@ class MultiHeadAttention(nn.Module):
         mask: Array | None = None,
         bias: Array | None = None,
         q_positions: Array | None = None,
-        kv_positions: Array | None = None,
         decode: bool = False,
         cache_index: Array | None = None,
         deterministic: bool = True,
@@ -265,11 +264,30 @@ class MultiHeadAttention(nn.Module):
         """x `[batch, q_len, d_model]`, kv_inputs `[batch, kv_len, d_model]` (cross only).
 
         mask `[b|1, 1|heads, q_len, kv_len]` (True = attend), bias likewise (added to scores);
-        in decode mode `kv_len` is the cache length. Positions `[batch, len]` drive rotary
-        embeddings. `is_causal` adds the causal mask inside the attention function, which
-        (unlike a causal `mask`) lets it skip the blocks above the diagonal. Returns
-        `[batch, q_len, d_model]`.
+        in decode mode `kv_len` is the cache length. `q_positions` `[batch, q_len]` drive the
+        rotary embedding of the queries and of the keys projected from `x` (self-attention;
+        default `0..q_len-1`, in decode mode `cache_index + 0..q_len-1`). `is_causal` adds the
+        causal mask inside the attention function, which (unlike a causal `mask`) lets it skip
+        the blocks above the diagonal. In decode mode self-attention without a `mask` (or with
+        `is_causal`) attends causally over the slots written so far: new token i sees slots
+        `<= cache_index + i`. Returns `[batch, q_len, d_model]`.
         """
+        if self.is_cross and kv_inputs is None:
+            raise ValueError("MultiHeadAttention(is_cross=True) needs kv_inputs, the encoder "
+                             "output [batch, kv_len, d_model].")
+        if not self.is_cross and kv_inputs is not None:
+            raise ValueError("kv_inputs is given to a self-attention layer, which would ignore "
+                             "it; build MultiHeadAttention(config, is_cross=True) to attend to "
+                             "it.")
+        cache_name = "cross_kv" if self.is_cross else "cached_key"
+        if decode and not self.has_variable("cache", cache_name) and not self.is_initializing():
+            raise ValueError("decode=True without a cache: create it first with "
+                             "`init(..., decode=True)` at the full decoding length (or "
+                             "`init_cache`), and apply with `mutable=['cache']`.")
+        cached = decode and self.has_variable("cache", cache_name)
+        if cached and cache_index is None:
+            raise ValueError("decode=True needs cache_index, the cache slot of the first new "
+                             "token (the number of tokens decoded so far).")
         cfg = self.config
         h, hk, dh, d = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head, cfg.d_model
         dense = dict(config=cfg, use_bias=cfg.use_bias, init_kind="attention")
@@ -298,8 +316,15 @@ class MultiHeadAttention(nn.Module):
                        **dense)(x)
             k, v = ops.unstack(kv, 2)
 
+        if cached and not self.is_cross and (mask is None or is_causal):
+            length = self.get_variable("cache", "cached_key").shape[2]
+            new = cache_index + jnp.arange(x.shape[1])
+            causal = (jnp.arange(length)[None, :] <= new[:, None])[None, None]
+            mask, is_causal = (causal if mask is None else mask.astype(bool) & causal), False
         if cfg.position == "rotary" and not self.is_cross:
-            pos = q_positions if q_positions is not None else jnp.arange(x.shape[1])[None]
+            pos = q_positions
+            if pos is None:
+                pos = jnp.arange(x.shape[1])[None] + (cache_index if cached else 0)
             q = ops.apply_rotary(q, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
             k = ops.apply_rotary(k, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
 
@@ -405,9 +430,10 @@ class TransformerLayer(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, _unused: Any, encoded: Array | None, self_mask: Array | None,
-                 self_bias: Array | None, cross_mask: Array | None, positions: Array | None,
-                 cache_index: Array | None):
+    def __call__(self, x: Array, _unused: Any = None, encoded: Array | None = None,
+                 self_mask: Array | None = None, self_bias: Array | None = None,
+                 cross_mask: Array | None = None, positions: Array | None = None,
+                 cache_index: Array | None = None):
         cfg = self.config
         decode, deterministic = self.decode, self.deterministic
         depth = max(self.num_layers, 1)
@@ -436,14 +462,17 @@ class TransformerLayer(nn.Module):
         return x, None
 
 
-def EncoderLayer(config: TransformerConfig, **kwargs) -> TransformerLayer:  # noqa: N802
+class EncoderLayer(TransformerLayer):
     """An encoder layer: bidirectional self-attention + feed-forward."""
-    return TransformerLayer(config, has_cross=False, **kwargs)
+
+    has_cross: bool = False
 
 
-def DecoderLayer(config: TransformerConfig, **kwargs) -> TransformerLayer:  # noqa: N802
+class DecoderLayer(TransformerLayer):
     """A decoder layer: causal self-attention + cross-attention + feed-forward."""
-    return TransformerLayer(config, has_cross=True, **kwargs)
+
+    has_cross: bool = True
+    causal: bool = True
 
 
 _REMAT_POLICIES = {
@@ -505,7 +534,3 @@ def shift_right(targets: Array, segment_ids: Array | None = None) -> Array:
 def default_positions(ids: Array, offset: int | Array = 0) -> Array:
     """`[batch, length]` positions 0..length-1 (+ offset) for unpacked rows."""
     return jnp.broadcast_to(jnp.arange(ids.shape[1]) + offset, ids.shape)
-
-
-def to_sequence(x: Sequence[int] | int) -> tuple[int, ...]:
-    return tuple(x) if isinstance(x, Sequence) else (x,)

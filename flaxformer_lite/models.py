@@ -12,6 +12,7 @@ let prompts of different lengths share one batch (see `flaxformer_lite.decoding`
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -500,12 +501,17 @@ def init_params(config: TransformerConfig, rng: Array, batch: int = 1,
                 length: int | None = None):
     """Initialised parameters (boxed with their logical axis names) of `make_model(config)`.
 
-    Jitted: one compiled program instead of one small compilation per parameter shape.
+    Jitted, and cached per `(config, batch, length)`: one compiled program instead of one small
+    compilation per parameter shape, compiled once however often it is called.
     """
-    model = make_model(config)
-    inputs = dummy_inputs(config, batch, length)
-    init = jax.jit(lambda r: model.init({"params": r, "dropout": r}, **inputs)["params"])
-    return init(rng)
+    return _init_params(config, rng, batch, length)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "batch", "length"))
+def _init_params(config: TransformerConfig, rng: Array, batch: int, length: int | None):
+    # Module-level, so repeated calls with an equal config reuse the compiled program.
+    return make_model(config).init({"params": rng}, **dummy_inputs(config, batch, length))[
+        "params"]
 
 
 def init_cache(model: nn.Module, params, batch: int, length: int, *,

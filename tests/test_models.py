@@ -565,3 +565,76 @@ def test_feed_forward_hidden_dropout_only_where_the_source_has_it(preset):
     det = block.apply(params, x)
     train = block.apply(params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
     assert np.array_equal(det, train) != cfg.ffn_hidden_dropout
+
+
+def test_init_params_compiles_once_per_config():
+    """It used to jit a fresh lambda per call: every call recompiled (seconds each)."""
+    from flaxformer_lite.models import _init_params
+
+    cfg = fl.get_config("gpt2", **{**TINY, "num_layers": 1, "d_model": 16, "d_ff": 16})
+    before = _init_params._cache_size()
+    a = fl.init_params(cfg, jax.random.key(0))
+    b = fl.init_params(fl.get_config("gpt2", **{**TINY, "num_layers": 1, "d_model": 16,
+                                                "d_ff": 16}), jax.random.key(1))
+    assert _init_params._cache_size() == before + 1
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+
+
+def test_decoder_layer_is_causal_in_user_code():
+    """`DecoderLayer` said "causal self-attention" but was built non-causal: position 0 saw
+    the future. It is now a `TransformerLayer` subclass (so `isinstance`, `nn.remat` work)."""
+    cfg = fl.get_config("transformer-base", **TINY)
+    layer = fl.DecoderLayer(cfg)
+    assert isinstance(layer, fl.TransformerLayer) and layer.causal
+    assert not fl.EncoderLayer(cfg).has_cross
+    x = jax.random.normal(jax.random.key(0), (1, 6, 32))
+    encoded = jax.random.normal(jax.random.key(1), (1, 3, 32))
+    params = layer.init(jax.random.key(2), x, None, encoded)
+    y, _ = layer.apply(params, x, None, encoded)
+    y2, _ = layer.apply(params, x.at[:, 5].add(1.0), None, encoded)
+    np.testing.assert_array_equal(y[:, :5], y2[:, :5])
+    assert not np.allclose(y[:, 5], y2[:, 5])
+    remat = nn.remat(fl.DecoderLayer)(cfg)
+    np.testing.assert_allclose(remat.apply(params, x, None, encoded)[0], y, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["cached_attention", "plain", "xla"])
+def test_attention_layer_decodes_causally_without_a_mask(path, monkeypatch):
+    """A user's own decoding loop over `MultiHeadAttention(decode=True)` with no mask and no
+    positions: the new tokens must see the written slots only, and rotary positions must count
+    from the cache index. On paths other than the CPU's `cached_attention` the tokens used to
+    attend to the empty slots, and rotary rotated every step as position 0."""
+    from flaxformer_lite.ops import fast_paths
+
+    if path == "plain":
+        monkeypatch.setenv(fast_paths.ENV, "cached_attention")
+    cfg = fl.get_config("gpt2", position="rotary", num_kv_heads=2,
+                        attention_implementation="xla" if path == "xla" else "ops", **TINY)
+    mha = fl.MultiHeadAttention(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    params = mha.init(jax.random.key(1), x)
+    full = mha.apply(params, x, is_causal=True)
+    cache = mha.init(jax.random.key(1), jnp.zeros((2, 8, 32)), decode=True)["cache"]
+    outs = []
+    for start, stop in ((0, 3), (3, 4), (4, 6)):  # a prompt of 3, then 1 and 2 tokens
+        out, mutated = mha.apply({**params, "cache": cache}, x[:, start:stop], decode=True,
+                                 cache_index=jnp.int32(start), mutable=["cache"])
+        cache = mutated["cache"]
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=2e-5)
+
+
+def test_attention_layer_misuse_is_named():
+    cfg = fl.get_config("transformer-base", **TINY)
+    x = jnp.ones((1, 3, 32))
+    self_attn, cross = fl.MultiHeadAttention(cfg), fl.MultiHeadAttention(cfg, is_cross=True)
+    params = self_attn.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="is_cross=True"):
+        self_attn.apply(params, x, x)  # kv_inputs would be ignored
+    with pytest.raises(ValueError, match="needs kv_inputs"):
+        cross.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="without a cache"):
+        self_attn.apply(params, x, decode=True, cache_index=0, mutable=["cache"])
+    cache = self_attn.init(jax.random.key(0), jnp.zeros((1, 8, 32)), decode=True)["cache"]
+    with pytest.raises(ValueError, match="needs cache_index"):
+        self_attn.apply({**params, "cache": cache}, x, decode=True, mutable=["cache"])

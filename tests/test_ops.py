@@ -441,3 +441,58 @@ def test_matmul_bias_add_and_empty_queries_are_refused_before_the_backward_pass(
     kv = jnp.ones((1, 3, 2, 4))
     with pytest.raises(ValueError, match="no queries"):
         ops.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+
+
+def test_every_attention_entry_point_checks_its_inputs():
+    """The functions beside `scaled_dot_product_attention` used to skip its checks: a float
+    additive mask was read as booleans (attending everything but the allowed keys), a 3-D q
+    failed in an unpack, and a cache index past the end was clamped onto the last slots."""
+    q, k = rand(2, 5, 4, 8), rand(2, 5, 4, 8)
+    additive = jnp.where(ops.causal_mask(5), 0.0, -1e9)
+    with pytest.raises(ValueError, match="as `bias=`"):
+        ops.attention_weights(q, k, mask=additive)
+    with pytest.raises(ValueError, match=r"\[batch, length, heads, head_dim\]"):
+        ops.attention_weights(q[0], k)
+    cache = rand(2, 4, 9, 8)  # [batch, kv_heads, slots, head_dim]
+    new = rand(2, 1, 4, 8)
+    with pytest.raises(ValueError, match="as `bias=`"):
+        ops.cached_attention(q[:, :1], cache, cache, new, new, 3, mask=additive[..., :1, :9])
+    with pytest.raises(ValueError, match=r"k_cache"):
+        ops.cached_attention(q[:, :1], cache[0], cache, new, new, 3)
+    with pytest.raises(ValueError, match="do not fit a cache of 9 slots"):
+        ops.cached_attention(q[:, :1], cache, cache, new, new, 9)
+    assert ops.cached_attention(q[:, :1], cache, cache, new, new, 8).shape == (2, 1, 4, 8)
+    for rate in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"dropout_rate=.* \[0, 1\)"):
+            ops.scaled_dot_product_attention(q, k, k, dropout_rate=rate,
+                                             dropout_rng=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"\[batch, length, heads, head_dim\]"):
+        ops.apply_rotary(rand(5, 4, 8), jnp.arange(5))
+    with pytest.raises(ValueError, match="even d_model"):
+        ops.sinusoidal_table(4, 7)
+    with pytest.raises(ValueError, match=r"8 rows for num_buckets=32"):
+        ops.relative_position_bias(jnp.zeros((8, 4)), jnp.arange(5), jnp.arange(5),
+                                   bidirectional=True, num_buckets=32, max_distance=128)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_delegated_attention_keeps_the_advised_mask_value_finite(dtype):
+    """`bias=jnp.finfo(jnp.float32).min`, the value the mask error advises, rounds to -inf in
+    bfloat16/float16; jax's attention then gave NaN outputs and gradients on padded rows."""
+    q = rand(2, 4, 2, 8, dtype=dtype)
+    valid = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+    bias = jnp.where(valid[:, None, None, :] & valid[:, None, :, None], 0.0,
+                     jnp.finfo(jnp.float32).min)
+
+    def loss(q):
+        out = ops.scaled_dot_product_attention(q, q, q, bias=bias, implementation="xla")
+        return jnp.sum(jnp.where(valid[:, :, None, None], out, 0).astype(jnp.float32))
+
+    value, grad = jax.value_and_grad(loss)(q)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad, np.float32)))
+    ref = ops.scaled_dot_product_attention(q.astype(jnp.float32), q.astype(jnp.float32),
+                                           q.astype(jnp.float32), mask=valid[:, None, None, :])
+    out = ops.scaled_dot_product_attention(q, q, q, bias=bias, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32)[0], np.asarray(ref)[0], atol=3e-2)
+    np.testing.assert_allclose(np.asarray(out, np.float32)[1, :2], np.asarray(ref)[1, :2],
+                               atol=3e-2)

@@ -56,6 +56,8 @@ def attention_weights(
     `heads % kv_heads == 0`. `bias` (added) and `mask` (True = attend) broadcast to
     `[batch, heads, q_length, kv_length]`. A query whose keys are all masked gets uniform weights.
     """
+    _check_ranks(q=q, k=k)
+    _check_operands(q, k, k, bias, mask)
     b, lq, h, d = q.shape
     hk = k.shape[2]
     g, scale = _groups_and_scale(h, hk, d, scale)
@@ -98,7 +100,9 @@ def scaled_dot_product_attention(
       bias: additive scores, broadcastable to `[batch, heads, q_length, kv_length]`.
       mask: booleans, True = may attend, broadcastable like `bias`.
       scale: score scale, default `head_dim ** -0.5` (T5 passes 1.0).
-      is_causal: add a causal mask (queries are the last `q_length` of the keys' positions).
+      is_causal: add a causal mask with the queries as the *last* `q_length` of the keys'
+        positions, i.e. `causal_mask(q_length, kv_length, offset=kv_length - q_length)`
+        (`causal_mask` without an offset puts them first; the two agree when the lengths do).
         Prefer it to a causal `mask`: on the CPU path causal attention then runs in blocks of
         queries and never computes the scores above the diagonal.
       dropout_rate, dropout_rng: dropout on the weights; active when both are given.
@@ -108,10 +112,10 @@ def scaled_dot_product_attention(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is not one of {IMPLEMENTATIONS}.")
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError("q, k, v must be [batch, length, heads, head_dim]; got shapes "
-                         f"{q.shape}, {k.shape}, {v.shape}.")
+    _check_ranks(q=q, k=k, v=v)
     _check_operands(q, k, v, bias, mask)
+    if isinstance(dropout_rate, numbers.Real) and not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate={dropout_rate} must lie in [0, 1).")
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
     if implementation != "ops":
         if use_dropout or return_weights:
@@ -132,6 +136,22 @@ def scaled_dot_product_attention(
     probs = probs.reshape(b, hk, h // hk, lq, -1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, lq, h, v.shape[-1])
     return (out, weights) if return_weights else out
+
+
+def _check_ranks(**arrays: Array) -> None:
+    shapes = {name: jnp.shape(x) for name, x in arrays.items()}
+    if any(len(shape) != 4 for shape in shapes.values()):
+        raise ValueError(f"{', '.join(shapes)} must be [batch, length, heads, head_dim]; got "
+                         + ", ".join(f"{name} {shape}" for name, shape in shapes.items()) + ".")
+
+
+def _check_mask_dtype(mask: Array | None) -> None:
+    if mask is not None and jnp.issubdtype(jnp.result_type(mask), jnp.floating):
+        raise ValueError(
+            f"mask is {jnp.result_type(mask)}; it must be boolean (True = may attend) or 0/1 "
+            "integers. Pass an additive mask as `bias=` with a large finite negative value "
+            "(jnp.finfo(jnp.float32).min or -1e9), not -inf: a row of -inf gives NaN "
+            "gradients.")
 
 
 def _check_operands(q, k, v, bias, mask) -> None:
@@ -156,12 +176,7 @@ def _check_operands(q, k, v, bias, mask) -> None:
         if not ok:
             raise ValueError(f"{name} of shape {jnp.shape(x)} does not broadcast to [batch, "
                              f"heads, q_length, kv_length] = {full}.")
-    if mask is not None and jnp.issubdtype(jnp.result_type(mask), jnp.floating):
-        raise ValueError(
-            f"mask is {jnp.result_type(mask)}; it must be boolean (True = may attend) or 0/1 "
-            "integers. Pass an additive mask as `bias=` with a large finite negative value "
-            "(jnp.finfo(jnp.float32).min or -1e9), not -inf: a row of -inf gives NaN "
-            "gradients.")
+    _check_mask_dtype(mask)
 
 
 def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
@@ -173,8 +188,11 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
         return x
 
     bias, mask = four_d(bias), four_d(mask)
-    if bias is not None:
-        bias = bias.astype(q.dtype)
+    if bias is not None and bias.dtype != q.dtype:
+        # finfo(float32).min, the advised mask value, would round to -inf in bfloat16/float16
+        # (NaN outputs and gradients on masked rows): clip into q's range first.
+        info = jnp.finfo(q.dtype)
+        bias = jnp.clip(bias, info.min, info.max).astype(q.dtype)
     if mask is not None:
         mask = mask.astype(bool)  # "ops" takes any 0/1 mask; jax's wants booleans
     if is_causal and q.shape[1] != k.shape[1]:
@@ -215,8 +233,14 @@ def cached_attention(
     `>= index + new` are ignored); without a mask the new tokens attend causally among
     themselves. Returns `[batch, new, heads, head_dim]` in q's dtype; scores in float32.
     """
+    _check_ranks(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+    _check_mask_dtype(mask)
     b, lq, h, d = q.shape
     hk, length = k_cache.shape[1], k_cache.shape[2]
+    if not isinstance(index, jax.core.Tracer):  # concrete: a slice past the end would clamp
+        if not 0 <= int(index) <= length - lq:
+            raise ValueError(f"cached_attention: {lq} new token(s) at index {int(index)} do not "
+                             f"fit a cache of {length} slots.")
     g, scale = _groups_and_scale(h, hk, d, scale)
     out_dtype = q.dtype
     if jax.default_backend() == "cpu" and q.dtype != jnp.float32:

@@ -31,6 +31,8 @@ def sinusoidal_embedding(positions: Array, d_model: int, *, max_timescale: float
 
 def sinusoidal_table(length: int, d_model: int, *, max_timescale: float = 10000.0) -> np.ndarray:
     """`[length, d_model]` float64 NumPy table of the same formula (for plots and references)."""
+    if d_model % 2:
+        raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}.")
     pos = np.arange(length, dtype=np.float64)[:, None]
     i = np.arange(d_model // 2, dtype=np.float64)[None, :]
     angles = pos / np.power(max_timescale, 2.0 * i / d_model)
@@ -48,6 +50,9 @@ def apply_rotary(x: Array, positions: Array, *, base: float = 10000.0,
     rotated as pairs (i, i + half) with frequency `base^(-2i/rot_dims)` (the "rotate half" layout
     of GPT-NeoX and LLaMA); the rest pass through. q.k then depends only on relative position.
     """
+    if x.ndim != 4:
+        raise ValueError(f"apply_rotary: x must be [batch, length, heads, head_dim]; got shape "
+                         f"{x.shape}.")
     d = x.shape[-1]
     rot = int(d * fraction)
     if rot % 2 or not 0 < rot <= d:
@@ -97,6 +102,9 @@ def relative_position_bias(table: Array, q_positions: Array, kv_positions: Array
     Positions `[q]`/`[kv]` give a `[1, heads, q, kv]` bias; `[batch, q]`/`[batch, kv]` give
     `[batch, heads, q, kv]`.
     """
+    if jnp.shape(table)[0] != num_buckets:  # jnp.take would fill missing rows with NaN
+        raise ValueError(f"relative_position_bias: the table has {jnp.shape(table)[0]} rows "
+                         f"for num_buckets={num_buckets}; it must be [num_buckets, heads].")
     rel = kv_positions[..., None, :] - q_positions[..., :, None]
     buckets = relative_position_bucket(rel, bidirectional=bidirectional,
                                        num_buckets=num_buckets, max_distance=max_distance)
