@@ -1,6 +1,7 @@
 """Engine-level runs in their own process (the device count is fixed at JAX start-up).
 
-    equivalence --devices 8 --out DIR   3 steps on the same global batches in "single", "pmap",
+    equivalence --devices 8 --out DIR   3 steps on the same global batches (the third as device
+                                        arrays) in "single", "pmap",
                                         "mesh" (data=2, fsdp=2, tensor=2) and "mesh_micro" (the
                                         same mesh, 2 micro-batches per step, and the output
                                         head, whose vocabulary is split over `tensor`,
@@ -102,6 +103,7 @@ def make_engine(mode: str, **model_changes):
 
 
 def run_equivalence(out: str) -> None:
+    import jax
     import numpy as np
 
     from flaxformer_lite.training import Checkpointer
@@ -113,7 +115,9 @@ def run_equivalence(out: str) -> None:
         if mode == "single":
             np.savez(os.path.join(out, "init.npz"), **flatten(engine.params(state)))
         losses = []
-        for batch in batches[:3]:
+        for i, batch in enumerate(batches[:3]):
+            if i == 2:  # a batch already on a device is laid out from there
+                batch = jax.tree.map(jax.numpy.asarray, batch)
             state, metrics = engine.train_step(state, batch)
             m = engine.metrics_to_host(metrics)
             losses.append(m["loss"] / m["tokens"])

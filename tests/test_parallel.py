@@ -261,17 +261,51 @@ def test_long_log_interval_on_two_cpu_devices_finishes(worker_env, tmp_path):
                                                                        "interrupted": False}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(worker_env, tmp_path):
+    """A preemption notice reaching one process only: both must leave the loop at the same
+    step and save together (a process stopping alone would leave the other waiting in a
+    collective). The signal goes to process 1 while process 0 is paused in its hook."""
+    pause = tmp_path / "paused"
+    common = ["--num_steps", 40, "--checkpoint_every", 100, "--mode", "mesh", "--mesh",
+              "2,1,1", "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
+              "--workdir", tmp_path / "work", "--out", tmp_path / "params.npz",
+              "--pause_at", 3, "--pause_file", pause]
+    procs = [start("_train_worker.py", [*common, "--process_id", i], worker_env)
+             for i in range(2)]
+    try:
+        wait_for(pause, procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        Path(str(pause) + ".go").touch()
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    result = json.loads((tmp_path / "params.npz.json").read_text())
+    assert result["interrupted"] and 3 <= result["step"] < 40
+    steps = [p.name for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == [str(result["step"])]
+    data = sorted(p.name for p in (tmp_path / "work" / "checkpoints" / steps[0] /
+                                   "data").iterdir() if p.suffix == ".json")
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
     """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
     process feeds half of every global batch. Compared with one process on one device. The
     second process runs out of eval batches one before the first: the evaluation must still end
     together (not hang in a collective step) and sum the same examples as one process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     common = [*TRAIN_ARGS, *EVAL_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
-              "--num_processes", 2, "--coordinator", f"127.0.0.1:{port}",
+              "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
               "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
               "--out", tmp_path / "params.npz"]
     procs = [start("_train_worker.py", [*common, "--process_id", i], worker_env)

@@ -371,7 +371,8 @@ class Engine:
             if isinstance(value, jax.Array) and value.sharding == target:
                 out[key] = value  # already laid out (the output of an earlier shard_batch)
                 continue
-            value = np.asarray(value)
+            if not (isinstance(value, jax.Array) and jax.process_count() == 1):
+                value = np.asarray(value)  # device arrays stay on device (no host round trip)
             rows = value.shape[0]
             if rows % local_shards:
                 raise ValueError(
@@ -381,7 +382,7 @@ class Engine:
             if self.mode == "pmap":
                 value = value.reshape((local_shards, rows // local_shards) + value.shape[1:])
                 out[key] = jax.device_put(value, self._pmap_sharding)
-            elif self.mode == "mesh":
+            elif self.mode == "mesh" and not isinstance(value, jax.Array):
                 out[key] = jax.make_array_from_process_local_data(self._batch_sharding, value)
             else:
                 out[key] = jax.device_put(value, self._batch_sharding)

@@ -23,7 +23,8 @@ from flaxformer_lite.training.optim import OptimizerConfig, make_optimizer
 @flax.struct.dataclass
 class TrainState:
     """step: int32 scalar, train steps taken (micro-batches when accumulating);
-    params: float32 parameters (unboxed); opt_state: the optax state;
+    params: the parameters (unboxed), in `TransformerConfig.param_dtype`;
+    opt_state: the optax state;
     rng: the run's dropout key as raw `uint32` key data (`jax.random.key_data`), folded with
     `step` in every train step, so the randomness of step t never depends on earlier steps,
     on restarts or (under jit) on the device count; `pmap` also folds in the device index.

@@ -20,6 +20,7 @@ What it guarantees:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -35,8 +36,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite.config import TransformerConfig, check_number
 from flaxformer_lite.training import distributed
@@ -165,6 +168,8 @@ class _StopSignals:
         self.requested: str | None = None
         self._previous = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._pending: collections.deque = collections.deque()  # multi-process: in flight
+        self._any = None
 
     def __enter__(self):
         if self._enabled:
@@ -182,13 +187,27 @@ class _StopSignals:
             signal.signal(sig, handler)
 
     def agreed(self) -> bool:
-        """Whether any process was asked to stop (one tiny all-gather on multi-process runs,
-        so all processes leave the loop at the same step)."""
+        """Whether to stop before this step: on one process, whether it was asked to.
+
+        On several, every call enqueues a tiny collective "did any process ask?" on the
+        devices, asynchronously like a train step, and reads the one enqueued `STEPS_AHEAD`
+        calls earlier, computed by then. All processes thus leave the loop at the same step,
+        `STEPS_AHEAD` steps after the request, and the host never waits for the device here.
+        """
         local = self.requested is not None
         if jax.process_count() == 1:
             return local
-        flags = multihost_utils.process_allgather(np.int32(local))
-        return bool(np.any(flags))
+        if self._any is None:
+            devices = np.array(jax.devices()).reshape(jax.process_count(), -1)
+            mesh = jax.sharding.Mesh(devices, ("processes", "local"))
+            self._flags = jax.sharding.NamedSharding(mesh, P(("processes", "local")))
+            self._any = jax.jit(jnp.any, out_shardings=jax.sharding.NamedSharding(mesh, P()))
+        flags = np.full((jax.local_device_count(),), local)
+        self._pending.append(self._any(
+            jax.make_array_from_process_local_data(self._flags, flags)))
+        if len(self._pending) <= STEPS_AHEAD:
+            return False
+        return bool(np.asarray(self._pending.popleft().addressable_data(0)))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -241,6 +260,7 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
     changes no metric sum), so that no process waits alone in a collective step.
     """
     sums: dict[str, Any] = {}
+    outputs = []
     batches = _make_iterator(eval_data)
     multi = jax.process_count() > 1
     last = None
@@ -260,7 +280,9 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
             last = batch
         elif batch is None:
             break
-        sums = add_metrics(sums, engine.metrics_to_host(engine.eval_step(state, batch)))
+        outputs.append(engine.eval_step(state, batch))  # fetched at the end: no wait a batch
+    for metrics in outputs:
+        sums = add_metrics(sums, engine.metrics_to_host(metrics))
     return summarize(sums) if sums else {}
 
 
@@ -286,7 +308,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           train_data: Callable[[], Iterable[Batch]] | Iterable[Batch], *,
           workdir: str | os.PathLike, num_steps: int,
           parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
-          seed: int = 0,
+          seed: int | jax.Array = 0,
           eval_data: Callable[[], Iterable[Batch]] | None = None,
           eval_fn: Callable[[TrainState, Engine], Mapping[str, float]] | None = None,
           eval_every: int | None = None,
