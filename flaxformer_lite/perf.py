@@ -234,11 +234,12 @@ class CompiledAhead:
     """A jitted (or pmapped) function whose compilation can start ahead, in the background.
 
         sample = perf.CompiledAhead(jax.jit(sample_fn))
-        sample.warm_up(params, rng)   # traces and compiles on a thread; returns at once
+        sample.warm_up(params, rng)   # traces, then compiles on a thread; returns once traced
         ...                           # other work: XLA compiles without holding the GIL
         out = sample(params, rng)     # waits for that compilation, then runs it from the cache
 
-    `warm_up(*args)` traces on the thread too (arguments may be `jax.ShapeDtypeStruct`s);
+    `warm_up(*args)` traces on the caller's thread, so errors raise there, and lowers and
+    compiles on the thread (arguments may be `jax.ShapeDtypeStruct`s);
     `compile_ahead(lowered)` compiles a program already lowered on the caller's thread, for
     tracing that needs the caller's context (a mesh, logical axis rules). Both go through
     `compile_in_background`. A call waits for every pending compilation first, so the
@@ -251,8 +252,15 @@ class CompiledAhead:
         self._pending: list[threading.Thread] = []
 
     def warm_up(self, *args, **kwargs) -> None:
-        """Start tracing and compiling for arguments shaped like these."""
-        self._pending.append(compile_in_background(lambda: self.fn.lower(*args, **kwargs)))
+        """Trace for arguments shaped like these, then compile in the background; returns once
+        traced. Tracing here, on the caller's thread, raises a bad argument (a temperature of
+        0, a model of the wrong kind) now, not at the first call, maybe hours of training
+        later. (A pmapped function, which cannot be traced apart, traces on the thread.)"""
+        if hasattr(self.fn, "trace"):
+            traced = self.fn.trace(*args, **kwargs)
+            self._pending.append(compile_in_background(traced.lower))
+        else:
+            self._pending.append(compile_in_background(lambda: self.fn.lower(*args, **kwargs)))
 
     def compile_ahead(self, lowered, name: str = "compile-in-background") -> None:
         """Start compiling `lowered` (this function's `lower(...)`, traced by the caller)."""

@@ -715,3 +715,15 @@ def test_compiled_ahead_compiles_once_and_calls_wait_for_it(caplog):
     x64 = x.astype(np.float64)
     np.testing.assert_allclose(out[0], np.sin(x64) * 2, rtol=1e-6)
     np.testing.assert_allclose(out[1], np.cos(x64) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_ahead_warm_up_raises_tracing_errors_at_once():
+    """A sampler that cannot trace (lm.py with temperature 0) used to fail only at its first
+    call, the first evaluation, after that many training steps; the thread swallowed it."""
+    def refuses(x):
+        raise ValueError("temperature=0.0 must be a finite number > 0")
+
+    fn = perf.CompiledAhead(jax.jit(refuses))
+    with pytest.raises(ValueError, match="temperature"):
+        fn.warm_up(jax.ShapeDtypeStruct((3,), jnp.float32))
+    assert not fn.compiling
