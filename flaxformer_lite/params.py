@@ -24,9 +24,11 @@ Published figures (`PUBLISHED`) and where they come from:
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
+import numbers
 import sys
 from collections.abc import Sequence
 
@@ -155,6 +157,10 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
     """
     config = get_config(config) if isinstance(config, str) else config
     seq_len = config.max_len if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or not (
+            1 <= seq_len <= config.max_len):
+        raise ValueError(f"seq_len={seq_len!r} must be a whole number in [1, max_len="
+                         f"{config.max_len}]; raise the config's max_len for longer sequences.")
     n = matmul_params(config, counts)
     attn_layers = config.encoder_layers + config.decoder_layers * (
         2 if config.architecture == "encoder_decoder" else 1)
@@ -162,24 +168,36 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
     return {"params_term": 6.0 * n, "attention_term": float(attn), "total": 6.0 * n + attn}
 
 
-def training_memory(config: TransformerConfig | str, *, param_dtype: str = "float32",
-                    optimizer: str = "adam", optimizer_dtype: str | None = None,
+OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0}
+
+
+def training_memory(config: TransformerConfig | str, *, param_dtype: str | None = None,
+                    optimizer: str = "adamw", optimizer_dtype: str | None = None,
                     accumulation_steps: int = 1,
                     counts: dict[str, int] | None = None) -> dict[str, int]:
     """Bytes held across a training step, activations excluded: params, grads, optimizer state.
 
-    Adam keeps two moments per parameter; SGD with momentum one; Adafactor ~ factored second
-    moments (counted as 0 here, it is O(rows + cols)). The moments take `optimizer_dtype`,
+    `param_dtype` defaults to the config's. Adam(W) keeps two moments per parameter; SGD with
+    momentum one; Adafactor ~ factored second moments (counted as 0 here, it is
+    O(rows + cols)). The moments take `optimizer_dtype`,
     by default the parameters' dtype, as optax (and `training.make_optimizer`) keep them.
     The library's mixed precision (`dtype="bfloat16"` compute, float32 `param_dtype`) is the
     float32 layout: 16 bytes a parameter with Adam. `accumulation_steps > 1` adds
     `optax.MultiSteps`'s running gradient sum, one more copy in the parameters' dtype.
     """
+    config = get_config(config) if isinstance(config, str) else config
+    if optimizer not in OPTIMIZER_MOMENTS:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_MOMENTS)}.")
+    if isinstance(accumulation_steps, bool) or not isinstance(
+            accumulation_steps, numbers.Integral) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a whole number "
+                         ">= 1.")
     counts = breakdown(config) if counts is None else counts
     n = counts["total"]
+    param_dtype = config.param_dtype if param_dtype is None else param_dtype
     pbytes = jnp.dtype(param_dtype).itemsize
     obytes = jnp.dtype(optimizer_dtype or param_dtype).itemsize
-    moments = {"adam": 2, "adamw": 2, "sgd": 1, "adafactor": 0}[optimizer]
+    moments = OPTIMIZER_MOMENTS[optimizer]
     out = {"params": n * pbytes, "grads": n * pbytes, "optimizer": n * obytes * moments}
     if accumulation_steps > 1:
         out["accumulated_grads"] = n * pbytes
@@ -203,10 +221,17 @@ class Report:
                 "flops_per_token": self.flops, "training_memory_bytes": self.memory}
 
 
-def report(name: str) -> Report:
-    config = get_config(name)
+def report(config: TransformerConfig | str, name: str | None = None) -> Report:
+    """Counts, FLOPs per token at `max_len` and training memory of a preset (by name) or of
+    any config (`name` labels it; default "custom"); a preset's published count if known."""
+    if isinstance(config, str):
+        name = config if name is None else name
+        published = PUBLISHED.get(config)
+        config = get_config(config)
+    else:
+        name, published = name or "custom", None
     counts = breakdown(config)
-    return Report(name, counts, PUBLISHED.get(name), flops_per_token(config, counts=counts),
+    return Report(name, counts, published, flops_per_token(config, counts=counts),
                   training_memory(config, counts=counts))
 
 
@@ -219,7 +244,7 @@ def _human(n: float) -> str:
 
 def format_table(reports: Sequence[Report]) -> str:
     cols = ["name", "total", "published", "err%", "embed", "pos", "attention", "ffn", "norms",
-            "head", "train GFLOP/tok", "Adam fp32 mem"]
+            "head", "train GFLOP/tok", "Adam mem"]
     rows = []
     for r in reports:
         c = r.counts
@@ -242,19 +267,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Exact parameter counts, breakdown, training memory and FLOPs per token.")
     parser.add_argument("names", nargs="*",
                         help=f"preset names (default: all): {', '.join(PRESETS)}")
+    parser.add_argument("--set", default="", metavar="FIELD=VALUE,...",
+                        help="TransformerConfig fields changed in every named preset, e.g. "
+                             "num_kv_heads=4,max_len=2048 (a hypothetical model)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
     args = parser.parse_args(argv)
     names = args.names or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         parser.error(f"unknown config name(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
-    reports = [report(n) for n in names]
+    changes = {}
+    for item in filter(None, args.set.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set: {item!r} is not FIELD=VALUE")
+        try:
+            changes[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            changes[key.strip()] = value.strip()
+    try:
+        reports = [report(get_config(n, **changes), name=f"{n} ({args.set})") if changes
+                   else report(n) for n in names]
+    except (TypeError, ValueError) as e:
+        parser.error(f"--set: {e}")
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
         print(format_table(reports))
         print("\ntrain GFLOP/tok = 6 N + attention term at max_len; memory = params + grads + "
-              "2 Adam moments, float32, activations excluded.")
+              "2 Adam moments in the config's param_dtype (float32 in the presets), activations "
+              "excluded.")
     return 0
 
 
