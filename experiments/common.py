@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from flaxformer_lite import get_config, gpu_config
+from flaxformer_lite import PRESETS, get_config, gpu_config
 from flaxformer_lite.data import BOS_ID, EOS_ID, load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
@@ -47,7 +47,8 @@ def define_flags(config_file: str, workdir: str):
 
     config = config_flags.DEFINE_config_file(
         "config", os.path.join(os.path.dirname(__file__), "configs", config_file),
-        "Experiment config file.")
+        "Experiment config file; set any of its fields with --config.<field>=<value>, e.g. "
+        "--config.num_steps=100 --config.model.num_kv_heads=2.")
     workdir_flag = flags.DEFINE_string(
         "workdir", workdir, "Checkpoints, metrics, samples and plots go here; reruns resume.")
     return config, workdir_flag
@@ -84,13 +85,19 @@ def lm_prompt(tok, text: str, sampler: str) -> tuple[list[int], tuple[int, ...],
     return tok.encode(text) or [tok.encode("\n")[0]], (), text
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architecture: str,
                  trailing_padding: bool = False):
     """`cfg.model` -> `TransformerConfig`: the preset named `preset`, with `gpu_config`'s
     settings when `gpu` is true (`trailing_padding` passed on), then every field that is set
-    (unset placeholders, None, keep the preset's or the GPU setting's value)."""
+    (unset placeholders, None, keep the preset's or the GPU setting's value). The preset must
+    build an `architecture` model, the one the script trains."""
     overrides = {k: v for k, v in cfg.model.to_dict().items() if v is not None}
     preset = overrides.pop("preset")
+    kind = get_config(preset).architecture
+    if kind != architecture:
+        fits = [name for name, c in PRESETS.items() if c.architecture == architecture]
+        raise ValueError(f"--config.model.preset={preset!r} is an {kind} model; this script "
+                         f"trains {architecture} models: {', '.join(fits)}.")
     if overrides.pop("gpu", False):
         if jax.default_backend() != "gpu":
             raise ValueError(f"--config.model.gpu=True selects the GPU settings (cuDNN "
@@ -107,6 +114,12 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     fields = cfg.optimizer.to_dict()
     if fields.get("decay_steps") is None and fields.get("schedule") == "cosine":
         fields["decay_steps"] = num_updates(cfg.num_steps, fields.get("accumulation_steps", 1))
+        if fields["decay_steps"] <= fields.get("warmup_steps", 0):
+            raise ValueError(
+                f"--config.num_steps={cfg.num_steps} gives {fields['decay_steps']} updates, no "
+                f"more than --config.optimizer.warmup_steps={fields['warmup_steps']}: the "
+                "cosine schedule would end inside its warmup. Lower warmup_steps or raise "
+                "num_steps (or set --config.optimizer.schedule=constant).")
     return OptimizerConfig(**fields)
 
 
@@ -348,7 +361,3 @@ def latest_step(workdir: str) -> int:
     ckpt = Path(workdir) / "checkpoints"
     steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
     return max(steps, default=0)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if isinstance(x, float) and math.isfinite(x) else None

@@ -1,7 +1,7 @@
 """Train a decoder-only (GPT) language model and sample from it.
 
     python experiments/lm.py --workdir=/tmp/lm                     # offline default corpus
-    python experiments/lm.py --config=experiments/configs/shakespeare_char.py \
+    python experiments/lm.py --config=experiments/configs/shakespeare_char.py \\
         --workdir=/tmp/shakespeare --config.dataset=../shared/data/tinyshakespeare/input.txt
 
 `--config.dataset` takes a text file or folder, "embedded" (the Python standard library's
@@ -27,7 +27,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from flaxformer_lite import decoding, make_model  # noqa: E402
@@ -35,6 +35,8 @@ from flaxformer_lite.data import lm_pipeline, window_pipeline  # noqa: E402
 from flaxformer_lite.training import initialize, train  # noqa: E402
 
 _CONFIG, _WORKDIR = common.define_flags("lm.py", "/tmp/flaxformer_lm")
+flags.adopt_module_key_flags(common)  # --help lists --config and --workdir
+SAMPLE_STREAM = 0x5A4D9  # folded into the seed's key for the samples' keys
 
 
 def make_data(cfg, ds, tok):
@@ -76,6 +78,12 @@ def make_data(cfg, ds, tok):
 def make_sampler(model, cfg, tok):
     """Samples that start the way training rows do: running text after `sample_prompt` for
     the windows sampler; for packed documents, BOS + the stripped prompt, ending at EOS."""
+    if not (isinstance(cfg.temperature, (int, float)) and 0 < cfg.temperature < float("inf")):
+        raise app.UsageError(f"--config.temperature={cfg.temperature} must be a number > 0 "
+                             "(small values approach greedy sampling).")
+    if isinstance(cfg.top_k, bool) or not isinstance(cfg.top_k, int) or cfg.top_k < 0:
+        raise app.UsageError(f"--config.top_k={cfg.top_k} must be a whole number >= 0 "
+                             "(0 = no limit).")
     prompt, stops, text = common.lm_prompt(tok, cfg.sample_prompt, cfg.sampler)
     prompts = np.asarray([prompt] * cfg.num_samples, np.int32)
     new = min(cfg.sample_length, model.config.max_len - len(prompt))
@@ -94,7 +102,10 @@ def make_sampler(model, cfg, tok):
                                  stop_tokens=stops)
 
     def key(step):
-        return jax.random.fold_in(jax.random.key(cfg.seed), step)
+        # A stream of its own: fold_in(key(seed), i) would equal the training keys that
+        # create_train_state splits from key(seed) (split(k)[i] is fold_in(k, i) under threefry).
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), SAMPLE_STREAM),
+                                  step)
 
     def sample(params, step):
         out = run(params, key(step))
@@ -114,7 +125,8 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
-    model_cfg = common.model_config(cfg, tok.vocab_size, trailing_padding=True)
+    model_cfg = common.model_config(cfg, tok.vocab_size, architecture="decoder_only",
+                                    trailing_padding=True)
     model = make_model(model_cfg)
     train_data, eval_data, _ = make_data(cfg, ds, tok)
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None

@@ -25,7 +25,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from flaxformer_lite import make_model  # noqa: E402
@@ -33,6 +33,7 @@ from flaxformer_lite.data import MASK_ID, mlm_pipeline  # noqa: E402
 from flaxformer_lite.training import initialize, train  # noqa: E402
 
 _CONFIG, _WORKDIR = common.define_flags("mlm.py", "/tmp/flaxformer_mlm")
+flags.adopt_module_key_flags(common)  # --help lists --config and --workdir
 
 
 def main(argv):
@@ -45,7 +46,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
-    model_cfg = common.model_config(cfg, tok.vocab_size)
+    model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only")
     model = make_model(model_cfg)
     pipe = mlm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size, max_len=cfg.seq_len,
                         mask_rate=cfg.mask_rate, seed=cfg.seed)

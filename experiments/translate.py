@@ -1,7 +1,7 @@
 """Train an encoder-decoder Transformer for translation (or a synthetic sequence task).
 
     python experiments/translate.py --workdir=/tmp/reverse          # offline default: reverse
-    python experiments/translate.py --config=experiments/configs/multi30k.py \
+    python experiments/translate.py --config=experiments/configs/multi30k.py \\
         --workdir=/tmp/multi30k --config.dataset=../shared/data/multi30k
 
 Evaluates (loss, plus exact match or sacreBLEU with beam search) every `eval_every` steps and
@@ -26,7 +26,7 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, logging  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from flaxformer_lite import decoding, evaluation, make_model  # noqa: E402
@@ -34,6 +34,7 @@ from flaxformer_lite.data import EOS_ID, translation_pipeline  # noqa: E402
 from flaxformer_lite.training import LossConfig, initialize, train  # noqa: E402
 
 _CONFIG, _WORKDIR = common.define_flags("translate.py", "/tmp/flaxformer_translate")
+flags.adopt_module_key_flags(common)  # --help lists --config and --workdir
 
 
 def _encode_sources(tok, texts, max_len):
@@ -100,7 +101,7 @@ def main(argv):
                                 source_lang=cfg.source_lang, target_lang=cfg.target_lang,
                                 **options)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
-    model_cfg = common.model_config(cfg, tok.vocab_size)
+    model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_decoder")
     model = make_model(model_cfg)
     pipe = translation_pipeline(ds, tok, split="train", batch_size=cfg.batch_size,
                                 max_source_len=cfg.max_source_len,

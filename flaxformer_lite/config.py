@@ -389,3 +389,27 @@ def gpu_config(config: TransformerConfig | str, *, trailing_padding: bool = Fals
     if trailing_padding and base.architecture == "decoder_only":
         settings["padding"] = "trailing"
     return base.replace(**{**settings, **overrides})
+
+
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def model_config_dict(preset: str, **values):
+    """An `ml_collections.ConfigDict` for experiment configs (`config.model`): `preset`, `gpu`
+    (False) and every `TransformerConfig` field but `architecture` and `vocab_size` as a typed
+    placeholder (None: keep the preset's value), then `values`. Every field can then be set
+    from the command line, e.g. `--config.model.num_kv_heads=2 --config.model.position=rotary`;
+    `experiments/common.model_config` turns it into the `TransformerConfig`."""
+    import ml_collections
+    from ml_collections.config_dict import placeholder
+
+    fields = dict(preset=preset, gpu=False)
+    for f in dataclasses.fields(TransformerConfig):
+        if f.name not in ("architecture", "vocab_size"):
+            fields[f.name] = placeholder(_FIELD_TYPES[str(f.type).split(" | ")[0]])
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"model_config_dict: {unknown} are not TransformerConfig fields.")
+    config = ml_collections.ConfigDict(fields)
+    config.update(values)
+    return config

@@ -1,5 +1,6 @@
 """The experiment scripts end to end on tiny configs: train, evaluate, write, resume."""
 
+import functools
 import json
 import os
 import shutil
@@ -113,28 +114,46 @@ def test_mlm_on_a_local_file(tmp_path):
     assert results["step"] == 10 and results["eval_loss"] == evals[-1]["eval_loss"]
 
 
+ARCHITECTURES = {"lm": "decoder_only", "shakespeare_char": "decoder_only",
+                 "translate": "encoder_decoder", "multi30k": "encoder_decoder",
+                 "mlm": "encoder_only"}
+
+
 @pytest.mark.parametrize("name, trailing", [("lm", True), ("shakespeare_char", True),
                                             ("translate", False), ("multi30k", False),
                                             ("mlm", False)])
 def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_script,
                                                         monkeypatch):
+    import dataclasses
+
     import jax
 
-    from flaxformer_lite import gpu_config
+    from flaxformer_lite import TransformerConfig, gpu_config
 
     common = load_script("experiments/common.py")
     cfg = load_script(f"experiments/configs/{name}.py").get_config()
-    plain = common.model_config(cfg, 100, trailing_padding=trailing)
+    model_config = functools.partial(common.model_config, architecture=ARCHITECTURES[name])
+    # Every model field can be set from the command line, and a preset of another
+    # architecture is named at start-up (it used to train, then fail at the first sample).
+    assert {f.name for f in dataclasses.fields(TransformerConfig)} - set(cfg.model) == {
+        "architecture", "vocab_size"}
+    wrong = cfg.copy_and_resolve_references()
+    wrong.model.preset = "bert-base" if name != "mlm" else "gpt2"
+    with pytest.raises(ValueError, match=r"--config.model.preset=.* this script trains"):
+        model_config(wrong, 100)
+    plain = model_config(cfg, 100, trailing_padding=trailing)
     assert (plain.dtype, plain.vocab_pad_multiple, plain.padding) == ("float32", 0, "anywhere")
     cfg.model.gpu = True
     with pytest.raises(ValueError, match="but JAX runs on cpu"):  # cuDNN would fail later
-        common.model_config(cfg, 100, trailing_padding=trailing)
+        model_config(cfg, 100, trailing_padding=trailing)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    fast = common.model_config(cfg, 100, trailing_padding=trailing)
+    fast = model_config(cfg, 100, trailing_padding=trailing)
     assert fast == gpu_config(plain, trailing_padding=trailing)
     assert fast.dtype == "bfloat16" and fast.padding == ("trailing" if trailing else "anywhere")
     cfg.model.dtype = "float32"  # what the command line sets wins over the GPU settings
-    assert common.model_config(cfg, 100, trailing_padding=trailing).dtype == "float32"
+    cfg.model.num_kv_heads = 2
+    chosen = model_config(cfg, 100, trailing_padding=trailing)
+    assert (chosen.dtype, chosen.num_kv_heads) == ("float32", 2)
 
 
 def test_lm_samples_start_like_training_rows(load_script):
@@ -249,12 +268,17 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     assert common.optimizer_config(cfg).decay_steps == 2500  # updates: MultiSteps drops the odd one
     cfg.optimizer.decay_steps = 700
     assert common.optimizer_config(cfg).decay_steps == 700
+    cfg.optimizer.decay_steps, cfg.num_steps = None, 8  # 4 updates inside 100 of warmup
+    with pytest.raises(ValueError, match=r"--config.num_steps=8 .*warmup_steps=100"):
+        common.optimizer_config(cfg)
 
 
 @pytest.mark.parametrize("script, flags, message", [
     ("translate.py", ["--config.test_split=tset"], "has no split 'tset'"),
     ("translate.py", ["--config.max_decode_len=64"], "--config.max_decode_len=64 exceeds"),
     ("lm.py", ["--config.sample_length=0"], "--config.sample_length=0 with a prompt"),
+    ("lm.py", ["--config.temperature=0.0"], "--config.temperature=0.0 must be"),
+    ("lm.py", ["--config.model.preset=t5-small"], "this script trains decoder_only"),
 ])
 def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script, flags,
                                                                   message):

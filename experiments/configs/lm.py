@@ -6,6 +6,8 @@ The README's first command: a real language model trained in a few minutes on an
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flaxformer_lite.config import model_config_dict
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -30,15 +32,14 @@ def get_config():
     c.sample_prompt = "\n"
     c.temperature = 0.8
     c.top_k = 0
-    c.model = ml_collections.ConfigDict(dict(
-        preset="gpt2", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=256,
+    # Every TransformerConfig field can be set (--config.model.num_kv_heads=2); unset ones
+    # keep the preset's value. gpu=True: `flaxformer_lite.gpu_config(..., trailing_padding=True)`
+    # (bfloat16, cuDNN attention, causal alone: rows of running text pad only at their end, the
+    # head 128 wide); fields set here or on the command line override those settings.
+    c.model = model_config_dict(
+        "gpt2", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=256,
         dropout_rate=0.0, attention_dropout_rate=0.0, use_bias=False, norm_bias=True,
-        activation="gelu",
-        # gpu=True: `flaxformer_lite.gpu_config(..., trailing_padding=True)` (bfloat16, cuDNN
-        # attention, causal alone: rows of running text pad only at their end, the head 128
-        # wide). The fields below, when set, override the preset and those settings.
-        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
-        padding=placeholder(str), vocab_pad_multiple=placeholder(int)))
+        activation="gelu")
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
         decay_steps=placeholder(int), final_learning_rate=1e-4, b1=0.9, b2=0.99, eps=1e-8,

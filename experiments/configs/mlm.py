@@ -6,6 +6,8 @@
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flaxformer_lite.config import model_config_dict
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -25,14 +27,13 @@ def get_config():
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
     c.progress = True
-    c.model = ml_collections.ConfigDict(dict(
-        preset="bert-base", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=128,
-        dropout_rate=0.1, attention_dropout_rate=0.1, mlm_head=True,
-        # gpu=True: `flaxformer_lite.gpu_config` (bfloat16, the head 128 wide; cuDNN attention
-        # only with attention_dropout_rate=0, which it lacks). The fields below, when set,
-        # override the preset and those settings.
-        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
-        vocab_pad_multiple=placeholder(int)))
+    # Every TransformerConfig field can be set (--config.model.d_ff=256); unset ones keep the
+    # preset's value. gpu=True: `flaxformer_lite.gpu_config` (bfloat16, the head 128 wide;
+    # cuDNN attention only with attention_dropout_rate=0, which it lacks); fields set here or
+    # on the command line override those settings.
+    c.model = model_config_dict(
+        "bert-base", d_model=128, num_heads=4, d_ff=512, num_layers=4, max_len=128,
+        dropout_rate=0.1, attention_dropout_rate=0.1, mlm_head=True)
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=5e-4, schedule="cosine", warmup_steps=100,
         decay_steps=placeholder(int), final_learning_rate=5e-5, b1=0.9, b2=0.98, eps=1e-6,

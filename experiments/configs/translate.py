@@ -6,6 +6,8 @@ A few minutes on a 2-core CPU; reaches 100% exact match on held-out sequences.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from flaxformer_lite.config import model_config_dict
+
 
 def get_config():
     c = ml_collections.ConfigDict()
@@ -37,14 +39,13 @@ def get_config():
     c.eval_decode_examples = 500  # sentences decoded at each evaluation (0 = whole split)
     c.metric = "exact_match"  # exact_match (synthetic tasks) or bleu
     c.label_smoothing = 0.0
-    c.model = ml_collections.ConfigDict(dict(
-        preset="transformer-base", d_model=128, num_heads=4, d_ff=256, num_layers=2,
+    # Every TransformerConfig field can be set (--config.model.position=rotary); unset ones
+    # keep the preset's value. gpu=True: `flaxformer_lite.gpu_config` (bfloat16, cuDNN
+    # attention, the head 128 wide); fields set here or on the command line override those.
+    c.model = model_config_dict(
+        "transformer-base", d_model=128, num_heads=4, d_ff=256, num_layers=2,
         max_len=32, dropout_rate=0.0, attention_dropout_rate=0.0, norm_position="pre",
-        final_norm=True,
-        # gpu=True: `flaxformer_lite.gpu_config` (bfloat16, cuDNN attention, the head 128 wide).
-        # The fields below, when set, override the preset and those settings.
-        gpu=False, dtype=placeholder(str), attention_implementation=placeholder(str),
-        vocab_pad_multiple=placeholder(int)))
+        final_norm=True)
     c.optimizer = ml_collections.ConfigDict(dict(
         optimizer="adamw", learning_rate=1e-3, schedule="cosine", warmup_steps=100,
         decay_steps=placeholder(int), final_learning_rate=1e-5, b1=0.9, b2=0.98, eps=1e-9,
