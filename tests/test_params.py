@@ -167,3 +167,23 @@ def test_training_memory_equals_the_optimizer_the_library_builds(param_dtype, k)
     mem = params.training_memory(cfg, param_dtype=param_dtype, accumulation_steps=k)
     assert mem["optimizer"] + mem.get("accumulated_grads", 0) == held
     assert mem["params"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def test_sizing_a_user_config():
+    """`training_memory` used to read float32 whatever the config's param_dtype (2x too high
+    for bfloat16 parameters); bad arguments raised bare KeyErrors or gave negative FLOPs."""
+    cfg = get_config("gpt2", vocab_size=96, d_model=32, num_heads=2, d_ff=64, num_layers=2,
+                     max_len=16)
+    n = params.count(cfg)
+    assert params.training_memory(cfg)["params"] == 4 * n
+    half = params.training_memory(cfg.replace(param_dtype="bfloat16"))
+    assert half["params"] == half["grads"] == 2 * n and half["optimizer"] == 2 * 2 * n
+    for bad in (dict(optimizer="lion"), dict(accumulation_steps=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            params.training_memory(cfg, **bad)
+    for seq_len in (0, -5, 17):
+        with pytest.raises(ValueError, match=r"seq_len=.* \[1, max_len=16\]"):
+            params.flops_per_token(cfg, seq_len=seq_len)
+    r = params.report(cfg, name="mine")
+    assert (r.name, r.counts["total"], r.published) == ("mine", n, None)
+    assert params.report(cfg).name == "custom"
