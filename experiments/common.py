@@ -112,6 +112,8 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     """`config.optimizer`; an unset `decay_steps` is the run's number of updates, so that
     `--config.num_steps` alone moves the end of the cosine schedule with it."""
     fields = cfg.optimizer.to_dict()
+    if fields.get("schedule") != "cosine":  # the config file's cosine settings do not apply
+        fields["final_learning_rate"] = 0.0
     if fields.get("decay_steps") is None and fields.get("schedule") == "cosine":
         fields["decay_steps"] = num_updates(cfg.num_steps, fields.get("accumulation_steps", 1))
         if fields["decay_steps"] <= fields.get("warmup_steps", 0):

@@ -415,10 +415,15 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     `[0, vocab_size)`: JAX's gathers clamp or fill out-of-range ids instead of failing, so -1
     (PyTorch's ignore index) trained as the last token and ids past the vocabulary gave NaN.
     Likewise `token_type_ids` in `[0, type_vocab_size)` (only 0 without a type embedding)
-    and learned `positions` below `max_len`. Keys the model does not read are dropped; one
-    that looks like a misspelt key is reported once (`logging`). Values that are not concrete
+    and learned `positions` below `max_len`; all entries are integers. Keys the model does
+    not read are dropped, each reported once (`logging`; a misspelt key with its likely
+    name). Values that are not concrete
     (traced) are skipped, and so are those of the keys in `checked` (already checked).
     """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"A batch is a mapping of [batch, length] integer arrays, e.g. "
+                        f"{{'inputs': ..., 'targets': ...}}; got a {type(batch).__name__} (for "
+                        "a loader yielding (x, y), map it: {'inputs': x, 'targets': y}).")
     keys = batch_keys(config.architecture)
     missing = [k for k in ("inputs", "targets") if batch.get(k) is None]
     if missing:
@@ -427,17 +432,23 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                          "[batch, length] (targets 0 = padding, no loss).")
     for key in batch:
         if key not in keys and key not in _WARNED_KEYS:
+            _WARNED_KEYS.add(key)
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
-            if close:
-                _WARNED_KEYS.add(key)
-                logging.getLogger(__name__).warning(
-                    "Batch entry %r is not read by a %s model (did you mean %r?); it is "
-                    "ignored.", key, config.architecture, close[0])
+            logging.getLogger(__name__).warning(
+                "Batch entry %r is not read by a %s model (%s); it is ignored.", key,
+                config.architecture, f"did you mean {close[0]!r}?" if close else
+                f"it reads {', '.join(keys)}")
     arrays = {k: batch[k] for k in keys if batch.get(k) is not None and k not in checked
               and not isinstance(batch[k], jax.core.Tracer)}
     groups = ([("inputs", "inputs_segment_ids", "inputs_positions"),
                ("targets", "targets_segment_ids", "targets_positions")]
               if config.architecture == "encoder_decoder" else [keys])
+    for k, v in arrays.items():
+        dtype = getattr(v, "dtype", None)
+        dtype = np.asarray(v).dtype if dtype is None else np.dtype(dtype)
+        if not np.issubdtype(dtype, np.integer):
+            raise ValueError(f"Batch entry {k!r} is {dtype}; token ids, segment ids and "
+                             "positions are integers.")
     rows = {}
     for group in groups:
         shapes = {k: tuple(np.shape(arrays[k])) for k in group if k in arrays}

@@ -382,9 +382,14 @@ def test_check_batch_refuses_what_the_gathers_would_misread(caplog):
     for cfg, batch, match in cases:
         with pytest.raises(ValueError, match=match):
             check_batch(cfg, batch)
+    with pytest.raises(ValueError, match="'targets' is bool; token ids"):
+        check_batch(gpt, {"inputs": ok, "targets": ok.astype(bool)})
+    with pytest.raises(TypeError, match="got a tuple .*'inputs': x, 'targets': y"):
+        check_batch(gpt, (ok, ok))
     with caplog.at_level("WARNING"):
-        check_batch(gpt, {"inputs": ok, "targets": ok, "segment_id": ok, "raw_text": ok})
-    assert "did you mean 'segment_ids'" in caplog.text and "raw_text" not in caplog.text
+        check_batch(gpt, {"inputs": ok, "targets": ok, "segment_id": ok, "loss_weights": ok})
+    assert "did you mean 'segment_ids'" in caplog.text  # and a key T5X reads, ignored here:
+    assert "'loss_weights' is not read by a decoder_only model (it reads inputs" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["transformer", "t5"])

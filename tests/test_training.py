@@ -915,3 +915,66 @@ def test_tensorboard_hook_reports_a_writer_error_on_first_use(tmp_path):
     hook = TensorBoardHook(blocker / "tb")  # cannot create a directory inside a file
     with pytest.raises(OSError):
         hook(1, {"train/loss": 1.0})
+
+
+def test_a_short_last_batch_trains_as_itself(engine, tmp_path):
+    """The end of an epoch (a torch DataLoader's default) used to crash a multi-device run
+    mid-way; short batches are now padded with empty rows to the first batch's rows, which
+    must change nothing: the same update as the short batch stepped on its own."""
+    batches = [synthetic_batch(0), synthetic_batch(1), synthetic_batch(2, batch=5)]
+    result = run(engine, tmp_path, 3, batches, checkpoint_every=0)
+    state = engine.init_state(0)
+    for batch in batches:
+        state, metrics = engine.train_step(state, batch)
+    # Two compilations of different shapes round differently, and Adam turns ~0 gradients'
+    # rounding into updates of up to ~lr; a padded row with any weight would move far more.
+    assert max_diff(result.params, engine.params(state)) < 1e-5
+    last = engine.metrics_to_host(metrics)
+    assert result.history[-1]["train/tokens"] == last["tokens"]
+
+
+def test_rerun_and_eval_fn_surprises(engine, tmp_path, caplog):
+    """A finished run's rerun reads no batch; eval_fn may return None or a text; a resume whose
+    data runs out while skipping names it (was a bare StopIteration)."""
+    samples = iter([{"bleu": 1.5, "sample": "some text"}, None])
+    first = run(engine, tmp_path / "a", 2, [synthetic_batch(i) for i in range(2)],
+                eval_fn=lambda state, engine: next(samples), eval_every=1)
+    assert [h.get("eval/bleu") for h in first.history if "eval/bleu" in h] == [1.5]
+    assert not any("eval/sample" in h for h in first.history)
+    assert "'sample' is str, not a number" in caplog.text
+
+    def untouched():
+        raise AssertionError("a finished run read its data")
+        yield
+
+    again = run(engine, tmp_path / "a", 2, untouched())
+    assert again.step == 2 and again.history == []
+    with pytest.raises(ValueError, match="ran out after 1 batches while skipping the 2"):
+        run(engine, tmp_path / "a", 4, [synthetic_batch(0)])
+
+
+def test_a_rerun_that_cannot_restore_names_the_changed_fields(engine, tmp_path):
+    run(engine, tmp_path, 2, checkpoint_every=2)
+    other = OPT.replace(clip_norm=None)
+    with pytest.raises(RuntimeError, match=r"optimizer.clip_norm: 1.0 -> None"):
+        train(TINY, other, Batches(), workdir=tmp_path, num_steps=4, hooks=[],
+              parallel=ParallelConfig(mode="single"), loss=LOSS)
+
+
+def test_default_hook_prints_progress(engine, tmp_path, capsys):
+    train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=2, log_every=1, engine=engine,
+          parallel=ParallelConfig(mode="single"), loss=LOSS)
+    assert "step 2: t.loss=" in capsys.readouterr().out
+
+
+def test_optimizer_settings_that_would_be_ignored_are_refused():
+    with pytest.raises(ValueError, match="schedule='constant' never reads them"):
+        OptimizerConfig(decay_steps=100, final_learning_rate=1e-4)
+    with pytest.raises(ValueError, match="the cosine schedule would rise"):
+        OptimizerConfig(schedule="cosine", decay_steps=10, learning_rate=1e-4,
+                        final_learning_rate=1e-3)
+    assert OptimizerConfig(accumulation_steps=np.int64(2)).accumulation_steps == 2
+    assert ParallelConfig(microbatches=np.int64(2)).microbatches == 2
+    for bad in (dict(accumulation_steps=True), dict(accumulation_steps=0)):
+        with pytest.raises(ValueError, match="accumulation_steps"):
+            OptimizerConfig(**bad)

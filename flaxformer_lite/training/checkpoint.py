@@ -257,7 +257,9 @@ def load_state(directory: str | os.PathLike, step: int | None = None) -> tuple[i
                                ) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"No checkpoint in {directory}.")
+            hint = (f" (a train() workdir keeps them in {directory / 'checkpoints'})"
+                    if (directory / "checkpoints").is_dir() else "")
+            raise FileNotFoundError(f"No checkpoint in {directory}{hint}.")
         metadata = manager.item_metadata(step)[STATE_ITEM]
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               metadata)

@@ -106,11 +106,19 @@ def _validate(c: OptimizerConfig) -> None:
             f"OptimizerConfig.decay_steps={c.decay_steps} must be set and larger than "
             f"warmup_steps={c.warmup_steps} for schedule='cosine' (usually the number of "
             "optimizer updates in the run).")
+    if c.schedule == "cosine" and c.final_learning_rate > c.learning_rate:
+        raise ValueError(
+            f"OptimizerConfig.final_learning_rate={c.final_learning_rate} is above "
+            f"learning_rate={c.learning_rate}: the cosine schedule would rise.")
+    if c.schedule != "cosine" and (c.decay_steps is not None or c.final_learning_rate):
+        raise ValueError(
+            f"OptimizerConfig.decay_steps={c.decay_steps} / final_learning_rate="
+            f"{c.final_learning_rate} are set, but schedule={c.schedule!r} never reads them; "
+            "set schedule='cosine' to decay, or leave them out.")
     if c.clip_norm is not None:
         _number("clip_norm", c.clip_norm, 0.0, low_open=True)
-    if not isinstance(c.accumulation_steps, int) or c.accumulation_steps < 1:
-        raise ValueError(f"OptimizerConfig.accumulation_steps={c.accumulation_steps} must be a "
-                         "positive integer (1 = no accumulation).")
+    _number("accumulation_steps", c.accumulation_steps, 1, integer=True,
+            hint=" (1 = no accumulation)")
 
 
 # ---- schedules ---------------------------------------------------------------------------------

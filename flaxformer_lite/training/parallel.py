@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite import perf
-from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.config import TransformerConfig, check_number
 from flaxformer_lite.models import batch_keys, check_batch, make_model
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
@@ -86,10 +86,8 @@ class ParallelConfig:
     microbatches: int = 1
 
     def __post_init__(self):
-        if (not isinstance(self.microbatches, int) or isinstance(self.microbatches, bool)
-                or self.microbatches < 1):
-            raise ValueError(f"ParallelConfig.microbatches={self.microbatches!r} must be a "
-                             "positive integer (1 = the whole batch at once).")
+        check_number("ParallelConfig", "microbatches", self.microbatches, 1, integer=True,
+                     hint=" (1 = the whole batch at once)")
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
                              f"{', '.join(MODES)}.")
@@ -378,7 +376,10 @@ class Engine:
                 raise ValueError(
                     f"Batch {key!r} has {rows} examples on this process, not divisible by its "
                     f"{local_shards} batch shards ({self.describe()}); make the per-process "
-                    f"batch size a multiple of {local_shards}.")
+                    f"batch size a multiple of {local_shards}"
+                    + (f" (of {local_shards * self.parallel.microbatches} for training with "
+                       f"{self.parallel.microbatches} micro-batches)"
+                       if self.parallel.microbatches > 1 else "") + ".")
             if self.mode == "pmap":
                 value = value.reshape((local_shards, rows // local_shards) + value.shape[1:])
                 out[key] = jax.device_put(value, self._pmap_sharding)

@@ -87,22 +87,23 @@ class TrainResult:
 
 # ---- hooks ------------------------------------------------------------------------------------
 
-def log_hook(step: int, metrics: Mapping[str, float]) -> None:
-    """Log a compact line through `logging` (INFO)."""
+def _compact(step: int, metrics: Mapping[str, float]) -> str:
     keys = ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
             "train/tokens_per_second", "eval/loss", "eval/accuracy")
     parts = [f"{k.split('/')[0][0]}.{k.split('/')[1]}={metrics[k]:.4g}" for k in keys
              if k in metrics]
-    log.info("step %d: %s", step, " ".join(parts))
+    return f"step {step}: {' '.join(parts)}"
+
+
+def log_hook(step: int, metrics: Mapping[str, float]) -> None:
+    """Log a compact line (loss, accuracy, learning rate, gradient norm, tokens/s, eval)
+    through `logging` at INFO, which Python shows only once configured to."""
+    log.info("%s", _compact(step, metrics))
 
 
 def print_hook(step: int, metrics: Mapping[str, float]) -> None:
-    """Print the loss (and eval loss) to stdout."""
-    line = f"step {step:>7d}"
-    for key in ("train/loss", "train/accuracy", "eval/loss", "eval/accuracy"):
-        if key in metrics:
-            line += f"  {key} {metrics[key]:.4f}"
-    print(line, flush=True)
+    """Print `log_hook`'s line to stdout: `train()`'s default."""
+    print(_compact(step, metrics), flush=True)
 
 
 class TensorBoardHook:
@@ -225,21 +226,33 @@ def _write_config(workdir: str, **configs) -> None:
     restored with them (a run that fails to restore leaves the record alone); name the fields
     that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`."""
     path = os.path.join(workdir, "config.json")
-    record = json.loads(json.dumps(
+    changed = _config_changes(workdir, **configs)
+    if changed:
+        log.warning("This run's configs differ from the run recorded in %s: %s.", path,
+                    "; ".join(changed))
+    with open(path, "w") as f:
+        json.dump(_config_record(**configs), f, indent=2, sort_keys=True)
+
+
+def _config_record(**configs) -> dict:
+    return json.loads(json.dumps(
         {name: (c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c))
          for name, c in configs.items()}, default=str))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        changed = [f"{name}.{k}: {old[name].get(k)!r} -> {v!r}"
-                   for name in ("model", "optimizer", "loss", "parallel")
-                   if isinstance(old.get(name), dict)
-                   for k, v in record[name].items() if old[name].get(k) != v]
-        if changed:
-            log.warning("This run's configs differ from the run recorded in %s: %s.", path,
-                        "; ".join(changed))
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+
+
+def _config_changes(workdir: str, **configs) -> list[str]:
+    """`"optimizer.clip_norm: None -> 1.0"` for each field that differs from the run recorded
+    in `workdir/config.json` (none if there is no record)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f)
+    record = _config_record(**configs)
+    return [f"{name}.{k}: {old[name].get(k)!r} -> {v!r}"
+            for name in ("model", "optimizer", "loss", "parallel")
+            if isinstance(old.get(name), dict) and name in record
+            for k, v in record[name].items() if old[name].get(k) != v]
 
 
 def _first_eval_batch(eval_data) -> Batch | None:
@@ -295,11 +308,13 @@ def _warn_schedule(opt: OptimizerConfig, num_steps: int) -> None:
                     "micro-batch(es) are accumulated but never applied.", num_steps,
                     opt.accumulation_steps, num_steps % opt.accumulation_steps)
     if opt.schedule == "cosine" and opt.decay_steps != updates:
+        fix = (f"set decay_steps={updates} to decay over the run" if updates > opt.warmup_steps
+               else f"lower warmup_steps={opt.warmup_steps} below the run's updates, then set "
+                    "decay_steps to them")
         log.warning("The cosine schedule ends at update %d, but this run makes %d updates "
-                    "(num_steps=%d / accumulation_steps=%d); set decay_steps=%d to decay "
-                    "over the run.", opt.decay_steps, updates, num_steps,
-                    opt.accumulation_steps, updates)
-    if 0 < updates <= opt.warmup_steps and opt.schedule != "vaswani":
+                    "(num_steps=%d / accumulation_steps=%d); %s.", opt.decay_steps, updates,
+                    num_steps, opt.accumulation_steps, fix)
+    if 0 < updates < opt.warmup_steps and opt.schedule != "vaswani":
         log.warning("warmup_steps=%d: the run's %d updates end before the learning rate "
                     "reaches its peak.", opt.warmup_steps, updates)
 
@@ -325,8 +340,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       has `get_state()`/`set_state()` (grain) its position is checkpointed.
     eval_data: factory of a finite iterable of eval batches (pad the last one with target 0);
       summed with `eval_step` into "eval/loss", "eval/accuracy", "eval/perplexity", ...
-    eval_fn: `(state, engine) -> {name: value}` for anything else (BLEU, samples); keys
-      without a "/" get the "eval/" prefix. Both run every `eval_every` steps (None or 0: only
+    eval_fn: `(state, engine) -> {name: number}` for other scalar metrics (BLEU, exact
+      match); keys without a "/" get the "eval/" prefix; None counts as no metrics, and a
+      value that is not a number (a text sample) is skipped with a warning: write those
+      yourself. Both run every `eval_every` steps (None or 0: only
       at the end) and at the end of the run.
     checkpoint_every: save every this many steps (None or 0: only at the end and on
       interrupts).
@@ -334,7 +351,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       every evaluation then also saves a checkpoint, so the best one is always among them.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
-      (default: `log_hook`). Metric names are "train/..." and "eval/...". A hook with an
+      (default: `print_hook`, a line to stdout; `log_hook` sends it through `logging`).
+      Metric names are "train/..." and "eval/...". A hook with an
       `on_start(step)` method is first told the step the run starts from: 0, or the restored
       checkpoint's, past which a killed run may have logged (`TensorBoardHook` then hides
       those events).
@@ -384,12 +402,12 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                              "than the one(s) passed to train(); pass the engine's, or leave "
                              "parallel/loss out to use the engine's.")
     workdir = os.path.abspath(os.fspath(workdir))
-    hooks = [log_hook] if hooks is None else list(hooks)
+    hooks = [print_hook] if hooks is None else list(hooks)
     main = distributed.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)
-    record = functools.partial(_write_config, workdir, model=model_config,
-                               optimizer=optimizer_config, loss=loss, parallel=parallel)
+    configs = dict(model=model_config, optimizer=optimizer_config, loss=loss, parallel=parallel)
+    record = functools.partial(_write_config, workdir, **configs)
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss)
     log.info("Training on %s.", engine.describe())
@@ -403,15 +421,26 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                      eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      hooks=hooks if main else [], handle_signals=handle_signals,
-                     warm_up=warm_up, record_config=record if main else None)
+                     warm_up=warm_up, record_config=record if main else None,
+                     config_changes=functools.partial(_config_changes, workdir, **configs))
     finally:
         ckpt.close()
 
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
           eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up,
-          record_config) -> TrainResult:
-    restored = ckpt.restore(engine.abstract_state())
+          record_config, config_changes) -> TrainResult:
+    try:
+        restored = ckpt.restore(engine.abstract_state())
+    except RuntimeError as error:
+        changed = config_changes()
+        if not changed:
+            raise
+        raise RuntimeError(
+            f"{error} This run's configs differ from the run that wrote them: "
+            f"{'; '.join(changed)}. Fields that change the parameters or the optimizer state "
+            "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
+            "checkpoints: restore the recorded values, or train in another workdir.") from error
     if restored is None:
         state, step, data_state = engine.init_state(seed), 0, None
     else:
@@ -424,7 +453,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         if callable(getattr(hook, "on_start", None)):
             hook.on_start(step)
     iterator = _make_iterator(train_data)
-    if step:
+    if step >= num_steps:
+        log.warning("The checkpoint in %s is at step %d: nothing left to train (num_steps=%d).",
+                    ckpt.directory, step, num_steps)
+    elif step:
         _restore_position(iterator, data_state, step)
 
     history: list[dict[str, float]] = []
@@ -444,8 +476,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                     f"The training loss is {m['loss'] / max(m['tokens'], 1):.4g} and the "
                     f"gradient norm {m['grad_norm']:.4g} at step {first + offset}: not finite. "
                     f"Nothing after the last good checkpoint (step {ckpt.latest_step()}) was "
-                    "saved. Lower the learning rate, add warmup or clip_norm, or look for "
-                    "bad data; rerunning resumes from that checkpoint.")
+                    "saved. Lower the learning rate or add warmup (rerunning then resumes from "
+                    "that checkpoint), or look for bad data; adding clip_norm or "
+                    "accumulation_steps changes the optimizer state, so those start afresh in "
+                    "another workdir.")
         for m in host:
             window["sums"] = add_metrics(window["sums"], m)
         window["steps"] += len(host)
@@ -478,8 +512,12 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         if eval_data is not None:
             metrics.update({f"eval/{k}": v for k, v in evaluate(engine, state, eval_data).items()})
         if eval_fn is not None:
-            for k, v in eval_fn(state, engine).items():
-                metrics[k if "/" in k else f"eval/{k}"] = float(v)
+            for k, v in (eval_fn(state, engine) or {}).items():
+                try:
+                    metrics[k if "/" in k else f"eval/{k}"] = float(v)
+                except (TypeError, ValueError):
+                    log.warning("eval_fn's %r is %s, not a number: not reported to the hooks.",
+                                k, type(v).__name__)
         last_eval, last_eval_step = metrics, step
         report(metrics)
 
@@ -493,6 +531,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
     evaluating = eval_data is not None or eval_fn is not None
     interrupted = False
     start_step = step
+    rows = None  # the first batch's rows: shorter batches are padded to them
     with _StopSignals(handle_signals) as signals:
         while step < num_steps:
             if signals.agreed():
@@ -506,13 +545,18 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 log.warning("The training data ran out after %d steps (num_steps=%d).", step,
                             num_steps)
                 break
+            batch, rows = _pad_short_batch(batch, rows, step)
             if step == start_step:  # compile what the run needs side by side, then train
                 batch = engine.shard_batch(batch)  # laid out once, for the compile and the step
                 engine.precompile(state, batch, functools.partial(_first_eval_batch, eval_data)
                                   if evaluating else None)
                 if warm_up is not None:
                     warm_up(state, engine)
-            state, metrics = engine.train_step(state, batch)
+            try:
+                state, metrics = engine.train_step(state, batch)
+            except (ValueError, TypeError) as error:  # a batch the step refuses
+                raise type(error)(f"Train batch {step + 1} (the last checkpoint is step "
+                                  f"{ckpt.latest_step()}): {error}") from error
             step += 1
             pending.append(metrics)
             if len(pending) > STEPS_AHEAD:
@@ -548,5 +592,32 @@ def _restore_position(iterator, data_state, step: int) -> None:
     why = ("the iterator has no set_state()" if not hasattr(iterator, "set_state") else
            "the checkpoint holds no iterator state for this process")
     log.warning("Restoring the data position by skipping %d batches (%s).", batches, why)
-    for _ in range(batches):
-        next(iterator)
+    for i in range(batches):
+        if next(iterator, None) is None:
+            raise ValueError(f"train_data ran out after {i} batches while skipping the "
+                             f"{batches} the checkpoint at step {step} had consumed: resuming "
+                             "needs the same data (or a new workdir).")
+
+
+def _pad_short_batch(batch, rows: int | None, step: int):
+    """(batch, the run's rows): the first batch sets the rows; a shorter one (the end of an
+    epoch) gets all-zero rows (targets 0: no loss, no gradient), so that it fits the device
+    layout and the compiled step, and trains exactly as the short batch would."""
+    first = next(iter(batch.values()), None) if isinstance(batch, Mapping) else None
+    n = np.shape(first)[0] if np.ndim(first) else 0
+    if rows is None or not 0 < n < rows:
+        return batch, n if rows is None else rows
+    if rows not in _PADDED:
+        _PADDED.add(rows)
+        log.warning("Train batch %d has %d rows, the first had %d: padded with empty rows "
+                    "(no loss, no gradient; the update is the short batch's).", step + 1, n, rows)
+    padded = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if v.ndim and v.shape[0] == n:
+            v = np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
+        padded[k] = v
+    return padded, rows
+
+
+_PADDED: set[int] = set()
