@@ -15,6 +15,7 @@ import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "encoder_only")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu")
@@ -108,6 +109,22 @@ class TransformerConfig:
     vocab_pad_multiple: int = 0
 
     def __post_init__(self):
+        # NumPy scalars and dtype objects (jnp.bfloat16) as the plain values the config holds,
+        # so that it hashes, compares and records (config.json) the same either way.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("dtype", "param_dtype") and not isinstance(value, str):
+                try:
+                    value = jnp.dtype(value).name
+                except TypeError:
+                    pass
+            elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+                value = int(value)
+            elif isinstance(value, np.floating):
+                value = float(value)
+            elif isinstance(value, np.bool_):
+                value = bool(value)
+            object.__setattr__(self, f.name, value)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -313,13 +330,14 @@ def _gpt(d_model, num_layers, num_heads, max_len):
 
 def _t5(d_model, d_ff, num_layers, num_heads):
     # Raffel et al. 2020 (T5 v1.0 checkpoints): relative position buckets (32, max distance 128),
-    # RMS norm without bias, no dense biases, ReLU, head_dim 64, SentencePiece vocab 32128,
+    # RMS norm without bias, no dense biases, ReLU, head_dim 64 (d_model / num_heads in these
+    # sizes, so left derived: a shrunk preset shrinks its heads), SentencePiece vocab 32128,
     # one embedding shared by encoder, decoder and the (tied) output projection, which reads
     # the decoder output scaled by d_model**-0.5; unscaled q . k; dropout 0.1 everywhere,
     # attention weights and the stacks' outputs included. Initialised as T5X does (`init="t5"`).
     return TransformerConfig(
         architecture="encoder_decoder", vocab_size=32128, d_model=d_model, num_heads=num_heads,
-        head_dim=64, d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
+        d_ff=d_ff, num_layers=num_layers, max_len=512, activation="relu",
         position="relative", norm="rms", norm_position="pre", norm_eps=1e-6, use_bias=False,
         scale_embeddings=False, relative_num_buckets=32, relative_max_distance=128,
         dropout_rate=0.1, attention_dropout_rate=0.1, final_dropout=True,

@@ -108,3 +108,21 @@ def test_gpu_config_overrides_win():
     assert (config.dtype, config.vocab_pad_multiple, config.num_layers) == ("float16", 64, 2)
     with pytest.raises(ValueError, match="vocab_pad_multiple"):
         gpu_config("gpt2", vocab_pad_multiple=-1)
+
+
+def test_numpy_scalars_and_dtype_objects_are_plain_values():
+    """NumPy ints were refused (d_model=np.int64(16)) while NumPy floats passed through, and
+    `dtype=jnp.bfloat16`, Flax's spelling, was refused."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    c = get_config("gpt2", d_model=np.int64(64), num_heads=np.int32(4), dtype=jnp.bfloat16,
+                   dropout_rate=np.float32(0.5), use_bias=np.bool_(False))
+    plain = get_config("gpt2", d_model=64, num_heads=4, dtype="bfloat16", dropout_rate=0.5,
+                       use_bias=False)
+    assert c == plain and hash(c) == hash(plain) and type(c.d_model) is int
+
+
+def test_a_shrunk_t5_preset_shrinks_its_heads():
+    c = get_config("t5-small", d_model=32, num_heads=2)
+    assert c.dim_per_head == 16 and get_config("t5-base").dim_per_head == 64
