@@ -30,20 +30,11 @@ from absl import app, flags, logging  # noqa: E402
 
 from experiments import common  # noqa: E402
 from flaxformer_lite import decoding, evaluation, make_model  # noqa: E402
-from flaxformer_lite.data import EOS_ID, translation_pipeline  # noqa: E402
+from flaxformer_lite.data import encode_sources, translation_pipeline  # noqa: E402
 from flaxformer_lite.training import LossConfig, initialize, train  # noqa: E402
 
 _CONFIG, _WORKDIR = common.define_flags("translate.py", "/tmp/flaxformer_translate")
 flags.adopt_module_key_flags(common)  # --help lists --config and --workdir
-
-
-def _encode_sources(tok, texts, max_len):
-    rows = np.zeros((len(texts), max_len), np.int32)
-    for i, t in enumerate(texts):
-        ids = (tok.encode(t.strip()) + [EOS_ID])[:max_len]  # stripped, as in training
-        ids[-1] = EOS_ID
-        rows[i, :len(ids)] = ids
-    return rows
 
 
 def make_decoder(model, cfg, tok):
@@ -62,7 +53,7 @@ def make_decoder(model, cfg, tok):
                                          greedy=True).tokens
 
     def decode(params, texts):
-        src = _encode_sources(tok, texts, cfg.max_source_len)
+        src = encode_sources(tok, texts, cfg.max_source_len)  # as training framed them
         out = []
         for start in range(0, len(src), chunk):
             part = src[start:start + chunk]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import operator
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +72,8 @@ class Generation(NamedTuple):
 class Beams(NamedTuple):
     """Result of `beam_search`, best beam first (a pytree).
 
-    tokens: `[batch, beam, max_len]` ids, EOS kept, 0 after it.
+    tokens: `[batch, beam, max_len]` generated ids (the prompt not repeated), EOS kept, 0
+      after it; beams beyond the sequences that exist are empty (0s, length 0, score -1e9).
     lengths: `[batch, beam]` tokens per beam, EOS included.
     scores: `[batch, beam]` `log_probs / length_penalty(lengths, alpha)`, sorted descending.
     log_probs: `[batch, beam]` total log-probability of each beam.
@@ -377,12 +379,35 @@ def _check_ids(name: str, ids, vocab_size: int) -> None:
 
 def _check_sources(inputs) -> None:
     """A source row of padding alone gives the decoder nothing to attend (its cross-attention
-    averages masked slots); refuse it, as `generate` refuses an empty prompt."""
+    averages masked slots); refuse it, as `generate` refuses an empty prompt. Sources without
+    any EOS are reported once: the pipelines end every training source with one."""
+    global _WARNED_NO_EOS
     if not isinstance(inputs, jax.core.Tracer):
-        empty = np.flatnonzero(~(np.asarray(inputs) != PAD_ID).any(axis=1))
+        host = np.asarray(inputs)
+        empty = np.flatnonzero(~(host != PAD_ID).any(axis=1))
         if empty.size:
             raise ValueError(f"inputs row(s) {empty.tolist()} hold only padding ({PAD_ID}); "
                              "give every row a source, or leave empty rows out.")
+        if not _WARNED_NO_EOS and not (host == EOS_ID).any():
+            _WARNED_NO_EOS = True
+            logging.getLogger(__name__).warning(
+                "No source row holds EOS (id %d). translation_pipeline ends every training "
+                "source with it, and a model trained so decodes unframed sources poorly: "
+                "frame them with flaxformer_lite.data.encode_sources.", EOS_ID)
+
+
+_WARNED_NO_EOS = False
+
+
+def _as_ids(name: str, ids):
+    """Python lists (of equal-length rows) as an int32 array; arrays pass through."""
+    if isinstance(ids, (list, tuple)):
+        try:
+            return np.asarray(ids, np.int32)
+        except ValueError as error:
+            raise ValueError(f"{name} rows differ in length; right-pad them with {PAD_ID} to "
+                             "one width.") from error
+    return ids
 
 
 def _positive_int(name: str, value) -> int:
@@ -398,6 +423,10 @@ def _positive_int(name: str, value) -> int:
 def _check_total(cfg: TransformerConfig, prompt_len: int, new, new_name: str) -> int:
     """Prompt plus generated tokens must fit the model's `max_len` (checked before compiling)."""
     new = _positive_int(new_name, new)
+    if prompt_len >= cfg.max_len:
+        raise ValueError(f"The prompts are {prompt_len} columns wide (padding included), which "
+                         f"leaves no room for new tokens within the model's max_len="
+                         f"{cfg.max_len}; shorten them or their padding.")
     if prompt_len + new > cfg.max_len:
         what = f"prompt length {prompt_len} + " if prompt_len else ""
         raise ValueError(
@@ -425,6 +454,9 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
         if known is not None and not (np.isfinite(known) and known > 0):
             raise ValueError(f"temperature={temperature} must be a finite number > 0; for the "
                              "argmax use greedy=True.")
+    if isinstance(top_p, jax.core.Tracer) or isinstance(top_k, jax.core.Tracer):
+        raise ValueError("top_k and top_p are compiled into the sampler: pass Python numbers "
+                         "(static arguments of your jit), not traced values.")
     try:
         k = operator.index(top_k)
     except TypeError:
@@ -434,6 +466,7 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
+    stop_tokens = () if stop_tokens is None else stop_tokens
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
@@ -501,6 +534,8 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     """
     cfg = _check_model(model, (DecoderOnly,), "generate",
                        "use generate_seq2seq for encoder-decoder models")
+    prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
+                                                                     prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
@@ -516,13 +551,15 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
                      greedy: bool = False, return_logits: bool = False) -> Generation:
     """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding, after each
     row's tokens as the pipelines pad them: with learned or sinusoidal positions a left-padded
-    source shifts its positions, in training as here).
+    source shifts its positions, in training as here). Frame them as training did, ending in
+    EOS: `data.encode_sources`.
 
     The encoder runs once; the decoder starts from token 0 and samples as in `generate`.
     `max_new_tokens` (the target length) must not exceed `config.max_len`.
     """
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
                        "use generate for decoder-only models")
+    inputs = _as_ids("inputs", inputs)
     _check_ids("inputs", inputs, cfg.vocab_size)
     _check_sources(inputs)
     max_new_tokens = _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
@@ -547,7 +584,12 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
                        "encoder-only models do not generate")
+    inputs, prompt_lengths = _as_ids("inputs", inputs), _as_ids("prompt_lengths", prompt_lengths)
     _check_ids("inputs", inputs, cfg.vocab_size)
+    known = _concrete(alpha)
+    if known is not None and not (known.shape == () and np.isfinite(known)):
+        raise ValueError(f"alpha={alpha} must be one finite number (the length penalty's "
+                         "exponent; 0 = none).")
     if isinstance(model, DecoderOnly):
         max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
         lengths = _prompt_lengths(inputs, prompt_lengths)
@@ -584,6 +626,8 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     """
     cfg = _check_model(model, (DecoderOnly,), "generate_no_cache",
                        "it covers decoder-only models only")
+    prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
+                                                                     prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,

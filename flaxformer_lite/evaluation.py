@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -83,6 +83,9 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     given, `bits_per_character` / `bits_per_byte` (`nll / ln 2 / count`): the measure that
     compares models with different tokenizers. Targets include EOS tokens if the batches do.
     """
+    if isinstance(batches, Mapping):
+        raise TypeError("perplexity takes an iterable of batches; wrap a single batch in a "
+                        "list: perplexity(model, params, [batch]).")
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     _kind(model)
@@ -159,6 +162,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     print next to the score), `precisions` (1-4 gram, %), `brevity_penalty`, `sys_len`,
     `ref_len`.
     """
+    if isinstance(hypotheses, str) or isinstance(references, str):
+        raise TypeError("bleu takes lists of sentences (a string would be read as one sentence "
+                        "per character): bleu([hypothesis], [reference]).")
     hypotheses = list(hypotheses)
     if not hypotheses:
         raise ValueError("bleu needs at least one hypothesis.")
@@ -177,6 +183,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequenc
     if not all(isinstance(h, str) for h in hypotheses):
         raise ValueError("hypotheses must be strings (detokenized text); use bleu_from_ids for "
                          "token ids.")
+    if tokenize not in sacrebleu.metrics.BLEU.TOKENIZERS:
+        raise ValueError(f"tokenize={tokenize!r} is not one of sacrebleu's "
+                         f"{', '.join(sacrebleu.metrics.BLEU.TOKENIZERS)}.")
     metric = sacrebleu.metrics.BLEU(tokenize=tokenize, lowercase=lowercase)
     result = metric.corpus_score(hypotheses, streams)
     return {"bleu": float(result.score), "signature": str(metric.get_signature()),
@@ -191,6 +200,10 @@ def bleu_from_ids(hypothesis_ids: Sequence[Sequence[int]] | np.ndarray,
                   pad_id: int | None = PAD_ID, **bleu_kwargs) -> dict[str, Any]:
     """`bleu` of generated id rows (`[n, length]`, cut at EOS, pads dropped, then detokenized)
     against reference text: score the raw references, never re-tokenized ones."""
+    rows = list(hypothesis_ids)
+    if any(np.ndim(row) != 1 for row in rows):  # [n, beams, length] would join the beams
+        raise ValueError("hypothesis_ids must be [n, length] id rows (one per hypothesis); for "
+                         "beam_search output pass the best beams, beams.tokens[:, 0].")
     hypotheses = [detokenize(strip_ids(row, eos_id=eos_id, pad_id=pad_id))
-                  for row in hypothesis_ids]
+                  for row in rows]
     return bleu(hypotheses, references, **bleu_kwargs)

@@ -736,3 +736,15 @@ def test_packed_mlm_rows_equal_examples_alone(text_ds, char_tok):
                             for x in _alone([batch["inputs"][r, w] for r, w in where])])
     for i, (r, w) in enumerate(where):
         np.testing.assert_allclose(packed[r, w], alone[i, :len(w)], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_sources_frames_sources_as_training_does(parallel_ds):
+    """Decoding must see sources framed like the training rows: stripped, EOS-terminated, cut
+    keeping the EOS (a model trained so decoded unframed sources to nonsense)."""
+    tok = parallel_ds.tokenizer("char")
+    pipe = fd.translation_pipeline(parallel_ds, tok, batch_size=4, max_source_len=8,
+                                   max_target_len=32, pack=False, shuffle=False, num_epochs=1)
+    batch = next(iter(pipe))
+    texts = [ex["inputs"] for ex in list(parallel_ds.split("train"))[:4]]
+    np.testing.assert_array_equal(fd.encode_sources(tok, ["  " + t + "\n" for t in texts], 8),
+                                  batch["inputs"])

@@ -590,3 +590,28 @@ def test_generation_with_sharded_and_replicated_params():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")
+
+
+def test_inputs_as_users_pass_them(caplog, monkeypatch):
+    """Lists of rows are taken as arrays; stop_tokens=None means none; a prompt as wide as
+    max_len is named (the old message advised "at most 0" new tokens); a NaN alpha returned
+    empty beams; sources without EOS, which the pipelines always append, are reported."""
+    s, e = setup("gpt_learned"), setup("encdec_sinusoidal")
+    want = s.generate(greedy=True)
+    got = decoding.generate(s.model, s.params, s.ids.tolist(), max_new_tokens=NEW, greedy=True)
+    np.testing.assert_array_equal(np.asarray(got.tokens), want.tokens)
+    out = decoding.generate(s.model, s.params, s.ids, max_new_tokens=NEW, greedy=True,
+                            stop_tokens=None)
+    assert np.asarray(out.lengths).tolist() == [NEW] * len(s.ids)
+    with pytest.raises(ValueError, match="differ in length; right-pad"):
+        decoding.generate(s.model, s.params, [[5, 6], [7]], max_new_tokens=2, greedy=True)
+    wide = np.full((1, s.cfg.max_len), 5, np.int32)
+    with pytest.raises(ValueError, match="32 columns wide .* leaves no room"):
+        decoding.generate(s.model, s.params, wide, max_new_tokens=1, greedy=True)
+    with pytest.raises(ValueError, match="alpha=nan must be one finite number"):
+        decoding.beam_search(e.model, e.params, e.ids, beam_size=2, max_len=4,
+                             alpha=float("nan"))
+    monkeypatch.setattr(decoding, "_WARNED_NO_EOS", False)
+    with caplog.at_level("WARNING"):
+        e.generate(greedy=True)
+    assert "No source row holds EOS" in caplog.text and "encode_sources" in caplog.text

@@ -229,3 +229,22 @@ def test_exact_match_ignores_eos_tail_and_padding():
     assert evaluation.strip_ids([5, 0, 6, 1, 7]) == [5, 6]
     with pytest.raises(ValueError, match="same number"):
         evaluation.exact_match(predictions[:3], targets)
+
+
+def test_misuse_that_used_to_score_quietly():
+    """A string scored each character as a sentence (BLEU 0); beams passed to bleu_from_ids
+    were joined into one hypothesis; an unknown tokenizer raised sacrebleu's KeyError; one
+    batch dict passed to perplexity iterated over its keys."""
+    from flaxformer_lite import evaluation
+
+    with pytest.raises(TypeError, match="lists of sentences"):
+        evaluation.bleu("a dog runs", "a dog runs")
+    beams = np.ones((2, 3, 4), np.int32)
+    with pytest.raises(ValueError, match=r"beams.tokens\[:, 0\]"):
+        evaluation.bleu_from_ids(beams, ["a", "b"], lambda ids: "x")
+    assert isinstance(evaluation.bleu_from_ids(beams[:, 0], ["x y", "x y"],
+                                               lambda ids: "x y")["bleu"], float)
+    with pytest.raises(ValueError, match="tokenize='foo' is not one of sacrebleu's"):
+        evaluation.bleu(["a"], ["a"], tokenize="foo")
+    with pytest.raises(TypeError, match=r"perplexity\(model, params, \[batch\]\)"):
+        evaluation.perplexity(None, None, {"inputs": beams[0], "targets": beams[0]})

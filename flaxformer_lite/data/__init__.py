@@ -31,6 +31,7 @@ from flaxformer_lite.data.catalog import CATALOG, CATALOG_NAMES, load_catalog, l
 from flaxformer_lite.data.pipeline import (
     Pipeline,
     PipelineStats,
+    encode_sources,
     lm_pipeline,
     mask_tokens,
     mlm_pipeline,
@@ -65,5 +66,5 @@ __all__ = [
     "load_synthetic_task", "load_text_corpus", "load_tokenizer", "mask_tokens", "mlm_pipeline",
     "prefetch_to_device", "process_shard", "read_text_file", "split_for_devices",
     "split_units", "synthetic_example", "synthetic_task_splits", "to_global_array",
-    "train_sentencepiece", "translation_pipeline", "window_pipeline",
+    "train_sentencepiece", "translation_pipeline", "window_pipeline", "encode_sources",
 ]

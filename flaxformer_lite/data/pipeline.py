@@ -716,6 +716,18 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
                     f"max_len={max_len} pack={pack}")
 
 
+def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Source sentences framed as `translation_pipeline` frames them for training, for
+    decoding: stripped, `ids + [EOS]` cut to `max_len` keeping the EOS, right-padded with 0 to
+    `[len(texts), max_len]` int32. A model trained on framed sources decodes unframed ones
+    (no EOS) poorly."""
+    rows = np.zeros((len(texts), max_len), np.int32)
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text.strip())[:max_len - 1] + [EOS_ID]
+        rows[i, :len(ids)] = ids
+    return rows
+
+
 def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenizer,
                          *, split: str = "train", batch_size: int, max_source_len: int,
                          max_target_len: int | None = None,
