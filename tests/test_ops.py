@@ -129,6 +129,9 @@ def test_attention_errors():
         ops.scaled_dot_product_attention(q, k, k)
     with pytest.raises(ValueError, match="implementation"):
         ops.scaled_dot_product_attention(q, q, q, implementation="flash")
+    if jax.default_backend() != "gpu":  # was JAX's bare "cuDNN is not detected"
+        with pytest.raises(ValueError, match="attention_implementation.*needs an NVIDIA GPU"):
+            ops.scaled_dot_product_attention(q, q, q, implementation="cudnn")
     with pytest.raises(ValueError, match="dropout"):
         ops.scaled_dot_product_attention(q, q, q, implementation="xla", dropout_rate=0.1,
                                          dropout_rng=jax.random.key(0))

@@ -180,6 +180,10 @@ def _check_operands(q, k, v, bias, mask) -> None:
 
 
 def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"implementation='cudnn' (TransformerConfig.attention_implementation) needs an "
+            f"NVIDIA GPU, but JAX runs on {jax.default_backend()}; use 'ops' or 'xla' here.")
     def four_d(x):
         if x is None:
             return None
