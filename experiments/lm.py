@@ -152,7 +152,7 @@ def main(argv):
                    eval_data=eval_data, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   hooks=[writer],
+                   experiment=cfg.to_dict(), hooks=[writer],
                    warm_up=(lambda state, engine: sample.warm_up(engine.params(state)))
                    if sample else None)
     writer.close()

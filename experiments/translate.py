@@ -131,7 +131,7 @@ def main(argv):
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   hooks=[writer],
+                   experiment=cfg.to_dict(), hooks=[writer],
                    warm_up=lambda state, engine: decode.warm_up(engine.params(state)))
     writer.close()
     if common.finished_before(workdir, result, writer):

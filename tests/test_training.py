@@ -978,3 +978,11 @@ def test_optimizer_settings_that_would_be_ignored_are_refused():
     for bad in (dict(accumulation_steps=True), dict(accumulation_steps=0)):
         with pytest.raises(ValueError, match="accumulation_steps"):
             OptimizerConfig(**bad)
+
+
+def test_a_rerun_names_changed_experiment_settings(engine, tmp_path, caplog):
+    run(engine, tmp_path, 2, experiment={"data": {"batch_size": 8, "seq_len": 16}})
+    with caplog.at_level("WARNING"):
+        run(engine, tmp_path, 3, experiment={"data": {"batch_size": 4, "seq_len": 16}})
+    assert "experiment.data.batch_size: 8 -> 4" in caplog.text
+    assert "seq_len" not in caplog.text

@@ -236,8 +236,19 @@ def _write_config(workdir: str, **configs) -> None:
 
 def _config_record(**configs) -> dict:
     return json.loads(json.dumps(
-        {name: (c.to_dict() if hasattr(c, "to_dict") else dataclasses.asdict(c))
-         for name, c in configs.items()}, default=str))
+        {name: (c.to_dict() if hasattr(c, "to_dict") else dict(c) if isinstance(c, Mapping)
+                else dataclasses.asdict(c))
+         for name, c in configs.items() if c is not None}, default=str))
+
+
+def _flat(record: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _config_changes(workdir: str, **configs) -> list[str]:
@@ -249,10 +260,13 @@ def _config_changes(workdir: str, **configs) -> list[str]:
     with open(path) as f:
         old = json.load(f)
     record = _config_record(**configs)
-    return [f"{name}.{k}: {old[name].get(k)!r} -> {v!r}"
-            for name in ("model", "optimizer", "loss", "parallel")
-            if isinstance(old.get(name), dict) and name in record
-            for k, v in record[name].items() if old[name].get(k) != v]
+    changed = []
+    for name in ("model", "optimizer", "loss", "parallel", "experiment"):
+        if isinstance(old.get(name), dict) and name in record:
+            was = _flat(old[name])
+            changed += [f"{name}.{k}: {was.get(k)!r} -> {v!r}"
+                        for k, v in _flat(record[name]).items() if was.get(k) != v]
+    return changed
 
 
 def _first_eval_batch(eval_data) -> Batch | None:
@@ -332,7 +346,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           log_every: int = 100, hooks: Sequence[Hook] | None = None,
           async_checkpointing: bool = True, handle_signals: bool = True,
           engine: Engine | None = None,
-          warm_up: Callable[[TrainState, Engine], Any] | None = None) -> TrainResult:
+          warm_up: Callable[[TrainState, Engine], Any] | None = None,
+          experiment: Mapping[str, Any] | None = None) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -362,6 +377,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       eval steps have started compiling on background threads (`Engine.precompile`; for that
       the `eval_data` factory is called once more, for its first batch). Start compiling what
       `eval_fn` runs here (a sampler, a beam search) so that it overlaps too.
+    experiment: the caller's own settings (data, batch size, ...; e.g. an ml_collections
+      config's `to_dict()`), recorded in `workdir/config.json` beside the library's configs
+      and, like them, compared on a rerun: each changed field is named in a warning (a resumed
+      run on other data or batches continues silently otherwise).
     """
     # Step counts are integers (2.5 or -2 used to run as something else).
     check_number("train", "num_steps", num_steps, 0, integer=True)
@@ -406,7 +425,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     main = distributed.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)
-    configs = dict(model=model_config, optimizer=optimizer_config, loss=loss, parallel=parallel)
+    configs = dict(model=model_config, optimizer=optimizer_config, loss=loss, parallel=parallel,
+                   experiment=experiment)
     record = functools.partial(_write_config, workdir, **configs)
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss)
