@@ -108,6 +108,15 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architectur
     return get_config(preset, vocab_size=vocab_size, **overrides)
 
 
+def check_lengths(model_cfg, **lengths: int) -> None:
+    """Each `--config.<name>` sequence length fits the model's `max_len`: named at start-up,
+    not by the first batch's check (which knows neither flag)."""
+    for name, n in lengths.items():
+        if n > model_cfg.max_len:
+            raise ValueError(f"--config.{name}={n} exceeds the model's max_len="
+                             f"{model_cfg.max_len}; lower it or raise --config.model.max_len.")
+
+
 def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     """`config.optimizer`; an unset `decay_steps` is the run's number of updates, so that
     `--config.num_steps` alone moves the end of the cosine schedule with it."""

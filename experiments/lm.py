@@ -127,6 +127,7 @@ def main(argv):
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="decoder_only",
                                     trailing_padding=True)
+    common.check_lengths(model_cfg, seq_len=cfg.seq_len)
     model = make_model(model_cfg)
     train_data, eval_data, _ = make_data(cfg, ds, tok)
     sample = make_sampler(model, cfg, tok) if cfg.num_samples else None

@@ -47,6 +47,7 @@ def main(argv):
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only")
+    common.check_lengths(model_cfg, seq_len=cfg.seq_len)
     model = make_model(model_cfg)
     pipe = mlm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size, max_len=cfg.seq_len,
                         mask_rate=cfg.mask_rate, seed=cfg.seed)

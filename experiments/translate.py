@@ -93,6 +93,8 @@ def main(argv):
                                 **options)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_decoder")
+    common.check_lengths(model_cfg, max_source_len=cfg.max_source_len,
+                         max_target_len=cfg.max_target_len)
     model = make_model(model_cfg)
     pipe = translation_pipeline(ds, tok, split="train", batch_size=cfg.batch_size,
                                 max_source_len=cfg.max_source_len,

@@ -279,6 +279,8 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     ("lm.py", ["--config.sample_length=0"], "--config.sample_length=0 with a prompt"),
     ("lm.py", ["--config.temperature=0.0"], "--config.temperature=0.0 must be"),
     ("lm.py", ["--config.model.preset=t5-small"], "this script trains decoder_only"),
+    ("lm.py", ["--config.seq_len=40"], "--config.seq_len=40 exceeds the model's max_len=32"),
+    ("translate.py", ["--config.max_source_len=40"], "--config.max_source_len=40 exceeds"),
 ])
 def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script, flags,
                                                                   message):
@@ -286,7 +288,8 @@ def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script
     test split, after the whole run."""
     cmd = [sys.executable, str(ROOT / "experiments" / script), f"--workdir={tmp_path / 'w'}",
            f"--config.data_dir={tmp_path / 'data'}", "--config.num_steps=2", *TINY_MODEL,
-           "--config.model.max_len=32", *flags]
+           "--config.model.max_len=32", *(["--config.seq_len=16"] if script == "lm.py" else []),
+           *flags]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
