@@ -100,6 +100,18 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 # ---- the manager -------------------------------------------------------------------------------
 
+def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The items a checkpoint holds and their handlers (Orbax's `handler_registry`, which
+    replaces `item_names`/`item_handlers`): the state, with Orbax's standard pytree handler,
+    and the data-iterator record."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add(STATE_ITEM, args, ocp.StandardCheckpointHandler)
+    for args in (DataStateSave, DataStateRestore):
+        registry.add(DATA_ITEM, args, DataStateHandler)
+    return registry
+
+
 @dataclasses.dataclass
 class Restored:
     """What `Checkpointer.restore` found: the step, the state and the data-iterator record."""
@@ -141,10 +153,8 @@ class Checkpointer:
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True, create=True)
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE_ITEM, DATA_ITEM),
-            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
-                           DATA_ITEM: DataStateHandler()})
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              handler_registry=_registry())
 
     # ---- queries
     def all_steps(self) -> list[int]:
@@ -251,10 +261,9 @@ def load_state(directory: str | os.PathLike, step: int | None = None) -> tuple[i
     """
     directory = epath.Path(os.path.abspath(os.fspath(directory)))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=(STATE_ITEM,),
-                               item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler()}
-                               ) as manager:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    with ocp.CheckpointManager(directory, options=options,
+                               handler_registry=_registry()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             hint = (f" (a train() workdir keeps them in {directory / 'checkpoints'})"
