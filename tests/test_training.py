@@ -986,3 +986,38 @@ def test_a_rerun_names_changed_experiment_settings(engine, tmp_path, caplog):
         run(engine, tmp_path, 3, experiment={"data": {"batch_size": 4, "seq_len": 16}})
     assert "experiment.data.batch_size: 8 -> 4" in caplog.text
     assert "seq_len" not in caplog.text
+
+
+def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_path):
+    """`train(init_params=..., tx=...)`: start from another run's parameters with an optax
+    transformation of one's own (here: embeddings frozen), keeping the loop's checkpoints."""
+    from flaxformer_lite.training import load_state
+
+    run(engine, tmp_path / "pretrain", 2)
+    pretrained = load_state(tmp_path / "pretrain" / "checkpoints")[1]["params"]
+    labels = jax.tree.map_with_path(
+        lambda path, _: "frozen" if any("embed" in str(getattr(k, "key", k)) for k in path)
+        else "train",
+        pretrained)
+    tx = optax.multi_transform({"train": optax.adamw(1e-2), "frozen": optax.set_to_zero()},
+                               labels)
+    start = Engine(TINY, OPT, ParallelConfig(mode="single"), LOSS, tx=tx).init_state(
+        0, params=pretrained)
+    assert max_diff(start.params, pretrained) == 0.0
+    result = train(TINY, OPT, Batches(), workdir=tmp_path / "tune", num_steps=2, hooks=[],
+                   parallel=ParallelConfig(mode="single"), loss=LOSS, tx=tx,
+                   init_params=pretrained)
+    tuned, before = params_lib_flat(result.params), params_lib_flat(pretrained)
+    assert all(np.array_equal(tuned[k], before[k]) for k in tuned if "embed" in k)
+    assert any(not np.allclose(tuned[k], before[k]) for k in tuned if "embed" not in k)
+    other = get_config("gpt2", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=32,
+                       num_layers=1, max_len=LENGTH)
+    with pytest.raises(ValueError, match="other shapes than this model's"):
+        engine.init_state(0, params=init_params(other, jax.random.key(0)))
+    with pytest.raises(ValueError, match="do not fit this model: missing"):
+        engine.init_state(0, params={"decoder": {}})
+
+
+def params_lib_flat(tree):
+    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+            for path, v in jax.tree.leaves_with_path(tree)}

@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -141,13 +142,17 @@ class Engine:
 
     def __init__(self, model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                  parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
-                 *, devices: Sequence[jax.Device] | None = None):
+                 *, devices: Sequence[jax.Device] | None = None,
+                 tx: optax.GradientTransformation | None = None):
         self.model_config = model_config
         self.optimizer_config = optimizer_config
         self.parallel = parallel = parallel or ParallelConfig()
         self.loss = loss or LossConfig()
         self.model = make_model(model_config)
-        self.tx = make_optimizer(optimizer_config, d_model=model_config.d_model)
+        # `tx`: any optax transformation (e.g. `optax.multi_transform` freezing the embeddings);
+        # `optimizer_config` then only supplies the learning-rate metric's schedule.
+        self.tx = tx if tx is not None else make_optimizer(optimizer_config,
+                                                           d_model=model_config.d_model)
         self.learning_rate_fn = functools.partial(learning_rate_at, optimizer_config,
                                                   d_model=model_config.d_model)
         self.devices = list(jax.devices() if devices is None else devices)
@@ -242,8 +247,9 @@ class Engine:
             return {"xla_backend_optimization_level": 1}
         return None
 
-    def _create(self, rng) -> TrainState:
-        return create_train_state(self.model_config, self.optimizer_config, rng, tx=self.tx)
+    def _create(self, rng, params=None) -> TrainState:
+        return create_train_state(self.model_config, self.optimizer_config, rng, tx=self.tx,
+                                  params=params)
 
     def _mesh_context(self):
         """Activation constraints are live only while tracing under the mesh and rules."""
@@ -269,9 +275,19 @@ class Engine:
         return text
 
     # ---- state ----------------------------------------------------------------------------------
-    def init_state(self, rng: jax.Array | int) -> TrainState:
-        """A fresh state from `rng` (a typed key or int seed), laid out for this mode."""
+    def init_state(self, rng: jax.Array | int, params: Any = None) -> TrainState:
+        """A fresh state from `rng` (a typed key or int seed), laid out for this mode.
+
+        `params`: start from these parameters instead (pretrained ones to fine-tune, e.g.
+        `load_state(dir)[1]["params"]`; host or device arrays in the model's tree, cast to
+        `param_dtype`), with a fresh optimizer state for them.
+        """
         rng = as_key(rng)
+        if params is not None:
+            params = self._fit_params(params)
+            state = self._init.lower(rng, params).compile(self._init_compiler_options())(
+                rng, params)
+            return self._replicate(state) if self.mode == "pmap" else state
         kind = (rng.shape, rng.dtype)
         if kind not in self._init_compiled:
             self._init_compiled[kind] = self._init.lower(rng).compile(
@@ -280,6 +296,26 @@ class Engine:
         if self.mode == "pmap":
             state = self._replicate(state)
         return state
+
+    def _fit_params(self, params) -> Any:
+        """`params` (boxed or not) rebuilt in this model's parameter tree, every path and
+        shape checked."""
+        def leaves(tree):
+            return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                    for path, leaf in jax.tree.leaves_with_path(tree)}
+
+        want, got = leaves(self._abstract.params), leaves(nn.meta.unbox(params))
+        if set(want) != set(got):
+            raise ValueError(
+                f"params do not fit this model: missing {sorted(set(want) - set(got))[:5]}, "
+                f"unexpected {sorted(set(got) - set(want))[:5]} (at most 5 of each); pass the "
+                "parameters of the same TransformerConfig (e.g. `load_state(dir)[1]['params']`).")
+        bad = [f"{k}: {tuple(np.shape(got[k]))} != {tuple(w.shape)}" for k, w in want.items()
+               if tuple(np.shape(got[k])) != tuple(w.shape)]
+        if bad:
+            raise ValueError(f"params have other shapes than this model's: {bad[:5]}.")
+        return jax.tree.unflatten(jax.tree.structure(self._abstract.params),
+                                  [got[k] for k in want])
 
     def _replicate(self, tree):
         """Host-or-device arrays (one logical copy) -> stacked per local device for pmap."""

@@ -60,8 +60,10 @@ def as_key(rng: jax.Array | int) -> jax.Array:
 
 def create_train_state(config: TransformerConfig, optimizer_config: OptimizerConfig,
                        rng: jax.Array | int, *,
-                       tx: optax.GradientTransformation | None = None) -> TrainState:
-    """Initial state: parameters from `rng`'s "params" half, dropout key from the other half.
+                       tx: optax.GradientTransformation | None = None,
+                       params: Any = None) -> TrainState:
+    """Initial state: parameters from `rng`'s "params" half (or `params`, e.g. pretrained
+    ones to fine-tune, cast to `config.param_dtype`), dropout key from the other half.
 
     `rng` is a typed key (`jax.random.key(seed)`) or an int seed. Runs eagerly or under
     `jax.jit` (the parallel engine jits it with output shardings, so large models are created
@@ -71,6 +73,9 @@ def create_train_state(config: TransformerConfig, optimizer_config: OptimizerCon
     if tx is None:
         tx = make_optimizer(optimizer_config, d_model=config.d_model)
     params_rng, dropout_rng = jax.random.split(rng)
-    params = nn.meta.unbox(boxed_params(config, params_rng))
+    if params is None:
+        params = nn.meta.unbox(boxed_params(config, params_rng))
+    else:
+        params = jax.tree.map(lambda p: jnp.asarray(p, config.params_dtype), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=jax.random.key_data(dropout_rng))

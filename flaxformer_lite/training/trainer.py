@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -347,7 +348,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           async_checkpointing: bool = True, handle_signals: bool = True,
           engine: Engine | None = None,
           warm_up: Callable[[TrainState, Engine], Any] | None = None,
-          experiment: Mapping[str, Any] | None = None) -> TrainResult:
+          experiment: Mapping[str, Any] | None = None,
+          tx: optax.GradientTransformation | None = None,
+          init_params: Any = None) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -377,6 +380,12 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       eval steps have started compiling on background threads (`Engine.precompile`; for that
       the `eval_data` factory is called once more, for its first batch). Start compiling what
       `eval_fn` runs here (a sampler, a beam search) so that it overlaps too.
+    tx: an optax transformation to train with instead of `optimizer_config`'s (which then
+      only supplies the learning-rate metric), e.g. `optax.multi_transform` to freeze the
+      embeddings while fine-tuning.
+    init_params: parameters to start from when the workdir has no checkpoint (pretrained
+      ones to fine-tune, e.g. `load_state(pretrained_dir)[1]["params"]`), with a fresh
+      optimizer state; a resumed run continues from its checkpoint instead.
     experiment: the caller's own settings (data, batch size, ...; e.g. an ml_collections
       config's `to_dict()`), recorded in `workdir/config.json` beside the library's configs
       and, like them, compared on a rerun: each changed field is named in a warning (a resumed
@@ -416,6 +425,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         given = {"model_config": model_config, "optimizer_config": optimizer_config,
                  "loss": loss, "parallel": parallel}
         differ = [k for k, v in given.items() if getattr(engine, k) != v]
+        if tx is not None and engine.tx is not tx:
+            differ.append("tx")
         if differ:
             raise ValueError(f"train(engine=...) was built for a different {', '.join(differ)} "
                              "than the one(s) passed to train(); pass the engine's, or leave "
@@ -429,7 +440,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                    experiment=experiment)
     record = functools.partial(_write_config, workdir, **configs)
     if engine is None:
-        engine = Engine(model_config, optimizer_config, parallel, loss)
+        engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx)
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
@@ -442,6 +453,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      hooks=hooks if main else [], handle_signals=handle_signals,
                      warm_up=warm_up, record_config=record if main else None,
+                     init_params=init_params,
                      config_changes=functools.partial(_config_changes, workdir, **configs))
     finally:
         ckpt.close()
@@ -449,7 +461,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
           eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up,
-          record_config, config_changes) -> TrainResult:
+          record_config, config_changes, init_params) -> TrainResult:
     try:
         restored = ckpt.restore(engine.abstract_state())
     except RuntimeError as error:
@@ -462,7 +474,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
             "checkpoints: restore the recorded values, or train in another workdir.") from error
     if restored is None:
-        state, step, data_state = engine.init_state(seed), 0, None
+        state, step, data_state = engine.init_state(seed, params=init_params), 0, None
     else:
         state = engine.from_checkpoint(restored.state)
         step, data_state = restored.step, restored.data_state
