@@ -267,6 +267,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_processes(args, env, while_running=None) -> None:
+    """`_train_worker.py` as processes 0 and 1 with `args`; `while_running(procs)` is called
+    once both started; then both must exit 0 (any left running is killed)."""
+    procs = [start("_train_worker.py", [*args, "--process_id", i], env) for i in range(2)]
+    try:
+        if while_running is not None:
+            while_running(procs)
+        for proc in procs:
+            finish(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(worker_env, tmp_path):
     """A preemption notice reaching one process only: both must leave the loop at the same
@@ -277,18 +292,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(worker_env, tmp_
               "2,1,1", "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
               "--workdir", tmp_path / "work", "--out", tmp_path / "params.npz",
               "--pause_at", 3, "--pause_file", pause]
-    procs = [start("_train_worker.py", [*common, "--process_id", i], worker_env)
-             for i in range(2)]
-    try:
+    def stop_process_1(procs):
         wait_for(pause, procs[0])
         procs[1].send_signal(signal.SIGTERM)
         Path(str(pause) + ".go").touch()
-        for proc in procs:
-            finish(proc)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+
+    two_processes(common, worker_env, stop_process_1)
     result = json.loads((tmp_path / "params.npz.json").read_text())
     assert result["interrupted"] and 3 <= result["step"] < 40
     steps = [p.name for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
@@ -308,15 +317,7 @@ def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
               "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
               "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
               "--out", tmp_path / "params.npz"]
-    procs = [start("_train_worker.py", [*common, "--process_id", i], worker_env)
-             for i in range(2)]
-    try:
-        for proc in procs:
-            finish(proc)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+    two_processes(common, worker_env)
     expected = read_log(reference_run / "log.jsonl")
     got = read_log(tmp_path / "log.jsonl")  # written by process 0 only: one entry per step
     assert sorted(got) == sorted(expected)
