@@ -84,6 +84,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     if cfg.metric not in ("bleu", "exact_match"):
         raise app.UsageError(f"--config.metric={cfg.metric!r}: use bleu or exact_match.")
+    if isinstance(cfg.beam_size, bool) or not isinstance(cfg.beam_size, int) or cfg.beam_size < 1:
+        raise app.UsageError(f"--config.beam_size={cfg.beam_size!r} must be a whole number >= 1 "
+                             "(1 = greedy decoding).")
     common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()

@@ -281,6 +281,7 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     ("lm.py", ["--config.model.preset=t5-small"], "this script trains decoder_only"),
     ("lm.py", ["--config.seq_len=40"], "--config.seq_len=40 exceeds the model's max_len=32"),
     ("translate.py", ["--config.max_source_len=40"], "--config.max_source_len=40 exceeds"),
+    ("translate.py", ["--config.beam_size=0"], "--config.beam_size=0 must be"),
 ])
 def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script, flags,
                                                                   message):

@@ -49,7 +49,7 @@ from flaxformer_lite.training.partitioning import (
     state_shardings,
 )
 from flaxformer_lite.training.state import TrainState, create_train_state, param_logical_specs
-from flaxformer_lite.training.steps import eval_step, logits_fn, train_step
+from flaxformer_lite.training.steps import eval_step, logits_fn, step_rng, train_step
 from flaxformer_lite.training.trainer import (
     NonFiniteLossError,
     TensorBoardHook,
@@ -68,6 +68,6 @@ __all__ = [
     "learning_rate_at", "load_state", "local_batch", "log_hook", "logical_to_shardings",
     "logits_fn", "loss_weights", "make_mesh", "make_optimizer", "make_schedule", "metric_sums",
     "num_updates", "param_logical_specs", "print_hook", "process_slice", "restore_iterator",
-    "state_shardings", "summarize", "train", "train_step", "vaswani_schedule",
+    "state_shardings", "step_rng", "summarize", "train", "train_step", "vaswani_schedule",
     "warmup_cosine_schedule",
 ]
