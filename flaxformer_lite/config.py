@@ -109,22 +109,14 @@ class TransformerConfig:
     vocab_pad_multiple: int = 0
 
     def __post_init__(self):
-        # NumPy scalars and dtype objects (jnp.bfloat16) as the plain values the config holds,
-        # so that it hashes, compares and records (config.json) the same either way.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("dtype", "param_dtype") and not isinstance(value, str):
+        for name in ("dtype", "param_dtype"):  # jnp.bfloat16, Flax's spelling, as its name
+            value = getattr(self, name)
+            if not isinstance(value, str):
                 try:
-                    value = jnp.dtype(value).name
+                    object.__setattr__(self, name, jnp.dtype(value).name)
                 except TypeError:
                     pass
-            elif isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-                value = int(value)
-            elif isinstance(value, np.floating):
-                value = float(value)
-            elif isinstance(value, np.bool_):
-                value = bool(value)
-            object.__setattr__(self, f.name, value)
+        plain_fields(self)
         _validate(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -170,6 +162,16 @@ class TransformerConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def plain_fields(config: Any) -> None:
+    """Replace a frozen dataclass's NumPy scalar fields with Python ones (np.int64(2) -> 2),
+    so that configs built from NumPy values hash, compare and record (config.json) the same as
+    configs of plain values. Shared by the library's configs."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
+            object.__setattr__(config, f.name, value.item())
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxformer_lite.config import check_number
+from flaxformer_lite.config import check_number, plain_fields
 
 Array = jax.Array
 
@@ -35,6 +35,7 @@ class LossConfig:
     z_loss: float = 0.0
 
     def __post_init__(self):
+        plain_fields(self)
         check_number("LossConfig", "label_smoothing", self.label_smoothing, 0.0, 1.0,
                      high_open=True, hint="; 0.1 is the paper's value")
         check_number("LossConfig", "z_loss", self.z_loss, 0.0, hint=" (0 disables it)")

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.config import check_number
+from flaxformer_lite.config import check_number, plain_fields
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "cosine", "vaswani")
@@ -61,6 +61,7 @@ class OptimizerConfig:
     accumulation_steps: int = 1
 
     def __post_init__(self):
+        plain_fields(self)
         _validate(self)
 
     @classmethod

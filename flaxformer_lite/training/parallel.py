@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite import perf
-from flaxformer_lite.config import TransformerConfig, check_number
+from flaxformer_lite.config import TransformerConfig, check_number, plain_fields
 from flaxformer_lite.models import batch_keys, check_batch, make_model
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
@@ -87,6 +87,7 @@ class ParallelConfig:
     microbatches: int = 1
 
     def __post_init__(self):
+        plain_fields(self)
         check_number("ParallelConfig", "microbatches", self.microbatches, 1, integer=True,
                      hint=" (1 = the whole batch at once)")
         if self.mode not in MODES:

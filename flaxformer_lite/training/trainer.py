@@ -587,8 +587,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             try:
                 state, metrics = engine.train_step(state, batch)
             except (ValueError, TypeError) as error:  # a batch the step refuses
-                raise type(error)(f"Train batch {step + 1} (the last checkpoint is step "
-                                  f"{ckpt.latest_step()}): {error}") from error
+                kind = ValueError if isinstance(error, ValueError) else TypeError
+                raise kind(f"Train batch {step + 1} (the last checkpoint is step "
+                           f"{ckpt.latest_step()}): {error}") from error
             step += 1
             pending.append(metrics)
             if len(pending) > STEPS_AHEAD:
