@@ -96,7 +96,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architectur
     kind = get_config(preset).architecture
     if kind != architecture:
         fits = [name for name, c in PRESETS.items() if c.architecture == architecture]
-        raise ValueError(f"--config.model.preset={preset!r} is an {kind} model; this script "
+        raise ValueError(f"--config.model.preset={preset!r} builds a {kind} model; this script "
                          f"trains {architecture} models: {', '.join(fits)}.")
     if overrides.pop("gpu", False):
         if jax.default_backend() != "gpu":
