@@ -748,3 +748,43 @@ def test_encode_sources_frames_sources_as_training_does(parallel_ds):
     texts = [ex["inputs"] for ex in list(parallel_ds.split("train"))[:4]]
     np.testing.assert_array_equal(fd.encode_sources(tok, ["  " + t + "\n" for t in texts], 8),
                                   batch["inputs"])
+
+
+def test_a_folder_of_split_named_files_is_split_by_name(tmp_path, caplog):
+    """wiki.train.txt / wiki.valid.txt / wiki.test.txt used to be joined into one corpus in
+    name order: the test text trained, and validation was the corpus's last tenth."""
+    folder = tmp_path / "wiki"
+    folder.mkdir()
+    texts = {"train": "train text one.\n\ntrain text two.\n",
+             "valid": "validation text.\n", "test": "test text, never trained on.\n"}
+    for split, text in texts.items():
+        _write(folder / f"wiki.{split}.txt", text)
+    with caplog.at_level("WARNING"):
+        ds = fd.load_text_corpus(folder, data_dir=tmp_path / "tfds")
+    assert "wiki.test.txt" in caplog.text
+    assert ds.full_text("train") == texts["train"]
+    assert ds.full_text("validation") == texts["valid"]
+    _write(folder / "README", "about the data\n")
+    with pytest.raises(ValueError, match=r"named by split .*\['README'\] name none"):
+        fd.load_text_corpus(folder, data_dir=tmp_path / "tfds")
+
+
+def test_in_memory_tokenizers_are_cached_per_examples(tmp_path):
+    """The cache was named by kind alone: other records with the same cache_dir silently got
+    the first records' alphabet (their letters encoded as UNK)."""
+    first = fd.in_memory_dataset({"train": [{"text": "abc"}]}, kind="text", cache_dir=tmp_path)
+    assert first.tokenizer("char").decode(first.tokenizer("char").encode("abc")) == "abc"
+    other = fd.in_memory_dataset({"train": [{"text": "ZQ"}]}, kind="text", cache_dir=tmp_path)
+    tok = other.tokenizer("char")
+    assert tok.decode(tok.encode("ZQ")) == "ZQ" and fd.UNK_ID not in tok.encode("ZQ")
+    with pytest.raises(ValueError, match=r"example 1 of split 'train': 'text' is NoneType"):
+        fd.in_memory_dataset({"train": [{"text": "a"}, {"text": None}]}, kind="text")
+
+
+def test_lines_of_spaces_or_tabs_end_paragraphs():
+    """A blank line holding spaces or a tab did not end a paragraph: 200 paragraphs separated
+    so became one example, which the pipelines then truncated."""
+    text = "one\n \ntwo\n\t\nthree\n\n  \nfour"
+    units = fd.split_units(text, "paragraph")
+    assert units == ["one\n \n", "two\n\t\n", "three\n\n  \n", "four"]
+    assert "".join(units) == text

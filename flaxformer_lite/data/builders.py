@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 UNITS = ("paragraph", "line", "document")
 SYNTHETIC_TASKS = ("copy", "reverse", "sort", "addition")
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-VERSION = "1.1.0"  # 1.1.0: a lone "\r" is text, not a line end
+VERSION = "1.2.0"  # 1.1.0: a lone "\r" is text; 1.2.0: whitespace-only lines end paragraphs
 
 
 def default_data_dir() -> Path:
@@ -124,12 +124,21 @@ def read_text_file(path: str | os.PathLike) -> str:
 def split_units(text: str, unit: str) -> list[str]:
     """Splits text into examples, keeping every character: `"".join(units) == text`.
 
-    "paragraph": blocks separated by blank lines (the blank lines stay with the block before);
+    "paragraph": blocks separated by blank lines, or lines of spaces and tabs only (they stay
+    with the block before);
     "line": one line each (with its "\\n"; split on "\\n" only, as `wc -l` counts); "document":
     the whole text.
     """
     if unit == "paragraph":
-        units = re.split(r"(?<=\n\n)(?=[^\n])", text)
+        units, current, after_blank = [], [], False
+        for line in re.split(r"(?<=\n)", text):
+            blank = not line.strip(" \t\n")  # whitespace-only lines are blank lines too
+            if current and after_blank and not blank:
+                units.append("".join(current))
+                current, after_blank = [], False
+            current.append(line)
+            after_blank = after_blank or blank
+        units.append("".join(current))
     elif unit == "line":
         units = re.split(r"(?<=\n)", text)
     elif unit == "document":
@@ -486,6 +495,35 @@ def _load(builder_name: str, config, *, data_dir, kind: str, fields: Mapping[str
 # Public loaders
 
 
+_SPLIT_WORDS = {"train": "train", "valid": "validation", "validation": "validation",
+                "val": "validation", "dev": "validation", "test": "test"}
+
+
+def _split_named_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
+    """A folder's files named by split (`wiki.train.txt`, `valid.txt`, `test.txt`): (train,
+    validation); test files are left out. Joined into one corpus, the test text would train
+    and the validation split would be the corpus's last tenth. Unnamed folders pass as given."""
+    def split_of(f: Path) -> str | None:
+        words = {_SPLIT_WORDS.get(w) for w in re.split(r"[._\-]", f.name.lower())}
+        words.discard(None)
+        return words.pop() if len(words) == 1 else None
+
+    named = {f: split_of(f) for f in files}
+    if not any(named.values()):
+        return files, []
+    loose = [f.name for f, s in named.items() if s is None]
+    train = [f for f, s in named.items() if s == "train"]
+    if loose or not train:
+        raise ValueError(
+            f"The folder's files are named by split ({', '.join(f.name for f in files)}), but "
+            + (f"{loose} name none" if loose else "none is a train file")
+            + "; pass the train files and validation_files= explicitly.")
+    test = [f.name for f, s in named.items() if s == "test"]
+    if test:
+        log.warning("Left out of the corpus as test files: %s.", test)
+    return train, [f for f, s in named.items() if s == "validation"]
+
+
 def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
                      data_dir: str | os.PathLike | None = None,
                      validation_files: str | os.PathLike | Sequence[str | os.PathLike]
@@ -498,6 +536,8 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     ("paragraph", "line" or "document" = whole file) with its line breaks kept, so joining a
     split's examples gives back its exact text. The validation split is `validation_files`, or
     else the last `validation_fraction` of the characters (nanoGPT's split of Tiny Shakespeare).
+    A folder whose files are named by split (`wiki.train.txt`, `wiki.valid.txt` or `dev`,
+    `wiki.test.txt`) is split by those names, test files left out; subfolders are not read.
     Prepared once under `data_dir` (default `default_data_dir()`) and reused until a file
     changes.
     """
@@ -506,6 +546,8 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     train_files = _resolve_files(files, "text corpus")
     val_files = (_resolve_files(validation_files, "validation_files")
                  if validation_files else [])
+    if not val_files and isinstance(files, (str, os.PathLike)) and Path(files).is_dir():
+        train_files, val_files = _split_named_files(train_files)
     if not val_files and not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
     for f in train_files + val_files:
@@ -689,19 +731,30 @@ def load_synthetic_task(task: str, *, min_length: int = 1, max_length: int = 10,
 def in_memory_dataset(splits: Mapping[str, Iterable[Mapping[str, str]]], *, kind: str,
                       name: str = "in_memory", cache_dir: str | os.PathLike | None = None
                       ) -> Dataset:
-    """A Dataset over Python lists of example dicts (tests, notebooks, quick experiments)."""
+    """A Dataset over Python lists of example dicts (tests, notebooks, quick experiments).
+
+    Tokenizers learned from it are cached under `cache_dir/<digest of the examples>`, so other
+    examples never reuse a tokenizer learned from these."""
     if kind not in ("text", "translation"):
         raise ValueError(f"kind must be 'text' or 'translation', got {kind!r}.")
     fields = ["text"] if kind == "text" else ["inputs", "targets"]
     out = {}
+    digest = hashlib.sha256()
     for split, examples in splits.items():
         examples = list(examples)
-        for ex in examples:
-            missing = [f for f in fields if f not in ex]
+        for i, ex in enumerate(examples):
+            missing = [f for f in fields if not isinstance(ex, Mapping) or f not in ex]
             if missing:
-                raise ValueError(f"{kind} examples need fields {fields}; split {split!r} has "
-                                 f"an example without {missing}.")
+                raise ValueError(f"{kind} examples need fields {fields}; example {i} of split "
+                                 f"{split!r} has no {missing}.")
+            bad = [f for f in fields if not isinstance(ex[f], str)]
+            if bad:
+                raise ValueError(f"example {i} of split {split!r}: {bad[0]!r} is "
+                                 f"{type(ex[bad[0]]).__name__}; it must be a string.")
+            for f in fields:
+                digest.update(ex[f].encode("utf-8") + b"\0")
+        digest.update(split.encode("utf-8") + b"\1")
         out[split] = ExampleSource(examples, {f: f for f in fields})
-    return Dataset(name=name, kind=kind, splits=out,
-                   cache_dir=None if cache_dir is None else Path(cache_dir))
+    cache = None if cache_dir is None else Path(cache_dir) / digest.hexdigest()[:16]
+    return Dataset(name=name, kind=kind, splits=out, cache_dir=cache)
 

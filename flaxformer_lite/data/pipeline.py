@@ -74,8 +74,11 @@ class PipelineStats:
             else:
                 first = False
         if first:
-            log.warning("an example is longer than %s and was truncated; pipeline.stats counts "
-                        "them (raise the maximum length to keep more).", self.limit)
+            log.warning("an example is longer than %s and was truncated (%d tokens dropped); "
+                        "pipeline.stats counts them. Long examples lose everything past the "
+                        "limit: raise it, load the text in smaller units (unit='line'), or "
+                        "train on windows of the running text (window_pipeline), which drop "
+                        "nothing.", self.limit, dropped)
 
     def report(self) -> str:
         return (f"{self.examples} examples tokenized, {self.truncated} truncated to "
