@@ -5,7 +5,7 @@ back with `tfds.data_source` as random-access sources, so no TensorFlow is neede
 config's name holds a hash of the source files' contents and of the options, so prepared data
 lives under
 
-    data_dir/<builder>/<slug>-<hash>/1.1.0/
+    data_dir/<builder>/<slug>-<hash>/<VERSION>/
 
 and is reused while the sources are unchanged; an edited file gets a new hash and is rebuilt.
 Tokenizers built for a dataset are cached in the same folder (`Dataset.cache_dir`).
