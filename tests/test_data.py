@@ -788,3 +788,21 @@ def test_lines_of_spaces_or_tabs_end_paragraphs():
     units = fd.split_units(text, "paragraph")
     assert units == ["one\n \n", "two\n\t\n", "three\n\n  \n", "four"]
     assert "".join(units) == text
+
+
+def test_bring_your_own_data_errors_name_the_fix(tmp_path):
+    """A char tokenizer saved under a name without .json loaded as SentencePiece (INTERNAL
+    error); float ids were floored and ids past int32 wrapped; a file given as a parallel
+    folder was "a folder that does not exist"."""
+    tok = fd.CharTokenizer.from_texts(["abc"])
+    tok.save(tmp_path / "tokenizer")
+    assert fd.load_tokenizer(tmp_path / "tokenizer").encode("cab") == tok.encode("cab")
+    _write(tmp_path / "junk.model", "not a model")
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor"):
+        fd.load_tokenizer(tmp_path / "junk.model")
+    for ids in (np.full(100, 5.7), np.full(100, 2 ** 31, np.int64)):
+        with pytest.raises(ValueError, match="integer ids below 2\\*\\*31"):
+            fd.window_pipeline(ids, batch_size=2, seq_len=4)
+    src = _write(tmp_path / "train.de", "eins\n")
+    with pytest.raises(ValueError, match="is a file; a parallel corpus is a folder"):
+        fd.load_parallel_corpus(src, source_lang="de", target_lang="en")

@@ -572,6 +572,9 @@ def find_parallel_files(folder: str | os.PathLike, source_lang: str, target_lang
     """`{split: (source, target)}` for every `<split>.<source_lang>` with a
     `<split>.<target_lang>` beside it (`val`, `valid` and `dev` are named "validation")."""
     folder = Path(folder).expanduser()
+    if folder.is_file():
+        raise ValueError(f"{str(folder)!r} is a file; a parallel corpus is a folder of "
+                         "<split>.<lang> files, or {split: (source_file, target_file)}.")
     if not folder.is_dir():
         raise FileNotFoundError(f"parallel corpus folder {str(folder)!r} does not exist.")
     found = {}
@@ -616,7 +619,9 @@ def load_parallel_corpus(files: str | os.PathLike | Mapping[str, tuple[str | os.
     for split, pair in files.items():
         split = SPLIT_ALIASES.get(split, split)
         if not re.fullmatch(r"\w+", split):
-            raise ValueError(f"split name {split!r} must be letters, digits and '_'.")
+            raise ValueError(f"split name {split!r} (files {pair}) must be letters, digits and "
+                             "'_': rename the files <split>.<lang>, or pass {split: "
+                             "(source_file, target_file)}.")
         src, tgt = (_resolve_files(p, f"split {split!r}") for p in pair)
         if len(src) != 1 or len(tgt) != 1:
             raise ValueError(f"split {split!r}: give one source file and one target file.")

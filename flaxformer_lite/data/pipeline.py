@@ -881,7 +881,12 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     prefetch: batches made ahead on a background thread; 0 (default) makes each on the calling
     thread, which is cheaper here: a batch is one gather of a few thousand tokens.
     """
-    tokens = np.asarray(tokens, np.int32)
+    given = np.asarray(tokens)
+    if not np.issubdtype(given.dtype, np.integer) or (
+            given.size and int(given.max()) > np.iinfo(np.int32).max):
+        raise ValueError(f"tokens must be integer ids below 2**31, got {given.dtype} "
+                         f"{'up to ' + str(given.max()) if given.size else ''}.")
+    tokens = given.astype(np.int32)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
     if tokens.ndim != 1:

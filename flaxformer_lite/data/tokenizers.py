@@ -292,7 +292,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist.")
-    if path.suffix == ".json":
+    with open(path, "rb") as f:
+        is_json = f.read(1) == b"{"  # by content: a byte/char tokenizer saved under any name
+    if is_json:
         spec = json.loads(path.read_text(encoding="utf-8"))
         kind = spec.get("type")
         if kind == "byte":
@@ -301,7 +303,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             return CharTokenizer(spec["chars"], reserve_mask=spec["reserve_mask"])
         raise ValueError(f"{str(path)!r} is not a tokenizer file (type={kind!r}; expected "
                          "'byte' or 'char').")
-    return SentencePieceTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except RuntimeError as error:
+        raise ValueError(f"{str(path)!r} is neither a SentencePiece model nor a byte/char "
+                         "tokenizer's JSON (written by Tokenizer.save).") from error
 
 
 def build_tokenizer(kind: str, texts: Callable[[], Iterable[str]], *,
