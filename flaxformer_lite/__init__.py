@@ -47,7 +47,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted({*globals(), *__all__})
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports

@@ -19,7 +19,8 @@
     restore --devices N --mode M --ckpt DIR/ckpt --out FILE
                                         restores that checkpoint onto N devices in mode M,
                                         writes the params to FILE.npz and the 4th step's loss
-                                        to FILE.json (and whether `load_state` agrees).
+                                        to FILE.json (and whether `load_state` agrees, also as
+                                        `init_state(params=...)` in mode M).
 """
 
 from __future__ import annotations
@@ -162,9 +163,13 @@ def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
     leaf_devices = len(jax.tree.leaves(state.params)[0].devices())
     params = flatten(engine.params(state))
     np.savez(out + ".npz", **params)
-    raw = flatten(load_state(ckpt_dir)[1]["params"])  # no model, no optimizer needed
+    loaded = load_state(ckpt_dir)[1]["params"]  # no model, no optimizer needed: device 0
+    raw = flatten(loaded)
     same_as_raw = sorted(raw) == sorted(params) and all(
         np.array_equal(raw[k], params[k]) for k in params)
+    # Fine-tuning's start: those arrays as init_params, laid out for this mode's devices.
+    fresh = flatten(engine.params(engine.init_state(1, params=loaded)))
+    same_as_raw = same_as_raw and all(np.array_equal(fresh[k], params[k]) for k in params)
     _, metrics = engine.train_step(state, global_batches(4)[3])
     m = engine.metrics_to_host(metrics)
     with open(out + ".json", "w") as f:

@@ -806,3 +806,15 @@ def test_bring_your_own_data_errors_name_the_fix(tmp_path):
     src = _write(tmp_path / "train.de", "eins\n")
     with pytest.raises(ValueError, match="is a file; a parallel corpus is a folder"):
         fd.load_parallel_corpus(src, source_lang="de", target_lang="en")
+
+
+def test_encode_sources_refuses_a_string_and_reports_cuts(caplog):
+    tok = fd.CharTokenizer.from_texts(["abcdef"])
+    with pytest.raises(TypeError, match="a list of sentences"):
+        fd.encode_sources(tok, "abc", 8)
+    with pytest.raises(ValueError, match="max_len=0"):
+        fd.encode_sources(tok, ["abc"], 0)
+    with caplog.at_level("WARNING"):
+        rows = fd.encode_sources(tok, ["abcdef", "ab"], 4)
+    assert "1 of 2 sources are longer than max_len=4" in caplog.text
+    assert rows.tolist() == [tok.encode("abc") + [fd.EOS_ID], tok.encode("ab") + [fd.EOS_ID, 0]]

@@ -1021,3 +1021,23 @@ def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_pat
 def params_lib_flat(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree.leaves_with_path(tree)}
+
+
+def test_an_error_before_the_first_step_waits_for_the_background_compiles(engine, tmp_path):
+    """A warm_up that raised left XLA compiling the steps on daemon threads, and the script's
+    exit then aborted the process (SIGABRT or SIGSEGV)."""
+    def refuse(state, engine):
+        raise ValueError("temperature=0.0 must be a finite number > 0")
+
+    with pytest.raises(ValueError, match="temperature"):
+        train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=2, hooks=[], engine=engine,
+              parallel=ParallelConfig(mode="single"), loss=LOSS, warm_up=refuse,
+              eval_data=lambda: [synthetic_batch(9)], eval_every=1)
+    assert not engine._train.compiling and not engine._eval.compiling
+
+
+def test_init_params_beside_a_checkpoint_is_reported(engine, tmp_path, caplog):
+    run(engine, tmp_path, 2)
+    with caplog.at_level("WARNING"):
+        run(engine, tmp_path, 3, init_params=engine.params(engine.init_state(5)))
+    assert "init_params is not used" in caplog.text

@@ -81,6 +81,7 @@ class PipelineStats:
                         "nothing.", self.limit, dropped)
 
     def report(self) -> str:
+        """The counts as one line, to print or log."""
         return (f"{self.examples} examples tokenized, {self.truncated} truncated to "
                 f"{self.limit} ({self.tokens_dropped} tokens dropped), "
                 f"{self.empty_skipped} empty skipped")
@@ -724,10 +725,22 @@ def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> 
     decoding: stripped, `ids + [EOS]` cut to `max_len` keeping the EOS, right-padded with 0 to
     `[len(texts), max_len]` int32. A model trained on framed sources decodes unframed ones
     (no EOS) poorly."""
+    if isinstance(texts, str):
+        raise TypeError("encode_sources takes a list of sentences; one string would be one "
+                        "source per character: encode_sources(tokenizer, [text], max_len).")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"encode_sources: max_len={max_len!r} must be a whole number >= 1.")
     rows = np.zeros((len(texts), max_len), np.int32)
+    cut = 0
     for i, text in enumerate(texts):
-        ids = tokenizer.encode(text.strip())[:max_len - 1] + [EOS_ID]
+        ids = tokenizer.encode(text.strip())
+        cut += len(ids) + 1 > max_len
+        ids = ids[:max_len - 1] + [EOS_ID]
         rows[i, :len(ids)] = ids
+    if cut:
+        log.warning("encode_sources: %d of %d sources are longer than max_len=%d with their "
+                    "EOS and were cut (as translation_pipeline cuts them).", cut, len(texts),
+                    max_len)
     return rows
 
 

@@ -227,8 +227,9 @@ class Checkpointer:
         if failed:
             raise RuntimeError(
                 f"None of the checkpoints {steps} in {self.directory} could be restored; the "
-                "first error is above (a model or optimizer config that differs from the one "
-                "that wrote them fails this way).") from first_error
+                "first error is above (a model or optimizer config, or an optax transformation "
+                "passed as train(tx=...), that differs from the one that wrote them fails this "
+                "way).") from first_error
         return None
 
     def _restore(self, step: int, abstract_state: Any) -> Restored:

@@ -315,8 +315,21 @@ class Engine:
                if tuple(np.shape(got[k])) != tuple(w.shape)]
         if bad:
             raise ValueError(f"params have other shapes than this model's: {bad[:5]}.")
-        return jax.tree.unflatten(jax.tree.structure(self._abstract.params),
+        tree = jax.tree.unflatten(jax.tree.structure(self._abstract.params),
                                   [got[k] for k in want])
+        # Where the init reads them: arrays committed to another device (load_state's are on
+        # the first) would clash with the init's output shardings.
+        if self.mode == "mesh":
+            return jax.device_put(tree, self.param_shardings)
+        target = self._device_sharding if self.mode == "single" else SingleDeviceSharding(
+            self._local_devices[0])
+        return jax.device_put(tree, target)
+
+    def wait_for_compiles(self) -> None:
+        """Block until the background compilations `precompile` started have finished (a
+        process must not exit while XLA compiles on a daemon thread: it aborts)."""
+        self._train.wait()
+        self._eval.wait()
 
     def _replicate(self, tree):
         """Host-or-device arrays (one logical copy) -> stacked per local device for pmap."""

@@ -456,6 +456,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                      init_params=init_params,
                      config_changes=functools.partial(_config_changes, workdir, **configs))
     finally:
+        engine.wait_for_compiles()  # an early error must not exit while XLA still compiles
         ckpt.close()
 
 
@@ -479,6 +480,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         state = engine.from_checkpoint(restored.state)
         step, data_state = restored.step, restored.data_state
         log.info("Resumed from step %d in %s.", step, ckpt.directory)
+        if init_params is not None:
+            log.warning("init_params is not used: %s holds a checkpoint (step %d), and the run "
+                        "resumes from it. Fine-tune in a new workdir.", ckpt.directory, step)
     if record_config is not None:
         record_config()
     for hook in hooks:  # e.g. drop what a killed run logged past the restored checkpoint
@@ -588,8 +592,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 state, metrics = engine.train_step(state, batch)
             except (ValueError, TypeError) as error:  # a batch the step refuses
                 kind = ValueError if isinstance(error, ValueError) else TypeError
-                raise kind(f"Train batch {step + 1} (the last checkpoint is step "
-                           f"{ckpt.latest_step()}): {error}") from error
+                last = ckpt.latest_step()
+                saved = "no checkpoint yet" if last is None else f"the last checkpoint is {last}"
+                raise kind(f"Train batch {step + 1} ({saved}): {error}") from error
             step += 1
             pending.append(metrics)
             if len(pending) > STEPS_AHEAD:
