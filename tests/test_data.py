@@ -767,6 +767,12 @@ def test_a_folder_of_split_named_files_is_split_by_name(tmp_path, caplog):
     _write(folder / "README", "about the data\n")
     with pytest.raises(ValueError, match=r"named by split .*\['README'\] name none"):
         fd.load_text_corpus(folder, data_dir=tmp_path / "tfds")
+    pairs = tmp_path / "pairs"  # Multi30k's layout, loaded without kind="translation"
+    pairs.mkdir()
+    for name in ("train.de", "train.en", "val.de", "val.en"):
+        _write(pairs / name, "ein satz\n")
+    with pytest.raises(ValueError, match="a parallel corpus, not one text.*kind='translation'"):
+        fd.load_text_corpus(pairs, data_dir=tmp_path / "tfds")
 
 
 def test_in_memory_tokenizers_are_cached_per_examples(tmp_path):

@@ -518,6 +518,12 @@ def _split_named_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
             f"The folder's files are named by split ({', '.join(f.name for f in files)}), but "
             + (f"{loose} name none" if loose else "none is a train file")
             + "; pass the train files and validation_files= explicitly.")
+    stems = [f.stem for f in train]
+    if len(set(stems)) < len(stems):  # train.de + train.en: one text per language
+        raise ValueError(
+            f"The folder holds {', '.join(f.name for f in train)}: a parallel corpus, not one "
+            "text. Load it with kind='translation', source_lang=..., target_lang=... (e.g. "
+            "load_dataset(folder, kind='translation', source_lang='de', target_lang='en')).")
     test = [f.name for f, s in named.items() if s == "test"]
     if test:
         log.warning("Left out of the corpus as test files: %s.", test)
