@@ -141,7 +141,7 @@ def main(argv):
         if sample is None:
             return {}
         step = int(engine.to_host(state.step))  # one value, whatever the parallel mode
-        texts = sample(engine.params(state), step)
+        texts = sample(engine.device_params(state), step)
         if jax.process_index() == 0:
             with open(os.path.join(workdir, "samples.txt"), "a") as f:
                 f.write(f"=== step {step} ===\n" + "\n---\n".join(texts) + "\n")
@@ -154,7 +154,7 @@ def main(argv):
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
                    experiment=cfg.to_dict(), hooks=[writer],
-                   warm_up=(lambda state, engine: sample.warm_up(engine.params(state)))
+                   warm_up=(lambda state, engine: sample.warm_up(engine.device_params(state)))
                    if sample else None)
     writer.close()
     if common.finished_before(workdir, result, writer):

@@ -176,6 +176,10 @@ def main(argv=None) -> int:
         overrides = parse_overrides(args.set)
     except ValueError as e:
         parser.error(str(e))
+    for flag in ("batch", "microbatches", "length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag}={value} must be >= 1")
     sizes = {math.prod(m) for m in meshes}
     devices = args.devices or max(sizes, default=1)
     if sizes - {devices}:
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
     if config.architecture == "encoder_only" and not config.mlm_head:
         parser.error(f"--config={args.config} trains with its masked-LM head: add "
                      "mlm_head=True to --set")
-    length = args.length or config.max_len
+    length = config.max_len if args.length is None else args.length
     if not 1 <= length <= config.max_len:
         parser.error(f"--length={length} must lie in [1, max_len={config.max_len}] "
                      "(raise it with --set=max_len=...).")

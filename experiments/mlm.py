@@ -67,7 +67,7 @@ def main(argv):
         # attending only within itself).
         first = np.asarray(example["segment_ids"][:1]) == 1
         row = np.where(first, example["inputs"][:1], 0)
-        guess = np.asarray(predict(engine.params(state), row, first.astype(np.int32),
+        guess = np.asarray(predict(engine.device_params(state), row, first.astype(np.int32),
                                    np.asarray(example["positions"][:1])))[0]
         masked = row[0] == MASK_ID
         filled = np.where(masked & first[0], guess, row[0])

@@ -120,7 +120,7 @@ def main(argv):
         eval_split = eval_split[:cfg.eval_decode_examples]
 
     def eval_fn(state, engine):
-        hyps = decode(engine.params(state), [ex["inputs"] for ex in eval_split])
+        hyps = decode(engine.device_params(state), [ex["inputs"] for ex in eval_split])
         out = score(cfg, hyps, [ex["targets"] for ex in eval_split])
         for src, hyp in list(zip(eval_split, hyps))[:2]:
             writer.write(f"  {src['inputs']!r} -> {hyp!r} (reference {src['targets']!r})")
@@ -137,7 +137,7 @@ def main(argv):
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
                    experiment=cfg.to_dict(), hooks=[writer],
-                   warm_up=lambda state, engine: decode.warm_up(engine.params(state)))
+                   warm_up=lambda state, engine: decode.warm_up(engine.device_params(state)))
     writer.close()
     if common.finished_before(workdir, result, writer):
         return

@@ -467,7 +467,8 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     for k in ("positions", "inputs_positions", "targets_positions"):
         limits[k] = config.max_len if config.position == "learned" else None
     for k, limit in limits.items():
-        if k not in arrays or np.size(arrays[k]) == 0:
+        if (k not in arrays or isinstance(arrays[k], jax.ShapeDtypeStruct)  # shapes only
+                or np.size(arrays[k]) == 0):
             continue
         values = np.asarray(arrays[k])
         low, high = int(values.min()), int(values.max())

@@ -122,7 +122,11 @@ def run_equivalence(out: str) -> None:
             state, metrics = engine.train_step(state, batch)
             m = engine.metrics_to_host(metrics)
             losses.append(m["loss"] / m["tokens"])
-        np.savez(os.path.join(out, f"{mode}.npz"), **flatten(engine.params(state)))
+        host = flatten(engine.params(state))
+        np.savez(os.path.join(out, f"{mode}.npz"), **host)
+        on_devices = flatten(engine.device_params(state))  # what the samplers get
+        assert sorted(on_devices) == sorted(host) and all(
+            np.array_equal(on_devices[k], host[k]) for k in host), mode
         # 5 eval rows: padded with empty rows to fill 8 (pmap) or 4 (mesh) batch shards.
         odd = {k: v[:5] for k, v in global_batches(5)[4].items()}
         evaluated = engine.metrics_to_host(engine.eval_step(state, odd))

@@ -1041,3 +1041,36 @@ def test_init_params_beside_a_checkpoint_is_reported(engine, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         run(engine, tmp_path, 3, init_params=engine.params(engine.init_state(5)))
     assert "init_params is not used" in caplog.text
+
+
+def test_parallel_config_refuses_what_it_would_ignore_or_misread():
+    """Mesh fields in pmap/single mode were ignored (a fully replicated model, no word), a typo
+    in a logical name replicated its arrays silently, a batch rule never changed the input
+    layout, and data=0 or fsdp=2.0 failed only when the mesh was built."""
+    cases = [
+        (dict(mode="pmap", tensor=2), "replicates the model"),
+        (dict(mode="single", fsdp=2), "replicates the model"),
+        (dict(data=0), "ParallelConfig.data=0 must be an integer >= 1"),
+        (dict(fsdp=2.0), "ParallelConfig.fsdp=2.0"),
+        (dict(tensor=True), "ParallelConfig.tensor=True"),
+        (dict(mode="mesh", axis_rules=(("embd", "fsdp"),)), "name 'embd', which no array"),
+        (dict(mode="mesh", axis_rules=(("batch", "data"),)), "batch is always split over"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ParallelConfig(**kwargs)
+    as_lists = [[name, list(axes) if isinstance(axes, tuple) else axes]
+                for name, axes in partitioning.DEFAULT_RULES]  # as JSON gives them back
+    assert ParallelConfig(mode="pmap", axis_rules=as_lists).mode == "pmap"
+
+
+def test_lower_train_step_takes_shapes_alone(engine):
+    batch = {k: jax.ShapeDtypeStruct((8, LENGTH), jnp.int32) for k in ("inputs", "targets")}
+    assert engine.lower_train_step(batch).compile().cost_analysis()["flops"] > 0
+
+
+def test_device_params_are_the_state_params_on_device(engine):
+    state = engine.init_state(0)
+    on_device = engine.device_params(state)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(on_device))
+    assert max_diff(on_device, engine.params(state)) == 0.0

@@ -77,8 +77,9 @@ class DataStateHandler(ocp.CheckpointHandler):
         path = self._path(directory)
         if not path.exists():
             found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-            log.warning("No data-iterator state for this process in %s (found %s); the data "
-                        "iterator starts fresh.", directory, found)
+            log.warning("No data-iterator state for this process in %s (found %s: saved by "
+                        "another process count?); train() places the iterator by skipping "
+                        "the batches the checkpoint consumed.", directory, found)
             return None
         return json.loads(path.read_text())
 

@@ -57,9 +57,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             f"{coordinator_address!r}, {num_processes!r}, {process_id!r}.")
     # gloo gives CPU devices cross-process collectives; harmless on GPU/TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               local_device_ids=local_device_ids)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=local_device_ids)
+    except ValueError as error:
+        if explicit:
+            raise
+        raise ValueError(f"initialize(auto_detect=True) found no cluster to join (JAX: {error}); "
+                         f"on one machine leave auto_detect off, or set {ENV_COORDINATOR}, "
+                         f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}.") from error
     _initialized = True
     if is_main_process():
         log.info("jax.distributed: %d processes, %d devices (%d local).", jax.process_count(),

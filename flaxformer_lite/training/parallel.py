@@ -19,6 +19,7 @@ logical copy of every array), so a run saved in one mode/device count restores i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -35,7 +36,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxformer_lite import perf
+from flaxformer_lite import ops, perf
 from flaxformer_lite.config import TransformerConfig, check_number, plain_fields
 from flaxformer_lite.models import batch_keys, check_batch, make_model
 from flaxformer_lite.training import partitioning
@@ -51,6 +52,8 @@ from flaxformer_lite.training.steps import eval_step, train_step
 
 MODES = ("auto", "single", "pmap", "mesh")
 PMAP_AXIS = "devices"
+# Train steps queued at most: the devices always have the next one, and no more pile up.
+STEPS_AHEAD = 2
 
 # XLA cannot serialize programs with oneDNN calls (see `ParallelConfig.compiler_options`), so the
 # persistent compilation cache skips the CPU train and eval steps; its warning says nothing the
@@ -93,11 +96,33 @@ class ParallelConfig:
         if self.mode not in MODES:
             raise ValueError(f"ParallelConfig.mode={self.mode!r} is not one of "
                              f"{', '.join(MODES)}.")
+        for name in ("data", "fsdp", "tensor"):
+            value = getattr(self, name)
+            if value != -1:
+                check_number("ParallelConfig", name, value, 1, integer=True,
+                             hint=" (-1: the devices the other axes leave)")
+        def plain(rules):  # lists (from JSON or ml_collections) compare as tuples
+            return [(name, tuple(a) if isinstance(a, (list, tuple)) else a) for name, a in rules]
+
+        if self.mode in ("single", "pmap") and (
+                self.fsdp != 1 or self.tensor != 1
+                or plain(self.axis_rules) != plain(partitioning.DEFAULT_RULES)):
+            raise ValueError(f"ParallelConfig(mode={self.mode!r}) replicates the model: fsdp, "
+                             "tensor and axis_rules apply to mode='mesh' (or 'auto').")
+        known = {logical for logical, _ in partitioning.DEFAULT_RULES}
         for rule in self.axis_rules:
             if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
                 raise ValueError(f"ParallelConfig.axis_rules: {rule!r} is not a (logical name, "
                                  "mesh axes) pair.")
             logical, axes = rule
+            if logical not in known:
+                raise ValueError(f"ParallelConfig.axis_rules name {logical!r}, which no array of "
+                                 f"the models carries; the logical names are "
+                                 f"{', '.join(sorted(known))}.")
+            if logical == "batch" and tuple(axes or ()) != tuple(partitioning.BATCH_AXES):
+                raise ValueError("ParallelConfig.axis_rules: the batch is always split over "
+                                 f"{partitioning.BATCH_AXES} (the input layout); leave 'batch' "
+                                 "out of the rules.")
             named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             unknown = [a for a in named if a not in partitioning.MESH_AXES]
             if unknown:
@@ -161,6 +186,7 @@ class Engine:
         self.mode = resolve_mode(parallel, len(self.devices))
         self.mesh: Mesh | None = None
         self._init_compiled: dict[Any, Any] = {}  # key shape and dtype -> executable
+        self._in_flight: collections.deque = collections.deque()  # metrics of queued steps
         self._build()
 
     # ---- layout ---------------------------------------------------------------------------------
@@ -206,6 +232,16 @@ class Engine:
         elif self.mode == "mesh":
             p = self.parallel
             self.mesh = partitioning.make_mesh(p.data, p.fsdp, p.tensor, devices=self.devices)
+            length_axes = [a for name, axes in p.axis_rules if name == "length" and axes
+                           for a in ((axes,) if isinstance(axes, str) else axes)
+                           if self.mesh.shape[a] > 1]
+            if (length_axes and all(d.platform == "cpu" for d in self.devices)
+                    and ops.fast_paths.enabled("cpu_attention")):
+                raise ValueError(
+                    f"ParallelConfig.axis_rules split 'length' over {length_axes}, which the CPU "
+                    "attention fast path cannot compile (XLA: unsupported reduction); set "
+                    "FLAXFORMER_LITE_DISABLE=cpu_attention before JAX starts to use the plain "
+                    "attention on CPU, or keep 'length' unsplit.")
             specs = param_logical_specs(self.model_config)
             self.param_shardings = partitioning.logical_to_shardings(
                 specs, abstract.params, self.mesh, p.axis_rules)
@@ -419,7 +455,8 @@ class Engine:
             if isinstance(value, jax.Array) and value.sharding == target:
                 out[key] = value  # already laid out (the output of an earlier shard_batch)
                 continue
-            if not (isinstance(value, jax.Array) and jax.process_count() == 1):
+            abstract = isinstance(value, jax.ShapeDtypeStruct)  # lower_train_step's shapes
+            if not (abstract or isinstance(value, jax.Array) and jax.process_count() == 1):
                 value = np.asarray(value)  # device arrays stay on device (no host round trip)
             rows = value.shape[0]
             if rows % local_shards:
@@ -430,7 +467,9 @@ class Engine:
                     + (f" (of {local_shards * self.parallel.microbatches} for training with "
                        f"{self.parallel.microbatches} micro-batches)"
                        if self.parallel.microbatches > 1 else "") + ".")
-            if self.mode == "pmap":
+            if abstract:
+                out[key] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target)
+            elif self.mode == "pmap":
                 value = value.reshape((local_shards, rows // local_shards) + value.shape[1:])
                 out[key] = jax.device_put(value, self._pmap_sharding)
             elif self.mode == "mesh" and not isinstance(value, jax.Array):
@@ -497,15 +536,25 @@ class Engine:
 
     def train_step(self, state: TrainState, batch: Mapping[str, Any]
                    ) -> tuple[TrainState, dict[str, jax.Array]]:
-        """One step; `batch` is host data (sharded here) or the output of `shard_batch`."""
+        """One step; `batch` is host data (sharded here) or the output of `shard_batch`.
+
+        Returns at once (JAX dispatches asynchronously) unless more than `STEPS_AHEAD` steps
+        are queued; it then waits for the oldest, so that a loop that never reads its metrics
+        cannot queue hundreds of steps (on a CPU split into devices, their collectives then
+        starve each other of threads and XLA aborts the process)."""
         batch = self._train_batch(batch)
         with self._mesh_context():
-            return self._train(state, batch)
+            state, metrics = self._train(state, batch)
+        self._in_flight.append(metrics)
+        if len(self._in_flight) > STEPS_AHEAD:
+            jax.block_until_ready(self._in_flight.popleft())
+        return state, metrics
 
     def lower_train_step(self, batch: Mapping[str, Any],
                          state: TrainState | None = None) -> jax.stages.Lowered:
-        """The train step lowered for `batch`'s shapes, against `state` or by default the
-        abstract state, so no parameter is allocated. `.compile()` it to read, per device,
+        """The train step lowered for `batch`'s shapes (arrays, or `jax.ShapeDtypeStruct`s:
+        nothing allocated at all), against `state` or by default the abstract state, so no
+        parameter is allocated. `.compile()` it to read, per device,
         XLA's `cost_analysis()` (FLOPs), `memory_analysis()` and the optimized HLO (its
         collectives): what a mesh layout costs before any run (`experiments/mesh_report.py`).
         Not in "pmap" mode, whose step is not a `jax.jit`.
@@ -541,3 +590,15 @@ class Engine:
     def params(self, state: TrainState) -> Any:
         """Host copy of the parameters."""
         return self.to_host(state.params)
+
+    def device_params(self, state: TrainState) -> Any:
+        """The parameters on the devices, for inference during training (a sampler, a beam
+        search): sharded ones as they are, so a model that needs `fsdp` to fit keeps its
+        layout (a host copy would land whole on one device); replicated ones as the first
+        device's copy, so the inference runs once, not on every device, with no host round
+        trip."""
+        if self.mode == "pmap":
+            return jax.tree.map(lambda x: x.addressable_data(0)[0], state.params)
+        if all(x.is_fully_replicated for x in jax.tree.leaves(state.params)):
+            return jax.tree.map(lambda x: x.addressable_data(0), state.params)
+        return state.params

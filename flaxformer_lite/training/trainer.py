@@ -47,19 +47,18 @@ from flaxformer_lite.training import distributed
 from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
 from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
 from flaxformer_lite.training.optim import OptimizerConfig, num_updates
-from flaxformer_lite.training.parallel import Engine, ParallelConfig
+from flaxformer_lite.training.parallel import STEPS_AHEAD, Engine, ParallelConfig
 from flaxformer_lite.training.state import TrainState
 
 log = logging.getLogger("flaxformer_lite.training")
 
-# Steps the host may dispatch before the devices finish them. Between logs the loop only waits
-# for a step `STEPS_AHEAD` steps back, which keeps the devices fed (the host prepares the next
-# batch while a step runs) and bounds the executions queued at once. Unbounded, several CPU
-# devices in one process (`--xla_force_host_platform_device_count`) can deadlock: every queued
-# execution's all-reduce waits for its peers on one of XLA's few CPU threads, until none is left
-# for the peers and XLA aborts the process after 40 s (reproduced with 2 devices and a long
-# `log_every`).
-STEPS_AHEAD = 2
+# Steps the host may dispatch before the devices finish them (`parallel.STEPS_AHEAD`, imported
+# above): between logs `Engine.train_step` only waits for the step `STEPS_AHEAD` back, which
+# keeps the devices fed (the host prepares the next batch while a step runs) and bounds the
+# executions queued at once. Unbounded, several CPU devices in one process
+# (`--xla_force_host_platform_device_count`) can deadlock: every queued execution's all-reduce
+# waits for its peers on one of XLA's few CPU threads, until none is left for the peers and XLA
+# aborts the process after 40 s (reproduced with 2 devices and a long `log_every`).
 
 Batch = Mapping[str, Any]
 Hook = Callable[[int, dict[str, float]], None]
@@ -596,9 +595,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 saved = "no checkpoint yet" if last is None else f"the last checkpoint is {last}"
                 raise kind(f"Train batch {step + 1} ({saved}): {error}") from error
             step += 1
-            pending.append(metrics)
-            if len(pending) > STEPS_AHEAD:
-                jax.block_until_ready(pending[-STEPS_AHEAD - 1])
+            pending.append(metrics)  # Engine.train_step keeps at most STEPS_AHEAD queued
             is_log = step % log_every == 0 or step == num_steps
             # The last step evaluates in the loop too, so a checkpoint saved there carries
             # the metrics (best_metric ranks it).
