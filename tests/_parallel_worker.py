@@ -141,6 +141,19 @@ def run_equivalence(out: str) -> None:
             m = engine.metrics_to_host(metrics)
             with open(os.path.join(out, "next.json"), "w") as f:
                 json.dump({"loss": m["loss"] / m["tokens"]}, f)
+    # Sequence parallelism on CPU: the attention fast path cannot compile it (XLA's
+    # "unsupported reduction"); named when the Engine is built.
+    from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig, partitioning
+
+    rules = tuple((n, "tensor" if n == "length" else a) for n, a in partitioning.DEFAULT_RULES)
+    try:
+        Engine(tiny_config(), OptimizerConfig(), ParallelConfig(mode="mesh", data=2, fsdp=2,
+                                                                tensor=2, axis_rules=rules))
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    with open(os.path.join(out, "length_rule.json"), "w") as f:
+        json.dump({"error": refused}, f)
     # Micro-batch i takes rows i, i + k, ... of each device's rows: no data moves between
     # devices, so slicing must not add collectives (contiguous slices would).
     rows16 = global_batches(1, batch=16)[0]

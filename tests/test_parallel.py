@@ -148,6 +148,11 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
     assert reference["eval"]["sequences"] == 5
 
 
+def test_a_length_rule_the_cpu_attention_cannot_compile_is_named(equivalence):
+    error = json.loads((equivalence / "length_rule.json").read_text())["error"]
+    assert "split 'length' over ['tensor']" in error and "cpu_attention" in error
+
+
 def test_microbatches_add_no_collectives(equivalence):
     """On a data-parallel mesh the micro-batched step compiles to the same collectives as the
     whole-batch step (the gradient all-reduce): slicing moves no rows between devices."""
