@@ -1074,3 +1074,17 @@ def test_device_params_are_the_state_params_on_device(engine):
     on_device = engine.device_params(state)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(on_device))
     assert max_diff(on_device, engine.params(state)) == 0.0
+
+
+def test_dimensions_a_mesh_does_not_divide_are_listed():
+    """They are replicated (documented); `undivided` names them, and the Engine warns."""
+    mesh = jax.sharding.AbstractMesh((1, 1, 4), partitioning.MESH_AXES)
+    cfg = TINY.replace(num_heads=2, d_ff=34)  # heads 2 and d_ff 34 do not split 4 ways
+    from flaxformer_lite.training import param_logical_specs
+
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(init_params(cfg, jax.random.key(0))))
+    found = partitioning.undivided(param_logical_specs(cfg), shapes, mesh)
+    assert any("mlp/wi/kernel: dim 1 (34) over ('tensor',) = 4" in f for f in found)
+    assert any("qkv/kernel: dim 2 (2)" in f for f in found)
+    assert partitioning.undivided(param_logical_specs(TINY), jax.eval_shape(
+        lambda: nn.meta.unbox(init_params(TINY, jax.random.key(0)))), mesh) == []

@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,8 @@ from flaxformer_lite.training.state import (
     param_logical_specs,
 )
 from flaxformer_lite.training.steps import eval_step, train_step
+
+log = logging.getLogger(__name__)
 
 MODES = ("auto", "single", "pmap", "mesh")
 PMAP_AXIS = "devices"
@@ -245,6 +248,15 @@ class Engine:
             specs = param_logical_specs(self.model_config)
             self.param_shardings = partitioning.logical_to_shardings(
                 specs, abstract.params, self.mesh, p.axis_rules)
+            replicated_dims = partitioning.undivided(specs, abstract.params, self.mesh,
+                                                     p.axis_rules)
+            if replicated_dims:
+                log.warning(
+                    "%d parameter dimension(s) do not divide over their mesh axes and are "
+                    "replicated instead (each device holds and computes them whole): %s%s. "
+                    "Choose sizes the mesh divides (experiments/mesh_report.py measures the "
+                    "cost).", len(replicated_dims), "; ".join(replicated_dims[:4]),
+                    " ..." if len(replicated_dims) > 4 else "")
             self._state_sharding = partitioning.state_shardings(
                 abstract, self.param_shardings, self.mesh)
             self._batch_sharding = partitioning.batch_sharding(self.mesh)

@@ -102,6 +102,25 @@ def logical_to_shardings(logical_specs, shapes, mesh: Mesh,
         mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def undivided(logical_specs, shapes, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+              ) -> list[str]:
+    """`"path: dim 1 (6) over ('tensor',) = 4"` for every parameter dimension the rules would
+    shard but the mesh does not divide, so that `logical_to_shardings` replicates it (each
+    device then holds and computes that dimension whole)."""
+    mesh_specs = nn.logical_to_mesh(logical_specs, rules)
+    out = []
+    specs = jax.tree.leaves_with_path(mesh_specs, is_leaf=lambda x: isinstance(x, P))
+    for (path, spec), x in zip(specs, jax.tree.leaves(shapes), strict=True):
+        for i, (axes, dim) in enumerate(zip(list(spec) + [None] * (len(x.shape) - len(spec)),
+                                            x.shape)):
+            size = _axis_size(mesh, axes)
+            if dim % size:
+                names = (axes,) if isinstance(axes, str) else tuple(axes)
+                out.append(f"{'/'.join(_path_key(path))}: dim {i} ({dim}) over {names} = "
+                           f"{size}")
+    return out
+
+
 def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
