@@ -495,8 +495,7 @@ def _load(builder_name: str, config, *, data_dir, kind: str, fields: Mapping[str
 # Public loaders
 
 
-_SPLIT_WORDS = {"train": "train", "valid": "validation", "validation": "validation",
-                "val": "validation", "dev": "validation", "test": "test"}
+_SPLIT_WORDS = {"train": "train", "validation": "validation", "test": "test", **SPLIT_ALIASES}
 
 
 def _split_named_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
