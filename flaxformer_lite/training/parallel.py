@@ -495,9 +495,10 @@ class Engine:
             return len(self._local_devices)
         return max(self.batch_shards // jax.process_count(), 1)
 
-    def pad_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """Host batch padded with all-zero rows (weight 0: they change no metric sum) to a
-        multiple of this process's batch shards, e.g. for the short last batch of an eval set."""
+    def pad_batch(self, batch: Mapping[str, Any], rows: int | None = None) -> dict[str, Any]:
+        """Host batch padded with all-zero rows (weight 0: they change no metric sum or
+        gradient) to `rows`, by default to a multiple of this process's batch shards, e.g. for
+        the short last batch of an eval set or of a training epoch."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture)
         check_batch(self.model_config, batch)  # before padding can make row counts agree
@@ -505,7 +506,8 @@ class Engine:
         for key, value in batch.items():
             if key not in used:
                 continue
-            missing = -np.shape(value)[0] % shards
+            n = np.shape(value)[0]
+            missing = -n % shards if rows is None else rows - n
             if missing:
                 value = np.asarray(value)
                 value = np.concatenate([value, np.zeros((missing,) + value.shape[1:],

@@ -221,20 +221,21 @@ def _make_iterator(data) -> Iterator[Batch]:
     return data if hasattr(data, "__next__") else iter(data)
 
 
-def _write_config(workdir: str, **configs) -> None:
+def _write_config(workdir: str, record: dict) -> None:
     """Record the run's configs in `workdir/config.json`, once its checkpoint (if any) has been
     restored with them (a run that fails to restore leaves the record alone); name the fields
     that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`."""
     path = os.path.join(workdir, "config.json")
-    changed = _config_changes(workdir, **configs)
+    changed = _config_changes(workdir, record)
     if changed:
         log.warning("This run's configs differ from the run recorded in %s: %s.", path,
                     "; ".join(changed))
     with open(path, "w") as f:
-        json.dump(_config_record(**configs), f, indent=2, sort_keys=True)
+        json.dump(record, f, indent=2, sort_keys=True)
 
 
 def _config_record(**configs) -> dict:
+    """The configs as `config.json` holds them (JSON types; None entries left out)."""
     return json.loads(json.dumps(
         {name: (c.to_dict() if hasattr(c, "to_dict") else dict(c) if isinstance(c, Mapping)
                 else dataclasses.asdict(c))
@@ -251,15 +252,14 @@ def _flat(record: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _config_changes(workdir: str, **configs) -> list[str]:
-    """`"optimizer.clip_norm: None -> 1.0"` for each field that differs from the run recorded
-    in `workdir/config.json` (none if there is no record)."""
+def _config_changes(workdir: str, record: dict) -> list[str]:
+    """`"optimizer.clip_norm: None -> 1.0"` for each field of `record` (`_config_record`) that
+    differs from the run recorded in `workdir/config.json` (none if there is no record)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         old = json.load(f)
-    record = _config_record(**configs)
     changed = []
     for name in ("model", "optimizer", "loss", "parallel", "experiment"):
         if isinstance(old.get(name), dict) and name in record:
@@ -435,9 +435,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     main = distributed.is_main_process()
     if main:
         os.makedirs(workdir, exist_ok=True)
-    configs = dict(model=model_config, optimizer=optimizer_config, loss=loss, parallel=parallel,
-                   experiment=experiment)
-    record = functools.partial(_write_config, workdir, **configs)
+    record = _config_record(model=model_config, optimizer=optimizer_config, loss=loss,
+                            parallel=parallel, experiment=experiment)
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx)
     log.info("Training on %s.", engine.describe())
@@ -451,9 +450,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                      eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, log_every=log_every,
                      hooks=hooks if main else [], handle_signals=handle_signals,
-                     warm_up=warm_up, record_config=record if main else None,
-                     init_params=init_params,
-                     config_changes=functools.partial(_config_changes, workdir, **configs))
+                     warm_up=warm_up, init_params=init_params,
+                     record_config=functools.partial(_write_config, workdir, record)
+                     if main else None,
+                     config_changes=functools.partial(_config_changes, workdir, record))
     finally:
         engine.wait_for_compiles()  # an early error must not exit while XLA still compiles
         ckpt.close()
@@ -567,6 +567,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
     interrupted = False
     start_step = step
     rows = None  # the first batch's rows: shorter batches are padded to them
+    padded = False
     with _StopSignals(handle_signals) as signals:
         while step < num_steps:
             if signals.agreed():
@@ -580,7 +581,16 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 log.warning("The training data ran out after %d steps (num_steps=%d).", step,
                             num_steps)
                 break
-            batch, rows = _pad_short_batch(batch, rows, step)
+            n = _batch_rows(batch)
+            if rows is None:
+                rows = n
+            elif 0 < n < rows:  # the end of an epoch: it fits the layout and compiled step
+                if not padded:
+                    log.warning("Train batch %d has %d rows, the first had %d: padded with "
+                                "empty rows (no loss, no gradient; the update is the short "
+                                "batch's).", step + 1, n, rows)
+                padded = True
+                batch = engine.pad_batch(batch, rows=rows)
             if step == start_step:  # compile what the run needs side by side, then train
                 batch = engine.shard_batch(batch)  # laid out once, for the compile and the step
                 engine.precompile(state, batch, functools.partial(_first_eval_batch, eval_data)
@@ -634,25 +644,7 @@ def _restore_position(iterator, data_state, step: int) -> None:
                              "needs the same data (or a new workdir).")
 
 
-def _pad_short_batch(batch, rows: int | None, step: int):
-    """(batch, the run's rows): the first batch sets the rows; a shorter one (the end of an
-    epoch) gets all-zero rows (targets 0: no loss, no gradient), so that it fits the device
-    layout and the compiled step, and trains exactly as the short batch would."""
+def _batch_rows(batch) -> int:
+    """Rows of a batch (its first entry's leading size; 0 if it has none)."""
     first = next(iter(batch.values()), None) if isinstance(batch, Mapping) else None
-    n = np.shape(first)[0] if np.ndim(first) else 0
-    if rows is None or not 0 < n < rows:
-        return batch, n if rows is None else rows
-    if rows not in _PADDED:
-        _PADDED.add(rows)
-        log.warning("Train batch %d has %d rows, the first had %d: padded with empty rows "
-                    "(no loss, no gradient; the update is the short batch's).", step + 1, n, rows)
-    padded = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if v.ndim and v.shape[0] == n:
-            v = np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
-        padded[k] = v
-    return padded, rows
-
-
-_PADDED: set[int] = set()
+    return np.shape(first)[0] if np.ndim(first) else 0
