@@ -25,7 +25,6 @@ compiled program's either way (a scanned stack's temporaries are one layer's).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -82,20 +81,6 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"--meshes: {text!r} is not DATAxFSDPxTENSOR (e.g. 2x1x4)")
     return tuple(int(p) for p in parts)
-
-
-def parse_overrides(text: str) -> dict:
-    """`a=1,b=True,c=rms` -> {"a": 1, "b": True, "c": "rms"}."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set: {item!r} is not FIELD=VALUE")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
 
 
 def report(config, meshes, batch: int, length: int, microbatches: int = 1) -> list[dict]:
@@ -173,7 +158,6 @@ def main(argv=None) -> int:
 
     try:
         meshes = [parse_mesh(m) for m in args.meshes.split(",") if m]
-        overrides = parse_overrides(args.set)
     except ValueError as e:
         parser.error(str(e))
     for flag in ("batch", "microbatches", "length"):
@@ -194,8 +178,12 @@ def main(argv=None) -> int:
     os.environ["XLA_FLAGS"] = " ".join(
         [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
-    from flaxformer_lite import get_config
+    from flaxformer_lite.config import get_config, parse_overrides
 
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         config = get_config(args.config, **overrides)
     except (TypeError, ValueError) as e:

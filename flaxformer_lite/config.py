@@ -9,6 +9,7 @@ Every check raises `ValueError` naming the field and what is allowed, before any
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 import numbers
@@ -433,3 +434,19 @@ def model_config_dict(preset: str, **values):
     config = ml_collections.ConfigDict(fields)
     config.update(values)
     return config
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """`"num_layers=4,norm=rms,scan_layers=True"` -> `{"num_layers": 4, "norm": "rms",
+    "scan_layers": True}`: the `--set` of `python -m flaxformer_lite.params` and
+    `experiments/mesh_report.py`. Values are Python literals, else strings."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set: {item!r} is not FIELD=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out

@@ -24,7 +24,6 @@ Published figures (`PUBLISHED`) and where they come from:
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import math
@@ -36,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.config import PRESETS, TransformerConfig, get_config
+from flaxformer_lite.config import PRESETS, TransformerConfig, get_config, parse_overrides
 from flaxformer_lite.models import dummy_inputs, make_model
 
 PUBLISHED: dict[str, float] = {
@@ -276,15 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         parser.error(f"unknown config name(s) {', '.join(unknown)}; known: {', '.join(PRESETS)}")
-    changes = {}
-    for item in filter(None, args.set.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set: {item!r} is not FIELD=VALUE")
-        try:
-            changes[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            changes[key.strip()] = value.strip()
+    try:
+        changes = parse_overrides(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         reports = [report(get_config(n, **changes), name=f"{n} ({args.set})") if changes
                    else report(n) for n in names]
