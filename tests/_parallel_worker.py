@@ -170,7 +170,7 @@ def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
     import jax
     import numpy as np
 
-    from flaxformer_lite.training import Checkpointer, load_state
+    from flaxformer_lite.training import Checkpointer, load_params, load_state
 
     engine = make_engine(mode)
     ckpt = Checkpointer(ckpt_dir)
@@ -187,6 +187,14 @@ def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
     # Fine-tuning's start: those arrays as init_params, laid out for this mode's devices.
     fresh = flatten(engine.params(engine.init_state(1, params=loaded)))
     same_as_raw = same_as_raw and all(np.array_equal(fresh[k], params[k]) for k in params)
+    # The parameters alone, straight into this mode's layout (what a state restore gives).
+    target = engine.abstract_state().params
+    _, sharded = load_params(ckpt_dir, target=target)
+    placed = all(x.sharding == t.sharding for x, t in
+                 zip(jax.tree.leaves(sharded), jax.tree.leaves(target), strict=True))
+    values = flatten(sharded)
+    same_as_raw = same_as_raw and placed and sorted(values) == sorted(params) and all(
+        np.array_equal(values[k], params[k]) for k in params)
     _, metrics = engine.train_step(state, global_batches(4)[3])
     m = engine.metrics_to_host(metrics)
     with open(out + ".json", "w") as f:

@@ -186,7 +186,8 @@ def test_restore_on_other_devices_and_modes(equivalence, worker_env, tmp_path, d
     record = json.loads(Path(str(out) + ".json").read_text())
     assert record["step"] == 3 and record["data_state"] == {"batches": 3}
     assert record["devices"] == devices and record["leaf_devices"] == devices
-    assert record["load_state_matches"]  # also laid out again as init_state(params=...)
+    # Also laid out again as init_state(params=...), and load_params into the mode's layout.
+    assert record["load_state_matches"]
     expected = json.loads((equivalence / "next.json").read_text())["loss"]
     assert record["loss"] == pytest.approx(expected, rel=1e-5)  # training continues identically
 

@@ -1018,6 +1018,37 @@ def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_pat
         engine.init_state(0, params={"decoder": {}})
 
 
+def test_load_params_reads_the_parameters_alone(engine, tmp_path):
+    """`load_params`: the same arrays as `load_state(...)["params"]`, cast on request, placed
+    by a target tree (checked against the checkpoint), and the missing step named."""
+    from flaxformer_lite.training import load_params, load_state
+
+    run(engine, tmp_path, 2)
+    directory = tmp_path / "checkpoints"
+    step, params = load_params(directory)
+    full_step, state = load_state(directory)
+    assert step == full_step == 2
+    assert max_diff(params, state["params"]) == 0.0
+    _, half = load_params(directory, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    abstract = engine.abstract_state().params
+    _, placed = load_params(directory, target=abstract)
+    assert all(x.sharding == t.sharding for x, t in
+               zip(jax.tree.leaves(placed), jax.tree.leaves(abstract), strict=True))
+    assert max_diff(placed, params) == 0.0
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 7 .* holds steps \[2\]"):
+        load_params(directory, step=7)
+    with pytest.raises(FileNotFoundError, match="keeps them in"):
+        load_params(tmp_path)
+    other = jax.eval_shape(lambda: init_params(
+        get_config("gpt2", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=32, num_layers=1,
+                   max_len=LENGTH), jax.random.key(0)))
+    with pytest.raises(ValueError, match="target shapes differ"):
+        load_params(directory, target=other)
+    with pytest.raises(ValueError, match="does not fit the parameters"):
+        load_params(directory, target={"decoder": {}})
+
+
 def params_lib_flat(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree.leaves_with_path(tree)}

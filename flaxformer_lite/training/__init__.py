@@ -12,6 +12,7 @@ from flaxformer_lite.training.checkpoint import (
     Checkpointer,
     Restored,
     iterator_state,
+    load_params,
     load_state,
     restore_iterator,
 )
@@ -61,13 +62,13 @@ from flaxformer_lite.training.trainer import (
 )
 
 __all__ = [
-    "DEFAULT_RULES", "MESH_AXES", "Checkpointer", "Engine", "LossConfig", "NonFiniteLossError",
+    "Checkpointer", "DEFAULT_RULES", "Engine", "LossConfig", "MESH_AXES", "NonFiniteLossError",
     "OptimizerConfig", "ParallelConfig", "Restored", "TensorBoardHook", "TrainResult",
     "TrainState", "add_metrics", "constant_schedule", "create_train_state", "cross_entropy",
     "decay_mask", "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",
-    "learning_rate_at", "load_state", "local_batch", "log_hook", "logical_to_shardings",
-    "logits_fn", "loss_weights", "make_mesh", "make_optimizer", "make_schedule", "metric_sums",
-    "num_updates", "param_logical_specs", "print_hook", "process_slice", "restore_iterator",
-    "state_shardings", "step_rng", "summarize", "train", "train_step", "vaswani_schedule",
-    "warmup_cosine_schedule",
+    "learning_rate_at", "load_params", "load_state", "local_batch", "log_hook",
+    "logical_to_shardings", "logits_fn", "loss_weights", "make_mesh", "make_optimizer",
+    "make_schedule", "metric_sums", "num_updates", "param_logical_specs", "print_hook",
+    "process_slice", "restore_iterator", "state_shardings", "step_rng", "summarize", "train",
+    "train_step", "vaswani_schedule", "warmup_cosine_schedule",
 ]

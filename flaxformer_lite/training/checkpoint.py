@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax.core import meta
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -256,24 +257,123 @@ class Checkpointer:
         self._manager.reload()
 
 
-def load_state(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
-    """`(step, state)` of a checkpoint as saved, without knowing the model or optimizer: nested
-    dicts of arrays on this process's first device (whatever the saving run's device layout),
-    e.g. `load_state(dir)[1]["params"]` for decoding.
-    """
-    directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    with ocp.CheckpointManager(directory, options=options,
-                               handler_registry=_registry()) as manager:
-        step = manager.latest_step() if step is None else step
+def _latest(manager: ocp.CheckpointManager, directory: epath.Path, step: int | None) -> int:
+    """`step`, or the newest one in `directory`, with the fix named when there is none."""
+    steps = manager.all_steps()
+    if step is None:
+        step = manager.latest_step()
         if step is None:
             hint = (f" (a train() workdir keeps them in {directory / 'checkpoints'})"
                     if (directory / "checkpoints").is_dir() else "")
             raise FileNotFoundError(f"No checkpoint in {directory}{hint}.")
+    elif int(step) not in steps:
+        raise FileNotFoundError(f"No checkpoint of step {step} in {directory}; it holds steps "
+                                f"{sorted(steps)}.")
+    return int(step)
+
+
+class _ReadOnlyNotice(logging.Filter):
+    """Drops Orbax's "Given directory is read only" warning, which every read-only manager
+    (opened on purpose to read a checkpoint) logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+
+
+def _reader(directory: str | os.PathLike) -> tuple[epath.Path, ocp.CheckpointManager]:
+    """A read-only manager on `directory` (nothing created or cleaned up there)."""
+    logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)  # idempotent
+    directory = epath.Path(os.path.abspath(os.fspath(directory)))
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    return directory, ocp.CheckpointManager(directory, options=options,
+                                            handler_registry=_registry())
+
+
+def load_state(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any]:
+    """`(step, state)` of a checkpoint as saved, without knowing the model or optimizer: nested
+    dicts of arrays on this process's first device (whatever the saving run's device layout).
+    For the parameters alone, `load_params` reads a third of it (under Adam) and can place
+    them sharded.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    directory, manager = _reader(directory)
+    with manager:
+        step = _latest(manager, directory, step)
         metadata = manager.item_metadata(step)[STATE_ITEM]
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                               metadata)
         out = manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(target)}))
     return step, out[STATE_ITEM]
+
+
+def load_params(directory: str | os.PathLike, step: int | None = None, *,
+                target: Any = None, dtype: Any = None) -> tuple[int, Any]:
+    """`(step, params)` of a checkpoint, reading only the parameters (not the optimizer state,
+    twice their size under Adam), for decoding, evaluation or fine-tuning.
+
+    target: where the arrays go.
+      - None: this process's first local device.
+      - a `jax.sharding.Sharding`: every array with it (e.g. replicated over a mesh).
+      - a tree of `jax.ShapeDtypeStruct`s with shardings in the parameters' structure, e.g.
+        `engine.abstract_state().params`: each array restored straight into its shards, so a
+        model too big for one device never lands whole on one (then
+        `engine.init_state(rng, params=...)` to fine-tune it). Paths and shapes must match
+        the checkpoint's; a different dtype casts; entries without a sharding (e.g. from
+        `jax.eval_shape`) go to the first local device.
+    dtype: cast every array to it (e.g. `jnp.bfloat16` for inference); overrides the target's.
+    """
+    directory, manager = _reader(directory)
+    with manager:
+        step = _latest(manager, directory, step)
+        saved = manager.item_metadata(step)[STATE_ITEM]
+    saved = getattr(saved, "tree", saved)  # Orbax's TreeMetadata wraps the nested dicts
+    if not isinstance(saved, Mapping) or "params" not in saved:
+        held = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+        raise ValueError(f"The checkpoint of step {step} in {directory} holds no 'params' "
+                         f"(it holds {held}); use load_state() for other states.")
+    saved = saved["params"]
+    if target is None or isinstance(target, jax.sharding.Sharding):
+        sharding = target or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                              saved)
+    else:
+        target = _check_target(meta.unbox(target), saved, f"step {step} in {directory}")
+    if dtype is not None:
+        target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, dtype, sharding=t.sharding),
+                              target)
+    restore_args = jax.tree.map(
+        lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+    # Orbax's pytree handler reads a subtree when asked for a partial restore; the optimizer
+    # state's files are never opened.
+    out = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args},
+            partial_restore=True))
+    return step, out["params"]
+
+
+def _check_target(target: Any, saved: Any, where: str) -> Any:
+    """`target` as a tree of `ShapeDtypeStruct`s with shardings (the first local device where
+    it has none), checked against the checkpoint's parameter metadata (paths and shapes)."""
+    def flat(tree):
+        return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                for path, leaf in jax.tree.leaves_with_path(tree)}
+
+    want, have = flat(target), flat(saved)
+    if set(want) != set(have):
+        raise ValueError(
+            f"target does not fit the parameters of {where}: missing from the checkpoint "
+            f"{sorted(set(want) - set(have))[:5]}, not in target "
+            f"{sorted(set(have) - set(want))[:5]} (at most 5 of each). Pass the abstract "
+            "parameters of the config that wrote it (engine.abstract_state().params).")
+    bad = [f"{k}: {tuple(want[k].shape)} != {tuple(have[k].shape)}" for k in want
+           if tuple(want[k].shape) != tuple(have[k].shape)]
+    if bad:
+        raise ValueError(f"target shapes differ from the checkpoint's ({where}): {bad[:5]}.")
+    first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda t: jax.ShapeDtypeStruct(
+        t.shape, t.dtype, sharding=getattr(t, "sharding", None) or first), target)

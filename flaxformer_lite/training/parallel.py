@@ -328,7 +328,7 @@ class Engine:
         """A fresh state from `rng` (a typed key or int seed), laid out for this mode.
 
         `params`: start from these parameters instead (pretrained ones to fine-tune, e.g.
-        `load_state(dir)[1]["params"]`; host or device arrays in the model's tree, cast to
+        `load_params(dir)[1]`; host or device arrays in the model's tree, cast to
         `param_dtype`), with a fresh optimizer state for them.
         """
         rng = as_key(rng)
@@ -358,14 +358,14 @@ class Engine:
             raise ValueError(
                 f"params do not fit this model: missing {sorted(set(want) - set(got))[:5]}, "
                 f"unexpected {sorted(set(got) - set(want))[:5]} (at most 5 of each); pass the "
-                "parameters of the same TransformerConfig (e.g. `load_state(dir)[1]['params']`).")
+                "parameters of the same TransformerConfig (e.g. `load_params(dir)[1]`).")
         bad = [f"{k}: {tuple(np.shape(got[k]))} != {tuple(w.shape)}" for k, w in want.items()
                if tuple(np.shape(got[k])) != tuple(w.shape)]
         if bad:
             raise ValueError(f"params have other shapes than this model's: {bad[:5]}.")
         tree = jax.tree.unflatten(jax.tree.structure(self._abstract.params),
                                   [got[k] for k in want])
-        # Where the init reads them: arrays committed to another device (load_state's are on
+        # Where the init reads them: arrays committed to another device (load_params puts them on
         # the first) would clash with the init's output shardings.
         if self.mode == "mesh":
             return jax.device_put(tree, self.param_shardings)

@@ -383,7 +383,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       only supplies the learning-rate metric), e.g. `optax.multi_transform` to freeze the
       embeddings while fine-tuning.
     init_params: parameters to start from when the workdir has no checkpoint (pretrained
-      ones to fine-tune, e.g. `load_state(pretrained_dir)[1]["params"]`), with a fresh
+      ones to fine-tune, e.g. `load_params(pretrained_dir)[1]`), with a fresh
       optimizer state; a resumed run continues from its checkpoint instead.
     experiment: the caller's own settings (data, batch size, ...; e.g. an ml_collections
       config's `to_dict()`), recorded in `workdir/config.json` beside the library's configs
