@@ -578,6 +578,12 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             try:
                 batch = next(iterator)
             except StopIteration:
+                if step == 0:
+                    raise ValueError(
+                        "train_data yielded no batch: an empty file or split, a filter that "
+                        "dropped every example, or fewer examples than one batch with the "
+                        "remainder dropped. Check the data (or lower the batch size)."
+                    ) from None
                 log.warning("The training data ran out after %d steps (num_steps=%d).", step,
                             num_steps)
                 break
