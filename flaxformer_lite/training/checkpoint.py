@@ -348,7 +348,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
     restore_args = jax.tree.map(
         lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     # Orbax's pytree handler reads a subtree when asked for a partial restore; the optimizer
-    # state's files are never opened.
+    # state's arrays are never read.
     out = ocp.PyTreeCheckpointer().restore(
         directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args},
