@@ -1013,6 +1013,9 @@ def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_pat
     tuned, before = params_lib_flat(result.params), params_lib_flat(pretrained)
     assert all(np.array_equal(tuned[k], before[k]) for k in tuned if "embed" in k)
     assert any(not np.allclose(tuned[k], before[k]) for k in tuned if "embed" not in k)
+    # A rerun without that transformation cannot restore its state, and says why.
+    with pytest.raises(RuntimeError, match=r"optimizer.tx: 'custom: train\(tx=...\)' -> None"):
+        run(engine, tmp_path / "tune", 3)
     other = get_config("gpt2", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=32,
                        num_layers=1, max_len=LENGTH)
     with pytest.raises(ValueError, match="other shapes than this model's"):

@@ -182,6 +182,7 @@ class Engine:
         # `optimizer_config` then only supplies the learning-rate metric's schedule.
         self.tx = tx if tx is not None else make_optimizer(optimizer_config,
                                                            d_model=model_config.d_model)
+        self.custom_tx = tx is not None
         self.learning_rate_fn = functools.partial(learning_rate_at, optimizer_config,
                                                   d_model=model_config.d_model)
         self.devices = list(jax.devices() if devices is None else devices)

@@ -221,6 +221,9 @@ def _make_iterator(data) -> Iterator[Batch]:
     return data if hasattr(data, "__next__") else iter(data)
 
 
+CUSTOM_TX = "custom: train(tx=...)"  # config.json's optimizer.tx of a run with its own optax
+
+
 def _write_config(workdir: str, record: dict) -> None:
     """Record the run's configs in `workdir/config.json`, once its checkpoint (if any) has been
     restored with them (a run that fails to restore leaves the record alone); name the fields
@@ -263,9 +266,9 @@ def _config_changes(workdir: str, record: dict) -> list[str]:
     changed = []
     for name in ("model", "optimizer", "loss", "parallel", "experiment"):
         if isinstance(old.get(name), dict) and name in record:
-            was = _flat(old[name])
-            changed += [f"{name}.{k}: {was.get(k)!r} -> {v!r}"
-                        for k, v in _flat(record[name]).items() if was.get(k) != v]
+            was, now = _flat(old[name]), _flat(record[name])
+            changed += [f"{name}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
+                        for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
     return changed
 
 
@@ -437,6 +440,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         os.makedirs(workdir, exist_ok=True)
     record = _config_record(model=model_config, optimizer=optimizer_config, loss=loss,
                             parallel=parallel, experiment=experiment)
+    if tx is not None or (engine is not None and engine.custom_tx):
+        # Its state cannot be described, only told apart: a rerun without it is named.
+        record["optimizer"]["tx"] = CUSTOM_TX
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx)
     log.info("Training on %s.", engine.describe())
