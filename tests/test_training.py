@@ -635,6 +635,10 @@ def test_mesh_shardings_follow_logical_axes():
 
     spec = partitioning.fit_spec(P("tensor", "fsdp"), (5, 4), FakeMesh)
     assert spec == P(None, "fsdp")  # 5 rows cannot be split in two
+    # An axis tuple keeps its longest leading part that divides the dimension.
+    spec = partitioning.fit_spec(P(("fsdp", "tensor"), ("tensor", "fsdp")), (6, 3), FakeMesh)
+    assert spec == P("fsdp", None)
+    assert partitioning.fit_spec(P(("fsdp", "tensor")), (8,), FakeMesh) == P(("fsdp", "tensor"))
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
@@ -1123,5 +1127,11 @@ def test_dimensions_a_mesh_does_not_divide_are_listed():
     found = partitioning.undivided(param_logical_specs(cfg), shapes, mesh)
     assert any("mlp/wi/kernel: dim 1 (34) over ('tensor',) = 4" in f for f in found)
     assert any("qkv/kernel: dim 2 (2)" in f for f in found)
+    mesh = jax.sharding.AbstractMesh((1, 2, 4), partitioning.MESH_AXES)
+    rules = tuple((name, ("fsdp", "tensor")) if name == "mlp" else (name, axes)
+                  for name, axes in partitioning.DEFAULT_RULES)
+    found = partitioning.undivided(param_logical_specs(cfg), shapes, mesh, rules)
+    assert any("mlp/wi/bias: dim 0 (34) over ('fsdp', 'tensor') = 8, split over 'fsdp' only"
+               in f for f in found)
     assert partitioning.undivided(param_logical_specs(TINY), jax.eval_shape(
         lambda: nn.meta.unbox(init_params(TINY, jax.random.key(0)))), mesh) == []

@@ -254,7 +254,8 @@ class Engine:
             if replicated_dims:
                 log.warning(
                     "%d parameter dimension(s) do not divide over their mesh axes and are "
-                    "replicated instead (each device holds and computes them whole): %s%s. "
+                    "replicated instead (each device holds and computes them whole), or split "
+                    "over fewer axes where said: %s%s. "
                     "Choose sizes the mesh divides (experiments/mesh_report.py measures the "
                     "cost).", len(replicated_dims), "; ".join(replicated_dims[:4]),
                     " ..." if len(replicated_dims) > 4 else "")

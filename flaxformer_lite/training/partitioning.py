@@ -12,7 +12,8 @@ rules below say which mesh axes each name is split over:
   and the vocabulary are split, activations along those axes too.
 
 A parameter dimension that the assigned mesh axes do not divide is replicated instead (GPT-2's
-vocabulary of 50257 cannot be split in two), so any model runs on any mesh.
+vocabulary of 50257 cannot be split in two), or, for a tuple of axes, split over the longest
+leading part of it that divides it; so any model runs on any mesh.
 """
 
 from __future__ import annotations
@@ -85,11 +86,25 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def _fit_axes(axes, dim: int, mesh: Mesh):
+    """The mesh axes a dimension of size `dim` is split over: `axes` if they divide it, else
+    the longest leading part of an axis tuple that does (`("fsdp", "tensor")` on a dimension
+    only `fsdp` divides keeps `fsdp`), else None (replicated)."""
+    if dim % _axis_size(mesh, axes) == 0:
+        return axes
+    if isinstance(axes, str) or axes is None:
+        return None
+    for end in range(len(axes) - 1, 0, -1):
+        if dim % _axis_size(mesh, axes[:end]) == 0:
+            return tuple(axes[:end]) if end > 1 else axes[0]
+    return None
+
+
 def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
-    """`spec` with every dimension that its mesh axes do not divide left unsharded."""
+    """`spec` with every dimension fitted to what its mesh axes divide (`_fit_axes`): whole,
+    over a leading part of an axis tuple, or unsharded."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    return P(*(axes if dim % _axis_size(mesh, axes) == 0 else None
-               for axes, dim in zip(entries, shape, strict=True)))
+    return P(*(_fit_axes(axes, dim, mesh) for axes, dim in zip(entries, shape, strict=True)))
 
 
 def logical_to_shardings(logical_specs, shapes, mesh: Mesh,
@@ -106,7 +121,8 @@ def undivided(logical_specs, shapes, mesh: Mesh, rules: LogicalRules = DEFAULT_R
               ) -> list[str]:
     """`"path: dim 1 (6) over ('tensor',) = 4"` for every parameter dimension the rules would
     shard but the mesh does not divide, so that `logical_to_shardings` replicates it (each
-    device then holds and computes that dimension whole)."""
+    device then holds and computes that dimension whole), or splits it over the leading axes
+    of a tuple that do divide it (`", split over 'fsdp' only"`)."""
     mesh_specs = nn.logical_to_mesh(logical_specs, rules)
     out = []
     specs = jax.tree.leaves_with_path(mesh_specs, is_leaf=lambda x: isinstance(x, P))
@@ -116,8 +132,10 @@ def undivided(logical_specs, shapes, mesh: Mesh, rules: LogicalRules = DEFAULT_R
             size = _axis_size(mesh, axes)
             if dim % size:
                 names = (axes,) if isinstance(axes, str) else tuple(axes)
+                kept = _fit_axes(axes, dim, mesh)
+                split = f", split over {kept!r} only" if kept is not None else ""
                 out.append(f"{'/'.join(_path_key(path))}: dim {i} ({dim}) over {names} = "
-                           f"{size}")
+                           f"{size}{split}")
     return out
 
 
