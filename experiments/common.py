@@ -2,9 +2,11 @@
 
 Each script (`lm.py`, `translate.py`, `mlm.py`) takes `--config=FILE` (an ml_collections
 config, overridable with `--config.a.b=value`) and `--workdir=DIR`. The workdir collects
-`config.json`, `checkpoints/`, `metrics.jsonl` (one JSON line per evaluation, with `step` and
-`eval_loss` in mean nats per target token), TensorBoard events under `tensorboard/`, and
-`loss.png`. Rerunning with the same workdir resumes.
+`config.json`, `checkpoints/`, the tokenizer (`tokenizer.json` or `tokenizer.model`),
+`metrics.jsonl` (one JSON line per evaluation, with `step` and `eval_loss` in mean nats per
+target token), TensorBoard events under `tensorboard/`, and `loss.png`. Rerunning with the same
+workdir resumes; `flaxformer_lite.training.load_run(workdir)` reads the model config, the
+parameters and the tokenizer back.
 """
 
 from __future__ import annotations
@@ -172,6 +174,40 @@ def make_engine(cfg: ml_collections.ConfigDict, model_cfg, loss: LossConfig | No
                 ) -> Engine:
     """The compiled steps for `cfg.optimizer` and `cfg.parallel` (pass it to `train`)."""
     return Engine(model_cfg, optimizer_config(cfg), parallel_config(cfg), loss)
+
+
+def save_tokenizer(tok, workdir: str) -> None:
+    """Write `tok` into the workdir (`tokenizer.json` for byte/char, `tokenizer.model` for
+    SentencePiece), where `load_run` finds it. A workdir whose checkpoints were trained with
+    another tokenizer is refused: resuming on other ids of the same vocabulary size would train
+    on nonsense."""
+    from flaxformer_lite.data import load_tokenizer
+
+    name = "tokenizer.json" if tok.kind in ("byte", "char") else "tokenizer.model"
+    path = os.path.join(workdir, name)
+    others = [n for n in ("tokenizer.json", "tokenizer.model")
+              if os.path.exists(os.path.join(workdir, n))]
+    if others and latest_step(workdir):
+        old = load_tokenizer(os.path.join(workdir, others[0]))
+        if _tokenizer_bytes(old) != _tokenizer_bytes(tok):
+            raise ValueError(f"{workdir} holds the run's tokenizer ({others[0]}: {old!r}, "
+                             f"{old.kind}), and this run builds another ({tok!r}, {tok.kind}) "
+                             "from its --config.dataset/tokenizer/vocab_size: resume with the "
+                             "same data and tokenizer, or pass a new --workdir.")
+        return
+    if is_main_process():
+        for name in others:
+            os.remove(os.path.join(workdir, name))
+        os.makedirs(workdir, exist_ok=True)
+        tok.save(path)
+
+
+def _tokenizer_bytes(tok) -> bytes:
+    """The tokenizer's saved form (what decides its ids)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return tok.save(os.path.join(tmp, "t")).read_bytes()
 
 
 def describe_run(ds, tok, engine: Engine, num_params: int) -> str:

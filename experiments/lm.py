@@ -125,6 +125,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
+    common.save_tokenizer(tok, workdir)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="decoder_only",
                                     trailing_padding=True)
     common.check_lengths(model_cfg, seq_len=cfg.seq_len)

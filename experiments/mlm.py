@@ -46,6 +46,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
+    common.save_tokenizer(tok, workdir)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only")
     common.check_lengths(model_cfg, seq_len=cfg.seq_len)
     model = make_model(model_cfg)

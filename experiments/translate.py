@@ -95,6 +95,7 @@ def main(argv):
                                 source_lang=cfg.source_lang, target_lang=cfg.target_lang,
                                 **options)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
+    common.save_tokenizer(tok, workdir)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_decoder")
     common.check_lengths(model_cfg, max_source_len=cfg.max_source_len,
                          max_target_len=cfg.max_target_len)

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
+
+from flaxformer_lite.models import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["--config.model.d_model=32", "--config.model.num_heads=2",
@@ -74,6 +77,22 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
                    (work / "train_metrics.jsonl").read_text().splitlines()]
     assert train_steps == [5, 10, 15, 20]
     assert (work / "samples.txt").read_text().count("=== step 20 ===") == 1
+    # The run reads back for decoding: config, parameters and the tokenizer it trained with.
+    from flaxformer_lite.training import load_run
+
+    loaded = load_run(work)
+    assert loaded.step == 20 and loaded.experiment["seq_len"] == 16
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("the lazy dog")) == "the lazy dog"
+    assert loaded.tokenizer.vocab_size <= loaded.config.vocab_size  # padded to 16s
+    assert {x.shape for x in jax.tree.leaves(loaded.params)} == {
+        x.shape for x in jax.tree.leaves(jax.eval_shape(
+            lambda: init_params(loaded.config, jax.random.key(0))))}
+    # Resuming with another tokenizer (other ids) is refused before anything trains.
+    cmd = [sys.executable, str(ROOT / "experiments" / "lm.py"), f"--workdir={work}",
+           "--config.num_steps=30", "--config.tokenizer=byte", *common]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode != 0 and "holds the run's tokenizer" in res.stderr
 
 
 @pytest.mark.slow
@@ -112,6 +131,9 @@ def test_mlm_on_a_local_file(tmp_path):
     assert masked and all("[MASK]" in line for line in masked)  # the display shows them
     results = json.loads((tmp_path / "work" / "results.json").read_text())
     assert results["step"] == 10 and results["eval_loss"] == evals[-1]["eval_loss"]
+    from flaxformer_lite.training import load_run
+
+    assert load_run(tmp_path / "work").tokenizer.reserve_mask  # ids as in training
 
 
 ARCHITECTURES = {"lm": "decoder_only", "shakespeare_char": "decoder_only",

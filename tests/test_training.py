@@ -1059,6 +1059,22 @@ def test_load_params_reads_the_parameters_alone(engine, tmp_path):
         load_params(directory, target={"decoder": {}})
 
 
+def test_load_run_reads_config_params_and_tokenizer(engine, tmp_path):
+    from flaxformer_lite.data import CharTokenizer
+    from flaxformer_lite.training import load_params, load_run
+
+    run(engine, tmp_path, 2)
+    assert load_run(tmp_path).tokenizer is None  # a run of one's own: none saved
+    tok = CharTokenizer.from_texts(["some text"])
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = load_run(tmp_path)
+    assert loaded.config == TINY and loaded.step == 2 and loaded.experiment is None
+    assert max_diff(loaded.params, load_params(tmp_path / "checkpoints")[1]) == 0.0
+    assert loaded.tokenizer.encode("text") == tok.encode("text")
+    with pytest.raises(FileNotFoundError, match="is not a train\\(\\) workdir"):
+        load_run(tmp_path / "checkpoints")
+
+
 def params_lib_flat(tree):
     return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
             for path, v in jax.tree.leaves_with_path(tree)}

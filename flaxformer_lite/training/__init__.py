@@ -11,8 +11,10 @@ See `trainer.train` for the loop, `parallel.Engine` for the device layouts and
 from flaxformer_lite.training.checkpoint import (
     Checkpointer,
     Restored,
+    Run,
     iterator_state,
     load_params,
+    load_run,
     load_state,
     restore_iterator,
 )
@@ -63,10 +65,10 @@ from flaxformer_lite.training.trainer import (
 
 __all__ = [
     "Checkpointer", "DEFAULT_RULES", "Engine", "LossConfig", "MESH_AXES", "NonFiniteLossError",
-    "OptimizerConfig", "ParallelConfig", "Restored", "TensorBoardHook", "TrainResult",
+    "OptimizerConfig", "ParallelConfig", "Restored", "Run", "TensorBoardHook", "TrainResult",
     "TrainState", "add_metrics", "constant_schedule", "create_train_state", "cross_entropy",
     "decay_mask", "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",
-    "learning_rate_at", "load_params", "load_state", "local_batch", "log_hook",
+    "learning_rate_at", "load_params", "load_run", "load_state", "local_batch", "log_hook",
     "logical_to_shardings", "logits_fn", "loss_weights", "make_mesh", "make_optimizer",
     "make_schedule", "metric_sums", "num_updates", "param_logical_specs", "print_hook",
     "process_slice", "restore_iterator", "state_shardings", "step_rng", "summarize", "train",

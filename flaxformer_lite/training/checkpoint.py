@@ -377,3 +377,57 @@ def _check_target(target: Any, saved: Any, where: str) -> Any:
     first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda t: jax.ShapeDtypeStruct(
         t.shape, t.dtype, sharding=getattr(t, "sharding", None) or first), target)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # byte/char JSON, or SentencePiece
+
+
+@dataclasses.dataclass
+class Run:
+    """What `load_run` reads back from a `train()` workdir."""
+
+    config: Any  # TransformerConfig: `make_model(run.config)` applies `params`
+    params: Any
+    step: int
+    tokenizer: Any  # data.Tokenizer, or None when the workdir holds none
+    experiment: dict | None  # the caller's settings, `train(experiment=...)`
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any = None,
+             dtype: Any = None) -> Run:
+    """A trained run back from its workdir, for decoding or evaluation:
+
+        run = load_run("/tmp/lm")
+        model = make_model(run.config)
+        ids = run.tokenizer.encode("ROMEO:")
+
+    The model config comes from `workdir/config.json`, the parameters from the latest (or
+    `step`'s) checkpoint via `load_params` (`target`, `dtype` as there), the tokenizer from
+    `workdir/tokenizer.json` or `tokenizer.model`, which the experiment scripts write (None if
+    absent: a run of one's own can `tokenizer.save(workdir + "/tokenizer.json")` too).
+    """
+    from flaxformer_lite.config import TransformerConfig
+    from flaxformer_lite.data.tokenizers import load_tokenizer
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {workdir} is not a train() workdir "
+                                "(load_params reads a checkpoint directory alone).")
+    with open(path) as f:
+        record = json.load(f)
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(record.get("model", {})) - fields)
+    if unknown:
+        raise ValueError(f"{path} records model fields this version does not have: {unknown}.")
+    config = TransformerConfig(**record["model"])
+    step, params = load_params(os.path.join(workdir, "checkpoints"), step, target=target,
+                               dtype=dtype)
+    found = [os.path.join(workdir, name) for name in TOKENIZER_FILES
+             if os.path.exists(os.path.join(workdir, name))]
+    tokenizer = load_tokenizer(found[0]) if found else None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{found[0]} has {tokenizer.vocab_size} ids but the model's "
+                         f"vocab_size is {config.vocab_size}: not this run's tokenizer.")
+    return Run(config=config, params=params, step=step, tokenizer=tokenizer,
+               experiment=record.get("experiment"))
