@@ -81,7 +81,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     returns a dict: `tokens`, `nll` (total nats), `loss` (nats per token), `perplexity`
     (`exp(loss)`), `bits_per_token`, and, when the split's size in characters or UTF-8 bytes is
     given, `bits_per_character` / `bits_per_byte` (`nll / ln 2 / count`): the measure that
-    compares models with different tokenizers. Targets include EOS tokens if the batches do.
+    compares models with different tokenizers (not for masked LMs, which score a sample of the
+    tokens). Targets include EOS tokens if the batches do.
     """
     if isinstance(batches, Mapping):
         raise TypeError("perplexity takes an iterable of batches; wrap a single batch in a "
@@ -93,6 +94,11 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
                          "(the masked-LM logits).")
+    if isinstance(model, EncoderOnly) and (num_characters is not None or num_bytes is not None):
+        raise ValueError("num_characters/num_bytes: a masked LM scores only the masked ~15% of "
+                         "the tokens, so bits per character of the whole split would mean "
+                         "nothing (it follows the mask rate); leave them out and compare "
+                         "`loss` at the same mask rate.")
     total_nll, total_tokens = 0.0, 0.0
     for i, batch in enumerate(batches):
         if "inputs" not in batch or "targets" not in batch:

@@ -140,6 +140,9 @@ def test_perplexity_errors():
     mlm_less = make_model(tiny(architecture="encoder_only"))
     with pytest.raises(ValueError, match="mlm_head"):
         evaluation.perplexity(mlm_less, params, [])
+    mlm, mlm_params = model_and_params("encoder_only")  # bits/char would follow the mask rate
+    with pytest.raises(ValueError, match="a masked LM scores only the masked"):
+        evaluation.perplexity(mlm, mlm_params, [], num_characters=100)
 
 
 # ---- BLEU ----------------------------------------------------------------------------------
