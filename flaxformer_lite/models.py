@@ -59,6 +59,18 @@ def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
             "truncate the input or build the model with a larger TransformerConfig.max_len.")
 
 
+def _positions(ids: Array, segment_ids: Array | None, positions: Array | None
+               ) -> tuple[Array, bool]:
+    """`(positions, per_row)`: the given positions; else, with segment ids, each token's
+    position within its segment (a packed row's examples each start at 0, not where the one
+    before ended); else 0..length-1, shared by every row."""
+    if positions is not None:
+        return positions, True
+    if segment_ids is not None:
+        return ops.segment_positions(segment_ids), True
+    return default_positions(ids), False
+
+
 def _segments(ids: Array, segment_ids: Array | None) -> Array:
     return (ids != 0).astype(jnp.int32) if segment_ids is None else segment_ids
 
@@ -108,9 +120,8 @@ class Encoder(nn.Module):
         check_token_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
                    token_type_ids=token_type_ids)
         _check_length(cfg, inputs.shape[1], "inputs")
+        positions, packed = _positions(inputs, segment_ids, positions)
         segment_ids = _segments(inputs, segment_ids)
-        packed = positions is not None
-        positions = default_positions(inputs) if positions is None else positions
         x = _Embedder(cfg, self.token_embed, name="embedder")(
             inputs, positions, token_type_ids, deterministic)
         mask = ops.make_attention_mask(segment_ids)
@@ -171,8 +182,8 @@ class Decoder(nn.Module):
             rel_q, rel_kv = positions, kv_positions
         else:
             _check_length(cfg, ids.shape[1], "decoder inputs")
-            packed = positions is not None
-            positions = default_positions(ids) if positions is None else positions
+            positions, packed = _positions(ids, segment_ids if given_segments else None,
+                                           positions)
             cache_index = None
             # Causality goes to the attention function (is_causal), which then skips the score
             # blocks above the diagonal; the mask keeps padding and packed segments apart, and

@@ -29,6 +29,7 @@ from flaxformer_lite.ops.positions import (
     apply_rotary,
     relative_position_bias,
     relative_position_bucket,
+    segment_positions,
     sinusoidal_embedding,
     sinusoidal_table,
 )
@@ -39,5 +40,6 @@ __all__ = [
     "combine_masks", "feed_forward", "layer_norm",
     "make_attention_mask", "matmul", "matmul_padded_out", "padding_mask", "relative_position_bias",
     "relative_position_bucket", "rms_norm", "scaled_dot_product_attention", "segment_mask",
+    "segment_positions",
     "sinusoidal_embedding", "sinusoidal_table", "unstack",
 ]

@@ -7,10 +7,28 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 Array = jnp.ndarray
+
+
+def segment_positions(segment_ids: Array) -> Array:
+    """`[batch, length]` position of each token within its segment: 0 where the segment id
+    changes from the token before (a packed example's first token), counting up after it.
+
+    What the data pipelines give packed rows as `positions`; the models derive it when only
+    `segment_ids` are given, so that a packed example's positions do not run on from the one
+    before it.
+    """
+    segment_ids = jnp.asarray(segment_ids)
+    length = segment_ids.shape[-1]
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+    before = jnp.pad(segment_ids, [(0, 0)] * (segment_ids.ndim - 1) + [(1, 0)],
+                     constant_values=-1)[..., :-1]
+    starts = jnp.where(segment_ids != before, index, 0)
+    return index - jax.lax.cummax(starts, axis=segment_ids.ndim - 1)
 
 
 def sinusoidal_embedding(positions: Array, d_model: int, *, max_timescale: float = 10000.0,
