@@ -499,3 +499,14 @@ def test_delegated_attention_keeps_the_advised_mask_value_finite(dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32)[0], np.asarray(ref)[0], atol=3e-2)
     np.testing.assert_allclose(np.asarray(out, np.float32)[1, :2], np.asarray(ref)[1, :2],
                                atol=3e-2)
+
+
+def test_segment_positions_restart_with_each_segment():
+    rng = np.random.default_rng(0)
+    seg = np.sort(rng.integers(0, 4, (5, 17)), axis=1)[:, ::-1].copy()  # 3, 3, 2, ..., 0
+    seg[0] = 1  # one long segment
+    want = np.zeros_like(seg)
+    for b in range(seg.shape[0]):
+        for t in range(1, seg.shape[1]):
+            want[b, t] = want[b, t - 1] + 1 if seg[b, t] == seg[b, t - 1] else 0
+    np.testing.assert_array_equal(ops.segment_positions(seg), want)
