@@ -485,13 +485,21 @@ def test_packer_matches_grain_first_fit():
     assert len(got) == len(want) > 40 and _same(got, want)
 
 
-def test_truncation_is_counted(tmp_path):
+def test_truncation_is_counted(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("flaxformer_lite.data.pipeline._TRUNCATION_WARNED", set())
     lines = ["short", "x" * 50, "y" * 12, "z" * 31, "w" * 30]
     ds = fd.in_memory_dataset({"train": [{"text": t} for t in lines]}, kind="text")
     tok = fd.ByteTokenizer()
-    pipe = fd.lm_pipeline(ds, tok, batch_size=1, max_len=31, pack=False, num_epochs=1,
-                         shuffle=False, prefetch=0)
-    out = list(pipe)
+
+    def build():
+        return fd.lm_pipeline(ds, tok, batch_size=1, max_len=31, pack=False, num_epochs=1,
+                              shuffle=False, prefetch=0)
+
+    with caplog.at_level("WARNING"):
+        pipe = build()
+        out = list(pipe)
+        list(build())  # a script's eval pipeline, built anew at each evaluation
+    assert caplog.text.count("was truncated") == 1  # warned once a process, not per pipeline
     # [BOS] + text + [EOS] holds len + 2 tokens; max_len + 1 = 32 fit
     assert pipe.stats.truncated == sum(len(t) + 2 > 32 for t in lines) == 2
     assert pipe.stats.tokens_dropped == (50 + 2 - 32) + (31 + 2 - 32)

@@ -50,6 +50,9 @@ Batch = dict[str, np.ndarray]
 # Bookkeeping
 
 
+_TRUNCATION_WARNED: set[str] = set()  # the limits already warned about in this process
+
+
 @dataclasses.dataclass
 class PipelineStats:
     """Counts of what tokenizing did to the examples (this process, since the pipeline was
@@ -73,7 +76,8 @@ class PipelineStats:
                 first = self.truncated == 1
             else:
                 first = False
-        if first:
+        if first and self.limit not in _TRUNCATION_WARNED:  # once a process, per limit: a
+            _TRUNCATION_WARNED.add(self.limit)  # script builds an eval pipeline per evaluation
             log.warning("an example is longer than %s and was truncated (%d tokens dropped); "
                         "pipeline.stats counts them. Long examples lose everything past the "
                         "limit: raise it, load the text in smaller units (unit='line'), or "
