@@ -64,9 +64,12 @@ def main(argv):
         {"params": p}, x, segment_ids=seg, positions=pos)["logits"].argmax(-1))
 
     def eval_fn(state, engine):
-        # The first example of a packed row, read as training reads it (its own positions,
-        # attending only within itself).
-        first = np.asarray(example["segment_ids"][:1]) == 1
+        # The longest example of the first packed row (the row's first may be the tail of a
+        # paragraph the split cut), read as training reads it (its own positions, attending
+        # only within itself).
+        segments = np.asarray(example["segment_ids"][:1])
+        ids, counts = np.unique(segments[segments != 0], return_counts=True)
+        first = segments == ids[np.argmax(counts)]
         row = np.where(first, example["inputs"][:1], 0)
         guess = np.asarray(predict(engine.device_params(state), row, first.astype(np.int32),
                                    np.asarray(example["positions"][:1])))[0]
