@@ -39,9 +39,14 @@ from flaxformer_lite.layers import (
 Array = jnp.ndarray
 
 
-def check_token_ids(what: str, ids: Array, **aux: Array | None) -> None:
+def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
+                    type_vocab_size: int | None = None, **aux: Array | None) -> None:
     """`ids` are integer `[batch, length]`, and the per-token entries given with them
-    (segment ids, positions, token types) have their shape: named errors while tracing."""
+    (segment ids, positions, token types) have their shape: named errors while tracing.
+
+    With `vocab_size` (`type_vocab_size`), concrete ids (token types) outside the table are
+    refused too: an embedding lookup past its table gives NaN, a negative one wraps around.
+    Traced values (inside `jit`) cannot be checked here; `check_batch` checks batches."""
     if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{what} must be integer token ids [batch, length], got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} of shape "
@@ -50,6 +55,16 @@ def check_token_ids(what: str, ids: Array, **aux: Array | None) -> None:
         if x is not None and tuple(jnp.shape(x)) != ids.shape:
             raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; it must match {what} "
                              f"{ids.shape}.")
+    types = aux.get("token_type_ids")
+    for name, x, size, field in ((what, ids, vocab_size, "vocab_size"),
+                                 ("token_type_ids", types, type_vocab_size, "type_vocab_size")):
+        if size is None or x is None or isinstance(x, jax.core.Tracer) or not np.size(x):
+            continue
+        x = np.asarray(x)
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= max(size, 1):  # no type embedding: only type 0, as check_batch
+            raise ValueError(f"{name} hold values in [{low}, {high}], outside the model's "
+                             f"{field}={size} (valid: 0..{max(size, 1) - 1}).")
 
 
 def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
@@ -118,7 +133,8 @@ class Encoder(nn.Module):
                  deterministic: bool = True) -> Array:
         cfg = self.config
         check_token_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
-                   token_type_ids=token_type_ids)
+                        token_type_ids=token_type_ids, vocab_size=cfg.vocab_size,
+                        type_vocab_size=cfg.type_vocab_size)
         _check_length(cfg, inputs.shape[1], "inputs")
         positions, packed = _positions(inputs, segment_ids, positions)
         segment_ids = _segments(inputs, segment_ids)
@@ -156,7 +172,8 @@ class Decoder(nn.Module):
                  positions: Array | None = None, decode: bool = False,
                  deterministic: bool = True) -> Array:
         cfg = self.config
-        check_token_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions)
+        check_token_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions,
+                        vocab_size=cfg.vocab_size)
         if encoded is not None and (
                 encoded.ndim != 3 or encoded.shape[0] != ids.shape[0] or
                 encoder_segment_ids is not None

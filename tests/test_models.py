@@ -433,6 +433,22 @@ def test_model_inputs_of_the_wrong_shape_are_named():
                            **kwargs)
 
 
+def test_concrete_ids_outside_the_tables_are_named(built):
+    """Applied outside `jit`, an id past the vocabulary gave NaN and a negative one wrapped
+    around; token types likewise."""
+    cfg, model, params = built["bert"]
+    ok = np.ones((1, 6), np.int32)
+    cases = [({"inputs": ok * cfg.vocab_size}, "outside the model's vocab_size"),
+             ({"inputs": -ok}, r"\[-1, -1\], outside the model's vocab_size"),
+             ({"inputs": ok, "token_type_ids": ok * cfg.type_vocab_size}, "type_vocab_size")]
+    for batch, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model.apply({"params": params}, **batch)
+    gpt_cfg, gpt, gpt_params = built["gpt2"]
+    with pytest.raises(ValueError, match="decoder inputs hold values"):
+        gpt.apply({"params": gpt_params}, ok * gpt_cfg.vocab_size)
+
+
 # ---- initialisation: each scheme against its source's formula ------------------------------
 
 def _truncated_std(bound: float = 2.0) -> float:
