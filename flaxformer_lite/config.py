@@ -65,6 +65,11 @@ class TransformerConfig:
     embedding_norm: bool = False  # a norm right after the summed embeddings (BERT)
     pooler: bool = False  # BERT pooler (dense + tanh on the first token)
     mlm_head: bool = False  # BERT masked-LM head (dense + act + norm + tied decoder)
+    # Training and eval steps apply the masked-LM head only at the (at most) this many selected
+    # positions of each row, not at every position (BERT's max_predictions_per_seq: 20 of 128
+    # tokens, 80 of 512); 0 = every position. Rows selecting more are refused by check_batch;
+    # `mlm_pipeline(max_predictions=...)` caps its masking to fit.
+    mlm_predictions: int = 0
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     rotary_base: float = 10000.0
@@ -290,6 +295,16 @@ def _validate(c: TransformerConfig) -> None:
     if c.scale_tied_logits and (c.architecture == "encoder_only" or not c.tie_embeddings):
         raise ValueError("TransformerConfig.scale_tied_logits scales what a decoder's tied "
                          "output head reads; it needs a decoder and tie_embeddings=True.")
+    if (not isinstance(c.mlm_predictions, int) or isinstance(c.mlm_predictions, bool)
+            or c.mlm_predictions < 0):
+        raise ValueError(f"TransformerConfig.mlm_predictions={c.mlm_predictions!r} must be an "
+                         "integer >= 0 (0: the head at every position).")
+    if c.mlm_predictions and not c.mlm_head:
+        raise ValueError("TransformerConfig.mlm_predictions limits the masked-LM head; it needs "
+                         "mlm_head=True.")
+    if c.mlm_predictions > c.max_len:
+        raise ValueError(f"TransformerConfig.mlm_predictions={c.mlm_predictions} exceeds "
+                         f"max_len={c.max_len}; at most a row's length.")
     if c.mlm_head and not c.tie_embeddings:
         raise ValueError("TransformerConfig.mlm_head needs tie_embeddings=True (BERT ties them).")
 

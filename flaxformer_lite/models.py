@@ -401,7 +401,10 @@ class EncoderOnly(nn.Module):
 
     def __call__(self, inputs: Array, *, token_type_ids: Array | None = None,
                  segment_ids: Array | None = None, positions: Array | None = None,
+                 mlm_positions: Array | None = None,
                  deterministic: bool = True) -> dict[str, Array]:
+        """`mlm_positions` `[batch, k]`: apply the masked-LM head there only (`logits` then
+        `[batch, k, vocab]`), e.g. from `masked_positions(targets, k)`."""
         cfg = self.config
         hidden = self.encoder(inputs, segment_ids=segment_ids, positions=positions,
                               token_type_ids=token_type_ids, deterministic=deterministic)
@@ -409,11 +412,28 @@ class EncoderOnly(nn.Module):
         if cfg.pooler:
             out["pooled"] = jnp.tanh(self.pooler(hidden[:, 0]))
         if cfg.mlm_head:
+            if mlm_positions is not None:
+                if mlm_positions.ndim != 2 or mlm_positions.shape[0] != inputs.shape[0]:
+                    raise ValueError(f"mlm_positions {mlm_positions.shape} must be "
+                                     f"[batch, k] for inputs {inputs.shape}.")
+                hidden = jnp.take_along_axis(hidden, mlm_positions[..., None], axis=1)
             h = ops.activation(cfg.activation)(self.mlm_transform(hidden))
             h = self.mlm_norm(h)
             logits = ops.bias_add(self.token_embed.attend(h), self.mlm_bias.astype(h.dtype))
             out["logits"] = logits.astype(jnp.float32)
         return out
+
+
+def masked_positions(targets: Array, k: int) -> tuple[Array, Array]:
+    """`(positions, targets)`, both `[batch, k]`: where the first `k` nonzero `targets` of each
+    row sit (in order), and those targets; slots past a row's count hold position 0 and target
+    0 (no loss). A row with more than `k` loses the rest (`check_batch` refuses such batches).
+    What the train and eval steps hand `EncoderOnly(mlm_positions=...)` under
+    `TransformerConfig.mlm_predictions`."""
+    length = targets.shape[-1]
+    rank = jnp.where(targets != 0, length - jnp.arange(length, dtype=jnp.int32), 0)
+    score, positions = jax.lax.top_k(rank, k)  # earliest selected position first
+    return positions, jnp.where(score > 0, jnp.take_along_axis(targets, positions, -1), 0)
 
 
 # Optional batch entries each architecture's model reads, besides "inputs" and "targets".
@@ -515,6 +535,16 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                 + (f" (TransformerConfig.{what}={limit})" if limit is not None else "")
                 + (". Token id 0 is padding and carries no loss; there is no -100 ignore "
                    "index." if low < 0 and k in ("inputs", "targets") else "."))
+    if (config.architecture == "encoder_only" and config.mlm_predictions
+            and "targets" in arrays and not isinstance(arrays["targets"], jax.ShapeDtypeStruct)
+            and np.size(arrays["targets"])):
+        most = int((np.asarray(arrays["targets"]) != 0).sum(axis=-1).max())
+        if most > config.mlm_predictions:
+            raise ValueError(
+                f"A row of the batch selects {most} positions for the masked-LM loss, more "
+                f"than TransformerConfig.mlm_predictions={config.mlm_predictions}, where the "
+                "head is applied: cap the masking (mlm_pipeline(max_predictions=...)) or raise "
+                "mlm_predictions (0: every position).")
 
 
 def make_model(config: TransformerConfig) -> nn.Module:

@@ -152,7 +152,8 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
     The attention term is `6 * 2 * layers * seq_len * heads * head_dim` (scores and weighted sum,
     forward and backward, every query against every key: PaLM's appendix B and Chinchilla's
     convention; Kaplan et al. 2020 count half, as if causal masking halved the work), over all
-    attention stacks (self and cross). `seq_len` defaults to `config.max_len`.
+    attention stacks (self and cross). `seq_len` defaults to `config.max_len`. A masked-LM
+    head limited to `mlm_predictions` positions counts for those positions only.
     """
     config = get_config(config) if isinstance(config, str) else config
     seq_len = config.max_len if seq_len is None else seq_len
@@ -161,6 +162,10 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
         raise ValueError(f"seq_len={seq_len!r} must be a whole number in [1, max_len="
                          f"{config.max_len}]; raise the config's max_len for longer sequences.")
     n = matmul_params(config, counts)
+    if config.architecture == "encoder_only" and config.mlm_predictions:
+        # The masked-LM head (transform + tied output) runs at mlm_predictions positions a row.
+        head = config.d_model * config.d_model + config.vocab_size * config.d_model
+        n -= head * (1 - min(config.mlm_predictions, seq_len) / seq_len)
     attn_layers = config.encoder_layers + config.decoder_layers * (
         2 if config.architecture == "encoder_decoder" else 1)
     attn = 12 * attn_layers * seq_len * config.num_heads * config.dim_per_head

@@ -746,6 +746,32 @@ def test_packed_mlm_rows_equal_examples_alone(text_ds, char_tok):
         np.testing.assert_allclose(packed[r, w], alone[i, :len(w)], rtol=1e-5, atol=1e-5)
 
 
+def test_mlm_max_predictions_gives_back_the_excess_selections(text_ds, char_tok):
+    """`max_predictions=k`: each row keeps at most k selections; the others are ordinary
+    tokens again (original id in `inputs`, no target), everything else as without the cap."""
+    tok = fd.CharTokenizer(char_tok.chars, reserve_mask=True)
+
+    def first_batches(**kw):
+        pipe = fd.mlm_pipeline(text_ds, tok, batch_size=4, max_len=48, seed=4, shuffle=False,
+                               num_epochs=1, **kw)
+        return [b for _, b in zip(range(3), pipe)], pipe.stats
+
+    plain, _ = first_batches()
+    capped, stats = first_batches(max_predictions=4)
+    given_back = 0
+    for a, b in zip(plain, capped, strict=True):
+        before, after = a["targets"] != 0, b["targets"] != 0
+        assert (after <= before).all() and (after.sum(-1) == np.minimum(before.sum(-1), 4)).all()
+        undone = before & ~after
+        np.testing.assert_array_equal(b["inputs"][undone], a["targets"][undone])
+        np.testing.assert_array_equal(b["inputs"][~undone], a["inputs"][~undone])
+        np.testing.assert_array_equal(b["targets"][after], a["targets"][after])
+        given_back += int(undone.sum())
+    assert given_back > 0 and stats.uncapped >= given_back  # read-ahead may count more
+    with pytest.raises(ValueError, match="max_predictions=0"):
+        fd.mlm_pipeline(text_ds, tok, batch_size=4, max_len=48, max_predictions=0)
+
+
 def test_encode_sources_frames_sources_as_training_does(parallel_ds):
     """Decoding must see sources framed like the training rows: stripped, EOS-terminated, cut
     keeping the EOS (a model trained so decoded unframed sources to nonsense)."""

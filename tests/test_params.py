@@ -122,6 +122,7 @@ def test_cli_unknown_name():
     ("gpt2", dict(tie_embeddings=False)),
     ("bert-base", {}),  # backbone: the token table is only looked up, the pooler runs once
     ("bert-base", dict(mlm_head=True)),  # the tied table is the masked-LM decoder
+    ("bert-base", dict(mlm_head=True, mlm_predictions=5)),  # the head at 5 positions a row
     ("transformer-base", dict(share_encoder_decoder_embeddings=False)),
     ("t5-small", {}),
 ])
@@ -143,6 +144,8 @@ def test_flops_per_token_match_xla_on_the_forward_pass(name, changes):
     shapes = params.param_shapes(config)
     inputs = dummy_inputs(config, batch=batch, length=length)
     inputs = {k: jnp.ones_like(v) for k, v in inputs.items()}
+    if config.mlm_predictions:  # what the train step hands the model
+        inputs["mlm_positions"] = jnp.zeros((batch, config.mlm_predictions), jnp.int32)
     compiled = jax.jit(lambda p, x: model.apply({"params": p}, **x)).lower(
         shapes, inputs).compile()
     cost = compiled.cost_analysis()

@@ -33,6 +33,7 @@ from flaxformer_lite.training import (
     TrainState,
     cross_entropy,
     decay_mask,
+    eval_step,
     iterator_state,
     learning_rate_at,
     make_optimizer,
@@ -606,6 +607,52 @@ def test_step_dispatches_on_architecture(preset):
     np.testing.assert_allclose(metrics["loss"], (nll * w).sum(), rtol=1e-5)
     assert float(metrics["tokens"]) == w.sum()
     assert max_diff(state.params, params) > 0
+
+
+def test_mlm_head_at_the_selected_positions_only_gives_the_same_step():
+    """`mlm_predictions = k`: the head runs on each row's (at most k) selected positions
+    instead of every position; loss, metrics, gradient and update equal the full head's."""
+    from flaxformer_lite.models import check_batch, masked_positions
+
+    full = get_config("bert-base", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64,
+                      num_layers=1, max_len=LENGTH, dropout_rate=0.0,
+                      attention_dropout_rate=0.0, mlm_head=True)
+    gathered = full.replace(mlm_predictions=5)
+    params = numpy_params(full)
+    rng = np.random.RandomState(3)
+    inputs = rng.randint(5, VOCAB, (4, LENGTH)).astype(np.int32)
+    inputs[1, 10:] = 0
+    targets = np.zeros_like(inputs)
+    for row, n in enumerate([5, 3, 0, 1]):  # up to k per row; one row with none
+        chosen = rng.choice(np.flatnonzero(inputs[row]), n, replace=False)
+        targets[row, chosen] = inputs[row, chosen]
+    batch = {"inputs": inputs, "targets": targets}
+    positions, picked = masked_positions(jnp.asarray(targets), 5)
+    for row in range(4):  # the selected positions in order, then empty slots
+        where = np.flatnonzero(targets[row])
+        np.testing.assert_array_equal(np.asarray(positions[row, :where.size]), where)
+        np.testing.assert_array_equal(np.asarray(picked[row]),
+                                      np.pad(targets[row, where], (0, 5 - where.size)))
+    tx = make_optimizer(OPT)
+    out = {}
+    for name, cfg in (("full", full), ("gathered", gathered)):
+        step = jax.jit(functools.partial(train_step, model=make_model(cfg), tx=tx))
+        out[name] = step(manual_state(params, tx), batch)
+        evaluated = jax.jit(functools.partial(eval_step, model=make_model(cfg)))(params, batch)
+        assert float(evaluated["tokens"]) == 9
+    (a, ma), (b, mb) = out["full"], out["gathered"]
+    for key in ("loss", "tokens", "correct", "grad_norm"):
+        np.testing.assert_allclose(mb[key], ma[key], rtol=1e-5)
+    assert max_diff(a.params, b.params) < 1e-6
+    assert max_diff(a.params, params) > 1e-4
+    over = targets.copy()
+    over[2, :6] = inputs[2, :6]  # six selections in a row, one more than k
+    with pytest.raises(ValueError, match="selects 6 positions.*mlm_predictions=5"):
+        check_batch(gathered, {"inputs": inputs, "targets": over})
+    with pytest.raises(ValueError, match="needs mlm_head=True"):
+        full.replace(mlm_head=False, mlm_predictions=5)
+    with pytest.raises(ValueError, match="exceeds max_len"):
+        full.replace(mlm_predictions=LENGTH + 1)
 
 
 def test_lower_train_step_allocates_nothing_and_refuses_pmap():

@@ -31,6 +31,7 @@ from flaxformer_lite.data.catalog import CATALOG, CATALOG_NAMES, load_catalog, l
 from flaxformer_lite.data.pipeline import (
     Pipeline,
     PipelineStats,
+    cap_predictions,
     encode_sources,
     lm_pipeline,
     mask_tokens,
@@ -58,13 +59,13 @@ from flaxformer_lite.data.tokenizers import (
 )
 
 __all__ = [
-    "BOS_ID", "CATALOG", "CATALOG_NAMES", "EOS_ID", "MASK_ID", "PAD_ID", "SYNTHETIC_TASKS",
-    "UNITS", "UNK_ID", "ByteTokenizer", "CharTokenizer", "Dataset", "ExampleSource",
-    "ParallelCorpus", "Pipeline", "PipelineStats", "SentencePieceTokenizer", "SyntheticTasks",
-    "TextCorpus", "Tokenizer", "build_tokenizer", "default_data_dir", "find_parallel_files",
-    "in_memory_dataset", "lm_pipeline", "load_catalog", "load_dataset", "load_parallel_corpus",
-    "load_synthetic_task", "load_text_corpus", "load_tokenizer", "mask_tokens", "mlm_pipeline",
-    "prefetch_to_device", "process_shard", "read_text_file", "split_for_devices",
-    "split_units", "synthetic_example", "synthetic_task_splits", "to_global_array",
-    "train_sentencepiece", "translation_pipeline", "window_pipeline", "encode_sources",
+    "BOS_ID", "ByteTokenizer", "CATALOG", "CATALOG_NAMES", "CharTokenizer", "Dataset", "EOS_ID",
+    "ExampleSource", "MASK_ID", "PAD_ID", "ParallelCorpus", "Pipeline", "PipelineStats",
+    "SYNTHETIC_TASKS", "SentencePieceTokenizer", "SyntheticTasks", "TextCorpus", "Tokenizer",
+    "UNITS", "UNK_ID", "build_tokenizer", "cap_predictions", "default_data_dir", "encode_sources",
+    "find_parallel_files", "in_memory_dataset", "lm_pipeline", "load_catalog", "load_dataset",
+    "load_parallel_corpus", "load_synthetic_task", "load_text_corpus", "load_tokenizer",
+    "mask_tokens", "mlm_pipeline", "prefetch_to_device", "process_shard", "read_text_file",
+    "split_for_devices", "split_units", "synthetic_example", "synthetic_task_splits",
+    "to_global_array", "train_sentencepiece", "translation_pipeline", "window_pipeline",
 ]

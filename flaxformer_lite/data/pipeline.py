@@ -62,6 +62,7 @@ class PipelineStats:
     truncated: int = 0
     tokens_dropped: int = 0
     empty_skipped: int = 0
+    uncapped: int = 0  # masked-LM selections given back to fit max_predictions
     limit: str = ""  # the maximum length, in words, for messages
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
                                               compare=False)
@@ -84,11 +85,17 @@ class PipelineStats:
                         "train on windows of the running text (window_pipeline), which drop "
                         "nothing.", self.limit, dropped)
 
+    def add_uncapped(self, n: int) -> None:
+        with self._lock:
+            self.uncapped += n
+
     def report(self) -> str:
         """The counts as one line, to print or log."""
         return (f"{self.examples} examples tokenized, {self.truncated} truncated to "
                 f"{self.limit} ({self.tokens_dropped} tokens dropped), "
-                f"{self.empty_skipped} empty skipped")
+                f"{self.empty_skipped} empty skipped"
+                + (f", {self.uncapped} masked-LM selections over max_predictions given back"
+                   if self.uncapped else ""))
 
 
 class Pipeline:
@@ -822,9 +829,60 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
     return inputs, targets
 
 
+def cap_predictions(batch: Mapping[str, np.ndarray], max_predictions: int
+                    ) -> tuple[dict[str, np.ndarray], int]:
+    """`(batch, dropped)`: each row of a masked-LM batch keeps at most `max_predictions`
+    selected positions, spread evenly over the row's selections; the others become ordinary
+    tokens again (their original id, which `targets` holds, back in `inputs`; target 0)."""
+    inputs, targets = batch["inputs"].copy(), batch["targets"].copy()
+    dropped = 0
+    for row in range(targets.shape[0]):
+        chosen = np.flatnonzero(targets[row])
+        if chosen.size <= max_predictions:
+            continue
+        keep = np.zeros(chosen.size, bool)
+        keep[np.round(np.linspace(0, chosen.size - 1, max_predictions)).astype(int)] = True
+        undo = chosen[~keep]
+        inputs[row, undo] = targets[row, undo]
+        targets[row, undo] = 0
+        dropped += undo.size
+    return {**batch, "inputs": inputs, "targets": targets}, dropped
+
+
+class _CapDataset(grain.IterDataset):
+    """`cap_predictions` on every batch of the parent (a deterministic map: resumes exactly)."""
+
+    def __init__(self, parent: grain.IterDataset, max_predictions: int, stats: PipelineStats):
+        super().__init__(parent)
+        self.max_predictions, self.stats = max_predictions, stats
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _CapIterator(self._parent.__iter__(), self.max_predictions, self.stats)
+
+
+class _CapIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_predictions: int,
+                 stats: PipelineStats):
+        super().__init__(parent)
+        self.max_predictions, self.stats = max_predictions, stats
+
+    def __next__(self):
+        batch, dropped = cap_predictions(next(self._parent), self.max_predictions)
+        if dropped:
+            self.stats.add_uncapped(dropped)
+        return batch
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(state)
+
+
 def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
                  split: str = "train", batch_size: int, max_len: int, mask_rate: float = 0.15,
-                 pack: bool = True, shuffle: bool = True, seed: int = 0,
+                 max_predictions: int | None = None, pack: bool = True, shuffle: bool = True,
+                 seed: int = 0,
                  num_epochs: int | None = None, drop_remainder: bool | None = None,
                  num_packing_bins: int | None = None,
                  bucket_boundaries: Sequence[int] | None = None, bucket_window: int = 32,
@@ -834,7 +892,10 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
 
     The masks are drawn afresh each epoch (dynamic masking) from the seed, the example and
     the epoch, so they are reproducible, resume exactly, and are the same whatever the number
-    of processes. Needs a
+    of processes. `max_predictions`: at most that many selected positions per row
+    (`cap_predictions`; BERT's max_predictions_per_seq, for a model whose
+    `TransformerConfig.mlm_predictions` applies the head there only); `stats.uncapped`
+    counts the selections given back. Needs a
     tokenizer that reserves the MASK id (`reserve_mask=True`). Other options as in
     `lm_pipeline`.
     """
@@ -845,6 +906,10 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
         raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3, got {max_len}.")
+    if max_predictions is not None and (isinstance(max_predictions, bool) or not isinstance(
+            max_predictions, int) or max_predictions < 1):
+        raise ValueError(f"max_predictions={max_predictions!r} must be a positive integer "
+                         "(or None: no cap).")
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
     stats = PipelineStats(limit=f"max_len={max_len} tokens")
@@ -872,9 +937,11 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                 bucket_window=bucket_window,
                 rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
                         "targets_segment_ids": None, "targets_positions": None})
+    if max_predictions is not None:
+        ds = _CapDataset(ds, max_predictions, stats)
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, description=f"mlm split={split!r} batch={batch_size} "
-                    f"max_len={max_len} pack={pack}")
+                    f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
 
 
 def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_len: int,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.models import OPTIONAL_BATCH_KEYS
+from flaxformer_lite.models import OPTIONAL_BATCH_KEYS, masked_positions
 from flaxformer_lite.training import losses
 from flaxformer_lite.training.state import TrainState
 
@@ -54,6 +54,26 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
                          "TransformerConfig.mlm_head=True (masked-LM head).")
     return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
                        **kwargs)["logits"]
+
+
+def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
+                dropout_rng: Array | None = None) -> tuple[Array, Array]:
+    """`(logits, targets)` the loss compares: `logits_fn`'s and the batch's targets, or, for
+    an encoder-only model with `mlm_predictions = k`, the logits `[batch, k, vocab]` of the
+    masked-LM head applied only at each row's (at most k) selected positions and the targets
+    there (`models.masked_positions`): the same loss, without the head's matmul and softmax
+    over every position (BERT's max_predictions_per_seq)."""
+    cfg = model.config
+    k = cfg.mlm_predictions if cfg.architecture == "encoder_only" else 0
+    if not k:
+        return logits_fn(model, params, batch, deterministic=deterministic,
+                         dropout_rng=dropout_rng), batch["targets"]
+    positions, targets = masked_positions(batch["targets"], k)
+    kwargs = {key: batch[key] for key in OPTIONAL_BATCH_KEYS["encoder_only"] if key in batch}
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    out = model.apply({"params": params}, batch["inputs"], mlm_positions=positions,
+                      deterministic=deterministic, rngs=rngs, **kwargs)
+    return out["logits"], targets
 
 
 def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
@@ -99,8 +119,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
 
     def loss_fn(params, batch, key):
-        targets = batch["targets"]
-        logits = logits_fn(model, params, batch, deterministic=not dropout, dropout_rng=key)
+        logits, targets = predictions(model, params, batch, deterministic=not dropout,
+                                      dropout_rng=key)
         sums = losses.metric_sums(logits, targets, losses.loss_weights(targets),
                                   label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
@@ -160,8 +180,8 @@ def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
     loss_config = loss_config or losses.LossConfig()
     params = (state_or_params.params if isinstance(state_or_params, TrainState)
               else state_or_params)
-    logits = logits_fn(model, params, batch, deterministic=True)
-    sums = losses.metric_sums(logits, batch["targets"],
+    logits, targets = predictions(model, params, batch, deterministic=True)
+    sums = losses.metric_sums(logits, targets,
                               label_smoothing=loss_config.label_smoothing,
                               z_loss=loss_config.z_loss)
     return _psum(sums, axis_name)
