@@ -87,14 +87,42 @@ def lm_prompt(tok, text: str, sampler: str) -> tuple[list[int], tuple[int, ...],
     return tok.encode(text) or [tok.encode("\n")[0]], (), text
 
 
+def command_line_fields() -> set[str] | None:
+    """The `--config.a.b=...` paths given on the command line (`"model.preset"`, ...), or None
+    when no parsed `--config` flag exists (a config built in code)."""
+    from absl import flags
+
+    if "config" not in flags.FLAGS or not flags.FLAGS.is_parsed():
+        return None
+    return set(getattr(flags.FLAGS["config"], "override_values", {}) or {})
+
+
 def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architecture: str,
-                 trailing_padding: bool = False):
+                 trailing_padding: bool = False, script: Mapping | None = None):
     """`cfg.model` -> `TransformerConfig`: the preset named `preset`, with `gpu_config`'s
     settings when `gpu` is true (`trailing_padding` passed on), then every field that is set
-    (unset placeholders, None, keep the preset's or the GPU setting's value). The preset must
-    build an `architecture` model, the one the script trains."""
+    (unset placeholders, None, keep the preset's or the GPU setting's value), then `script`'s
+    fields (what the script itself needs, e.g. mlm.py's head). The preset must build an
+    `architecture` model, the one the script trains.
+
+    A preset chosen on the command line comes as published with only the command line's model
+    fields on top: the config file's model values (sizes, dropout, biases) shape the file's own
+    preset, and on another preset they built a model nobody asked for (t5-small with the
+    translation config's 128-wide, 2-layer sizes: 4.8M parameters instead of 60.5M). The
+    fields left out are printed."""
     overrides = {k: v for k, v in cfg.model.to_dict().items() if v is not None}
     preset = overrides.pop("preset")
+    given = command_line_fields()
+    if given is not None and "model.preset" in given:
+        left_out = sorted(k for k in overrides if f"model.{k}" not in given
+                          and k != "gpu" and k not in (script or {}))
+        if left_out:
+            print(f"--config.model.preset={preset}: {preset} as published, with the command "
+                  "line's model fields on top; the config file's model settings "
+                  f"({', '.join(left_out)}) are for its own preset and are left out.",
+                  flush=True)
+        overrides = {k: v for k, v in overrides.items() if k not in left_out}
+    overrides.update(script or {})
     kind = get_config(preset).architecture
     if kind != architecture:
         fits = [name for name, c in PRESETS.items() if c.architecture == architecture]

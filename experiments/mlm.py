@@ -50,12 +50,13 @@ def main(argv):
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
     common.save_tokenizer(tok, workdir)
-    if cfg.model.mlm_predictions is None:
-        # The head only where the loss is read: at most this many positions a row (BERT's
-        # max_predictions_per_seq: 20 of 128 at a 15% rate), with room for packed rows'
-        # per-example rounding; the pipeline caps its masking to fit.
-        cfg.model.mlm_predictions = math.ceil(1.25 * cfg.mask_rate * cfg.seq_len)
-    model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only")
+    # The head only where the loss is read: at most this many positions a row (BERT's
+    # max_predictions_per_seq: 20 of 128 at a 15% rate), with room for packed rows'
+    # per-example rounding; the pipeline caps its masking to fit.
+    predictions = (math.ceil(1.25 * cfg.mask_rate * cfg.seq_len)
+                   if cfg.model.mlm_predictions is None else cfg.model.mlm_predictions)
+    model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only",
+                                    script={"mlm_head": True, "mlm_predictions": predictions})
     common.check_lengths(model_cfg, seq_len=cfg.seq_len)
     model = make_model(model_cfg)
     cap = model_cfg.mlm_predictions or None

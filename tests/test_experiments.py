@@ -178,6 +178,31 @@ def test_gpu_flag_applies_gpu_config_and_set_fields_win(name, trailing, load_scr
     assert (chosen.dtype, chosen.num_kv_heads) == ("float32", 2)
 
 
+def test_a_preset_chosen_on_the_command_line_comes_as_published(load_script, monkeypatch,
+                                                                 capsys):
+    """translate.py --config.model.preset=t5-small built a 4.8M-parameter model: the file's
+    sizes for its own preset were laid over t5-small. Now only the command line's model
+    fields (and the script's own) go on top of a preset it names."""
+    from flaxformer_lite import get_config
+
+    common = load_script("experiments/common.py")
+    cfg = load_script("experiments/configs/translate.py").get_config()
+    cfg.model.preset, cfg.model.num_layers = "t5-small", 3
+    monkeypatch.setattr(common, "command_line_fields",
+                        lambda: {"model.preset", "model.num_layers"})
+    chosen = common.model_config(cfg, 100, architecture="encoder_decoder")
+    assert chosen == get_config("t5-small", vocab_size=100, num_layers=3)
+    assert "d_model" in capsys.readouterr().out  # what was left out is said
+    mlm = load_script("experiments/configs/mlm.py").get_config()
+    mlm.model.preset = "bert-large"
+    monkeypatch.setattr(common, "command_line_fields", lambda: {"model.preset"})
+    chosen = common.model_config(mlm, 100, architecture="encoder_only",
+                                 script={"mlm_head": True})
+    assert chosen == get_config("bert-large", vocab_size=100, mlm_head=True)
+    monkeypatch.setattr(common, "command_line_fields", lambda: {"model.num_layers"})
+    assert common.model_config(cfg, 100, architecture="encoder_decoder").d_model == 128
+
+
 def test_lm_samples_start_like_training_rows(load_script):
     """Packed rows are BOS + a stripped document + EOS; windows are running text."""
     from flaxformer_lite.data import BOS_ID, EOS_ID, CharTokenizer
