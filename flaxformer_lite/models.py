@@ -535,6 +535,8 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                 + (f" (TransformerConfig.{what}={limit})" if limit is not None else "")
                 + (". Token id 0 is padding and carries no loss; there is no -100 ignore "
                    "index." if low < 0 and k in ("inputs", "targets") else "."))
+    if config.architecture == "encoder_decoder":
+        _check_segment_pairs(batch, arrays)
     if (config.architecture == "encoder_only" and config.mlm_predictions
             and "targets" in arrays and not isinstance(arrays["targets"], jax.ShapeDtypeStruct)
             and np.size(arrays["targets"])):
@@ -545,6 +547,32 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                 f"than TransformerConfig.mlm_predictions={config.mlm_predictions}, where the "
                 "head is applied: cap the masking (mlm_pipeline(max_predictions=...)) or raise "
                 "mlm_predictions (0: every position).")
+
+
+def _check_segment_pairs(batch: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+    """A packed encoder-decoder batch numbers the examples on both sides: a target segment
+    attends to the source segment of the same id, so one side's ids alone (the other then
+    defaults to one segment a row) or a target segment without its source mixes examples
+    and trains on the wrong task, with finite losses."""
+    given = [k for k in ("inputs_segment_ids", "targets_segment_ids")
+             if batch.get(k) is not None]
+    if len(given) == 1:
+        raise ValueError(f"The batch has {given[0]!r} but not the other side's segment ids: a "
+                         "packed encoder-decoder batch needs both 'inputs_segment_ids' and "
+                         "'targets_segment_ids' (the same id for an example's source and "
+                         "target), or neither.")
+    src, tgt = arrays.get("inputs_segment_ids"), arrays.get("targets_segment_ids")
+    if (src is None or tgt is None or isinstance(src, jax.ShapeDtypeStruct)
+            or isinstance(tgt, jax.ShapeDtypeStruct)):
+        return
+    src, tgt = np.asarray(src), np.asarray(tgt)
+    for row in range(tgt.shape[0]):
+        orphans = set(np.unique(tgt[row])) - set(np.unique(src[row])) - {0}
+        if orphans:
+            raise ValueError(f"Row {row}: target segment(s) {sorted(map(int, orphans))} have no "
+                             "source segment of the same id ('inputs_segment_ids'), so they "
+                             "would attend to no source; number each example the same on "
+                             "both sides.")
 
 
 def make_model(config: TransformerConfig) -> nn.Module:

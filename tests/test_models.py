@@ -374,6 +374,8 @@ def test_check_batch_refuses_what_the_gathers_would_misread(caplog):
     ok = np.ones((2, 5), np.int32)
     check_batch(gpt, {"inputs": ok, "targets": ok, "segment_ids": ok, "positions": 0 * ok})
     check_batch(s2s, {"inputs": np.ones((2, 7), np.int32), "targets": ok})
+    check_batch(s2s, {"inputs": ok, "targets": ok, "inputs_segment_ids": ok + (ok > 0) * 1,
+                      "targets_segment_ids": 2 * ok})  # the same ids on both sides
     check_batch(bert, {"inputs": ok, "targets": 0 * ok, "token_type_ids": ok})
     check_batch(gpt.replace(type_vocab_size=0), {"inputs": ok, "targets": ok})
     cases = [
@@ -384,6 +386,13 @@ def test_check_batch_refuses_what_the_gathers_would_misread(caplog):
         (gpt, {"inputs": ok[0], "targets": ok[0]}, r"\[batch, length\]"),
         (s2s, {"inputs": np.ones((3, 7), np.int32), "targets": ok}, "batch size"),
         (bert, {"inputs": ok, "targets": ok, "token_type_ids": 2 * ok}, "type_vocab_size=2"),
+        # A packed encoder-decoder batch numbers its examples on both sides (one side alone,
+        # or a target without its source, trained on mixed examples with finite losses).
+        (s2s, {"inputs": ok, "targets": ok, "targets_segment_ids": ok}, "needs both"),
+        (s2s, {"inputs": ok, "targets": ok, "inputs_segment_ids": ok}, "needs both"),
+        (s2s, {"inputs": ok, "targets": ok, "inputs_segment_ids": ok,
+               "targets_segment_ids": np.array([[1, 1, 2, 2, 0], [1, 1, 1, 1, 1]])},
+         r"Row 0: target segment\(s\) \[2\] have no source"),
     ]
     for cfg, batch, match in cases:
         with pytest.raises(ValueError, match=match):
