@@ -614,7 +614,17 @@ def _init_params(config: TransformerConfig, rng: Array, batch: int, length: int 
 
 def init_cache(model: nn.Module, params, batch: int, length: int, *,
                encoded: Array | None = None, encoder_segment_ids: Array | None = None):
-    """Zeroed decoding cache for `batch` sequences of up to `length` tokens (no compute)."""
+    """Zeroed decoding cache for `batch` sequences of up to `length` tokens (no compute).
+
+    An encoder-decoder's cache also holds the cross-attention keys and values, shaped by the
+    source: pass `encoded` (`model.apply(..., method="encode")`, `[batch, source_length,
+    d_model]`) and its `encoder_segment_ids`."""
+    if isinstance(model, EncoderDecoder) and encoded is None:
+        raise ValueError(
+            "init_cache of an encoder-decoder needs the encoded source: encoded = "
+            "model.apply({'params': params}, inputs, method='encode'), then "
+            "init_cache(model, params, batch, length, encoded=encoded, "
+            "encoder_segment_ids=(inputs != 0).astype(jnp.int32)).")
     ids = jnp.zeros((batch, length), jnp.int32)
 
     def fn():

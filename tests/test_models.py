@@ -269,6 +269,8 @@ def test_kv_cache_matches_full_forward(built, name):
         encoded = _run(model, params, src, method=model.encode)
         dec_in = fl.shift_right(x)
         cache = fl.init_cache(model, params, 2, 10, encoded=encoded)
+        with pytest.raises(ValueError, match="needs the encoded source"):
+            fl.init_cache(model, params, 2, 10)  # was an AttributeError on None.shape
 
         def step(cache, tok):
             return model.apply({"params": params, "cache": cache}, encoded, tok, decode=True,
