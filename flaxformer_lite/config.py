@@ -294,7 +294,9 @@ def _validate(c: TransformerConfig) -> None:
             f"architecture='encoder_decoder'; use num_layers for {c.architecture!r}.")
     if c.scale_tied_logits and (c.architecture == "encoder_only" or not c.tie_embeddings):
         raise ValueError("TransformerConfig.scale_tied_logits scales what a decoder's tied "
-                         "output head reads; it needs a decoder and tie_embeddings=True.")
+                         "output head reads; it needs a decoder and tie_embeddings=True. For "
+                         "an untied head (T5 v1.1: get_config('t5-small', "
+                         "tie_embeddings=False, ...)) also set scale_tied_logits=False.")
     if (not isinstance(c.mlm_predictions, int) or isinstance(c.mlm_predictions, bool)
             or c.mlm_predictions < 0):
         raise ValueError(f"TransformerConfig.mlm_predictions={c.mlm_predictions!r} must be an "

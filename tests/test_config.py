@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from flaxformer_lite import PRESETS, TransformerConfig, get_config
+from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -126,3 +126,12 @@ def test_numpy_scalars_and_dtype_objects_are_plain_values():
 def test_a_shrunk_t5_preset_shrinks_its_heads():
     c = get_config("t5-small", d_model=32, num_heads=2)
     assert c.dim_per_head == 16 and get_config("t5-base").dim_per_head == 64
+
+
+def test_untying_t5_names_the_preset_field_to_change():
+    """The message blamed scale_tied_logits, which only the preset had set."""
+    with pytest.raises(ValueError, match="also set scale_tied_logits=False"):
+        get_config("t5-small", tie_embeddings=False)
+    v11 = get_config("t5-small", activation="geglu", tie_embeddings=False,
+                     scale_tied_logits=False, d_ff=1024, num_heads=6, head_dim=64, num_layers=8)
+    assert params.count(v11) == 76_961_152  # google/t5-v1_1-small
