@@ -154,7 +154,8 @@ def main(argv):
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)
         with open(os.path.join(workdir, f"{cfg.test_split}.hyp.txt"), "w") as f:
-            f.write("\n".join(hyps) + "\n")
+            # one line per source: a decoded newline piece would shift every line after it
+            f.write("".join(" ".join(h.splitlines()) + "\n" for h in hyps))
     logging.info("test results: %s", final)
     print(json.dumps(final, indent=2))
     common.skip_teardown()
