@@ -676,3 +676,18 @@ def test_attention_layer_misuse_is_named():
     cache = self_attn.init(jax.random.key(0), jnp.zeros((1, 8, 32)), decode=True)["cache"]
     with pytest.raises(ValueError, match="needs cache_index"):
         self_attn.apply({**params, "cache": cache}, x, decode=True, mutable=["cache"])
+
+
+def test_export_with_a_symbolic_batch_and_length(built):
+    """`jax.export` with polymorphic shapes: the CPU attention sized its blocks from concrete
+    shapes and failed ('b' < '2'); symbolic shapes now take the plain path."""
+    from jax import export
+
+    cfg, model, params = built["gpt2"]
+    b, length = export.symbolic_shape("b, l", constraints=[f"l <= {cfg.max_len}"])
+    exported = export.export(jax.jit(lambda p, x: model.apply({"params": p}, x)))(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+        jax.ShapeDtypeStruct((b, length), jnp.int32))
+    ids = _ids((3, 7), seed=2)
+    np.testing.assert_allclose(exported.call(params, ids), _apply(model, params, {"inputs": ids}),
+                               atol=1e-5)

@@ -123,7 +123,7 @@ def scaled_dot_product_attention(
                              "dropout nor returning weights; use implementation='ops'.")
         return _delegate(q, k, v, bias, mask, scale, is_causal, implementation)
 
-    if (not use_dropout and not return_weights and _use_cpu_path()
+    if (not use_dropout and not return_weights and _use_cpu_path(q, k)
             and (scale is None or isinstance(scale, numbers.Real))):  # compiled-in scale
         return _cpu_attention(q, k, v, bias, mask, scale, is_causal)
     weights = attention_weights(q, k, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
@@ -313,8 +313,11 @@ _CHUNK_BYTES = 32 * 2**20  # float32 scores per chunk
 _CHUNK_MIN_BYTES = 256 * 2**20  # below this the whole batch is attended at once
 
 
-def _use_cpu_path() -> bool:
-    return jax.default_backend() == "cpu" and enabled("cpu_attention")
+def _use_cpu_path(q, k) -> bool:
+    """The CPU blocks and chunks are sized from the shapes: symbolic ones (`jax.export` with
+    a polymorphic batch or length) take the plain path."""
+    concrete = all(isinstance(d, int) for d in (*q.shape, *k.shape))
+    return concrete and jax.default_backend() == "cpu" and enabled("cpu_attention")
 
 
 def _and_causal(mask, lq, lk):
