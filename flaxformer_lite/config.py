@@ -24,7 +24,7 @@ POSITIONS = ("sinusoidal", "learned", "rotary", "relative", "none")
 NORMS = ("layer", "rms")
 NORM_POSITIONS = ("pre", "post")
 ATTENTION_IMPLEMENTATIONS = ("ops", "xla", "cudnn")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 PADDINGS = ("anywhere", "trailing")
 INITS = ("gpt2", "bert", "t5")
@@ -225,6 +225,13 @@ def _validate(c: TransformerConfig) -> None:
     _choice("norm", c.norm, NORMS)
     _choice("norm_position", c.norm_position, NORM_POSITIONS)
     _choice("attention_implementation", c.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+    for name in ("dtype", "param_dtype"):
+        if getattr(c, name) == "float64":
+            raise ValueError(
+                f"TransformerConfig.{name}='float64' is not supported: the kernels compute "
+                "scores, norms, activations' derivatives and weight gradients in float32, so "
+                "the model would run at float32 precision under float64 labels. Use float32 "
+                "(the tests check it against float64 NumPy references).")
     _choice("dtype", c.dtype, DTYPES)
     _choice("init", c.init, INITS)
     _choice("param_dtype", c.param_dtype, DTYPES)

@@ -17,6 +17,7 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(norm="batch"), "norm='batch' is not one of layer, rms"),
     (dict(norm_position="middle"), "norm_position"),
     (dict(dtype="float8"), "dtype"),
+    (dict(param_dtype="float64"), "float64.*is not supported.*float32 precision"),
     (dict(dropout_rate=1.0), "dropout_rate"),
     (dict(architecture="rnn"), "architecture"),
     (dict(pooler=True), "pooler"),
