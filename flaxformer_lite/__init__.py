@@ -22,7 +22,8 @@ _NAMES = {
     "shift_right": "layers",
     "T5": "models", "Decoder": "models", "DecoderOnly": "models", "Encoder": "models",
     "EncoderDecoder": "models", "EncoderOnly": "models", "init_cache": "models",
-    "init_params": "models", "make_model": "models",
+    "init_params": "models", "make_model": "models", "stack_layers": "models",
+    "unstack_layers": "models",
 }
 _SUBMODULES = ("ops", "params")
 
@@ -31,7 +32,7 @@ __all__ = [
     "EncoderDecoder", "EncoderLayer", "EncoderOnly", "FeedForward", "LayerStack",
     "MultiHeadAttention", "Norm", "params", "RelativePositionBias", "TransformerConfig",
     "TransformerLayer", "get_config", "gpu_config", "init_cache", "init_params", "make_model",
-    "ops", "shift_right",
+    "ops", "shift_right", "stack_layers", "unstack_layers",
 ]
 
 
@@ -76,4 +77,6 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         init_cache,
         init_params,
         make_model,
+        stack_layers,
+        unstack_layers,
     )

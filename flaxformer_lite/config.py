@@ -100,7 +100,14 @@ class TransformerConfig:
     # cuDNN run its causal kernel instead of reading a [batch, 1, length, length] bias.
     # Rows with segment ids or positions given (packed) keep their mask either way.
     padding: str = "anywhere"
+    # Rematerialise each layer in the backward pass (`nn.remat`): "none"; "full" keeps only the
+    # layer's input (least memory, the forward recomputed); "dots" also keeps the matmul
+    # outputs (`checkpoint_dots`); "dots_no_batch" those without a batch dimension, i.e. the
+    # projections but not attention's score and weighted-sum products.
     remat: str = "none"
+    # One `nn.scan` over the layers: parameters stacked on a leading [num_layers] axis (one
+    # compiled layer, faster compiles of deep models). `stack_layers` / `unstack_layers`
+    # convert parameters between the two layouts; `Engine.init_state(params=)` does it itself.
     scan_layers: bool = False
     # Barrier on each dense layer's incoming gradient (`ops.matmul`): it halved XLA:CPU's step
     # before the fast paths in `ops.fast_paths` existed; with them it measures neutral on small

@@ -612,6 +612,43 @@ def _init_params(config: TransformerConfig, rng: Array, batch: int, length: int 
         "params"]
 
 
+def stack_layers(params) -> dict:
+    """Parameters of per-layer stacks (`.../layers/layer_0`, `layer_1`, ...; `scan_layers=False`)
+    in the `scan_layers=True` layout (`.../layers/layers/...`, each array stacked on a leading
+    `[num_layers]` axis). Exact: the scanned model computes the same function. Boxed
+    parameters are unboxed; anything else is left as it is."""
+    params = nn.meta.unbox(params)
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for key, value in params.items():
+        names = sorted(value, key=str) if isinstance(value, Mapping) else []
+        if key == "layers" and names and names == sorted(
+                (f"layer_{i}" for i in range(len(names))), key=str):
+            layers = [value[f"layer_{i}"] for i in range(len(names))]
+            out[key] = {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+        else:
+            out[key] = stack_layers(value)
+    return out
+
+
+def unstack_layers(params) -> dict:
+    """The inverse of `stack_layers`: `scan_layers=True` parameters in the per-layer layout."""
+    params = nn.meta.unbox(params)
+    if not isinstance(params, Mapping):
+        return params
+    out = {}
+    for key, value in params.items():
+        if key == "layers" and isinstance(value, Mapping) and set(value) == {"layers"}:
+            stacked = value["layers"]
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out[key] = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                        for i in range(n)}
+        else:
+            out[key] = unstack_layers(value)
+    return out
+
+
 def init_cache(model: nn.Module, params, batch: int, length: int, *,
                encoded: Array | None = None, encoder_segment_ids: Array | None = None):
     """Zeroed decoding cache for `batch` sequences of up to `length` tokens (no compute).

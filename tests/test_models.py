@@ -691,3 +691,27 @@ def test_export_with_a_symbolic_batch_and_length(built):
     ids = _ids((3, 7), seed=2)
     np.testing.assert_allclose(exported.call(params, ids), _apply(model, params, {"inputs": ids}),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "t5-small"])
+def test_stack_and_unstack_layers_convert_between_the_scan_layouts(preset):
+    """Parameters of the per-layer model give the scanned model the same logits once stacked
+    (and back), and an Engine of either layout starts from the other's parameters."""
+    from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig
+
+    extra = dict(num_decoder_layers=2) if preset == "t5-small" else {}
+    plain = fl.get_config(preset, **TINY, **extra).replace(num_layers=3)
+    scanned = plain.replace(scan_layers=True)
+    params = nn.meta.unbox(fl.init_params(plain, jax.random.key(0)))
+    stacked = fl.stack_layers(params)
+    want = jax.eval_shape(lambda: nn.meta.unbox(fl.init_params(scanned, jax.random.key(0))))
+    assert jax.tree.map(lambda x: x.shape, stacked) == jax.tree.map(lambda x: x.shape, want)
+    jax.tree.map(np.testing.assert_array_equal, fl.unstack_layers(stacked), params)
+    x = _ids((2, 7), seed=3)
+    inputs = (x, x) if plain.architecture == "encoder_decoder" else (x,)
+    np.testing.assert_allclose(fl.make_model(scanned).apply({"params": stacked}, *inputs),
+                               fl.make_model(plain).apply({"params": params}, *inputs),
+                               atol=1e-5)
+    engine = Engine(scanned, OptimizerConfig(), ParallelConfig(mode="single"))
+    jax.tree.map(np.testing.assert_array_equal,
+                 engine.params(engine.init_state(0, params=params)), stacked)

@@ -39,7 +39,13 @@ from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite import ops, perf
 from flaxformer_lite.config import TransformerConfig, check_number, plain_fields
-from flaxformer_lite.models import batch_keys, check_batch, make_model
+from flaxformer_lite.models import (
+    batch_keys,
+    check_batch,
+    make_model,
+    stack_layers,
+    unstack_layers,
+)
 from flaxformer_lite.training import partitioning
 from flaxformer_lite.training.losses import LossConfig
 from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, make_optimizer
@@ -331,7 +337,8 @@ class Engine:
 
         `params`: start from these parameters instead (pretrained ones to fine-tune, e.g.
         `load_params(dir)[1]`; host or device arrays in the model's tree, cast to
-        `param_dtype`), with a fresh optimizer state for them.
+        `param_dtype`; either `scan_layers` layout, converted by `models.stack_layers` /
+        `unstack_layers`), with a fresh optimizer state for them.
         """
         rng = as_key(rng)
         if params is not None:
@@ -356,6 +363,13 @@ class Engine:
                     for path, leaf in jax.tree.leaves_with_path(tree)}
 
         want, got = leaves(self._abstract.params), leaves(nn.meta.unbox(params))
+        if set(want) != set(got):  # the other scan_layers layout? (an exact conversion)
+            relaid = leaves((stack_layers if self.model_config.scan_layers
+                             else unstack_layers)(params))
+            if set(relaid) == set(want):
+                log.info("params are in the scan_layers=%s layout: converted to this model's.",
+                         not self.model_config.scan_layers)
+                got = relaid
         if set(want) != set(got):
             raise ValueError(
                 f"params do not fit this model: missing {sorted(set(want) - set(got))[:5]}, "
