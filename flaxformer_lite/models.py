@@ -599,6 +599,10 @@ def init_params(config: TransformerConfig, rng: Array, batch: int = 1,
                 length: int | None = None):
     """Initialised parameters (boxed with their logical axis names) of `make_model(config)`.
 
+    The boxes (`nn.LogicallyPartitioned`) carry the sharding names the training Engine lays
+    the arrays out by; `model.apply` reads them as they are. `flax.linen.meta.unbox(params)`
+    gives plain arrays (for `np.savez`, arithmetic, `.shape`), which apply reads as well.
+
     Jitted, and cached per `(config, batch, length)`: one compiled program instead of one small
     compilation per parameter shape, compiled once however often it is called.
     """
