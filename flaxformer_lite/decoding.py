@@ -16,7 +16,8 @@ Everything here is a pure function of `(model, params, ids, ...)`; the work runs
 
 `generate` (decoder-only) and `generate_seq2seq` (encoder-decoder) sample or search greedily;
 `beam_search` handles both kinds with the GNMT length penalty; `generate_no_cache` is the
-reference that recomputes the whole sequence at every step (for tests and the benchmark).
+reference that recomputes the whole sequence at every step (for tests and the benchmark);
+`fill_masks` gives a masked LM's guesses at its masks.
 
     python -m flaxformer_lite.decoding --benchmark   # tokens/s with and without the cache
 """
@@ -39,6 +40,7 @@ from flaxformer_lite.config import TransformerConfig
 from flaxformer_lite.models import (
     DecoderOnly,
     EncoderDecoder,
+    EncoderOnly,
     check_token_ids,
     init_cache,
     init_params,
@@ -635,6 +637,34 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     lengths = _prompt_lengths(prompts, prompt_lengths)
     return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
+
+
+def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5
+               ) -> tuple[Array, Array]:
+    """A masked LM's `top_k` guesses at every position of `ids` `[batch, length]` (framed and
+    masked as in training, e.g. `data.encode_masked`): `(tokens, probs)`, each
+    `[batch, length, top_k]`, most probable first; read them where `ids == MASK_ID`. Padding
+    (id 0) is masked out of the attention as in training; specials are never guessed."""
+    cfg = _check_model(model, (EncoderOnly,), "fill_masks",
+                       "use generate or beam_search for decoders")
+    if not cfg.mlm_head:
+        raise ValueError("fill_masks needs the masked-LM head: TransformerConfig.mlm_head=True.")
+    top_k = _positive_int("top_k", top_k)
+    ids = _as_ids("ids", ids)
+    _check_ids("ids", ids, cfg.vocab_size)
+    return _fill_masks(model, _unwrap(params), jnp.asarray(ids, jnp.int32), top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "top_k"))
+def _fill_masks(model, params, ids, *, top_k):
+    out = model.apply({"params": params}, ids, segment_ids=(ids != PAD_ID).astype(jnp.int32))
+    logits = out["logits"].at[..., :_FIRST_REAL_ID].set(-jnp.inf)  # no PAD/EOS/BOS/UNK/MASK
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs, tokens = jax.lax.top_k(probs, top_k)
+    return tokens, probs
+
+
+_FIRST_REAL_ID = 5  # the tokenizers' ids below it are PAD, EOS, BOS, UNK and MASK
 
 
 # ---- compiled bodies -------------------------------------------------------------------------

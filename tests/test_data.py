@@ -772,6 +772,30 @@ def test_mlm_max_predictions_gives_back_the_excess_selections(text_ds, char_tok)
         fd.mlm_pipeline(text_ds, tok, batch_size=4, max_len=48, max_predictions=0)
 
 
+def test_encode_masked_frames_masks_for_every_tokenizer(text_ds, char_tok):
+    """"[MASK]" in text becomes MASK_ID for char/byte tokenizers too (they spelt it out), and
+    SentencePiece's lone word-start piece before a mask is dropped (training masked whole
+    "▁word" pieces)."""
+    char = fd.CharTokenizer(char_tok.chars, reserve_mask=True)
+    rows = fd.encode_masked(char, ["the [MASK]at", "[MASK]"], 16)
+    assert rows.shape == (2, 16) and rows.dtype == np.int32
+    assert rows[0, :9].tolist() == [fd.BOS_ID, *char.encode("the "), fd.MASK_ID,
+                                    *char.encode("at"), fd.EOS_ID]
+    assert rows[1, :3].tolist() == [fd.BOS_ID, fd.MASK_ID, fd.EOS_ID] and not rows[1, 3:].any()
+    byte = fd.ByteTokenizer(reserve_mask=True)
+    assert fd.MASK_ID in fd.encode_masked(byte, ["a [MASK] b"], 16)[0]
+    sp = fd.train_sentencepiece(text_ds.texts("train"), 400, reserve_mask=True)
+    plain = sp.encode("the [MASK] sat")
+    assert sp.space_id in plain  # "▁", "[MASK]": what SentencePiece makes of the text
+    framed = fd.encode_masked(sp, ["the [MASK] sat"], 16)[0]
+    ids = framed[1:np.flatnonzero(framed == fd.EOS_ID)[0]].tolist()
+    assert ids == [t for t in plain if t != sp.space_id] and ids.count(fd.MASK_ID) == 1
+    with pytest.raises(ValueError, match="more than max_len=4"):
+        fd.encode_masked(char, ["the [MASK]at"], 4)
+    with pytest.raises(ValueError, match="reserved"):
+        fd.encode_masked(char_tok, ["a [MASK]"], 8)
+
+
 def test_encode_sources_frames_sources_as_training_does(parallel_ds):
     """Decoding must see sources framed like the training rows: stripped, EOS-terminated, cut
     keeping the EOS (a model trained so decoded unframed sources to nonsense)."""

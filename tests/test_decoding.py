@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from flaxformer_lite import decoding
+from flaxformer_lite import decoding, get_config
 from flaxformer_lite.config import TransformerConfig
 from flaxformer_lite.models import DecoderOnly, init_cache, init_params, make_model
 
@@ -615,3 +615,30 @@ def test_inputs_as_users_pass_them(caplog, monkeypatch):
     with caplog.at_level("WARNING"):
         e.generate(greedy=True)
     assert "No source row holds EOS" in caplog.text and "encode_sources" in caplog.text
+
+
+def test_fill_masks_ranks_the_real_tokens_by_the_model_probability():
+    """Top-k of the masked-LM head's softmax over the real tokens (specials never guessed),
+    padding masked out of the attention as in training; checked against NumPy."""
+    from flaxformer_lite.data import MASK_ID
+
+    cfg = get_config("bert-base", vocab_size=40, d_model=32, num_heads=4, d_ff=64,
+                        num_layers=1, max_len=16, mlm_head=True)
+    model, params = make_model(cfg), init_params(cfg, jax.random.key(0))
+    ids = np.array([[2, 9, MASK_ID, 11, 1, 0, 0], [2, MASK_ID, 7, 8, 12, 1, 0]], np.int32)
+    tokens, probs = decoding.fill_masks(model, params, ids, top_k=3)
+    assert tokens.shape == probs.shape == (2, 7, 3)
+    logits = np.asarray(model.apply({"params": params}, ids, segment_ids=(ids != 0) * 1)[
+        "logits"], np.float64)[..., 5:]
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.argsort(-p, axis=-1)[..., :3]
+    for row, col in zip(*np.nonzero(ids == MASK_ID), strict=True):
+        np.testing.assert_array_equal(np.asarray(tokens[row, col]), want[row, col] + 5)
+        np.testing.assert_allclose(probs[row, col], p[row, col, want[row, col]], rtol=1e-4)
+    with pytest.raises(ValueError, match="mlm_head=True"):
+        decoding.fill_masks(make_model(cfg.replace(mlm_head=False)), params, ids)
+    with pytest.raises(ValueError, match="takes a EncoderOnly"):
+        decoding.fill_masks(make_model(get_config("gpt2", vocab_size=40, d_model=32,
+                                                     num_heads=4, d_ff=64, num_layers=1)),
+                            params, ids)

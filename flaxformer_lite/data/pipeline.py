@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from flaxformer_lite.data.builders import Dataset
-from flaxformer_lite.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, Tokenizer
+from flaxformer_lite.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -752,6 +752,43 @@ def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> 
         log.warning("encode_sources: %d of %d sources are longer than max_len=%d with their "
                     "EOS and were cut (as translation_pipeline cuts them).", cut, len(texts),
                     max_len)
+    return rows
+
+
+def encode_masked(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Texts with "[MASK]" where a token is to be filled, framed as `mlm_pipeline` frames its
+    rows: `[BOS] + ids + [EOS]`, right-padded with 0 to `[len(texts), max_len]` int32, each
+    "[MASK]" as `MASK_ID`, for a masked LM's `decoding.fill_masks`.
+
+    Byte and char tokenizers would spell "[MASK]" out, so the text is encoded around it; a
+    SentencePiece model reads it as its MASK piece, and the bare word-start piece it puts
+    before a mask that follows a space is dropped (training masked whole pieces, "▁word",
+    not the word after a lone "▁"). A row that does not fit `max_len` is refused (cutting it
+    could drop a mask)."""
+    if isinstance(texts, str):
+        raise TypeError("encode_masked takes a list of texts: encode_masked(tokenizer, [text], "
+                        "max_len).")
+    if not tokenizer.reserve_mask:
+        raise ValueError("encode_masked needs a tokenizer with the MASK id reserved (the one "
+                         "the masked LM trained with: reserve_mask=True).")
+    rows = np.zeros((len(texts), max_len), np.int32)
+    space = getattr(tokenizer, "space_id", None)
+    for i, text in enumerate(texts):
+        text = text.strip("\n")
+        if tokenizer.kind in ("byte", "char"):
+            ids = []
+            for j, part in enumerate(text.split(MASK_TOKEN)):
+                ids += ([MASK_ID] if j else []) + (tokenizer.encode(part) if part else [])
+        else:
+            encoded = tokenizer.encode(text)
+            ids = [t for k, t in enumerate(encoded) if not (
+                t == space and k + 1 < len(encoded) and encoded[k + 1] == MASK_ID)]
+        if MASK_ID not in ids:
+            log.warning("encode_masked: text %d holds no %s.", i, MASK_TOKEN)
+        if len(ids) + 2 > max_len:
+            raise ValueError(f"encode_masked: text {i} takes {len(ids) + 2} tokens with BOS and "
+                             f"EOS, more than max_len={max_len}; shorten it.")
+        rows[i, :len(ids) + 2] = [BOS_ID, *ids, EOS_ID]
     return rows
 
 

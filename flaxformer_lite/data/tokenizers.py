@@ -207,6 +207,13 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    @property
+    def space_id(self) -> int | None:
+        """The id of the bare word-start piece ("▁"), which SentencePiece puts before a
+        "[MASK]" that follows a space; None if the vocabulary has none."""
+        i = self._sp.piece_to_id("\u2581")
+        return None if i == self._sp.unk_id() else i
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (SentencePiece's C++ loop, faster)."""
         return self._sp.encode(list(texts))
