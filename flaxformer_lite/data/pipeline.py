@@ -932,7 +932,9 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
     of processes. `max_predictions`: at most that many selected positions per row
     (`cap_predictions`; BERT's max_predictions_per_seq, for a model whose
     `TransformerConfig.mlm_predictions` applies the head there only); `stats.uncapped`
-    counts the selections given back. Needs a
+    counts the selections given back. Rows hold single texts, no sentence pairs: no
+    `token_type_ids` are made (BERT's next-sentence data is not provided), so a BERT preset's
+    second token-type row stays at its initialisation. Needs a
     tokenizer that reserves the MASK id (`reserve_mask=True`). Other options as in
     `lm_pipeline`.
     """
