@@ -128,9 +128,10 @@ def engine():
 
 def run(engine, workdir, num_steps, data=None, **kw):
     kw.setdefault("checkpoint_every", 2)
+    kw.setdefault("hooks", [])
     return train(TINY, OPT, data if data is not None else Batches(), workdir=workdir,
                  num_steps=num_steps, parallel=ParallelConfig(mode="single"), loss=LOSS,
-                 engine=engine, log_every=1, hooks=[], **kw)
+                 engine=engine, log_every=1, **kw)
 
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -772,6 +773,75 @@ def test_sigterm_saves_at_the_current_step(engine, tmp_path):
     assert result.interrupted and result.step == 3
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def _failing_commit(monkeypatch, step, delay=0.0):
+    """Make the background write of checkpoint `step` fail as on a full disk; returns an Event
+    set once it has failed."""
+    import errno
+    import threading
+    import time
+
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    original = async_checkpointer._background_wait_for_commit_futures
+    failed = threading.Event()
+
+    def commit(directory, commit_futures, on_commit_callback, **kwargs):
+        def finish():  # after the files are written, instead of the final rename
+            time.sleep(delay)
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+        return original(directory, commit_futures,
+                        finish if directory.name == str(step) else on_commit_callback, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+    return failed
+
+
+def test_a_failed_background_save_stops_the_run_at_once(engine, tmp_path, monkeypatch):
+    """The save at step 4 fails in the background: the run stops at the next log after the
+    failure (step 6's, before its metrics are reported), not at the next save, naming the
+    step, the newest complete checkpoint and the fix; a rerun with room resumes from step 2."""
+    import time
+
+    from flaxformer_lite.training import CheckpointSaveError
+
+    failed = _failing_commit(monkeypatch, 4)
+    logged = []
+
+    def hook(step, metrics):
+        logged.append(step)
+        if step == 5:  # the failure has surely arrived by the next log
+            assert failed.wait(30)
+            time.sleep(0.5)
+
+    with pytest.raises(CheckpointSaveError) as error:
+        run(engine, tmp_path, 12, checkpoint_every=2, hooks=[hook])
+    message = str(error.value)
+    assert "step 4 could not be written" in message and "No space left on device" in message
+    assert "newest complete checkpoint is step 2" in message and "rerun" in message
+    assert logged[-1] in (4, 5)  # step 5's log or step 6's, whichever comes after the failure
+    monkeypatch.undo()
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+    resumed = run(engine, tmp_path, 4)
+    assert resumed.step == 4 and sorted(_losses(resumed)) == [3, 4]
+
+
+def test_an_error_is_not_buried_by_a_failing_last_save(engine, tmp_path, monkeypatch, caplog):
+    """A hook fails while the save of step 4 is being written, and that save fails too (as
+    on a full disk): train() raises the hook's error; the save's is logged."""
+    _failing_commit(monkeypatch, 4, delay=1.0)
+
+    def hook(step, metrics):
+        if step == 5:
+            raise ValueError("the hook broke")
+
+    with pytest.raises(ValueError, match="the hook broke"):
+        run(engine, tmp_path, 8, checkpoint_every=2, hooks=[hook])
+    assert "closing the checkpoints failed too: CheckpointSaveError" in caplog.text
+    assert "newest complete checkpoint is step 2" in caplog.text
 
 
 def test_eval_metrics_and_best_checkpoint(engine, tmp_path):

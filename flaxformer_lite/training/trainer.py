@@ -451,18 +451,36 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
                         best_metric=best_metric, best_mode=best_mode,
                         async_save=async_checkpointing)
+    failed = True
     try:
-        return _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
-                     eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
-                     checkpoint_every=checkpoint_every, log_every=log_every,
-                     hooks=hooks if main else [], handle_signals=handle_signals,
-                     warm_up=warm_up, init_params=init_params,
-                     record_config=functools.partial(_write_config, workdir, record)
-                     if main else None,
-                     config_changes=functools.partial(_config_changes, workdir, record))
+        result = _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
+                       eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
+                       checkpoint_every=checkpoint_every, log_every=log_every,
+                       hooks=hooks if main else [], handle_signals=handle_signals,
+                       warm_up=warm_up, init_params=init_params,
+                       record_config=functools.partial(_write_config, workdir, record)
+                       if main else None,
+                       config_changes=functools.partial(_config_changes, workdir, record))
+        failed = False
+        return result
     finally:
-        engine.wait_for_compiles()  # an early error must not exit while XLA still compiles
-        ckpt.close()
+        _close(engine, ckpt, failed)
+
+
+def _close(engine: Engine, ckpt: Checkpointer, failed: bool) -> None:
+    """Wait for the background compiles (an early error must not exit while XLA still
+    compiles) and the last save. After an error, a second one here (the save it interrupted
+    fails too, e.g. on a full disk) is logged, not raised: the first is the one to see."""
+    try:
+        try:
+            engine.wait_for_compiles()
+        finally:
+            ckpt.close()
+    except Exception as error:
+        if not failed:
+            raise
+        log.error("While stopping after the error below, closing the checkpoints failed too: "
+                  "%s: %s", type(error).__name__, error)
 
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
@@ -507,8 +525,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
     last_eval_step = -1
 
     def flush(log_now: bool) -> None:
-        """Fetch pending metrics, stop on a non-finite loss, report a window if asked."""
+        """Fetch pending metrics, stop on a non-finite loss or a failed checkpoint save, report
+        a window if asked."""
         nonlocal pending
+        ckpt.check()  # a save that failed in the background stops the run now, not at the next
         host = [engine.metrics_to_host(m) for m in pending]
         first = step - len(host) + 1
         for offset, m in enumerate(host):
