@@ -363,6 +363,21 @@ def final_results(workdir: str, result, **extra) -> dict | None:
     return out
 
 
+def exit_if_interrupted(result) -> None:
+    """An interrupted run (SIGTERM, Ctrl-C; its checkpoint is written) exits with 128 + the
+    signal's number (143, 130), not 0: a job restarter (a Kubernetes Job with
+    `restartPolicy: OnFailure`, `until python lm.py ...; do :; done`) then reruns it, and the
+    rerun resumes. Returns for a run that ended."""
+    if not result.interrupted:
+        return
+    name = result.signal.name if result.signal is not None else "a stop request"
+    print(f"Interrupted by {name} at step {result.step}; its checkpoint is saved. Rerun the "
+          f"same command to resume (exit status {result.exit_status}).", file=sys.stderr,
+          flush=True)
+    skip_teardown()
+    sys.exit(result.exit_status)
+
+
 def plot_losses(workdir: str, history: list[dict]) -> str | None:
     """Train and eval loss curves (`train_metrics.jsonl`, else this run's history, and
     `metrics.jsonl`: earlier runs of the workdir included) -> `loss.png`."""

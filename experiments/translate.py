@@ -143,8 +143,7 @@ def main(argv):
     if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
-    if result.interrupted:
-        return
+    common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
     hyps = decode(result.params, [ex["inputs"] for ex in test])
     final = score(cfg, hyps, [ex["targets"] for ex in test])
     final.update(step=result.step, split=cfg.test_split, examples=len(test),

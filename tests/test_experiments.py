@@ -209,6 +209,30 @@ def test_results_come_from_every_run_and_not_from_an_interrupted_one(tmp_path, l
         step=20, interrupted=True)) is None
 
 
+def test_an_interrupted_run_exits_with_the_signal_status(load_script, capsys):
+    """A job restarter reruns only a job that exits nonzero: an interrupted script exits with
+    128 + the signal's number (it exited with 0, like a finished run); a finished one returns."""
+    import signal
+
+    from flaxformer_lite.training import TrainResult
+
+    common = load_script("experiments/common.py")
+
+    def result(interrupted, sig):
+        return TrainResult(state=None, step=32, history=[], interrupted=interrupted,
+                           engine=None, signal=sig)
+
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (None, 143)):
+        with pytest.raises(SystemExit) as stop:
+            common.exit_if_interrupted(result(True, sig))
+        assert stop.value.code == status
+        assert f"step 32; its checkpoint is saved. Rerun the same command to resume (exit " \
+               f"status {status})" in capsys.readouterr().err
+    assert common.exit_if_interrupted(result(False, None)) is None
+    for script in ("lm.py", "mlm.py", "translate.py"):
+        assert "common.exit_if_interrupted(result)" in (ROOT / "experiments" / script).read_text()
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 

@@ -761,18 +761,23 @@ def test_nan_guard_keeps_last_good_checkpoint(engine, tmp_path, monkeypatch):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
 
-def test_sigterm_saves_at_the_current_step(engine, tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_saves_at_the_current_step(engine, tmp_path, sig, status):
     def hook(step, metrics):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(sig)
     result = train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=8, loss=LOSS,
                    parallel=ParallelConfig(mode="single"), engine=engine, log_every=1,
                    checkpoint_every=5, hooks=[hook])
     assert result.interrupted and result.step == 3
+    # What a job restarter reads: a status of 0 marked the stopped run as done.
+    assert result.signal == sig and result.exit_status == status
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    assert signal.getsignal(signal.SIGTERM) is previous
+    assert signal.getsignal(sig) is previous
+    finished = run(engine, tmp_path, 4)
+    assert not finished.interrupted and finished.signal is None and finished.exit_status == 0
 
 
 def _failing_commit(monkeypatch, step, delay=0.0):

@@ -10,8 +10,9 @@ What it guarantees:
   when the iterator has them, otherwise by skipping the batches already consumed), so a resumed
   run reproduces the uninterrupted one.
 - Interrupts: SIGTERM or SIGINT (Ctrl-C) finish the current step, save a checkpoint at that step
-  and return with `interrupted=True` (a second Ctrl-C aborts at once). Every process of a
-  multi-process run stops at the same step.
+  and return with `interrupted=True` and `signal` set (a second Ctrl-C aborts at once); a script
+  then exits with `result.exit_status` (143, 130) so that job restarters rerun it. Every
+  process of a multi-process run stops at the same step.
 - Non-finite loss: a NaN/inf loss raises `NonFiniteLossError` naming the step. The check runs
   before every save, so no checkpoint holds a diverged state; the last good one stays.
 - Checkpoints every `checkpoint_every` steps and at the end, the last `keep_checkpoints` kept
@@ -71,13 +72,26 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class TrainResult:
     """state: the final state (device layout of `engine`); step: steps done; history: every
-    logged metrics dict (with its "step"); interrupted: stopped by SIGTERM/SIGINT."""
+    logged metrics dict (with its "step"); interrupted: stopped by SIGTERM/SIGINT; signal: the
+    one this process received (`signal.SIGTERM`, `signal.SIGINT`), None if it received none
+    (a multi-process run stopped by another process's)."""
 
     state: TrainState
     step: int
     history: list[dict[str, float]]
     interrupted: bool
     engine: Engine
+    signal: signal.Signals | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """The status a script should exit with: 0 for a run that ended, 128 + the signal's
+        number for an interrupted one (143 for SIGTERM, 130 for SIGINT; 143 when another
+        process received it), as for a process the signal killed. A supervisor that restarts
+        failed jobs then reruns it, and the rerun resumes from its checkpoint."""
+        if not self.interrupted:
+            return 0
+        return 128 + int(self.signal or signal.SIGTERM)
 
     @property
     def params(self) -> Any:
@@ -167,6 +181,7 @@ class _StopSignals:
 
     def __init__(self, enabled: bool):
         self.requested: str | None = None
+        self.signal: signal.Signals | None = None  # the first one received
         self._previous = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
         self._pending: collections.deque = collections.deque()  # multi-process: in flight
@@ -181,7 +196,8 @@ class _StopSignals:
     def _handle(self, signum, frame):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum)
+        self.requested = self.signal.name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -656,7 +672,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             run_eval()
         save()
     return TrainResult(state=state, step=step, history=history, interrupted=interrupted,
-                       engine=engine)
+                       engine=engine, signal=signals.signal if interrupted else None)
 
 
 def _restore_position(iterator, data_state, step: int) -> None:
