@@ -849,6 +849,27 @@ def test_an_error_is_not_buried_by_a_failing_last_save(engine, tmp_path, monkeyp
     assert "newest complete checkpoint is step 2" in caplog.text
 
 
+def test_a_second_run_on_a_workdir_in_use_is_refused(engine, tmp_path):
+    """Two runs on one workdir deleted each other's in-flight checkpoints; the second now stops
+    before touching anything, naming the first; the lock goes with the run, also when it fails."""
+    import socket
+
+    refused = []
+
+    def hook(step, metrics):
+        if step == 2:
+            with pytest.raises(RuntimeError, match="is in use by another run") as error:
+                run(engine, tmp_path, 8)
+            refused.append(str(error.value))
+
+    run(engine, tmp_path, 3, hooks=[hook])
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started " in refused[0]
+    assert "wait for it to finish, stop it" in refused[0] and "another workdir" in refused[0]
+    with pytest.raises(ValueError, match="ran out after 0 batches while skipping"):
+        run(engine, tmp_path, 4, [])  # fails while holding the lock
+    assert run(engine, tmp_path, 4).step == 4
+
+
 def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
     eval_batches = [synthetic_batch(100 + i) for i in range(2)]
     seen = []

@@ -16,13 +16,17 @@ What it guarantees:
 - Non-finite loss: a NaN/inf loss raises `NonFiniteLossError` naming the step. The check runs
   before every save, so no checkpoint holds a diverged state; the last good one stays.
 - Checkpoints every `checkpoint_every` steps and at the end, the last `keep_checkpoints` kept
-  (plus the best by `best_metric`), written asynchronously.
+  (plus the best by `best_metric`), written asynchronously; a failed save stops the run at the
+  next log step (`CheckpointSaveError`).
+- One run per workdir: a second `train` on a workdir in use raises (a `flock` on
+  `workdir/.lock`, which the kernel drops when the process ends).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -30,6 +34,7 @@ import math
 import numbers
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -464,23 +469,88 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
-                        best_metric=best_metric, best_mode=best_mode,
-                        async_save=async_checkpointing)
-    failed = True
+    lock = _WorkdirLock(workdir, main)  # before Orbax cleans up another run's temporary files
     try:
-        result = _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
-                       eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
-                       checkpoint_every=checkpoint_every, log_every=log_every,
-                       hooks=hooks if main else [], handle_signals=handle_signals,
-                       warm_up=warm_up, init_params=init_params,
-                       record_config=functools.partial(_write_config, workdir, record)
-                       if main else None,
-                       config_changes=functools.partial(_config_changes, workdir, record))
-        failed = False
-        return result
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
+                            best_metric=best_metric, best_mode=best_mode,
+                            async_save=async_checkpointing)
+        failed = True
+        try:
+            result = _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
+                           eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
+                           checkpoint_every=checkpoint_every, log_every=log_every,
+                           hooks=hooks if main else [], handle_signals=handle_signals,
+                           warm_up=warm_up, init_params=init_params,
+                           record_config=functools.partial(_write_config, workdir, record)
+                           if main else None,
+                           config_changes=functools.partial(_config_changes, workdir, record))
+            failed = False
+            return result
+        finally:
+            _close(engine, ckpt, failed)
     finally:
-        _close(engine, ckpt, failed)
+        lock.release()
+
+
+class _WorkdirLock:
+    """An exclusive `flock` on `workdir/.lock`, held by process 0 while train() runs, so that a
+    second run on the workdir (a restarted job whose old instance still runs) stops at once
+    instead of deleting the first one's in-flight checkpoints and mixing their logs. The kernel
+    releases it when the process dies, even by SIGKILL: no stale lock survives a crash. The
+    file records the holder's pid, host and start time for the error. A filesystem without
+    `flock` (some network mounts) gets a warning and no lock."""
+
+    def __init__(self, workdir: str, main: bool):
+        self._file = None
+        held_by = None
+        if main:
+            path = os.path.join(workdir, ".lock")
+            f = None
+            try:
+                f = open(path, "a+")
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                held_by = _describe_holder(f.read())
+                f.close()
+            except OSError as error:  # a read-only workdir fails later, naming the file
+                if f is not None:
+                    f.close()
+                log.warning("Cannot lock %s (%s): nothing stops a second run on %s from "
+                            "using its checkpoints at the same time.", path, error, workdir)
+            else:
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n")
+                f.flush()
+                self._file = f
+        if jax.process_count() > 1:  # every process stops, none waits for process 0
+            in_use = bool(multihost_utils.broadcast_one_to_all(np.int32(held_by is not None)))
+        else:
+            in_use = held_by is not None
+        if in_use:
+            raise RuntimeError(
+                f"The workdir {workdir} is in use by another run ({held_by or 'see process 0'}"
+                "). A second run would delete its in-flight checkpoints and mix their logs: wait "
+                "for it to finish, stop it (SIGTERM saves a checkpoint, from which a rerun "
+                "resumes), or pass another workdir.")
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _describe_holder(text: str) -> str:
+    """`pid 123 on host h, started 2026-...` from a lock file's record."""
+    try:
+        holder = json.loads(text)
+        return (f"pid {holder['pid']} on host {holder['host']}, started "
+                f"{holder['started']}")
+    except (ValueError, TypeError, KeyError):
+        return "its lock file names no holder yet"
 
 
 def _close(engine: Engine, ckpt: Checkpointer, failed: bool) -> None:
