@@ -681,7 +681,7 @@ def test_checkpoint_save_restore_keep_and_fallback(engine, tmp_path, caplog):
 
     for step in ckpt.all_steps():
         _corrupt(tmp_path / str(step))
-    with pytest.raises(RuntimeError, match="could be restored"):
+    with pytest.raises(RuntimeError, match="could be restored .*nothing was moved or deleted"):
         ckpt.restore(engine.abstract_state())
     assert ckpt.all_steps() == [2, 3]  # nothing discarded when nothing loads
     ckpt.close()
@@ -1062,6 +1062,22 @@ def test_a_rerun_that_cannot_restore_names_the_changed_fields(engine, tmp_path):
     with pytest.raises(RuntimeError, match=r"optimizer.clip_norm: 1.0 -> None"):
         train(TINY, other, Batches(), workdir=tmp_path, num_steps=4, hooks=[],
               parallel=ParallelConfig(mode="single"), loss=LOSS)
+
+
+def test_damaged_checkpoints_with_unchanged_configs_are_called_damaged(engine, tmp_path):
+    """Every checkpoint unreadable, the configs as recorded: the error blamed a config change;
+    it now says the files look damaged, quotes the read error and leaves them in place."""
+    run(engine, tmp_path, 4, checkpoint_every=2)
+    for step in (2, 4):
+        _corrupt(tmp_path / "checkpoints" / str(step))
+    with pytest.raises(RuntimeError) as error:
+        run(engine, tmp_path, 6)
+    message = str(error.value)
+    assert "configs equal the recorded run's, so the files look damaged" in message
+    assert "The read error of step 4: " in message and "Nothing was moved or deleted" in message
+    assert "move " + str(tmp_path / "checkpoints") + " aside" in message
+    assert "differs from the one that wrote them" not in message
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 4]
 
 
 def test_default_hook_prints_progress(engine, tmp_path, capsys):

@@ -127,6 +127,19 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint in a directory could be restored (nothing was moved or deleted).
+    `steps`: those tried, newest first; `first_error`: why the newest failed."""
+
+    def __init__(self, steps: list[int], directory: Any, first_error: BaseException):
+        self.steps, self.directory, self.first_error = steps, directory, first_error
+        super().__init__(
+            f"None of the checkpoints {steps} in {directory} could be restored (the newest: "
+            f"{_first_line(first_error)}); nothing was moved or deleted. A model or optimizer "
+            "config, or an optax transformation passed as train(tx=...), that differs from the "
+            "one that wrote them fails this way; with the same ones, the files are damaged.")
+
+
 @dataclasses.dataclass
 class Restored:
     """What `Checkpointer.restore` found: the step, the state and the data-iterator record."""
@@ -278,11 +291,7 @@ class Checkpointer:
                 self._quarantine(failed)
             return restored
         if failed:
-            raise RuntimeError(
-                f"None of the checkpoints {steps} in {self.directory} could be restored; the "
-                "first error is above (a model or optimizer config, or an optax transformation "
-                "passed as train(tx=...), that differs from the one that wrote them fails this "
-                "way).") from first_error
+            raise CheckpointRestoreError(steps, self.directory, first_error) from first_error
         return None
 
     def _restore(self, step: int, abstract_state: Any) -> Restored:

@@ -50,7 +50,13 @@ from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite.config import TransformerConfig, check_number
 from flaxformer_lite.training import distributed
-from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
+from flaxformer_lite.training.checkpoint import (
+    Checkpointer,
+    CheckpointRestoreError,
+    _first_line,
+    iterator_state,
+    restore_iterator,
+)
 from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
 from flaxformer_lite.training.optim import OptimizerConfig, num_updates
 from flaxformer_lite.training.parallel import STEPS_AHEAD, Engine, ParallelConfig
@@ -276,12 +282,12 @@ def _flat(record: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _config_changes(workdir: str, record: dict) -> list[str]:
+def _config_changes(workdir: str, record: dict) -> list[str] | None:
     """`"optimizer.clip_norm: None -> 1.0"` for each field of `record` (`_config_record`) that
-    differs from the run recorded in `workdir/config.json` (none if there is no record)."""
+    differs from the run recorded in `workdir/config.json` (None if there is no record)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return []
+        return None
     with open(path) as f:
         old = json.load(f)
     changed = []
@@ -574,12 +580,25 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
           record_config, config_changes, init_params) -> TrainResult:
     try:
         restored = ckpt.restore(engine.abstract_state())
-    except RuntimeError as error:
+    except CheckpointRestoreError as error:
         changed = config_changes()
-        if not changed:
+        if changed is None:  # no record to compare with: both causes stay possible
             raise
+        if not changed:
+            custom = (" (an optax transformation passed as train(tx=...) is not recorded: if "
+                      "it differs from the one that wrote them, that is the cause instead)"
+                      if engine.custom_tx else "")
+            raise RuntimeError(
+                f"None of the checkpoints {error.steps} in {ckpt.directory} could be restored, "
+                f"and this run's configs equal the recorded run's{custom}, so the files look "
+                f"damaged (a truncated or overwritten file, a disk error). The read error of "
+                f"step {error.steps[0]}: {_first_line(error.first_error)}. Nothing was moved "
+                f"or deleted: restore the files from a backup, or move {ckpt.directory} aside "
+                "to start over.") from error
         raise RuntimeError(
-            f"{error} This run's configs differ from the run that wrote them: "
+            f"None of the checkpoints {error.steps} in {ckpt.directory} could be restored "
+            f"(the newest: {_first_line(error.first_error)}); nothing was moved or deleted. "
+            "This run's configs differ from the run that wrote them: "
             f"{'; '.join(changed)}. Fields that change the parameters or the optimizer state "
             "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
             "checkpoints: restore the recorded values, or train in another workdir.") from error
