@@ -870,6 +870,43 @@ def test_a_second_run_on_a_workdir_in_use_is_refused(engine, tmp_path):
     assert run(engine, tmp_path, 4).step == 4
 
 
+def test_the_checkpoint_of_an_eval_step_is_saved_before_the_evaluation(engine, tmp_path):
+    """A kill during a long evaluation lost checkpoint_every steps: the evaluation ran before
+    the save of its step. Now the save starts first (with best_metric it needs the metrics)."""
+    seen = {}
+
+    def eval_fn(state, engine):
+        step = int(engine.to_host(state.step))
+        seen[step] = Checkpointer(tmp_path / "checkpoints").all_steps()
+        return {"score": 1.0}
+
+    run(engine, tmp_path, 4, checkpoint_every=2, eval_fn=eval_fn, eval_every=2,
+        async_checkpointing=False)
+    assert seen == {2: [2], 4: [2, 4]}
+
+
+def test_sigterm_during_an_evaluation_cuts_it_short(engine, tmp_path, caplog):
+    """SIGTERM waited for the whole evaluation; now the evaluation stops at the next batch, is
+    not recorded, and the run stops with the step's checkpoint, saved before it."""
+    served, called = [], []
+
+    def eval_data():
+        for i in range(6):
+            if i == 2 and 2 not in served:  # the first evaluation's third batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            served.append(i)
+            yield synthetic_batch(100 + i)
+
+    with caplog.at_level(logging.WARNING):
+        result = run(engine, tmp_path, 8, checkpoint_every=4, eval_every=4,
+                     eval_data=eval_data, eval_fn=lambda state, engine: called.append(1))
+    assert result.interrupted and result.step == 4
+    assert max(served) == 2  # batches 3, 4, 5 never read
+    assert not called and not any("eval/loss" in h for h in result.history)
+    assert "The evaluation at step 4 was cut short by SIGTERM and is not recorded" in caplog.text
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]
+
+
 def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
     eval_batches = [synthetic_batch(100 + i) for i in range(2)]
     seen = []

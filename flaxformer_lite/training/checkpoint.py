@@ -5,7 +5,7 @@ Layout of `directory` (an Orbax `CheckpointManager` root):
     <step>/state/...                    the TrainState (params, opt_state, step, rng), as sharded
                                         arrays; restorable onto any device count or mesh
     <step>/data/process_<i>-of-<n>.json each process's data-iterator state (JSON)
-    <step>/metrics/...                  eval metrics of that step, if any (for "keep best")
+    <step>/metrics/...                  eval metrics of that step, with best_metric (to rank)
 
 Orbax writes every step into a temporary directory and renames it when all processes have
 finished, so a run killed mid-save leaves no directory that looks complete; leftovers are removed

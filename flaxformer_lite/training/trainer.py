@@ -307,8 +307,13 @@ def _first_eval_batch(eval_data) -> Batch | None:
     return next(_make_iterator(eval_data), None)
 
 
-def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
+def evaluate(engine: Engine, state: TrainState, eval_data,
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
     """Mean eval metrics over every batch of `eval_data` (a factory or an iterable).
+
+    stop: asked before each batch; once it says True the evaluation is abandoned and None
+    returned (`train` passes its stop-signal check, so SIGTERM does not wait for a whole eval
+    set). On several processes it must answer alike on all of them at each call.
 
     On a multi-process run the processes' eval sets may end at different batches (a finite
     pipeline shards examples, and packing or a remainder leaves some processes a batch short).
@@ -322,6 +327,8 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
     multi = jax.process_count() > 1
     last = None
     while True:
+        if stop is not None and stop():
+            return None
         batch = next(batches, None)
         if multi:  # 2: has a batch, 1: ran out after some, 0: never had one
             code = 2 if batch is not None else int(last is not None)
@@ -676,7 +683,13 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         nonlocal last_eval, last_eval_step
         metrics: dict[str, float] = {}
         if eval_data is not None:
-            metrics.update({f"eval/{k}": v for k, v in evaluate(engine, state, eval_data).items()})
+            means = evaluate(engine, state, eval_data, stop=signals.agreed)
+            if means is None:  # a stop signal: the checkpoint matters, the eval can wait
+                log.warning("The evaluation at step %d was cut short by %s and is not "
+                            "recorded.", step, signals.requested or "a stop request on another "
+                            "process")
+                return
+            metrics.update({f"eval/{k}": v for k, v in means.items()})
         if eval_fn is not None:
             for k, v in (eval_fn(state, engine) or {}).items():
                 try:
@@ -695,6 +708,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             log.info("Saving checkpoint at step %d.", step)
 
     evaluating = eval_data is not None or eval_fn is not None
+    ranked = ckpt.best_metric is not None  # checkpoints saved with eval metrics to rank them
     interrupted = False
     start_step = step
     rows = None  # the first batch's rows: shorter batches are padded to them
@@ -752,14 +766,23 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                        or is_eval and ckpt.best_metric is not None)
             if is_log or is_ckpt or is_eval:
                 flush(log_now=is_log)
+            # The save goes first (asynchronous: it is written while the evaluation runs), so
+            # a kill during a long evaluation loses nothing; with best_metric it needs the
+            # evaluation's metrics, so it comes after.
+            if is_ckpt and not ranked:
+                save()
             if is_eval:
                 run_eval()
-            if is_ckpt:
+            if is_ckpt and ranked:
                 save()
         flush(log_now=True)
-        if not interrupted and evaluating and last_eval_step != step and step > start_step:
+        final_eval = (not interrupted and evaluating and last_eval_step != step
+                      and step > start_step)
+        if final_eval and ranked:
             run_eval()
         save()
+        if final_eval and not ranked:
+            run_eval()
     return TrainResult(state=state, step=step, history=history, interrupted=interrupted,
                        engine=engine, signal=signals.signal if interrupted else None)
 
