@@ -233,6 +233,24 @@ def test_an_interrupted_run_exits_with_the_signal_status(load_script, capsys):
         assert "common.exit_if_interrupted(result)" in (ROOT / "experiments" / script).read_text()
 
 
+def test_a_torn_metrics_line_is_skipped_and_named(tmp_path, load_script, caplog):
+    """A crash or a full disk in mid-write left `{"step": 21` as the last line: every rerun
+    failed with a bare JSONDecodeError. The line is now skipped with a warning naming it, and
+    the resumed run's trim rewrites the file without it (the next record would have been
+    appended to it)."""
+    common = load_script("experiments/common.py")
+    path = tmp_path / "train_metrics.jsonl"
+    path.write_text('{"step": 10, "train_loss": 3.0}\n{"step": 20, "train_loss": 2.5}\n'
+                    '{"step": 21')
+    assert [r["step"] for r in common.read_metrics(str(tmp_path), path.name)] == [10, 20]
+    assert f"Skipping {path}:3, not a metrics record" in caplog.text
+    assert [r["step"] for r in common._trim_jsonl(str(path), 20)] == [10, 20]
+    assert path.read_text() == ('{"step": 10, "train_loss": 3.0}\n'
+                                '{"step": 20, "train_loss": 2.5}\n')
+    caplog.clear()
+    assert common.read_metrics(str(tmp_path), path.name) and not caplog.text
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 
