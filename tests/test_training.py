@@ -748,6 +748,19 @@ def test_resume_reproduces_uninterrupted_run(engine, tmp_path, checkpointable):
     assert Checkpointer(tmp_path / "split" / "checkpoints").all_steps() == [2, 3, 4, 5][-3:]
 
 
+def test_each_train_row_counts_its_steps(engine, tmp_path):
+    """The first row after a resume averages fewer steps than log_every; `train/steps` says
+    how many (nothing did)."""
+    def steps(num_steps):
+        result = train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=num_steps, loss=LOSS,
+                       parallel=ParallelConfig(mode="single"), engine=engine, log_every=2,
+                       checkpoint_every=3, hooks=[])
+        return {h["step"]: h["train/steps"] for h in result.history if "train/loss" in h}
+
+    assert steps(3) == {2: 2, 3: 1}
+    assert steps(6) == {4: 1, 6: 2}
+
+
 def test_nan_guard_keeps_last_good_checkpoint(engine, tmp_path, monkeypatch):
     # The poisoned batches' out-of-range ids are the easy way to a NaN loss; the engine's batch
     # check (which refuses them) is switched off so that the guard itself is tested.

@@ -664,6 +664,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         elapsed = time.perf_counter() - window["time"]
         out = {f"train/{k}": v for k, v in summarize(window["sums"]).items()
                if k not in ("nonfinite", "steps")}
+        out["train/steps"] = window["steps"]  # fewer than log_every after a resume or a stop
         if elapsed > 0:
             out["train/steps_per_second"] = window["steps"] / elapsed
             out["train/tokens_per_second"] = out.get("train/tokens", 0.0) / elapsed
