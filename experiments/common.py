@@ -256,9 +256,18 @@ class MetricsWriter:
         _trim_jsonl(self.train_path, step)
         _trim_samples(os.path.join(self.workdir, "samples.txt"), step)
         self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        if step:  # said even without a progress bar, whatever the logging level
+            self.write(f"Resumed from step {step} "
+                       f"({os.path.join(self.workdir, 'checkpoints', str(step))}).")
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def wall_seconds(self, t0: float) -> float:
+        """`results.json`'s wall time: this attempt's since `t0`, plus the earlier attempts' up
+        to the last evaluation the resumed run kept (`time_offset`; time they spent past it,
+        redone by this attempt, is not counted)."""
+        return round(self.time_offset + time.time() - t0, 1)
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.main:

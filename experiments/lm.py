@@ -162,7 +162,7 @@ def main(argv):
         return
     common.plot_losses(workdir, result.history)
     common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
-    final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),
+    final = common.final_results(workdir, result, wall_seconds=writer.wall_seconds(t0),
                                  parameters=num_params, dataset=ds.name)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -148,7 +148,7 @@ def main(argv):
     final = score(cfg, hyps, [ex["targets"] for ex in test])
     final.update(step=result.step, split=cfg.test_split, examples=len(test),
                  beam_size=cfg.beam_size, alpha=cfg.alpha,
-                 wall_seconds=round(time.time() - t0, 1), parameters=num_params)
+                 wall_seconds=writer.wall_seconds(t0), parameters=num_params)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

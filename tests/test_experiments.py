@@ -251,6 +251,22 @@ def test_a_torn_metrics_line_is_skipped_and_named(tmp_path, load_script, caplog)
     assert common.read_metrics(str(tmp_path), path.name) and not caplog.text
 
 
+def test_a_resumed_run_says_so_and_counts_the_earlier_time(tmp_path, load_script, capsys):
+    """With --config.progress=False a resumed run printed nothing saying it resumed (the
+    trainer's line is INFO); results.json's wall_seconds counted the last attempt alone."""
+    import time
+
+    common = load_script("experiments/common.py")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "time": 30.0, "eval_loss": 2.0}\n'
+                                            '{"step": 30, "time": 90.0, "eval_loss": 1.0}\n')
+    writer = common.MetricsWriter(str(tmp_path), 40, progress=False)
+    writer.on_start(20)
+    assert f"Resumed from step 20 ({tmp_path / 'checkpoints' / '20'})." in capsys.readouterr().out
+    assert writer.wall_seconds(time.time() - 5.0) == pytest.approx(35.0, abs=0.5)
+    common.MetricsWriter(str(tmp_path / "new"), 40, progress=False).on_start(0)
+    assert "Resumed" not in capsys.readouterr().out
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 
