@@ -842,7 +842,9 @@ def test_a_failed_background_save_stops_the_run_at_once(engine, tmp_path, monkey
     assert "newest complete checkpoint is step 2" in message and "rerun" in message
     assert logged[-1] in (4, 5)  # step 5's log or step 6's, whichever comes after the failure
     monkeypatch.undo()
-    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+    # (Listed by hand: a Checkpointer here would remove 4's temporary directory on a background
+    # thread, racing the rerun's own clean-up.)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     resumed = run(engine, tmp_path, 4)
     assert resumed.step == 4 and sorted(_losses(resumed)) == [3, 4]
 
