@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import os
 import re
@@ -37,6 +38,8 @@ from flaxformer_lite.training import (
     is_main_process,
     num_updates,
 )
+
+log = logging.getLogger("experiments")
 
 EMBEDDED = "embedded"  # the default dataset: the Python standard library's docstrings
 
@@ -281,9 +284,18 @@ class MetricsWriter:
         _trim_jsonl(self.train_path, step)
         _trim_samples(os.path.join(self.workdir, "samples.txt"), step)
         self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        if step:  # said even without a progress bar, whatever the logging level
+            self.write(f"Resumed from step {step} "
+                       f"({os.path.join(self.workdir, 'checkpoints', str(step))}).")
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def wall_seconds(self, t0: float) -> float:
+        """`results.json`'s wall time: this attempt's since `t0`, plus the earlier attempts' up
+        to the last evaluation the resumed run kept (`time_offset`; time they spent past it,
+        redone by this attempt, is not counted)."""
+        return round(self.time_offset + time.time() - t0, 1)
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.main:
@@ -328,20 +340,41 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
-    path = os.path.join(workdir, name)
+    """The records of `workdir/name`, one JSON object with a "step" a line; a line that is not
+    one (torn by a crash or a full disk in mid-write) is skipped with a warning naming it."""
+    return _read_jsonl(os.path.join(workdir, name))[0]
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], int]:
+    """`read_metrics` of a path, and how many lines it skipped."""
     if not os.path.exists(path):
-        return []
+        return [], 0
+    records, skipped = [], 0
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise ValueError("not a record with a step")
+            except ValueError as error:
+                log.warning("Skipping %s:%d, not a metrics record (%s; written by a run that "
+                            "stopped in mid-write?): %.80r", path, number, error, line)
+                skipped += 1
+                continue
+            records.append(record)
+    return records, skipped
 
 
 def _trim_jsonl(path: str, last_step: int) -> list[dict]:
-    """Keep the records of steps <= `last_step` (rewritten atomically); return them."""
+    """Keep the records of steps <= `last_step` (rewritten atomically, without unreadable
+    lines, which the next record would otherwise be appended to); return them."""
     if not os.path.exists(path):
         return []
-    records = read_metrics(os.path.dirname(path), os.path.basename(path))
+    records, skipped = _read_jsonl(path)
     kept = [r for r in records if r["step"] <= last_step]
-    if len(kept) != len(records):
+    if skipped or len(kept) != len(records):
         with open(path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(path + ".tmp", path)
@@ -389,6 +422,21 @@ def final_results(workdir: str, result, **extra) -> dict | None:
         out.update({k: last[k] for k in ("eval_loss", "eval_bits_per_token", "eval_accuracy")
                     if k in last})
     return out
+
+
+def exit_if_interrupted(result) -> None:
+    """An interrupted run (SIGTERM, Ctrl-C; its checkpoint is written) exits with 128 + the
+    signal's number (143, 130), not 0: a job restarter (a Kubernetes Job with
+    `restartPolicy: OnFailure`, `until python lm.py ...; do :; done`) then reruns it, and the
+    rerun resumes. Returns for a run that ended."""
+    if not result.interrupted:
+        return
+    name = result.signal.name if result.signal is not None else "a stop request"
+    print(f"Interrupted by {name} at step {result.step}; its checkpoint is saved. Rerun the "
+          f"same command to resume (exit status {result.exit_status}).", file=sys.stderr,
+          flush=True)
+    skip_teardown()
+    sys.exit(result.exit_status)
 
 
 def plot_losses(workdir: str, history: list[dict]) -> str | None:

@@ -161,11 +161,9 @@ def main(argv):
     if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
-    final = common.final_results(workdir, result, wall_seconds=round(time.time() - t0, 1),
+    common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
+    final = common.final_results(workdir, result, wall_seconds=writer.wall_seconds(t0),
                                  parameters=num_params, dataset=ds.name)
-    if final is None:  # interrupted: the checkpoint holds the state, a rerun continues
-        common.skip_teardown()
-        return
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

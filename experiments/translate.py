@@ -143,13 +143,12 @@ def main(argv):
     if common.finished_before(workdir, result, writer):
         return
     common.plot_losses(workdir, result.history)
-    if result.interrupted:
-        return
+    common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
     hyps = decode(result.params, [ex["inputs"] for ex in test])
     final = score(cfg, hyps, [ex["targets"] for ex in test])
     final.update(step=result.step, split=cfg.test_split, examples=len(test),
                  beam_size=cfg.beam_size, alpha=cfg.alpha,
-                 wall_seconds=round(time.time() - t0, 1), parameters=num_params)
+                 wall_seconds=writer.wall_seconds(t0), parameters=num_params)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

@@ -234,6 +234,64 @@ def test_results_come_from_every_run_and_not_from_an_interrupted_one(tmp_path, l
         step=20, interrupted=True)) is None
 
 
+def test_an_interrupted_run_exits_with_the_signal_status(load_script, capsys):
+    """A job restarter reruns only a job that exits nonzero: an interrupted script exits with
+    128 + the signal's number (it exited with 0, like a finished run); a finished one returns."""
+    import signal
+
+    from flaxformer_lite.training import TrainResult
+
+    common = load_script("experiments/common.py")
+
+    def result(interrupted, sig):
+        return TrainResult(state=None, step=32, history=[], interrupted=interrupted,
+                           engine=None, signal=sig)
+
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130), (None, 143)):
+        with pytest.raises(SystemExit) as stop:
+            common.exit_if_interrupted(result(True, sig))
+        assert stop.value.code == status
+        assert f"step 32; its checkpoint is saved. Rerun the same command to resume (exit " \
+               f"status {status})" in capsys.readouterr().err
+    assert common.exit_if_interrupted(result(False, None)) is None
+    for script in ("lm.py", "mlm.py", "translate.py"):
+        assert "common.exit_if_interrupted(result)" in (ROOT / "experiments" / script).read_text()
+
+
+def test_a_torn_metrics_line_is_skipped_and_named(tmp_path, load_script, caplog):
+    """A crash or a full disk in mid-write left `{"step": 21` as the last line: every rerun
+    failed with a bare JSONDecodeError. The line is now skipped with a warning naming it, and
+    the resumed run's trim rewrites the file without it (the next record would have been
+    appended to it)."""
+    common = load_script("experiments/common.py")
+    path = tmp_path / "train_metrics.jsonl"
+    path.write_text('{"step": 10, "train_loss": 3.0}\n{"step": 20, "train_loss": 2.5}\n'
+                    '{"step": 21')
+    assert [r["step"] for r in common.read_metrics(str(tmp_path), path.name)] == [10, 20]
+    assert f"Skipping {path}:3, not a metrics record" in caplog.text
+    assert [r["step"] for r in common._trim_jsonl(str(path), 20)] == [10, 20]
+    assert path.read_text() == ('{"step": 10, "train_loss": 3.0}\n'
+                                '{"step": 20, "train_loss": 2.5}\n')
+    caplog.clear()
+    assert common.read_metrics(str(tmp_path), path.name) and not caplog.text
+
+
+def test_a_resumed_run_says_so_and_counts_the_earlier_time(tmp_path, load_script, capsys):
+    """With --config.progress=False a resumed run printed nothing saying it resumed (the
+    trainer's line is INFO); results.json's wall_seconds counted the last attempt alone."""
+    import time
+
+    common = load_script("experiments/common.py")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "time": 30.0, "eval_loss": 2.0}\n'
+                                            '{"step": 30, "time": 90.0, "eval_loss": 1.0}\n')
+    writer = common.MetricsWriter(str(tmp_path), 40, progress=False)
+    writer.on_start(20)
+    assert f"Resumed from step 20 ({tmp_path / 'checkpoints' / '20'})." in capsys.readouterr().out
+    assert writer.wall_seconds(time.time() - 5.0) == pytest.approx(35.0, abs=0.5)
+    common.MetricsWriter(str(tmp_path / "new"), 40, progress=False).on_start(0)
+    assert "Resumed" not in capsys.readouterr().out
+
+
 def test_cpu_devices_must_be_a_whole_number(monkeypatch, load_script):
     import ml_collections
 

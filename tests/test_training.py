@@ -129,9 +129,10 @@ def engine():
 
 def run(engine, workdir, num_steps, data=None, **kw):
     kw.setdefault("checkpoint_every", 2)
+    kw.setdefault("hooks", [])
     return train(TINY, OPT, data if data is not None else Batches(), workdir=workdir,
                  num_steps=num_steps, parallel=ParallelConfig(mode="single"), loss=LOSS,
-                 engine=engine, log_every=1, hooks=[], **kw)
+                 engine=engine, log_every=1, **kw)
 
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -727,7 +728,7 @@ def test_checkpoint_save_restore_keep_and_fallback(engine, tmp_path, caplog):
 
     for step in ckpt.all_steps():
         _corrupt(tmp_path / str(step))
-    with pytest.raises(RuntimeError, match="could be restored"):
+    with pytest.raises(RuntimeError, match="could be restored .*nothing was moved or deleted"):
         ckpt.restore(engine.abstract_state())
     assert ckpt.all_steps() == [2, 3]  # nothing discarded when nothing loads
     ckpt.close()
@@ -794,6 +795,19 @@ def test_resume_reproduces_uninterrupted_run(engine, tmp_path, checkpointable):
     assert Checkpointer(tmp_path / "split" / "checkpoints").all_steps() == [2, 3, 4, 5][-3:]
 
 
+def test_each_train_row_counts_its_steps(engine, tmp_path):
+    """The first row after a resume averages fewer steps than log_every; `train/steps` says
+    how many (nothing did)."""
+    def steps(num_steps):
+        result = train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=num_steps, loss=LOSS,
+                       parallel=ParallelConfig(mode="single"), engine=engine, log_every=2,
+                       checkpoint_every=3, hooks=[])
+        return {h["step"]: h["train/steps"] for h in result.history if "train/loss" in h}
+
+    assert steps(3) == {2: 2, 3: 1}
+    assert steps(6) == {4: 1, 6: 2}
+
+
 def test_nan_guard_keeps_last_good_checkpoint(engine, tmp_path, monkeypatch):
     # The poisoned batches' out-of-range ids are the easy way to a NaN loss; the engine's batch
     # check (which refuses them) is switched off so that the guard itself is tested.
@@ -807,18 +821,152 @@ def test_nan_guard_keeps_last_good_checkpoint(engine, tmp_path, monkeypatch):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
 
-def test_sigterm_saves_at_the_current_step(engine, tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_saves_at_the_current_step(engine, tmp_path, sig, status):
     def hook(step, metrics):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(sig)
     result = train(TINY, OPT, Batches(), workdir=tmp_path, num_steps=8, loss=LOSS,
                    parallel=ParallelConfig(mode="single"), engine=engine, log_every=1,
                    checkpoint_every=5, hooks=[hook])
     assert result.interrupted and result.step == 3
+    # What a job restarter reads: a status of 0 marked the stopped run as done.
+    assert result.signal == sig and result.exit_status == status
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    assert signal.getsignal(signal.SIGTERM) is previous
+    assert signal.getsignal(sig) is previous
+    finished = run(engine, tmp_path, 4)
+    assert not finished.interrupted and finished.signal is None and finished.exit_status == 0
+
+
+def _failing_commit(monkeypatch, step, delay=0.0):
+    """Make the background write of checkpoint `step` fail as on a full disk; returns an Event
+    set once it has failed."""
+    import errno
+    import threading
+    import time
+
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    original = async_checkpointer._background_wait_for_commit_futures
+    failed = threading.Event()
+
+    def commit(directory, commit_futures, on_commit_callback, **kwargs):
+        def finish():  # after the files are written, instead of the final rename
+            time.sleep(delay)
+            failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+
+        return original(directory, commit_futures,
+                        finish if directory.name == str(step) else on_commit_callback, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+    return failed
+
+
+def test_a_failed_background_save_stops_the_run_at_once(engine, tmp_path, monkeypatch):
+    """The save at step 4 fails in the background: the run stops at the next log after the
+    failure (step 6's, before its metrics are reported), not at the next save, naming the
+    step, the newest complete checkpoint and the fix; a rerun with room resumes from step 2."""
+    import time
+
+    from flaxformer_lite.training import CheckpointSaveError
+
+    failed = _failing_commit(monkeypatch, 4)
+    logged = []
+
+    def hook(step, metrics):
+        logged.append(step)
+        if step == 5:  # the failure has surely arrived by the next log
+            assert failed.wait(30)
+            time.sleep(0.5)
+
+    with pytest.raises(CheckpointSaveError) as error:
+        run(engine, tmp_path, 12, checkpoint_every=2, hooks=[hook])
+    message = str(error.value)
+    assert "step 4 could not be written" in message and "No space left on device" in message
+    assert "newest complete checkpoint is step 2" in message and "rerun" in message
+    assert logged[-1] in (4, 5)  # step 5's log or step 6's, whichever comes after the failure
+    monkeypatch.undo()
+    # (Listed by hand: a Checkpointer here would remove 4's temporary directory on a background
+    # thread, racing the rerun's own clean-up.)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    resumed = run(engine, tmp_path, 4)
+    assert resumed.step == 4 and sorted(_losses(resumed)) == [3, 4]
+
+
+def test_an_error_is_not_buried_by_a_failing_last_save(engine, tmp_path, monkeypatch, caplog):
+    """A hook fails while the save of step 4 is being written, and that save fails too (as
+    on a full disk): train() raises the hook's error; the save's is logged."""
+    _failing_commit(monkeypatch, 4, delay=1.0)
+
+    def hook(step, metrics):
+        if step == 5:
+            raise ValueError("the hook broke")
+
+    with pytest.raises(ValueError, match="the hook broke"):
+        run(engine, tmp_path, 8, checkpoint_every=2, hooks=[hook])
+    assert "closing the checkpoints failed too: CheckpointSaveError" in caplog.text
+    assert "newest complete checkpoint is step 2" in caplog.text
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused(engine, tmp_path):
+    """Two runs on one workdir deleted each other's in-flight checkpoints; the second now stops
+    before touching anything, naming the first; the lock goes with the run, also when it fails."""
+    import socket
+
+    refused = []
+
+    def hook(step, metrics):
+        if step == 2:
+            with pytest.raises(RuntimeError, match="is in use by another run") as error:
+                run(engine, tmp_path, 8)
+            refused.append(str(error.value))
+
+    run(engine, tmp_path, 3, hooks=[hook])
+    assert f"pid {os.getpid()} on host {socket.gethostname()}, started " in refused[0]
+    assert "wait for it to finish, stop it" in refused[0] and "another workdir" in refused[0]
+    with pytest.raises(ValueError, match="ran out after 0 batches while skipping"):
+        run(engine, tmp_path, 4, [])  # fails while holding the lock
+    assert run(engine, tmp_path, 4).step == 4
+
+
+def test_the_checkpoint_of_an_eval_step_is_saved_before_the_evaluation(engine, tmp_path):
+    """A kill during a long evaluation lost checkpoint_every steps: the evaluation ran before
+    the save of its step. Now the save starts first (with best_metric it needs the metrics)."""
+    seen = {}
+
+    def eval_fn(state, engine):
+        step = int(engine.to_host(state.step))
+        seen[step] = Checkpointer(tmp_path / "checkpoints").all_steps()
+        return {"score": 1.0}
+
+    run(engine, tmp_path, 4, checkpoint_every=2, eval_fn=eval_fn, eval_every=2,
+        async_checkpointing=False)
+    assert seen == {2: [2], 4: [2, 4]}
+
+
+def test_sigterm_during_an_evaluation_cuts_it_short(engine, tmp_path, caplog):
+    """SIGTERM waited for the whole evaluation; now the evaluation stops at the next batch, is
+    not recorded, and the run stops with the step's checkpoint, saved before it."""
+    served, called = [], []
+
+    def eval_data():
+        for i in range(6):
+            if i == 2 and 2 not in served:  # the first evaluation's third batch
+                os.kill(os.getpid(), signal.SIGTERM)
+            served.append(i)
+            yield synthetic_batch(100 + i)
+
+    with caplog.at_level(logging.WARNING):
+        result = run(engine, tmp_path, 8, checkpoint_every=4, eval_every=4,
+                     eval_data=eval_data, eval_fn=lambda state, engine: called.append(1))
+    assert result.interrupted and result.step == 4
+    assert max(served) == 2  # batches 3, 4, 5 never read
+    assert not called and not any("eval/loss" in h for h in result.history)
+    assert "The evaluation at step 4 was cut short by SIGTERM and is not recorded" in caplog.text
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]
 
 
 def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
@@ -1013,6 +1161,22 @@ def test_a_rerun_that_cannot_restore_names_the_changed_fields(engine, tmp_path):
     with pytest.raises(RuntimeError, match=r"optimizer.clip_norm: 1.0 -> None"):
         train(TINY, other, Batches(), workdir=tmp_path, num_steps=4, hooks=[],
               parallel=ParallelConfig(mode="single"), loss=LOSS)
+
+
+def test_damaged_checkpoints_with_unchanged_configs_are_called_damaged(engine, tmp_path):
+    """Every checkpoint unreadable, the configs as recorded: the error blamed a config change;
+    it now says the files look damaged, quotes the read error and leaves them in place."""
+    run(engine, tmp_path, 4, checkpoint_every=2)
+    for step in (2, 4):
+        _corrupt(tmp_path / "checkpoints" / str(step))
+    with pytest.raises(RuntimeError) as error:
+        run(engine, tmp_path, 6)
+    message = str(error.value)
+    assert "configs equal the recorded run's, so the files look damaged" in message
+    assert "The read error of step 4: " in message and "Nothing was moved or deleted" in message
+    assert "move " + str(tmp_path / "checkpoints") + " aside" in message
+    assert "differs from the one that wrote them" not in message
+    assert Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 4]
 
 
 def test_default_hook_prints_progress(engine, tmp_path, capsys):

@@ -10,6 +10,8 @@ See `trainer.train` for the loop, `parallel.Engine` for the device layouts and
 
 from flaxformer_lite.training.checkpoint import (
     Checkpointer,
+    CheckpointRestoreError,
+    CheckpointSaveError,
     Restored,
     Run,
     iterator_state,
@@ -64,7 +66,8 @@ from flaxformer_lite.training.trainer import (
 )
 
 __all__ = [
-    "Checkpointer", "DEFAULT_RULES", "Engine", "LossConfig", "MESH_AXES", "NonFiniteLossError",
+    "CheckpointRestoreError", "CheckpointSaveError", "Checkpointer", "DEFAULT_RULES", "Engine",
+    "LossConfig", "MESH_AXES", "NonFiniteLossError",
     "OptimizerConfig", "ParallelConfig", "Restored", "Run", "TensorBoardHook", "TrainResult",
     "TrainState", "add_metrics", "constant_schedule", "create_train_state", "cross_entropy",
     "decay_mask", "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",

@@ -5,12 +5,14 @@ Layout of `directory` (an Orbax `CheckpointManager` root):
     <step>/state/...                    the TrainState (params, opt_state, step, rng), as sharded
                                         arrays; restorable onto any device count or mesh
     <step>/data/process_<i>-of-<n>.json each process's data-iterator state (JSON)
-    <step>/metrics/...                  eval metrics of that step, if any (for "keep best")
+    <step>/metrics/...                  eval metrics of that step, with best_metric (to rank)
 
 Orbax writes every step into a temporary directory and renames it when all processes have
 finished, so a run killed mid-save leaves no directory that looks complete; leftovers are removed
 on the next start. If the latest checkpoint still cannot be read (a truncated file, a disk
 error), `restore` warns, moves it aside to `<step>.corrupt` and falls back to the one before.
+A save that fails in the background (a full disk) raises `CheckpointSaveError` at the next
+`check`, `save`, `wait` or `close`, naming the step and the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -114,6 +116,30 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
     return registry
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a lost mount); the message names the step,
+    the cause and the newest complete checkpoint, from which a rerun resumes."""
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = (str(error).strip().splitlines() or [""])[0]
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint in a directory could be restored (nothing was moved or deleted).
+    `steps`: those tried, newest first; `first_error`: why the newest failed."""
+
+    def __init__(self, steps: list[int], directory: Any, first_error: BaseException):
+        self.steps, self.directory, self.first_error = steps, directory, first_error
+        super().__init__(
+            f"None of the checkpoints {steps} in {directory} could be restored (the newest: "
+            f"{_first_line(first_error)}); nothing was moved or deleted. A model or optimizer "
+            "config, or an optax transformation passed as train(tx=...), that differs from the "
+            "one that wrote them fails this way; with the same ones, the files are damaged.")
+
+
 @dataclasses.dataclass
 class Restored:
     """What `Checkpointer.restore` found: the step, the state and the data-iterator record."""
@@ -130,7 +156,8 @@ class Checkpointer:
     best_metric / best_mode / keep_best: additionally keep the `keep_best` checkpoints with the
       best value of `metrics[best_metric]` ("min" or "max") among those saved with metrics.
     async_save: write in a background thread (device arrays are copied to host first, so
-      training continues at once); `wait()` blocks until written.
+      training continues at once); `wait()` blocks until written, `check()` raises at once if
+      the last save failed, without waiting for one in progress.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3,
@@ -157,6 +184,7 @@ class Checkpointer:
             cleanup_tmp_directories=True, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               handler_registry=_registry())
+        self._saving: int | None = None  # the step of a save not yet known to be written
 
     # ---- queries
     def all_steps(self) -> list[int]:
@@ -185,19 +213,55 @@ class Checkpointer:
                     f"best_metric={self.best_metric!r} is not among the metrics saved at step "
                     f"{step}: {sorted(metrics)}. Pick one of those (eval metrics are named "
                     "'eval/...').")
-        return self._manager.save(
-            step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.StandardSave(state),
-                DATA_ITEM: DataStateSave(data_state)}),
-            metrics=metrics, force=True)
+        self.wait()  # Orbax waits for the previous save anyway; its failure is named here
+        try:
+            started = self._manager.save(
+                step, args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardSave(state),
+                    DATA_ITEM: DataStateSave(data_state)}),
+                metrics=metrics, force=True)
+        except Exception as error:
+            raise self._save_failed(step, error) from error
+        if started:
+            self._saving = step
+        return started
+
+    def check(self) -> None:
+        """Raise `CheckpointSaveError` if the last asynchronous save has failed; cheap, and
+        never waits for a save still in progress (call it between steps)."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self._manager.wait_until_finished()
+        """Block until pending asynchronous saves are on disk (`CheckpointSaveError` if one
+        failed)."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self._saving, error) from error
+        self._saving = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    def _save_failed(self, step: int | None, error: BaseException) -> CheckpointSaveError:
+        """The error for a failed save of `step`: the cause, the newest complete checkpoint
+        (Orbax forgets the failed step; its temporary directory goes at the next start) and
+        what to do."""
+        self._saving = None
+        complete = [s for s in self.all_steps() if s != step]
+        what = f"The checkpoint at step {step}" if step is not None else "A checkpoint"
+        if complete:
+            newest = (f"the newest complete checkpoint is step {max(complete)}; free space (or "
+                      f"fix the cause) and rerun to resume from it")
+        else:
+            newest = ("there is no complete checkpoint yet; free space (or fix the cause) and "
+                      "rerun, which starts from step 0")
+        return CheckpointSaveError(f"{what} could not be written to {self.directory} "
+                                   f"({_first_line(error)}); {newest}.")
 
     # ---- restore
     def restore(self, abstract_state: Any, step: int | None = None) -> Restored | None:
@@ -227,11 +291,7 @@ class Checkpointer:
                 self._quarantine(failed)
             return restored
         if failed:
-            raise RuntimeError(
-                f"None of the checkpoints {steps} in {self.directory} could be restored; the "
-                "first error is above (a model or optimizer config, or an optax transformation "
-                "passed as train(tx=...), that differs from the one that wrote them fails this "
-                "way).") from first_error
+            raise CheckpointRestoreError(steps, self.directory, first_error) from first_error
         return None
 
     def _restore(self, step: int, abstract_state: Any) -> Restored:

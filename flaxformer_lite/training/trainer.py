@@ -10,18 +10,23 @@ What it guarantees:
   when the iterator has them, otherwise by skipping the batches already consumed), so a resumed
   run reproduces the uninterrupted one.
 - Interrupts: SIGTERM or SIGINT (Ctrl-C) finish the current step, save a checkpoint at that step
-  and return with `interrupted=True` (a second Ctrl-C aborts at once). Every process of a
-  multi-process run stops at the same step.
+  and return with `interrupted=True` and `signal` set (a second Ctrl-C aborts at once); a script
+  then exits with `result.exit_status` (143, 130) so that job restarters rerun it. Every
+  process of a multi-process run stops at the same step.
 - Non-finite loss: a NaN/inf loss raises `NonFiniteLossError` naming the step. The check runs
   before every save, so no checkpoint holds a diverged state; the last good one stays.
 - Checkpoints every `checkpoint_every` steps and at the end, the last `keep_checkpoints` kept
-  (plus the best by `best_metric`), written asynchronously.
+  (plus the best by `best_metric`), written asynchronously; a failed save stops the run at the
+  next log step (`CheckpointSaveError`).
+- One run per workdir: a second `train` on a workdir in use raises (a `flock` on
+  `workdir/.lock`, which the kernel drops when the process ends).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -29,6 +34,7 @@ import math
 import numbers
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -44,7 +50,13 @@ from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite.config import TransformerConfig, check_number
 from flaxformer_lite.training import distributed
-from flaxformer_lite.training.checkpoint import Checkpointer, iterator_state, restore_iterator
+from flaxformer_lite.training.checkpoint import (
+    Checkpointer,
+    CheckpointRestoreError,
+    _first_line,
+    iterator_state,
+    restore_iterator,
+)
 from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
 from flaxformer_lite.training.optim import OptimizerConfig, num_updates
 from flaxformer_lite.training.parallel import STEPS_AHEAD, Engine, ParallelConfig
@@ -71,13 +83,26 @@ class NonFiniteLossError(FloatingPointError):
 @dataclasses.dataclass
 class TrainResult:
     """state: the final state (device layout of `engine`); step: steps done; history: every
-    logged metrics dict (with its "step"); interrupted: stopped by SIGTERM/SIGINT."""
+    logged metrics dict (with its "step"); interrupted: stopped by SIGTERM/SIGINT; signal: the
+    one this process received (`signal.SIGTERM`, `signal.SIGINT`), None if it received none
+    (a multi-process run stopped by another process's)."""
 
     state: TrainState
     step: int
     history: list[dict[str, float]]
     interrupted: bool
     engine: Engine
+    signal: signal.Signals | None = None
+
+    @property
+    def exit_status(self) -> int:
+        """The status a script should exit with: 0 for a run that ended, 128 + the signal's
+        number for an interrupted one (143 for SIGTERM, 130 for SIGINT; 143 when another
+        process received it), as for a process the signal killed. A supervisor that restarts
+        failed jobs then reruns it, and the rerun resumes from its checkpoint."""
+        if not self.interrupted:
+            return 0
+        return 128 + int(self.signal or signal.SIGTERM)
 
     @property
     def params(self) -> Any:
@@ -167,6 +192,7 @@ class _StopSignals:
 
     def __init__(self, enabled: bool):
         self.requested: str | None = None
+        self.signal: signal.Signals | None = None  # the first one received
         self._previous = {}
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
         self._pending: collections.deque = collections.deque()  # multi-process: in flight
@@ -181,7 +207,8 @@ class _StopSignals:
     def _handle(self, signum, frame):
         if self.requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.signal = self.signal or signal.Signals(signum)
+        self.requested = self.signal.name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -255,12 +282,12 @@ def _flat(record: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _config_changes(workdir: str, record: dict) -> list[str]:
+def _config_changes(workdir: str, record: dict) -> list[str] | None:
     """`"optimizer.clip_norm: None -> 1.0"` for each field of `record` (`_config_record`) that
-    differs from the run recorded in `workdir/config.json` (none if there is no record)."""
+    differs from the run recorded in `workdir/config.json` (None if there is no record)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return []
+        return None
     with open(path) as f:
         old = json.load(f)
     changed = []
@@ -280,8 +307,13 @@ def _first_eval_batch(eval_data) -> Batch | None:
     return next(_make_iterator(eval_data), None)
 
 
-def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
+def evaluate(engine: Engine, state: TrainState, eval_data,
+             stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
     """Mean eval metrics over every batch of `eval_data` (a factory or an iterable).
+
+    stop: asked before each batch; once it says True the evaluation is abandoned and None
+    returned (`train` passes its stop-signal check, so SIGTERM does not wait for a whole eval
+    set). On several processes it must answer alike on all of them at each call.
 
     On a multi-process run the processes' eval sets may end at different batches (a finite
     pipeline shards examples, and packing or a remainder leaves some processes a batch short).
@@ -295,6 +327,8 @@ def evaluate(engine: Engine, state: TrainState, eval_data) -> dict[str, float]:
     multi = jax.process_count() > 1
     last = None
     while True:
+        if stop is not None and stop():
+            return None
         batch = next(batches, None)
         if multi:  # 2: has a batch, 1: ran out after some, 0: never had one
             code = 2 if batch is not None else int(last is not None)
@@ -448,21 +482,104 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
-                        best_metric=best_metric, best_mode=best_mode,
-                        async_save=async_checkpointing)
+    lock = _WorkdirLock(workdir, main)  # before Orbax cleans up another run's temporary files
     try:
-        return _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
-                     eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
-                     checkpoint_every=checkpoint_every, log_every=log_every,
-                     hooks=hooks if main else [], handle_signals=handle_signals,
-                     warm_up=warm_up, init_params=init_params,
-                     record_config=functools.partial(_write_config, workdir, record)
-                     if main else None,
-                     config_changes=functools.partial(_config_changes, workdir, record))
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep_checkpoints,
+                            best_metric=best_metric, best_mode=best_mode,
+                            async_save=async_checkpointing)
+        failed = True
+        try:
+            result = _loop(engine, ckpt, train_data, num_steps=num_steps, seed=seed,
+                           eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
+                           checkpoint_every=checkpoint_every, log_every=log_every,
+                           hooks=hooks if main else [], handle_signals=handle_signals,
+                           warm_up=warm_up, init_params=init_params,
+                           record_config=functools.partial(_write_config, workdir, record)
+                           if main else None,
+                           config_changes=functools.partial(_config_changes, workdir, record))
+            failed = False
+            return result
+        finally:
+            _close(engine, ckpt, failed)
     finally:
-        engine.wait_for_compiles()  # an early error must not exit while XLA still compiles
-        ckpt.close()
+        lock.release()
+
+
+class _WorkdirLock:
+    """An exclusive `flock` on `workdir/.lock`, held by process 0 while train() runs, so that a
+    second run on the workdir (a restarted job whose old instance still runs) stops at once
+    instead of deleting the first one's in-flight checkpoints and mixing their logs. The kernel
+    releases it when the process dies, even by SIGKILL: no stale lock survives a crash. The
+    file records the holder's pid, host and start time for the error. A filesystem without
+    `flock` (some network mounts) gets a warning and no lock."""
+
+    def __init__(self, workdir: str, main: bool):
+        self._file = None
+        held_by = None
+        if main:
+            path = os.path.join(workdir, ".lock")
+            f = None
+            try:
+                f = open(path, "a+")
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                held_by = _describe_holder(f.read())
+                f.close()
+            except OSError as error:  # a read-only workdir fails later, naming the file
+                if f is not None:
+                    f.close()
+                log.warning("Cannot lock %s (%s): nothing stops a second run on %s from "
+                            "using its checkpoints at the same time.", path, error, workdir)
+            else:
+                f.seek(0)
+                f.truncate()
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n")
+                f.flush()
+                self._file = f
+        if jax.process_count() > 1:  # every process stops, none waits for process 0
+            in_use = bool(multihost_utils.broadcast_one_to_all(np.int32(held_by is not None)))
+        else:
+            in_use = held_by is not None
+        if in_use:
+            raise RuntimeError(
+                f"The workdir {workdir} is in use by another run ({held_by or 'see process 0'}"
+                "). A second run would delete its in-flight checkpoints and mix their logs: wait "
+                "for it to finish, stop it (SIGTERM saves a checkpoint, from which a rerun "
+                "resumes), or pass another workdir.")
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+def _describe_holder(text: str) -> str:
+    """`pid 123 on host h, started 2026-...` from a lock file's record."""
+    try:
+        holder = json.loads(text)
+        return (f"pid {holder['pid']} on host {holder['host']}, started "
+                f"{holder['started']}")
+    except (ValueError, TypeError, KeyError):
+        return "its lock file names no holder yet"
+
+
+def _close(engine: Engine, ckpt: Checkpointer, failed: bool) -> None:
+    """Wait for the background compiles (an early error must not exit while XLA still
+    compiles) and the last save. After an error, a second one here (the save it interrupted
+    fails too, e.g. on a full disk) is logged, not raised: the first is the one to see."""
+    try:
+        try:
+            engine.wait_for_compiles()
+        finally:
+            ckpt.close()
+    except Exception as error:
+        if not failed:
+            raise
+        log.error("While stopping after the error below, closing the checkpoints failed too: "
+                  "%s: %s", type(error).__name__, error)
 
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
@@ -470,12 +587,25 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
           record_config, config_changes, init_params) -> TrainResult:
     try:
         restored = ckpt.restore(engine.abstract_state())
-    except RuntimeError as error:
+    except CheckpointRestoreError as error:
         changed = config_changes()
-        if not changed:
+        if changed is None:  # no record to compare with: both causes stay possible
             raise
+        if not changed:
+            custom = (" (an optax transformation passed as train(tx=...) is not recorded: if "
+                      "it differs from the one that wrote them, that is the cause instead)"
+                      if engine.custom_tx else "")
+            raise RuntimeError(
+                f"None of the checkpoints {error.steps} in {ckpt.directory} could be restored, "
+                f"and this run's configs equal the recorded run's{custom}, so the files look "
+                f"damaged (a truncated or overwritten file, a disk error). The read error of "
+                f"step {error.steps[0]}: {_first_line(error.first_error)}. Nothing was moved "
+                f"or deleted: restore the files from a backup, or move {ckpt.directory} aside "
+                "to start over.") from error
         raise RuntimeError(
-            f"{error} This run's configs differ from the run that wrote them: "
+            f"None of the checkpoints {error.steps} in {ckpt.directory} could be restored "
+            f"(the newest: {_first_line(error.first_error)}); nothing was moved or deleted. "
+            "This run's configs differ from the run that wrote them: "
             f"{'; '.join(changed)}. Fields that change the parameters or the optimizer state "
             "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
             "checkpoints: restore the recorded values, or train in another workdir.") from error
@@ -507,8 +637,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
     last_eval_step = -1
 
     def flush(log_now: bool) -> None:
-        """Fetch pending metrics, stop on a non-finite loss, report a window if asked."""
+        """Fetch pending metrics, stop on a non-finite loss or a failed checkpoint save, report
+        a window if asked."""
         nonlocal pending
+        ckpt.check()  # a save that failed in the background stops the run now, not at the next
         host = [engine.metrics_to_host(m) for m in pending]
         first = step - len(host) + 1
         for offset, m in enumerate(host):
@@ -532,6 +664,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         elapsed = time.perf_counter() - window["time"]
         out = {f"train/{k}": v for k, v in summarize(window["sums"]).items()
                if k not in ("nonfinite", "steps")}
+        out["train/steps"] = window["steps"]  # fewer than log_every after a resume or a stop
         if elapsed > 0:
             out["train/steps_per_second"] = window["steps"] / elapsed
             out["train/tokens_per_second"] = out.get("train/tokens", 0.0) / elapsed
@@ -551,7 +684,13 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         nonlocal last_eval, last_eval_step
         metrics: dict[str, float] = {}
         if eval_data is not None:
-            metrics.update({f"eval/{k}": v for k, v in evaluate(engine, state, eval_data).items()})
+            means = evaluate(engine, state, eval_data, stop=signals.agreed)
+            if means is None:  # a stop signal: the checkpoint matters, the eval can wait
+                log.warning("The evaluation at step %d was cut short by %s and is not "
+                            "recorded.", step, signals.requested or "a stop request on another "
+                            "process")
+                return
+            metrics.update({f"eval/{k}": v for k, v in means.items()})
         if eval_fn is not None:
             for k, v in (eval_fn(state, engine) or {}).items():
                 try:
@@ -570,6 +709,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             log.info("Saving checkpoint at step %d.", step)
 
     evaluating = eval_data is not None or eval_fn is not None
+    ranked = ckpt.best_metric is not None  # checkpoints saved with eval metrics to rank them
     interrupted = False
     start_step = step
     rows = None  # the first batch's rows: shorter batches are padded to them
@@ -627,16 +767,25 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                        or is_eval and ckpt.best_metric is not None)
             if is_log or is_ckpt or is_eval:
                 flush(log_now=is_log)
+            # The save goes first (asynchronous: it is written while the evaluation runs), so
+            # a kill during a long evaluation loses nothing; with best_metric it needs the
+            # evaluation's metrics, so it comes after.
+            if is_ckpt and not ranked:
+                save()
             if is_eval:
                 run_eval()
-            if is_ckpt:
+            if is_ckpt and ranked:
                 save()
         flush(log_now=True)
-        if not interrupted and evaluating and last_eval_step != step and step > start_step:
+        final_eval = (not interrupted and evaluating and last_eval_step != step
+                      and step > start_step)
+        if final_eval and ranked:
             run_eval()
         save()
+        if final_eval and not ranked:
+            run_eval()
     return TrainResult(state=state, step=step, history=history, interrupted=interrupted,
-                       engine=engine)
+                       engine=engine, signal=signals.signal if interrupted else None)
 
 
 def _restore_position(iterator, data_state, step: int) -> None:
