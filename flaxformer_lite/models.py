@@ -75,15 +75,19 @@ def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
 
 
 def _positions(ids: Array, segment_ids: Array | None, positions: Array | None
-               ) -> tuple[Array, bool]:
-    """`(positions, per_row)`: the given positions; else, with segment ids, each token's
-    position within its segment (a packed row's examples each start at 0, not where the one
-    before ended); else 0..length-1, shared by every row."""
+               ) -> tuple[Array, Array]:
+    """`(positions, relative)`: the token positions `[batch, length]` (the given ones; else,
+    with segment ids, each token's position within its segment, so a packed row's examples
+    each start at 0 rather than where the one before ended; else 0..length-1) and those a
+    relative-position bias reads. Within a segment, derived positions differ from 0..length-1
+    by a constant, which relative offsets ignore (and other segments are masked), so the bias
+    is one `[1, length]` row for every row unless positions are given."""
     if positions is not None:
-        return positions, True
+        return positions, positions
+    shared = default_positions(ids)
     if segment_ids is not None:
-        return ops.segment_positions(segment_ids), True
-    return default_positions(ids), False
+        return ops.segment_positions(segment_ids), shared[:1]
+    return shared, shared[:1]
 
 
 def _segments(ids: Array, segment_ids: Array | None) -> Array:
@@ -136,15 +140,14 @@ class Encoder(nn.Module):
                         token_type_ids=token_type_ids, vocab_size=cfg.vocab_size,
                         type_vocab_size=cfg.type_vocab_size)
         _check_length(cfg, inputs.shape[1], "inputs")
-        positions, packed = _positions(inputs, segment_ids, positions)
+        positions, rel_pos = _positions(inputs, segment_ids, positions)
         segment_ids = _segments(inputs, segment_ids)
         x = _Embedder(cfg, self.token_embed, name="embedder")(
             inputs, positions, token_type_ids, deterministic)
         mask = ops.make_attention_mask(segment_ids)
         bias = None
         if cfg.position == "relative":
-            # Unpacked rows share one [1, heads, q, kv] bias; packed rows need their own.
-            rel_pos = positions if packed else positions[:1]
+            # One [1, heads, q, kv] bias for every row, unless positions were given.
             bias = RelativePositionBias(cfg, bidirectional=True, name="relative_bias")(
                 rel_pos, rel_pos)
         x = LayerStack(cfg, cfg.encoder_layers, name="layers")(
@@ -199,16 +202,17 @@ class Decoder(nn.Module):
             rel_q, rel_kv = positions, kv_positions
         else:
             _check_length(cfg, ids.shape[1], "decoder inputs")
-            positions, packed = _positions(ids, segment_ids if given_segments else None,
-                                           positions)
+            packed = positions is not None or given_segments
+            positions, rel_q = _positions(ids, segment_ids if given_segments else None,
+                                          positions)
+            rel_kv = rel_q
             cache_index = None
             # Causality goes to the attention function (is_causal), which then skips the score
             # blocks above the diagonal; the mask keeps padding and packed segments apart, and
             # is left out where padding only trails the tokens (`config.padding`).
             mask = None
-            if cfg.padding != "trailing" or packed or given_segments:
+            if cfg.padding != "trailing" or packed:
                 mask = ops.make_attention_mask(segment_ids)
-            rel_q = rel_kv = positions if packed else positions[:1]
         x = _Embedder(cfg, self.token_embed, name="embedder")(ids, positions, None, deterministic)
         bias = None
         if cfg.position == "relative":
