@@ -58,7 +58,8 @@ def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
     types = aux.get("token_type_ids")
     for name, x, size, field in ((what, ids, vocab_size, "vocab_size"),
                                  ("token_type_ids", types, type_vocab_size, "type_vocab_size")):
-        if size is None or x is None or isinstance(x, jax.core.Tracer) or not np.size(x):
+        if (size is None or x is None or isinstance(x, jax.core.Tracer) or not np.size(x)
+                or isinstance(x, jax.Array) and not x.is_fully_addressable):
             continue
         x = np.asarray(x)
         low, high = int(x.min()), int(x.max())
