@@ -6,6 +6,9 @@
 
 Evaluates (loss, plus exact match or sacreBLEU with beam search) every `eval_every` steps and
 on the test split at the end; results land in `WORKDIR/metrics.jsonl` and `results.json`.
+A trained run translates a file of one's own (one source a line) without training:
+
+    python experiments/translate.py --workdir=/tmp/reverse --config.translate=sources.txt
 """
 
 from __future__ import annotations
@@ -77,11 +80,53 @@ def score(cfg, hyps, refs) -> dict[str, float | str]:
     return {"exact_match": evaluation.exact_match(hyps, refs)}
 
 
+DECODING_FIELDS = ("max_source_len", "max_decode_len", "beam_size", "alpha")
+
+
+def translate_file(cfg, workdir: str) -> None:
+    """`--config.translate=FILE`: decode FILE's lines with the run in `workdir` (its config,
+    latest parameters and tokenizer, `load_run`), framed and decoded with the run's recorded
+    `DECODING_FIELDS` unless the command line sets them; one hypothesis a line to
+    `--config.output` (default FILE + ".hyp")."""
+    from flaxformer_lite.training import load_run
+
+    t0 = time.time()
+    with open(cfg.translate, encoding="utf-8") as f:
+        texts = f.read().splitlines()
+    if not texts:
+        raise app.UsageError(f"--config.translate={cfg.translate!r} holds no lines to translate.")
+    run = load_run(workdir)
+    if run.tokenizer is None:
+        raise app.UsageError(f"{workdir} holds no tokenizer.json / tokenizer.model (a run "
+                             "written before the scripts saved it): rerun its training command "
+                             "once, which saves it and trains no further.")
+    given = common.command_line_fields() or set()
+    settings = cfg.copy_and_resolve_references()
+    for name in DECODING_FIELDS:
+        if name not in given and name in (run.experiment or {}):
+            settings[name] = run.experiment[name]
+    if settings.max_decode_len > run.config.max_len:
+        raise app.UsageError(f"--config.max_decode_len={settings.max_decode_len} exceeds the "
+                             f"model's max_len={run.config.max_len}.")
+    decode = make_decoder(make_model(run.config), settings, run.tokenizer)
+    hyps = decode(run.params, texts)
+    output = cfg.output or cfg.translate + ".hyp"
+    with open(output, "w", encoding="utf-8") as f:
+        f.write("".join(" ".join(h.splitlines()) + "\n" for h in hyps))
+    print(f"Translated {len(texts)} lines with the step-{run.step} parameters of {workdir} "
+          f"(beam {settings.beam_size}, alpha {settings.alpha}) into {output} in "
+          f"{time.time() - t0:.1f} s.", flush=True)
+
+
 def main(argv):
     del argv
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    if cfg.translate:
+        translate_file(cfg, workdir)
+        common.skip_teardown()
+        return
     if cfg.metric not in ("bleu", "exact_match"):
         raise app.UsageError(f"--config.metric={cfg.metric!r}: use bleu or exact_match.")
     if isinstance(cfg.beam_size, bool) or not isinstance(cfg.beam_size, int) or cfg.beam_size < 1:

@@ -109,6 +109,14 @@ def test_translate_reverse_task(tmp_path):
     result = json.loads((tmp_path / "work" / "results.json").read_text())
     assert result["examples"] == 16 and 0.0 <= result["exact_match"] <= 1.0
     assert "exact_match" in out
+    # The trained run translates a file of one's own, one hypothesis a line, no training.
+    sources = tmp_path / "sources.txt"
+    sources.write_text("3 4 5\n7 8 9 1\n\n")
+    out = run("translate.py", tmp_path / "work", f"--config.translate={sources}",
+              "--config.beam_size=2")
+    assert "Translated 3 lines with the step-20 parameters" in out and "beam 2" in out
+    assert len((tmp_path / "sources.txt.hyp").read_text().splitlines()) == 3
+    assert [m["step"] for m in metrics(tmp_path / "work")] == [10, 20]  # nothing trained
 
 
 @pytest.mark.slow

@@ -39,6 +39,11 @@ def get_config():
     c.eval_decode_examples = 500  # sentences decoded at each evaluation (0 = whole split)
     c.metric = "exact_match"  # exact_match (synthetic tasks) or bleu
     c.label_smoothing = 0.0
+    # Translate a file with a trained run instead of training: one source a line; the
+    # hypotheses go to `output` (default: the file's name + ".hyp"), one a line. The run's
+    # recorded lengths and decoding settings apply unless given on the command line.
+    c.translate = ""
+    c.output = ""
     # Every TransformerConfig field can be set (--config.model.position=rotary); unset ones
     # keep the preset's value. gpu=True: `flaxformer_lite.gpu_config` (bfloat16, cuDNN
     # attention, the head 128 wide); fields set here or on the command line override those.
