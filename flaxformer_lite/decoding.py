@@ -189,12 +189,17 @@ def _prefill_lm(model, params, prompts: Array, prompt_lengths: Array, cache_len:
     return state["cache"], {}, token0, last
 
 
-def _prefill_seq2seq(model, params, inputs: Array, cache_len: int):
-    """Run the encoder once; the decoder starts from token 0 at position 0."""
-    b = inputs.shape[0]
+def _prefill_seq2seq(model, params, inputs: Array, cache_len: int, num_samples: int = 1):
+    """Run the encoder once; the decoder starts from token 0 at position 0. With
+    `num_samples = k` each source's encoding is repeated for k decoder rows (source i's rows
+    are i*k ... i*k + k - 1): the encoder still runs once a source."""
     encoder_segment_ids = (inputs != PAD_ID).astype(jnp.int32)
     encoded = model.apply({"params": params}, inputs, segment_ids=encoder_segment_ids,
                           method="encode")
+    if num_samples > 1:
+        encoded = jnp.repeat(encoded, num_samples, axis=0)
+        encoder_segment_ids = jnp.repeat(encoder_segment_ids, num_samples, axis=0)
+    b = encoded.shape[0]
     ctx = {"encoded": encoded, "encoder_segment_ids": encoder_segment_ids}
     cache = init_cache(model, params, b, cache_len, encoded=encoded,
                        encoder_segment_ids=encoder_segment_ids)
@@ -550,14 +555,17 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
 def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_tokens: int,
                      rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
-                     greedy: bool = False, return_logits: bool = False) -> Generation:
+                     greedy: bool = False, return_logits: bool = False,
+                     num_samples: int = 1) -> Generation:
     """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding, after each
     row's tokens as the pipelines pad them: with learned or sinusoidal positions a left-padded
     source shifts its positions, in training as here). Frame them as training did, ending in
     EOS: `data.encode_sources`.
 
     The encoder runs once; the decoder starts from token 0 and samples as in `generate`.
-    `max_new_tokens` (the target length) must not exceed `config.max_len`.
+    `max_new_tokens` (the target length) must not exceed `config.max_len`. `num_samples = k`
+    draws k samples a source, encoding each source once: the result has `batch * k` rows,
+    source i's at `i * k ... i * k + k - 1` (with sampling; greedy would repeat one row).
     """
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
                        "use generate for decoder-only models")
@@ -565,10 +573,15 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
     _check_ids("inputs", inputs, cfg.vocab_size)
     _check_sources(inputs)
     max_new_tokens = _check_total(cfg, 0, max_new_tokens, "max_new_tokens")
+    num_samples = _positive_int("num_samples", num_samples)
+    if num_samples > 1 and greedy:
+        raise ValueError(f"num_samples={num_samples} with greedy=True would give {num_samples} "
+                         "equal rows a source; sample (greedy=False, an rng) or use "
+                         "beam_search for several distinct hypotheses.")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
     return _generate_s2s(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), dyn,
-                         max_new_tokens=max_new_tokens, **static)
+                         max_new_tokens=max_new_tokens, num_samples=num_samples, **static)
 
 
 def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, beam_size: int,
@@ -686,9 +699,9 @@ def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Gener
                         vocab=model.config.vocab_size, **static)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate_s2s(model, params, inputs, dyn, **static) -> Generation:
-    prefill = _prefill_seq2seq(model, params, inputs, static["max_new_tokens"])
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "num_samples"))
+def _generate_s2s(model, params, inputs, dyn, num_samples=1, **static) -> Generation:
+    prefill = _prefill_seq2seq(model, params, inputs, static["max_new_tokens"], num_samples)
     return _sample_loop(_bind(_seq2seq_step, model, params), *prefill, dyn,
                         vocab=model.config.vocab_size, **static)
 

@@ -223,6 +223,21 @@ def test_sampling_is_reproducible_for_a_key_and_differs_across_keys():
     assert (other.tokens != run.tokens).mean() > 0.3
 
 
+def test_several_samples_a_source_encode_it_once():
+    """`num_samples=k` equals sampling the sources repeated k times (source i's samples in
+    rows i*k ... i*k + k - 1), with the encoder run on each source once."""
+    s = setup("t5_relative_gqa")
+    kw = dict(max_new_tokens=NEW, rng=jax.random.key(3), temperature=0.8, stop_tokens=())
+    many = decoding.generate_seq2seq(s.model, s.params, s.ids, num_samples=3, **kw)
+    repeated = decoding.generate_seq2seq(s.model, s.params, np.repeat(s.ids, 3, axis=0), **kw)
+    np.testing.assert_array_equal(many.tokens, repeated.tokens)
+    assert many.tokens.shape[0] == 3 * len(s.ids)
+    assert (np.asarray(many.tokens[0]) != np.asarray(many.tokens[1])).any()  # distinct draws
+    with pytest.raises(ValueError, match="equal rows"):
+        decoding.generate_seq2seq(s.model, s.params, s.ids, max_new_tokens=NEW, greedy=True,
+                                  num_samples=2)
+
+
 def test_stop_tokens_end_each_row_at_its_first_stop():
     s, base = setup("gpt_learned"), sampled_run("gpt_learned")
     stop = int(base.tokens[0, 3])
