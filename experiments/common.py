@@ -421,6 +421,10 @@ def final_results(workdir: str, result, **extra) -> dict | None:
         last = evals[-1]
         out.update({k: last[k] for k in ("eval_loss", "eval_bits_per_token", "eval_accuracy")
                     if k in last})
+        out["eval_step"] = last["step"]
+        if last["step"] != result.step:  # the final evaluation was cut short by a stop
+            print(f"results.json: the last evaluation is from step {last['step']}, not the "
+                  f"final step {result.step} (its evaluation was cut short).", flush=True)
     return out
 
 

@@ -235,9 +235,10 @@ def test_results_come_from_every_run_and_not_from_an_interrupted_one(tmp_path, l
     rerun = types.SimpleNamespace(step=20, interrupted=False, history=[])
     assert common.final_results(str(tmp_path), rerun, parameters=7) == {
         "step": 20, "parameters": 7, "eval_loss": 1.5, "eval_bits_per_token": 2.164,
-        "eval_accuracy": 0.5}
-    assert common.final_results(str(tmp_path), types.SimpleNamespace(
-        step=15, interrupted=False))["eval_loss"] == 2.0  # not a later run's evaluation
+        "eval_accuracy": 0.5, "eval_step": 20}
+    early = common.final_results(str(tmp_path), types.SimpleNamespace(step=15,
+                                                                       interrupted=False))
+    assert early["eval_loss"] == 2.0 and early["eval_step"] == 10  # not a later run's, and said
     assert common.final_results(str(tmp_path), types.SimpleNamespace(
         step=20, interrupted=True)) is None
 

@@ -967,6 +967,11 @@ def test_sigterm_during_an_evaluation_cuts_it_short(engine, tmp_path, caplog):
     assert not called and not any("eval/loss" in h for h in result.history)
     assert "The evaluation at step 4 was cut short by SIGTERM and is not recorded" in caplog.text
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [4]
+    # The last step's evaluation cut short: interrupted too (it returned as finished, exit 0).
+    served.clear()
+    last = run(engine, tmp_path / "last", 4, checkpoint_every=4, eval_every=4,
+               eval_data=eval_data)
+    assert last.interrupted and last.step == 4 and last.exit_status == 143
 
 
 def test_eval_metrics_and_best_checkpoint(engine, tmp_path):

@@ -680,7 +680,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         for hook in hooks:
             hook(step, dict(metrics))
 
-    def run_eval() -> None:
+    def run_eval() -> bool:
+        """Evaluate and report; False when a stop signal cut the evaluation short (the run
+        then counts as interrupted)."""
         nonlocal last_eval, last_eval_step
         metrics: dict[str, float] = {}
         if eval_data is not None:
@@ -689,7 +691,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 log.warning("The evaluation at step %d was cut short by %s and is not "
                             "recorded.", step, signals.requested or "a stop request on another "
                             "process")
-                return
+                return False
             metrics.update({f"eval/{k}": v for k, v in means.items()})
         if eval_fn is not None:
             for k, v in (eval_fn(state, engine) or {}).items():
@@ -700,6 +702,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                                 k, type(v).__name__)
         last_eval, last_eval_step = metrics, step
         report(metrics)
+        return True
 
     def save() -> None:
         flush(log_now=False)  # never checkpoint a diverged state
@@ -772,18 +775,19 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             # evaluation's metrics, so it comes after.
             if is_ckpt and not ranked:
                 save()
-            if is_eval:
-                run_eval()
+            if is_eval and not run_eval():
+                interrupted = True  # saved below; a final evaluation would be cut short too
+                break
             if is_ckpt and ranked:
                 save()
         flush(log_now=True)
         final_eval = (not interrupted and evaluating and last_eval_step != step
                       and step > start_step)
         if final_eval and ranked:
-            run_eval()
+            interrupted = not run_eval()
         save()
         if final_eval and not ranked:
-            run_eval()
+            interrupted = not run_eval()
     return TrainResult(state=state, step=step, history=history, interrupted=interrupted,
                        engine=engine, signal=signals.signal if interrupted else None)
 
