@@ -433,12 +433,14 @@ class EncoderOnly(nn.Module):
 
 
 def masked_positions(targets: Array, k: int) -> tuple[Array, Array]:
-    """`(positions, targets)`, both `[batch, k]`: where the first `k` nonzero `targets` of each
-    row sit (in order), and those targets; slots past a row's count hold position 0 and target
-    0 (no loss). A row with more than `k` loses the rest (`check_batch` refuses such batches).
+    """`(positions, targets)`, both `[batch, k]` (`k` at most the row length): where the
+    first `k` nonzero `targets` of each row sit (in order), and those targets; slots past a
+    row's count hold position 0 and target 0 (no loss). A row with more than `k` loses the
+    rest (`check_batch` refuses such host batches; the train step counts only the kept ones).
     What the train and eval steps hand `EncoderOnly(mlm_positions=...)` under
     `TransformerConfig.mlm_predictions`."""
     length = targets.shape[-1]
+    k = min(k, length)  # rows shorter than k (a bucketed or shorter batch): every position
     rank = jnp.where(targets != 0, length - jnp.arange(length, dtype=jnp.int32), 0)
     score, positions = jax.lax.top_k(rank, k)  # earliest selected position first
     return positions, jnp.where(score > 0, jnp.take_along_axis(targets, positions, -1), 0)

@@ -650,6 +650,22 @@ def test_mlm_head_at_the_selected_positions_only_gives_the_same_step():
     over[2, :6] = inputs[2, :6]  # six selections in a row, one more than k
     with pytest.raises(ValueError, match="selects 6 positions.*mlm_predictions=5"):
         check_batch(gathered, {"inputs": inputs, "targets": over})
+    # Past the host check (a batch already on the device), the step scores the first k of
+    # such a row and divides by the tokens it scores: the full head's step on those k.
+    kept = over.copy()
+    kept[2, 5] = 0
+    full_step = jax.jit(functools.partial(train_step, model=make_model(full), tx=tx))
+    head_step = jax.jit(functools.partial(train_step, model=make_model(gathered), tx=tx))
+    a, ma = full_step(manual_state(params, tx), {"inputs": inputs, "targets": kept})
+    b, mb = head_step(manual_state(params, tx), {"inputs": inputs, "targets": over})
+    np.testing.assert_allclose(mb["grad_norm"], ma["grad_norm"], rtol=1e-5)
+    assert float(mb["tokens"]) == float(ma["tokens"]) == 14 and max_diff(a.params, b.params) < 1e-6
+    # Rows shorter than k (a bucketed batch): every position, no top_k error.
+    short = {"inputs": inputs[:, :4], "targets": targets[:, :4]}
+    a, ma = full_step(manual_state(params, tx), short)
+    b, mb = jax.jit(functools.partial(train_step, model=make_model(full.replace(
+        mlm_predictions=12)), tx=tx))(manual_state(params, tx), short)
+    np.testing.assert_allclose(mb["loss"], ma["loss"], rtol=1e-5)
     with pytest.raises(ValueError, match="needs mlm_head=True"):
         full.replace(mlm_head=False, mlm_predictions=5)
     with pytest.raises(ValueError, match="exceeds max_len"):

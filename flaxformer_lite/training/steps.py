@@ -32,14 +32,18 @@ from flaxformer_lite.training.state import TrainState
 Array = jax.Array
 Batch = Mapping[str, Array]
 
+def _check_keys(batch: Batch, arch: str) -> None:
+    for key in ("inputs", "targets"):
+        if key not in batch:
+            raise ValueError(f"A {arch} batch needs {key!r}; got keys {sorted(batch)}.")
+
+
 def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
               dropout_rng: Array | None = None) -> Array:
     """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture."""
     cfg = model.config
     arch = cfg.architecture
-    for key in ("inputs", "targets"):
-        if key not in batch:
-            raise ValueError(f"A {arch} batch needs {key!r}; got keys {sorted(batch)}.")
+    _check_keys(batch, arch)
     kwargs = {k: batch[k] for k in OPTIONAL_BATCH_KEYS[arch] if k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
@@ -56,6 +60,21 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
                        **kwargs)["logits"]
 
 
+def _head_positions(model: nn.Module) -> int:
+    """k of an encoder-only model whose masked-LM head runs at k positions a row, else 0."""
+    cfg = model.config
+    return cfg.mlm_predictions if cfg.architecture == "encoder_only" else 0
+
+
+def loss_targets(model: nn.Module, batch: Batch) -> Array:
+    """The targets the loss reads: the batch's, or at most `mlm_predictions` a row (what
+    `predictions` scores), so the token count that divides the gradient counts the same
+    tokens."""
+    _check_keys(batch, model.config.architecture)
+    k = _head_positions(model)
+    return masked_positions(batch["targets"], k)[1] if k else batch["targets"]
+
+
 def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
                 dropout_rng: Array | None = None) -> tuple[Array, Array]:
     """`(logits, targets)` the loss compares: `logits_fn`'s and the batch's targets, or, for
@@ -63,11 +82,11 @@ def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool =
     masked-LM head applied only at each row's (at most k) selected positions and the targets
     there (`models.masked_positions`): the same loss, without the head's matmul and softmax
     over every position (BERT's max_predictions_per_seq)."""
-    cfg = model.config
-    k = cfg.mlm_predictions if cfg.architecture == "encoder_only" else 0
+    k = _head_positions(model)
     if not k:
         return logits_fn(model, params, batch, deterministic=deterministic,
                          dropout_rng=dropout_rng), batch["targets"]
+    _check_keys(batch, "encoder_only")
     positions, targets = masked_positions(batch["targets"], k)
     kwargs = {key: batch[key] for key in OPTIONAL_BATCH_KEYS["encoder_only"] if key in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
@@ -115,7 +134,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     dropout = model.config.dropout_rate > 0 or model.config.attention_dropout_rate > 0
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
-    weights = losses.loss_weights(batch["targets"])
+    weights = losses.loss_weights(loss_targets(model, batch))
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
 
     def loss_fn(params, batch, key):
