@@ -207,30 +207,40 @@ def make_engine(cfg: ml_collections.ConfigDict, model_cfg, loss: LossConfig | No
     return Engine(model_cfg, optimizer_config(cfg), parallel_config(cfg), loss)
 
 
-def save_tokenizer(tok, workdir: str) -> None:
-    """Write `tok` into the workdir (`tokenizer.json` for byte/char, `tokenizer.model` for
-    SentencePiece), where `load_run` finds it. A workdir whose checkpoints were trained with
-    another tokenizer is refused: resuming on other ids of the same vocabulary size would train
-    on nonsense."""
-    from flaxformer_lite.data import load_tokenizer
+class TokenizerFile:
+    """The run's tokenizer in its workdir (`tokenizer.json` for byte/char, `tokenizer.model`
+    for SentencePiece), where `load_run` finds it. Built before training, it refuses a workdir
+    whose checkpoints were trained with another tokenizer (resuming on other ids of the same
+    vocabulary size would train on nonsense). As a `train()` hook it writes the file at
+    `on_start`, once train() holds the workdir's lock, so a second launch refused by the lock
+    cannot overwrite the running job's file."""
 
-    name = "tokenizer.json" if tok.kind in ("byte", "char") else "tokenizer.model"
-    path = os.path.join(workdir, name)
-    others = [n for n in ("tokenizer.json", "tokenizer.model")
-              if os.path.exists(os.path.join(workdir, n))]
-    if others and latest_step(workdir):
-        old = load_tokenizer(os.path.join(workdir, others[0]))
-        if _tokenizer_bytes(old) != _tokenizer_bytes(tok):
-            raise ValueError(f"{workdir} holds the run's tokenizer ({others[0]}: {old!r}, "
-                             f"{old.kind}), and this run builds another ({tok!r}, {tok.kind}) "
-                             "from its --config.dataset/tokenizer/vocab_size: resume with the "
-                             "same data and tokenizer, or pass a new --workdir.")
-        return
-    if is_main_process():
-        for name in others:
-            os.remove(os.path.join(workdir, name))
-        os.makedirs(workdir, exist_ok=True)
-        tok.save(path)
+    def __init__(self, tok, workdir: str):
+        from flaxformer_lite.data import load_tokenizer
+
+        self.tok, self.workdir = tok, workdir
+        self.name = "tokenizer.json" if tok.kind in ("byte", "char") else "tokenizer.model"
+        saved = [n for n in ("tokenizer.json", "tokenizer.model")
+                 if os.path.exists(os.path.join(workdir, n))]
+        if saved and latest_step(workdir):
+            old = load_tokenizer(os.path.join(workdir, saved[0]))
+            if _tokenizer_bytes(old) != _tokenizer_bytes(tok):
+                raise ValueError(
+                    f"{workdir} holds the run's tokenizer ({saved[0]}: {old!r}, {old.kind}), "
+                    f"and this run builds another ({tok!r}, {tok.kind}) from its "
+                    "--config.dataset/tokenizer/vocab_size: resume with the same data and "
+                    "tokenizer, or pass a new --workdir.")
+
+    def on_start(self, step: int) -> None:
+        del step
+        for name in ("tokenizer.json", "tokenizer.model"):
+            path = os.path.join(self.workdir, name)
+            if name != self.name and os.path.exists(path):
+                os.remove(path)
+        self.tok.save(os.path.join(self.workdir, self.name))  # atomic: temp file + rename
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        del step, metrics
 
 
 def _tokenizer_bytes(tok) -> bytes:

@@ -125,7 +125,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
-    common.save_tokenizer(tok, workdir)
+    tokenizer_file = common.TokenizerFile(tok, workdir)  # refuses another run's workdir
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="decoder_only",
                                     trailing_padding=True)
     common.check_lengths(model_cfg, seq_len=cfg.seq_len)
@@ -154,7 +154,7 @@ def main(argv):
                    eval_data=eval_data, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   experiment=cfg.to_dict(), hooks=[writer],
+                   experiment=cfg.to_dict(), hooks=[writer, tokenizer_file],
                    warm_up=(lambda state, engine: sample.warm_up(engine.device_params(state)))
                    if sample else None)
     writer.close()

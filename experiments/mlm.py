@@ -49,7 +49,7 @@ def main(argv):
     t0 = time.time()
     ds = common.resolve_dataset(cfg.dataset, kind="text", data_dir=cfg.data_dir)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None, reserve_mask=True)
-    common.save_tokenizer(tok, workdir)
+    tokenizer_file = common.TokenizerFile(tok, workdir)  # refuses another run's workdir
     # The head only where the loss is read: at most this many positions a row (BERT's
     # max_predictions_per_seq: 20 of 128 at a 15% rate), with room for packed rows'
     # per-example rounding; the pipeline caps its masking to fit.
@@ -101,7 +101,7 @@ def main(argv):
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   experiment=cfg.to_dict(), hooks=[writer])
+                   experiment=cfg.to_dict(), hooks=[writer, tokenizer_file])
     writer.close()
     if common.finished_before(workdir, result, writer):
         return

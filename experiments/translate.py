@@ -140,7 +140,7 @@ def main(argv):
                                 source_lang=cfg.source_lang, target_lang=cfg.target_lang,
                                 **options)
     tok = ds.tokenizer(cfg.tokenizer, cfg.vocab_size or None)
-    common.save_tokenizer(tok, workdir)
+    tokenizer_file = common.TokenizerFile(tok, workdir)  # refuses another run's workdir
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_decoder")
     common.check_lengths(model_cfg, max_source_len=cfg.max_source_len,
                          max_target_len=cfg.max_target_len)
@@ -182,7 +182,7 @@ def main(argv):
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   experiment=cfg.to_dict(), hooks=[writer],
+                   experiment=cfg.to_dict(), hooks=[writer, tokenizer_file],
                    warm_up=lambda state, engine: decode.warm_up(engine.device_params(state)))
     writer.close()
     if common.finished_before(workdir, result, writer):

@@ -409,3 +409,18 @@ def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_the_tokenizer_is_written_once_train_holds_the_workdir(tmp_path, load_script):
+    """A second launch on a workdir in use must not replace the running job's tokenizer
+    before the lock refuses it: building the hook writes nothing, its on_start does."""
+    from flaxformer_lite.data import ByteTokenizer, CharTokenizer, load_tokenizer
+
+    common = load_script("experiments/common.py")
+    char = CharTokenizer.from_texts(["abc"])
+    first = common.TokenizerFile(char, str(tmp_path))
+    assert not list(tmp_path.iterdir())
+    first.on_start(0)
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode("cab") == char.encode("cab")
+    common.TokenizerFile(ByteTokenizer(), str(tmp_path))  # no checkpoint yet: not refused ...
+    assert load_tokenizer(tmp_path / "tokenizer.json").kind == "char"  # ... and nothing written
