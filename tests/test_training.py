@@ -704,6 +704,12 @@ def test_mesh_shardings_follow_logical_axes():
     assert spec == P("fsdp", None)
     assert partitioning.fit_spec(P(("fsdp", "tensor")), (8,), FakeMesh) == P(("fsdp", "tensor"))
 
+    class Fsdp1(FakeMesh):
+        shape = {"data": 1, "fsdp": 1, "tensor": 4}
+
+    # Only an fsdp of size 1 divides 6: replicated (it was kept, and reported as a split).
+    assert partitioning.fit_spec(P(("fsdp", "tensor")), (6,), Fsdp1) == P(None)
+
 
 # ---- checkpoints -------------------------------------------------------------------------------
 

@@ -95,7 +95,10 @@ def _fit_axes(axes, dim: int, mesh: Mesh):
     if isinstance(axes, str) or axes is None:
         return None
     for end in range(len(axes) - 1, 0, -1):
-        if dim % _axis_size(mesh, axes[:end]) == 0:
+        size = _axis_size(mesh, axes[:end])
+        if dim % size == 0:
+            if size == 1:  # axes of size 1 split nothing: replicated, and said so
+                return None
             return tuple(axes[:end]) if end > 1 else axes[0]
     return None
 
