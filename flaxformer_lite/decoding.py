@@ -652,12 +652,14 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 
 
-def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5
-               ) -> tuple[Array, Array]:
+def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
+               exclude: Sequence[int] = ()) -> tuple[Array, Array]:
     """A masked LM's `top_k` guesses at every position of `ids` `[batch, length]` (framed and
     masked as in training, e.g. `data.encode_masked`): `(tokens, probs)`, each
     `[batch, length, top_k]`, most probable first; read them where `ids == MASK_ID`. Padding
-    (id 0) is masked out of the attention as in training; specials are never guessed."""
+    (id 0) is masked out of the attention as in training. Specials and the ids in `exclude`
+    are never guessed (e.g. a SentencePiece tokenizer's `space_id`, the bare "▁" piece, which
+    prints as nothing); `probs` are renormalised over the tokens that may be guessed."""
     cfg = _check_model(model, (EncoderOnly,), "fill_masks",
                        "use generate or beam_search for decoders")
     if not cfg.mlm_head:
@@ -665,13 +667,19 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5
     top_k = _positive_int("top_k", top_k)
     ids = _as_ids("ids", ids)
     _check_ids("ids", ids, cfg.vocab_size)
-    return _fill_masks(model, _unwrap(params), jnp.asarray(ids, jnp.int32), top_k=top_k)
+    exclude = tuple(sorted({int(i) for i in exclude if i is not None}))
+    if any(not 0 <= i < cfg.vocab_size for i in exclude):
+        raise ValueError(f"exclude={list(exclude)} holds ids outside [0, {cfg.vocab_size}).")
+    return _fill_masks(model, _unwrap(params), jnp.asarray(ids, jnp.int32), top_k=top_k,
+                       exclude=exclude)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k"))
-def _fill_masks(model, params, ids, *, top_k):
+@functools.partial(jax.jit, static_argnames=("model", "top_k", "exclude"))
+def _fill_masks(model, params, ids, *, top_k, exclude):
     out = model.apply({"params": params}, ids, segment_ids=(ids != PAD_ID).astype(jnp.int32))
     logits = out["logits"].at[..., :_FIRST_REAL_ID].set(-jnp.inf)  # no PAD/EOS/BOS/UNK/MASK
+    if exclude:
+        logits = logits.at[..., jnp.asarray(exclude)].set(-jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     probs, tokens = jax.lax.top_k(probs, top_k)
     return tokens, probs

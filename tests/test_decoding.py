@@ -651,6 +651,11 @@ def test_fill_masks_ranks_the_real_tokens_by_the_model_probability():
     for row, col in zip(*np.nonzero(ids == MASK_ID), strict=True):
         np.testing.assert_array_equal(np.asarray(tokens[row, col]), want[row, col] + 5)
         np.testing.assert_allclose(probs[row, col], p[row, col, want[row, col]], rtol=1e-4)
+    top = int(want[0, 2, 0]) + 5  # excluded, the rest move up, renormalised without it
+    tokens_x, probs_x = decoding.fill_masks(model, params, ids, top_k=2, exclude=[top])
+    np.testing.assert_array_equal(np.asarray(tokens_x[0, 2]), want[0, 2, 1:3] + 5)
+    np.testing.assert_allclose(probs_x[0, 2], p[0, 2, want[0, 2, 1:3]] / (1 - p[0, 2, top - 5]),
+                               rtol=1e-4)
     with pytest.raises(ValueError, match="mlm_head=True"):
         decoding.fill_masks(make_model(cfg.replace(mlm_head=False)), params, ids)
     with pytest.raises(ValueError, match="takes a EncoderOnly"):

@@ -65,15 +65,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         if size != -1 and (not isinstance(size, int) or size < 1):
             raise ValueError(f"Mesh axis {name}={size!r} must be a positive integer or -1.")
     known = math.prod(size for size in sizes.values() if size != -1)
+    hint = ("; on a CPU, jax.config.update('jax_num_cpu_devices', n) before JAX starts gives n "
+            "devices (the scripts: --config.parallel.cpu_devices=n)"
+            if all(d.platform == "cpu" for d in devices) else "")
     if free:
         if len(devices) % known:
             raise ValueError(f"{len(devices)} devices cannot be split into a mesh with {sizes}: "
-                             f"{known} does not divide {len(devices)}.")
+                             f"{known} does not divide {len(devices)}{hint}.")
         sizes[free[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"Mesh {sizes} needs {math.prod(sizes.values())} devices but "
                          f"{len(devices)} are available; make data * fsdp * tensor equal the "
-                         "device count (or set one axis to -1).")
+                         f"device count (or set one axis to -1){hint}.")
     shape = tuple(sizes[name] for name in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)
