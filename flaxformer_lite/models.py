@@ -108,9 +108,6 @@ class _Embedder(nn.Module):
         x = self.token_embed(ids)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
-        # Zero unless a "perturbations" collection is passed: its gradient is the gradient
-        # with respect to the token embeddings [batch, length, d_model] (saliency).
-        x = self.perturb("token_embeddings", x)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_len, cfg, axes=(None, "embed"), name="position_embed")(
                 jnp.minimum(positions, cfg.max_len - 1))
