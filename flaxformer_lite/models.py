@@ -108,6 +108,13 @@ class _Embedder(nn.Module):
         x = self.token_embed(ids)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        # Saliency, opt-in: with mutable=["perturbations"] an apply returns zeros shaped like
+        # the token embeddings; passed back as variables, they are added here, and their
+        # gradient is the gradient with respect to the embeddings. Never made by model.init
+        # (its variables would then carry an entry shaped by the init inputs).
+        if (self.has_variable("perturbations", "token_embeddings")
+                or self.is_mutable_collection("perturbations") and not self.is_initializing()):
+            x = self.perturb("token_embeddings", x)
         if cfg.position == "learned":
             x = x + Embed(cfg.max_len, cfg, axes=(None, "embed"), name="position_embed")(
                 jnp.minimum(positions, cfg.max_len - 1))

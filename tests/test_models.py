@@ -715,3 +715,30 @@ def test_stack_and_unstack_layers_convert_between_the_scan_layouts(preset):
     engine = Engine(scanned, OptimizerConfig(), ParallelConfig(mode="single"))
     jax.tree.map(np.testing.assert_array_equal,
                  engine.params(engine.init_state(0, params=params)), stacked)
+
+
+def test_embedding_perturbations_give_the_saliency_and_stay_out_of_init(built):
+    """Opt-in saliency: an apply with mutable=["perturbations"] returns zeros shaped like the
+    token embeddings; the gradient of a logit with respect to them matches a central
+    difference along a random direction. model.init makes none (an entry shaped by the init
+    inputs broke applying its variables to a larger batch)."""
+    cfg, model, params = built["gpt2"]
+    ids = _ids((2, 6), seed=5)
+    assert set(model.init(jax.random.key(0), ids[:1, :2])) == {"params"}
+    _, made = model.apply({"params": params}, ids, mutable=["perturbations"])
+    zeros = made["perturbations"]
+    assert [x.shape for x in jax.tree.leaves(zeros)] == [(2, 6, cfg.d_model)]
+
+    def logit(pert):
+        return model.apply({"params": params, "perturbations": pert}, ids)[1, -1, 7]
+
+    grad = jax.grad(logit)(zeros)
+    direction = jax.tree.map(lambda z: jax.random.normal(jax.random.key(1), z.shape), zeros)
+    eps = 1e-3  # the embeddings are ~0.02 in size: a small step keeps the logit linear
+    plus = logit(jax.tree.map(lambda z, d: z + eps * d, zeros, direction))
+    minus = logit(jax.tree.map(lambda z, d: z - eps * d, zeros, direction))
+    along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad),
+                                                       jax.tree.leaves(direction), strict=True))
+    np.testing.assert_allclose((plus - minus) / (2 * eps), along, rtol=2e-2)
+    np.testing.assert_allclose(logit(zeros), _apply(model, params, {"inputs": ids})[1, -1, 7],
+                               rtol=1e-6)  # zero perturbations: the plain model
