@@ -32,6 +32,8 @@ from etils import epath
 from flax.core import meta
 from jax.experimental import multihost_utils
 
+from flaxformer_lite.training.partitioning import flat_leaves
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -419,11 +421,7 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
 def _check_target(target: Any, saved: Any, where: str) -> Any:
     """`target` as a tree of `ShapeDtypeStruct`s with shardings (the first local device where
     it has none), checked against the checkpoint's parameter metadata (paths and shapes)."""
-    def flat(tree):
-        return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                for path, leaf in jax.tree.leaves_with_path(tree)}
-
-    want, have = flat(target), flat(saved)
+    want, have = flat_leaves(target), flat_leaves(saved)
     if set(want) != set(have):
         raise ValueError(
             f"target does not fit the parameters of {where}: missing from the checkpoint "

@@ -358,10 +358,7 @@ class Engine:
     def _fit_params(self, params) -> Any:
         """`params` (boxed or not) rebuilt in this model's parameter tree, every path and
         shape checked."""
-        def leaves(tree):
-            return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                    for path, leaf in jax.tree.leaves_with_path(tree)}
-
+        leaves = partitioning.flat_leaves
         want, got = leaves(self._abstract.params), leaves(nn.meta.unbox(params))
         if set(want) != set(got):  # the other scan_layers layout? (an exact conversion)
             relaid = leaves((stack_layers if self.model_config.scan_layers

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -149,6 +150,12 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def flat_leaves(tree) -> dict[str, Any]:
+    """`{"path/to/leaf": leaf}` of a pytree (parameters, their metadata): for comparing two
+    trees path by path and naming what differs."""
+    return {"/".join(_path_key(path)): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
+
+
 def state_shardings(abstract_state, param_shardings, mesh: Mesh):
     """Shardings for a whole `TrainState` (abstract or concrete).
 
@@ -188,8 +195,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def describe(shardings) -> dict[str, str]:
     """`{"path/to/param": "P(...)"}`: a readable summary of a sharding pytree."""
-    return {"/".join(_path_key(path)): str(s.spec)
-            for path, s in jax.tree.leaves_with_path(shardings)}
+    return {path: str(s.spec) for path, s in flat_leaves(shardings).items()}
 
 
 def num_batch_shards(mesh: Mesh) -> int:
