@@ -39,8 +39,9 @@ def _check_keys(batch: Batch, arch: str) -> None:
 
 
 def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
-              dropout_rng: Array | None = None) -> Array:
-    """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture."""
+              dropout_rng: Array | None = None, mlm_positions: Array | None = None) -> Array:
+    """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture
+    (an encoder-only model's at `mlm_positions` `[batch, k]` only, when given)."""
     cfg = model.config
     arch = cfg.architecture
     _check_keys(batch, arch)
@@ -57,7 +58,7 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
         raise ValueError("Training an encoder_only model needs logits: set "
                          "TransformerConfig.mlm_head=True (masked-LM head).")
     return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                       **kwargs)["logits"]
+                       mlm_positions=mlm_positions, **kwargs)["logits"]
 
 
 def _head_positions(model: nn.Module) -> int:
@@ -88,11 +89,8 @@ def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool =
                          dropout_rng=dropout_rng), batch["targets"]
     _check_keys(batch, "encoder_only")
     positions, targets = masked_positions(batch["targets"], k)
-    kwargs = {key: batch[key] for key in OPTIONAL_BATCH_KEYS["encoder_only"] if key in batch}
-    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
-    out = model.apply({"params": params}, batch["inputs"], mlm_positions=positions,
-                      deterministic=deterministic, rngs=rngs, **kwargs)
-    return out["logits"], targets
+    return logits_fn(model, params, batch, deterministic=deterministic,
+                     dropout_rng=dropout_rng, mlm_positions=positions), targets
 
 
 def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
