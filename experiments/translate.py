@@ -73,6 +73,13 @@ def make_decoder(model, cfg, tok):
     return decode
 
 
+def write_hypotheses(path: str, hyps: list[str]) -> None:
+    """One hypothesis a line, in the sources' order: a decoded newline piece becomes a space
+    (it would shift every line after it)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(" ".join(h.splitlines()) + "\n" for h in hyps))
+
+
 def score(cfg, hyps, refs) -> dict[str, float | str]:
     if cfg.metric == "bleu":
         result = evaluation.bleu(hyps, refs)
@@ -111,8 +118,7 @@ def translate_file(cfg, workdir: str) -> None:
     decode = make_decoder(make_model(run.config), settings, run.tokenizer)
     hyps = decode(run.params, texts)
     output = cfg.output or cfg.translate + ".hyp"
-    with open(output, "w", encoding="utf-8") as f:
-        f.write("".join(" ".join(h.splitlines()) + "\n" for h in hyps))
+    write_hypotheses(output, hyps)
     print(f"Translated {len(texts)} lines with the step-{run.step} parameters of {workdir} "
           f"(beam {settings.beam_size}, alpha {settings.alpha}) into {output} in "
           f"{time.time() - t0:.1f} s.", flush=True)
@@ -197,9 +203,7 @@ def main(argv):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)
-        with open(os.path.join(workdir, f"{cfg.test_split}.hyp.txt"), "w") as f:
-            # one line per source: a decoded newline piece would shift every line after it
-            f.write("".join(" ".join(h.splitlines()) + "\n" for h in hyps))
+        write_hypotheses(os.path.join(workdir, f"{cfg.test_split}.hyp.txt"), hyps)
     logging.info("test results: %s", final)
     print(json.dumps(final, indent=2))
     common.skip_teardown()
