@@ -38,6 +38,7 @@ from flaxformer_lite.training import (
     is_main_process,
     num_updates,
 )
+from flaxformer_lite.training.checkpoint import TOKENIZER_FILES
 
 log = logging.getLogger("experiments")
 
@@ -219,8 +220,9 @@ class TokenizerFile:
         from flaxformer_lite.data import load_tokenizer
 
         self.tok, self.workdir = tok, workdir
-        self.name = "tokenizer.json" if tok.kind in ("byte", "char") else "tokenizer.model"
-        saved = [n for n in ("tokenizer.json", "tokenizer.model")
+        json_file, sentencepiece_file = TOKENIZER_FILES
+        self.name = json_file if tok.kind in ("byte", "char") else sentencepiece_file
+        saved = [n for n in TOKENIZER_FILES
                  if os.path.exists(os.path.join(workdir, n))]
         if saved and latest_step(workdir):
             old = load_tokenizer(os.path.join(workdir, saved[0]))
@@ -233,7 +235,7 @@ class TokenizerFile:
 
     def on_start(self, step: int) -> None:
         del step
-        for name in ("tokenizer.json", "tokenizer.model"):
+        for name in TOKENIZER_FILES:
             path = os.path.join(self.workdir, name)
             if name != self.name and os.path.exists(path):
                 os.remove(path)
