@@ -886,36 +886,6 @@ def cap_predictions(batch: Mapping[str, np.ndarray], max_predictions: int
     return {**batch, "inputs": inputs, "targets": targets}, dropped
 
 
-class _CapDataset(grain.IterDataset):
-    """`cap_predictions` on every batch of the parent (a deterministic map: resumes exactly)."""
-
-    def __init__(self, parent: grain.IterDataset, max_predictions: int, stats: PipelineStats):
-        super().__init__(parent)
-        self.max_predictions, self.stats = max_predictions, stats
-
-    def __iter__(self) -> grain.DatasetIterator:
-        return _CapIterator(self._parent.__iter__(), self.max_predictions, self.stats)
-
-
-class _CapIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, max_predictions: int,
-                 stats: PipelineStats):
-        super().__init__(parent)
-        self.max_predictions, self.stats = max_predictions, stats
-
-    def __next__(self):
-        batch, dropped = cap_predictions(next(self._parent), self.max_predictions)
-        if dropped:
-            self.stats.add_uncapped(dropped)
-        return batch
-
-    def get_state(self):
-        return self._parent.get_state()
-
-    def set_state(self, state):
-        self._parent.set_state(state)
-
-
 def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
                  split: str = "train", batch_size: int, max_len: int, mask_rate: float = 0.15,
                  max_predictions: int | None = None, pack: bool = True, shuffle: bool = True,
@@ -977,7 +947,13 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                 rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
                         "targets_segment_ids": None, "targets_positions": None})
     if max_predictions is not None:
-        ds = _CapDataset(ds, max_predictions, stats)
+        def cap(batch: Batch) -> Batch:  # a stateless map: resumes with its parent
+            batch, dropped = cap_predictions(batch, max_predictions)
+            if dropped:
+                stats.add_uncapped(dropped)
+            return batch
+
+        ds = ds.map(cap)
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, description=f"mlm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
