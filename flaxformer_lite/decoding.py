@@ -42,6 +42,7 @@ from flaxformer_lite.models import (
     EncoderDecoder,
     EncoderOnly,
     check_token_ids,
+    concrete_range,
     init_cache,
     init_params,
     make_model,
@@ -376,9 +377,9 @@ def _check_ids(name: str, ids, vocab_size: int) -> None:
     check_token_ids(name, ids)
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"{name} must have at least one row and one column, got {ids.shape}.")
-    if not isinstance(ids, jax.core.Tracer):  # concrete: out-of-range ids decoded to NaN
-        host = np.asarray(ids)  # NumPy: jnp here would be traced inside a caller's jit
-        low, high = int(host.min()), int(host.max())
+    span = concrete_range(ids)  # concrete: out-of-range ids decoded to NaN
+    if span is not None:
+        low, high = span
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{name} holds ids from {low} to {high}; they must lie in "
                              f"[0, {vocab_size}) (TransformerConfig.vocab_size).")

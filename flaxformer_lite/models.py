@@ -39,6 +39,16 @@ from flaxformer_lite.layers import (
 Array = jnp.ndarray
 
 
+def concrete_range(x) -> tuple[int, int] | None:
+    """`(min, max)` of `x` when its values can be read here (not traced, not spread over
+    other processes, not empty), else None: for range checks outside `jit`."""
+    if (x is None or isinstance(x, jax.core.Tracer) or not np.size(x)
+            or isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return None
+    x = np.asarray(x)  # NumPy: jnp here would be traced inside a caller's jit
+    return int(x.min()), int(x.max())
+
+
 def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
                     type_vocab_size: int | None = None, **aux: Array | None) -> None:
     """`ids` are integer `[batch, length]`, and the per-token entries given with them
@@ -58,11 +68,10 @@ def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
     types = aux.get("token_type_ids")
     for name, x, size, field in ((what, ids, vocab_size, "vocab_size"),
                                  ("token_type_ids", types, type_vocab_size, "type_vocab_size")):
-        if (size is None or x is None or isinstance(x, jax.core.Tracer) or not np.size(x)
-                or isinstance(x, jax.Array) and not x.is_fully_addressable):
+        span = None if size is None else concrete_range(x)
+        if span is None:
             continue
-        x = np.asarray(x)
-        low, high = int(x.min()), int(x.max())
+        low, high = span
         if low < 0 or high >= max(size, 1):  # no type embedding: only type 0, as check_batch
             raise ValueError(f"{name} hold values in [{low}, {high}], outside the model's "
                              f"{field}={size} (valid: 0..{max(size, 1) - 1}).")
