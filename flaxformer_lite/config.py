@@ -323,6 +323,37 @@ def _validate(c: TransformerConfig) -> None:
                          f"max_len={c.max_len}; at most a row's length.")
     if c.mlm_head and not c.tie_embeddings:
         raise ValueError("TransformerConfig.mlm_head needs tie_embeddings=True (BERT ties them).")
+    _check_no_effect(c)
+
+
+# Fields that only one setting of another field reads: a value other than the default under
+# any other setting would be ignored, which is nearly always a mistake (a sweep over
+# `rotary_base` of a model with learned positions trains the same model each time).
+_USED_ONLY_WITH = {
+    "rotary_base": ("position", ("rotary",)),
+    "rotary_fraction": ("position", ("rotary",)),
+    "relative_num_buckets": ("position", ("relative",)),
+    "relative_max_distance": ("position", ("relative",)),
+    "share_encoder_decoder_embeddings": ("architecture", ("encoder_decoder",)),
+    "padding": ("architecture", ("decoder_only",)),
+}
+
+
+def _check_no_effect(c: TransformerConfig) -> None:
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
+    for name, (owner, values) in _USED_ONLY_WITH.items():
+        if getattr(c, owner) not in values and getattr(c, name) != defaults[name]:
+            raise ValueError(
+                f"TransformerConfig.{name}={getattr(c, name)!r} has no effect with "
+                f"{owner}={getattr(c, owner)!r}: it applies to {owner}="
+                f"{' or '.join(map(repr, values))}. Set {owner} too, or leave {name} at its "
+                f"default ({defaults[name]!r}).")
+    if c.attention_implementation != "ops" and c.attention_dropout_rate > 0:
+        raise ValueError(
+            f"TransformerConfig.attention_implementation={c.attention_implementation!r} has no "
+            f"attention dropout, but attention_dropout_rate={c.attention_dropout_rate}: set "
+            "attention_dropout_rate=0.0 (gpu_config does when it picks cuDNN), or keep "
+            "attention_implementation='ops'.")
 
 
 # ---- presets ---------------------------------------------------------------------------------

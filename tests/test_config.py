@@ -37,6 +37,13 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(position="relative", relative_max_distance=8), "relative_max_distance=8"),
     (dict(architecture="encoder_only", type_vocab_size=2.5), "type_vocab_size=2.5"),
     (dict(scan_layers="yes"), "scan_layers='yes' must be True or False"),
+    # Settings another field makes ignored: a sweep over them would train one model.
+    (dict(rotary_base=5e5), "rotary_base=500000.0 has no effect with position='learned'"),
+    (dict(position="rotary", relative_max_distance=64), "relative_max_distance=64 has no"),
+    (dict(share_encoder_decoder_embeddings=False), "share_encoder_decoder_embeddings=False"),
+    (dict(architecture="encoder_only", padding="trailing"), "padding='trailing' has no effect"),
+    (dict(attention_implementation="xla", attention_dropout_rate=0.1),
+     "'xla' has no attention dropout.*attention_dropout_rate=0.0"),
 ])
 def test_bad_values_name_the_field(changes, match):
     with pytest.raises(ValueError, match=match):
