@@ -173,20 +173,24 @@ def _seq2seq_step(model, params, cache, ctx, tokens: Array, positions: Array):
 
 
 def _prefill_lm(model, params, prompts: Array, prompt_lengths: Array, cache_len: int):
-    """Write every prompt token but each row's last into the cache, in one call.
+    """Write the prompts' columns but the last into the cache, in one call.
 
-    Slots past a row's length are marked invalid, so ragged prompts share the batch; the
-    last token is left for the loop, whose first step then yields the first new token.
+    Each row's last token is left for the loop, whose first step then yields the first new
+    token. A shorter row's slots from its last token on are written with segment id 0 (never
+    attended), so ragged prompts share the batch; prompts of one length write only valid
+    slots, in order, which any decoder that caches what it is fed decodes right.
     """
     b, p = prompts.shape
     cache = init_cache(model, params, b, cache_len)
-    slots = jnp.arange(p, dtype=jnp.int32)
     last = jnp.maximum(prompt_lengths - 1, 0)
+    token0 = jnp.take_along_axis(prompts, last[:, None], axis=1)[:, 0]
+    if p == 1:
+        return cache, {}, token0, last
+    slots = jnp.arange(p - 1, dtype=jnp.int32)
     valid = (slots[None, :] < last[:, None]).astype(jnp.int32)
     _, state = model.apply(
-        {"params": params, "cache": cache}, prompts, segment_ids=valid,
-        positions=jnp.broadcast_to(slots, (b, p)), decode=True, mutable=["cache"])
-    token0 = jnp.take_along_axis(prompts, last[:, None], axis=1)[:, 0]
+        {"params": params, "cache": cache}, prompts[:, :-1], segment_ids=valid,
+        positions=jnp.broadcast_to(slots, (b, p - 1)), decode=True, mutable=["cache"])
     return state["cache"], {}, token0, last
 
 
@@ -369,7 +373,9 @@ def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str) -> Transfor
     cfg = getattr(model, "config", None)
     if not isinstance(model, kinds) or not isinstance(cfg, TransformerConfig):
         names = " or ".join(k.__name__ for k in kinds)
-        raise ValueError(f"{fn} takes a {names} model, got {type(model).__name__}; {hint}.")
+        raise ValueError(f"{fn} takes a {names} model, got {type(model).__name__}; {hint}. "
+                         "A model of your own goes in as a subclass of one of them with a "
+                         "TransformerConfig `config` (docs/decoding.md, \"Your own decoder\").")
     return cfg
 
 
@@ -539,6 +545,11 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     `greedy=True` for the argmax. A row stops at the first of its `stop_tokens` (kept in the
     output; 0 after it). `prompt_len + max_new_tokens` must not exceed `config.max_len`.
     Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs (, logits).
+
+    `model` may be a `DecoderOnly` subclass with layers of your own. Its `__call__(ids, *,
+    segment_ids, positions, decode=True)` is then fed the prompts' columns but the last (a
+    shorter row's tail with segment id 0: cached but never to be attended), then one token a
+    call at explicit positions; `models.decode_state` does that bookkeeping.
     """
     cfg = _check_model(model, (DecoderOnly,), "generate",
                        "use generate_seq2seq for encoder-decoder models")
@@ -701,8 +712,9 @@ def _bind(step, model, params):
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Generation:
-    # Slots: the prompt width, then the last prompt token and all but the last new token.
-    cache_len = prompts.shape[1] + static["max_new_tokens"]
+    # Slots: the prompt's columns but the last, then the last prompt token and all but the
+    # last new token.
+    cache_len = prompts.shape[1] - 1 + static["max_new_tokens"]
     prefill = _prefill_lm(model, params, prompts, prompt_lengths, cache_len)
     return _sample_loop(_bind(_lm_step, model, params), *prefill, dyn,
                         vocab=model.config.vocab_size, **static)
@@ -719,7 +731,7 @@ def _generate_s2s(model, params, inputs, dyn, num_samples=1, **static) -> Genera
 def _beam_search(model, params, inputs, prompt_lengths, alpha, eos_id, *, beam_size,
                  max_len) -> Beams:
     if isinstance(model, DecoderOnly):
-        cache_len = inputs.shape[1] + max_len
+        cache_len = inputs.shape[1] - 1 + max_len
         prefill = _prefill_lm(model, params, inputs, prompt_lengths, cache_len)
         step = _bind(_lm_step, model, params)
 

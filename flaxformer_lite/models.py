@@ -214,8 +214,8 @@ class Decoder(nn.Module):
         segment_ids = _segments(ids, segment_ids)
         overflow = None
         if decode:
-            mask, positions, kv_positions, cache_index, overflow = self._cache_state(
-                ids, positions, segment_ids != 0)
+            mask, positions, kv_positions, cache_index, overflow = decode_state(
+                self, ids, positions, segment_ids != 0)
             rel_q, rel_kv = positions, kv_positions
         else:
             _check_length(cfg, ids.shape[1], "decoder inputs")
@@ -265,42 +265,54 @@ class Decoder(nn.Module):
             logits = jnp.where(overflow, jnp.nan, logits)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def _cache_state(self, ids, positions, valid):
-        """Cache bookkeeping shared by all layers: write slot, positions and validity.
 
-        Returns the mask `[batch, 1, new, cache]` (valid cached slots up to each new token),
-        the new tokens' positions, the cached positions `[batch, cache]`, the write index and
-        whether this call writes past the cache's end. `dynamic_update_slice` would clamp
-        such a write onto the last slots and the logits would look fine; a concrete index
-        raises instead, a traced one (inside `jit`) turns the logits into NaN.
-        """
-        b, t = ids.shape
-        initialized = self.has_variable("cache", "index")
-        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        kv_pos = self.variable("cache", "positions", jnp.zeros, (b, t), jnp.int32)
-        kv_valid = self.variable("cache", "valid", jnp.zeros, (b, t), jnp.bool_)
-        if not initialized:
-            _check_length(self.config, t, "the decoding cache")
-            positions = default_positions(ids) if positions is None else positions
-            mask = ops.make_attention_mask(valid.astype(jnp.int32), causal=True)
-            return mask, positions, positions, None, None
-        i = index.value
-        size = kv_valid.value.shape[1]
-        if not isinstance(i, jax.core.Tracer) and int(i) + t > size:
-            raise ValueError(
-                f"This decode=True call writes tokens {int(i)}..{int(i) + t - 1} into a cache "
-                f"of {size} slots; make the cache longer (models.init_cache(model, params, "
-                "batch, length)).")
-        if positions is None:
-            positions = default_positions(ids, offset=i)
-        kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
-                                                    (0, i))
-        kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, (0, i))
-        slots = jnp.arange(kv_valid.value.shape[1])
-        causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
-        mask = kv_valid.value[:, None, None, :] & causal[None, None]
-        index.value = i + t
-        return mask, positions, kv_pos.value, i, i + t > size
+def decode_state(module: nn.Module, ids: Array, positions: Array | None, valid: Array):
+    """A decoder's cache bookkeeping in decode mode, shared by all its layers: call it from
+    the `decode=True` branch of a decoder's compact `__call__` (the library's `Decoder` does),
+    so that `decoding.generate` and `beam_search` can drive a decoder of your own.
+
+    The decoding functions feed `ids` `[batch, new]` with `segment_ids` (here `valid =
+    segment_ids != 0`: slot written but never to be attended, the tail of a shorter prompt)
+    and explicit `positions` `[batch, new]`. This keeps, in `module`'s "cache" collection,
+    the write index, each slot's position and its validity.
+
+    Returns `(mask, positions, kv_positions, cache_index, overflow)`: the attention mask
+    `[batch, 1, new, cache]` (valid cached slots up to each new token) to pass with
+    `cache_index` to each `MultiHeadAttention(decode=True)`, the new tokens' positions
+    (default: counted from the index), the cached positions `[batch, cache]` (for relative
+    biases), and whether this call writes past the cache's end. At init (`init_cache`) the
+    mask is causal over `ids` and the index None. `dynamic_update_slice` would clamp a write
+    past the end onto the last slots and the logits would look fine; a concrete index raises
+    instead, and a traced one (inside `jit`) is reported as `overflow` (the library's decoder
+    then turns its logits into NaN).
+    """
+    b, t = ids.shape
+    initialized = module.has_variable("cache", "index")
+    index = module.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    kv_pos = module.variable("cache", "positions", jnp.zeros, (b, t), jnp.int32)
+    kv_valid = module.variable("cache", "valid", jnp.zeros, (b, t), jnp.bool_)
+    if not initialized:
+        _check_length(module.config, t, "the decoding cache")
+        positions = default_positions(ids) if positions is None else positions
+        mask = ops.make_attention_mask(valid.astype(jnp.int32), causal=True)
+        return mask, positions, positions, None, None
+    i = index.value
+    size = kv_valid.value.shape[1]
+    if not isinstance(i, jax.core.Tracer) and int(i) + t > size:
+        raise ValueError(
+            f"This decode=True call writes tokens {int(i)}..{int(i) + t - 1} into a cache "
+            f"of {size} slots; make the cache longer (models.init_cache(model, params, "
+            "batch, length)).")
+    if positions is None:
+        positions = default_positions(ids, offset=i)
+    kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
+                                                (0, i))
+    kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, (0, i))
+    slots = jnp.arange(kv_valid.value.shape[1])
+    causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
+    mask = kv_valid.value[:, None, None, :] & causal[None, None]
+    index.value = i + t
+    return mask, positions, kv_pos.value, i, i + t > size
 
 
 class DecoderOnly(nn.Module):

@@ -302,7 +302,8 @@ def test_decoding_loop_updates_the_cache_in_place(batch):
     (body_name,) = set(re.findall(r"while\(.*?body=%([\w.\-]+)", text))
     start = text.index(f"%{body_name} (")
     body = text[start:text.index("\n}\n", start)]  # the loop's computation
-    cache = rf"f32\[{batch},2,8,8\]\{{[0-9,]*\}}"  # [batch, kv_heads, prompt + new, head_dim]
+    # [batch, kv_heads, prompt - 1 + new, head_dim]
+    cache = rf"f32\[{batch},2,7,8\]\{{[0-9,]*\}}"
     assert len(re.findall(cache + r" fusion\(", body)) >= 4  # K and V of 2 layers, written
     assert not re.findall(cache + r" copy\(", body)
 
@@ -662,3 +663,84 @@ def test_fill_masks_ranks_the_real_tokens_by_the_model_probability():
         decoding.fill_masks(make_model(get_config("gpt2", vocab_size=40, d_model=32,
                                                      num_heads=4, d_ff=64, num_layers=1)),
                             params, ids)
+
+
+# ---- decoders of the user's own -----------------------------------------------------------------
+
+class ParallelBlockDecoder(nn.Module):
+    """GPT-J-style parallel blocks (x + attention(norm x) + mlp(norm x)) from the library's
+    layers, as a user writes them. `track_validity=False` ignores segment ids in decode mode:
+    its own write index, causal over every written slot."""
+
+    config: TransformerConfig
+    track_validity: bool = True
+
+    @nn.compact
+    def __call__(self, ids, *, segment_ids=None, positions=None, decode=False,
+                 deterministic=True):
+        from flaxformer_lite import layers, ops
+        from flaxformer_lite.models import decode_state
+
+        cfg = self.config
+        segment_ids = (ids != 0).astype(jnp.int32) if segment_ids is None else segment_ids
+        index = None
+        if decode and self.track_validity:
+            mask, positions, _, index, _ = decode_state(self, ids, positions, segment_ids != 0)
+        elif decode:
+            started = self.has_variable("cache", "index")
+            counter = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            index, mask = (counter.value if started else None), None
+            if started:
+                counter.value += ids.shape[1]
+        else:
+            mask = ops.make_attention_mask(segment_ids)
+        embed = layers.Embed(cfg.vocab_size, cfg, token_table=True, name="token_embed")
+        x = embed(ids)
+        for i in range(cfg.num_layers):
+            h = layers.Norm(cfg, name=f"norm_{i}")(x)
+            x = (x + layers.MultiHeadAttention(cfg, name=f"attention_{i}")(
+                     h, mask=mask, is_causal=mask is None or not decode, decode=decode,
+                     cache_index=index, q_positions=positions)
+                 + layers.FeedForward(cfg, name=f"mlp_{i}")(h))
+        return embed.attend(layers.Norm(cfg, name="final_norm")(x)).astype(jnp.float32)
+
+
+class ParallelGPT(DecoderOnly):
+    track_validity: bool = True
+
+    def setup(self):
+        self.decoder = ParallelBlockDecoder(self.config, self.track_validity)
+
+    def __call__(self, inputs, *, segment_ids=None, positions=None, decode=False,
+                 deterministic=True):
+        return self.decoder(inputs, segment_ids=segment_ids, positions=positions,
+                            decode=decode)
+
+
+@pytest.mark.parametrize("track_validity", [True, False])
+def test_a_decoder_of_your_own_generates_as_recomputation(track_validity):
+    """`generate` drives a DecoderOnly subclass with its own blocks. With `decode_state`, ragged
+    prompts decode as a full forward pass does; a decoder that caches whatever it is fed (no
+    validity) decodes prompts of one length right, since the prefill then writes only valid
+    slots, in order (it used to write each row's last token twice)."""
+    cfg = tiny(position="rotary", num_kv_heads=2, num_layers=2)
+    model = ParallelGPT(cfg, track_validity=track_validity)
+    variables = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+    params = jax.tree.map(lambda p: 4.0 * p if p.ndim > 1 else p,
+                          nn.meta.unbox(variables["params"]))
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(5, cfg.vocab_size, (3, 6)).astype(np.int32)
+    if track_validity:
+        prompts[1, 4:], prompts[2, 2:] = 0, 0
+    run = decoding.generate(model, params, prompts, max_new_tokens=NEW, greedy=True,
+                            stop_tokens=(), return_logits=True)
+    ref = decoding.generate_no_cache(model, params, prompts, max_new_tokens=NEW, greedy=True,
+                                     stop_tokens=(), return_logits=True)
+    np.testing.assert_array_equal(np.asarray(run.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(run.logits), np.asarray(ref.logits), rtol=1e-5,
+                               atol=1e-5)
+    assert len(np.unique(np.asarray(run.tokens))) > 3
+    if track_validity:
+        beams = decoding.beam_search(model, params, prompts, beam_size=1, max_len=NEW,
+                                     alpha=0.0)
+        np.testing.assert_array_equal(np.asarray(beams.tokens)[:, 0], np.asarray(run.tokens))
