@@ -135,6 +135,13 @@ class Dense(nn.Module):
             "kernel", nn.with_logical_partitioning(init, self.axes),
             self.in_shape + self.out_shape, cfg.params_dtype)
         n_in = len(self.in_shape)
+        if x.ndim < n_in or tuple(x.shape[x.ndim - n_in:]) != tuple(self.in_shape):
+            where = self.scope.path_text or self.name
+            hint = (" Cross-attention's memory must be d_model wide: project it first."
+                    if self.name == "key_value" else "")
+            raise ValueError(f"Dense layer {where!r} takes inputs [..., "
+                             f"{', '.join(map(str, self.in_shape))}]; got shape "
+                             f"{tuple(x.shape)}.{hint}")
         bias = None
         if self.use_bias:
             bias = self.param(
@@ -382,6 +389,11 @@ class MultiHeadAttention(nn.Module):
         if not is_initialized:
             kv = proj(kv_inputs)
         else:
+            if kv_inputs.shape[:2] != cached.value.shape[:2]:
+                raise ValueError(
+                    f"The cross-attention cache was made for a memory of [batch, length] = "
+                    f"{cached.value.shape[:2]}, got {kv_inputs.shape[:2]}: make a new cache "
+                    "for each memory (models.init_cache(..., encoded=memory)).")
             kv = jax.lax.cond(cache_index == 0, lambda: proj(kv_inputs).astype(cached.value.dtype),
                               lambda: cached.value)
             cached.value = kv
@@ -389,7 +401,12 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward block (`ops.feed_forward` with owned parameters)."""
+    """Position-wise feed-forward block: `ops.feed_forward`'s math with owned parameters.
+
+    Parameters: `wi` `[d_model, d_ff]` (gated activations: `[d_model, 2, d_ff]`, slice 0 the
+    gate that goes through the activation, `ops.feed_forward`'s `w_gate`, and slice 1 its
+    `w_in`), `wo` `[d_ff, d_model]`, and their biases when `config.use_bias`.
+    """
 
     config: TransformerConfig
     residual_layers: int = 0  # the output projection's `Dense.residual_layers`

@@ -313,6 +313,26 @@ def test_too_long_sequence_is_a_clear_error(built):
         _run(model, params, _ids((1, 30)))
 
 
+def test_layers_name_inputs_of_the_wrong_width():
+    """Cross-attention to a memory that is not d_model wide, and a cached memory swapped for
+    one of another length, used to fail in a bare reshape and in `lax.cond`'s branch types."""
+    cfg = fl.TransformerConfig(**{**TINY, "num_layers": 1})
+    cross = fl.MultiHeadAttention(cfg, is_cross=True)
+    x, memory = jnp.zeros((2, 3, 32)), jnp.zeros((2, 5, 32))
+    with pytest.raises(ValueError, match=r"'/key_value' takes inputs \[\.\.\., 32\]; got "
+                       r"shape \(2, 5, 48\)\. Cross-attention's memory must be d_model wide"):
+        cross.init(jax.random.key(0), x, kv_inputs=jnp.zeros((2, 5, 48)))
+    variables = cross.init(jax.random.key(0), x[:, :1], kv_inputs=memory, decode=True)
+    with pytest.raises(ValueError, match=r"made for a memory of \[batch, length\] = \(2, 5\), "
+                       r"got \(2, 7\)"):
+        cross.apply(variables, x[:, :1], kv_inputs=jnp.zeros((2, 7, 32)), decode=True,
+                    cache_index=jnp.int32(0), mutable=["cache"])
+    ffn = fl.FeedForward(cfg)
+    with pytest.raises(ValueError, match=r"'/wi' takes inputs \[\.\.\., 32\]; got shape "
+                       r"\(2, 3, 16\)\.(?! Cross)"):
+        ffn.init(jax.random.key(0), jnp.zeros((2, 3, 16)))
+
+
 def test_parameters_carry_logical_axes(built):
 
     for name in ("gpt2", "t5_scan", "bert"):

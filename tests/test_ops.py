@@ -143,6 +143,16 @@ def test_attention_errors():
             ops.layer_norm(x, **bad)
     with pytest.raises(ValueError, match=r"must be \[features\]"):
         ops.rms_norm(x, jnp.ones(()))
+    # A gate given to an ungated activation was silently unused.
+    w = rand(8, 16)
+    with pytest.raises(ValueError, match="'gelu' is not gated.*w_gate"):
+        ops.feed_forward(x, w, w.T, activation_name="gelu", w_gate=w)
+    # The decoding path checks its bias and mask as the main function does (it failed in a
+    # five-dimensional broadcast).
+    qc, new_kv, cache = rand(2, 1, 4, D), rand(2, 1, 2, D), rand(2, 2, 6, D)
+    for bad in (dict(bias=jnp.zeros((1, 4, 1, 5))), dict(mask=jnp.ones((2, 1, 2, 6), bool))):
+        with pytest.raises(ValueError, match=r"of shape .* does not broadcast to \[batch, heads"):
+            ops.cached_attention(qc, cache, cache, new_kv, new_kv, 2, **bad)
 
 
 @pytest.mark.parametrize("implementation", ["ops", "xla"])

@@ -165,7 +165,10 @@ def _check_operands(q, k, v, bias, mask) -> None:
         raise ValueError(f"q and k must share head_dim; got q {q.shape}, k {k.shape}.")
     if q.shape[1] == 0:
         raise ValueError(f"q has no queries (shape {q.shape}); q_length must be at least 1.")
-    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    _check_bias_mask(bias, mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+
+
+def _check_bias_mask(bias, mask, full: tuple[int, int, int, int]) -> None:
     for name, x in (("mask", mask), ("bias", bias)):
         if x is None:
             continue
@@ -238,9 +241,9 @@ def cached_attention(
     themselves. Returns `[batch, new, heads, head_dim]` in q's dtype; scores in float32.
     """
     _check_ranks(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
-    _check_mask_dtype(mask)
     b, lq, h, d = q.shape
     hk, length = k_cache.shape[1], k_cache.shape[2]
+    _check_bias_mask(bias, mask, (b, h, lq, length))
     if not isinstance(index, jax.core.Tracer):  # concrete: a slice past the end would clamp
         if not 0 <= int(index) <= length - lq:
             raise ValueError(f"cached_attention: {lq} new token(s) at index {int(index)} do not "

@@ -231,6 +231,9 @@ def feed_forward(x: Array, w_in: Array, w_out: Array, *, activation_name: str = 
     `w_in`, `w_gate`: `[d_model, d_ff]`; `w_out`: `[d_ff, d_model]`.
     """
     act = activation(activation_name)
+    if (w_gate is not None or b_gate is not None) and activation_name not in GATED:
+        raise ValueError(f"activation={activation_name!r} is not gated, so w_gate/b_gate would "
+                         f"be ignored; use one of {', '.join(GATED)} or drop them.")
     h = x @ w_in
     if b_in is not None:
         h = h + b_in
