@@ -480,16 +480,19 @@ OPTIONAL_BATCH_KEYS = {
 }
 
 
-def batch_keys(architecture: str) -> tuple[str, ...]:
-    """The batch entries a model of `architecture` reads (others are ignored)."""
-    return ("inputs", "targets") + OPTIONAL_BATCH_KEYS[architecture]
+def batch_keys(architecture: str, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The batch entries a model of `architecture` reads (others are ignored), plus those a
+    model of your own names in its class attribute `extra_batch_keys` (each passed to its
+    `__call__` as a keyword argument by the train and eval steps)."""
+    extra = tuple(getattr(model, "extra_batch_keys", ())) if model is not None else ()
+    return ("inputs", "targets") + OPTIONAL_BATCH_KEYS[architecture] + extra
 
 
 _WARNED_KEYS: set[str] = set()
 
 
 def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
-                checked: Collection[str] = ()) -> None:
+                checked: Collection[str] = (), extra_keys: Collection[str] = ()) -> None:
     """Raise `ValueError` for a host batch the model would silently misread.
 
     `inputs` and `targets` are present. Every entry the model reads is `[batch, length]` and
@@ -502,6 +505,7 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     not read are dropped, each reported once (`logging`; a misspelt key with its likely
     name). Values that are not concrete
     (traced) are skipped, and so are those of the keys in `checked` (already checked).
+    `extra_keys` (a model's `extra_batch_keys`) are passed on unchecked.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"A batch is a mapping of [batch, length] integer arrays, e.g. "
@@ -514,7 +518,7 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                          f"{sorted(batch)}); every batch holds 'inputs' and 'targets' "
                          "[batch, length] (targets 0 = padding, no loss).")
     for key in batch:
-        if key not in keys and key not in _WARNED_KEYS:
+        if key not in keys and key not in extra_keys and key not in _WARNED_KEYS:
             _WARNED_KEYS.add(key)
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
             logging.getLogger(__name__).warning(

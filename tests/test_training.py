@@ -1389,3 +1389,73 @@ def test_dimensions_a_mesh_does_not_divide_are_listed():
                in f for f in found)
     assert partitioning.undivided(param_logical_specs(TINY), jax.eval_shape(
         lambda: nn.meta.unbox(init_params(TINY, jax.random.key(0)))), mesh) == []
+
+
+# ---- a model of the user's own -------------------------------------------------------------------
+
+class PrefixLM(nn.Module):
+    """A research model: a prefix-LM (bidirectional over each row's first `prefix_lengths`
+    tokens, causal after) from the library's layers plus a plain `nn.Dense` (no logical axis
+    names) and its own dropout, reading a batch entry the library does not know."""
+
+    config: object
+    extra_batch_keys = ("prefix_lengths",)
+
+    @nn.compact
+    def __call__(self, inputs, *, segment_ids=None, positions=None, prefix_lengths=None,
+                 deterministic=True):
+        from flaxformer_lite import layers, ops
+
+        cfg = self.config
+        n = inputs.shape[1]
+        prefix = jnp.zeros((inputs.shape[0],), jnp.int32) if prefix_lengths is None else (
+            prefix_lengths)
+        seen = (jnp.arange(n)[None, :] <= jnp.arange(n)[:, None])[None] | (
+            jnp.arange(n)[None, None, :] < prefix[:, None, None])
+        mask = seen[:, None] & ops.padding_mask(inputs)
+        embed = layers.Embed(cfg.vocab_size, cfg, token_table=True, name="token_embed")
+        x = embed(inputs) + layers.Embed(cfg.max_len, cfg, name="position_embed")(
+            jnp.arange(n)[None])
+        x = x + layers.MultiHeadAttention(cfg)(layers.Norm(cfg)(x), mask=mask)
+        x = x + nn.Dense(cfg.d_model, name="plain_mlp")(layers.Norm(cfg)(x))
+        x = nn.Dropout(0.5)(x, deterministic=deterministic)
+        return embed.attend(layers.Norm(cfg)(x)).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("mode", ["single", "mesh"])
+def test_a_model_of_your_own_trains_with_the_engine_and_train(tmp_path, mode):
+    """`Engine(model=...)` / `train(model=...)`: the user's module is initialised, laid out
+    (parameters without axis names replicated), fed its own batch entry, run with dropout in
+    the train step although the config's rates are 0, and recorded in config.json."""
+    from flaxformer_lite.training import load_run, steps
+
+    model = PrefixLM(TINY)
+    parallel = ParallelConfig(mode=mode) if mode == "single" else ParallelConfig(
+        mode="mesh", data=1, fsdp=1, tensor=1)
+    engine = Engine(TINY, OPT, parallel, model=model)
+    state = engine.init_state(0)
+    assert "plain_mlp" in state.params and steps.uses_dropout(model)
+    assert not steps.uses_dropout(make_model(TINY))  # the library's: by the config's rates
+    batch = dict(synthetic_batch(0), prefix_lengths=np.full((8,), 6, np.int32))
+    shard = engine.shard_batch(batch)
+    assert set(shard) == {"inputs", "targets", "prefix_lengths"}
+    with_prefix = engine.metrics_to_host(engine.eval_step(state, shard))["loss"]
+    without = engine.metrics_to_host(engine.eval_step(state, engine.shard_batch(
+        synthetic_batch(0))))["loss"]
+    assert with_prefix != without  # the entry reached the model
+    # Dropout in the train step (rates 0 in the config): its loss is not the eval loss.
+    _, metrics = engine.train_step(state, shard)
+    assert abs(engine.metrics_to_host(metrics)["loss"] - with_prefix) > 1e-3 * with_prefix
+    with pytest.raises(ValueError, match="the model's `config` must equal model_config"):
+        Engine(TINY.replace(d_model=64), OPT, model=model)
+
+    data = [dict(synthetic_batch(i), prefix_lengths=np.full((8,), 4, np.int32))
+            for i in range(3)]
+    result = train(TINY, OPT, data, workdir=tmp_path, num_steps=3, model=model, hooks=[],
+                   parallel=parallel)
+    assert result.step == 3
+    run = load_run(tmp_path)
+    assert run.module.endswith("test_training.PrefixLM") and run.config == TINY
+    assert set(run.params) == set(state.params)
+    with pytest.raises(Exception, match="model.module"):  # a rerun with the library's model
+        train(TINY, OPT, data, workdir=tmp_path, num_steps=4, hooks=[], parallel=parallel)

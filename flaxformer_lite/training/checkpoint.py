@@ -449,6 +449,9 @@ class Run:
     step: int
     tokenizer: Any  # data.Tokenizer, or None when the workdir holds none
     experiment: dict | None  # the caller's settings, `train(experiment=...)`
+    # "package.module.Class" of a model of your own (`train(model=...)`), which you rebuild
+    # yourself from `config`; None for the library's models (`make_model`).
+    module: str | None = None
 
 
 def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any = None,
@@ -475,10 +478,12 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
     with open(path) as f:
         record = json.load(f)
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(record.get("model", {})) - fields)
+    model_record = dict(record.get("model", {}))
+    module = model_record.pop("module", None)
+    unknown = sorted(set(model_record) - fields)
     if unknown:
         raise ValueError(f"{path} records model fields this version does not have: {unknown}.")
-    config = TransformerConfig(**record["model"])
+    config = TransformerConfig(**model_record)
     step, params = load_params(os.path.join(workdir, "checkpoints"), step, target=target,
                                dtype=dtype)
     found = [os.path.join(workdir, name) for name in TOKENIZER_FILES
@@ -488,4 +493,4 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
         raise ValueError(f"{found[0]} has {tokenizer.vocab_size} ids but the model's "
                          f"vocab_size is {config.vocab_size}: not this run's tokenizer.")
     return Run(config=config, params=params, step=step, tokenizer=tokenizer,
-               experiment=record.get("experiment"))
+               experiment=record.get("experiment"), module=module)

@@ -178,12 +178,23 @@ class Engine:
     def __init__(self, model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                  parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
                  *, devices: Sequence[jax.Device] | None = None,
-                 tx: optax.GradientTransformation | None = None):
+                 tx: optax.GradientTransformation | None = None,
+                 model: nn.Module | None = None):
         self.model_config = model_config
         self.optimizer_config = optimizer_config
         self.parallel = parallel = parallel or ParallelConfig()
         self.loss = loss or LossConfig()
-        self.model = make_model(model_config)
+        # `model`: a module of your own (new layers, a new block) to train instead of
+        # `make_model(model_config)`; see `steps.logits_fn` for the call it gets.
+        if model is not None and getattr(model, "config", None) != model_config:
+            raise ValueError(
+                f"Engine(model=...): the model's `config` must equal model_config (the "
+                f"architecture, dropout rates, dtypes and sizes the steps read); got "
+                f"{type(model).__name__} with config "
+                f"{getattr(model, 'config', None)!r:.80}. Pass Engine(model.config, ..., "
+                "model=model).")
+        self.model = make_model(model_config) if model is None else model
+        self.custom_model = model is not None
         # `tx`: any optax transformation (e.g. `optax.multi_transform` freezing the embeddings);
         # `optimizer_config` then only supplies the learning-rate metric's schedule.
         self.tx = tx if tx is not None else make_optimizer(optimizer_config,
@@ -252,7 +263,8 @@ class Engine:
                     "attention fast path cannot compile (XLA: unsupported reduction); set "
                     "FLAXFORMER_LITE_DISABLE=cpu_attention before JAX starts to use the plain "
                     "attention on CPU, or keep 'length' unsplit.")
-            specs = param_logical_specs(self.model_config)
+            specs = param_logical_specs(self.model_config,
+                                        self.model if self.custom_model else None)
             self.param_shardings = partitioning.logical_to_shardings(
                 specs, abstract.params, self.mesh, p.axis_rules)
             replicated_dims = partitioning.undivided(specs, abstract.params, self.mesh,
@@ -306,7 +318,8 @@ class Engine:
 
     def _create(self, rng, params=None) -> TrainState:
         return create_train_state(self.model_config, self.optimizer_config, rng, tx=self.tx,
-                                  params=params)
+                                  params=params,
+                                  model=self.model if self.custom_model else None)
 
     def _mesh_context(self):
         """Activation constraints are live only while tracing under the mesh and rules."""
@@ -465,14 +478,15 @@ class Engine:
         """
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         check_batch(self.model_config, batch, checked={  # laid out: checked then
-            k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target})
+            k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target},
+            extra_keys=getattr(self.model, "extra_batch_keys", ()))
         return self._lay_out(batch)
 
     def _lay_out(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """`shard_batch` for a batch already checked (the output of `pad_batch`)."""
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         local_shards = self._local_batch_shards()
-        used = batch_keys(self.model_config.architecture)
+        used = batch_keys(self.model_config.architecture, self.model)
         out = {}
         for key, value in batch.items():
             if key not in used:
@@ -513,8 +527,9 @@ class Engine:
         gradient) to `rows`, by default to a multiple of this process's batch shards, e.g. for
         the short last batch of an eval set or of a training epoch."""
         shards = self._local_batch_shards()
-        used = batch_keys(self.model_config.architecture)
-        check_batch(self.model_config, batch)  # before padding can make row counts agree
+        used = batch_keys(self.model_config.architecture, self.model)
+        check_batch(self.model_config, batch,  # before padding can make row counts agree
+                    extra_keys=getattr(self.model, "extra_batch_keys", ()))
         out = {}
         for key, value in batch.items():
             if key not in used:

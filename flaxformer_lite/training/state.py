@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from flaxformer_lite.config import TransformerConfig
-from flaxformer_lite.models import init_params
+from flaxformer_lite.models import dummy_inputs, init_params
 from flaxformer_lite.training.optim import OptimizerConfig, make_optimizer
 
 
@@ -41,14 +41,19 @@ class TrainState:
         return jax.random.wrap_key_data(self.rng)
 
 
-def boxed_params(config: TransformerConfig, rng: jax.Array):
-    """Freshly initialised parameters with their logical axis names (`nn.LogicallyPartitioned`)."""
-    return init_params(config, rng)
+def boxed_params(config: TransformerConfig, rng: jax.Array, model: nn.Module | None = None):
+    """Freshly initialised parameters with their logical axis names (`nn.LogicallyPartitioned`)
+    of `make_model(config)`, or of `model` (a module of your own, initialised on
+    `models.dummy_inputs(config)`)."""
+    if model is None:
+        return init_params(config, rng)
+    return model.init({"params": rng}, **dummy_inputs(config))["params"]
 
 
-def param_logical_specs(config: TransformerConfig):
-    """`PartitionSpec` of logical axis names for every parameter (no memory is allocated)."""
-    abstract = jax.eval_shape(lambda: boxed_params(config, jax.random.key(0)))
+def param_logical_specs(config: TransformerConfig, model: nn.Module | None = None):
+    """`PartitionSpec` of logical axis names for every parameter (no memory is allocated);
+    a parameter without names (a plain `nn.Dense` in a model of your own) is replicated."""
+    abstract = jax.eval_shape(lambda: boxed_params(config, jax.random.key(0), model))
     return nn.get_partition_spec(abstract)
 
 
@@ -61,9 +66,10 @@ def as_key(rng: jax.Array | int) -> jax.Array:
 def create_train_state(config: TransformerConfig, optimizer_config: OptimizerConfig,
                        rng: jax.Array | int, *,
                        tx: optax.GradientTransformation | None = None,
-                       params: Any = None) -> TrainState:
+                       params: Any = None, model: nn.Module | None = None) -> TrainState:
     """Initial state: parameters from `rng`'s "params" half (or `params`, e.g. pretrained
     ones to fine-tune, cast to `config.param_dtype`), dropout key from the other half.
+    `model`: a module of your own to initialise instead of `make_model(config)`.
 
     `rng` is a typed key (`jax.random.key(seed)`) or an int seed. Runs eagerly or under
     `jax.jit` (the parallel engine jits it with output shardings, so large models are created
@@ -74,7 +80,7 @@ def create_train_state(config: TransformerConfig, optimizer_config: OptimizerCon
         tx = make_optimizer(optimizer_config, d_model=config.d_model)
     params_rng, dropout_rng = jax.random.split(rng)
     if params is None:
-        params = nn.meta.unbox(boxed_params(config, params_rng))
+        params = nn.meta.unbox(boxed_params(config, params_rng, model))
     else:
         params = jax.tree.map(lambda p: jnp.asarray(p, config.params_dtype), params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -45,7 +45,8 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     cfg = model.config
     arch = cfg.architecture
     _check_keys(batch, arch)
-    kwargs = {k: batch[k] for k in OPTIONAL_BATCH_KEYS[arch] if k in batch}
+    keys = OPTIONAL_BATCH_KEYS[arch] + tuple(getattr(model, "extra_batch_keys", ()))
+    kwargs = {k: batch[k] for k in keys if k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
     if arch == "decoder_only":
@@ -106,6 +107,16 @@ def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
     return key
 
 
+def uses_dropout(model: nn.Module) -> bool:
+    """Whether the train step runs `model` with `deterministic=False` and a "dropout" key:
+    the library's models when their config has a dropout rate, a model of your own always
+    (its dropout may be its own)."""
+    cfg = model.config
+    if type(model).__module__ == "flaxformer_lite.models":
+        return cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0
+    return True
+
+
 def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
@@ -129,7 +140,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     from `fold_in(step key, i)`.
     """
     loss_config = loss_config or losses.LossConfig()
-    dropout = model.config.dropout_rate > 0 or model.config.attention_dropout_rate > 0
+    dropout = uses_dropout(model)
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
     weights = losses.loss_weights(loss_targets(model, batch))

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -386,7 +387,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           warm_up: Callable[[TrainState, Engine], Any] | None = None,
           experiment: Mapping[str, Any] | None = None,
           tx: optax.GradientTransformation | None = None,
-          init_params: Any = None) -> TrainResult:
+          init_params: Any = None, model: nn.Module | None = None) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -422,6 +423,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     init_params: parameters to start from when the workdir has no checkpoint (pretrained
       ones to fine-tune, e.g. `load_params(pretrained_dir)[1]`), with a fresh
       optimizer state; a resumed run continues from its checkpoint instead.
+    model: a Flax module of your own to train instead of `make_model(model_config)`, with
+      `model.config == model_config` (see `Engine`). Its class is recorded in config.json
+      (`model.module`), and a rerun with another class (or none) is told so.
     experiment: the caller's own settings (data, batch size, ...; e.g. an ml_collections
       config's `to_dict()`), recorded in `workdir/config.json` beside the library's configs
       and, like them, compared on a rerun: each changed field is named in a warning (a resumed
@@ -463,6 +467,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         differ = [k for k, v in given.items() if getattr(engine, k) != v]
         if tx is not None and engine.tx is not tx:
             differ.append("tx")
+        if model is not None and engine.model is not model:
+            differ.append("model")
         if differ:
             raise ValueError(f"train(engine=...) was built for a different {', '.join(differ)} "
                              "than the one(s) passed to train(); pass the engine's, or leave "
@@ -478,7 +484,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         # Its state cannot be described, only told apart: a rerun without it is named.
         record["optimizer"]["tx"] = CUSTOM_TX
     if engine is None:
-        engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx)
+        engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx, model=model)
+    if engine.custom_model:  # a rerun without it would build the library's model
+        cls = type(engine.model)
+        record["model"]["module"] = f"{cls.__module__}.{cls.__qualname__}"
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
