@@ -1459,3 +1459,43 @@ def test_a_model_of_your_own_trains_with_the_engine_and_train(tmp_path, mode):
     assert set(run.params) == set(state.params)
     with pytest.raises(Exception, match="model.module"):  # a rerun with the library's model
         train(TINY, OPT, data, workdir=tmp_path, num_steps=4, hooks=[], parallel=parallel)
+
+
+def test_config_json_describes_the_steps_it_trained(engine, tmp_path, caplog):
+    """A finished run's rerun with other settings used to rewrite config.json (it trained
+    nothing); a resumed run's earlier steps now stay described in config_history.jsonl; the
+    seed, length, versions and devices are recorded; experiment values keep their types."""
+    import argparse
+    import json
+
+    def record():
+        return json.loads((tmp_path / "config.json").read_text())
+
+    def history():
+        return [json.loads(line) for line in
+                (tmp_path / "config_history.jsonl").read_text().splitlines()]
+
+    experiment = argparse.Namespace(batch=8, rate=np.float32(0.25), missing=float("nan"))
+    run(engine, tmp_path, 2, experiment=experiment, seed=3)
+    first = record()
+    assert first["experiment"] == {"batch": 8, "rate": 0.25, "missing": first[
+        "experiment"]["missing"]} and math.isnan(first["experiment"]["missing"])
+    assert first["run"]["seed"] == 3 and first["run"]["num_steps"] == 2
+    assert first["run"]["versions"]["jax"] == jax.__version__
+    assert first["run"]["devices"] == 1 and first["run"]["backend"] == jax.default_backend()
+    assert [h["step"] for h in history()] == [0]
+
+    caplog.clear()
+    run(engine, tmp_path, 2, experiment=vars(experiment) | {"batch": 4}, seed=3)
+    assert record() == first and len(history()) == 1
+    assert "trains nothing: the record is left as it was" in caplog.text
+    assert "missing" not in caplog.text  # NaN == NaN here
+
+    run(engine, tmp_path, 4, experiment=experiment, seed=5)
+    assert record()["run"]["seed"] == 5
+    later = history()[-1]
+    assert later["step"] == 2 and later["record"] == record()
+    assert "run.seed: 3 -> 5" in later["changed"] and "run.num_steps: 2 -> 4" in later["changed"]
+    assert history()[0]["record"] == first
+    with pytest.raises(ValueError, match=r"train\(experiment=...\) must be a mapping"):
+        run(engine, tmp_path / "b", 2, experiment=3)

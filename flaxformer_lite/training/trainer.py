@@ -252,25 +252,78 @@ def _make_iterator(data) -> Iterator[Batch]:
 CUSTOM_TX = "custom: train(tx=...)"  # config.json's optimizer.tx of a run with its own optax
 
 
-def _write_config(workdir: str, record: dict) -> None:
+def _write_config(workdir: str, record: dict, step: int, num_steps: int) -> None:
     """Record the run's configs in `workdir/config.json`, once its checkpoint (if any) has been
     restored with them (a run that fails to restore leaves the record alone); name the fields
-    that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`."""
+    that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`.
+
+    config.json holds the latest settings; `config_history.jsonl` gets a line (`step`: where
+    they took effect, `changed`, `record`) each time they change, so a resumed run's earlier
+    steps stay described. A rerun with nothing left to train records nothing."""
     path = os.path.join(workdir, "config.json")
-    changed = _config_changes(workdir, record)
+    changed = _config_changes(workdir, record, with_run=True)
+    if step >= num_steps and changed is not None:
+        if changed:
+            log.warning("This rerun's configs differ from the run recorded in %s (%s), but it "
+                        "trains nothing: the record is left as it was.", path,
+                        "; ".join(changed))
+        return
     if changed:
-        log.warning("This run's configs differ from the run recorded in %s: %s.", path,
-                    "; ".join(changed))
-    with open(path, "w") as f:
+        log.warning("This run's configs differ from the run recorded in %s: %s. From step "
+                    "%d on; config_history.jsonl keeps the earlier settings.", path,
+                    "; ".join(changed), step)
+    history = os.path.join(workdir, "config_history.jsonl")
+    if changed or not os.path.exists(history):
+        with open(history, "a") as f:
+            f.write(json.dumps({"step": step, "changed": changed or [], "record": record},
+                               sort_keys=True, allow_nan=True) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _run_record(seed, num_steps: int, engine: Engine) -> dict:
+    """What else a rebuild needs: the seed, the length, the software and the devices."""
+    from importlib import metadata
+
+    versions = {}
+    for name in ("flaxformer_lite", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"seed": int(seed) if isinstance(seed, numbers.Integral) else "a typed key",
+            "num_steps": int(num_steps), "versions": versions,
+            "backend": jax.default_backend(), "device_kind": engine.devices[0].device_kind,
+            "devices": len(engine.devices), "processes": jax.process_count(),
+            "mode": engine.describe()}
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):  # np.float32(0.1) is a number, not "0.1"
+        return value.item()
+    return str(value)
 
 
 def _config_record(**configs) -> dict:
     """The configs as `config.json` holds them (JSON types; None entries left out)."""
-    return json.loads(json.dumps(
-        {name: (c.to_dict() if hasattr(c, "to_dict") else dict(c) if isinstance(c, Mapping)
-                else dataclasses.asdict(c))
-         for name, c in configs.items() if c is not None}, default=str))
+    out = {}
+    for name, c in configs.items():
+        if c is None:
+            continue
+        if hasattr(c, "to_dict"):
+            out[name] = c.to_dict()
+        elif isinstance(c, Mapping):
+            out[name] = dict(c)
+        elif dataclasses.is_dataclass(c) and not isinstance(c, type):
+            out[name] = dataclasses.asdict(c)
+        elif hasattr(c, "__dict__"):  # argparse.Namespace and the like
+            out[name] = dict(vars(c))
+        else:
+            raise ValueError(f"train({name}=...) must be a mapping, a dataclass or an object "
+                             f"with attributes (argparse.Namespace); got {type(c).__name__}.")
+    return json.loads(json.dumps(out, default=_json_default))
 
 
 def _flat(record: Mapping, prefix: str = "") -> dict:
@@ -283,21 +336,29 @@ def _flat(record: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def _config_changes(workdir: str, record: dict) -> list[str] | None:
+def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[str] | None:
     """`"optimizer.clip_norm: None -> 1.0"` for each field of `record` (`_config_record`) that
-    differs from the run recorded in `workdir/config.json` (None if there is no record)."""
+    differs from the run recorded in `workdir/config.json` (None if there is no record); the
+    `run` section (seed, length, versions, devices) too if `with_run`."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         old = json.load(f)
     changed = []
-    for name in ("model", "optimizer", "loss", "parallel", "experiment"):
+    names = ("model", "optimizer", "loss", "parallel", "experiment") + (
+        ("run",) if with_run else ())
+    for name in names:
         if isinstance(old.get(name), dict) and name in record:
             was, now = _flat(old[name]), _flat(record[name])
             changed += [f"{name}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
-                        for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+                        for k in sorted(set(was) | set(now))
+                        if was.get(k) != now.get(k) and not _both_nan(was.get(k), now.get(k))]
     return changed
+
+
+def _both_nan(a: Any, b: Any) -> bool:
+    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
 
 
 def _first_eval_batch(eval_data) -> Batch | None:
@@ -488,6 +549,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if engine.custom_model:  # a rerun without it would build the library's model
         cls = type(engine.model)
         record["model"]["module"] = f"{cls.__module__}.{cls.__qualname__}"
+    record["run"] = _run_record(seed, num_steps, engine)
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
@@ -628,7 +690,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             log.warning("init_params is not used: %s holds a checkpoint (step %d), and the run "
                         "resumes from it. Fine-tune in a new workdir.", ckpt.directory, step)
     if record_config is not None:
-        record_config()
+        record_config(step, num_steps)
     for hook in hooks:  # e.g. drop what a killed run logged past the restored checkpoint
         if callable(getattr(hook, "on_start", None)):
             hook.on_start(step)
