@@ -194,12 +194,14 @@ def test_attention_scale_may_be_traced_and_masks_may_be_integers():
             rtol=1e-5, atol=1e-6, err_msg=impl)
 
 
-@pytest.mark.parametrize("kv_heads, new, dtype", [
-    (4, 1, "float32"), (2, 3, "float32"),  # one decoded token; a prompt
-    (2, 1, "bfloat16"), (2, 3, "bfloat16")])  # grouped bfloat16 dots XLA:CPU cannot run
-def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new, dtype):
+@pytest.mark.parametrize("kv_heads, new, dtype, index", [
+    (4, 1, "float32", 4), (2, 3, "float32", 4),  # one decoded token; a prompt chunk
+    (2, 3, "float32", 0),  # a prompt into an empty cache: the prefill's own branch
+    (2, 1, "bfloat16", 4), (2, 3, "bfloat16", 4),  # grouped bfloat16 dots XLA:CPU cannot run
+    (2, 3, "bfloat16", 0)])
+def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new, dtype, index):
     """Reading the cache before the write gives attention over the cache after it."""
-    length, index = 9, 4
+    length = 9
     normal = np.random.default_rng(0).standard_normal  # (jax.random compiles per shape)
 
     def draw(shape):  # values the dtype holds exactly, so the reference sees the same inputs
