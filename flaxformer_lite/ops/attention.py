@@ -242,7 +242,7 @@ def cached_attention(
     """
     _check_ranks(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     b, lq, h, d = q.shape
-    hk, length = k_cache.shape[1], k_cache.shape[2]
+    length = k_cache.shape[2]
     _check_bias_mask(bias, mask, (b, h, lq, length))
     if not isinstance(index, jax.core.Tracer):  # concrete: a slice past the end would clamp
         if not 0 <= int(index) <= length - lq:
