@@ -101,7 +101,9 @@ class TransformerConfig:
     # Rows with segment ids or positions given (packed) keep their mask either way.
     padding: str = "anywhere"
     # Rematerialise each layer in the backward pass (`nn.remat`): "none"; "full" keeps only the
-    # layer's input (least memory, the forward recomputed); "dots" also keeps the matmul
+    # layer's input (the least memory kept between the layers, the forward recomputed; at long
+    # context attention's own temporaries dominate, which no policy shrinks, and the
+    # recomputation can raise the peak: `scan_layers` lowers it there); "dots" also keeps the matmul
     # outputs (`checkpoint_dots`); "dots_no_batch" those without a batch dimension, i.e. the
     # projections but not attention's score and weighted-sum products.
     remat: str = "none"

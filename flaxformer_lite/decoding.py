@@ -437,16 +437,21 @@ def _positive_int(name: str, value) -> int:
 def _check_total(cfg: TransformerConfig, prompt_len: int, new, new_name: str) -> int:
     """Prompt plus generated tokens must fit the model's `max_len` (checked before compiling)."""
     new = _positive_int(new_name, new)
+    # Only learned positions have a table of max_len rows; with the others the parameters
+    # do not depend on it, and the limit is the config's to raise (quality past the trained
+    # lengths is another matter).
+    longer = ("build it with a larger TransformerConfig.max_len" if cfg.position == "learned"
+              else f"with position={cfg.position!r} the same parameters run at any length: "
+              "pass the model make_model(config.replace(max_len=N))")
     if prompt_len >= cfg.max_len:
         raise ValueError(f"The prompts are {prompt_len} columns wide (padding included), which "
                          f"leaves no room for new tokens within the model's max_len="
-                         f"{cfg.max_len}; shorten them or their padding.")
+                         f"{cfg.max_len}; shorten them or their padding, or {longer}.")
     if prompt_len + new > cfg.max_len:
         what = f"prompt length {prompt_len} + " if prompt_len else ""
         raise ValueError(
             f"{what}{new_name}={new} exceeds the model's max_len={cfg.max_len}; lower "
-            f"{new_name} to at most {cfg.max_len - prompt_len} or use a model with a larger "
-            "TransformerConfig.max_len.")
+            f"{new_name} to at most {cfg.max_len - prompt_len}, or {longer}.")
     return new
 
 

@@ -125,6 +125,12 @@ class _Embedder(nn.Module):
                 or self.is_mutable_collection("perturbations") and not self.is_initializing()):
             x = self.perturb("token_embeddings", x)
         if cfg.position == "learned":
+            span = concrete_range(positions)  # traced ones are clamped (check_batch checks)
+            if span is not None and (span[0] < 0 or span[1] >= cfg.max_len):
+                raise ValueError(
+                    f"positions hold values in [{span[0]}, {span[1]}], outside the learned "
+                    f"position table of max_len={cfg.max_len} rows (valid: 0.."
+                    f"{cfg.max_len - 1}); they used to be clamped to the last row.")
             x = x + Embed(cfg.max_len, cfg, axes=(None, "embed"), name="position_embed")(
                 jnp.minimum(positions, cfg.max_len - 1))
         elif cfg.position == "sinusoidal":

@@ -333,6 +333,22 @@ def test_layers_name_inputs_of_the_wrong_width():
         ffn.init(jax.random.key(0), jnp.zeros((2, 3, 16)))
 
 
+def test_learned_positions_past_the_table_are_refused(built):
+    """`apply` with learned positions >= max_len returned the last row's logits (clamped)."""
+    cfg, model, params = built["gpt2"]
+    ids = _ids((1, 4))
+    with pytest.raises(ValueError, match=r"positions hold values in \[30, 33\], outside the "
+                       r"learned position table of max_len=24"):
+        model.apply({"params": params}, ids, positions=jnp.arange(30, 34)[None])
+    from flaxformer_lite import decoding
+
+    rotary = fl.get_config("gpt2", position="rotary", **TINY)
+    with pytest.raises(ValueError, match=r"position='rotary' the same parameters run at any "
+                       r"length: pass the model make_model\(config.replace\(max_len=N\)\)"):
+        decoding.generate(fl.make_model(rotary), None, jnp.ones((1, 20), jnp.int32),
+                          max_new_tokens=8)
+
+
 def test_parameters_carry_logical_axes(built):
 
     for name in ("gpt2", "t5_scan", "bert"):

@@ -336,7 +336,8 @@ def _new_slots(x: Array, index, n: int) -> Array:
 # XLA:CPU vectorises (its NaN-propagating max is ~2x slower; a NaN score still makes its row
 # NaN through the exponentials). (5) Score tensors too large to keep around (over
 # _CHUNK_MIN_BYTES) are computed a few batch rows at a time under `lax.scan`, forward and
-# backward, which bounds the memory for long sequences.
+# backward, which bounds the memory of long sequences in batches; a single row is not split
+# (its bidirectional scores are one [heads, q, k] block, its causal ones query blocks).
 _CHUNK_BYTES = 32 * 2**20  # float32 scores per chunk
 _CHUNK_MIN_BYTES = 256 * 2**20  # below this the whole batch is attended at once
 
