@@ -4,7 +4,9 @@ Each script (`lm.py`, `translate.py`, `mlm.py`) takes `--config=FILE` (an ml_col
 config, overridable with `--config.a.b=value`) and `--workdir=DIR`. The workdir collects
 `config.json`, `checkpoints/`, the tokenizer (`tokenizer.json` or `tokenizer.model`),
 `metrics.jsonl` (one JSON line per evaluation, with `step` and `eval_loss` in mean nats per
-target token), TensorBoard events under `tensorboard/`, and `loss.png`. Rerunning with the same
+target token without label smoothing, as `train_metrics.jsonl`'s `train_nll`; the objective
+the console's `eval/loss` shows, smoothing and z-loss included, is `eval_objective`, as
+`train_loss` is), TensorBoard events under `tensorboard/`, and `loss.png`. Rerunning with the same
 workdir resumes; `flaxformer_lite.training.load_run(workdir)` reads the model config, the
 parameters and the tokenizer back.
 """
@@ -36,6 +38,7 @@ from flaxformer_lite.training import (
     ParallelConfig,
     TensorBoardHook,
     is_main_process,
+    learning_rate_at,
     num_updates,
 )
 from flaxformer_lite.training.checkpoint import TOKENIZER_FILES
@@ -155,6 +158,8 @@ def optimizer_config(cfg: ml_collections.ConfigDict) -> OptimizerConfig:
     """`config.optimizer`; an unset `decay_steps` is the run's number of updates, so that
     `--config.num_steps` alone moves the end of the cosine schedule with it."""
     fields = cfg.optimizer.to_dict()
+    if fields.get("clip_norm") == 0:  # the command line's way to say None (no clipping)
+        fields["clip_norm"] = None
     if fields.get("schedule") != "cosine":  # the config file's cosine settings do not apply
         fields["final_learning_rate"] = 0.0
     if fields.get("decay_steps") is None and fields.get("schedule") == "cosine":
@@ -256,11 +261,18 @@ def _tokenizer_bytes(tok) -> bytes:
 def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
     """The line every script prints first: data, devices, parallel mode, model, compile cache."""
     cache = jax.config.jax_compilation_cache_dir or "off"
+    opt = engine.optimizer_config
+    # The schedules peak where the warmup ends; vaswani's `learning_rate` is a multiplier,
+    # so its peak is said in numbers (1e-3 there peaks near 1e-5 at d_model 384).
+    peak_update = max(opt.warmup_steps, 1) if opt.schedule == "vaswani" else opt.warmup_steps
+    peak = float(learning_rate_at(opt, peak_update * opt.accumulation_steps,
+                                  d_model=engine.model_config.d_model))
     return (f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
             f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "
             f"{jax.process_count()} process(es); {engine.describe()}; "
             f"{engine.model_config.architecture} model with "
-            f"{num_params:,} parameters; compilation cache {cache}")
+            f"{num_params:,} parameters; {opt.schedule} learning rate peaking at {peak:.3g} "
+            f"(update {peak_update}); compilation cache {cache}")
 
 
 class MetricsWriter:
@@ -324,6 +336,9 @@ class MetricsWriter:
             for k, v in metrics.items():
                 record[k.replace("/", "_")] = v
             if "eval/nll" in metrics:  # mean nats per target token, without label smoothing
+                # eval_loss is the nll, as the plot's curves and train_nll are; the training
+                # objective (label smoothing, z-loss: the console's eval/loss) is kept beside.
+                record["eval_objective"] = record.get("eval_loss")
                 record["eval_loss"] = metrics["eval/nll"]
                 record["eval_bits_per_token"] = metrics["eval/nll"] / math.log(2)
             with open(self.path, "a") as f:

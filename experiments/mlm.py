@@ -65,7 +65,7 @@ def main(argv):
 
     def eval_batches():
         it = iter(mlm_pipeline(ds, tok, split="validation", batch_size=cfg.eval_batch_size,
-                               max_len=cfg.seq_len, mask_rate=cfg.mask_rate, seed=cfg.seed + 1,
+                               max_len=cfg.seq_len, mask_rate=cfg.mask_rate, seed=cfg.eval_seed,
                                shuffle=False, num_epochs=1, drop_remainder=False,
                                max_predictions=cap))
         return it if not cfg.eval_batches else (b for _, b in zip(range(cfg.eval_batches), it))

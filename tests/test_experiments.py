@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import pytest
 
+from flaxformer_lite import get_config
 from flaxformer_lite.models import init_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,8 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
     first = metrics(work)
     assert [m["step"] for m in first] == [10]
     assert 0 < first[0]["eval_loss"] < 10
+    # eval_loss is the nll (as train_nll); the smoothed objective is kept beside it.
+    assert first[0]["eval_loss"] == first[0]["eval_nll"] and "eval_objective" in first[0]
     run("lm.py", work, "--config.num_steps=20", *common)
     second = metrics(work)
     assert [m["step"] for m in second] == [10, 20]  # resumed from step 10, not restarted
@@ -385,6 +388,33 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     cfg.optimizer.decay_steps, cfg.num_steps = None, 8  # 4 updates inside 100 of warmup
     with pytest.raises(ValueError, match=r"--config.num_steps=8 .*warmup_steps=100"):
         common.optimizer_config(cfg)
+    cfg.num_steps, cfg.optimizer.clip_norm = 5000, 0.0  # the command line's None
+    assert common.optimizer_config(cfg).clip_norm is None
+
+
+def test_the_first_line_names_the_peak_learning_rate(load_script):
+    """vaswani reads `learning_rate` as a multiplier: the config's 1e-3 peaked near 1e-5,
+    silently."""
+    from flaxformer_lite.training import OptimizerConfig, learning_rate_at
+
+    common = load_script("experiments/common.py")
+
+    class Stub:
+        model_config = get_config("gpt2", d_model=384, num_heads=6, num_layers=1, vocab_size=64)
+
+        def describe(self):
+            return "single device"
+
+    for opt, peak_update in ((OptimizerConfig(learning_rate=1e-3, schedule="vaswani",
+                                              warmup_steps=4000), 4000),
+                             (OptimizerConfig(learning_rate=1e-3, schedule="cosine",
+                                              warmup_steps=100, decay_steps=2000), 100)):
+        engine = Stub()
+        engine.optimizer_config = opt
+        line = common.describe_run("data", type("Tok", (), {"kind": "char", "vocab_size": 64}),
+                                   engine, 10)
+        peak = max(float(learning_rate_at(opt, n, d_model=384)) for n in range(0, 8000, 50))
+        assert f"{opt.schedule} learning rate peaking at {peak:.3g} (update {peak_update})" in line
 
 
 @pytest.mark.parametrize("script, flags, message", [

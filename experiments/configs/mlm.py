@@ -19,9 +19,14 @@ def get_config():
     c.mask_rate = 0.15
     c.batch_size = 32
     c.eval_batch_size = 64
-    c.eval_batches = 20  # 0 = the whole validation split
+    # 0 = the whole validation split; else the first eval_batches * eval_batch_size packed
+    # rows of seq_len tokens
+    c.eval_batches = 20
     c.num_steps = 1000
     c.seed = 0
+    # The validation masks' seed: one eval set for every run, whatever its `seed`, so that
+    # runs of a sweep are compared on the same masked tokens.
+    c.eval_seed = 1
     c.log_every = 50
     c.eval_every = 250
     c.checkpoint_every = 500
