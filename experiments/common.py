@@ -258,6 +258,13 @@ def _tokenizer_bytes(tok) -> bytes:
         return tok.save(os.path.join(tmp, "t")).read_bytes()
 
 
+def experiment_record(cfg: ml_collections.ConfigDict, ds) -> dict:
+    """`train(experiment=...)`: the script's whole config, plus the prepared dataset's name,
+    which for local files holds a digest of their contents, so a rerun on an edited corpus
+    at the same path is named among the changed fields."""
+    return {**cfg.to_dict(), "dataset_prepared": ds.info.get("config")}
+
+
 def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
     """The line every script prints first: data, devices, parallel mode, model, compile cache."""
     cache = jax.config.jax_compilation_cache_dir or "off"

@@ -154,7 +154,7 @@ def main(argv):
                    eval_data=eval_data, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   experiment=cfg.to_dict(), hooks=[writer, tokenizer_file],
+                   experiment=common.experiment_record(cfg, ds), hooks=[writer, tokenizer_file],
                    warm_up=(lambda state, engine: sample.warm_up(engine.device_params(state)))
                    if sample else None)
     writer.close()

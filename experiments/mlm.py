@@ -101,7 +101,7 @@ def main(argv):
                    eval_data=eval_batches, eval_fn=eval_fn, eval_every=cfg.eval_every,
                    checkpoint_every=cfg.checkpoint_every,
                    keep_checkpoints=cfg.keep_checkpoints, log_every=cfg.log_every,
-                   experiment=cfg.to_dict(), hooks=[writer, tokenizer_file])
+                   experiment=common.experiment_record(cfg, ds), hooks=[writer, tokenizer_file])
     writer.close()
     if common.finished_before(workdir, result, writer):
         return

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -85,6 +86,8 @@ def test_lm_trains_on_a_local_file_and_resumes(tmp_path):
 
     loaded = load_run(work)
     assert loaded.step == 20 and loaded.experiment["seq_len"] == 16
+    # The corpus's digest is recorded: an edited file at the same path is a changed field.
+    assert re.fullmatch(r"corpus-[0-9a-f]{16}", loaded.experiment["dataset_prepared"])
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("the lazy dog")) == "the lazy dog"
     assert loaded.tokenizer.vocab_size <= loaded.config.vocab_size  # padded to 16s
     assert {x.shape for x in jax.tree.leaves(loaded.params)} == {
