@@ -1190,6 +1190,18 @@ def test_a_rerun_that_cannot_restore_names_the_changed_fields(engine, tmp_path):
               parallel=ParallelConfig(mode="single"), loss=LOSS)
 
 
+def test_a_changed_model_size_is_told_from_the_metadata(engine, tmp_path, caplog):
+    """Parameters of other shapes are refused before Orbax reads them (on a mesh its failed
+    reads printed pages of TensorStore messages around the error)."""
+    run(engine, tmp_path, 2, checkpoint_every=2)
+    wider = TINY.replace(d_ff=128)
+    with pytest.raises(RuntimeError, match=r"model.d_ff: 64 -> 128"):
+        train(wider, OPT, Batches(), workdir=tmp_path, num_steps=4, hooks=[],
+              parallel=ParallelConfig(mode="single"), loss=LOSS)
+    assert "its parameters do not fit this model" in caplog.text
+    assert "(32, 64) -> (32, 128)" in caplog.text
+
+
 def test_damaged_checkpoints_with_unchanged_configs_are_called_damaged(engine, tmp_path):
     """Every checkpoint unreadable, the configs as recorded: the error blamed a config change;
     it now says the files look damaged, quotes the read error and leaves them in place."""

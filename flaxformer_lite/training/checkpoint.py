@@ -297,6 +297,21 @@ class Checkpointer:
         return None
 
     def _restore(self, step: int, abstract_state: Any) -> Restored:
+        # Parameters of other shapes (a changed model config) are told from the metadata:
+        # Orbax's own restore of them fails inside TensorStore, with pages of messages.
+        try:
+            saved = self._manager.item_metadata(step)[STATE_ITEM]
+        except Exception:  # unreadable metadata: the restore below says why
+            saved = None
+        saved = getattr(saved, "tree", saved)
+        params = getattr(abstract_state, "params", None)
+        if isinstance(saved, Mapping) and "params" in saved and params is not None:
+            want, have = flat_leaves(meta.unbox(params)), flat_leaves(saved["params"])
+            differ = sorted(set(want) ^ set(have)) or [
+                f"{k}: {tuple(have[k].shape)} -> {tuple(want[k].shape)}" for k in want
+                if tuple(want[k].shape) != tuple(have[k].shape)]
+            if differ:
+                raise ValueError(f"its parameters do not fit this model: {differ[:3]}")
         out = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state),
             DATA_ITEM: DataStateRestore()}))
