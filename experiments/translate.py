@@ -196,10 +196,12 @@ def main(argv):
     common.plot_losses(workdir, result.history)
     common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
     hyps = decode(result.params, [ex["inputs"] for ex in test])
-    final = score(cfg, hyps, [ex["targets"] for ex in test])
-    final.update(step=result.step, split=cfg.test_split, examples=len(test),
-                 beam_size=cfg.beam_size, alpha=cfg.alpha,
-                 wall_seconds=writer.wall_seconds(t0), parameters=num_params)
+    # The last evaluation's loss and step as lm.py and mlm.py give them, then the test scores.
+    final = common.final_results(workdir, result, wall_seconds=writer.wall_seconds(t0),
+                                 parameters=num_params, dataset=ds.name)
+    final.update(score(cfg, hyps, [ex["targets"] for ex in test]))
+    final.update(split=cfg.test_split, examples=len(test), beam_size=cfg.beam_size,
+                 alpha=cfg.alpha)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

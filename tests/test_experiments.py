@@ -114,6 +114,8 @@ def test_translate_reverse_task(tmp_path):
     assert all("eval_loss" in m and "eval_exact_match" in m for m in evals)
     result = json.loads((tmp_path / "work" / "results.json").read_text())
     assert result["examples"] == 16 and 0.0 <= result["exact_match"] <= 1.0
+    assert result["eval_loss"] == evals[-1]["eval_loss"] and result["eval_step"] == 20
+    assert result["dataset"].startswith("synthetic")
     assert "exact_match" in out
     # The trained run translates a file of one's own, one hypothesis a line, no training.
     sources = tmp_path / "sources.txt"
