@@ -446,6 +446,20 @@ def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_batch_the_cpu_devices_cannot_split_names_the_setting(tmp_path):
+    """lm.py splits the CPU in two devices: a batch of 7 named only the batch shards."""
+    cmd = [sys.executable, str(ROOT / "experiments" / "lm.py"), f"--workdir={tmp_path / 'w'}",
+           f"--config.data_dir={tmp_path / 'data'}", "--config.num_steps=2", *TINY_MODEL,
+           "--config.model.max_len=32", "--config.seq_len=16", "--config.batch_size=7",
+           "--config.optimizer.schedule=constant", "--config.optimizer.final_learning_rate=0.0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode != 0 and (
+        "multiple of 2; these devices split one CPU (jax_num_cpu_devices; the experiment "
+        "scripts' --config.parallel.cpu_devices, 0 for one device)" in res.stderr), (
+        res.stderr[-2000:])
+
+
 def test_the_tokenizer_is_written_once_train_holds_the_workdir(tmp_path, load_script):
     """A second launch on a workdir in use must not replace the running job's tokenizer
     before the lock refuses it: building the hook writes nothing, its on_start does."""

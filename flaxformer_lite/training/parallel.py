@@ -499,13 +499,18 @@ class Engine:
                 value = np.asarray(value)  # device arrays stay on device (no host round trip)
             rows = value.shape[0]
             if rows % local_shards:
+                k = self.parallel.microbatches
+                one_cpu = (jax.process_count() == 1
+                           and all(d.platform == "cpu" for d in self.devices))
                 raise ValueError(
                     f"Batch {key!r} has {rows} examples on this process, not divisible by its "
                     f"{local_shards} batch shards ({self.describe()}); make the per-process "
                     f"batch size a multiple of {local_shards}"
-                    + (f" (of {local_shards * self.parallel.microbatches} for training with "
-                       f"{self.parallel.microbatches} micro-batches)"
-                       if self.parallel.microbatches > 1 else "") + ".")
+                    + (f" (of {local_shards * k} for training with {k} micro-batches)"
+                       if k > 1 else "")
+                    + ("; these devices split one CPU (jax_num_cpu_devices; the experiment "
+                       "scripts' --config.parallel.cpu_devices, 0 for one device)"
+                       if one_cpu else "") + ".")
             if abstract:
                 out[key] = jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target)
             elif self.mode == "pmap":
