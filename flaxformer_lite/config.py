@@ -20,7 +20,7 @@ import numpy as np
 
 ARCHITECTURES = ("encoder_decoder", "decoder_only", "encoder_only")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "reglu")
-POSITIONS = ("sinusoidal", "learned", "rotary", "relative", "none")
+POSITIONS = ("sinusoidal", "learned", "rotary", "relative", "alibi", "none")
 NORMS = ("layer", "rms")
 NORM_POSITIONS = ("pre", "post")
 ATTENTION_IMPLEMENTATIONS = ("ops", "xla", "cudnn")
@@ -51,6 +51,9 @@ class TransformerConfig:
     num_decoder_layers: int | None = None  # encoder_decoder only; default num_layers
     max_len: int = 256
     activation: str = "gelu"
+    # "learned" absolute table (max_len rows), "sinusoidal" (Vaswani), "rotary" (RoFormer),
+    # "relative" (T5's learned buckets), "alibi" (Press et al. 2022: fixed linear biases, no
+    # parameters), or "none"; only "learned" ties the model to max_len.
     position: str = "learned"
     norm: str = "layer"
     norm_position: str = "pre"

@@ -173,6 +173,8 @@ class Encoder(nn.Module):
             # One [1, heads, q, kv] bias for every row, unless positions were given.
             bias = RelativePositionBias(cfg, bidirectional=True, name="relative_bias")(
                 rel_pos, rel_pos)
+        elif cfg.position == "alibi":
+            bias = ops.alibi_bias(cfg.num_heads, rel_pos, rel_pos)
         x = LayerStack(cfg, cfg.encoder_layers, name="layers")(
             x, self_mask=mask, self_bias=bias, positions=positions, deterministic=deterministic)
         if cfg.final_norm:
@@ -241,6 +243,8 @@ class Decoder(nn.Module):
         if cfg.position == "relative":
             bias = RelativePositionBias(cfg, bidirectional=False, name="relative_bias")(
                 rel_q, rel_kv)
+        elif cfg.position == "alibi":
+            bias = ops.alibi_bias(cfg.num_heads, rel_q, rel_kv)
         cross_mask = None
         if self.has_cross:
             enc_seg = (jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None

@@ -13,7 +13,7 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(num_layers=-1), "num_layers"),
     (dict(vocab_size=2.5), "vocab_size"),
     (dict(activation="tanh"), "activation='tanh' is not one of relu, gelu"),
-    (dict(position="alibi"), "position='alibi' is not one of sinusoidal"),
+    (dict(position="xpos"), "position='xpos' is not one of sinusoidal"),
     (dict(norm="batch"), "norm='batch' is not one of layer, rms"),
     (dict(norm_position="middle"), "norm_position"),
     (dict(dtype="float8"), "dtype"),

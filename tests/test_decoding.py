@@ -49,6 +49,7 @@ def random_params(model, seed: int = SEED):
 CONFIGS = {
     "gpt_learned": tiny(position="learned"),
     "gpt_rotary_gqa": tiny(position="rotary", num_kv_heads=2, scan_layers=True),
+    "gpt_alibi_gqa": tiny(position="alibi", num_kv_heads=2),
     "encdec_sinusoidal": tiny(architecture="encoder_decoder", position="sinusoidal",
                               norm_position="post", final_norm=False, scale_embeddings=True,
                               activation="relu", share_encoder_decoder_embeddings=False),

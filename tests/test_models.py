@@ -333,6 +333,27 @@ def test_layers_name_inputs_of_the_wrong_width():
         ffn.init(jax.random.key(0), jnp.zeros((2, 3, 16)))
 
 
+@pytest.mark.parametrize("arch", ["decoder_only", "encoder_only"])
+def test_alibi_depends_on_distances_only(arch):
+    """ALiBi (`position="alibi"`): no parameters of its own; shifting every position leaves
+    the outputs unchanged (it sees distances), and the bias is in effect (the outputs differ
+    from `position="none"` with the same parameters)."""
+    extra = dict(mlm_head=True, type_vocab_size=0) if arch == "encoder_only" else {}
+    cfg = fl.get_config("gpt2", **TINY).replace(architecture=arch, position="alibi", **extra)
+    model = fl.make_model(cfg)
+    params = nn.meta.unbox(fl.init_params(cfg, jax.random.key(0)))
+    none = jax.eval_shape(lambda: nn.meta.unbox(fl.init_params(cfg.replace(position="none"),
+                                                               jax.random.key(0))))
+    assert jax.tree.structure(none) == jax.tree.structure(params)
+    ids = _ids((2, 9))
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    base = _apply(model, params, {"inputs": ids, "positions": positions})
+    shifted = _apply(model, params, {"inputs": ids, "positions": positions + 7})
+    np.testing.assert_allclose(shifted, base, atol=1e-5)
+    plain = _apply(fl.make_model(cfg.replace(position="none")), params, {"inputs": ids})
+    assert np.max(np.abs(np.asarray(plain) - np.asarray(base))) > 1e-3
+
+
 def test_learned_positions_past_the_table_are_refused(built):
     """`apply` with learned positions >= max_len returned the last row's logits (clamped)."""
     cfg, model, params = built["gpt2"]

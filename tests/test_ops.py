@@ -266,6 +266,42 @@ def test_mask_builders_match_loops():
     assert ops.combine_masks(None, None) is None
 
 
+def test_window_and_prefix_masks_match_loops():
+    for q_len, kv_len, window, offset in ((5, 5, 2, 0), (3, 7, 3, 4), (4, 4, 10, 0)):
+        got = np.asarray(ops.sliding_window_mask(q_len, kv_len, window=window, offset=offset))
+        assert got.shape == (1, 1, q_len, kv_len)
+        for i in range(q_len):
+            for j in range(kv_len):
+                assert got[0, 0, i, j] == (i + offset - window < j <= i + offset), (i, j)
+    prefix = np.array([3, 0, 5])
+    got = np.asarray(ops.prefix_lm_mask(prefix, 5))
+    assert got.shape == (3, 1, 5, 5)
+    for b in range(3):
+        for i in range(5):
+            for j in range(5):
+                assert got[b, 0, i, j] == (j <= i or j < prefix[b]), (b, i, j)
+    with pytest.raises(ValueError, match="window=0"):
+        ops.sliding_window_mask(4, window=0)
+
+
+def test_alibi_slopes_and_bias_follow_the_paper():
+    """Slopes: 2^-1 ... 2^-8 for 8 heads (Press et al. 2022); for 12, the 8-head slopes then
+    the odd-indexed ones of 16 heads, 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5 (the reference code)."""
+    np.testing.assert_allclose(ops.alibi_slopes(8), [2.0 ** -i for i in range(1, 9)])
+    np.testing.assert_allclose(ops.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)]
+                               + [2.0 ** -(i + 0.5) for i in range(4)], rtol=1e-6)
+    np.testing.assert_allclose(ops.alibi_slopes(1), [2.0 ** -8])
+    q, k = np.array([[3, 4]]), np.array([[0, 1, 2, 3, 4]])
+    bias = np.asarray(ops.alibi_bias(12, q, k))
+    slopes = ops.alibi_slopes(12)
+    assert bias.shape == (1, 12, 2, 5)
+    for h in range(12):
+        for i in range(2):
+            for j in range(5):
+                assert bias[0, h, i, j] == pytest.approx(-slopes[h] * abs(q[0, i] - k[0, j]))
+    assert ops.alibi_bias(4, np.arange(3), np.arange(5)).shape == (1, 4, 3, 5)
+
+
 def test_sinusoidal_matches_paper_formula():
     length, d = 50, 16
     table = np.asarray(ops.sinusoidal_embedding(jnp.arange(length), d))

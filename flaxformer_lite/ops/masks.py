@@ -24,6 +24,32 @@ def causal_mask(q_length: int, kv_length: int | None = None, *, offset: int = 0)
     return (k <= q)[None, None]
 
 
+def sliding_window_mask(q_length: int, kv_length: int | None = None, *, window: int,
+                        offset: int = 0) -> Array:
+    """`[1, 1, q_length, kv_length]`: query i sees the `window` keys ending at its own
+    position, `i + offset - window < j <= i + offset` (Longformer's and Mistral's local causal
+    attention; `offset` as in `causal_mask`)."""
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window_mask: window={window!r} must be a positive integer.")
+    kv_length = q_length if kv_length is None else kv_length
+    q = jnp.arange(q_length)[:, None] + offset
+    k = jnp.arange(kv_length)[None, :]
+    return ((k <= q) & (k > q - window))[None, None]
+
+
+def prefix_lm_mask(prefix_lengths: Array, length: int) -> Array:
+    """`[batch, 1, length, length]`: a prefix LM's mask (T5's prefix LM, UniLM): every token
+    sees the whole prefix of its row (its first `prefix_lengths[b]` tokens, bidirectionally)
+    and, after it, the tokens up to itself."""
+    prefix = jnp.asarray(prefix_lengths)
+    if prefix.ndim != 1:
+        raise ValueError(f"prefix_lm_mask: prefix_lengths has shape {prefix.shape}; it must be "
+                         "[batch].")
+    q = jnp.arange(length)[:, None]
+    k = jnp.arange(length)[None, :]
+    return ((k <= q)[None] | (k[None] < prefix[:, None, None]))[:, None]
+
+
 def causal_mask_from_positions(q_positions: Array, kv_positions: Array) -> Array:
     """`[batch, 1, q, kv]` causal mask from explicit positions `[batch, q]`, `[batch, kv]`."""
     return (kv_positions[:, None, None, :] <= q_positions[:, None, :, None])

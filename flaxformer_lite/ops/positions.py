@@ -1,4 +1,5 @@
-"""Position information: sinusoidal tables, rotary embeddings, T5 relative-position buckets.
+"""Position information: sinusoidal tables, rotary embeddings, T5 relative-position buckets,
+ALiBi's linear biases.
 
 Learned absolute positions are a plain embedding table and live in `flaxformer_lite.layers`.
 """
@@ -128,4 +129,34 @@ def relative_position_bias(table: Array, q_positions: Array, kv_positions: Array
                                        num_buckets=num_buckets, max_distance=max_distance)
     bias = jnp.take(table, buckets, axis=0)  # [..., q, kv, heads]
     bias = jnp.moveaxis(bias, -1, -3)
+    return bias if bias.ndim == 4 else bias[None]
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi's per-head slopes `[heads]` (Press et al. 2022): the geometric sequence
+    `2 ** (-8 i / n)`, i = 1..n, for n heads a power of two; otherwise those of the largest
+    power of two below n, then every other slope of twice that many heads (the authors'
+    reference code, as BLOOM uses it)."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads={num_heads!r} must be a positive integer.")
+
+    def powers(n):
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    base = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = powers(base) + powers(2 * base)[0::2][:num_heads - base]
+    return np.asarray(slopes, np.float32)
+
+
+def alibi_bias(num_heads: int, q_positions: Array, kv_positions: Array) -> Array:
+    """ALiBi's additive attention bias `-slope_h * |q - k|` in float32, no parameters.
+
+    Positions `[q]`/`[kv]` give `[1, heads, q, kv]`; `[batch, q]`/`[batch, kv]` give
+    `[batch, heads, q, kv]`. Causal attention masks the keys after each query, so there it is
+    the paper's `-slope * (q - k)`; bidirectional encoders see the distance both ways.
+    """
+    distance = jnp.abs(jnp.asarray(kv_positions)[..., None, :]
+                       - jnp.asarray(q_positions)[..., :, None]).astype(jnp.float32)
+    slopes = jnp.asarray(alibi_slopes(num_heads))[:, None, None]
+    bias = -slopes * distance[..., None, :, :]
     return bias if bias.ndim == 4 else bias[None]
