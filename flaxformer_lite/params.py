@@ -29,7 +29,7 @@ import json
 import math
 import numbers
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -82,7 +82,9 @@ def _component(path: tuple[str, ...]) -> str:
         return "attention"
     if "mlp" in path:
         return "feed_forward"
-    return "output_head"  # untied logits, pooler, masked-LM head
+    if any(p in ("logits", "pooler") or p.startswith("mlm") for p in path):
+        return "output_head"  # untied logits, pooler, masked-LM head
+    return "other"  # a module of your own (a router, experts, ...)
 
 
 def param_shapes(config: TransformerConfig | str):
@@ -96,28 +98,35 @@ def param_shapes(config: TransformerConfig | str):
     return nn.meta.unbox(variables["params"])
 
 
-def breakdown(config: TransformerConfig | str) -> dict[str, int]:
+def breakdown(config: TransformerConfig | str | Mapping) -> dict[str, int]:
     """Parameter count per component (see `COMPONENTS`) plus `"total"`.
 
-    Traced with `scan_layers=True`: scanning stacks identical layers' parameters on a leading
-    axis, so every count is the same while tracing costs one layer instead of `num_layers`.
+    Of `make_model(config)`, traced with `scan_layers=True`: scanning stacks identical layers'
+    parameters on a leading axis, so every count is the same while tracing costs one layer
+    instead of `num_layers`. Or of a parameter tree (arrays or `ShapeDtypeStruct`s, boxed or
+    not: a model of your own, e.g. `jax.eval_shape(model.init, ...)["params"]`), by module
+    names as the library's layers use them; what none of them names counts as `"other"`.
     """
+    if isinstance(config, Mapping):
+        return _tally(nn.meta.unbox(config))
     config = get_config(config) if isinstance(config, str) else config
     return _tally(param_shapes(config.replace(scan_layers=True)))
 
 
 def _tally(shapes) -> dict[str, int]:
-    """Per-component counts of a parameter pytree (of arrays or `ShapeDtypeStruct`s)."""
+    """Per-component counts of a parameter pytree (of arrays or `ShapeDtypeStruct`s); an
+    `"other"` entry only when some parameter belongs to none of `COMPONENTS`."""
     counts = dict.fromkeys(COMPONENTS, 0)
     for path, leaf in jax.tree.leaves_with_path(shapes):
         keys = tuple(str(getattr(k, "key", k)) for k in path)
-        counts[_component(keys)] += math.prod(leaf.shape)
-    counts["total"] = sum(counts[c] for c in COMPONENTS)
+        component = _component(keys)
+        counts[component] = counts.get(component, 0) + math.prod(leaf.shape)
+    counts["total"] = sum(counts.values())
     return counts
 
 
-def count(config: TransformerConfig | str) -> int:
-    """Exact number of parameters of `make_model(config)`."""
+def count(config: TransformerConfig | str | Mapping) -> int:
+    """Exact number of parameters of `make_model(config)`, or of a parameter tree."""
     return breakdown(config)["total"]
 
 

@@ -190,3 +190,24 @@ def test_sizing_a_user_config():
     r = params.report(cfg, name="mine")
     assert (r.name, r.counts["total"], r.published) == ("mine", n, None)
     assert params.report(cfg).name == "custom"
+
+
+def test_breakdown_of_a_parameter_tree_of_your_own():
+    """A user's tree (a mixture-of-experts feed-forward beside the library's names): counted
+    exactly, its own modules as "other" (they used to land in output_head); the library's
+    heads stay in output_head."""
+    import numpy as np
+
+    tree = {"token_embed": {"embedding": np.zeros((100, 16))},
+            "layer_0": {"attention": {"qkv": {"kernel": np.zeros((16, 3, 2, 8))}},
+                        "norm": {"scale": np.zeros(16)},
+                        "router": {"kernel": np.zeros((16, 4))},
+                        "experts": {"wi": np.zeros((4, 16, 64)), "wo": np.zeros((4, 64, 16))}}}
+    counts = params.breakdown(tree)
+    assert counts["total"] == params.count(tree) == sum(x.size for x in jax.tree.leaves(tree))
+    assert counts["other"] == 16 * 4 + 2 * 4 * 16 * 64 and counts["output_head"] == 0
+    assert counts["attention"] == 16 * 48 and counts["norms"] == 16
+    for cfg in (get_config("bert-base", mlm_head=True),
+                get_config("t5-small", tie_embeddings=False, scale_tied_logits=False)):
+        c = params.breakdown(cfg)
+        assert "other" not in c and c["output_head"] > 0
