@@ -445,6 +445,12 @@ class TransformerLayer(nn.Module):
     decode: bool = False
     deterministic: bool = True
     causal: bool = False
+    # The sub-layers' classes (None: MultiHeadAttention, FeedForward). A subclass that sets
+    # one swaps that part, e.g. a mixture of experts for the feed-forward; it is built as
+    # `cls(config, residual_layers=..., name=...)` (attention also with `is_cross=True`) and
+    # called as they are.
+    attention_cls: Any = None
+    ffn_cls: Any = None
 
     @nn.compact
     def __call__(self, x: Array, _unused: Any = None, encoded: Array | None = None,
@@ -463,17 +469,18 @@ class TransformerLayer(nn.Module):
             y = fn(x)
             return Norm(cfg, name=f"{name}_norm")(x + drop(y, deterministic=deterministic))
 
-        attn = MultiHeadAttention(cfg, residual_layers=depth, name="self_attention")
+        attention_cls = self.attention_cls or MultiHeadAttention
+        attn = attention_cls(cfg, residual_layers=depth, name="self_attention")
         x = sublayer("self_attention", lambda y: attn(
             y, mask=self_mask, bias=self_bias, q_positions=positions, decode=decode,
             cache_index=cache_index, deterministic=deterministic, is_causal=self.causal), x)
         if self.has_cross:
-            cross = MultiHeadAttention(cfg, is_cross=True, residual_layers=depth,
-                                       name="cross_attention")
+            cross = attention_cls(cfg, is_cross=True, residual_layers=depth,
+                                  name="cross_attention")
             x = sublayer("cross_attention", lambda y: cross(
                 y, encoded, mask=cross_mask, decode=decode, cache_index=cache_index,
                 deterministic=deterministic), x)
-        ffn = FeedForward(cfg, residual_layers=depth, name="mlp")
+        ffn = (self.ffn_cls or FeedForward)(cfg, residual_layers=depth, name="mlp")
         x = sublayer("mlp", lambda y: ffn(y, deterministic=deterministic), x)
         x = constrain(x, ("batch", "length", "act_embed"))
         return x, None
@@ -509,13 +516,14 @@ class LayerStack(nn.Module):
     config: TransformerConfig
     num_layers: int
     has_cross: bool = False
+    layer_cls: Any = None  # a TransformerLayer subclass; None: TransformerLayer
 
     @nn.compact
     def __call__(self, x: Array, *, encoded=None, self_mask=None, self_bias=None,
                  cross_mask=None, positions=None, decode=False, cache_index=None,
                  deterministic=True, causal=False) -> Array:
         cfg = self.config
-        layer_cls = TransformerLayer
+        layer_cls = self.layer_cls or TransformerLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(layer_cls, policy=_REMAT_POLICIES[cfg.remat],
                                  prevent_cse=not cfg.scan_layers)

@@ -153,6 +153,7 @@ class Encoder(nn.Module):
 
     config: TransformerConfig
     token_embed: nn.Module
+    layer_cls: Any = None  # see `DecoderOnly.layer_cls`
 
     @nn.compact
     def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
@@ -175,7 +176,7 @@ class Encoder(nn.Module):
                 rel_pos, rel_pos)
         elif cfg.position == "alibi":
             bias = ops.alibi_bias(cfg.num_heads, rel_pos, rel_pos)
-        x = LayerStack(cfg, cfg.encoder_layers, name="layers")(
+        x = LayerStack(cfg, cfg.encoder_layers, layer_cls=self.layer_cls, name="layers")(
             x, self_mask=mask, self_bias=bias, positions=positions, deterministic=deterministic)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
@@ -193,6 +194,7 @@ class Decoder(nn.Module):
     config: TransformerConfig
     token_embed: nn.Module
     has_cross: bool = True
+    layer_cls: Any = None  # see `DecoderOnly.layer_cls`
 
     @nn.compact
     def __call__(self, ids: Array, *, encoded: Array | None = None,
@@ -254,7 +256,8 @@ class Decoder(nn.Module):
                                               (enc_seg != 0).astype(jnp.int32))
             else:
                 cross_mask = ops.segment_mask(segment_ids, enc_seg)
-        x = LayerStack(cfg, cfg.decoder_layers, has_cross=self.has_cross, name="layers")(
+        x = LayerStack(cfg, cfg.decoder_layers, has_cross=self.has_cross,
+                       layer_cls=self.layer_cls, name="layers")(
             x, encoded=encoded, self_mask=mask, self_bias=bias, cross_mask=cross_mask,
             positions=positions, decode=decode, cache_index=cache_index,
             deterministic=deterministic, causal=not decode)
@@ -326,13 +329,21 @@ def decode_state(module: nn.Module, ids: Array, positions: Array | None, valid: 
 
 
 class DecoderOnly(nn.Module):
-    """GPT-style language model: `ids [batch, length] -> logits [batch, length, vocab]`."""
+    """GPT-style language model: `ids [batch, length] -> logits [batch, length, vocab]`.
+
+    `layer_cls`: the layer class of its stack, `layers.TransformerLayer` by default. A subclass
+    of it swaps one part and keeps the rest (norms, residuals, dropout, remat, scan, the KV
+    cache), e.g. `class MoELayer(TransformerLayer): ffn_cls: Any = MyMixtureOfExperts`, then
+    `DecoderOnly(config, layer_cls=MoELayer)`. `EncoderDecoder` and `EncoderOnly` take it too.
+    """
 
     config: TransformerConfig
+    layer_cls: Any = None
 
     def setup(self):
         self.token_embed = _embed_table(self.config, "token_embed")
-        self.decoder = Decoder(self.config, self.token_embed, has_cross=False)
+        self.decoder = Decoder(self.config, self.token_embed, has_cross=False,
+                               layer_cls=self.layer_cls)
 
     def __call__(self, inputs: Array, *, segment_ids: Array | None = None,
                  positions: Array | None = None, decode: bool = False,
@@ -346,6 +357,7 @@ class EncoderDecoder(nn.Module):
     """Sequence-to-sequence Transformer (Vaswani et al. 2017; T5 with a T5 config)."""
 
     config: TransformerConfig
+    layer_cls: Any = None  # see `DecoderOnly.layer_cls`
 
     def setup(self):
         cfg = self.config
@@ -358,8 +370,8 @@ class EncoderDecoder(nn.Module):
         else:
             enc_embed = _embed_table(cfg, "encoder_token_embed")
             dec_embed = _embed_table(cfg, "decoder_token_embed")
-        self.encoder = Encoder(cfg, enc_embed)
-        self.decoder = Decoder(cfg, dec_embed, has_cross=True)
+        self.encoder = Encoder(cfg, enc_embed, layer_cls=self.layer_cls)
+        self.decoder = Decoder(cfg, dec_embed, has_cross=True, layer_cls=self.layer_cls)
 
     def encode(self, inputs: Array, *, segment_ids: Array | None = None,
                positions: Array | None = None, deterministic: bool = True) -> Array:
@@ -422,6 +434,7 @@ class EncoderOnly(nn.Module):
     """
 
     config: TransformerConfig
+    layer_cls: Any = None  # see `DecoderOnly.layer_cls`
 
     def setup(self):
         cfg = self.config
@@ -429,7 +442,7 @@ class EncoderOnly(nn.Module):
             raise ValueError(f"EncoderOnly needs architecture='encoder_only', "
                              f"got {cfg.architecture!r}.")
         self.token_embed = _embed_table(cfg, "token_embed")
-        self.encoder = Encoder(cfg, self.token_embed)
+        self.encoder = Encoder(cfg, self.token_embed, layer_cls=self.layer_cls)
         if cfg.pooler:
             self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), cfg,
                                 name="pooler")

@@ -354,6 +354,64 @@ def test_alibi_depends_on_distances_only(arch):
     assert np.max(np.abs(np.asarray(plain) - np.asarray(base))) > 1e-3
 
 
+class _TwoExperts(nn.Module):
+    """A soft mixture of two feed-forward experts: the user's module swapped in by a
+    `TransformerLayer` subclass."""
+
+    config: fl.TransformerConfig
+    residual_layers: int = 0
+
+    @nn.compact
+    def __call__(self, x, *, deterministic=True):
+        gate = jax.nn.softmax(nn.Dense(2, name="router")(x), axis=-1)
+        experts = [fl.FeedForward(self.config, self.residual_layers, name=f"expert_{i}")(
+            x, deterministic=deterministic) for i in range(2)]
+        return gate[..., :1] * experts[0] + gate[..., 1:] * experts[1]
+
+
+class _MoELayer(fl.TransformerLayer):
+    ffn_cls: object = _TwoExperts
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_layer_subclass_swaps_the_feed_forward(scan):
+    """`DecoderOnly(config, layer_cls=...)`: with the router at zero and both experts holding
+    the plain model's feed-forward weights, the logits are the plain model's (so the swapped
+    module is the one running, under remat and scan too); decoding it with the cache matches
+    recomputation."""
+    from flaxformer_lite import decoding
+
+    cfg = fl.get_config("gpt2", **TINY).replace(scan_layers=scan, remat="full")
+    plain = fl.make_model(cfg)
+    moe = fl.DecoderOnly(cfg, layer_cls=_MoELayer)
+    ids = _ids((2, 7))
+    plain_params = nn.meta.unbox(plain.init(jax.random.key(0), ids)["params"])
+    moe_params = nn.meta.unbox(moe.init(jax.random.key(1), ids)["params"])
+    layers = [k for k in moe_params["decoder"]["layers"]]
+
+    def mixed(path, leaf):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if "router" in keys:
+            return jnp.zeros_like(leaf)
+        at = plain_params  # the same path, an expert's as the plain feed-forward's
+        for k in keys:
+            at = at if k.startswith("expert_") else at[k]
+        return at
+
+    copied = jax.tree.map_with_path(mixed, moe_params)
+    # The experts and their router count as the feed-forward (they sit under "mlp").
+    assert layers and fl.params.breakdown(copied)["feed_forward"] == (
+        2 * fl.params.breakdown(plain_params)["feed_forward"] + cfg.num_layers * (32 * 2 + 2))
+    np.testing.assert_allclose(moe.apply({"params": copied}, ids),
+                               plain.apply({"params": plain_params}, ids), atol=1e-5)
+    prompts = np.asarray(_ids((2, 4), seed=3))
+    run = decoding.generate(moe, moe_params, prompts, max_new_tokens=5, greedy=True,
+                            stop_tokens=(), return_logits=True)
+    ref = decoding.generate_no_cache(moe, moe_params, prompts, max_new_tokens=5, greedy=True,
+                                     stop_tokens=(), return_logits=True)
+    np.testing.assert_allclose(run.logits, ref.logits, atol=1e-5)
+
+
 def test_learned_positions_past_the_table_are_refused(built):
     """`apply` with learned positions >= max_len returned the last row's logits (clamped)."""
     cfg, model, params = built["gpt2"]
