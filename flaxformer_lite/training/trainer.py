@@ -547,8 +547,12 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx, model=model)
     if engine.custom_model:  # a rerun without it would build the library's model
-        cls = type(engine.model)
-        record["model"]["module"] = f"{cls.__module__}.{cls.__qualname__}"
+        def name(cls):
+            return f"{cls.__module__}.{cls.__qualname__}"
+
+        layer = getattr(engine.model, "layer_cls", None)
+        record["model"]["module"] = name(type(engine.model)) + (
+            f"(layer_cls={name(layer)})" if layer is not None else "")
     record["run"] = _run_record(seed, num_steps, engine)
     log.info("Training on %s.", engine.describe())
     if main:
