@@ -109,10 +109,11 @@ def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
 
 def uses_dropout(model: nn.Module) -> bool:
     """Whether the train step runs `model` with `deterministic=False` and a "dropout" key:
-    the library's models when their config has a dropout rate, a model of your own always
-    (its dropout may be its own)."""
+    the library's models when their config has a dropout rate, a model of your own (or one
+    with a `layer_cls` of your own) always: its dropout may be its own."""
     cfg = model.config
-    if type(model).__module__ == "flaxformer_lite.models":
+    if (type(model).__module__ == "flaxformer_lite.models"
+            and getattr(model, "layer_cls", None) is None):
         return cfg.dropout_rate > 0 or cfg.attention_dropout_rate > 0
     return True
 
