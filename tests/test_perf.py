@@ -47,15 +47,21 @@ def numpy_attention(q, k, v, bias=None, mask=None):
     return np.einsum("bhqk,bkhd->bqhd", w, v)
 
 
-@pytest.fixture(params=["whole batch", "chunked", "query blocks", "chunked, query blocks"])
+@pytest.fixture(params=["whole batch", "chunked", "query blocks", "chunked, query blocks",
+                        "query chunks", "chunked, query chunks"])
 def chunking(request, monkeypatch):
-    """Run the CPU attention path on the whole batch or one batch row per chunk, and causal
-    attention in one block or in blocks of two queries (the last block shorter)."""
+    """Run the CPU attention path on the whole batch or one batch row per chunk, causal
+    attention in one block or in blocks of two queries (the last block shorter), and
+    bidirectional attention in one piece or scanned over chunks of two queries (the remainder
+    in a last call)."""
     if "chunked" in request.param:
         monkeypatch.setattr(attention_module, "_CHUNK_MIN_BYTES", 0)
         monkeypatch.setattr(attention_module, "_CHUNK_BYTES", 1)
     if "blocks" in request.param:
         monkeypatch.setattr(attention_module, "_query_block", lambda lq: 2)
+    if "query chunks" in request.param:
+        monkeypatch.setattr(attention_module, "_query_chunk",
+                            lambda b, h, lq, lk, causal, chunk: lq if causal else 2)
     return request.param
 
 
@@ -147,6 +153,14 @@ def test_batch_chunk_sizes():
     assert chunk(64, 16 * 512 * 512) == 2  # 16 MiB rows, 32 MiB chunks
     for b in (6, 10, 64):
         assert b % chunk(b, 16 * 512 * 512) == 0
+    # Bidirectional scores of one batch chunk past 256 MiB run in scanned query chunks of
+    # ~32 MiB: one 8192-token row of 4 heads (1 GiB of scores) in 256-query chunks.
+    queries = attention_module._query_chunk
+    assert queries(1, 4, 8192, 8192, False, 1) == 256
+    assert queries(1, 4, 8192, 8192, True, 1) == 8192  # causal: its query blocks instead
+    assert queries(64, 6, 256, 256, False, 64) == 256  # 96 MiB: whole
+    assert queries(1, 1, 65536, 65536, False, 1) == 128
+    assert queries(1, 64, 4096, 16384, False, 1) == 64  # at least 64 queries
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])

@@ -336,8 +336,9 @@ def _new_slots(x: Array, index, n: int) -> Array:
 # XLA:CPU vectorises (its NaN-propagating max is ~2x slower; a NaN score still makes its row
 # NaN through the exponentials). (5) Score tensors too large to keep around (over
 # _CHUNK_MIN_BYTES) are computed a few batch rows at a time under `lax.scan`, forward and
-# backward, which bounds the memory of long sequences in batches; a single row is not split
-# (its bidirectional scores are one [heads, q, k] block, its causal ones query blocks).
+# backward, which bounds the memory of long sequences in batches; when the batch is not split
+# (one row, or rows that fit), bidirectional scores that large are computed a chunk of
+# queries at a time under `lax.scan` instead (causal ones already run in query blocks).
 _CHUNK_BYTES = 32 * 2**20  # float32 scores per chunk
 _CHUNK_MIN_BYTES = 256 * 2**20  # below this the whole batch is attended at once
 
@@ -365,6 +366,16 @@ def _batch_chunk(b: int, scores_per_row: int) -> int:
     return size
 
 
+def _query_chunk(b: int, h: int, lq: int, lk: int, causal: bool, chunk: int) -> int:
+    """Queries per scanned chunk of bidirectional attention: all of them unless the scores of
+    one batch chunk (`chunk` rows of the `b`) pass _CHUNK_MIN_BYTES, else chunks of about
+    _CHUNK_BYTES (at least 64 queries; a last, shorter chunk takes the remainder)."""
+    del b
+    if causal or chunk * h * lq * lk * 4 < _CHUNK_MIN_BYTES:
+        return lq
+    return min(lq, max(64, _CHUNK_BYTES // (4 * chunk * h * lk)))
+
+
 def _query_block(lq: int) -> int:
     """Queries per block of causal attention (measured on a 2-core x86 CPU, forward + backward:
     32 best up to 128 queries, 64 up to 1024, then a sixteenth of the length)."""
@@ -385,8 +396,9 @@ def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
         mask5 = mask5.astype(bool)
     block = _query_block(lq) if causal else lq
     chunk = _batch_chunk(b, h * lq * lk)
+    qchunk = _query_chunk(b, h, lq, lk, causal, chunk)
     out = _attention_core(q.reshape(b, lq, hk, g, d), k, v, bias5, mask5, float(scale), chunk,
-                          causal, block)
+                          causal, block, qchunk)
     return out.reshape(b, lq, h, v.shape[-1])
 
 
@@ -459,8 +471,9 @@ def _forward(q, k, v, bias, mask, scale, causal, block):
     return o.transpose(0, 3, 1, 2, 4), m, total
 
 
-def _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do):
-    """dq `[b, q, hk, g, d]`, dk and dv `[b, k, hk, d]`, and the bias gradient (if a bias)."""
+def _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do, f32=False):
+    """dq `[b, q, hk, g, d]`, dk and dv `[b, k, hk, d]` (in float32 if `f32`, to be summed
+    over query chunks), and the bias gradient (if a bias)."""
     lq, lk = q.shape[1], k.shape[1]
     rows = jnp.einsum("bqhgd,bqhgd->bhgq", do.astype(jnp.float32), o.astype(jnp.float32))
     dqs, dks, dvs, dbs = [], [], [], []
@@ -491,8 +504,10 @@ def _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do):
     if bias is not None:
         dbias = (functools.reduce(jnp.add, dbs) if bias.shape[3] == 1 or len(dbs) == 1
                  else jnp.concatenate(dbs, 3))
-    return (dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 3, 1, 2).astype(k.dtype),
-            dv.transpose(0, 3, 1, 2).astype(v.dtype), dbias)
+    dk, dv = dk.transpose(0, 3, 1, 2), dv.transpose(0, 3, 1, 2)
+    if not f32:
+        dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.transpose(0, 3, 1, 2, 4), dk, dv, dbias
 
 
 def _bias_block_grad(ds, bias_shape, lk, keys):
@@ -524,16 +539,110 @@ def _batched(x, b):
     return x is not None and x.shape[0] == b and b > 1
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _attention_core(q, k, v, bias, mask, scale, chunk, causal, block):
+def _query_rows(x, lo, hi):
+    """Rows `[lo, hi)` of a `[b, hk, g, q, k]` bias or mask (a size-1 query axis stays)."""
+    return x if x is None or x.shape[3] == 1 else x[:, :, :, lo:hi]
+
+
+def _query_split(x, n, qc):
+    """The first `n * qc` query rows of a bias/mask as `[n, b, hk, g, qc, k]` (None, or a
+    size-1 query axis: None, the caller broadcasts it)."""
+    if x is None or x.shape[3] == 1:
+        return None
+    x = x[:, :, :, :n * qc]
+    return jnp.moveaxis(x.reshape(*x.shape[:3], n, qc, x.shape[4]), 3, 0)
+
+
+def _forward_query_chunks(q, k, v, bias, mask, scale, qc):
+    """`_forward` of bidirectional attention, `qc` queries at a time under `lax.scan` (the
+    remainder in one last call): the scores of one chunk live at a time."""
+    b, lq = q.shape[:2]
+    n = lq // qc
+    qs = jnp.moveaxis(q[:, :n * qc].reshape(b, n, qc, *q.shape[2:]), 1, 0)
+    bs, ms = _query_split(bias, n, qc), _query_split(mask, n, qc)
+
+    def body(_, xs):
+        qx, bx, mx = xs
+        return None, _forward(qx, k, v, bias if bs is None else bx, mask if ms is None else mx,
+                              scale, False, qc)
+
+    _, (o, m, total) = jax.lax.scan(body, None, (qs, bs, ms))
+    o = jnp.moveaxis(o, 0, 1).reshape(b, n * qc, *o.shape[3:])
+    m, total = (jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], n * qc, 1) for x in (m, total))
+    if n * qc < lq:
+        rest = _forward(q[:, n * qc:], k, v, _query_rows(bias, n * qc, lq),
+                        _query_rows(mask, n * qc, lq), scale, False, lq - n * qc)
+        o = jnp.concatenate([o, rest[0]], 1)
+        m, total = (jnp.concatenate([x, y], 3) for x, y in ((m, rest[1]), (total, rest[2])))
+    return o, m, total
+
+
+def _backward_query_chunks(q, k, v, bias, mask, scale, qc, o, m, total, do):
+    """`_backward` of `_forward_query_chunks`: dq chunk by chunk, dk, dv (and a bias shared
+    across queries) summed over the chunks in float32."""
+    b, lq = q.shape[:2]
+    n = lq // qc
+
+    def split_q(x):  # [b, q, ...] -> [n, b, qc, ...]
+        return jnp.moveaxis(x[:, :n * qc].reshape(b, n, qc, *x.shape[2:]), 1, 0)
+
+    def split_stats(x):  # [b, hk, g, q, 1] -> [n, b, hk, g, qc, 1]
+        return jnp.moveaxis(x[:, :, :, :n * qc].reshape(*x.shape[:3], n, qc, 1), 3, 0)
+
+    bs, ms = _query_split(bias, n, qc), _query_split(mask, n, qc)
+    shared = bias is not None and bs is None
+    zeros = jnp.zeros((b, k.shape[1], *k.shape[2:]), jnp.float32)
+    acc0 = (zeros, jnp.zeros((b, v.shape[1], *v.shape[2:]), jnp.float32),
+            jnp.zeros(bias.shape, jnp.float32) if shared else None)
+
+    def body(acc, xs):
+        qx, ox, mx_, tx, dox, bx, mx = xs
+        dq, dk, dv, db = _backward(qx, k, v, bias if bs is None else bx,
+                                   mask if ms is None else mx, scale, False, qc, ox, mx_, tx,
+                                   dox, f32=True)
+        dk_acc, dv_acc, db_acc = acc
+        if shared:
+            db_acc, db = db_acc + db, None
+        return (dk_acc + dk, dv_acc + dv, db_acc), (dq, db)
+
+    (dk, dv, db_shared), (dq, db) = jax.lax.scan(
+        body, acc0, (split_q(q), split_q(o), split_stats(m), split_stats(total), split_q(do),
+                     bs, ms))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * qc, *dq.shape[3:])
+    if bias is not None and not shared:
+        db = jnp.moveaxis(db, 0, 3).reshape(*db.shape[1:4], n * qc, db.shape[-1])
+    if n * qc < lq:
+        lo = n * qc
+        rest = _backward(q[:, lo:], k, v, _query_rows(bias, lo, lq), _query_rows(mask, lo, lq),
+                         scale, False, lq - lo, o[:, lo:], m[:, :, :, lo:], total[:, :, :, lo:],
+                         do[:, lo:], f32=True)
+        dq = jnp.concatenate([dq, rest[0]], 1)
+        dk, dv = dk + rest[1], dv + rest[2]
+        if bias is not None:
+            if shared:
+                db_shared = db_shared + rest[3]
+            else:
+                db = jnp.concatenate([db, rest[3]], 3)
+    dbias = None if bias is None else (db_shared if shared else db)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _attention_core(q, k, v, bias, mask, scale, chunk, causal, block, qchunk):
     """Attention output `[b, q, hk, g, d]`; bias/mask broadcastable to `[b, hk, g, q, k]`."""
-    return _core_fwd(q, k, v, bias, mask, scale, chunk, causal, block)[0]
+    return _core_fwd(q, k, v, bias, mask, scale, chunk, causal, block, qchunk)[0]
 
 
-def _core_fwd(q, k, v, bias, mask, scale, chunk, causal, block):
-    b = q.shape[0]
+def _core_fwd(q, k, v, bias, mask, scale, chunk, causal, block, qchunk):
+    b, lq = q.shape[:2]
+
+    def forward(q, k, v, bias, mask):
+        if qchunk < lq:
+            return _forward_query_chunks(q, k, v, bias, mask, scale, qchunk)
+        return _forward(q, k, v, bias, mask, scale, causal, block)
+
     if chunk == b:
-        o, m, total = _forward(q, k, v, bias, mask, scale, causal, block)
+        o, m, total = forward(q, k, v, bias, mask)
     else:
         n = b // chunk
         bias_b, mask_b = _batched(bias, b), _batched(mask, b)
@@ -542,20 +651,24 @@ def _core_fwd(q, k, v, bias, mask, scale, chunk, causal, block):
 
         def body(_, xs):
             qc, kc, vc, bc, mc = xs
-            return None, _forward(qc, kc, vc, bc if bias_b else bias, mc if mask_b else mask,
-                                  scale, causal, block)
+            return None, forward(qc, kc, vc, bc if bias_b else bias, mc if mask_b else mask)
 
         _, (o, m, total) = jax.lax.scan(body, None, xs)
         o, m, total = _merge(o), _merge(m), _merge(total)
     return o, (q, k, v, bias, mask, o, m, total)
 
 
-def _core_bwd(scale, chunk, causal, block, res, do):
+def _core_bwd(scale, chunk, causal, block, qchunk, res, do):
     q, k, v, bias, mask, o, m, total = res
-    b = q.shape[0]
+    b, lq = q.shape[:2]
+
+    def backward(q, k, v, bias, mask, o, m, total, do):
+        if qchunk < lq:
+            return _backward_query_chunks(q, k, v, bias, mask, scale, qchunk, o, m, total, do)
+        return _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do)
+
     if chunk == b:
-        dq, dk, dv, dbias = _backward(q, k, v, bias, mask, scale, causal, block, o, m, total,
-                                      do)
+        dq, dk, dv, dbias = backward(q, k, v, bias, mask, o, m, total, do)
         dbias = None if bias is None else dbias.astype(bias.dtype)
     else:
         n = b // chunk
@@ -567,8 +680,7 @@ def _core_bwd(scale, chunk, causal, block, res, do):
         def body(acc, xs):
             qc, kc, vc, oc, mc_, tc, doc, bc, mc = xs
             bc = bc if bias_b else bias
-            dq, dk, dv, db = _backward(qc, kc, vc, bc, mc if mask_b else mask, scale, causal,
-                                       block, oc, mc_, tc, doc)
+            dq, dk, dv, db = backward(qc, kc, vc, bc, mc if mask_b else mask, oc, mc_, tc, doc)
             if shared:
                 acc, db = acc + db, None
             return acc, (dq, dk, dv, db)
