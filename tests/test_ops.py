@@ -386,9 +386,10 @@ def test_feed_forward_matches_numpy(act):
     fns["geglu"] = fns["gelu_tanh"]
     h = x @ w_in + b_in
     ref = (fns[act](x @ w_gate) * h if act in ("swiglu", "geglu") else fns[act](h)) @ w_out
+    gated = act in ops.functional.GATED
     got = ops.feed_forward(*(jnp.asarray(a, jnp.float32) for a in (x, w_in, w_out)),
                            activation_name=act, b_in=jnp.asarray(b_in, jnp.float32),
-                           w_gate=jnp.asarray(w_gate, jnp.float32))
+                           w_gate=jnp.asarray(w_gate, jnp.float32) if gated else None)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
@@ -507,7 +508,7 @@ def test_every_attention_entry_point_checks_its_inputs():
     cache = rand(2, 4, 9, 8)  # [batch, kv_heads, slots, head_dim]
     new = rand(2, 1, 4, 8)
     with pytest.raises(ValueError, match="as `bias=`"):
-        ops.cached_attention(q[:, :1], cache, cache, new, new, 3, mask=additive[..., :1, :9])
+        ops.cached_attention(q[:, :1], cache, cache, new, new, 3, mask=jnp.zeros((1, 1, 1, 9)))
     with pytest.raises(ValueError, match=r"k_cache"):
         ops.cached_attention(q[:, :1], cache[0], cache, new, new, 3)
     with pytest.raises(ValueError, match="do not fit a cache of 9 slots"):
