@@ -258,6 +258,13 @@ def _tokenizer_bytes(tok) -> bytes:
         return tok.save(os.path.join(tmp, "t")).read_bytes()
 
 
+def data_seed(cfg: ml_collections.ConfigDict) -> int:
+    """The data order's seed: `config.data_seed`, else `config.seed`. Setting it apart lets
+    a sweep vary the initialisation (`seed`) over one data order, or the reverse."""
+    value = cfg.get("data_seed")
+    return cfg.seed if value is None else value
+
+
 def experiment_record(cfg: ml_collections.ConfigDict, ds) -> dict:
     """`train(experiment=...)`: the script's whole config, plus the prepared dataset's name,
     which for local files holds a digest of their contents, so a rerun on an edited corpus

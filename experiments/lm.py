@@ -50,7 +50,7 @@ def make_data(cfg, ds, tok):
                     f"The {split} split has {len(tokens)} tokens, fewer than seq_len + 1 = "
                     f"{cfg.seq_len + 1}; use a shorter --config.seq_len or more text.")
         train_pipe = window_pipeline(train_tokens, batch_size=cfg.batch_size,
-                                     seq_len=cfg.seq_len, seed=cfg.seed)
+                                     seq_len=cfg.seq_len, seed=common.data_seed(cfg))
 
         def eval_batches():
             pipe = window_pipeline(val_tokens, batch_size=cfg.eval_batch_size,
@@ -63,7 +63,8 @@ def make_data(cfg, ds, tok):
     if cfg.sampler != "packed":
         raise ValueError(f"config.sampler={cfg.sampler!r} must be 'windows' or 'packed'.")
     train_pipe = lm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size,
-                             max_len=cfg.seq_len, pack=True, seed=cfg.seed)
+                             max_len=cfg.seq_len, pack=True,
+                             seed=common.data_seed(cfg))
 
     def eval_batches():
         pipe = lm_pipeline(ds, tok, split="validation", batch_size=cfg.eval_batch_size,

@@ -61,7 +61,8 @@ def main(argv):
     model = make_model(model_cfg)
     cap = model_cfg.mlm_predictions or None
     pipe = mlm_pipeline(ds, tok, split="train", batch_size=cfg.batch_size, max_len=cfg.seq_len,
-                        mask_rate=cfg.mask_rate, seed=cfg.seed, max_predictions=cap)
+                        mask_rate=cfg.mask_rate, seed=common.data_seed(cfg),
+                        max_predictions=cap)
 
     def eval_batches():
         it = iter(mlm_pipeline(ds, tok, split="validation", batch_size=cfg.eval_batch_size,

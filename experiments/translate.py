@@ -154,7 +154,7 @@ def main(argv):
     pipe = translation_pipeline(ds, tok, split="train", batch_size=cfg.batch_size,
                                 max_source_len=cfg.max_source_len,
                                 max_target_len=cfg.max_target_len, pack=cfg.pack,
-                                seed=cfg.seed)
+                                seed=common.data_seed(cfg))
 
     def eval_batches():
         return translation_pipeline(ds, tok, split=cfg.eval_split, batch_size=cfg.batch_size,

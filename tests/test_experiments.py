@@ -397,6 +397,18 @@ def test_cosine_decay_follows_num_steps_unless_set(load_script):
     assert common.optimizer_config(cfg).clip_norm is None
 
 
+@pytest.mark.parametrize("name", ["lm", "mlm", "translate", "shakespeare_char", "multi30k"])
+def test_the_data_order_has_its_own_seed(load_script, name):
+    """One seed drove the initialisation and the data order alike: a sweep could not vary one
+    over the other fixed."""
+    common = load_script("experiments/common.py")
+    cfg = load_script(f"experiments/configs/{name}.py").get_config()
+    cfg.seed = 3
+    assert cfg.data_seed is None and common.data_seed(cfg) == 3
+    cfg.data_seed = 11
+    assert common.data_seed(cfg) == 11 and cfg.seed == 3
+
+
 def test_the_first_line_names_the_peak_learning_rate(load_script):
     """vaswani reads `learning_rate` as a multiplier: the config's 1e-3 peaked near 1e-5,
     silently."""

@@ -21,7 +21,8 @@ def get_config():
     c.eval_batch_size = 128
     c.eval_batches = 0  # 0 = the whole validation split
     c.num_steps = 2000
-    c.seed = 0
+    c.seed = 0  # parameters, dropout, samples; and the data order unless data_seed is set
+    c.data_seed = placeholder(int)  # the data order's (shuffling, masking); None: seed
     c.log_every = 50
     c.eval_every = 500
     c.checkpoint_every = 500

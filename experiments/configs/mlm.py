@@ -23,7 +23,8 @@ def get_config():
     # rows of seq_len tokens
     c.eval_batches = 20
     c.num_steps = 1000
-    c.seed = 0
+    c.seed = 0  # parameters, dropout, samples; and the data order unless data_seed is set
+    c.data_seed = placeholder(int)  # the data order's (shuffling, masking); None: seed
     # The validation masks' seed: one eval set for every run, whatever its `seed`, so that
     # runs of a sweep are compared on the same masked tokens.
     c.eval_seed = 1

@@ -25,7 +25,8 @@ def get_config():
     c.batch_size = 64
     c.pack = False
     c.num_steps = 1500
-    c.seed = 0
+    c.seed = 0  # parameters, dropout, samples; and the data order unless data_seed is set
+    c.data_seed = placeholder(int)  # the data order's (shuffling, masking); None: seed
     c.log_every = 50
     c.progress = True  # tqdm bar; False prints only evaluations
     c.eval_every = 500
