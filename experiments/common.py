@@ -276,9 +276,10 @@ def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
     """The line every script prints first: data, devices, parallel mode, model, compile cache."""
     cache = jax.config.jax_compilation_cache_dir or "off"
     opt = engine.optimizer_config
-    # The schedules peak where the warmup ends; vaswani's `learning_rate` is a multiplier,
-    # so its peak is said in numbers (1e-3 there peaks near 1e-5 at d_model 384).
-    peak_update = max(opt.warmup_steps, 1) if opt.schedule == "vaswani" else opt.warmup_steps
+    # The schedules peak at the warmup's last update (they count updates from 1); vaswani's
+    # `learning_rate` is a multiplier, so its peak is said in numbers (1e-3 there peaks near
+    # 1e-5 at d_model 384).
+    peak_update = max(opt.warmup_steps - 1, 0)
     peak = float(learning_rate_at(opt, peak_update * opt.accumulation_steps,
                                   d_model=engine.model_config.d_model))
     return (f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "

@@ -277,7 +277,9 @@ class MultiHeadAttention(nn.Module):
         causal mask inside the attention function, which (unlike a causal `mask`) lets it skip
         the blocks above the diagonal. In decode mode self-attention without a `mask` (or with
         `is_causal`) attends causally over the slots written so far: new token i sees slots
-        `<= cache_index + i`. Returns `[batch, q_len, d_model]`.
+        `<= cache_index + i`; pass `is_causal=True` with a decoder's mask, so that a prompt
+        written into an empty cache runs in causal query blocks on the CPU path. Returns
+        `[batch, q_len, d_model]`.
         """
         if self.is_cross and kv_inputs is None:
             raise ValueError("MultiHeadAttention(is_cross=True) needs kv_inputs, the encoder "
@@ -323,7 +325,9 @@ class MultiHeadAttention(nn.Module):
                        **dense)(x)
             k, v = ops.unstack(kv, 2)
 
+        causal_new = False  # the mask holds causality among the new tokens
         if cached and not self.is_cross and (mask is None or is_causal):
+            causal_new = True
             length = self.get_variable("cache", "cached_key").shape[2]
             new = cache_index + jnp.arange(x.shape[1])
             causal = (jnp.arange(length)[None, :] <= new[:, None])[None, None]
@@ -339,7 +343,7 @@ class MultiHeadAttention(nn.Module):
         if (decode and not self.is_cross and not dropout
                 and ops.attention.read_cache_before_write(cfg.attention_implementation)
                 and self.has_variable("cache", "cached_key")):
-            out = self._attend_then_cache(q, k, v, cache_index, bias, mask)
+            out = self._attend_then_cache(q, k, v, cache_index, bias, mask, causal_new)
         else:
             if decode and not self.is_cross:
                 k, v = self._self_cache(k, v, cache_index)
@@ -351,7 +355,7 @@ class MultiHeadAttention(nn.Module):
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
                      residual_layers=self.residual_layers, **dense)(out)
 
-    def _attend_then_cache(self, q, k, v, cache_index, bias, mask) -> Array:
+    def _attend_then_cache(self, q, k, v, cache_index, bias, mask, causal) -> Array:
         # Attend over the cache as it was plus the new keys (`ops.cached_attention`), then
         # write them. The write takes a zero that depends on the attention's output, so XLA
         # orders it after the cache's last read and updates the loop buffer in place; read after
@@ -359,7 +363,7 @@ class MultiHeadAttention(nn.Module):
         out = ops.cached_attention(q, self.get_variable("cache", "cached_key"),
                                    self.get_variable("cache", "cached_value"), k, v,
                                    cache_index, bias=bias, mask=mask,
-                                   scale=self.config.attention_scale)
+                                   scale=self.config.attention_scale, causal=causal)
         after = out[:, :1, :1, :1] * 0  # per row: a NaN in one row stays in that row
         self._self_cache(k + after.astype(k.dtype), v + after.astype(v.dtype), cache_index)
         return out
@@ -436,7 +440,8 @@ class TransformerLayer(nn.Module):
     Pre-LN: `x + f(norm(x))` per sub-layer. Post-LN (the paper's): `norm(x + f(x))`. Dropout on
     each sub-layer's output before the residual add. Signature fits `nn.scan`:
     `(x, None) -> (x, None)` with the rest passed as broadcast arguments. `causal`: the
-    self-attention is causal on top of `self_mask` (decoders, outside decode mode).
+    self-attention is causal on top of `self_mask` (decoders; in decode mode over the cache
+    slots).
     """
 
     config: TransformerConfig

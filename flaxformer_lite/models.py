@@ -260,7 +260,7 @@ class Decoder(nn.Module):
                        layer_cls=self.layer_cls, name="layers")(
             x, encoded=encoded, self_mask=mask, self_bias=bias, cross_mask=cross_mask,
             positions=positions, decode=decode, cache_index=cache_index,
-            deterministic=deterministic, causal=not decode)
+            deterministic=deterministic, causal=True)
         if cfg.final_norm:
             x = Norm(cfg, name="final_norm")(x)
         if cfg.final_dropout:

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -68,7 +69,10 @@ _LOOKUP_ONLY = ("position_embeddings", "type_embeddings")
 
 
 def _component(path: tuple[str, ...]) -> str:
-    """Which component a parameter belongs to, from its module path."""
+    """Which component a parameter belongs to, from its module path: the library's names,
+    and Flax's automatic ones for its layers (`MultiHeadAttention_0`, `FeedForward_1`,
+    `Norm_0`: a model of your own with unnamed layers)."""
+    path = tuple(re.sub(r"_\d+$", "", p).lower() for p in path)
     joined = "/".join(path)
     if "position_embed" in joined or "relative_bias" in joined:
         return "position_embeddings"
@@ -80,7 +84,7 @@ def _component(path: tuple[str, ...]) -> str:
         return "norms"
     if any("attention" in p for p in path):
         return "attention"
-    if "mlp" in path:
+    if "mlp" in path or "feedforward" in path:
         return "feed_forward"
     if any(p in ("logits", "pooler") or p.startswith("mlm") for p in path):
         return "output_head"  # untied logits, pooler, masked-LM head

@@ -700,7 +700,7 @@ class ParallelBlockDecoder(nn.Module):
         for i in range(cfg.num_layers):
             h = layers.Norm(cfg, name=f"norm_{i}")(x)
             x = (x + layers.MultiHeadAttention(cfg, name=f"attention_{i}")(
-                     h, mask=mask, is_causal=mask is None or not decode, decode=decode,
+                     h, mask=mask, is_causal=True, decode=decode,
                      cache_index=index, q_positions=positions)
                  + layers.FeedForward(cfg, name=f"mlp_{i}")(h))
         return embed.attend(layers.Norm(cfg, name="final_norm")(x)).astype(jnp.float32)

@@ -222,7 +222,7 @@ def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new,
     causal = slots[None, :] <= index + np.arange(new)[:, None]
     mask = valid[:, None, None, :] & causal[None, None]
     bias = normal((1, H, new, length), np.float32)
-    jitted = jax.jit(ops.cached_attention)
+    jitted = jax.jit(ops.cached_attention, static_argnames=("causal",))
 
     def attend(*arrays, **kw):
         out = jitted(*(jnp.asarray(x, dtype) for x in arrays[:5]), *arrays[5:], **kw)
@@ -239,6 +239,17 @@ def test_cached_attention_equals_attention_over_the_written_cache(kv_heads, new,
                                                (B, H, new, length)))
     out = attend(q, k_cache, v_cache, k_new, v_new, jnp.int32(index))
     np.testing.assert_allclose(out, ref, atol=atol)
+    # A mask that is not causal (a prefix LM's) stays as given: the prefill's branch used to
+    # add causality (`causal=True` says the mask is causal, for its query blocks).
+    prefix = np.zeros((B, 1, new, length), bool)
+    prefix[..., :index + new] = True
+    ref, _ = np_attention(q, written_k, written_v, mask=np.broadcast_to(prefix, (B, H, new,
+                                                                                length)))
+    np.testing.assert_allclose(attend(q, k_cache, v_cache, k_new, v_new, index, mask=prefix),
+                               ref, atol=atol)
+    np.testing.assert_allclose(attend(q, k_cache, v_cache, k_new, v_new, index, mask=mask,
+                                      causal=True), np_attention(q, written_k, written_v,
+                                                                 mask=mask)[0], atol=atol)
 
 
 def test_mask_builders_match_loops():
@@ -280,8 +291,11 @@ def test_window_and_prefix_masks_match_loops():
         for i in range(5):
             for j in range(5):
                 assert got[b, 0, i, j] == (j <= i or j < prefix[b]), (b, i, j)
-    with pytest.raises(ValueError, match="window=0"):
-        ops.sliding_window_mask(4, window=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"window={bad!r}"):
+            ops.sliding_window_mask(4, window=bad)
+    np.testing.assert_array_equal(ops.sliding_window_mask(4, window=np.int64(2)),
+                                  ops.sliding_window_mask(4, window=2))
 
 
 def test_alibi_slopes_and_bias_follow_the_paper():

@@ -207,6 +207,12 @@ def test_breakdown_of_a_parameter_tree_of_your_own():
     assert counts["total"] == params.count(tree) == sum(x.size for x in jax.tree.leaves(tree))
     assert counts["other"] == 16 * 4 + 2 * 4 * 16 * 64 and counts["output_head"] == 0
     assert counts["attention"] == 16 * 48 and counts["norms"] == 16
+    # Flax's automatic names for the library's layers (a model with unnamed layers).
+    unnamed = {"MultiHeadAttention_0": {"qkv": {"kernel": np.zeros((16, 48))}},
+               "FeedForward_1": {"wi": {"kernel": np.zeros((16, 64))}},
+               "Norm_2": {"scale": np.zeros(16)}, "Dense_0": {"kernel": np.zeros((16, 2))}}
+    c = params.breakdown(unnamed)
+    assert (c["attention"], c["feed_forward"], c["norms"], c["other"]) == (768, 1024, 16, 32)
     for cfg in (get_config("bert-base", mlm_head=True),
                 get_config("t5-small", tie_embeddings=False, scale_tied_logits=False)):
         c = params.breakdown(cfg)

@@ -222,6 +222,7 @@ def cached_attention(
     bias: Array | None = None,
     mask: Array | None = None,
     scale: float | None = None,
+    causal: bool = False,
 ) -> Array:
     """Attention of new tokens over a KV cache *before* their keys and values are written to it.
 
@@ -238,7 +239,9 @@ def cached_attention(
     `[batch, new, kv_heads, head_dim]`, to be written at slots `index .. index + new - 1`.
     bias, mask: broadcastable to `[batch, heads, new, cache]` over the *written* cache (slots
     `>= index + new` are ignored); without a mask the new tokens attend causally among
-    themselves. Returns `[batch, new, heads, head_dim]` in q's dtype; scores in float32.
+    themselves. `causal=True` says the mask is causal among them (as a decoder's is): a prompt
+    written into an empty cache then attends in causal query blocks. Returns
+    `[batch, new, heads, head_dim]` in q's dtype; scores in float32.
     """
     _check_ranks(q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
     b, lq, h, d = q.shape
@@ -251,7 +254,8 @@ def cached_attention(
     if lq == 1:
         return _attend_cache(q, k_cache, v_cache, k_new, v_new, index, bias, mask, scale)
     # Several new tokens (a prompt): into an empty cache (index 0, the prefill) they attend
-    # to their own keys alone, in the main function's causal query blocks. Scoring them
+    # to their own keys alone, in the main function's causal query blocks when the mask is
+    # causal (or absent) and under the mask alone otherwise. Scoring them
     # against every empty slot as well took 1.8-2.7x a forward pass's memory, and XLA folded
     # the all-masked scores of a fresh (constant) cache while compiling: minutes at a
     # 2048-token prompt.
@@ -259,7 +263,8 @@ def cached_attention(
         def new_slots(x):
             return x if x is None or x.shape[-1] == 1 else x[..., :lq]
         return scaled_dot_product_attention(q, k_new, v_new, bias=new_slots(bias),
-                                            mask=new_slots(mask), scale=scale, is_causal=True)
+                                            mask=new_slots(mask), scale=scale,
+                                            is_causal=causal or mask is None)
 
     def written():
         return _attend_cache(q, k_cache, v_cache, k_new, v_new, index, bias, mask, scale)

@@ -7,6 +7,8 @@ and segment id 0 marks padding in packed rows.
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 Array = jnp.ndarray
@@ -29,8 +31,9 @@ def sliding_window_mask(q_length: int, kv_length: int | None = None, *, window: 
     """`[1, 1, q_length, kv_length]`: query i sees the `window` keys ending at its own
     position, `i + offset - window < j <= i + offset` (Longformer's and Mistral's local causal
     attention; `offset` as in `causal_mask`)."""
-    if not isinstance(window, int) or window < 1:
+    if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window_mask: window={window!r} must be a positive integer.")
+    window = int(window)
     kv_length = q_length if kv_length is None else kv_length
     q = jnp.arange(q_length)[:, None] + offset
     k = jnp.arange(kv_length)[None, :]

@@ -307,11 +307,13 @@ class Checkpointer:
         params = getattr(abstract_state, "params", None)
         if isinstance(saved, Mapping) and "params" in saved and params is not None:
             want, have = flat_leaves(meta.unbox(params)), flat_leaves(saved["params"])
-            differ = sorted(set(want) ^ set(have)) or [
+            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            differ = ([f"not in the checkpoint: {missing[:3]}"] if missing else []) + (
+                [f"not in this model: {extra[:3]}"] if extra else []) or [
                 f"{k}: {tuple(have[k].shape)} -> {tuple(want[k].shape)}" for k in want
-                if tuple(want[k].shape) != tuple(have[k].shape)]
+                if tuple(want[k].shape) != tuple(have[k].shape)][:3]
             if differ:
-                raise ValueError(f"its parameters do not fit this model: {differ[:3]}")
+                raise ValueError(f"its parameters do not fit this model: {'; '.join(differ)}")
         out = self._manager.restore(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardRestore(abstract_state),
             DATA_ITEM: DataStateRestore()}))
