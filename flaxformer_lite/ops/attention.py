@@ -509,10 +509,10 @@ def _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do, f32=Fa
     if bias is not None:
         dbias = (functools.reduce(jnp.add, dbs) if bias.shape[3] == 1 or len(dbs) == 1
                  else jnp.concatenate(dbs, 3))
-    dk, dv = dk.transpose(0, 3, 1, 2), dv.transpose(0, 3, 1, 2)
+    dq, dk, dv = dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 3, 1, 2), dv.transpose(0, 3, 1, 2)
     if not f32:
         dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
-    return dq.transpose(0, 3, 1, 2, 4), dk, dv, dbias
+    return dq, dk, dv, dbias
 
 
 def _bias_block_grad(ds, bias_shape, lk, keys):
