@@ -39,9 +39,11 @@ def _check_keys(batch: Batch, arch: str) -> None:
 
 
 def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
-              dropout_rng: Array | None = None, mlm_positions: Array | None = None) -> Array:
+              dropout_rng: Array | None = None, mlm_positions: Array | None = None,
+              sown: list | None = None) -> Array:
     """Model logits `[batch, length, vocab]` (float32) for a training batch of any architecture
-    (an encoder-only model's at `mlm_positions` `[batch, k]` only, when given)."""
+    (an encoder-only model's at `mlm_positions` `[batch, k]` only, when given). With a list
+    as `sown`, what the model sows into its "losses" collection is appended to it."""
     cfg = model.config
     arch = cfg.architecture
     _check_keys(batch, arch)
@@ -49,17 +51,28 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     kwargs = {k: batch[k] for k in keys if k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
+
+    def apply(*args, **kw):
+        if sown is None:
+            return model.apply(variables, *args, **kw)
+        out, state = model.apply(variables, *args, mutable=[LOSSES], **kw)
+        sown.append(state.get(LOSSES, {}))
+        return out
+
     if arch == "decoder_only":
-        return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                           **kwargs)
+        return apply(batch["inputs"], deterministic=deterministic, rngs=rngs, **kwargs)
     if arch == "encoder_decoder":
-        return model.apply(variables, batch["inputs"], batch["targets"],
-                           deterministic=deterministic, rngs=rngs, **kwargs)
+        return apply(batch["inputs"], batch["targets"], deterministic=deterministic, rngs=rngs,
+                     **kwargs)
     if not cfg.mlm_head:
         raise ValueError("Training an encoder_only model needs logits: set "
                          "TransformerConfig.mlm_head=True (masked-LM head).")
-    return model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                       mlm_positions=mlm_positions, **kwargs)["logits"]
+    return apply(batch["inputs"], deterministic=deterministic, rngs=rngs,
+                 mlm_positions=mlm_positions, **kwargs)["logits"]
+
+
+# The collection whose sown values the train step adds to the objective (auxiliary losses).
+LOSSES = "losses"
 
 
 def _head_positions(model: nn.Module) -> int:
@@ -78,7 +91,8 @@ def loss_targets(model: nn.Module, batch: Batch) -> Array:
 
 
 def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
-                dropout_rng: Array | None = None) -> tuple[Array, Array]:
+                dropout_rng: Array | None = None, sown: list | None = None
+                ) -> tuple[Array, Array]:
     """`(logits, targets)` the loss compares: `logits_fn`'s and the batch's targets, or, for
     an encoder-only model with `mlm_predictions = k`, the logits `[batch, k, vocab]` of the
     masked-LM head applied only at each row's (at most k) selected positions and the targets
@@ -87,11 +101,11 @@ def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool =
     k = _head_positions(model)
     if not k:
         return logits_fn(model, params, batch, deterministic=deterministic,
-                         dropout_rng=dropout_rng), batch["targets"]
+                         dropout_rng=dropout_rng, sown=sown), batch["targets"]
     _check_keys(batch, "encoder_only")
     positions, targets = masked_positions(batch["targets"], k)
     return logits_fn(model, params, batch, deterministic=deterministic,
-                     dropout_rng=dropout_rng, mlm_positions=positions), targets
+                     dropout_rng=dropout_rng, mlm_positions=positions, sown=sown), targets
 
 
 def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
@@ -134,6 +148,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     `grad_norm` (global L2 norm of this step's gradient, before clipping), `learning_rate`,
     `steps` (= 1) and `nonfinite` (1.0 when the loss or the gradient norm is NaN or infinite).
 
+    Scalars the model sows into its "losses" collection (`self.sow("losses", name, value)`,
+    e.g. a mixture of experts' load-balancing loss times its weight) are added to the
+    objective as they are, and reported as `aux_loss` (a mean, like `loss`); the eval step
+    leaves them out.
+
     `microbatches = k` computes the gradient in `k` slices of the batch, one after another
     inside the step (`lax.scan`), and sums them: the same update (up to float rounding) with
     about 1/k of the activation memory. Slice i holds examples i, i + k, i + 2k, ..., so on a
@@ -148,12 +167,20 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
 
     def loss_fn(params, batch, key):
+        sown: list = []
         logits, targets = predictions(model, params, batch, deterministic=not dropout,
-                                      dropout_rng=key)
+                                      dropout_rng=key, sown=sown)
         sums = losses.metric_sums(logits, targets, losses.loss_weights(targets),
                                   label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
-        return sums["loss"] / total_tokens, sums
+        objective = sums["loss"] / total_tokens
+        if jax.tree.leaves(sown):  # auxiliary losses the model sowed (a router's balance)
+            aux = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(sown))
+            # Weighted by this slice's share of the batch's tokens: summed over devices and
+            # micro-batches it is the token-weighted mean, the whole batch's value under jit.
+            objective = objective + aux * (sums["tokens"] / total_tokens)
+            sums = {**sums, "aux_loss": aux * sums["tokens"]}
+        return objective, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if microbatches == 1:
