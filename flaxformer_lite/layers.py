@@ -137,7 +137,8 @@ class Dense(nn.Module):
         n_in = len(self.in_shape)
         if x.ndim < n_in or tuple(x.shape[x.ndim - n_in:]) != tuple(self.in_shape):
             where = self.scope.path_text or self.name
-            hint = (" Cross-attention's memory must be d_model wide: project it first."
+            hint = (" A cross-attention memory of another width needs "
+                    "MultiHeadAttention(..., kv_features=width)."
                     if self.name == "key_value" else "")
             raise ValueError(f"Dense layer {where!r} takes inputs [..., "
                              f"{', '.join(map(str, self.in_shape))}]; got shape "
@@ -253,6 +254,9 @@ class MultiHeadAttention(nn.Module):
     config: TransformerConfig
     is_cross: bool = False
     residual_layers: int = 0  # the output projection's `Dense.residual_layers`
+    # Cross-attention: the width of the memory it attends to (an image encoder's, a
+    # retriever's); None = d_model. The keys and values are projected from that width.
+    kv_features: int | None = None
 
     @nn.compact
     def __call__(
@@ -310,8 +314,8 @@ class MultiHeadAttention(nn.Module):
             if decode:
                 k, v = self._cross_cache(kv_inputs, cache_index, dense)
             else:
-                kv = Dense((d,), (2, hk, dh), ("embed", None, "heads", "kv"), name="key_value",
-                           **dense)(kv_inputs)
+                kv = Dense((self.kv_features or d,), (2, hk, dh), ("embed", None, "heads", "kv"),
+                           name="key_value", **dense)(kv_inputs)
                 k, v = ops.unstack(kv, 2)
         elif cfg.fused_qkv and hk == h:
             qkv = Dense((d,), (3, h, dh), ("embed", None, "heads", "kv"), name="qkv",
@@ -385,7 +389,7 @@ class MultiHeadAttention(nn.Module):
 
     def _cross_cache(self, kv_inputs: Array, cache_index: Array, dense: dict):
         cfg = self.config
-        proj = Dense((cfg.d_model,), (2, cfg.kv_heads, cfg.dim_per_head),
+        proj = Dense((self.kv_features or cfg.d_model,), (2, cfg.kv_heads, cfg.dim_per_head),
                      ("embed", None, "heads", "kv"), name="key_value", **dense)
         is_initialized = self.has_variable("cache", "cross_kv")
         shape = kv_inputs.shape[:2] + (2, cfg.kv_heads, cfg.dim_per_head)

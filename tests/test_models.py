@@ -320,8 +320,21 @@ def test_layers_name_inputs_of_the_wrong_width():
     cross = fl.MultiHeadAttention(cfg, is_cross=True)
     x, memory = jnp.zeros((2, 3, 32)), jnp.zeros((2, 5, 32))
     with pytest.raises(ValueError, match=r"'/key_value' takes inputs \[\.\.\., 32\]; got "
-                       r"shape \(2, 5, 48\)\. Cross-attention's memory must be d_model wide"):
+                       r"shape \(2, 5, 48\)\. A cross-attention memory of another width "
+                       r"needs MultiHeadAttention\(\.\.\., kv_features=width\)"):
         cross.init(jax.random.key(0), x, kv_inputs=jnp.zeros((2, 5, 48)))
+    # kv_features: a 48-wide memory, attended with and without the cache alike.
+    wide = fl.MultiHeadAttention(cfg, is_cross=True, kv_features=48)
+    memory48 = jax.random.normal(jax.random.key(2), (2, 5, 48))
+    queries = jax.random.normal(jax.random.key(3), (2, 3, 32))
+    params48 = wide.init(jax.random.key(0), queries, kv_inputs=memory48)
+    assert params48["params"]["key_value"]["kernel"].value.shape[0] == 48
+    full = wide.apply(params48, queries, kv_inputs=memory48)
+    cache48 = wide.init(jax.random.key(0), queries[:, :1], kv_inputs=memory48,
+                        decode=True)["cache"]
+    step, _ = wide.apply({**params48, "cache": cache48}, queries[:, :1], kv_inputs=memory48,
+                         decode=True, cache_index=jnp.int32(0), mutable=["cache"])
+    np.testing.assert_allclose(step, full[:, :1], atol=1e-5)
     variables = cross.init(jax.random.key(0), x[:, :1], kv_inputs=memory, decode=True)
     with pytest.raises(ValueError, match=r"made for a memory of \[batch, length\] = \(2, 5\), "
                        r"got \(2, 7\)"):
