@@ -1511,6 +1511,11 @@ def test_config_json_describes_the_steps_it_trained(engine, tmp_path, caplog):
     assert history()[0]["record"] == first
     with pytest.raises(ValueError, match=r"train\(experiment=...\) must be a mapping"):
         run(engine, tmp_path / "b", 2, experiment=3)
+    # A workdir from before the history: its record comes first, of unknown start.
+    (tmp_path / "config_history.jsonl").unlink()
+    before = record()
+    run(engine, tmp_path, 6, experiment=experiment, seed=5)
+    assert [(h["step"], h["record"] == before) for h in history()] == [(None, True), (4, False)]
 
 
 class _SowingExperts(nn.Module):

@@ -273,10 +273,17 @@ def _write_config(workdir: str, record: dict, step: int, num_steps: int) -> None
                     "%d on; config_history.jsonl keeps the earlier settings.", path,
                     "; ".join(changed), step)
     history = os.path.join(workdir, "config_history.jsonl")
+    lines = []
+    if not os.path.exists(history) and changed is not None:
+        # A workdir from before the history: its record as the first line, of unknown start.
+        with open(path) as f:
+            lines.append({"step": None, "changed": [], "record": json.load(f)})
     if changed or not os.path.exists(history):
+        lines.append({"step": step, "changed": changed or [], "record": record})
+    if lines:
         with open(history, "a") as f:
-            f.write(json.dumps({"step": step, "changed": changed or [], "record": record},
-                               sort_keys=True, allow_nan=True) + "\n")
+            for line in lines:
+                f.write(json.dumps(line, sort_keys=True, allow_nan=True) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=2, sort_keys=True)
