@@ -541,7 +541,7 @@ class LayerStack(nn.Module):
                       deterministic=deterministic, causal=causal)
         if cfg.scan_layers:
             scanned = nn.scan(
-                layer_cls, variable_axes={"params": 0, "cache": 0},
+                layer_cls, variable_axes={"params": 0, "cache": 0, "losses": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * (len(args) + 1), length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})

@@ -1519,8 +1519,8 @@ def test_config_json_describes_the_steps_it_trained(engine, tmp_path, caplog):
 
 
 class _SowingExperts(nn.Module):
-    """A feed-forward with a router that sows an auxiliary loss into "losses" (independent
-    of the data here, so its share of every slice adds up to it exactly)."""
+    """A feed-forward with a router that sows an auxiliary loss into "losses": a mean over the
+    positions of the slice it sees (so it depends on the data)."""
 
     config: object
     residual_layers: int = 0
@@ -1529,34 +1529,34 @@ class _SowingExperts(nn.Module):
     def __call__(self, x, *, deterministic=True):
         from flaxformer_lite import layers
 
-        router = nn.Dense(2, name="router")
-        gate = jax.nn.softmax(router(x), axis=-1)
-        self.sow("losses", "balance", 0.1 * jnp.sum(router.variables["params"]["kernel"] ** 2))
-        out = layers.FeedForward(self.config, self.residual_layers, name="expert")(x)
-        return out * gate[..., :1] * 2.0
+        gate = jax.nn.sigmoid(nn.Dense(1, name="router")(x))
+        self.sow("losses", "balance", 0.1 * jnp.mean(gate))
+        return layers.FeedForward(self.config, self.residual_layers, name="expert")(x) * gate
 
 
-def test_sown_auxiliary_losses_join_the_objective():
-    """Values sown into "losses" are added to the objective (the update is SGD on the
-    cross-entropy mean plus them, checked against jax.grad of that sum written out), reported
-    as aux_loss, and micro-batches give the same update."""
-    from flaxformer_lite import DecoderOnly, TransformerLayer
+@pytest.mark.parametrize("scan", [False, True])
+def test_sown_auxiliary_losses_join_the_objective(scan):
+    """Values sown into "losses" are added to the objective: the update is SGD on the
+    cross-entropy mean plus them over the whole batch, with or without micro-batches (each
+    slice weighs its mean by its share of the rows), reported as aux_loss; scanned layers'
+    values reach the step too (they were dropped by the scan)."""
+    from flaxformer_lite import DecoderOnly, TransformerLayer, unstack_layers
     from flaxformer_lite.training import steps
 
     class Layer(TransformerLayer):
         ffn_cls: object = _SowingExperts
 
-    model = DecoderOnly(TINY, layer_cls=Layer)
+    config = TINY.replace(num_layers=2, scan_layers=scan)
+    model = DecoderOnly(config, layer_cls=Layer)
     batch = {k: jnp.asarray(v) for k, v in synthetic_batch(0).items()}
     params = nn.meta.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
     tx = optax.sgd(1.0)
     state = manual_state(params, tx)
 
-    def objective(p):
-        logits = model.apply({"params": p}, batch["inputs"])  # "losses" not mutable: unsown
+    def objective(p, model=model):
+        logits, sown = model.apply({"params": p}, batch["inputs"], mutable=["losses"])
         sums = metric_sums(logits, batch["targets"])
-        aux = sum(0.1 * jnp.sum(p["decoder"]["layers"][f"layer_{i}"]["mlp"]["router"]["kernel"]
-                                ** 2) for i in range(TINY.num_layers))
+        aux = sum(jnp.sum(x) for x in jax.tree.leaves(sown))
         return sums["loss"] / sums["tokens"] + aux, aux
 
     grads, aux = jax.grad(objective, has_aux=True)(params)
@@ -1568,3 +1568,7 @@ def test_sown_auxiliary_losses_join_the_objective():
         assert summarize(jax.device_get(metrics))["aux_loss"] == pytest.approx(float(aux),
                                                                                rel=1e-5)
     assert float(aux) > 0 and steps.uses_dropout(model)
+    if scan:  # the same value as the unscanned model's, layer by layer
+        plain = DecoderOnly(config.replace(scan_layers=False), layer_cls=Layer)
+        _, plain_aux = objective(unstack_layers(params), plain)
+        assert float(plain_aux) == pytest.approx(float(aux), rel=1e-6)

@@ -102,9 +102,9 @@ def add_metrics(a: Mapping[str, object], b: Mapping[str, object]) -> dict[str, o
 def summarize(sums: Mapping[str, object]) -> dict[str, float]:
     """Means from metric sums (host side, float64).
 
-    Per token: `loss`, `nll`, `z_loss`, `aux_loss` (sown auxiliary losses), `accuracy`
-    (= correct / tokens), `perplexity` (= exp(nll / tokens)). Per step: `grad_norm`,
-    `learning_rate` (means over the steps summed). Counts pass through: `tokens`,
+    Per token: `loss`, `nll`, `z_loss`, `accuracy` (= correct / tokens), `perplexity`
+    (= exp(nll / tokens)). Per step: `grad_norm`, `learning_rate`, `aux_loss` (sown auxiliary
+    losses; means over the steps summed). Counts pass through: `tokens`,
     `sequences`, `steps`. Other keys pass through unchanged.
     """
     s = {k: float(np.asarray(v, np.float64)) for k, v in sums.items()}
@@ -112,11 +112,11 @@ def summarize(sums: Mapping[str, object]) -> dict[str, float]:
     tokens = s.get("tokens", 0.0)
     steps = s.get("steps", 0.0)
     for key, value in s.items():
-        if key in ("loss", "nll", "z_loss", "aux_loss"):
+        if key in ("loss", "nll", "z_loss"):
             out[key] = value / tokens if tokens else float("nan")
         elif key == "correct":
             out["accuracy"] = value / tokens if tokens else float("nan")
-        elif key in ("grad_norm", "learning_rate"):
+        elif key in ("grad_norm", "learning_rate", "aux_loss"):
             out[key] = value / steps if steps else value
         else:
             out[key] = value

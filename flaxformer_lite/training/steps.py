@@ -148,10 +148,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     `grad_norm` (global L2 norm of this step's gradient, before clipping), `learning_rate`,
     `steps` (= 1) and `nonfinite` (1.0 when the loss or the gradient norm is NaN or infinite).
 
-    Scalars the model sows into its "losses" collection (`self.sow("losses", name, value)`,
-    e.g. a mixture of experts' load-balancing loss times its weight) are added to the
-    objective as they are, and reported as `aux_loss` (a mean, like `loss`); the eval step
-    leaves them out.
+    Values the model sows into its "losses" collection (`self.sow("losses", name, value)`,
+    e.g. a mixture of experts' load-balancing loss times its weight) are summed (every element,
+    every layer: `scan_layers` stacks a layer's value on a leading axis) and added to the
+    objective, and reported as `aux_loss` (per step, like `grad_norm`); the eval step leaves
+    them out. Each device and micro-batch weighs its value by its share of the batch's rows,
+    so a value that is a mean over the slice's positions adds up to the whole batch's mean, as
+    one device computes it: the update then does not depend on the device count or `k`
+    (a value that is not linear in the data, e.g. a squared mean, does).
 
     `microbatches = k` computes the gradient in `k` slices of the batch, one after another
     inside the step (`lax.scan`), and sums them: the same update (up to float rounding) with
@@ -165,6 +169,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     # The gradient of the global mean: local sums over the global count (a constant).
     weights = losses.loss_weights(loss_targets(model, batch))
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
+    total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses' weight
 
     def loss_fn(params, batch, key):
         sown: list = []
@@ -176,10 +181,11 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
         objective = sums["loss"] / total_tokens
         if jax.tree.leaves(sown):  # auxiliary losses the model sowed (a router's balance)
             aux = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(sown))
-            # Weighted by this slice's share of the batch's tokens: summed over devices and
-            # micro-batches it is the token-weighted mean, the whole batch's value under jit.
-            objective = objective + aux * (sums["tokens"] / total_tokens)
-            sums = {**sums, "aux_loss": aux * sums["tokens"]}
+            # This slice's share of the batch's rows: over devices and micro-batches the
+            # shares of a mean add up to the whole batch's mean (the value under plain jit).
+            share = aux * (batch["inputs"].shape[0] / total_rows)
+            objective = objective + share
+            sums = {**sums, "aux_loss": share}
         return objective, sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
