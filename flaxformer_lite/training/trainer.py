@@ -278,7 +278,7 @@ def _write_config(workdir: str, record: dict, step: int, num_steps: int) -> None
         # A workdir from before the history: its record as the first line, of unknown start.
         with open(path) as f:
             lines.append({"step": None, "changed": [], "record": json.load(f)})
-    if changed or not os.path.exists(history):
+    if changed or (not os.path.exists(history) and changed is None):
         lines.append({"step": step, "changed": changed or [], "record": record})
     if lines:
         with open(history, "a") as f:
@@ -360,12 +360,13 @@ def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[
             was, now = _flat(old[name]), _flat(record[name])
             changed += [f"{name}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
                         for k in sorted(set(was) | set(now))
-                        if was.get(k) != now.get(k) and not _both_nan(was.get(k), now.get(k))]
+                        if not _same(was.get(k), now.get(k))]
     return changed
 
 
-def _both_nan(a: Any, b: Any) -> bool:
-    return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values, NaN equal to NaN (also inside lists)."""
+    return a == b or json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def _first_eval_batch(eval_data) -> Batch | None:
