@@ -272,7 +272,8 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool = True,
         is_causal: bool = False,
     ) -> Array:
-        """x `[batch, q_len, d_model]`, kv_inputs `[batch, kv_len, d_model]` (cross only).
+        """x `[batch, q_len, d_model]`, kv_inputs `[batch, kv_len, kv_features or d_model]`
+        (cross only).
 
         mask `[b|1, 1|heads, q_len, kv_len]` (True = attend), bias likewise (added to scores);
         in decode mode `kv_len` is the cache length. `q_positions` `[batch, q_len]` drive the
@@ -287,7 +288,7 @@ class MultiHeadAttention(nn.Module):
         """
         if self.is_cross and kv_inputs is None:
             raise ValueError("MultiHeadAttention(is_cross=True) needs kv_inputs, the encoder "
-                             "output [batch, kv_len, d_model].")
+                             "output [batch, kv_len, d_model] (or kv_features wide).")
         if not self.is_cross and kv_inputs is not None:
             raise ValueError("kv_inputs is given to a self-attention layer, which would ignore "
                              "it; build MultiHeadAttention(config, is_cross=True) to attend to "

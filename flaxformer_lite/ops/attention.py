@@ -549,13 +549,13 @@ def _query_rows(x, lo, hi):
     return x if x is None or x.shape[3] == 1 else x[:, :, :, lo:hi]
 
 
-def _query_split(x, n, qc):
-    """The first `n * qc` query rows of a bias/mask as `[n, b, hk, g, qc, k]` (None, or a
-    size-1 query axis: None, the caller broadcasts it)."""
-    if x is None or x.shape[3] == 1:
-        return None
-    x = x[:, :, :, :n * qc]
-    return jnp.moveaxis(x.reshape(*x.shape[:3], n, qc, x.shape[4]), 3, 0)
+def _chunk(x, i, qc, axis):
+    """Chunk i (`qc` rows from `i * qc`) of `x` along `axis`; a size-1 axis (a bias or mask
+    shared across queries) and None stay as they are. Dynamic slices read the chunk in place:
+    reshaping a [1, heads, q, k] bias into chunks copied it whole."""
+    if x is None or x.shape[axis] == 1:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, i * qc, qc, axis=axis)
 
 
 def _forward_query_chunks(q, k, v, bias, mask, scale, qc):
@@ -563,15 +563,12 @@ def _forward_query_chunks(q, k, v, bias, mask, scale, qc):
     remainder in one last call): the scores of one chunk live at a time."""
     b, lq = q.shape[:2]
     n = lq // qc
-    qs = jnp.moveaxis(q[:, :n * qc].reshape(b, n, qc, *q.shape[2:]), 1, 0)
-    bs, ms = _query_split(bias, n, qc), _query_split(mask, n, qc)
 
-    def body(_, xs):
-        qx, bx, mx = xs
-        return None, _forward(qx, k, v, bias if bs is None else bx, mask if ms is None else mx,
-                              scale, False, qc)
+    def body(_, i):
+        return None, _forward(_chunk(q, i, qc, 1), k, v, _chunk(bias, i, qc, 3),
+                              _chunk(mask, i, qc, 3), scale, False, qc)
 
-    _, (o, m, total) = jax.lax.scan(body, None, (qs, bs, ms))
+    _, (o, m, total) = jax.lax.scan(body, None, jnp.arange(n))
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * qc, *o.shape[3:])
     m, total = (jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], n * qc, 1) for x in (m, total))
     if n * qc < lq:
@@ -584,38 +581,29 @@ def _forward_query_chunks(q, k, v, bias, mask, scale, qc):
 
 def _backward_query_chunks(q, k, v, bias, mask, scale, qc, o, m, total, do):
     """`_backward` of `_forward_query_chunks`: dq chunk by chunk, dk, dv (and a bias shared
-    across queries) summed over the chunks in float32."""
+    across queries) summed over the chunks in float32, a per-query bias's gradient written
+    chunk by chunk into its buffer."""
     b, lq = q.shape[:2]
     n = lq // qc
+    shared = bias is not None and bias.shape[3] == 1
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    acc0 = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), dbias0)
 
-    def split_q(x):  # [b, q, ...] -> [n, b, qc, ...]
-        return jnp.moveaxis(x[:, :n * qc].reshape(b, n, qc, *x.shape[2:]), 1, 0)
-
-    def split_stats(x):  # [b, hk, g, q, 1] -> [n, b, hk, g, qc, 1]
-        return jnp.moveaxis(x[:, :, :, :n * qc].reshape(*x.shape[:3], n, qc, 1), 3, 0)
-
-    bs, ms = _query_split(bias, n, qc), _query_split(mask, n, qc)
-    shared = bias is not None and bs is None
-    zeros = jnp.zeros((b, k.shape[1], *k.shape[2:]), jnp.float32)
-    acc0 = (zeros, jnp.zeros((b, v.shape[1], *v.shape[2:]), jnp.float32),
-            jnp.zeros(bias.shape, jnp.float32) if shared else None)
-
-    def body(acc, xs):
-        qx, ox, mx_, tx, dox, bx, mx = xs
-        dq, dk, dv, db = _backward(qx, k, v, bias if bs is None else bx,
-                                   mask if ms is None else mx, scale, False, qc, ox, mx_, tx,
-                                   dox, f32=True)
+    def body(acc, i):
+        dq, dk, dv, db = _backward(
+            _chunk(q, i, qc, 1), k, v, _chunk(bias, i, qc, 3), _chunk(mask, i, qc, 3), scale,
+            False, qc, _chunk(o, i, qc, 1), _chunk(m, i, qc, 3), _chunk(total, i, qc, 3),
+            _chunk(do, i, qc, 1), f32=True)
         dk_acc, dv_acc, db_acc = acc
         if shared:
-            db_acc, db = db_acc + db, None
-        return (dk_acc + dk, dv_acc + dv, db_acc), (dq, db)
+            db_acc = db_acc + db
+        elif bias is not None:
+            db_acc = jax.lax.dynamic_update_slice_in_dim(db_acc, db.astype(jnp.float32),
+                                                         i * qc, axis=3)
+        return (dk_acc + dk, dv_acc + dv, db_acc), dq
 
-    (dk, dv, db_shared), (dq, db) = jax.lax.scan(
-        body, acc0, (split_q(q), split_q(o), split_stats(m), split_stats(total), split_q(do),
-                     bs, ms))
+    (dk, dv, dbias), dq = jax.lax.scan(body, acc0, jnp.arange(n))
     dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * qc, *dq.shape[3:])
-    if bias is not None and not shared:
-        db = jnp.moveaxis(db, 0, 3).reshape(*db.shape[1:4], n * qc, db.shape[-1])
     if n * qc < lq:
         lo = n * qc
         rest = _backward(q[:, lo:], k, v, _query_rows(bias, lo, lq), _query_rows(mask, lo, lq),
@@ -623,12 +611,10 @@ def _backward_query_chunks(q, k, v, bias, mask, scale, qc, o, m, total, do):
                          do[:, lo:], f32=True)
         dq = jnp.concatenate([dq, rest[0]], 1)
         dk, dv = dk + rest[1], dv + rest[2]
-        if bias is not None:
-            if shared:
-                db_shared = db_shared + rest[3]
-            else:
-                db = jnp.concatenate([db, rest[3]], 3)
-    dbias = None if bias is None else (db_shared if shared else db)
+        if shared:
+            dbias = dbias + rest[3]
+        elif bias is not None:
+            dbias = dbias.at[:, :, :, lo:].set(rest[3].astype(jnp.float32))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
