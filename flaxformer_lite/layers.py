@@ -315,7 +315,7 @@ class MultiHeadAttention(nn.Module):
             if decode:
                 k, v = self._cross_cache(kv_inputs, cache_index, dense)
             else:
-                kv = Dense((self.kv_features or d,), (2, hk, dh), ("embed", None, "heads", "kv"),
+                kv = Dense((self.kv_features or d,), (2, hk, dh), self._kv_axes(),
                            name="key_value", **dense)(kv_inputs)
                 k, v = ops.unstack(kv, 2)
         elif cfg.fused_qkv and hk == h:
@@ -388,10 +388,17 @@ class MultiHeadAttention(nn.Module):
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, head_major(v), start)
         return head_major(cached_k.value), head_major(cached_v.value)
 
+    def _kv_axes(self) -> tuple[str | None, ...]:
+        """Logical axes of the cross-attention key/value kernel: a memory of another width
+        than d_model is not "embed" (rules splitting embed would not fit it): replicated."""
+        width = self.kv_features
+        embed = "embed" if width in (None, self.config.d_model) else None
+        return (embed, None, "heads", "kv")
+
     def _cross_cache(self, kv_inputs: Array, cache_index: Array, dense: dict):
         cfg = self.config
         proj = Dense((self.kv_features or cfg.d_model,), (2, cfg.kv_heads, cfg.dim_per_head),
-                     ("embed", None, "heads", "kv"), name="key_value", **dense)
+                     self._kv_axes(), name="key_value", **dense)
         is_initialized = self.has_variable("cache", "cross_kv")
         shape = kv_inputs.shape[:2] + (2, cfg.kv_heads, cfg.dim_per_head)
         cached = self.variable("cache", "cross_kv", jnp.zeros, shape, cfg.compute_dtype)

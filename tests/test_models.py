@@ -328,7 +328,8 @@ def test_layers_name_inputs_of_the_wrong_width():
     memory48 = jax.random.normal(jax.random.key(2), (2, 5, 48))
     queries = jax.random.normal(jax.random.key(3), (2, 3, 32))
     params48 = wide.init(jax.random.key(0), queries, kv_inputs=memory48)
-    assert params48["params"]["key_value"]["kernel"].value.shape[0] == 48
+    kernel = params48["params"]["key_value"]["kernel"]
+    assert kernel.value.shape[0] == 48 and kernel.names == (None, None, "heads", "kv")
     full = wide.apply(params48, queries, kv_inputs=memory48)
     cache48 = wide.init(jax.random.key(0), queries[:, :1], kv_inputs=memory48,
                         decode=True)["cache"]
