@@ -822,6 +822,27 @@ def test_export_with_a_symbolic_batch_and_length(built):
                                atol=1e-5)
 
 
+def test_export_for_a_gpu_from_a_cpu_host_takes_the_plain_attention():
+    """The attention path is chosen by the platform the program is lowered for: exported
+    for CUDA on this CPU host it used to carry the CPU path's blocks and barriers. The CPU
+    export keeps them and runs as the jitted function does."""
+    from jax import export
+
+    from flaxformer_lite import ops
+
+    x = jax.ShapeDtypeStruct((2, 8, 4, 16), jnp.float32)
+    grad = jax.jit(jax.grad(lambda q, k, v: ops.scaled_dot_product_attention(
+        q, k, v, is_causal=True).sum(), argnums=(0, 1, 2)))
+    texts = {p: export.export(grad, platforms=(p,))(x, x, x).mlir_module()
+             for p in ("cpu", "cuda")}
+    assert "optimization_barrier" in texts["cpu"]
+    assert "optimization_barrier" not in texts["cuda"]
+    q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16))
+    on_cpu = export.export(grad, platforms=("cpu",))(x, x, x)
+    for got, want in zip(on_cpu.call(q, q, q), grad(q, q, q)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["gpt2", "t5-small"])
 def test_stack_and_unstack_layers_convert_between_the_scan_layouts(preset):
     """Parameters of the per-layer model give the scanned model the same logits once stacked

@@ -125,7 +125,21 @@ def scaled_dot_product_attention(
 
     if (not use_dropout and not return_weights and _use_cpu_path(q, k)
             and (scale is None or isinstance(scale, numbers.Real))):  # compiled-in scale
-        return _cpu_attention(q, k, v, bias, mask, scale, is_causal)
+        # Chosen by the platform the program is lowered for, not the one JAX runs on: a
+        # `jax.export` for GPUs from a CPU host takes the plain path.
+        return jax.lax.platform_dependent(
+            q, k, v, bias, mask,
+            cpu=lambda q, k, v, bias, mask: _cpu_attention(q, k, v, bias, mask, scale,
+                                                           is_causal),
+            default=lambda q, k, v, bias, mask: _plain_attention(q, k, v, bias, mask, scale,
+                                                                 is_causal))
+    return _plain_attention(q, k, v, bias, mask, scale, is_causal, dropout_rate,
+                            dropout_rng if use_dropout else None, return_weights)
+
+
+def _plain_attention(q, k, v, bias, mask, scale, is_causal, dropout_rate=0.0, dropout_rng=None,
+                     return_weights=False):
+    use_dropout = dropout_rng is not None
     weights = attention_weights(q, k, bias=bias, mask=mask, scale=scale, is_causal=is_causal)
     probs = weights
     if use_dropout:
@@ -349,10 +363,11 @@ _CHUNK_MIN_BYTES = 256 * 2**20  # below this the whole batch is attended at once
 
 
 def _use_cpu_path(q, k) -> bool:
-    """The CPU blocks and chunks are sized from the shapes: symbolic ones (`jax.export` with
-    a polymorphic batch or length) take the plain path."""
+    """Whether the CPU path may be taken (where the program runs on a CPU): its blocks and
+    chunks are sized from the shapes, so symbolic ones (`jax.export` with a polymorphic batch
+    or length) take the plain path."""
     concrete = all(isinstance(d, int) for d in (*q.shape, *k.shape))
-    return concrete and jax.default_backend() == "cpu" and enabled("cpu_attention")
+    return concrete and enabled("cpu_attention")
 
 
 def _and_causal(mask, lq, lk):
