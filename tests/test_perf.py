@@ -61,7 +61,7 @@ def chunking(request, monkeypatch):
         monkeypatch.setattr(attention_module, "_query_block", lambda lq: 2)
     if "query chunks" in request.param:
         monkeypatch.setattr(attention_module, "_query_chunk",
-                            lambda b, h, lq, lk, causal, chunk: lq if causal else 2)
+                            lambda h, lq, lk, causal, chunk: lq if causal else 2)
     return request.param
 
 
@@ -156,11 +156,11 @@ def test_batch_chunk_sizes():
     # Bidirectional scores of one batch chunk past 256 MiB run in scanned query chunks of
     # ~32 MiB: one 8192-token row of 4 heads (1 GiB of scores) in 256-query chunks.
     queries = attention_module._query_chunk
-    assert queries(1, 4, 8192, 8192, False, 1) == 256
-    assert queries(1, 4, 8192, 8192, True, 1) == 8192  # causal: its query blocks instead
-    assert queries(64, 6, 256, 256, False, 64) == 256  # 96 MiB: whole
-    assert queries(1, 1, 65536, 65536, False, 1) == 128
-    assert queries(1, 64, 4096, 16384, False, 1) == 64  # at least 64 queries
+    assert queries(4, 8192, 8192, False, 1) == 256
+    assert queries(4, 8192, 8192, True, 1) == 8192  # causal: its query blocks instead
+    assert queries(6, 256, 256, False, 64) == 256  # 96 MiB: whole
+    assert queries(1, 65536, 65536, False, 1) == 128
+    assert queries(64, 4096, 16384, False, 1) == 64  # at least 64 queries
 
 
 @pytest.mark.parametrize("name", ["gelu", "gelu_tanh"])

@@ -274,10 +274,8 @@ def cached_attention(
     # the all-masked scores of a fresh (constant) cache while compiling: minutes at a
     # 2048-token prompt.
     def fresh():
-        def new_slots(x):
-            return x if x is None or x.shape[-1] == 1 else x[..., :lq]
-        return scaled_dot_product_attention(q, k_new, v_new, bias=new_slots(bias),
-                                            mask=new_slots(mask), scale=scale,
+        return scaled_dot_product_attention(q, k_new, v_new, bias=_new_slots(bias, 0, lq),
+                                            mask=_new_slots(mask, 0, lq), scale=scale,
                                             is_causal=causal or mask is None)
 
     def written():
@@ -334,9 +332,12 @@ def read_cache_before_write(implementation: str) -> bool:
             and enabled("cached_attention"))
 
 
-def _new_slots(x: Array, index, n: int) -> Array:
-    """Key slots `index .. index + n - 1` of a `[b, hk, g, q, k]` bias/mask (k of size 1 stays)."""
-    return x if x.shape[4] == 1 else jax.lax.dynamic_slice_in_dim(x, index, n, axis=4)
+def _new_slots(x: Array | None, index, n: int) -> Array | None:
+    """Key slots `index .. index + n - 1` (the last axis) of a bias/mask (None, or a key axis
+    of size 1, stays)."""
+    if x is None or x.shape[-1] == 1:
+        return x
+    return jax.lax.dynamic_slice_in_dim(x, index, n, axis=x.ndim - 1)
 
 
 # ---- CPU path ----------------------------------------------------------------------------------
@@ -386,11 +387,10 @@ def _batch_chunk(b: int, scores_per_row: int) -> int:
     return size
 
 
-def _query_chunk(b: int, h: int, lq: int, lk: int, causal: bool, chunk: int) -> int:
+def _query_chunk(h: int, lq: int, lk: int, causal: bool, chunk: int) -> int:
     """Queries per scanned chunk of bidirectional attention: all of them unless the scores of
-    one batch chunk (`chunk` rows of the `b`) pass _CHUNK_MIN_BYTES, else chunks of about
-    _CHUNK_BYTES (at least 64 queries; a last, shorter chunk takes the remainder)."""
-    del b
+    one batch chunk (`chunk` rows) pass _CHUNK_MIN_BYTES, else chunks of about _CHUNK_BYTES
+    (at least 64 queries; a last, shorter chunk takes the remainder)."""
     if causal or chunk * h * lq * lk * 4 < _CHUNK_MIN_BYTES:
         return lq
     return min(lq, max(64, _CHUNK_BYTES // (4 * chunk * h * lk)))
@@ -416,7 +416,7 @@ def _cpu_attention(q, k, v, bias, mask, scale, is_causal):
         mask5 = mask5.astype(bool)
     block = _query_block(lq) if causal else lq
     chunk = _batch_chunk(b, h * lq * lk)
-    qchunk = _query_chunk(b, h, lq, lk, causal, chunk)
+    qchunk = _query_chunk(h, lq, lk, causal, chunk)
     out = _attention_core(q.reshape(b, lq, hk, g, d), k, v, bias5, mask5, float(scale), chunk,
                           causal, block, qchunk)
     return out.reshape(b, lq, h, v.shape[-1])
@@ -559,11 +559,6 @@ def _batched(x, b):
     return x is not None and x.shape[0] == b and b > 1
 
 
-def _query_rows(x, lo, hi):
-    """Rows `[lo, hi)` of a `[b, hk, g, q, k]` bias or mask (a size-1 query axis stays)."""
-    return x if x is None or x.shape[3] == 1 else x[:, :, :, lo:hi]
-
-
 def _chunk(x, i, qc, axis):
     """Chunk i (`qc` rows from `i * qc`) of `x` along `axis`; a size-1 axis (a bias or mask
     shared across queries) and None stay as they are. Dynamic slices read the chunk in place:
@@ -587,8 +582,9 @@ def _forward_query_chunks(q, k, v, bias, mask, scale, qc):
     o = jnp.moveaxis(o, 0, 1).reshape(b, n * qc, *o.shape[3:])
     m, total = (jnp.moveaxis(x, 0, 3).reshape(*x.shape[1:4], n * qc, 1) for x in (m, total))
     if n * qc < lq:
-        rest = _forward(q[:, n * qc:], k, v, _query_rows(bias, n * qc, lq),
-                        _query_rows(mask, n * qc, lq), scale, False, lq - n * qc)
+        lo, lk = n * qc, k.shape[1]
+        rest = _forward(q[:, lo:], k, v, _block_of(bias, lo, lq, lk),
+                        _block_of(mask, lo, lq, lk), scale, False, lq - lo)
         o = jnp.concatenate([o, rest[0]], 1)
         m, total = (jnp.concatenate([x, y], 3) for x, y in ((m, rest[1]), (total, rest[2])))
     return o, m, total
@@ -621,7 +617,8 @@ def _backward_query_chunks(q, k, v, bias, mask, scale, qc, o, m, total, do):
     dq = jnp.moveaxis(dq, 0, 1).reshape(b, n * qc, *dq.shape[3:])
     if n * qc < lq:
         lo = n * qc
-        rest = _backward(q[:, lo:], k, v, _query_rows(bias, lo, lq), _query_rows(mask, lo, lq),
+        lk = k.shape[1]
+        rest = _backward(q[:, lo:], k, v, _block_of(bias, lo, lq, lk), _block_of(mask, lo, lq, lk),
                          scale, False, lq - lo, o[:, lo:], m[:, :, :, lo:], total[:, :, :, lo:],
                          do[:, lo:], f32=True)
         dq = jnp.concatenate([dq, rest[0]], 1)
