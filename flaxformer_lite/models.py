@@ -50,13 +50,16 @@ def concrete_range(x) -> tuple[int, int] | None:
 
 
 def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
-                    type_vocab_size: int | None = None, **aux: Array | None) -> None:
+                    type_vocab_size: int | None = None, max_positions: int | None = None,
+                    **aux: Array | None) -> None:
     """`ids` are integer `[batch, length]`, and the per-token entries given with them
     (segment ids, positions, token types) have their shape: named errors while tracing.
 
-    With `vocab_size` (`type_vocab_size`), concrete ids (token types) outside the table are
-    refused too: an embedding lookup past its table gives NaN, a negative one wraps around.
-    Traced values (inside `jit`) cannot be checked here; `check_batch` checks batches."""
+    With `vocab_size` (`type_vocab_size`, `max_positions`: a learned position table's rows),
+    concrete ids (token types, positions) outside the table are refused too: an embedding
+    lookup past its table gives NaN, a negative one wraps around, and positions used to be
+    clamped to the last row. Traced values (inside `jit`) cannot be checked here;
+    `check_batch` checks batches."""
     if getattr(ids, "ndim", None) != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"{what} must be integer token ids [batch, length], got "
                          f"{getattr(ids, 'dtype', type(ids).__name__)} of shape "
@@ -65,16 +68,24 @@ def check_token_ids(what: str, ids: Array, *, vocab_size: int | None = None,
         if x is not None and tuple(jnp.shape(x)) != ids.shape:
             raise ValueError(f"{name} has shape {tuple(jnp.shape(x))}; it must match {what} "
                              f"{ids.shape}.")
-    types = aux.get("token_type_ids")
-    for name, x, size, field in ((what, ids, vocab_size, "vocab_size"),
-                                 ("token_type_ids", types, type_vocab_size, "type_vocab_size")):
+    tables = ((what, ids, vocab_size, f"the model's vocab_size={vocab_size}"),
+              ("token_type_ids", aux.get("token_type_ids"), type_vocab_size,
+               f"the model's type_vocab_size={type_vocab_size}"),
+              ("positions", aux.get("positions"), max_positions,
+               f"the learned position table of max_len={max_positions} rows"))
+    for name, x, size, table in tables:
         span = None if size is None else concrete_range(x)
         if span is None:
             continue
         low, high = span
         if low < 0 or high >= max(size, 1):  # no type embedding: only type 0, as check_batch
-            raise ValueError(f"{name} hold values in [{low}, {high}], outside the model's "
-                             f"{field}={size} (valid: 0..{max(size, 1) - 1}).")
+            raise ValueError(f"{name} hold values in [{low}, {high}], outside {table} "
+                             f"(valid: 0..{max(size, 1) - 1}).")
+
+
+def _learned_positions(cfg: TransformerConfig) -> int | None:
+    """Rows of the learned position table (None: no table, positions are not looked up)."""
+    return cfg.max_len if cfg.position == "learned" else None
 
 
 def _check_length(cfg: TransformerConfig, length: int, what: str) -> None:
@@ -124,13 +135,7 @@ class _Embedder(nn.Module):
         if (self.has_variable("perturbations", "token_embeddings")
                 or self.is_mutable_collection("perturbations") and not self.is_initializing()):
             x = self.perturb("token_embeddings", x)
-        if cfg.position == "learned":
-            span = concrete_range(positions)  # traced ones are clamped (check_batch checks)
-            if span is not None and (span[0] < 0 or span[1] >= cfg.max_len):
-                raise ValueError(
-                    f"positions hold values in [{span[0]}, {span[1]}], outside the learned "
-                    f"position table of max_len={cfg.max_len} rows (valid: 0.."
-                    f"{cfg.max_len - 1}); they used to be clamped to the last row.")
+        if cfg.position == "learned":  # given positions are range-checked (check_token_ids)
             x = x + Embed(cfg.max_len, cfg, axes=(None, "embed"), name="position_embed")(
                 jnp.minimum(positions, cfg.max_len - 1))
         elif cfg.position == "sinusoidal":
@@ -162,7 +167,8 @@ class Encoder(nn.Module):
         cfg = self.config
         check_token_ids("inputs", inputs, segment_ids=segment_ids, positions=positions,
                         token_type_ids=token_type_ids, vocab_size=cfg.vocab_size,
-                        type_vocab_size=cfg.type_vocab_size)
+                        type_vocab_size=cfg.type_vocab_size,
+                        max_positions=_learned_positions(cfg))
         _check_length(cfg, inputs.shape[1], "inputs")
         positions, rel_pos = _positions(inputs, segment_ids, positions)
         segment_ids = _segments(inputs, segment_ids)
@@ -203,7 +209,7 @@ class Decoder(nn.Module):
                  deterministic: bool = True) -> Array:
         cfg = self.config
         check_token_ids("decoder inputs", ids, segment_ids=segment_ids, positions=positions,
-                        vocab_size=cfg.vocab_size)
+                        vocab_size=cfg.vocab_size, max_positions=_learned_positions(cfg))
         if encoded is not None and (
                 encoded.ndim != 3 or encoded.shape[0] != ids.shape[0] or
                 encoder_segment_ids is not None

@@ -33,11 +33,8 @@ def sliding_window_mask(q_length: int, kv_length: int | None = None, *, window: 
     attention; `offset` as in `causal_mask`)."""
     if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
         raise ValueError(f"sliding_window_mask: window={window!r} must be a positive integer.")
-    window = int(window)
-    kv_length = q_length if kv_length is None else kv_length
-    q = jnp.arange(q_length)[:, None] + offset
-    k = jnp.arange(kv_length)[None, :]
-    return ((k <= q) & (k > q - window))[None, None]
+    return causal_mask(q_length, kv_length, offset=offset) & ~causal_mask(
+        q_length, kv_length, offset=offset - int(window))
 
 
 def prefix_lm_mask(prefix_lengths: Array, length: int) -> Array:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.models import OPTIONAL_BATCH_KEYS, masked_positions
+from flaxformer_lite.models import batch_keys, masked_positions
 from flaxformer_lite.training import losses
 from flaxformer_lite.training.state import TrainState
 
@@ -47,8 +47,8 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     cfg = model.config
     arch = cfg.architecture
     _check_keys(batch, arch)
-    keys = OPTIONAL_BATCH_KEYS[arch] + tuple(getattr(model, "extra_batch_keys", ()))
-    kwargs = {k: batch[k] for k in keys if k in batch}
+    kwargs = {k: batch[k] for k in batch_keys(arch, model)
+              if k not in ("inputs", "targets") and k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
 
