@@ -306,12 +306,10 @@ class Checkpointer:
         saved = getattr(saved, "tree", saved)
         params = getattr(abstract_state, "params", None)
         if isinstance(saved, Mapping) and "params" in saved and params is not None:
-            want, have = flat_leaves(meta.unbox(params)), flat_leaves(saved["params"])
-            missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+            missing, extra, shapes = _differences(meta.unbox(params), saved["params"])
             differ = ([f"not in the checkpoint: {missing[:3]}"] if missing else []) + (
                 [f"not in this model: {extra[:3]}"] if extra else []) or [
-                f"{k}: {tuple(have[k].shape)} -> {tuple(want[k].shape)}" for k in want
-                if tuple(want[k].shape) != tuple(have[k].shape)][:3]
+                f"{k}: {had} -> {wanted}" for k, wanted, had in shapes][:3]
             if differ:
                 raise ValueError(f"its parameters do not fit this model: {'; '.join(differ)}")
         out = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -435,18 +433,26 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
     return step, out["params"]
 
 
+def _differences(want: Any, have: Any) -> tuple[list[str], list[str], list[tuple]]:
+    """How the parameter tree `want` differs from a checkpoint's `have` (arrays or metadata):
+    the paths missing from `have`, those only in `have`, and `(path, wanted shape, saved
+    shape)` where both hold a path with other shapes."""
+    want, have = flat_leaves(want), flat_leaves(have)
+    shapes = [(k, tuple(want[k].shape), tuple(have[k].shape)) for k in want
+              if k in have and tuple(want[k].shape) != tuple(have[k].shape)]
+    return sorted(set(want) - set(have)), sorted(set(have) - set(want)), shapes
+
+
 def _check_target(target: Any, saved: Any, where: str) -> Any:
     """`target` as a tree of `ShapeDtypeStruct`s with shardings (the first local device where
     it has none), checked against the checkpoint's parameter metadata (paths and shapes)."""
-    want, have = flat_leaves(target), flat_leaves(saved)
-    if set(want) != set(have):
+    missing, extra, shapes = _differences(target, saved)
+    if missing or extra:
         raise ValueError(
             f"target does not fit the parameters of {where}: missing from the checkpoint "
-            f"{sorted(set(want) - set(have))[:5]}, not in target "
-            f"{sorted(set(have) - set(want))[:5]} (at most 5 of each). Pass the abstract "
+            f"{missing[:5]}, not in target {extra[:5]} (at most 5 of each). Pass the abstract "
             "parameters of the config that wrote it (engine.abstract_state().params).")
-    bad = [f"{k}: {tuple(want[k].shape)} != {tuple(have[k].shape)}" for k in want
-           if tuple(want[k].shape) != tuple(have[k].shape)]
+    bad = [f"{k}: {wanted} != {had}" for k, wanted, had in shapes]
     if bad:
         raise ValueError(f"target shapes differ from the checkpoint's ({where}): {bad[:5]}.")
     first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
