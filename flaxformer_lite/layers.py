@@ -383,7 +383,8 @@ class MultiHeadAttention(nn.Module):
                                  v.dtype)
         if not is_initialized:  # model.init(..., decode=True): shapes come from the inputs
             return k, v
-        start = (0, 0, cache_index, 0)
+        zero = jnp.zeros_like(cache_index)  # not a literal 0: int64 under jax_enable_x64
+        start = (zero, zero, cache_index, zero)
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, head_major(k), start)
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, head_major(v), start)
         return head_major(cached_k.value), head_major(cached_v.value)

@@ -324,9 +324,11 @@ def decode_state(module: nn.Module, ids: Array, positions: Array | None, valid: 
             "batch, length)).")
     if positions is None:
         positions = default_positions(ids, offset=i)
+    # Index zeros of the index's own type: a literal 0 is int64 under jax_enable_x64.
+    start = (jnp.zeros_like(i), i)
     kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
-                                                (0, i))
-    kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, (0, i))
+                                                start)
+    kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, start)
     slots = jnp.arange(kv_valid.value.shape[1])
     causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
     mask = kv_valid.value[:, None, None, :] & causal[None, None]

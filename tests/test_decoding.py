@@ -185,6 +185,18 @@ def test_cached_logits_match_full_recomputation(name):
         assert len(np.unique(run.tokens)) > 4  # varied output, not one repeated token
 
 
+@pytest.mark.parametrize("name", ["gpt_learned", "t5_relative_gqa"])
+def test_decoding_runs_with_x64_enabled(name):
+    # Analysis scripts turn on jax_enable_x64 for float64 checks; the cache writes' index zeros
+    # then were int64 beside the int32 cache index (a TypeError in dynamic_update_slice).
+    s = setup(name)
+    plain, plain_beams = s.generate(greedy=True), s.beams(beam_size=2, max_len=4)
+    with jax.enable_x64(True):
+        wide, wide_beams = s.generate(greedy=True), s.beams(beam_size=2, max_len=4)
+    np.testing.assert_array_equal(wide.tokens, plain.tokens)
+    np.testing.assert_array_equal(wide_beams.tokens, plain_beams.tokens)
+
+
 def test_cross_attention_keys_values_come_from_the_cache_after_the_first_step():
     s = setup("encdec_sinusoidal")
     model, params = s.model, s.params
