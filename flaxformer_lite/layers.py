@@ -91,6 +91,17 @@ def embedding_init(cfg: TransformerConfig, token_table: bool = False) -> Initial
     return nn.initializers.normal(std)
 
 
+def annotate_swaps(cls: type, names: Sequence[str]) -> None:
+    """Make the sub-layer class fields `names` that `cls`'s body sets without a type annotation
+    (`ffn_cls = MyFFN`) dataclass fields: a plain class attribute is not one, so instances took
+    the inherited default (None) and silently built the stock sub-layer. Called from
+    `__init_subclass__` before Flax turns the class into a dataclass."""
+    own = cls.__dict__.get("__annotations__", {})
+    missing = [name for name in names if name in cls.__dict__ and name not in own]
+    if missing:
+        cls.__annotations__ = {**own, **dict.fromkeys(missing, "Any")}
+
+
 class Dense(nn.Module):
     """`y = x W + b` contracting the last `len(in_shape)` axes of `x` into `out_shape`.
 
@@ -469,6 +480,10 @@ class TransformerLayer(nn.Module):
     # called as they are.
     attention_cls: Any = None
     ffn_cls: Any = None
+
+    def __init_subclass__(cls, **kwargs):
+        annotate_swaps(cls, ("attention_cls", "ffn_cls"))
+        super().__init_subclass__(**kwargs)
 
     @nn.compact
     def __call__(self, x: Array, _unused: Any = None, encoded: Array | None = None,

@@ -31,6 +31,7 @@ from flaxformer_lite.layers import (
     LayerStack,
     Norm,
     RelativePositionBias,
+    annotate_swaps,
     constrain,
     default_positions,
     shift_right,
@@ -348,6 +349,10 @@ class DecoderOnly(nn.Module):
     config: TransformerConfig
     layer_cls: Any = None
 
+    def __init_subclass__(cls, **kwargs):
+        annotate_swaps(cls, ("layer_cls",))
+        super().__init_subclass__(**kwargs)
+
     def setup(self):
         self.token_embed = _embed_table(self.config, "token_embed")
         self.decoder = Decoder(self.config, self.token_embed, has_cross=False,
@@ -366,6 +371,10 @@ class EncoderDecoder(nn.Module):
 
     config: TransformerConfig
     layer_cls: Any = None  # see `DecoderOnly.layer_cls`
+
+    def __init_subclass__(cls, **kwargs):
+        annotate_swaps(cls, ("layer_cls",))
+        super().__init_subclass__(**kwargs)
 
     def setup(self):
         cfg = self.config
@@ -443,6 +452,10 @@ class EncoderOnly(nn.Module):
 
     config: TransformerConfig
     layer_cls: Any = None  # see `DecoderOnly.layer_cls`
+
+    def __init_subclass__(cls, **kwargs):
+        annotate_swaps(cls, ("layer_cls",))
+        super().__init_subclass__(**kwargs)
 
     def setup(self):
         cfg = self.config

@@ -426,6 +426,25 @@ def test_a_layer_subclass_swaps_the_feed_forward(scan):
     np.testing.assert_allclose(run.logits, ref.logits, atol=1e-5)
 
 
+def test_sub_layer_classes_swap_without_a_type_annotation():
+    """`ffn_cls = X` in a subclass body, without `: Any`, was a plain class attribute, not a
+    dataclass field: instances took the inherited None and built the stock layer silently."""
+
+    class PlainLayer(fl.TransformerLayer):
+        ffn_cls = _TwoExperts
+
+    class PlainGPT(fl.DecoderOnly):
+        layer_cls = PlainLayer
+
+    cfg = fl.get_config("gpt2", **TINY)
+    ids = _ids((1, 5))
+    for model in (fl.DecoderOnly(cfg, layer_cls=PlainLayer), PlainGPT(cfg)):
+        params = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+        assert "router" in params["decoder"]["layers"]["layer_0"]["mlp"], type(model)
+    assert PlainLayer(cfg).ffn_cls is _TwoExperts  # an explicit argument still wins:
+    assert PlainLayer(cfg, ffn_cls=None).ffn_cls is None
+
+
 def test_learned_positions_past_the_table_are_refused(built):
     """`apply` with learned positions >= max_len returned the last row's logits (clamped)."""
     cfg, model, params = built["gpt2"]
