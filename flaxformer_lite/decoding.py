@@ -41,6 +41,7 @@ from flaxformer_lite.models import (
     DecoderOnly,
     EncoderDecoder,
     EncoderOnly,
+    check_params_read,
     check_token_ids,
     concrete_range,
     init_cache,
@@ -369,13 +370,16 @@ def _unwrap(params):
     return params
 
 
-def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str) -> TransformerConfig:
+def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str,
+                 params=None) -> TransformerConfig:
     cfg = getattr(model, "config", None)
     if not isinstance(model, kinds) or not isinstance(cfg, TransformerConfig):
         names = " or ".join(k.__name__ for k in kinds)
         raise ValueError(f"{fn} takes a {names} model, got {type(model).__name__}; {hint}. "
                          "A model of your own goes in as a subclass of one of them with a "
                          "TransformerConfig `config` (docs/decoding.md, \"Your own decoder\").")
+    if params is not None:
+        check_params_read(model, _unwrap(params), fn)
     return cfg
 
 
@@ -557,7 +561,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     call at explicit positions; `models.decode_state` does that bookkeeping.
     """
     cfg = _check_model(model, (DecoderOnly,), "generate",
-                       "use generate_seq2seq for encoder-decoder models")
+                       "use generate_seq2seq for encoder-decoder models", params)
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
@@ -585,7 +589,7 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
     source i's at `i * k ... i * k + k - 1` (with sampling; greedy would repeat one row).
     """
     cfg = _check_model(model, (EncoderDecoder,), "generate_seq2seq",
-                       "use generate for decoder-only models")
+                       "use generate for decoder-only models", params)
     inputs = _as_ids("inputs", inputs)
     _check_ids("inputs", inputs, cfg.vocab_size)
     _check_sources(inputs)
@@ -615,7 +619,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile).
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
-                       "encoder-only models do not generate")
+                       "encoder-only models do not generate", params)
     inputs, prompt_lengths = _as_ids("inputs", inputs), _as_ids("prompt_lengths", prompt_lengths)
     _check_ids("inputs", inputs, cfg.vocab_size)
     known = _concrete(alpha)
@@ -657,7 +661,7 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     `generate`; it is the reference for tests and the benchmark.
     """
     cfg = _check_model(model, (DecoderOnly,), "generate_no_cache",
-                       "it covers decoder-only models only")
+                       "it covers decoder-only models only", params)
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
@@ -678,7 +682,7 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
     are never guessed (e.g. a SentencePiece tokenizer's `space_id`, the bare "▁" piece, which
     prints as nothing); `probs` are renormalised over the tokens that may be guessed."""
     cfg = _check_model(model, (EncoderOnly,), "fill_masks",
-                       "use generate or beam_search for decoders")
+                       "use generate or beam_search for decoders", params)
     if not cfg.mlm_head:
         raise ValueError("fill_masks needs the masked-LM head: TransformerConfig.mlm_head=True.")
     top_k = _positive_int("top_k", top_k)

@@ -27,6 +27,7 @@ from flaxformer_lite.models import (
     EncoderOnly,
     batch_keys,
     check_batch,
+    check_params_read,
 )
 
 Array = jnp.ndarray
@@ -90,6 +91,7 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     _kind(model)
+    check_params_read(model, params, "perplexity")
     keys = batch_keys(model.config.architecture)
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "

@@ -709,6 +709,45 @@ def _init_params(config: TransformerConfig, rng: Array, batch: int, length: int 
         "params"]
 
 
+def _leaf_paths(tree) -> set[str]:
+    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                     for k in path) for path, _ in jax.tree.leaves_with_path(nn.meta.unbox(tree))}
+
+
+@functools.lru_cache(maxsize=32)
+def _param_paths(model: nn.Module) -> frozenset[str]:
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                                  **dummy_inputs(model.config)))
+    return frozenset(_leaf_paths(variables.get("params", {})))
+
+
+def check_params_read(model: nn.Module, params, fn: str) -> None:
+    """Refuse `params` holding parameters `model` never reads. Flax's `apply` ignores them, so a
+    run trained with a model of its own (adapters through `layer_cls`) given to
+    `make_model(config)` computed the base model without a word. `fn` names the caller. A
+    model whose `init` needs more than `dummy_inputs` is not checked."""
+    try:
+        try:
+            known = _param_paths(model)
+        except TypeError:  # an unhashable module: not cached
+            known = _param_paths.__wrapped__(model)
+    except Exception:  # a check, never the reason a call fails
+        return
+    got = _leaf_paths(params)
+    extra, missing = sorted(got - known), sorted(known - got)
+    if not extra:
+        return
+    more = lambda names: ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")  # noqa: E731
+    hint = (f" They also lack {len(missing)} this model reads ({more(missing)}): parameters of "
+            "another config, or of the other scan_layers layout (models.stack_layers / "
+            "unstack_layers convert)." if missing else "")
+    raise ValueError(
+        f"{fn}: params hold {len(extra)} parameter(s) this {type(model).__name__} never reads "
+        f"({more(extra)}); Flax would ignore them and compute another model.{hint} A run "
+        "trained with a model of your own (`train(model=...)`; `load_run(workdir).module` "
+        "names its class) needs that module, not `make_model(config)`.")
+
+
 def stack_layers(params) -> dict:
     """Parameters of per-layer stacks (`.../layers/layer_0`, `layer_1`, ...; `scan_layers=False`)
     in the `scan_layers=True` layout (`.../layers/layers/...`, each array stacked on a leading

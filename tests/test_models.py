@@ -426,6 +426,30 @@ def test_a_layer_subclass_swaps_the_feed_forward(scan):
     np.testing.assert_allclose(run.logits, ref.logits, atol=1e-5)
 
 
+def test_params_the_model_never_reads_are_refused_by_decoding_and_evaluation():
+    """A layer_cls model's params given to `make_model(config)`: Flax's apply ignores the extra
+    leaves, so generate and perplexity computed the plain model without a word."""
+    from flaxformer_lite import decoding, evaluation
+
+    cfg = fl.get_config("gpt2", **TINY)
+    ids = _ids((2, 6))
+    moe_params = nn.meta.unbox(fl.DecoderOnly(cfg, layer_cls=_MoELayer).init(
+        jax.random.key(1), ids)["params"])
+    plain = fl.make_model(cfg)
+    with pytest.raises(ValueError, match=r"generate: params hold \d+ parameter\(s\) this "
+                       r"DecoderOnly never reads \(decoder/layers/layer_0/mlp/expert_0/.*"
+                       r"load_run\(workdir\).module"):
+        decoding.generate(plain, moe_params, ids, max_new_tokens=2)
+    batch = {"inputs": ids, "targets": ids}
+    with pytest.raises(ValueError, match="perplexity: params hold"):
+        evaluation.perplexity(plain, {"params": moe_params}, [batch])
+    scanned = fl.make_model(cfg.replace(scan_layers=True))
+    params = nn.meta.unbox(fl.init_params(cfg, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"They also lack .* scan_layers layout"):
+        decoding.beam_search(scanned, params, ids, beam_size=2, max_len=2)
+    evaluation.perplexity(plain, params, [batch])  # the model's own params pass
+
+
 def test_sub_layer_classes_swap_without_a_type_annotation():
     """`ffn_cls = X` in a subclass body, without `: Any`, was a plain class attribute, not a
     dataclass field: instances took the inherited None and built the stock layer silently."""
