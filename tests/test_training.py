@@ -1435,6 +1435,42 @@ class PrefixLM(nn.Module):
         return embed.attend(layers.Norm(cfg)(x)).astype(jnp.float32)
 
 
+class _TokenClassifier(nn.Module):
+    """An encoder-only model of the user's own: 3 classes at every position."""
+
+    config: object
+    out: str = "logits"
+
+    @nn.compact
+    def __call__(self, inputs, *, mlm_positions=None, deterministic=True, **unused):
+        h = nn.Embed(self.config.vocab_size, 8)(inputs)
+        return {self.out: nn.Dense(3)(h)}
+
+
+def test_an_encoder_model_of_your_own_is_told_what_logits_the_loss_wants():
+    """Logits at every position while the loss reads mlm_predictions=k of them failed in a
+    broadcast inside the loss; a model returning no "logits" was told to set mlm_head."""
+    from flaxformer_lite import TransformerConfig
+    from flaxformer_lite.training import steps
+
+    cfg = TransformerConfig(architecture="encoder_only", mlm_head=True, mlm_predictions=2,
+                            vocab_size=16, d_model=8, num_heads=2, d_ff=16, num_layers=1,
+                            max_len=8)
+    inputs = jnp.ones((2, 8), jnp.int32)
+    batch = {"inputs": inputs, "targets": inputs.at[:, 3:].set(0)}
+    model = _TokenClassifier(cfg)
+    params = model.init(jax.random.key(0), inputs)["params"]
+    with pytest.raises(ValueError, match=r"returned logits of shape \(2, 8, 3\) for targets "
+                       r"\(2, 2\).*mlm_predictions=2 positions.*mlm_predictions=0"):
+        steps.predictions(model, params, batch)
+    logits, targets = steps.predictions(_TokenClassifier(cfg.replace(mlm_predictions=0)),
+                                        params, batch)
+    assert logits.shape == (2, 8, 3) and targets.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"a model of your own returns them as \{\"logits\""):
+        steps.predictions(_TokenClassifier(cfg.replace(mlm_predictions=0), out="scores"),
+                          params, batch)
+
+
 @pytest.mark.parametrize("mode", ["single", "mesh"])
 def test_a_model_of_your_own_trains_with_the_engine_and_train(tmp_path, mode):
     """`Engine(model=...)` / `train(model=...)`: the user's module is initialised, laid out

@@ -64,11 +64,13 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     if arch == "encoder_decoder":
         return apply(batch["inputs"], batch["targets"], deterministic=deterministic, rngs=rngs,
                      **kwargs)
-    if not cfg.mlm_head:
+    out = apply(batch["inputs"], deterministic=deterministic, rngs=rngs,
+                mlm_positions=mlm_positions, **kwargs)
+    if not isinstance(out, Mapping) or "logits" not in out:
         raise ValueError("Training an encoder_only model needs logits: set "
-                         "TransformerConfig.mlm_head=True (masked-LM head).")
-    return apply(batch["inputs"], deterministic=deterministic, rngs=rngs,
-                 mlm_positions=mlm_positions, **kwargs)["logits"]
+                         "TransformerConfig.mlm_head=True (masked-LM head); a model of your "
+                         "own returns them as {\"logits\": [batch, length or k, vocab]}.")
+    return out["logits"]
 
 
 # The collection whose sown values the train step adds to the objective (auxiliary losses).
@@ -100,12 +102,27 @@ def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool =
     over every position (BERT's max_predictions_per_seq)."""
     k = _head_positions(model)
     if not k:
-        return logits_fn(model, params, batch, deterministic=deterministic,
-                         dropout_rng=dropout_rng, sown=sown), batch["targets"]
+        logits = logits_fn(model, params, batch, deterministic=deterministic,
+                           dropout_rng=dropout_rng, sown=sown)
+        return _check_logits(logits, batch["targets"], k), batch["targets"]
     _check_keys(batch, "encoder_only")
     positions, targets = masked_positions(batch["targets"], k)
-    return logits_fn(model, params, batch, deterministic=deterministic,
-                     dropout_rng=dropout_rng, mlm_positions=positions, sown=sown), targets
+    logits = logits_fn(model, params, batch, deterministic=deterministic,
+                       dropout_rng=dropout_rng, mlm_positions=positions, sown=sown)
+    return _check_logits(logits, targets, k), targets
+
+
+def _check_logits(logits: Array, targets: Array, k: int) -> Array:
+    """Logits `[batch, length, vocab]` that line up with `targets` `[batch, length]` (a model
+    of your own may return others; the loss would fail in a broadcast naming neither)."""
+    if logits.ndim == targets.ndim + 1 and logits.shape[:-1] == targets.shape:
+        return logits
+    where = (f"at the mlm_predictions={k} positions a row (the model is called with "
+             f"mlm_positions [batch, {k}] and returns its logits there; or set "
+             "mlm_predictions=0 for logits at every position)" if k else "at every position")
+    raise ValueError(f"The model returned logits of shape {tuple(logits.shape)} for targets "
+                     f"{tuple(targets.shape)}: the loss wants [batch, length, vocab] logits "
+                     f"{where}.")
 
 
 def step_rng(state: TrainState, axis_name: str | None = None) -> Array:
