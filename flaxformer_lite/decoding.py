@@ -25,7 +25,6 @@ reference that recomputes the whole sequence at every step (for tests and the be
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import operator
 import time
@@ -46,6 +45,7 @@ from flaxformer_lite.models import (
     concrete_range,
     init_cache,
     init_params,
+    jit_model_fn,
     make_model,
 )
 
@@ -695,7 +695,7 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
                        exclude=exclude)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "top_k", "exclude"))
+@jit_model_fn(static_argnames=("model", "top_k", "exclude"))
 def _fill_masks(model, params, ids, *, top_k, exclude):
     out = model.apply({"params": params}, ids, segment_ids=(ids != PAD_ID).astype(jnp.int32))
     logits = out["logits"].at[..., :_FIRST_REAL_ID].set(-jnp.inf)  # no PAD/EOS/BOS/UNK/MASK
@@ -719,7 +719,7 @@ def _bind(step, model, params):
                                                       positions)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@jit_model_fn(static_argnames=_STATIC)
 def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Generation:
     # Slots: the prompt's columns but the last, then the last prompt token and all but the
     # last new token.
@@ -729,14 +729,14 @@ def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Gener
                         vocab=model.config.vocab_size, **static)
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "num_samples"))
+@jit_model_fn(static_argnames=(*_STATIC, "num_samples"))
 def _generate_s2s(model, params, inputs, dyn, num_samples=1, **static) -> Generation:
     prefill = _prefill_seq2seq(model, params, inputs, static["max_new_tokens"], num_samples)
     return _sample_loop(_bind(_seq2seq_step, model, params), *prefill, dyn,
                         vocab=model.config.vocab_size, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "beam_size", "max_len"))
+@jit_model_fn(static_argnames=("model", "beam_size", "max_len"))
 def _beam_search(model, params, inputs, prompt_lengths, alpha, eos_id, *, beam_size,
                  max_len) -> Beams:
     if isinstance(model, DecoderOnly):
@@ -762,7 +762,7 @@ def _beam_search(model, params, inputs, prompt_lengths, alpha, eos_id, *, beam_s
                       alpha=alpha, max_len=max_len, eos_id=eos_id)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@jit_model_fn(static_argnames=_STATIC)
 def _generate_lm_no_cache(model, params, prompts, prompt_lengths, dyn, **static) -> Generation:
     b, p = prompts.shape
     total = p + static["max_new_tokens"] - 1

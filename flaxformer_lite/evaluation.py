@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from flaxformer_lite.models import (
     batch_keys,
     check_batch,
     check_params_read,
+    jit_model_fn,
 )
 
 Array = jnp.ndarray
@@ -58,7 +58,7 @@ def _model_logits(model, params, batch: dict) -> Array:
     return out["logits"] if kind is EncoderOnly else out
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@jit_model_fn(static_argnames=("model",))
 def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
 

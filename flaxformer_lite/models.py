@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Collection, Mapping
@@ -707,6 +708,35 @@ def _init_params(config: TransformerConfig, rng: Array, batch: int, length: int 
     # Module-level, so repeated calls with an equal config reuse the compiled program.
     return make_model(config).init({"params": rng}, **dummy_inputs(config, batch, length))[
         "params"]
+
+
+def jit_model_fn(fn=None, *, static_argnames: tuple[str, ...] = ()):
+    """`jax.jit(fn, static_argnames=...)` for a function that applies a model: the Flax method
+    interceptors active at the call (`nn.intercept_methods`, an ablation) are part of its cache
+    key. They act while the function traces, so a plain `jax.jit` reused the program of the
+    first call: an ablation after a plain call ran the plain model, and a plain call after an
+    ablation the ablated one."""
+    if fn is None:
+        return functools.partial(jit_model_fn, static_argnames=static_argnames)
+
+    def traced(*args, _interceptors, **kwargs):
+        del _interceptors
+        return fn(*args, **kwargs)
+
+    # fn's signature with the key as one more keyword: jit maps static names to positions by it.
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    key = inspect.Parameter("_interceptors", inspect.Parameter.KEYWORD_ONLY)
+    at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+    traced.__signature__ = sig.replace(parameters=params[:at] + [key] + params[at:])
+    compiled = jax.jit(traced, static_argnames=(*static_argnames, "_interceptors"))
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        stack = getattr(nn.module, "_global_interceptor_stack", ())
+        return compiled(*args, _interceptors=tuple(stack), **kwargs)
+
+    return call
 
 
 def _leaf_paths(tree) -> set[str]:

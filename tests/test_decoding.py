@@ -197,6 +197,43 @@ def test_decoding_runs_with_x64_enabled(name):
     np.testing.assert_array_equal(wide_beams.tokens, plain_beams.tokens)
 
 
+def test_an_interceptor_reaches_inside_the_compiled_decoding_and_perplexity():
+    """Flax interceptors act while a function traces: the compiled generate/perplexity reused
+    the plain program under an ablation, and a plain call after an ablated first compile ran
+    the ablated model."""
+    from flaxformer_lite import evaluation
+
+    s = setup("gpt_learned")
+    model, params = s.model, s.params
+    prompt = s.ids[:1, :s.lengths[0]]
+
+    def ablate(next_fun, args, kwargs, context):  # the last layer's feed-forward outputs 0
+        out = next_fun(*args, **kwargs)
+        path = context.module.scope.path if context.module.scope else ()
+        if context.method_name == "__call__" and path[-2:] == ("layer_1", "mlp"):
+            return jnp.zeros_like(out)
+        return out
+
+    def first_logits():
+        return np.asarray(decoding.generate(model, params, prompt, max_new_tokens=3,
+                                            greedy=True, return_logits=True).logits[0, 0])
+
+    batch = [{"inputs": s.ids[:, :-1], "targets": s.ids[:, 1:]}]
+    plain = (first_logits(), evaluation.perplexity(model, params, batch)["loss"])
+    with nn.intercept_methods(ablate):
+        ablated = (first_logits(), evaluation.perplexity(model, params, batch)["loss"])
+        logits = model.apply({"params": params}, prompt)[0, -1]
+        nll, w = evaluation.token_nll.__wrapped__(model, params, {
+            k: jnp.asarray(v) for k, v in batch[0].items()})
+    np.testing.assert_allclose(ablated[0], logits, atol=1e-5)
+    assert np.max(np.abs(ablated[0] - plain[0])) > 1e-2
+    np.testing.assert_allclose(ablated[1], float(nll.sum() / w.sum()), rtol=1e-6)
+    assert abs(ablated[1] - plain[1]) > 1e-3
+    again = (first_logits(), evaluation.perplexity(model, params, batch)["loss"])
+    np.testing.assert_array_equal(again[0], plain[0])
+    assert again[1] == plain[1]
+
+
 def test_cross_attention_keys_values_come_from_the_cache_after_the_first_step():
     s = setup("encdec_sinusoidal")
     model, params = s.model, s.params
