@@ -22,17 +22,18 @@ _NAMES = {
     "shift_right": "layers",
     "T5": "models", "Decoder": "models", "DecoderOnly": "models", "Encoder": "models",
     "EncoderDecoder": "models", "EncoderOnly": "models", "init_cache": "models",
-    "init_params": "models", "make_model": "models", "stack_layers": "models",
-    "unstack_layers": "models",
+    "init_params": "models", "make_model": "models", "merge_params": "models",
+    "MergeReport": "models", "stack_layers": "models", "unstack_layers": "models",
 }
 _SUBMODULES = ("ops", "params")
 
 __all__ = [
     "PRESETS", "T5", "Decoder", "DecoderLayer", "DecoderOnly", "Dense", "Embed", "Encoder",
     "EncoderDecoder", "EncoderLayer", "EncoderOnly", "FeedForward", "LayerStack",
-    "MultiHeadAttention", "Norm", "params", "RelativePositionBias", "TransformerConfig",
-    "TransformerLayer", "get_config", "gpu_config", "init_cache", "init_params", "make_model",
-    "ops", "shift_right", "stack_layers", "unstack_layers",
+    "MergeReport", "MultiHeadAttention", "Norm", "params", "RelativePositionBias",
+    "TransformerConfig", "TransformerLayer", "get_config", "gpu_config", "init_cache",
+    "init_params", "make_model", "merge_params", "ops", "shift_right", "stack_layers",
+    "unstack_layers",
 ]
 
 
@@ -74,9 +75,11 @@ if TYPE_CHECKING:  # static analysers see the eager imports
         Encoder,
         EncoderDecoder,
         EncoderOnly,
+        MergeReport,
         init_cache,
         init_params,
         make_model,
+        merge_params,
         stack_layers,
         unstack_layers,
     )

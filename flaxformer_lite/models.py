@@ -11,6 +11,7 @@ let prompts of different lengths share one batch (see `flaxformer_lite.decoding`
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -39,6 +40,7 @@ from flaxformer_lite.layers import (
 )
 
 Array = jnp.ndarray
+Shape = tuple[int, ...]
 
 
 def concrete_range(x) -> tuple[int, int] | None:
@@ -813,6 +815,131 @@ def unstack_layers(params) -> dict:
         else:
             out[key] = unstack_layers(value)
     return out
+
+
+
+@dataclasses.dataclass
+class MergeReport:
+    """What `merge_params` did with each parameter path ("a/b/c", as error messages name them).
+
+    `copied`: old's values (same shape); `resized`: `path -> (old shape, new shape)`, old's
+    values in the leading block, the rest new's initialisation; `initialised`: only in new,
+    new's initialisation; `reinitialised`: `path -> (old shape, new shape)` of other shapes,
+    new's initialisation (`mismatched="init"`); `dropped`: only in old, left out; `relaid`: the
+    `scan_layers` layout old was converted to (None: as it was). `print(report)` lists them.
+    """
+
+    copied: list[str] = dataclasses.field(default_factory=list)
+    resized: dict[str, tuple[Shape, Shape]] = dataclasses.field(default_factory=dict)
+    initialised: list[str] = dataclasses.field(default_factory=list)
+    reinitialised: dict[str, tuple[Shape, Shape]] = dataclasses.field(default_factory=dict)
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    relaid: str | None = None
+
+    def __str__(self) -> str:
+        counts = ", ".join(f"{len(getattr(self, name))} {name}" for name in (
+            "copied", "resized", "initialised", "reinitialised", "dropped"))
+        lines = [f"merge_params: {counts}"]
+        if self.relaid:
+            lines.append(f"  old parameters converted to the {self.relaid} layout")
+        lines += [f"  resized        {k}: {old} -> {new}" for k, (old, new) in
+                  self.resized.items()]
+        lines += [f"  initialised    {k}" for k in self.initialised]
+        lines += [f"  reinitialised  {k}: {old} -> {new}" for k, (old, new) in
+                  self.reinitialised.items()]
+        lines += [f"  dropped        {k}" for k in self.dropped]
+        return "\n".join(lines)
+
+
+def _key(path) -> str:
+    """A tree path as "a/b/c" (the names `training`'s messages use)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def _flat(tree) -> dict[str, Any]:
+    """`{"a/b/c": leaf}` of a parameter tree."""
+    return {_key(path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
+
+
+def merge_params(new, old, *, mismatched: str = "raise") -> tuple[Any, MergeReport]:
+    """`(params, report)`: a changed model's freshly initialised `new` parameters with every
+    trained value of `old` that fits, to start the changed model from a trained one (a longer
+    learned `max_len`, a larger vocabulary, an untied head, adapters or a head added with
+    `layer_cls` / `attention_cls` / `ffn_cls` or a model of one's own).
+
+    Path by path (`new` and `old` boxed or plain, NumPy or JAX arrays):
+      - in both, same shape: old's value, cast to new's dtype ("copied");
+      - in both, same rank, new at least as large on every axis: old's values in the leading
+        block, new's initialisation elsewhere ("resized"). New vocabulary or position rows
+        (and, scanned, appended layers) leave old's computation unchanged on old ids,
+        positions and layers; a widened `d_model`, `d_ff` or head axis does not (those copies
+        are a starting point, not the old function);
+      - in both, other shapes (a smaller or reshaped array): a `ValueError` naming every
+        such path and both shapes, or with `mismatched="init"` new's initialisation
+        ("reinitialised");
+      - only in new: new's initialisation ("initialised"); only in old: left out ("dropped").
+    `old` in the other `scan_layers` layout is first converted (`stack_layers` /
+    `unstack_layers`, exact) when that shares more paths with `new`. The result has `new`'s
+    tree and boxes (`nn.LogicallyPartitioned` from `init_params` keep their axis names), ready
+    for `Engine.init_state(params=...)` or `train(init_params=...)`; print the report to check
+    the merge.
+    """
+    if mismatched not in ("raise", "init"):
+        raise ValueError(f"mismatched must be 'raise' or 'init', got {mismatched!r}.")
+    want = _flat(nn.meta.unbox(new))
+    have = _flat(nn.meta.unbox(old))
+    report = MergeReport()
+    if set(have) != set(want):  # the other scan_layers layout? (an exact conversion)
+        shared = len(set(have) & set(want))
+        for layout, convert in (("scan_layers=True", stack_layers),
+                                ("scan_layers=False", unstack_layers)):
+            paths = set(_flat(jax.eval_shape(convert, old)))  # shapes only: nothing copied
+            if len(paths & set(want)) > shared:
+                shared, relaid = len(paths & set(want)), (layout, convert)
+        if shared > len(set(have) & set(want)):
+            report.relaid = relaid[0]
+            have = _flat(relaid[1](old))
+    wrong = []
+    for key, target in want.items():
+        if key not in have:
+            report.initialised.append(key)
+            continue
+        got, shape = tuple(np.shape(have[key])), tuple(np.shape(target))
+        if got == shape:
+            report.copied.append(key)
+        elif len(got) == len(shape) and all(g <= s for g, s in zip(got, shape)):
+            report.resized[key] = (got, shape)
+        elif mismatched == "init":
+            report.reinitialised[key] = (got, shape)
+        else:
+            wrong.append(f"{key}: {got} in old, {shape} in new")
+    if wrong:
+        raise ValueError(
+            f"merge_params cannot fit old parameters into new ones of a smaller or other "
+            f"shape: {wrong[:5]} ({len(wrong)} in all); change the model so each is at least "
+            "as large on every axis, or pass mismatched='init' to keep new's initialisation "
+            "there.")
+    report.dropped = sorted(set(have) - set(want))
+
+    copied = set(report.copied)
+
+    def merged(key: str, value):
+        if key in report.resized:
+            block = tuple(slice(0, n) for n in report.resized[key][0])
+            return jnp.asarray(value).at[block].set(jnp.asarray(have[key], value.dtype))
+        if key in copied:
+            return have[key] if have[key].dtype == value.dtype else have[key].astype(
+                value.dtype)
+        return value
+
+    def is_box(x) -> bool:
+        return isinstance(x, nn.meta.AxisMetadata)
+
+    leaves, tree = jax.tree.flatten_with_path(new, is_leaf=is_box)
+    out = [x.replace_boxed(merged(_key(path), x.unbox())) if is_box(x)
+           else merged(_key(path), x) for path, x in leaves]
+    return jax.tree.unflatten(tree, out), report
 
 
 def init_cache(model: nn.Module, params, batch: int, length: int, *,

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -935,3 +936,170 @@ def test_embedding_perturbations_give_the_saliency_and_stay_out_of_init(built):
     np.testing.assert_allclose((plus - minus) / (2 * eps), along, rtol=2e-2)
     np.testing.assert_allclose(logit(zeros), _apply(model, params, {"inputs": ids})[1, -1, 7],
                                rtol=1e-6)  # zero perturbations: the plain model
+
+
+# ---- merge_params: a changed model started from a trained one ----------------------------------
+
+MERGE_BASE = fl.get_config("gpt2", **TINY)  # learned positions, tied head
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The "trained" model: `(boxed params, plain params, its logits on old-length ids)`."""
+    params = fl.init_params(MERGE_BASE, jax.random.key(0))
+    plain = nn.meta.unbox(params)
+    logits = _apply(fl.make_model(MERGE_BASE), plain, {"inputs": _ids((2, 24), seed=7)})
+    return params, plain, logits
+
+
+def _boxes(tree):
+    return [type(x).__name__ + str(getattr(x, "names", "")) for x in jax.tree.leaves(
+        tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))]
+
+
+def test_merge_params_of_an_equal_model_copies_every_value_exactly(trained):
+    """Equal configs: every leaf is old's, bit for bit (from NumPy too), in new's boxes with
+    their axis names; a new dtype casts."""
+    old, plain, _ = trained
+    new = fl.init_params(MERGE_BASE, jax.random.key(1))
+    for given in (old, jax.tree.map(np.asarray, plain)):
+        merged, report = fl.merge_params(new, given)
+        assert _boxes(merged) == _boxes(new) and "LogicallyPartitioned" in _boxes(merged)[0]
+        jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(merged), plain)
+        assert len(report.copied) == len(jax.tree.leaves(plain))
+        assert not (report.resized or report.initialised or report.dropped or report.relaid)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nn.meta.unbox(new))
+    merged, _ = fl.merge_params(half, old)
+    assert {x.dtype for x in jax.tree.leaves(merged)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda m, p: np.testing.assert_array_equal(m, p.astype(jnp.bfloat16)),
+                 merged, plain)
+
+
+def test_merge_params_extends_the_vocabulary(trained):
+    """A larger vocabulary (tied head): old ids keep their embeddings, new ids get new's
+    initialisation, so the logits over the old vocabulary are the old model's; the Engine
+    takes the merged parameters, and its refusal of the old ones points at merge_params."""
+    from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig
+
+    old, plain, logits = trained
+    bigger = MERGE_BASE.replace(vocab_size=80)
+    new = fl.init_params(bigger, jax.random.key(1))
+    merged, report = fl.merge_params(new, old)
+    assert report.resized == {"token_embed/embedding": ((61, 32), (80, 32))}
+    table = nn.meta.unbox(merged)["token_embed"]["embedding"]
+    np.testing.assert_array_equal(table[:61], plain["token_embed"]["embedding"])
+    np.testing.assert_array_equal(table[61:], nn.meta.unbox(new)["token_embed"]["embedding"][61:])
+    got = _apply(fl.make_model(bigger), nn.meta.unbox(merged), {"inputs": _ids((2, 24), seed=7)})
+    assert got.shape == (2, 24, 80)
+    np.testing.assert_allclose(got[..., :61], logits, rtol=0, atol=1e-6)
+    engine = Engine(bigger, OptimizerConfig(), ParallelConfig(mode="single"))
+    with pytest.raises(ValueError, match=r"other shapes than this model's.*merge_params\(new"):
+        engine.init_state(0, params=old)
+    jax.tree.map(np.testing.assert_array_equal,
+                 engine.params(engine.init_state(0, params=merged)), nn.meta.unbox(merged))
+
+
+def test_merge_params_lengthens_learned_positions(trained):
+    """A longer max_len: the position table's first rows are old's, so sequences within the
+    old length get the old model's logits."""
+    _, plain, logits = trained
+    longer = MERGE_BASE.replace(max_len=40)
+    merged, report = fl.merge_params(fl.init_params(longer, jax.random.key(1)), plain)
+    assert report.resized == {"decoder/embedder/position_embed/embedding": ((24, 32), (40, 32))}
+    got = _apply(fl.make_model(longer), merged, {"inputs": _ids((2, 24), seed=7)})
+    np.testing.assert_allclose(got, logits, rtol=0, atol=1e-6)
+
+
+class _LoRAFeedForward(fl.FeedForward):
+    """The feed-forward plus a low-rank update `x a b` with `b` zero at first: the plain
+    feed-forward until trained (a LoRA-style adapter under the same "mlp" path)."""
+
+    rank: int = 4
+
+    @nn.compact
+    def __call__(self, x, *, deterministic=True):
+        a = self.param("lora_a", nn.initializers.normal(0.02), (x.shape[-1], self.rank))
+        b = self.param("lora_b", nn.initializers.zeros, (self.rank, x.shape[-1]))
+        return super().__call__(x, deterministic=deterministic) + (x @ a) @ b
+
+
+class _LoRALayer(fl.TransformerLayer):
+    ffn_cls: object = _LoRAFeedForward
+
+
+def test_merge_params_adds_adapters_that_start_as_the_old_model(trained):
+    """A layer subclass with added parameters: they are initialised (the zero `lora_b` makes
+    the adapter add nothing), everything else is copied, and the logits are the old model's."""
+    _, plain, logits = trained
+    model = fl.DecoderOnly(MERGE_BASE, layer_cls=_LoRALayer)
+    ids = _ids((2, 24), seed=7)
+    new = model.init(jax.random.key(1), ids)["params"]
+    merged, report = fl.merge_params(new, plain)
+    assert report.initialised == [f"decoder/layers/layer_{i}/mlp/lora_{ab}"
+                                  for i in range(2) for ab in "ab"]
+    assert len(report.copied) == len(jax.tree.leaves(plain)) and not report.dropped
+    np.testing.assert_array_equal(_apply(model, merged, {"inputs": ids}), logits)
+    assert np.max(np.abs(_apply(model, new, {"inputs": ids}) - logits)) > 1e-3
+
+
+def test_merge_params_converts_the_scan_layout(trained):
+    """Old parameters of the other `scan_layers` layout are converted first (both ways); a
+    scanned stack of more layers keeps old's layers in front and initialises the rest."""
+    _, plain, logits = trained
+    scanned = MERGE_BASE.replace(scan_layers=True)
+    stacked, report = fl.merge_params(fl.init_params(scanned, jax.random.key(1)), plain)
+    assert report.relaid == "scan_layers=True" and not report.initialised + report.dropped
+    ids = {"inputs": _ids((2, 24), seed=7)}
+    np.testing.assert_allclose(_apply(fl.make_model(scanned), nn.meta.unbox(stacked), ids),
+                               logits, rtol=0, atol=1e-5)
+    back, report = fl.merge_params(fl.init_params(MERGE_BASE, jax.random.key(1)), stacked)
+    assert report.relaid == "scan_layers=False"
+    jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(back), plain)
+    deeper = fl.init_params(scanned.replace(num_layers=3), jax.random.key(1))
+    merged, report = fl.merge_params(deeper, plain)
+    kernel = "decoder/layers/layers/mlp/wi/kernel"
+    assert report.resized[kernel] == ((2, 32, 64), (3, 32, 64))
+    got = nn.meta.unbox(merged)["decoder"]["layers"]["layers"]["mlp"]["wi"]["kernel"]
+    np.testing.assert_array_equal(got[1], plain["decoder"]["layers"]["layer_1"]["mlp"]["wi"][
+        "kernel"])
+    np.testing.assert_array_equal(got[2], nn.meta.unbox(deeper)["decoder"]["layers"]["layers"][
+        "mlp"]["wi"]["kernel"][2])
+
+
+def test_merge_params_refuses_a_smaller_shape_unless_told_to_reinitialise(trained):
+    """A shape old's values cannot be copied into is named with both shapes; with
+    `mismatched="init"` it keeps new's initialisation and the report says so."""
+    old, plain, _ = trained
+    new = fl.init_params(MERGE_BASE.replace(d_ff=32), jax.random.key(1))
+    with pytest.raises(ValueError, match=re.escape(
+            "decoder/layers/layer_0/mlp/wi/kernel: (32, 64) in old, (32, 32) in new")):
+        fl.merge_params(new, old)
+    merged, report = fl.merge_params(new, old, mismatched="init")
+    assert report.reinitialised["decoder/layers/layer_0/mlp/wi/kernel"] == ((32, 64), (32, 32))
+    assert len(report.reinitialised) == 6  # wi kernel and bias, wo kernel, in 2 layers
+    ffn = nn.meta.unbox(merged)["decoder"]["layers"]["layer_0"]["mlp"]
+    np.testing.assert_array_equal(
+        ffn["wo"]["kernel"], nn.meta.unbox(new)["decoder"]["layers"]["layer_0"]["mlp"]["wo"][
+            "kernel"])
+    np.testing.assert_array_equal(ffn["wo"]["bias"],
+                                  plain["decoder"]["layers"]["layer_0"]["mlp"]["wo"]["bias"])
+
+
+def test_merge_params_reports_what_it_did(trained):
+    """An untied head, rotary positions instead of learned, a larger vocabulary: the report
+    lists each path once, under what happened to it, and prints them."""
+    old, plain, _ = trained
+    other = MERGE_BASE.replace(tie_embeddings=False, position="rotary", vocab_size=64)
+    merged, report = fl.merge_params(fl.init_params(other, jax.random.key(1)), old)
+    assert report.resized == {"token_embed/embedding": ((61, 32), (64, 32))}
+    assert report.initialised == ["decoder/logits/kernel"]
+    assert report.dropped == ["decoder/embedder/position_embed/embedding"]
+    assert len(report.copied) == len(jax.tree.leaves(plain)) - 2
+    assert "decoder/layers/layer_1/mlp/wo/kernel" in report.copied
+    assert str(report).splitlines() == [
+        "merge_params: 26 copied, 1 resized, 1 initialised, 0 reinitialised, 1 dropped",
+        "  resized        token_embed/embedding: (61, 32) -> (64, 32)",
+        "  initialised    decoder/logits/kernel",
+        "  dropped        decoder/embedder/position_embed/embedding"]
+    with pytest.raises(ValueError, match="mismatched must be"):
+        fl.merge_params(merged, old, mismatched="keep")

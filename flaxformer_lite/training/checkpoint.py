@@ -399,7 +399,8 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
         `engine.abstract_state().params`: each array restored straight into its shards, so a
         model too big for one device never lands whole on one (then
         `engine.init_state(rng, params=...)` to fine-tune it). Paths and shapes must match
-        the checkpoint's; a different dtype casts; entries without a sharding (e.g. from
+        the checkpoint's (for a model meant to differ, load without a target and use
+        `merge_params`); a different dtype casts; entries without a sharding (e.g. from
         `jax.eval_shape`) go to the first local device.
     dtype: cast every array to it (e.g. `jnp.bfloat16` for inference); overrides the target's.
     """
@@ -443,6 +444,14 @@ def _differences(want: Any, have: Any) -> tuple[list[str], list[str], list[tuple
     return sorted(set(want) - set(have)), sorted(set(have) - set(want)), shapes
 
 
+# The refusals' way out when the model is meant to differ from the checkpoint's.
+_MERGE = ("For a model meant to differ from the checkpoint's (a longer max_len, a larger "
+          "vocabulary, added parameters), load without a target and merge: "
+          "`merge_params(new, load_params(dir)[1])[0]`, `new` its fresh parameters "
+          "(`init_params(config, rng)`): flaxformer_lite.merge_params copies what fits and "
+          "reports the rest.")
+
+
 def _check_target(target: Any, saved: Any, where: str) -> Any:
     """`target` as a tree of `ShapeDtypeStruct`s with shardings (the first local device where
     it has none), checked against the checkpoint's parameter metadata (paths and shapes)."""
@@ -451,10 +460,11 @@ def _check_target(target: Any, saved: Any, where: str) -> Any:
         raise ValueError(
             f"target does not fit the parameters of {where}: missing from the checkpoint "
             f"{missing[:5]}, not in target {extra[:5]} (at most 5 of each). Pass the abstract "
-            "parameters of the config that wrote it (engine.abstract_state().params).")
+            f"parameters of the config that wrote it (engine.abstract_state().params). {_MERGE}")
     bad = [f"{k}: {wanted} != {had}" for k, wanted, had in shapes]
     if bad:
-        raise ValueError(f"target shapes differ from the checkpoint's ({where}): {bad[:5]}.")
+        raise ValueError(f"target shapes differ from the checkpoint's ({where}): {bad[:5]}. "
+                         f"{_MERGE}")
     first = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda t: jax.ShapeDtypeStruct(
         t.shape, t.dtype, sharding=getattr(t, "sharding", None) or first), target)

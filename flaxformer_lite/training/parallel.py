@@ -59,6 +59,12 @@ from flaxformer_lite.training.steps import eval_step, train_step
 
 log = logging.getLogger(__name__)
 
+# The refusals' way out when the model is meant to differ from the parameters'.
+_MERGE = ("For a model meant to differ from theirs (a longer max_len, a larger vocabulary, "
+          "added parameters), start from `merge_params(new, params)[0]`, `new` its fresh "
+          "parameters (`init_params(config, rng)`; a model of your own: `model.init(...)"
+          "['params']`): flaxformer_lite.merge_params copies what fits and reports the rest.")
+
 MODES = ("auto", "single", "pmap", "mesh")
 PMAP_AXIS = "devices"
 # Train steps queued at most: the devices always have the next one, and no more pile up.
@@ -351,7 +357,8 @@ class Engine:
         `params`: start from these parameters instead (pretrained ones to fine-tune, e.g.
         `load_params(dir)[1]`; host or device arrays in the model's tree, cast to
         `param_dtype`; either `scan_layers` layout, converted by `models.stack_layers` /
-        `unstack_layers`), with a fresh optimizer state for them.
+        `unstack_layers`), with a fresh optimizer state for them. A changed model (a larger
+        vocabulary, added adapters) starts from `models.merge_params`'s result instead.
         """
         rng = as_key(rng)
         if params is not None:
@@ -384,11 +391,11 @@ class Engine:
             raise ValueError(
                 f"params do not fit this model: missing {sorted(set(want) - set(got))[:5]}, "
                 f"unexpected {sorted(set(got) - set(want))[:5]} (at most 5 of each); pass the "
-                "parameters of the same TransformerConfig (e.g. `load_params(dir)[1]`).")
+                f"parameters of the same TransformerConfig (e.g. `load_params(dir)[1]`). {_MERGE}")
         bad = [f"{k}: {tuple(np.shape(got[k]))} != {tuple(w.shape)}" for k, w in want.items()
                if tuple(np.shape(got[k])) != tuple(w.shape)]
         if bad:
-            raise ValueError(f"params have other shapes than this model's: {bad[:5]}.")
+            raise ValueError(f"params have other shapes than this model's: {bad[:5]}. {_MERGE}")
         tree = jax.tree.unflatten(jax.tree.structure(self._abstract.params),
                                   [got[k] for k in want])
         # Where the init reads them: arrays committed to another device (load_params puts them on

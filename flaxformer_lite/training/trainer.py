@@ -490,8 +490,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       only supplies the learning-rate metric), e.g. `optax.multi_transform` to freeze the
       embeddings while fine-tuning.
     init_params: parameters to start from when the workdir has no checkpoint (pretrained
-      ones to fine-tune, e.g. `load_params(pretrained_dir)[1]`), with a fresh
-      optimizer state; a resumed run continues from its checkpoint instead.
+      ones to fine-tune, e.g. `load_params(pretrained_dir)[1]`; for a changed model,
+      `merge_params(new, old)[0]`), with a fresh optimizer state; a resumed run continues
+      from its checkpoint instead.
     model: a Flax module of your own to train instead of `make_model(model_config)`, with
       `model.config == model_config` (see `Engine`). Its class is recorded in config.json
       (`model.module`), and a rerun with another class (or none) is told so.
@@ -691,7 +692,9 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             "This run's configs differ from the run that wrote them: "
             f"{'; '.join(changed)}. Fields that change the parameters or the optimizer state "
             "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
-            "checkpoints: restore the recorded values, or train in another workdir.") from error
+            "checkpoints: restore the recorded values, or train in another workdir (a changed "
+            "model can start there from these parameters: merge_params, docs/training.md, "
+            "'Fine-tuning').") from error
     if restored is None:
         state, step, data_state = engine.init_state(seed, params=init_params), 0, None
     else:
