@@ -742,8 +742,7 @@ def jit_model_fn(fn=None, *, static_argnames: tuple[str, ...] = ()):
 
 
 def _leaf_paths(tree) -> set[str]:
-    return {"/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                     for k in path) for path, _ in jax.tree.leaves_with_path(nn.meta.unbox(tree))}
+    return set(_flat(nn.meta.unbox(tree)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -815,7 +814,6 @@ def unstack_layers(params) -> dict:
         else:
             out[key] = unstack_layers(value)
     return out
-
 
 
 @dataclasses.dataclass
