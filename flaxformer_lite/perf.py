@@ -409,20 +409,31 @@ def allocator_env(env: dict[str, str] | None = None) -> dict[str, str]:
 _RELAUNCHED = "FLAXFORMER_LITE_RELAUNCHED"
 
 
+def _rerunnable() -> bool:
+    """Whether executing this process's command line again would run the same program: not a
+    script read from stdin (`python - < script.py`: already consumed, the rerun would read
+    nothing and exit 0), nor an interactive session or a notebook kernel."""
+    args = sys.orig_argv[1:]
+    return bool(args) and sys.argv[:1] not in ([], [""], ["-"]) and not (
+        sys.flags.interactive or hasattr(sys, "ps1") or "ipykernel" in sys.modules)
+
+
 def relaunch_with_fast_malloc() -> bool:
     """Re-execute the running script once with a faster allocator (`allocator_env`): jemalloc
     preloaded when installed, else glibc's malloc on transparent huge pages.
 
     Call it first thing in a training script, before importing jax: both take effect only when
     a process starts. It returns False (and does nothing) when `allocator_env` would change
-    nothing, the process was already relaunched, JAX has started, or
-    `FLAXFORMER_LITE_RELAUNCH=0` is set; otherwise it replaces the process (same pid, same
-    arguments) and does not return. Measured: jemalloc took the small Shakespeare run from ~19M
-    page faults to 0.2M and cut a quarter of its wall time; huge pages made the 6-layer
-    d_model-384 GPT's one-device step 1.11x faster (see docs/performance.md).
+    nothing, the process was already relaunched, JAX has started, the program cannot be run
+    again from its command line (a script on stdin, an interactive session, a notebook: use
+    `python -m flaxformer_lite.perf script.py` there), or `FLAXFORMER_LITE_RELAUNCH=0` is
+    set; otherwise it replaces the process (same pid, same arguments) and does not return.
+    Measured: jemalloc took the small Shakespeare run from ~19M page faults to 0.2M and cut a
+    quarter of its wall time; huge pages made the 6-layer d_model-384 GPT's one-device step
+    1.11x faster (see docs/performance.md).
     """
     if (os.environ.get(_RELAUNCHED) or _switched_off("FLAXFORMER_LITE_RELAUNCH")
-            or _backend_initialized() or not sys.orig_argv[1:]):
+            or _backend_initialized() or not _rerunnable()):
         return False
     env = allocator_env()
     if env == dict(os.environ):

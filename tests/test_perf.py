@@ -619,6 +619,20 @@ def test_relaunch_with_fast_malloc(tmp_path, opt_out):
     assert (perf.GLIBC_HUGEPAGE_TUNABLE in tunables) == (hugepages and not opt_out)
 
 
+def test_relaunch_leaves_a_script_read_from_stdin_running():
+    """`python - < script.py`: the relaunch reran `python -` on the consumed stdin, so the rest
+    of the script never ran (exit status 0)."""
+    code = ("import os\nfrom flaxformer_lite import perf\n"
+            "print('relaunched' if perf.relaunch_with_fast_malloc() else 'kept',"
+            " os.environ.get('FLAXFORMER_LITE_RELAUNCHED', ''))\n")
+    env = _allocator_free_env("FLAXFORMER_LITE_RELAUNCHED")
+    env.update(PYTHONPATH=REPO, FLAXFORMER_LITE_RELAUNCH="1")
+    out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["kept"]
+
+
 def test_transparent_hugepages_and_glibc_version(tmp_path):
     f = tmp_path / "enabled"
     f.write_text("always [madvise] never\n")
