@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,6 +264,37 @@ def test_model_gradients_same_with_fast_paths_off(monkeypatch):
     plain = grads(barrier=False)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4)
+
+
+def test_forward_mode_of_a_model_with_every_fast_path_off(monkeypatch):
+    """`jax.jvp` of a model's logits fails on the hand-written backward passes (matmul and
+    bias_add's included); with FLAXFORMER_LITE_DISABLE=all it runs and its directional
+    derivative equals the one reverse mode gives with the fast paths on."""
+    from flaxformer_lite import get_config, init_params, make_model
+    from flaxformer_lite.ops import fast_paths
+
+    cfg = get_config("gpt2", vocab_size=50, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                     max_len=16)
+    model = make_model(cfg)
+    params = flax.linen.meta.unbox(init_params(cfg, jax.random.key(0)))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 1, 50)
+    direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def logits(p):
+        return model.apply({"params": p}, ids)
+
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(logits, (params,), (direction,))
+    out, vjp = jax.vjp(logits, params)
+    cotangent = jax.random.normal(jax.random.key(3), out.shape)
+    reverse = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(vjp(cotangent)[0]),
+                                                 jax.tree.leaves(direction)))
+    monkeypatch.setenv(fast_paths.ENV, "all")
+    forward = jnp.vdot(cotangent, jax.jvp(logits, (params,), (direction,))[1])
+    np.testing.assert_allclose(forward, reverse, rtol=1e-4)
+    monkeypatch.setenv(fast_paths.ENV, "all,nonsense")
+    with pytest.raises(ValueError, match=r"unknown fast paths \['nonsense'\].* and all"):
+        fast_paths.enabled("gelu_vjp")
 
 
 def _run(code: str, env: dict) -> str:

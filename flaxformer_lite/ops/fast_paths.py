@@ -13,14 +13,20 @@ in the environment before the functions are traced:
 - `unstack_vjp`: q/k/v split from a fused projection with a one-copy backward pass.
 - `cached_attention`: decoding on the CPU backend attends over the KV cache before writing the
   new keys and values into it (`ops.cached_attention`), so XLA updates the cache in place.
+- `matmul_vjp`: `ops.matmul` (every Dense layer) with a hand-written backward pass whose
+  weight gradient is accumulated in float32 (and the `matmul_barrier` setting's barrier).
+- `bias_vjp`: `ops.bias_add` with a hand-written backward pass summing the bias gradient in
+  float32.
+- `all`: every one of them.
 
 The matmul backward barrier is a model setting instead (`TransformerConfig.matmul_barrier`).
 
-Autodiff: these are reverse-mode rules (`jax.custom_vjp`), as are `ops.matmul` and
-`ops.bias_add` (float32 weight and bias gradients), which every Dense layer uses, on or off.
-`jax.grad`, `jax.vjp`, `jax.jacrev` and Hessian-vector products (`jax.jvp` of `jax.grad`, so
-`jax.hessian`) work; forward mode of a model itself (`jax.jvp`, `jax.linearize`,
-`jax.jacfwd` of the logits) does not.
+Autodiff: these are reverse-mode rules (`jax.custom_vjp`). `jax.grad`, `jax.vjp`,
+`jax.jacrev` and Hessian-vector products (`jax.jvp` of `jax.grad`, so `jax.hessian`) work with
+them; forward mode of a model itself (`jax.jvp`, `jax.linearize`, `jax.jacfwd` of the logits)
+fails with JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function". For
+forward mode, trace the model with `FLAXFORMER_LITE_DISABLE=all` (set in the environment, or in
+`os.environ` before the first call that traces it): the plain formulas, the same math.
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ import os
 
 ENV = "FLAXFORMER_LITE_DISABLE"
 NAMES = ("cpu_attention", "gelu_vjp", "layer_norm_vjp", "bias_gemv", "unstack_vjp",
-         "cached_attention")
+         "cached_attention", "matmul_vjp", "bias_vjp")
 
 
 def enabled(name: str) -> bool:
-    """Whether fast path `name` is on (it is unless listed in `FLAXFORMER_LITE_DISABLE`)."""
+    """Whether fast path `name` is on (it is unless listed in `FLAXFORMER_LITE_DISABLE`, or
+    that lists `all`)."""
     disabled = {s.strip() for s in os.environ.get(ENV, "").split(",") if s.strip()}
-    unknown = sorted(disabled.difference(NAMES))
+    unknown = sorted(disabled.difference((*NAMES, "all")))
     if unknown:
-        raise ValueError(f"{ENV} names unknown fast paths {unknown}; known: {', '.join(NAMES)}.")
-    return name not in disabled
+        raise ValueError(f"{ENV} names unknown fast paths {unknown}; known: {', '.join(NAMES)} "
+                         "and all.")
+    return name not in disabled and "all" not in disabled

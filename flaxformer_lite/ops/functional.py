@@ -106,11 +106,15 @@ def matmul(x: Array, w: Array, barrier: bool = False) -> Array:
     `ops.fast_paths` it measures neutral to slower, so models use it only when
     `TransformerConfig.matmul_barrier` is set. Math is unchanged. The weight gradient is
     accumulated in float32. Reverse mode only (a `custom_vjp`): `jax.jvp` of a model fails,
-    `jax.jvp` of `jax.grad` (Hessian-vector products) works.
+    `jax.jvp` of `jax.grad` (Hessian-vector products) works; with the fast path `matmul_vjp`
+    off (`FLAXFORMER_LITE_DISABLE=matmul_vjp` or `all`) it is a plain `jnp.matmul`, without
+    the barrier.
     """
     if jnp.ndim(w) != 2 or jnp.ndim(x) < 1 or jnp.shape(x)[-1] != jnp.shape(w)[0]:
         raise ValueError(f"matmul needs x [..., in] and w [in, out]; got x {jnp.shape(x)}, "
                          f"w {jnp.shape(w)}.")
+    if not enabled("matmul_vjp"):
+        return jnp.matmul(x, w)
     return _matmul(x, w, barrier)
 
 
@@ -170,7 +174,7 @@ def bias_add(y: Array, b: Array) -> Array:
     if jnp.ndim(b) > jnp.ndim(y) or jnp.shape(y)[jnp.ndim(y) - jnp.ndim(b):] != jnp.shape(b):
         raise ValueError(f"bias_add needs y [..., *b.shape]; got y {jnp.shape(y)}, "
                          f"b {jnp.shape(b)}.")
-    return _bias_add(y, b)
+    return _bias_add(y, b) if enabled("bias_vjp") else y + b
 
 
 @jax.custom_vjp
