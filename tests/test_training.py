@@ -1246,6 +1246,31 @@ def test_a_rerun_names_changed_experiment_settings(engine, tmp_path, caplog):
     assert "seq_len" not in caplog.text
 
 
+def test_a_tx_of_your_own_must_agree_with_accumulation_steps_and_take_unboxed_labels():
+    """With tx=, accumulation_steps drove the logged learning rate and a warning about
+    micro-batches "accumulated but never applied" while nothing accumulated; labels built on
+    init_params' boxed parameters failed in a bare pytree structure error."""
+    single = ParallelConfig(mode="single")
+    with pytest.raises(ValueError, match=r"accumulation_steps=4, but the tx given to the Engine "
+                       r"does not accumulate.*optax.MultiSteps\(tx, every_k_schedule=4\)"):
+        Engine(TINY, OptimizerConfig(accumulation_steps=4), single, LOSS, tx=optax.adam(1e-3))
+    with pytest.raises(ValueError, match=r"accumulates gradients \(optax.MultiSteps\) but "
+                       r"OptimizerConfig.accumulation_steps=1"):
+        Engine(TINY, OptimizerConfig(), single, LOSS,
+               tx=optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2))
+    inner = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=2)  # nested: found as well
+    Engine(TINY, OptimizerConfig(accumulation_steps=2), single, LOSS,
+           tx=optax.chain(optax.clip_by_global_norm(1.0), inner))
+    boxed = init_params(TINY, jax.random.key(0))
+    labels = jax.tree.map(lambda _: "train", boxed)
+    tx = optax.multi_transform({"train": optax.adam(1e-3)}, labels)
+    with pytest.raises(ValueError, match=r"tx.init failed .* Build them on "
+                       r"`flax.linen.meta.unbox\(params\)`"):
+        Engine(TINY, OPT, single, LOSS, tx=tx)
+    Engine(TINY, OPT, single, LOSS, tx=optax.multi_transform(
+        {"train": optax.adam(1e-3)}, jax.tree.map(lambda _: "train", nn.meta.unbox(boxed))))
+
+
 def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_path):
     """`train(init_params=..., tx=...)`: start from another run's parameters with an optax
     transformation of one's own (here: embeddings frozen), keeping the loop's checkpoints."""

@@ -170,6 +170,30 @@ def _first_replica(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+def _check_accumulation(opt_state, optimizer_config: OptimizerConfig) -> None:
+    """A tx of the user's own accumulates gradients (`optax.MultiSteps`) exactly when
+    `optimizer_config.accumulation_steps > 1` says so: the logged learning rate, the update
+    count and the schedule checks read that field, so a mismatch misreported them (and the
+    library's accumulation never ran)."""
+    def is_multi(x):
+        return isinstance(x, optax.MultiStepsState)
+
+    accumulates = any(is_multi(x) for x in jax.tree.leaves(opt_state, is_leaf=is_multi))
+    k = optimizer_config.accumulation_steps
+    if k > 1 and not accumulates:
+        raise ValueError(
+            f"OptimizerConfig.accumulation_steps={k}, but the tx given to the Engine does not "
+            f"accumulate gradients (no optax.MultiSteps in it): wrap it, "
+            f"optax.MultiSteps(tx, every_k_schedule={k}), or set accumulation_steps=1. With "
+            "tx= the OptimizerConfig's other settings (clip_norm, weight_decay, the optimizer) "
+            "apply only through what tx itself holds (make_optimizer(config) builds them).")
+    if k == 1 and accumulates:
+        raise ValueError(
+            "The tx given to the Engine accumulates gradients (optax.MultiSteps) but "
+            "OptimizerConfig.accumulation_steps=1: set it to the tx's every_k_schedule, so the "
+            "logged learning rate and the update count follow the updates.")
+
+
 class Engine:
     """Model + optimizer + device layout: the compiled train and eval steps for one mode.
 
@@ -224,7 +248,18 @@ class Engine:
         evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss)
         donate = (0,) if self.parallel.donate else ()
         options = self.step_compiler_options() or None
-        abstract = jax.eval_shape(self._create, jax.random.key(0))
+        try:
+            abstract = jax.eval_shape(self._create, jax.random.key(0))
+        except (TypeError, ValueError) as e:
+            if self.custom_tx and "LogicallyPartitioned" in str(e):
+                raise ValueError(
+                    "Engine(tx=...): tx.init failed on the model's parameters, which it gets as "
+                    "plain arrays: optax labels or masks (multi_transform, masked) built on "
+                    "init_params' boxed parameters do not match them. Build them on "
+                    "`flax.linen.meta.unbox(params)` (or `load_params(...)[1]`).") from e
+            raise
+        if self.custom_tx:
+            _check_accumulation(abstract.opt_state, self.optimizer_config)
         self._abstract = abstract
         if self.mode == "single":
             if jax.process_count() > 1:
