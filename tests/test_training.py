@@ -1372,9 +1372,17 @@ def test_an_error_before_the_first_step_waits_for_the_background_compiles(engine
 
 def test_init_params_beside_a_checkpoint_is_reported(engine, tmp_path, caplog):
     run(engine, tmp_path, 2)
+    start = engine.params(engine.init_state(5))
     with caplog.at_level("WARNING"):
-        run(engine, tmp_path, 3, init_params=engine.params(engine.init_state(5)))
+        run(engine, tmp_path, 3, init_params=start)
     assert "init_params is not used" in caplog.text
+    # A fine-tune's own workdir, rerun with the same call, resumes without the warning.
+    caplog.clear()
+    run(engine, tmp_path / "tune", 2, init_params=start)
+    with caplog.at_level("INFO"):
+        run(engine, tmp_path / "tune", 3, init_params=start)
+    assert "init_params is not used" not in caplog.text
+    assert "The fine-tune resumes from its own checkpoint (step 2)" in caplog.text
 
 
 def test_parallel_config_refuses_what_it_would_ignore_or_misread():

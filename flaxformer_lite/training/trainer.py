@@ -307,6 +307,16 @@ def _run_record(seed, num_steps: int, engine: Engine) -> dict:
             "mode": engine.describe()}
 
 
+def _recorded_run(workdir: str) -> dict:
+    """The `run` section of `workdir/config.json` ({} without one)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            run = json.load(f).get("run")
+    except (OSError, ValueError):
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):  # np.float32(0.1) is a number, not "0.1"
         return value.item()
@@ -563,6 +573,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         record["model"]["module"] = name(type(engine.model)) + (
             f"(layer_cls={name(layer)})" if layer is not None else "")
     record["run"] = _run_record(seed, num_steps, engine)
+    # Whether the workdir's first run started from init_params: a rerun of that call resumes.
+    fine_tune = _recorded_run(workdir).get("init_params", False)
+    record["run"]["init_params"] = init_params is not None and (
+        fine_tune or not os.path.exists(os.path.join(workdir, "config.json")))
     log.info("Training on %s.", engine.describe())
     if main:
         _warn_schedule(optimizer_config, num_steps)
@@ -577,7 +591,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                            eval_data=eval_data, eval_fn=eval_fn, eval_every=eval_every,
                            checkpoint_every=checkpoint_every, log_every=log_every,
                            hooks=hooks if main else [], handle_signals=handle_signals,
-                           warm_up=warm_up, init_params=init_params,
+                           warm_up=warm_up, init_params=init_params, fine_tune=fine_tune,
                            record_config=functools.partial(_write_config, workdir, record)
                            if main else None,
                            config_changes=functools.partial(_config_changes, workdir, record))
@@ -668,7 +682,7 @@ def _close(engine: Engine, ckpt: Checkpointer, failed: bool) -> None:
 
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
           eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up,
-          record_config, config_changes, init_params) -> TrainResult:
+          record_config, config_changes, init_params, fine_tune=False) -> TrainResult:
     try:
         restored = ckpt.restore(engine.abstract_state())
     except CheckpointRestoreError as error:
@@ -701,7 +715,10 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         state = engine.from_checkpoint(restored.state)
         step, data_state = restored.step, restored.data_state
         log.info("Resumed from step %d in %s.", step, ckpt.directory)
-        if init_params is not None:
+        if init_params is not None and fine_tune:
+            log.info("The fine-tune resumes from its own checkpoint (step %d); init_params, "
+                     "which it started from, are not read again.", step)
+        elif init_params is not None:
             log.warning("init_params is not used: %s holds a checkpoint (step %d), and the run "
                         "resumes from it. Fine-tune in a new workdir.", ckpt.directory, step)
     if record_config is not None:
