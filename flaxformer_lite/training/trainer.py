@@ -705,10 +705,11 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             f"(the newest: {_first_line(error.first_error)}); nothing was moved or deleted. "
             "This run's configs differ from the run that wrote them: "
             f"{'; '.join(changed)}. Fields that change the parameters or the optimizer state "
-            "(model sizes, clip_norm, accumulation_steps, the optimizer) cannot resume these "
-            "checkpoints: restore the recorded values, or train in another workdir (a changed "
-            "model can start there from these parameters: merge_params, docs/training.md, "
-            "'Fine-tuning').") from error
+            "(model sizes, the scan_layers layout, clip_norm, accumulation_steps, the "
+            "optimizer) cannot resume these checkpoints: restore the recorded values, or train "
+            "in another workdir (a changed model can start there from these parameters: "
+            "merge_params, which also converts the scan_layers layout exactly, docs/training.md, "
+            "'Fine-tuning'; the optimizer state starts afresh).") from error
     if restored is None:
         state, step, data_state = engine.init_state(seed, params=init_params), 0, None
     else:
