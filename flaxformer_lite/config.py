@@ -108,7 +108,9 @@ class TransformerConfig:
     # context attention's own temporaries dominate, which no policy shrinks, and the
     # recomputation can raise the peak: `scan_layers` lowers it there); "dots" also keeps the matmul
     # outputs (`checkpoint_dots`); "dots_no_batch" those without a batch dimension, i.e. the
-    # projections but not attention's score and weighted-sum products.
+    # projections but not attention's score and weighted-sum products. On XLA:CPU it saves
+    # memory only with `scan_layers=True` (unscanned, the compiled step keeps its buffers and
+    # adds the recomputation; the Engine warns).
     remat: str = "none"
     # One `nn.scan` over the layers: parameters stacked on a leading [num_layers] axis (one
     # compiled layer, faster compiles of deep models). `stack_layers` / `unstack_layers`

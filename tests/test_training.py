@@ -1271,6 +1271,20 @@ def test_a_tx_of_your_own_must_agree_with_accumulation_steps_and_take_unboxed_la
         {"train": optax.adam(1e-3)}, jax.tree.map(lambda _: "train", nn.meta.unbox(boxed))))
 
 
+def test_remat_without_scan_layers_on_cpu_is_warned(caplog):
+    """Unscanned, XLA:CPU's compiled step kept its memory under remat and added the
+    recomputation's FLOPs; scanned, remat lowers it."""
+    single = ParallelConfig(mode="single")
+    with caplog.at_level("WARNING"):
+        Engine(TINY.replace(remat="full"), OPT, single, LOSS)
+    assert "remat='full' without scan_layers: on XLA:CPU" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        Engine(TINY.replace(remat="full", scan_layers=True), OPT, single, LOSS)
+        Engine(TINY, OPT, single, LOSS)
+    assert "remat" not in caplog.text
+
+
 def test_fine_tune_from_pretrained_params_with_frozen_embeddings(engine, tmp_path):
     """`train(init_params=..., tx=...)`: start from another run's parameters with an optax
     transformation of one's own (here: embeddings frozen), keeping the loop's checkpoints."""

@@ -260,6 +260,13 @@ class Engine:
             raise
         if self.custom_tx:
             _check_accumulation(abstract.opt_state, self.optimizer_config)
+        cfg = self.model_config
+        if (cfg.remat != "none" and not cfg.scan_layers
+                and all(d.platform == "cpu" for d in self.devices)):
+            log.warning("remat=%r without scan_layers: on XLA:CPU the unscanned layers' "
+                        "recomputation keeps the step's memory as it was (measured) and adds "
+                        "its FLOPs; set scan_layers=True for the memory, or remat='none'.",
+                        cfg.remat)
         self._abstract = abstract
         if self.mode == "single":
             if jax.process_count() > 1:
