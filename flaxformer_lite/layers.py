@@ -543,7 +543,9 @@ class LayerStack(nn.Module):
     """`num_layers` TransformerLayers, optionally rematerialised and/or scanned.
 
     With `config.scan_layers` the layers are one `nn.scan` (parameters stacked on a leading
-    `layers` axis), so compile time does not grow with depth.
+    `layers` axis), so compile time does not grow with depth; what the layers put in the
+    "intermediates" collection (`capture_intermediates`, `sow`) comes back stacked the same
+    way, on a leading `[num_layers]` axis.
     """
 
     config: TransformerConfig
@@ -565,7 +567,8 @@ class LayerStack(nn.Module):
                       deterministic=deterministic, causal=causal)
         if cfg.scan_layers:
             scanned = nn.scan(
-                layer_cls, variable_axes={"params": 0, "cache": 0, "losses": 0},
+                layer_cls,
+                variable_axes={"params": 0, "cache": 0, "losses": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast,) * (len(args) + 1), length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})

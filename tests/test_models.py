@@ -1103,3 +1103,42 @@ def test_merge_params_reports_what_it_did(trained):
         "  dropped        decoder/embedder/position_embed/embedding"]
     with pytest.raises(ValueError, match="mismatched must be"):
         fl.merge_params(merged, old, mismatched="keep")
+
+# ---- the "intermediates" collection: captures, sown values, attention weights --------------------
+
+
+def _layer_captures(tree):
+    """Captures of a scanned model (`.../layers/layers/...`, stacked on a leading axis) in the
+    per-layer layout (`.../layers/layer_0/...`); the rest as it is."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "layers" and isinstance(value, dict) and "layers" in value:
+            stacked = value["layers"]
+            n = jax.tree.leaves(stacked)[0].shape[0]
+            out[key] = {k: _layer_captures(v) for k, v in value.items() if k != "layers"}
+            out[key].update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                             for i in range(n)})
+        else:
+            out[key] = _layer_captures(value)
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt_sinusoidal_postln_scan_remat", "t5_scan"])
+def test_scanned_layers_capture_what_the_unscanned_ones_do(built, name):
+    """`capture_intermediates` under `scan_layers` (and remat) returned the stack's output only:
+    the layers' captures and sown values were dropped. They come back stacked on a leading
+    [num_layers] axis and equal the per-layer model's."""
+    cfg, model, params = built[name]
+    plain = fl.make_model(cfg.replace(scan_layers=False))
+    x = _ids((2, 7), seed=4)
+    args = (x, x) if cfg.architecture == "encoder_decoder" else (x,)
+    _, scanned = _run(model, params, *args, capture_intermediates=True)
+    _, unscanned = _run(plain, fl.unstack_layers(params), *args, capture_intermediates=True)
+    got = _layer_captures(scanned["intermediates"])
+    want = unscanned["intermediates"]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5), got, want)
+    stack = scanned["intermediates"]["decoder"]["layers"]["layers"]
+    assert stack["mlp"]["__call__"][0].shape == (cfg.num_layers, 2, 7, cfg.d_model)
