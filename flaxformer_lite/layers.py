@@ -260,6 +260,11 @@ class MultiHeadAttention(nn.Module):
     max_length, head_dim]`), and the queries attend over the whole cache under `mask` (on the
     CPU over the cache as it was plus the new keys, written after: `ops.cached_attention`); for
     cross attention the projected encoder keys/values are computed once (at `cache_index == 0`).
+
+    Where the "intermediates" collection is mutable (`apply(..., capture_intermediates=True)` or
+    `mutable=["intermediates"]`) it sows `attention_weights`, the float32 weights `[batch,
+    heads, q_len, kv_len]` it attended with (in decode mode over the cache slots), for
+    interpretability; elsewhere nothing is added to the program.
     """
 
     config: TransformerConfig
@@ -356,10 +361,14 @@ class MultiHeadAttention(nn.Module):
             k = ops.apply_rotary(k, pos, base=cfg.rotary_base, fraction=cfg.rotary_fraction)
 
         dropout = not deterministic and cfg.attention_dropout_rate > 0
+        sow = self.is_mutable_collection("intermediates") and not self.is_initializing()
         if (decode and not self.is_cross and not dropout
                 and ops.attention.read_cache_before_write(cfg.attention_implementation)
                 and self.has_variable("cache", "cached_key")):
             out = self._attend_then_cache(q, k, v, cache_index, bias, mask, causal_new)
+            if sow:  # the written cache, whose slots past the new tokens went unread
+                k = self.get_variable("cache", "cached_key").transpose(0, 2, 1, 3)
+                mask = mask.astype(bool) & (jnp.arange(k.shape[1]) < cache_index + x.shape[1])
         else:
             if decode and not self.is_cross:
                 k, v = self._self_cache(k, v, cache_index)
@@ -368,6 +377,10 @@ class MultiHeadAttention(nn.Module):
                 scale=cfg.attention_scale, dropout_rate=cfg.attention_dropout_rate,
                 dropout_rng=self.make_rng("dropout") if dropout else None,
                 implementation=cfg.attention_implementation)
+        if sow:
+            # Before dropout, from the same q (rotated), k, bias, mask and scale as above.
+            self.sow("intermediates", "attention_weights", ops.attention_weights(
+                q, k, bias=bias, mask=mask, scale=cfg.attention_scale, is_causal=is_causal))
         return Dense((h, dh), (d,), ("heads", "kv", "embed"), name="out",
                      residual_layers=self.residual_layers, **dense)(out)
 

@@ -1129,7 +1129,7 @@ def _layer_captures(tree):
 def test_scanned_layers_capture_what_the_unscanned_ones_do(built, name):
     """`capture_intermediates` under `scan_layers` (and remat) returned the stack's output only:
     the layers' captures and sown values were dropped. They come back stacked on a leading
-    [num_layers] axis and equal the per-layer model's."""
+    [num_layers] axis and equal the per-layer model's, attention weights included."""
     cfg, model, params = built[name]
     plain = fl.make_model(cfg.replace(scan_layers=False))
     x = _ids((2, 7), seed=4)
@@ -1141,4 +1141,180 @@ def test_scanned_layers_capture_what_the_unscanned_ones_do(built, name):
     assert jax.tree.structure(got) == jax.tree.structure(want)
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5, rtol=1e-5), got, want)
     stack = scanned["intermediates"]["decoder"]["layers"]["layers"]
-    assert stack["mlp"]["__call__"][0].shape == (cfg.num_layers, 2, 7, cfg.d_model)
+    assert stack["self_attention"]["attention_weights"][0].shape == (cfg.num_layers, 2, 4, 7, 7)
+    # Sown alone (no captures), the weights are all the collection holds.
+    _, sown = _run(model, params, *args, mutable=["intermediates"])
+    names = {jax.tree_util.keystr(path[-2:]) for path, _ in
+             jax.tree_util.tree_leaves_with_path(sown)}
+    assert names == {"['attention_weights'][0]"}
+
+
+def _np_softmax(scores, allowed):
+    allowed = allowed | ~allowed.any(-1, keepdims=True)  # rows that attend nothing: unread
+    s = np.where(allowed, scores, -np.inf)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_rotary(x, positions, base):
+    """`ops.apply_rotary` (rotate-half, full head_dim) in float64."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-np.arange(half, dtype=np.float64) * 2.0 / x.shape[-1])
+    angles = positions[:, :, None, None].astype(np.float64) * inv_freq
+    cos, sin = np.cos(angles), np.sin(angles)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _np_t5_bias(table, q_len, kv_len, bidirectional, num_buckets=32, max_distance=128):
+    """T5's relative position bias `[heads, q, kv]` over positions 0..len-1, in float64."""
+    n = -(np.arange(kv_len)[None, :] - np.arange(q_len)[:, None])
+    bucket = np.zeros_like(n)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0) * num_buckets
+        n = np.abs(n)
+    else:
+        n = np.maximum(n, 0)
+    exact = num_buckets // 2
+    large = exact + (np.log(np.maximum(n, 1) / exact) / np.log(max_distance / exact)
+                     * (num_buckets - exact)).astype(int)
+    bucket = bucket + np.where(n < exact, n, np.minimum(large, num_buckets - 1))
+    return np.moveaxis(np.asarray(table, np.float64)[bucket], -1, 0)
+
+
+def _np_qkv(p, x, kv_x):
+    """Projections `[batch, len, heads, head_dim]` (float64) from an attention's parameters."""
+    def dense(name, inputs):
+        y = np.einsum("bld,d...->bl...", inputs, np.asarray(p[name]["kernel"], np.float64))
+        return y + np.asarray(p[name]["bias"], np.float64) if "bias" in p[name] else y
+
+    if "qkv" in p:
+        q, k, v = np.moveaxis(dense("qkv", x), 2, 0)
+    else:
+        q = dense("query", x)
+        k, v = np.moveaxis(dense("key_value", x if kv_x is None else kv_x), 2, 0)
+    return q, k, v
+
+
+def _check_attention(p, weights, output, x, kv_x, allowed, real, *, bias=None, scale,
+                     rotary=None):
+    """The sown `weights` `[b, h, q, kv]` are a distribution over the allowed keys equal to a
+    float64 recomputation from the parameters `p` and the layer's input `x` (and `kv_x`), and
+    the layer's `output` is `weights @ v` through the output projection (on `real` queries)."""
+    q, k, v = _np_qkv(p, np.asarray(x, np.float64),
+                      None if kv_x is None else np.asarray(kv_x, np.float64))
+    if rotary is not None:
+        q, k = _np_rotary(q, *rotary), _np_rotary(k, *rotary)
+    group = q.shape[2] // k.shape[2]  # consecutive query heads share a key/value head
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) * scale + (0.0 if bias is None else bias)
+    want = _np_softmax(scores, allowed[:, None])
+    w = np.asarray(weights)
+    assert w.dtype == np.float32 and w.shape == want.shape
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    rows = real[:, None, :, None] & np.ones(w.shape, bool)
+    assert (w[rows & ~allowed[:, None]] == 0).all()  # masked: causality, padding, segments
+    np.testing.assert_allclose(w[rows], want[rows], atol=2e-6, rtol=1e-4)
+    heads = np.einsum("bhqk,bkhd->bqhd", w.astype(np.float64), v)
+    out = np.einsum("bqhd,hde->bqe", heads, np.asarray(p["out"]["kernel"], np.float64))
+    if "bias" in p["out"]:
+        out = out + np.asarray(p["out"]["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(output)[real], out[real], atol=1e-5, rtol=1e-4)
+
+
+def test_gpt_attention_weights_equal_a_float64_recomputation(built):
+    """Rotary (the keys and queries as rotated), grouped-query heads, packed segments and
+    padding: each layer sows the weights it attended with."""
+    cfg, model, params = built["gpt_rotary_gqa_swiglu_rms"]
+    params = nn.meta.unbox(params)
+    x = _ids((2, 10), seed=6).at[1, 7:].set(0)
+    seg = np.array([[1] * 6 + [2] * 4, [1] * 7 + [0] * 3])
+    pos = np.array([list(range(6)) + list(range(4)), list(range(7)) + [0] * 3])
+    _, state = _run(model, params, x, segment_ids=jnp.asarray(seg), positions=jnp.asarray(pos),
+                    capture_intermediates=True)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    allowed = same & np.tril(np.ones((10, 10), bool)) & (seg != 0)[:, :, None]
+    for i in range(cfg.num_layers):
+        layer = state["intermediates"]["decoder"]["layers"][f"layer_{i}"]
+        attn = layer["self_attention"]
+        _check_attention(params["decoder"]["layers"][f"layer_{i}"]["self_attention"],
+                         attn["attention_weights"][0], attn["__call__"][0],
+                         layer["self_attention_norm"]["__call__"][0], None, allowed, seg != 0,
+                         scale=cfg.dim_per_head ** -0.5, rotary=(pos, cfg.rotary_base))
+
+
+def test_t5_attention_weights_equal_a_float64_recomputation(built):
+    """T5: the relative position bias, the score scale 1.0, source and target padding, and the
+    cross-attention over the encoder's output."""
+    cfg, model, params = built["t5"]
+    params = nn.meta.unbox(params)
+    src = _ids((2, 9), seed=7).at[1, 6:].set(0)
+    tgt = _ids((2, 8), seed=8).at[0, 5:].set(0)
+    _, state = _run(model, params, src, tgt, capture_intermediates=True)
+    inter = state["intermediates"]
+    s_ok, t_ok = np.asarray(src) != 0, np.asarray(tgt) != 0
+    enc_table = params["encoder"]["relative_bias"]["rel_embedding"]
+    dec_table = params["decoder"]["relative_bias"]["rel_embedding"]
+    enc_allowed = s_ok[:, :, None] & s_ok[:, None, :]
+    dec_allowed = t_ok[:, :, None] & t_ok[:, None, :] & np.tril(np.ones((8, 8), bool))
+    cross_allowed = t_ok[:, :, None] & s_ok[:, None, :]
+    encoded = inter["encoder"]["__call__"][0]
+    for i in range(cfg.encoder_layers):
+        layer = inter["encoder"]["layers"][f"layer_{i}"]
+        _check_attention(params["encoder"]["layers"][f"layer_{i}"]["self_attention"],
+                         layer["self_attention"]["attention_weights"][0],
+                         layer["self_attention"]["__call__"][0],
+                         layer["self_attention_norm"]["__call__"][0], None, enc_allowed, s_ok,
+                         bias=_np_t5_bias(enc_table, 9, 9, True), scale=1.0)
+    for i in range(cfg.decoder_layers):
+        layer = inter["decoder"]["layers"][f"layer_{i}"]
+        p = params["decoder"]["layers"][f"layer_{i}"]
+        _check_attention(p["self_attention"], layer["self_attention"]["attention_weights"][0],
+                         layer["self_attention"]["__call__"][0],
+                         layer["self_attention_norm"]["__call__"][0], None, dec_allowed, t_ok,
+                         bias=_np_t5_bias(dec_table, 8, 8, False), scale=1.0)
+        _check_attention(p["cross_attention"], layer["cross_attention"]["attention_weights"][0],
+                         layer["cross_attention"]["__call__"][0],
+                         layer["cross_attention_norm"]["__call__"][0], encoded, cross_allowed,
+                         t_ok, scale=1.0)
+
+
+@pytest.mark.parametrize("name,path", [("gpt_rotary_gqa_swiglu_rms", "cached_attention"),
+                                       ("gpt_rotary_gqa_swiglu_rms", "plain"),
+                                       ("t5_scan", "cached_attention")])
+def test_decoding_sows_the_rows_of_the_full_sequence_weights(built, name, path, monkeypatch):
+    """A decode step sows its queries' weights over the cache slots: the rows of the full
+    sequence's weights (self and cross attention, scanned layers too), on the CPU's
+    read-before-write path and the plain one."""
+    from flaxformer_lite.ops import fast_paths
+
+    if path == "plain":
+        monkeypatch.setenv(fast_paths.ENV, "cached_attention")
+    cfg, model, params = built[name]
+    x = _ids((2, 10), seed=8)
+    if cfg.architecture == "encoder_decoder":
+        src = _ids((2, 6), seed=9)
+        _, full = _run(model, params, src, x, mutable=["intermediates"])
+        encoded = _run(model, params, src, method=model.encode)
+        dec_in = fl.shift_right(x)
+        cache = fl.init_cache(model, params, 2, 10, encoded=encoded)
+        args = (encoded,)
+        kw = dict(method=model.decode)
+    else:
+        _, full = _run(model, params, x, mutable=["intermediates"])
+        dec_in, cache, args, kw = x, fl.init_cache(model, params, 2, 10), (), {}
+    full = full["intermediates"]["decoder"]
+
+    @jax.jit
+    def step(cache, tok):
+        return model.apply({"params": params, "cache": cache}, *args, tok, decode=True,
+                           mutable=["cache", "intermediates"], **kw)
+
+    for start, stop in ((0, 4), *((t, t + 1) for t in range(4, 10))):  # prefill, then 1 by 1
+        _, state = step(cache, dec_in[:, start:stop])
+        cache = state["cache"]
+        got = state["intermediates"]["decoder"]
+        assert jax.tree.structure(got) == jax.tree.structure(full)
+        jax.tree.map(lambda g, f, a=start, b=stop: np.testing.assert_allclose(
+            g, f[..., a:b, :], atol=1e-5), got, full)
