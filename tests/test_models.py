@@ -1104,6 +1104,7 @@ def test_merge_params_reports_what_it_did(trained):
     with pytest.raises(ValueError, match="mismatched must be"):
         fl.merge_params(merged, old, mismatched="keep")
 
+
 # ---- the "intermediates" collection: captures, sown values, attention weights --------------------
 
 
