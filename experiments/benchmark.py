@@ -82,6 +82,20 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _TrainingRss:
+    """The process's max RSS as training left it, before the first matmul reference (which only
+    some workers run: its arrays and compile would count in theirs alone)."""
+
+    _rss_before_matmul: int | None = None
+
+    def _note_matmul(self) -> None:
+        if self._rss_before_matmul is None:
+            self._rss_before_matmul = _max_rss_bytes()
+
+    def _training_rss(self) -> int:
+        return self._rss_before_matmul or _max_rss_bytes()
+
+
 def _batches(spec: dict, n: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
     """`n` (inputs, targets) int32 batches `[batch, context]`, identical in every worker.
 
@@ -284,7 +298,7 @@ def summarize_trace(trace, steps: int, wall_s: float,
     return out
 
 
-class JaxTrain:
+class JaxTrain(_TrainingRss):
     """The library's DecoderOnly trained by `flaxformer_lite.training.train_step` (AdamW).
 
     `spec["jax_step"] = "plain"` swaps in a bare optax AdamW step written here instead.
@@ -408,6 +422,7 @@ class JaxTrain:
         compiled with the step's compile options; where it has any (oneDNN on Intel CPUs) also
         without them (`default_flops_per_s`, else None): they suit the step's shapes, not
         necessarily a square matmul, and the reference is a peak."""
+        self._note_matmul()
         jax, jnp = self.jax, self.jnp
         if not hasattr(self, "_mm"):
             k1, k2 = jax.random.split(jax.random.key(1))
@@ -454,7 +469,7 @@ class JaxTrain:
             step_bytes = (ma.temp_size_in_bytes + ma.argument_size_in_bytes
                           + ma.output_size_in_bytes - ma.alias_size_in_bytes)
         from flaxformer_lite.params import flops_per_token
-        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
+        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": self._training_rss(),
                 "device_peak": mem.get("peak_bytes_in_use"), "step_buffers": step_bytes,
                 "jax_step": self.step_kind, "devices": self.num_devices,
                 "device_kind": dev.device_kind, "platform": dev.platform,
@@ -462,7 +477,7 @@ class JaxTrain:
                 "xla_flags": os.environ.get("XLA_FLAGS", ""), "applied": self.applied}
 
 
-class TorchTrain:
+class TorchTrain(_TrainingRss):
     """The same GPT written plainly in PyTorch: pre-LN, tanh GELU, learned positions, tied head."""
 
     def __init__(self, spec: dict):
@@ -570,6 +585,7 @@ class TorchTrain:
         return {"times": times, "cpu": cpu}
 
     def matmul(self, n: int, repeats: int = 3) -> dict:
+        self._note_matmul()
         torch = self.torch
         dtype = getattr(torch, self.spec["dtype"])
         a = torch.randn(n, n, device=self.device, dtype=dtype)
@@ -586,7 +602,7 @@ class TorchTrain:
     def stats(self) -> dict:
         torch = self.torch
         peak = torch.cuda.max_memory_allocated() if self.device == "cuda" else None
-        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": _max_rss_bytes(),
+        return {"compile_s": self.compile_s, "loss": self.loss, "max_rss": self._training_rss(),
                 "device_peak": peak, "torch": torch.__version__, "threads":
                 torch.get_num_threads()}
 
@@ -1259,10 +1275,12 @@ def main(argv=None) -> int:
                         help="1: JAX workers call flaxformer_lite.perf.configure_cpu()")
     parser.add_argument("--variant", action="append", default=[],
                         help="an extra JAX row, 'name:ENV=VAL,cfg.field=VAL,disable=a+b,"
-                             "configure_cpu=0,cpu_devices=2,microbatches=4' (repeatable; "
-                             "disable names fast paths of flaxformer_lite.ops.fast_paths; "
-                             "cpu_devices=n trains data parallel over the CPU split into n JAX "
-                             "devices; microbatches=k computes the gradient in k slices)")
+                             "configure_cpu=0,cpu_devices=2,microbatches=4,batch=32' "
+                             "(repeatable; disable names fast paths of "
+                             "flaxformer_lite.ops.fast_paths; cpu_devices=n trains data "
+                             "parallel over the CPU split into n JAX devices; microbatches=k "
+                             "computes the gradient in k slices; batch=n trains n sequences a "
+                             "step, compared per token)")
     parser.add_argument("--attention_lengths", default=None,
                         help="comma list (default 128..2048 on CPU, ..4096 on accelerators)")
     parser.add_argument("--attention_batch", type=_positive_int, default=1)

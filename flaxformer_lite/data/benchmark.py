@@ -59,10 +59,17 @@ def measure(make: Callable[[], Pipeline], seconds: float, *, both_sides: bool = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--text", default="../shared/data/tinyshakespeare/input.txt",
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # The corpora beside a source checkout (../shared/data from its root), wherever it runs.
+    shared = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..",
+                          "shared", "data")
+    parser.add_argument("--text",
+                        default=os.path.normpath(os.path.join(shared, "tinyshakespeare",
+                                                              "input.txt")),
                         help="a text file for the language-model pipelines")
-    parser.add_argument("--parallel", default="../shared/data/multi30k",
+    parser.add_argument("--parallel", default=os.path.normpath(os.path.join(shared, "multi30k")),
                         help="a folder of <split>.<lang> files for the translation pipelines")
     parser.add_argument("--source_lang", default="de")
     parser.add_argument("--target_lang", default="en")
