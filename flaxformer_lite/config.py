@@ -115,6 +115,8 @@ class TransformerConfig:
     # One `nn.scan` over the layers: parameters stacked on a leading [num_layers] axis (one
     # compiled layer, faster compiles of deep models). `stack_layers` / `unstack_layers`
     # convert parameters between the two layouts; `Engine.init_state(params=)` does it itself.
+    # The same seed initialises the two layouts differently (the random keys split another way):
+    # to compare them, start both from one set of parameters.
     scan_layers: bool = False
     # Barrier on each dense layer's incoming gradient (`ops.matmul`): it halved XLA:CPU's step
     # before the fast paths in `ops.fast_paths` existed; with them it measures neutral on small

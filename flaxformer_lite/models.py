@@ -134,8 +134,9 @@ class _Embedder(nn.Module):
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         # Saliency, opt-in: with mutable=["perturbations"] an apply returns zeros shaped like
         # the token embeddings; passed back as variables, they are added here, and their
-        # gradient is the gradient with respect to the embeddings. Never made by model.init
-        # (its variables would then carry an entry shaped by the init inputs).
+        # gradient is the gradient with respect to the embeddings (after scale_embeddings'
+        # sqrt(d_model): the table rows' gradient is that times sqrt(d_model)). Never made by
+        # model.init (its variables would then carry an entry shaped by the init inputs).
         if (self.has_variable("perturbations", "token_embeddings")
                 or self.is_mutable_collection("perturbations") and not self.is_initializing()):
             x = self.perturb("token_embeddings", x)
