@@ -1319,3 +1319,20 @@ def test_decoding_sows_the_rows_of_the_full_sequence_weights(built, name, path, 
         assert jax.tree.structure(got) == jax.tree.structure(full)
         jax.tree.map(lambda g, f, a=start, b=stop: np.testing.assert_allclose(
             g, f[..., a:b, :], atol=1e-5), got, full)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5-small"])
+def test_the_readme_logit_lens_gives_the_logits_on_the_last_layer(name):
+    extra = {} if name == "gpt2" else {"head_dim": 8}
+    cfg = fl.get_config(name, **TINY, **extra)
+    model = fl.make_model(cfg)
+    params = nn.meta.unbox(fl.init_params(cfg, jax.random.key(0)))
+    ids = _ids((2, 6))
+    args = (ids,) if name == "gpt2" else (ids, ids)
+    logits, state = model.apply({"params": params}, *args, capture_intermediates=True)
+    last = f"layer_{cfg.decoder_layers - 1}"
+    h, _ = state["intermediates"]["decoder"]["layers"][last]["__call__"][0]
+    h = fl.Norm(cfg).apply({"params": params["decoder"]["final_norm"]}, h)
+    if cfg.scale_tied_logits:
+        h = h * cfg.d_model ** -0.5
+    np.testing.assert_allclose(h @ params["token_embed"]["embedding"].T, logits, atol=1e-5)
