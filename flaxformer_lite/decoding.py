@@ -682,9 +682,10 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
     are never guessed (e.g. a SentencePiece tokenizer's `space_id`, the bare "▁" piece, which
     prints as nothing); `probs` are renormalised over the tokens that may be guessed."""
     cfg = _check_model(model, (EncoderOnly,), "fill_masks",
-                       "use generate or beam_search for decoders", params)
+                       "use generate or beam_search for decoders")
     if not cfg.mlm_head:
         raise ValueError("fill_masks needs the masked-LM head: TransformerConfig.mlm_head=True.")
+    check_params_read(model, _unwrap(params), "fill_masks")
     top_k = _positive_int("top_k", top_k)
     ids = _as_ids("ids", ids)
     _check_ids("ids", ids, cfg.vocab_size)

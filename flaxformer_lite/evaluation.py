@@ -91,11 +91,11 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     _kind(model)
-    check_params_read(model, params, "perplexity")
     keys = batch_keys(model.config.architecture)
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
                          "(the masked-LM logits).")
+    check_params_read(model, params, "perplexity")
     if isinstance(model, EncoderOnly) and (num_characters is not None or num_bytes is not None):
         raise ValueError("num_characters/num_bytes: a masked LM scores only the masked ~15% of "
                          "the tokens, so bits per character of the whole split would mean "
