@@ -103,6 +103,12 @@ class TransformerConfig:
     # cuDNN run its causal kernel instead of reading a [batch, 1, length, length] bias.
     # Rows with segment ids or positions given (packed) keep their mask either way.
     padding: str = "anywhere"
+    # The token id of padding in a decoder-only model: no loss, never generated, not attended
+    # where segment ids come from the ids. None: every id is a real token (a pretrained
+    # vocabulary without a padding token, GPT-2's, whose id 0 is "!"): padded rows then need
+    # their `segment_ids` (or `prompt_lengths` to generate), and every target counts in the
+    # loss. Encoders and encoder-decoders keep 0 (their sources and masked-LM targets).
+    pad_id: int | None = 0
     # Rematerialise each layer in the backward pass (`nn.remat`): "none"; "full" keeps only the
     # layer's input (the least memory kept between the layers, the forward recomputed; at long
     # context attention's own temporaries dominate, which no policy shrinks, and the
@@ -253,6 +259,10 @@ def _validate(c: TransformerConfig) -> None:
     _choice("param_dtype", c.param_dtype, DTYPES)
     _choice("remat", c.remat, REMAT_POLICIES)
     _choice("padding", c.padding, PADDINGS)
+    if c.pad_id is not None and (not isinstance(c.pad_id, int) or isinstance(c.pad_id, bool)
+                                 or not 0 <= c.pad_id < c.vocab_size):
+        raise ValueError(f"TransformerConfig.pad_id={c.pad_id!r} must be a token id in "
+                         f"[0, vocab_size={c.vocab_size}) or None (no padding token).")
     if (not isinstance(c.vocab_pad_multiple, int) or isinstance(c.vocab_pad_multiple, bool)
             or c.vocab_pad_multiple < 0):
         raise ValueError(f"TransformerConfig.vocab_pad_multiple={c.vocab_pad_multiple!r} must be "
@@ -345,6 +355,7 @@ _USED_ONLY_WITH = {
     "relative_max_distance": ("position", ("relative",)),
     "share_encoder_decoder_embeddings": ("architecture", ("encoder_decoder",)),
     "padding": ("architecture", ("decoder_only",)),
+    "pad_id": ("architecture", ("decoder_only",)),
 }
 
 

@@ -59,7 +59,8 @@ _NEG = -1.0e9  # "minus infinity" for scores: finite, so sums and ratios never p
 class Generation(NamedTuple):
     """Result of `generate` / `generate_seq2seq` / `generate_no_cache` (a pytree).
 
-    tokens: `[batch, max_new_tokens]` generated ids; the stop token is kept, 0 (pad) after it.
+    tokens: `[batch, max_new_tokens]` generated ids; the stop token is kept, the padding
+      id after it (0 without one, `pad_id=None`: read `lengths`).
     lengths: `[batch]` number of generated tokens, stop token included.
     log_probs: `[batch]` sum of the model's log-probabilities (temperature 1, no filtering) of
       the generated tokens: the score greedy search maximises step by step.
@@ -132,12 +133,13 @@ def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Arra
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _never_pad(scores: Array, low: float = _NEG) -> Array:
-    """`scores` `[..., vocab]` with the padding id ruled out: an emitted 0 would read as
+def _never_pad(scores: Array, low: float = _NEG, pad_id: int | None = PAD_ID) -> Array:
+    """`scores` `[..., vocab]` with the padding id ruled out: an emitted pad would read as
     padding everywhere after (stripped from hypotheses, weight 0 when re-scored), so no loop
     chooses it; an untrained model often would. Log-probabilities stay the model's own.
-    Sampling passes `low=-inf`, which no temperature brings back into reach."""
-    return scores.at[..., PAD_ID].set(low)
+    Sampling passes `low=-inf`, which no temperature brings back into reach. A vocabulary
+    without a padding id (`pad_id=None`) keeps every id."""
+    return scores if pad_id is None else scores.at[..., pad_id].set(low)
 
 
 # ---- the two kinds of decoder: prefill and one step -------------------------------------------
@@ -216,8 +218,8 @@ def _prefill_seq2seq(model, params, inputs: Array, cache_len: int, num_samples: 
 # ---- sampling loop -----------------------------------------------------------------------------
 
 def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: dict, *,
-                 vocab: int, max_new_tokens: int, top_k: int, top_p: float, greedy: bool,
-                 return_logits: bool) -> Generation:
+                 vocab: int, pad_id: int | None, max_new_tokens: int, top_k: int,
+                 top_p: float, greedy: bool, return_logits: bool) -> Generation:
     """Feed one token and choose the next per iteration of one `lax.while_loop`.
 
     `dyn` holds the traced settings: `rng`, `temperature` and `stop_tokens` (`[n]`, -1 = none).
@@ -233,9 +235,10 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
                                             keepdims=False)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
         key = None if greedy else jax.random.fold_in(dyn["rng"], i)
-        token = sample_logits(_never_pad(logits, -jnp.inf), key, temperature=dyn["temperature"],
-                              top_k=top_k, top_p=top_p, greedy=greedy)
-        token = jnp.where(done, PAD_ID, token)
+        token = sample_logits(_never_pad(logits, -jnp.inf, pad_id), key,
+                              temperature=dyn["temperature"], top_k=top_k, top_p=top_p,
+                              greedy=greedy)
+        token = jnp.where(done, _fill_id(pad_id), token)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
         new = {
             "i": i + 1, "cache": cache,
@@ -279,7 +282,8 @@ def _batch_axes(cache_shape_fn: Callable[[int], Any], batch: int):
 
 
 def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, vocab: int,
-               beam_size: int, alpha: Array, max_len: int, eos_id: Array) -> Beams:
+               pad_id: int | None, beam_size: int, alpha: Array, max_len: int,
+               eos_id: Array) -> Beams:
     """Beam search over `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
 
     All beams of a row start as copies of its prefilled cache; only beam 0 is live at first
@@ -317,7 +321,8 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
         prev = state["live_tokens"][:, :, jnp.maximum(i - 1, 0)].reshape(b * k)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
         logp = jax.nn.log_softmax(logits).reshape(b, k, vocab)
-        cand = (state["live_logp"][:, :, None] + _never_pad(logp)).reshape(b, k * vocab)
+        cand = state["live_logp"][:, :, None] + _never_pad(logp, pad_id=pad_id)
+        cand = cand.reshape(b, k * vocab)
         cand_logp, cand_idx = jax.lax.top_k(cand, 2 * k)  # 2k: at least k do not end in EOS
         parent, token = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
         cand_tokens = gather(state["live_tokens"], parent).at[:, :, i].set(token)
@@ -362,6 +367,16 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
 
 
 # ---- argument checks ---------------------------------------------------------------------------
+
+def _pad_or(cfg: TransformerConfig, default: int) -> int:
+    """The config's padding id, or `default` where it has none (`pad_id=None`)."""
+    return default if cfg.pad_id is None else cfg.pad_id
+
+
+def _fill_id(pad_id: int | None) -> int:
+    """What a finished row holds after its stop token: the padding id, else 0."""
+    return 0 if pad_id is None else pad_id
+
 
 def _unwrap(params):
     """Accept `params` or `{"params": params}`."""
@@ -493,10 +508,11 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
-            or ((known <= PAD_ID) | (known >= cfg.vocab_size)).any()):
-        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [1, vocab_size="
-                         f"{cfg.vocab_size}): the padding id {PAD_ID} is never emitted, so it "
-                         "could never stop a row.")
+            or ((known < 0) | (known >= cfg.vocab_size) | (known == _pad_or(cfg, -1))).any()):
+        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
+                         f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
+                         f" but the padding id {cfg.pad_id}, which is never emitted, so it "
+                         "could never stop a row") + ".")
     stops = jnp.asarray(stop_tokens if known is None else known.astype(np.int32),
                         jnp.int32).reshape(-1)  # traced inside a caller's jit: as given
     width = 4 * max(1, -(-stops.shape[0] // 4))  # padded with -1 so small sets share a compile
@@ -517,19 +533,22 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
-def _prompt_lengths(prompts, prompt_lengths) -> Array:
-    """Default lengths count the non-pad tokens of right-padded prompts; validate when known."""
+def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID) -> Array:
+    """Default lengths count the non-pad tokens of right-padded prompts (every column without
+    a padding id); validate when known."""
+    if prompt_lengths is None and pad_id is None:
+        return jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     if prompt_lengths is None:
         known = _concrete(prompts)
         if known is not None:
-            real = known != PAD_ID
+            real = known != pad_id
             bad = np.flatnonzero(~real.any(axis=1) | (real[:, 1:] & ~real[:, :-1]).any(axis=1))
             if bad.size:
                 raise ValueError(
                     f"prompts row(s) {bad.tolist()} are empty or not right-padded (a pad id "
-                    f"{PAD_ID} before a token): put each prompt's tokens first and the padding "
-                    f"after them, or pass prompt_lengths= when {PAD_ID} is a real token.")
-        return jnp.sum(prompts != PAD_ID, axis=1).astype(jnp.int32)
+                    f"{pad_id} before a token): put each prompt's tokens first and the padding "
+                    f"after them, or pass prompt_lengths= when {pad_id} is a real token.")
+        return jnp.sum(prompts != pad_id, axis=1).astype(jnp.int32)
     if getattr(prompt_lengths, "shape", None) != (prompts.shape[0],):
         raise ValueError(f"prompt_lengths must have shape [batch]=({prompts.shape[0]},), got "
                          f"{getattr(prompt_lengths, 'shape', type(prompt_lengths).__name__)}.")
@@ -552,7 +571,9 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     lengths share the batch; each row continues from its own last token. Sampling is set by
     `temperature`, `top_k`, `top_p` and `rng` (step `i` draws with `fold_in(rng, i)`), or
     `greedy=True` for the argmax. A row stops at the first of its `stop_tokens` (kept in the
-    output; 0 after it). `prompt_len + max_new_tokens` must not exceed `config.max_len`.
+    output; the padding id after it). `prompt_len + max_new_tokens` must not exceed
+    `config.max_len`. With `config.pad_id=None` (a vocabulary without padding) every prompt
+    column is a token unless `prompt_lengths` says otherwise, and any id may be generated.
     Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs (, logits).
 
     `model` may be a `DecoderOnly` subclass with layers of your own. Its `__call__(ids, *,
@@ -568,7 +589,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths)
+    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id)
     return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
                         max_new_tokens=max_new_tokens, **static)
 
@@ -628,7 +649,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                          "exponent; 0 = none).")
     if isinstance(model, DecoderOnly):
         max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
-        lengths = _prompt_lengths(inputs, prompt_lengths)
+        lengths = _prompt_lengths(inputs, prompt_lengths, cfg.pad_id)
     else:
         max_len = _check_total(cfg, 0, max_len, "max_len")
         _check_sources(inputs)
@@ -639,10 +660,11 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     beam_size = _positive_int("beam_size", beam_size)
     known = _concrete(eos_id)  # None when traced inside a caller's jit
     if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
-                                  and PAD_ID < known < cfg.vocab_size):
-        raise ValueError(f"eos_id={eos_id} must be an id in [1, vocab_size={cfg.vocab_size}): "
-                         f"the padding id {PAD_ID} is never emitted, so it could never end a "
-                         "beam.")
+                                  and 0 <= known < cfg.vocab_size
+                                  and known != _pad_or(cfg, -1)):
+        raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size})"
+                         + ("" if cfg.pad_id is None else f" but the padding id {cfg.pad_id}, "
+                            "which is never emitted, so it could never end a beam") + ".")
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
                         jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),
                         beam_size=beam_size, max_len=max_len)
@@ -668,7 +690,7 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths)
+    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id)
     return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 
@@ -727,14 +749,14 @@ def _generate_lm(model, params, prompts, prompt_lengths, dyn, **static) -> Gener
     cache_len = prompts.shape[1] - 1 + static["max_new_tokens"]
     prefill = _prefill_lm(model, params, prompts, prompt_lengths, cache_len)
     return _sample_loop(_bind(_lm_step, model, params), *prefill, dyn,
-                        vocab=model.config.vocab_size, **static)
+                        vocab=model.config.vocab_size, pad_id=model.config.pad_id, **static)
 
 
 @jit_model_fn(static_argnames=(*_STATIC, "num_samples"))
 def _generate_s2s(model, params, inputs, dyn, num_samples=1, **static) -> Generation:
     prefill = _prefill_seq2seq(model, params, inputs, static["max_new_tokens"], num_samples)
     return _sample_loop(_bind(_seq2seq_step, model, params), *prefill, dyn,
-                        vocab=model.config.vocab_size, **static)
+                        vocab=model.config.vocab_size, pad_id=model.config.pad_id, **static)
 
 
 @jit_model_fn(static_argnames=("model", "beam_size", "max_len"))
@@ -759,7 +781,8 @@ def _beam_search(model, params, inputs, prompt_lengths, alpha, eos_id, *, beam_s
             return jax.eval_shape(fn, jax.ShapeDtypeStruct((n,) + enc.shape[1:], enc.dtype),
                                   jax.ShapeDtypeStruct((n, enc.shape[1]), jnp.int32))
     axes = _batch_axes(cache_shape, inputs.shape[0])
-    return _beam_loop(step, *prefill, axes, vocab=model.config.vocab_size, beam_size=beam_size,
+    return _beam_loop(step, *prefill, axes, vocab=model.config.vocab_size,
+                      pad_id=model.config.pad_id, beam_size=beam_size,
                       alpha=alpha, max_len=max_len, eos_id=eos_id)
 
 
@@ -783,7 +806,7 @@ def _generate_lm_no_cache(model, params, prompts, prompt_lengths, dyn, **static)
 
     last = prompt_lengths - 1
     return _sample_loop(step, buffer, {}, prompts[rows, last], last, dyn,
-                        vocab=model.config.vocab_size, **static)
+                        vocab=model.config.vocab_size, pad_id=model.config.pad_id, **static)
 
 
 # ---- benchmark -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from flaxformer_lite.models import (
     check_params_read,
     jit_model_fn,
 )
+from flaxformer_lite.training.losses import loss_weights
 
 Array = jnp.ndarray
 
@@ -62,13 +63,14 @@ def _model_logits(model, params, batch: dict) -> Array:
 def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
 
-    Weights are `targets != 0`; padded positions have NLL 0. Works for decoder-only (next-token),
+    Weights are `targets != config.pad_id` (0; all 1 with `pad_id=None`); padded positions have
+    NLL 0. Works for decoder-only (next-token),
     encoder-decoder (targets given inputs) and encoder-only masked-LM batches (the selected
     positions), always in deterministic mode.
     """
     logits = _model_logits(model, params, batch)
     targets = batch["targets"]
-    weights = (targets != PAD_ID).astype(jnp.float32)
+    weights = loss_weights(targets, model.config.pad_id)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll * weights, weights
@@ -112,7 +114,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
         total_nll += float(np.sum(np.asarray(nll, np.float64)))
         total_tokens += float(np.sum(np.asarray(weights, np.float64)))
     if total_tokens == 0:
-        raise ValueError("the batches hold no target tokens (all targets are 0 = padding).")
+        raise ValueError(f"the batches hold no target tokens (all targets are "
+                         f"{model.config.pad_id} = padding).")
     loss = total_nll / total_tokens
     out = {"tokens": int(total_tokens), "nll": total_nll, "loss": loss,
            "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}

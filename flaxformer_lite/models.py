@@ -115,8 +115,11 @@ def _positions(ids: Array, segment_ids: Array | None, positions: Array | None
     return shared, shared[:1]
 
 
-def _segments(ids: Array, segment_ids: Array | None) -> Array:
-    return (ids != 0).astype(jnp.int32) if segment_ids is None else segment_ids
+def _segments(ids: Array, segment_ids: Array | None, pad_id: int | None = 0) -> Array:
+    """Segment ids given, or 1 for every token but padding (`pad_id`; None: every token)."""
+    if segment_ids is not None:
+        return segment_ids
+    return jnp.ones_like(ids, jnp.int32) if pad_id is None else (ids != pad_id).astype(jnp.int32)
 
 
 class _Embedder(nn.Module):
@@ -176,7 +179,7 @@ class Encoder(nn.Module):
                         max_positions=_learned_positions(cfg))
         _check_length(cfg, inputs.shape[1], "inputs")
         positions, rel_pos = _positions(inputs, segment_ids, positions)
-        segment_ids = _segments(inputs, segment_ids)
+        segment_ids = _segments(inputs, segment_ids, cfg.pad_id)
         x = _Embedder(cfg, self.token_embed, name="embedder")(
             inputs, positions, token_type_ids, deterministic)
         mask = ops.make_attention_mask(segment_ids)
@@ -232,7 +235,7 @@ class Decoder(nn.Module):
             # column always counts (it was masked out, and `decode` gave other logits).
             first = (jnp.arange(ids.shape[1]) == 0)[None]
             segment_ids = ((ids != 0) | first).astype(jnp.int32)
-        segment_ids = _segments(ids, segment_ids)
+        segment_ids = _segments(ids, segment_ids, cfg.pad_id)
         overflow = None
         if decode:
             mask, positions, kv_positions, cache_index, overflow = decode_state(
@@ -249,7 +252,9 @@ class Decoder(nn.Module):
             # blocks above the diagonal; the mask keeps padding and packed segments apart, and
             # is left out where padding only trails the tokens (`config.padding`).
             mask = None
-            if cfg.padding != "trailing" or packed:
+            if (cfg.padding != "trailing" or packed) and (given_segments
+                                                            or cfg.pad_id is not None):
+                # (pad_id None and no segment ids: every token is real, causality is all)
                 mask = ops.make_attention_mask(segment_ids)
         x = _Embedder(cfg, self.token_embed, name="embedder")(ids, positions, None, deterministic)
         bias = None
@@ -620,8 +625,8 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
             raise ValueError(
                 f"Batch entry {k!r} holds values from {low} to {high}; they must lie in {bound}"
                 + (f" (TransformerConfig.{what}={limit})" if limit is not None else "")
-                + (". Token id 0 is padding and carries no loss; there is no -100 ignore "
-                   "index." if low < 0 and k in ("inputs", "targets") else "."))
+                + (f". {_pad_words(config)}; there is no -100 ignore index."
+                   if low < 0 and k in ("inputs", "targets") else "."))
     if config.architecture == "encoder_decoder":
         _check_segment_pairs(batch, arrays)
     if (config.architecture == "encoder_only" and config.mlm_predictions
@@ -634,6 +639,12 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                 f"than TransformerConfig.mlm_predictions={config.mlm_predictions}, where the "
                 "head is applied: cap the masking (mlm_pipeline(max_predictions=...)) or raise "
                 "mlm_predictions (0: every position).")
+
+
+def _pad_words(config: TransformerConfig) -> str:
+    if config.pad_id is None:
+        return "Every id is a real token (TransformerConfig.pad_id=None) and carries loss"
+    return f"Token id {config.pad_id} is padding (TransformerConfig.pad_id) and carries no loss"
 
 
 def _check_segment_pairs(batch: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:

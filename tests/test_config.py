@@ -44,6 +44,9 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(architecture="encoder_only", padding="trailing"), "padding='trailing' has no effect"),
     (dict(attention_implementation="xla", attention_dropout_rate=0.1),
      "'xla' has no attention dropout.*attention_dropout_rate=0.0"),
+    (dict(pad_id=256), r"pad_id=256 must be a token id in \[0, vocab_size=256\) or None"),
+    (dict(pad_id=True), "pad_id=True"),
+    (dict(architecture="encoder_decoder", pad_id=None), "pad_id=None has no effect"),
 ])
 def test_bad_values_name_the_field(changes, match):
     with pytest.raises(ValueError, match=match):

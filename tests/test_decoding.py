@@ -234,6 +234,74 @@ def test_an_interceptor_reaches_inside_the_compiled_decoding_and_perplexity():
     assert again[1] == plain[1]
 
 
+def _favouring_zero(cfg):
+    """A model whose every next-token distribution peaks at id 0: the final norm outputs a
+    constant vector u (scale 0, bias u) and token 0's tied embedding is 3u (logit 3 against
+    ~N(0, 0.3^2) for the others)."""
+    model = make_model(cfg)
+    params = random_params(model)
+    d = cfg.d_model
+    u = np.zeros(d, np.float32)
+    u[0] = 1.0
+    table = np.asarray(params["token_embed"]["embedding"]).copy()
+    table[0] = 3 * u
+    params["token_embed"]["embedding"] = jnp.asarray(table)
+    params["decoder"]["final_norm"] = {"scale": jnp.zeros(d), "bias": jnp.asarray(u)}
+    return model, params
+
+
+def test_a_vocabulary_without_padding_generates_and_attends_to_id_0():
+    """pad_id=None (GPT-2's vocabulary, where 0 is "!"): id 0 may be generated, prompt
+    columns holding 0 are tokens, and cached decoding equals recomputation; the library's
+    default pad_id=0 never emits it."""
+    plain_model, plain_params = _favouring_zero(tiny())
+    model, params = _favouring_zero(tiny(pad_id=None))
+    prompts = np.array([[5, 0, 7, 0], [9, 9, 0, 3]], np.int32)
+    run = decoding.generate(model, params, prompts, max_new_tokens=4, greedy=True,
+                            stop_tokens=(), return_logits=True)
+    assert np.all(np.asarray(run.tokens) == 0)
+    assert not np.any(np.asarray(decoding.generate(
+        plain_model, plain_params, prompts, max_new_tokens=4, greedy=True,
+        prompt_lengths=np.array([4, 4])).tokens) == 0)
+    # The zeros in the prompts are attended: recomputation with every column a token.
+    seqs = np.concatenate([prompts, np.asarray(run.tokens)[:, :3]], axis=1)
+    full = model.apply({"params": params}, seqs)
+    np.testing.assert_allclose(run.logits, full[:, 3:], atol=1e-5)
+    np.testing.assert_allclose(full, plain_model.apply({"params": params}, seqs,
+                                                       segment_ids=np.ones_like(seqs)),
+                               atol=1e-6)
+    beams = decoding.beam_search(model, params, prompts, beam_size=2, max_len=3, eos_id=1)
+    assert np.all(np.asarray(beams.tokens)[:, 0] == 0)
+    with pytest.raises(ValueError, match=r"stop_tokens=\[0\] must be ids in \[0, "
+                       r"vocab_size=64\) but the padding id 0"):
+        decoding.generate(plain_model, plain_params, prompts, max_new_tokens=2, greedy=True,
+                          stop_tokens=(0,))
+    decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True, stop_tokens=(0,))
+
+
+def test_another_padding_id_is_never_generated_and_pads_prompts():
+    """pad_id=7: prompts right-padded with 7 get their lengths from it, and 7 is never
+    generated (the favoured id 0 stands in: with pad_id=0 it would be excluded)."""
+    model, params = _favouring_zero(tiny(pad_id=7))
+    prompts = np.array([[5, 6, 8, 7], [9, 9, 7, 7]], np.int32)
+    run = decoding.generate(model, params, prompts, max_new_tokens=3, greedy=True,
+                            stop_tokens=())
+    given = decoding.generate(model, params, prompts, max_new_tokens=3, greedy=True,
+                              stop_tokens=(), prompt_lengths=np.array([3, 2]))
+    np.testing.assert_array_equal(run.tokens, given.tokens)
+    assert np.all(np.asarray(run.tokens) == 0)
+    cfg = tiny(pad_id=7)
+    model7, params7 = make_model(cfg), random_params(make_model(cfg))
+    table = np.asarray(params7["token_embed"]["embedding"]).copy()
+    table[7] = 3 * np.eye(cfg.d_model, dtype=np.float32)[0]
+    params7["token_embed"]["embedding"] = jnp.asarray(table)
+    params7["decoder"]["final_norm"] = {"scale": jnp.zeros(cfg.d_model),
+                                        "bias": jnp.eye(cfg.d_model)[0]}
+    out = decoding.generate(model7, params7, prompts, max_new_tokens=3, greedy=True,
+                            stop_tokens=(), return_logits=True)
+    assert np.all(np.argmax(out.logits, -1) == 7) and not np.any(np.asarray(out.tokens) == 7)
+
+
 def test_cross_attention_keys_values_come_from_the_cache_after_the_first_step():
     s = setup("encdec_sinusoidal")
     model, params = s.model, s.params

@@ -64,9 +64,12 @@ def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0
     return loss + z, nll, z
 
 
-def loss_weights(targets: Array) -> Array:
-    """Loss weight per target `[batch, length]`: 1.0 for real tokens, 0.0 for padding (id 0)."""
-    return (targets != 0).astype(jnp.float32)
+def loss_weights(targets: Array, pad_id: int | None = 0) -> Array:
+    """Loss weight per target `[batch, length]`: 1.0 for real tokens, 0.0 for padding
+    (`pad_id`, the model's `TransformerConfig.pad_id`; None: every target counts)."""
+    if pad_id is None:
+        return jnp.ones(targets.shape, jnp.float32)
+    return (targets != pad_id).astype(jnp.float32)
 
 
 def metric_sums(logits: Array, targets: Array, weights: Array | None = None, *,

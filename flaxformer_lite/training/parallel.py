@@ -577,13 +577,15 @@ class Engine:
         return max(self.batch_shards // jax.process_count(), 1)
 
     def pad_batch(self, batch: Mapping[str, Any], rows: int | None = None) -> dict[str, Any]:
-        """Host batch padded with all-zero rows (weight 0: they change no metric sum or
-        gradient) to `rows`, by default to a multiple of this process's batch shards, e.g. for
-        the short last batch of an eval set or of a training epoch."""
+        """Host batch padded with rows of padding (ids `config.pad_id`, other entries 0: weight
+        0, they change no metric sum or gradient) to `rows`, by default to a multiple of this
+        process's batch shards, e.g. for the short last batch of an eval set or of a training
+        epoch. A model without a padding id (`pad_id=None`) cannot pad: an error says so."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture, self.model)
         check_batch(self.model_config, batch,  # before padding can make row counts agree
                     extra_keys=getattr(self.model, "extra_batch_keys", ()))
+        pad_id = self.model_config.pad_id
         out = {}
         for key, value in batch.items():
             if key not in used:
@@ -591,9 +593,16 @@ class Engine:
             n = np.shape(value)[0]
             missing = -n % shards if rows is None else rows - n
             if missing:
+                if pad_id is None:
+                    raise ValueError(
+                        f"A batch of {n} rows needs {missing} more to fill its shape, but "
+                        "TransformerConfig.pad_id=None has no padding id whose rows would "
+                        "carry no loss: give every batch the same number of rows (drop or "
+                        "fill the short last one), divisible by the devices.")
                 value = np.asarray(value)
-                value = np.concatenate([value, np.zeros((missing,) + value.shape[1:],
-                                                        value.dtype)])
+                fill = pad_id if key in ("inputs", "targets") else 0
+                value = np.concatenate([value, np.full((missing,) + value.shape[1:], fill,
+                                                       value.dtype)])
             out[key] = value
         return out
 

@@ -9,11 +9,12 @@ token 0 = padding) and dispatches on `config.architecture`:
 - encoder_only (masked LM, needs `config.mlm_head`): `inputs`, `targets` (original ids at the
   selected positions, 0 elsewhere), optional `segment_ids`, `positions`, `token_type_ids`.
 
-The loss weight of a target is `targets != 0`. Gradients are of the *global* token mean: each
-device differentiates its weighted loss sum divided by the token count of the whole batch, and
-the per-device gradients are summed (`lax.psum`) under `pmap`; under `jit` on a mesh the
-compiler does the same reduction. So a batch gives the same update whether it sits on 1 device
-or 8, even when padding is spread unevenly.
+The loss weight of a target is `targets != config.pad_id` (0; None: every target counts).
+Gradients are of the *global* token mean: each device differentiates its weighted loss sum
+divided by the token count of the whole batch, and the per-device gradients are summed
+(`lax.psum`) under `pmap`; under `jit` on a mesh the compiler does the same reduction. So a
+batch gives the same update whether it sits on 1 device or 8, even when padding is spread
+unevenly.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     dropout = uses_dropout(model)
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
-    weights = losses.loss_weights(loss_targets(model, batch))
+    weights = losses.loss_weights(loss_targets(model, batch), model.config.pad_id)
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
     total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses' weight
 
@@ -192,7 +193,8 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
         sown: list = []
         logits, targets = predictions(model, params, batch, deterministic=not dropout,
                                       dropout_rng=key, sown=sown)
-        sums = losses.metric_sums(logits, targets, losses.loss_weights(targets),
+        sums = losses.metric_sums(logits, targets,
+                                  losses.loss_weights(targets, model.config.pad_id),
                                   label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
         objective = sums["loss"] / total_tokens
@@ -260,7 +262,7 @@ def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
     params = (state_or_params.params if isinstance(state_or_params, TrainState)
               else state_or_params)
     logits, targets = predictions(model, params, batch, deterministic=True)
-    sums = losses.metric_sums(logits, targets,
+    sums = losses.metric_sums(logits, targets, losses.loss_weights(targets, model.config.pad_id),
                               label_smoothing=loss_config.label_smoothing,
                               z_loss=loss_config.z_loss)
     return _psum(sums, axis_name)

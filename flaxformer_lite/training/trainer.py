@@ -368,10 +368,16 @@ def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[
     for name in names:
         if isinstance(old.get(name), dict) and name in record:
             was, now = _flat(old[name]), _flat(record[name])
-            changed += [f"{name}.{k}: {was.get(k)!r} -> {now.get(k)!r}"
+            changed += [f"{name}.{k}: {_shown(was, k)} -> {_shown(now, k)}"
                         for k in sorted(set(was) | set(now))
-                        if not _same(was.get(k), now.get(k))]
+                        if k not in was or k not in now or not _same(was[k], now[k])]
     return changed
+
+
+def _shown(record: Mapping, key: str) -> str:
+    """A recorded value as a change names it; a field one record lacks (a field the library
+    gained since) is "(not recorded)", not None, which some fields take as a value."""
+    return repr(record[key]) if key in record else "(not recorded)"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -398,7 +404,7 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
     On a multi-process run the processes' eval sets may end at different batches (a finite
     pipeline shards examples, and packing or a remainder leaves some processes a batch short).
     Each step then agrees on whether any process still has a batch (one tiny all-gather), and
-    a process that has run out feeds an all-zero batch shaped like its last one (weight 0: it
+    a process that has run out feeds a batch of padding shaped like its last one (weight 0: it
     changes no metric sum), so that no process waits alone in a collective step.
     """
     sums: dict[str, Any] = {}
@@ -420,7 +426,10 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
                     f"eval_data yields no batch on process(es) {np.flatnonzero(codes == 0)} "
                     "while others have some; give every process at least one eval batch "
                     "(fewer processes, or a smaller eval batch size).")
-            batch = batch if batch is not None else jax.tree.map(np.zeros_like, last)
+            if batch is None:  # rows of padding shaped like the last batch
+                rows = len(next(iter(last.values())))
+                batch = engine.pad_batch({k: np.asarray(v)[:0] for k, v in last.items()},
+                                         rows=rows)
             last = batch
         elif batch is None:
             break
