@@ -25,11 +25,11 @@ _NAMES = {
     "init_params": "models", "make_model": "models", "merge_params": "models",
     "MergeReport": "models", "stack_layers": "models", "unstack_layers": "models",
 }
-_SUBMODULES = ("ops", "params")
+_SUBMODULES = ("convert", "ops", "params")
 
 __all__ = [
     "PRESETS", "T5", "Decoder", "DecoderLayer", "DecoderOnly", "Dense", "Embed", "Encoder",
-    "EncoderDecoder", "EncoderLayer", "EncoderOnly", "FeedForward", "LayerStack",
+    "convert", "EncoderDecoder", "EncoderLayer", "EncoderOnly", "FeedForward", "LayerStack",
     "MergeReport", "MultiHeadAttention", "Norm", "params", "RelativePositionBias",
     "TransformerConfig", "TransformerLayer", "get_config", "gpu_config", "init_cache",
     "init_params", "make_model", "merge_params", "ops", "shift_right", "stack_layers",
@@ -53,7 +53,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers see the eager imports
-    from flaxformer_lite import ops, params
+    from flaxformer_lite import convert, ops, params
     from flaxformer_lite.config import PRESETS, TransformerConfig, get_config, gpu_config
     from flaxformer_lite.layers import (
         DecoderLayer,

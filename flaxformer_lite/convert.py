@@ -1,0 +1,187 @@
+"""Pretrained weights from other implementations: GPT-2 in Hugging Face's layout.
+
+    config, params = convert.load_gpt2("/path/to/gpt2")   # a folder holding config.json and
+    model = make_model(config)                              # model.safetensors (or a .bin)
+    logits = model.apply({"params": params}, ids)
+
+Nothing is downloaded: fetch the checkpoint yourself (`huggingface-cli download gpt2`, or
+`git clone https://huggingface.co/gpt2`) and point `load_gpt2` at the folder. Its
+`config.json` gives the sizes; `model.safetensors` is read with the `safetensors` package
+(`pip install flaxformer_lite[hf]`), a `pytorch_model.bin` with PyTorch. A state dict you
+loaded yourself (names -> arrays) goes to `gpt2_params` with `gpt2_config`.
+
+GPT-2's vocabulary has no padding token, so the config says `pad_id=None`: every id is a
+token (the loss counts every target), rows padded at the end need their `segment_ids` (or
+`prompt_lengths` to generate), and generation stops at `stop_tokens=(50256,)`
+(`<|endoftext|>`; the library's default stop id 1 is '"' there). The token ids come from
+GPT-2's own byte-level BPE tokenizer, which this library does not ship.
+
+The mapping, for GPT-2's Conv1D layers (`y = x @ W + b`, W `[in, out]`): `c_attn` `[d, 3d]`
+is the fused q/k/v kernel `[d, 3, heads, head_dim]` (q, k, v side by side, each split into
+heads), `c_proj` `[d, d]` the output kernel `[heads, head_dim, d]`, `c_fc` / `mlp.c_proj` the
+feed-forward's `wi` / `wo`, `ln_1` / `ln_2` / `ln_f` the pre-attention, pre-MLP and final
+LayerNorms, `wte` / `wpe` the token and position tables (the output head is tied to `wte`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from flaxformer_lite.config import TransformerConfig, get_config
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def gpt2_config(hf_config: Mapping[str, Any], **overrides) -> TransformerConfig:
+    """The `TransformerConfig` of a GPT-2 checkpoint from its Hugging Face `config.json`
+    (a dict): sizes, LayerNorm epsilon, activation and dropout rates, and `pad_id=None` (the
+    vocabulary has no padding token: id 0 is "!", a token like any other); `overrides` last
+    (e.g. `dropout_rate=0.0` for inference). Settings the library does not implement are
+    refused."""
+    c = dict(hf_config)
+    for key, value in (("scale_attn_by_inverse_layer_idx", False),
+                       ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+        if c.get(key, value) != value:
+            raise ValueError(f"GPT-2 config {key}={c[key]!r} is not supported.")
+    if c.get("tie_word_embeddings", True) is not True:
+        raise ValueError("GPT-2 config tie_word_embeddings=False is not supported (GPT-2 ties "
+                         "its output head to the token table).")
+    activation = c.get("activation_function", "gelu_new")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"GPT-2 config activation_function={activation!r} is not one of "
+                         f"{', '.join(_ACTIVATIONS)}.")
+    d = int(c["n_embd"])
+    fields = dict(vocab_size=int(c["vocab_size"]), d_model=d, num_heads=int(c["n_head"]),
+                  num_layers=int(c["n_layer"]), max_len=int(c["n_positions"]),
+                  d_ff=int(c.get("n_inner") or 4 * d),
+                  norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+                  activation=_ACTIVATIONS[activation],
+                  dropout_rate=float(c.get("resid_pdrop", 0.1)),
+                  attention_dropout_rate=float(c.get("attn_pdrop", 0.1)),
+                  # GPT-2's vocabulary has no padding token (id 0 is "!"): every id is real.
+                  pad_id=None)
+    if not c.get("scale_attn_weights", True):
+        fields["attention_scale"] = 1.0
+    return get_config("gpt2", **{**fields, **overrides})
+
+
+def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dict:
+    """Parameters of `make_model(config)` (NumPy, in `config.param_dtype`) from a GPT-2 state
+    dict in Hugging Face's names (with or without the `transformer.` prefix; `lm_head.weight`
+    and the attention-mask buffers are skipped). Every weight the model needs must be there,
+    with its shape; anything else left over is named in the error."""
+    from flaxformer_lite.models import stack_layers
+
+    sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
+    used: set[str] = set()
+    d, h = config.d_model, config.num_heads
+    dh = config.dim_per_head
+    if config.architecture != "decoder_only" or config.position != "learned" or (
+            config.norm != "layer" or not config.use_bias or not config.tie_embeddings or
+            config.num_kv_heads not in (None, h) or dh * h != d or config.gated):
+        raise ValueError("gpt2_params needs a GPT-2-shaped config: decoder-only, learned "
+                         "positions, LayerNorm with biases, tied head, d_model = heads * "
+                         "head_dim, ungated activation (gpt2_config builds one).")
+
+    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in sd:
+            raise ValueError(f"The GPT-2 state dict has no {name!r} (it has "
+                             f"{sorted(sd)[:6]} ...).")
+        x = _numpy(sd[name])
+        if x.size != int(np.prod(shape)) or (x.ndim == len(shape) and x.shape != shape):
+            raise ValueError(f"GPT-2 weight {name!r} has shape {x.shape}; this config needs "
+                             f"{shape} (vocab_size, d_model, num_heads, d_ff, max_len from "
+                             "the checkpoint's config.json).")
+        used.add(name)
+        return x.reshape(shape).astype(config.params_dtype)
+
+    def norm(prefix: str) -> dict:
+        return {"scale": take(f"{prefix}.weight", (d,)), "bias": take(f"{prefix}.bias", (d,))}
+
+    layers = {}
+    for i in range(config.num_layers):
+        p = f"h.{i}"
+        layers[f"layer_{i}"] = {
+            "self_attention_norm": norm(f"{p}.ln_1"),
+            "self_attention": {
+                "qkv": {"kernel": take(f"{p}.attn.c_attn.weight", (d, 3, h, dh)),
+                        "bias": take(f"{p}.attn.c_attn.bias", (3, h, dh))},
+                "out": {"kernel": take(f"{p}.attn.c_proj.weight", (h, dh, d)),
+                        "bias": take(f"{p}.attn.c_proj.bias", (d,))}},
+            "mlp_norm": norm(f"{p}.ln_2"),
+            "mlp": {"wi": {"kernel": take(f"{p}.mlp.c_fc.weight", (d, config.d_ff)),
+                           "bias": take(f"{p}.mlp.c_fc.bias", (config.d_ff,))},
+                    "wo": {"kernel": take(f"{p}.mlp.c_proj.weight", (config.d_ff, d)),
+                           "bias": take(f"{p}.mlp.c_proj.bias", (d,))}},
+        }
+    params = {
+        "token_embed": {"embedding": take("wte.weight", (config.vocab_size, d))},
+        "decoder": {
+            "embedder": {"position_embed": {"embedding": take("wpe.weight",
+                                                              (config.max_len, d))}},
+            "layers": layers,
+            "final_norm": norm("ln_f"),
+        },
+    }
+    if "lm_head.weight" in sd and not np.array_equal(_numpy(sd["lm_head.weight"]),
+                                                     _numpy(sd["wte.weight"])):
+        raise ValueError("lm_head.weight differs from wte.weight: an untied head, which "
+                         "GPT-2 (and this conversion) does not have.")
+    skipped = {"lm_head.weight"} | {k for k in sd if k.endswith((".attn.bias",
+                                                                 ".attn.masked_bias"))}
+    left = sorted(set(sd) - used - skipped)
+    if left:
+        raise ValueError(f"The GPT-2 state dict has weights this config does not use: "
+                         f"{left[:6]} (num_layers={config.num_layers}?).")
+    return stack_layers(params) if config.scan_layers else params
+
+
+def load_gpt2(source: str | os.PathLike, **overrides) -> tuple[TransformerConfig, dict]:
+    """`(config, params)` of a GPT-2 checkpoint folder in Hugging Face's layout: its
+    `config.json` and `model.safetensors` (or `pytorch_model.bin`). `overrides` go to
+    `gpt2_config` (e.g. `scan_layers=True`, `dropout_rate=0.0`)."""
+    folder = os.fspath(source)
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: load_gpt2 reads a Hugging Face GPT-2 "
+                                "folder (config.json and model.safetensors); nothing is "
+                                "downloaded.")
+    with open(path) as f:
+        config = gpt2_config(json.load(f), **overrides)
+    return config, gpt2_params(read_state_dict(folder), config)
+
+
+def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The weights of a Hugging Face checkpoint folder as NumPy arrays: `model.safetensors`
+    (the `safetensors` package) or else `pytorch_model.bin` (PyTorch)."""
+    folder = os.fspath(folder)
+    tensors = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(tensors):
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as e:
+            raise ImportError("Reading model.safetensors needs the safetensors package: "
+                              "pip install 'flaxformer_lite[hf]'.") from e
+        return load_file(tensors)
+    binary = os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(binary):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"{binary} is a PyTorch file; reading it needs torch (or "
+                              "convert it to model.safetensors).") from e
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+        return {k: v.float().numpy() for k, v in state.items()}
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin.")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)

@@ -1,0 +1,148 @@
+"""GPT-2 weights in Hugging Face's layout, against a float64 NumPy GPT-2 written from its
+definition (Conv1D layers `x @ W + b`, fused q/k/v split into heads, tanh GELU, pre-LN,
+tied head)."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from flaxformer_lite import convert, make_model
+
+HF_CONFIG = {"model_type": "gpt2", "vocab_size": 50, "n_positions": 16, "n_embd": 32,
+             "n_layer": 2, "n_head": 4, "n_inner": None, "activation_function": "gelu_new",
+             "layer_norm_epsilon": 1e-5, "resid_pdrop": 0.1, "attn_pdrop": 0.1,
+             "embd_pdrop": 0.1}
+
+
+def hf_state_dict(cfg=HF_CONFIG, seed=0):
+    """Random weights under GPT2LMHeadModel's names (norm scales near 1)."""
+    rng = np.random.default_rng(seed)
+    d, f = cfg["n_embd"], 4 * cfg["n_embd"]
+
+    def w(*shape, scale=0.2):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    sd = {"transformer.wte.weight": w(cfg["vocab_size"], d),
+          "transformer.wpe.weight": w(cfg["n_positions"], d),
+          "transformer.ln_f.weight": 1 + w(d, scale=0.1), "transformer.ln_f.bias": w(d)}
+    for i in range(cfg["n_layer"]):
+        p = f"transformer.h.{i}"
+        sd.update({
+            f"{p}.ln_1.weight": 1 + w(d, scale=0.1), f"{p}.ln_1.bias": w(d),
+            f"{p}.attn.c_attn.weight": w(d, 3 * d), f"{p}.attn.c_attn.bias": w(3 * d),
+            f"{p}.attn.c_proj.weight": w(d, d), f"{p}.attn.c_proj.bias": w(d),
+            f"{p}.ln_2.weight": 1 + w(d, scale=0.1), f"{p}.ln_2.bias": w(d),
+            f"{p}.mlp.c_fc.weight": w(d, f), f"{p}.mlp.c_fc.bias": w(f),
+            f"{p}.mlp.c_proj.weight": w(f, d), f"{p}.mlp.c_proj.bias": w(d),
+        })
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].copy()
+    return sd
+
+
+def numpy_gpt2(sd, cfg, ids):
+    """Logits `[batch, length, vocab]` in float64, as GPT-2's reference code computes them."""
+    p = {k.removeprefix("transformer."): np.asarray(v, np.float64) for k, v in sd.items()}
+    nh, d = cfg["n_head"], cfg["n_embd"]
+    dh = d // nh
+
+    def ln(x, name):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + cfg["layer_norm_epsilon"]) * p[f"{name}.weight"] + p[
+            f"{name}.bias"]
+
+    def gelu_new(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+    b, t = ids.shape
+    h = p["wte.weight"][ids] + p["wpe.weight"][np.arange(t)]
+    causal = np.tril(np.ones((t, t), bool))
+    for i in range(cfg["n_layer"]):
+        a = ln(h, f"h.{i}.ln_1") @ p[f"h.{i}.attn.c_attn.weight"] + p[f"h.{i}.attn.c_attn.bias"]
+        q, k, v = (x.reshape(b, t, nh, dh).transpose(0, 2, 1, 3) for x in np.split(a, 3, -1))
+        s = np.where(causal, q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh), -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        o = (w @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        h = h + o @ p[f"h.{i}.attn.c_proj.weight"] + p[f"h.{i}.attn.c_proj.bias"]
+        m = gelu_new(ln(h, f"h.{i}.ln_2") @ p[f"h.{i}.mlp.c_fc.weight"] + p[f"h.{i}.mlp.c_fc.bias"])
+        h = h + m @ p[f"h.{i}.mlp.c_proj.weight"] + p[f"h.{i}.mlp.c_proj.bias"]
+    return ln(h, "ln_f") @ p["wte.weight"].T
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A Hugging Face GPT-2 folder: config.json and model.safetensors."""
+    from safetensors.numpy import save_file
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    sd = hf_state_dict()
+    (folder / "config.json").write_text(json.dumps(HF_CONFIG))
+    save_file({k: v for k, v in sd.items() if k != "lm_head.weight"},
+              str(folder / "model.safetensors"))
+    return folder, sd
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_gpt2_folder_loads_and_matches_the_reference(checkpoint, scan):
+    folder, sd = checkpoint
+    config, params = convert.load_gpt2(folder, scan_layers=scan)
+    assert (config.d_model, config.num_heads, config.num_layers, config.max_len,
+            config.vocab_size, config.activation, config.pad_id) == (
+        32, 4, 2, 16, 50, "gelu_tanh", None)
+    ids = np.random.default_rng(1).integers(0, 50, (2, 11))
+    ids[:, 3] = 0  # id 0 is a token in GPT-2's vocabulary ("!"), attended like any other
+    logits = make_model(config).apply({"params": params}, ids)
+    np.testing.assert_allclose(np.asarray(logits), numpy_gpt2(sd, HF_CONFIG, ids),
+                               atol=2e-4, rtol=1e-4)
+
+
+def test_a_state_dict_of_torch_tensors_converts_alike(checkpoint):
+    torch = pytest.importorskip("torch")
+    _, sd = checkpoint
+    config = convert.gpt2_config(HF_CONFIG)
+    from_torch = convert.gpt2_params({k: torch.from_numpy(v) for k, v in sd.items()}, config)
+    from_numpy = convert.gpt2_params(sd, config)
+    assert jax.tree.all(jax.tree.map(np.array_equal, from_torch, from_numpy))
+
+
+def test_checkpoints_that_do_not_fit_are_named(checkpoint, tmp_path):
+    _, sd = checkpoint
+    config = convert.gpt2_config(HF_CONFIG)
+    missing = {k: v for k, v in sd.items() if "h.1.mlp.c_fc.bias" not in k}
+    with pytest.raises(ValueError, match=r"no 'h.1.mlp.c_fc.bias'"):
+        convert.gpt2_params(missing, config)
+    with pytest.raises(ValueError, match=r"weights this config does not use: \['h.1.attn"):
+        convert.gpt2_params(sd, config.replace(num_layers=1))
+    with pytest.raises(ValueError, match=r"'wte.weight' has shape \(50, 32\); this config "
+                       r"needs \(64, 32\)"):
+        convert.gpt2_params(sd, config.replace(vocab_size=64))
+    untied = dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1})
+    with pytest.raises(ValueError, match="untied head"):
+        convert.gpt2_params(untied, config)
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not"):
+        convert.gpt2_config(dict(HF_CONFIG, scale_attn_by_inverse_layer_idx=True))
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        convert.load_gpt2(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        convert.load_gpt2(tmp_path)
+
+
+def test_greedy_generation_of_a_converted_gpt2_follows_the_reference(checkpoint):
+    """The KV-cache loop on converted weights picks the float64 reference's argmax at every
+    step, id 0 included (GPT-2 has no padding id to exclude)."""
+    from flaxformer_lite import decoding
+
+    folder, sd = checkpoint
+    config, params = convert.load_gpt2(folder, dropout_rate=0.0, attention_dropout_rate=0.0)
+    prompt = np.array([[7, 0, 12, 0, 3]], np.int32)
+    out = decoding.generate(make_model(config), params, prompt, max_new_tokens=6, greedy=True,
+                            stop_tokens=())
+    seq = prompt
+    for _ in range(6):
+        nxt = numpy_gpt2(sd, HF_CONFIG, seq)[:, -1].argmax(-1)
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    np.testing.assert_array_equal(np.asarray(out.tokens), seq[:, 5:])
