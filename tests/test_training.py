@@ -4,6 +4,7 @@ Multi-device and multi-process behaviour is in tests/test_parallel.py (subproces
 """
 
 import functools
+import json
 import logging
 import math
 import os
@@ -1282,6 +1283,57 @@ def test_the_padding_id_decides_which_targets_count():
         assert np.all(filled["targets"][5:] == pad_id) and np.all(filled["inputs"][5:] == pad_id)
         a, b = (jax.tree.map(float, eval_step(params, x, model=model)) for x in (short, filled))
         assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-6)
+
+
+def test_trainable_parameters_alone_are_differentiated_and_updated(tmp_path):
+    """Engine(trainable=...): the frozen arrays stay bitwise, get no optimizer state and no
+    gradient work (fewer FLOPs than full training, which a multi_transform with set_to_zero
+    alone did not save: the gradient norm read every gradient); the update equals that
+    multi_transform's, with micro-batches too."""
+    cfg = TINY.replace(num_layers=3)
+    single = ParallelConfig(mode="single")
+
+    def top(path):  # the last layer and the final norm
+        return "layer_2" in path or "final_norm" in path
+
+    batch = synthetic_batch(0)
+    frozen = Engine(cfg, OPT, single, LOSS, trainable=top)
+    params = numpy_params(cfg)
+    state, metrics = frozen.train_step(frozen.init_state(0, params=params), batch)
+    flat = {k: np.asarray(v) for k, v in partitioning.flat_leaves(frozen.params(state)).items()}
+    before = partitioning.flat_leaves(params)
+    for path, value in flat.items():
+        assert np.array_equal(value, before[path]) != top(path), path
+    opt_leaves = partitioning.flat_leaves(state.opt_state)
+    assert opt_leaves and all("layer_0" not in k and "layer_1" not in k for k in opt_leaves)
+    labels = jax.tree.map_with_path(
+        lambda path, _: "train" if top("/".join(str(getattr(k, "key", k)) for k in path))
+        else "frozen", params)
+    tx = optax.multi_transform({"train": make_optimizer(OPT, d_model=cfg.d_model),
+                                "frozen": optax.set_to_zero()}, labels)
+    masked = Engine(cfg, OPT, single, LOSS, tx=tx)
+    ref, ref_metrics = masked.train_step(masked.init_state(0, params=params), batch)
+    assert max_diff(frozen.params(state), masked.params(ref)) < 1e-6
+    assert metrics["loss"] == pytest.approx(float(ref_metrics["loss"]), rel=1e-6)
+
+    def flops(engine):
+        return engine.lower_train_step(batch).compile().cost_analysis()["flops"]
+    assert flops(frozen) < 0.8 * flops(masked)
+    micro = Engine(cfg, OPT, ParallelConfig(mode="single", microbatches=2), LOSS,
+                   trainable=top)
+    state2, _ = micro.train_step(micro.init_state(0, params=params), batch)
+    assert max_diff(frozen.params(state), micro.params(state2)) < 1e-5
+    tree = jax.tree.map_with_path(
+        lambda path, _: top("/".join(str(getattr(k, "key", k)) for k in path)), params)
+    assert Engine(cfg, OPT, single, LOSS, trainable=tree).trainable == frozen.trainable
+    with pytest.raises(ValueError, match="trainable selects none of the"):
+        Engine(cfg, OPT, single, LOSS, trainable=lambda path: False)
+    with pytest.raises(ValueError, match="tree of bools shaped like the parameters"):
+        Engine(cfg, OPT, single, LOSS, trainable={"decoder": True})
+    train(cfg, OPT, Batches(), workdir=tmp_path, num_steps=1, hooks=[], parallel=single,
+          loss=LOSS, trainable=top)
+    recorded = json.loads((tmp_path / "config.json").read_text())["optimizer"]["trainable"]
+    assert recorded.startswith(f"{sum(frozen.trainable)} of {len(frozen.trainable)} arrays")
 
 
 def test_a_tx_of_your_own_must_agree_with_accumulation_steps_and_take_unboxed_labels():

@@ -52,6 +52,7 @@ from flaxformer_lite.training.optim import OptimizerConfig, learning_rate_at, ma
 from flaxformer_lite.training.state import (
     TrainState,
     as_key,
+    boxed_params,
     create_train_state,
     param_logical_specs,
 )
@@ -170,6 +171,31 @@ def _first_replica(x) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+def _trainable_flags(trainable, shapes) -> tuple[tuple[bool, ...], Any]:
+    """`(flags, labels)` for `Engine(trainable=...)`: one bool per parameter array in
+    `jax.tree.leaves` order, and the "train" / "frozen" labels tree for
+    `optax.multi_transform`. `trainable` is a function of a parameter's path ("a/b/c", as
+    messages name them) or a tree of bools shaped like the parameters."""
+    paths = list(partitioning.flat_leaves(shapes))
+    if callable(trainable):
+        flags = tuple(bool(trainable(p)) for p in paths)
+    else:
+        given = partitioning.flat_leaves(nn.meta.unbox(trainable))
+        if set(given) != set(paths):
+            raise ValueError(
+                f"trainable must be a function of a parameter path or a tree of bools shaped "
+                f"like the parameters; missing {sorted(set(paths) - set(given))[:3]}, "
+                f"unexpected {sorted(set(given) - set(paths))[:3]}.")
+        flags = tuple(bool(given[p]) for p in paths)
+    if not any(flags):
+        raise ValueError(f"trainable selects none of the {len(paths)} parameter arrays (e.g. "
+                         f"{paths[0]!r}): pass a function of the path that is True for the "
+                         "ones to train.")
+    labels = jax.tree.unflatten(jax.tree.structure(shapes),
+                                ["train" if f else "frozen" for f in flags])
+    return flags, labels
+
+
 def _check_accumulation(opt_state, optimizer_config: OptimizerConfig) -> None:
     """A tx of the user's own accumulates gradients (`optax.MultiSteps`) exactly when
     `optimizer_config.accumulation_steps > 1` says so: the logged learning rate, the update
@@ -209,7 +235,8 @@ class Engine:
                  parallel: ParallelConfig | None = None, loss: LossConfig | None = None,
                  *, devices: Sequence[jax.Device] | None = None,
                  tx: optax.GradientTransformation | None = None,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None,
+                 trainable: Callable[[str], bool] | Any | None = None):
         self.model_config = model_config
         self.optimizer_config = optimizer_config
         self.parallel = parallel = parallel or ParallelConfig()
@@ -230,6 +257,14 @@ class Engine:
         self.tx = tx if tx is not None else make_optimizer(optimizer_config,
                                                            d_model=model_config.d_model)
         self.custom_tx = tx is not None
+        self.given_tx = tx
+        # `trainable`: the parameters to train (a fine-tune of some of them), the others frozen.
+        self.trainable = None
+        if trainable is not None:
+            self.trainable, labels = _trainable_flags(trainable, jax.eval_shape(
+                lambda: nn.meta.unbox(boxed_params(model_config, jax.random.key(0), model))))
+            self.tx = optax.multi_transform({"train": self.tx, "frozen": optax.set_to_zero()},
+                                            labels)
         self.learning_rate_fn = functools.partial(learning_rate_at, optimizer_config,
                                                   d_model=model_config.d_model)
         self.devices = list(jax.devices() if devices is None else devices)
@@ -243,6 +278,7 @@ class Engine:
     # ---- layout ---------------------------------------------------------------------------------
     def _build(self) -> None:
         step = functools.partial(train_step, model=self.model, tx=self.tx, loss_config=self.loss,
+                                 trainable=self.trainable,
                                  learning_rate_fn=self.learning_rate_fn,
                                  microbatches=self.parallel.microbatches)
         evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss)

@@ -157,7 +157,8 @@ def _psum(tree, axis_name):
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation,
                loss_config: losses.LossConfig | None = None,
-               learning_rate_fn=None, axis_name: str | None = None, microbatches: int = 1
+               learning_rate_fn=None, axis_name: str | None = None, microbatches: int = 1,
+               trainable: tuple[bool, ...] | None = None
                ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step (one micro-batch when accumulating) on `batch`.
 
@@ -180,6 +181,12 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     about 1/k of the activation memory. Slice i holds examples i, i + k, i + 2k, ..., so on a
     mesh each slice stays spread over the batch shards. With dropout, slice i draws its masks
     from `fold_in(step key, i)`.
+
+    `trainable`: one bool per parameter array (in `jax.tree.leaves(params)` order) or None
+    (all). Only the trainable arrays are differentiated, so the backward pass skips what only
+    frozen ones need (their weight gradients; layers below the lowest trainable one), and
+    `grad_norm` is theirs; `tx` gets zeros for the frozen ones (`Engine(trainable=...)` gives
+    them `optax.set_to_zero()`, which XLA then leaves uncomputed).
     """
     loss_config = loss_config or losses.LossConfig()
     dropout = uses_dropout(model)
@@ -207,27 +214,46 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
             sums = {**sums, "aux_loss": share}
         return objective, sums
 
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    leaves, treedef = jax.tree.flatten(state.params)
+    if trainable is not None and len(trainable) != len(leaves):
+        raise ValueError(f"trainable holds {len(trainable)} flags for {len(leaves)} parameter "
+                         "arrays.")
+    if trainable is None:
+        grad_fn, wrt = jax.grad(loss_fn, has_aux=True), state.params
+    else:  # differentiate the trainable arrays alone; the frozen ones are constants
+        def loss_of_trainable(train, batch, key):
+            it = iter(train)
+            params = treedef.unflatten([next(it) if t else jax.lax.stop_gradient(x)
+                                        for x, t in zip(leaves, trainable)])
+            return loss_fn(params, batch, key)
+
+        grad_fn = jax.grad(loss_of_trainable, has_aux=True)
+        wrt = [x for x, t in zip(leaves, trainable) if t]
     if microbatches == 1:
-        grads, sums = grad_fn(state.params, batch, key)
+        grads, sums = grad_fn(wrt, batch, key)
     else:
         slices = split_microbatches(batch, microbatches)
 
         def accumulate(carry, xs):
             i, micro = xs
             micro_key = None if key is None else jax.random.fold_in(key, i)
-            return jax.tree.map(jnp.add, carry, grad_fn(state.params, micro, micro_key)), None
+            return jax.tree.map(jnp.add, carry, grad_fn(wrt, micro, micro_key)), None
 
         first = jax.tree.map(lambda x: x[0], slices)
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                             jax.eval_shape(grad_fn, state.params, first, key))
+                             jax.eval_shape(grad_fn, wrt, first, key))
         (grads, sums), _ = jax.lax.scan(accumulate, zeros,
                                         (jnp.arange(microbatches), slices))
     grads, sums = _psum((grads, sums), axis_name)
+    differentiated = grads
+    if trainable is not None:
+        it = iter(grads)
+        grads = treedef.unflatten([next(it) if t else jnp.zeros_like(x)
+                                   for x, t in zip(leaves, trainable)])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(sums)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(differentiated)
     metrics["learning_rate"] = (jnp.asarray(learning_rate_fn(state.step), jnp.float32)
                                 if learning_rate_fn is not None else jnp.zeros((), jnp.float32))
     metrics["steps"] = jnp.ones((), jnp.float32)

@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -50,7 +51,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from flaxformer_lite.config import TransformerConfig, check_number
-from flaxformer_lite.training import distributed
+from flaxformer_lite.training import distributed, partitioning
 from flaxformer_lite.training.checkpoint import (
     Checkpointer,
     CheckpointRestoreError,
@@ -307,6 +308,15 @@ def _run_record(seed, num_steps: int, engine: Engine) -> dict:
             "mode": engine.describe()}
 
 
+def _trainable_record(engine: Engine) -> str:
+    """The `Engine(trainable=...)` selection as config.json records it: counts and a digest
+    of the trainable paths, so a rerun with another selection is named."""
+    paths = [p for p, t in zip(partitioning.flat_leaves(engine._abstract.params),
+                               engine.trainable) if t]
+    digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()[:12]
+    return f"{len(paths)} of {len(engine.trainable)} arrays ({digest})"
+
+
 def _recorded_run(workdir: str) -> dict:
     """The `run` section of `workdir/config.json` ({} without one)."""
     try:
@@ -475,7 +485,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           warm_up: Callable[[TrainState, Engine], Any] | None = None,
           experiment: Mapping[str, Any] | None = None,
           tx: optax.GradientTransformation | None = None,
-          init_params: Any = None, model: nn.Module | None = None) -> TrainResult:
+          init_params: Any = None, model: nn.Module | None = None,
+          trainable: Callable[[str], bool] | Any | None = None) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -512,6 +523,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       ones to fine-tune, e.g. `load_params(pretrained_dir)[1]`; for a changed model,
       `merge_params(new, old)[0]`), with a fresh optimizer state; a resumed run continues
       from its checkpoint instead.
+    trainable: the parameters to train, the rest frozen (a fine-tune of the head, the last
+      layers or adapters): a function of a parameter's path ("decoder/layers/layer_3/mlp/wi/
+      kernel") or a tree of bools shaped like the parameters (see `Engine`). Frozen ones are
+      not differentiated and get no optimizer state; config.json records the selection.
     model: a Flax module of your own to train instead of `make_model(model_config)`, with
       `model.config == model_config` (see `Engine`). Its class is recorded in config.json
       (`model.module`), and a rerun with another class (or none) is told so.
@@ -554,8 +569,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         given = {"model_config": model_config, "optimizer_config": optimizer_config,
                  "loss": loss, "parallel": parallel}
         differ = [k for k, v in given.items() if getattr(engine, k) != v]
-        if tx is not None and engine.tx is not tx:
+        if tx is not None and engine.given_tx is not tx:
             differ.append("tx")
+        if trainable is not None:
+            differ.append("trainable (give it to the Engine)")
         if model is not None and engine.model is not model:
             differ.append("model")
         if differ:
@@ -573,7 +590,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         # Its state cannot be described, only told apart: a rerun without it is named.
         record["optimizer"]["tx"] = CUSTOM_TX
     if engine is None:
-        engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx, model=model)
+        engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx, model=model,
+                        trainable=trainable)
+    if engine.trainable is not None:  # the optimizer state holds the trainable arrays alone
+        record["optimizer"]["trainable"] = _trainable_record(engine)
     if engine.custom_model:  # a rerun without it would build the library's model
         def name(cls):
             return f"{cls.__module__}.{cls.__qualname__}"
