@@ -635,7 +635,7 @@ def test_value_errors():
         decoding.generate(m, p, ids, max_new_tokens=4, greedy=True, stop_tokens=(1.5,))
     # Accepted before, then: a stop of 0 never fired; inf gave uniform draws, pad included; a
     # per-row array failed inside tracing.
-    for kw, match in [(dict(stop_tokens=(0,), greedy=True), "padding id 0 is never emitted"),
+    for kw, match in [(dict(stop_tokens=(0,), greedy=True), "padding id 0, which is never emitted"),
                       (dict(temperature=float("inf")), "temperature=inf must be a finite"),
                       (dict(temperature=np.array([1.0, 2.0])), "temperature must be one number")]:
         with pytest.raises(ValueError, match=match):
@@ -646,7 +646,8 @@ def test_value_errors():
         decoding.generate_seq2seq(e.model, e.params, empty_row, max_new_tokens=4, greedy=True)
     with pytest.raises(ValueError, match=r"inputs row\(s\) \[1\] hold only padding"):
         decoding.beam_search(e.model, e.params, empty_row, beam_size=2, max_len=4)
-    with pytest.raises(ValueError, match="eos_id=0 must be an id in \\[1, "):
+    with pytest.raises(ValueError, match=r"eos_id=0 must be an id in \[0, vocab_size=64\) "
+                       r"but the padding id 0"):
         decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=0)
     with pytest.raises(ValueError, match="beam_size"):
         decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
