@@ -105,9 +105,10 @@ class TransformerConfig:
     padding: str = "anywhere"
     # The token id of padding in a decoder-only model: no loss, never generated, not attended
     # where segment ids come from the ids. None: every id is a real token (a pretrained
-    # vocabulary without a padding token, GPT-2's, whose id 0 is "!"): padded rows then need
-    # their `segment_ids` (or `prompt_lengths` to generate), and every target counts in the
-    # loss. Encoders and encoder-decoders keep 0 (their sources and masked-LM targets).
+    # vocabulary without a padding token, GPT-2's, whose id 0 is "!"): padded rows then carry
+    # `segment_ids` (0 on padding: no attention, no loss; without them every target counts),
+    # and prompts `prompt_lengths`. Encoders and encoder-decoders keep 0 (their sources and
+    # masked-LM targets).
     pad_id: int | None = 0
     # Rematerialise each layer in the backward pass (`nn.remat`): "none"; "full" keeps only the
     # layer's input (the least memory kept between the layers, the forward recomputed; at long

@@ -11,8 +11,8 @@ Nothing is downloaded: fetch the checkpoint yourself (`huggingface-cli download 
 loaded yourself (names -> arrays) goes to `gpt2_params` with `gpt2_config`.
 
 GPT-2's vocabulary has no padding token, so the config says `pad_id=None`: every id is a
-token (the loss counts every target), rows padded at the end need their `segment_ids` (or
-`prompt_lengths` to generate), and generation stops at `stop_tokens=(50256,)`
+token, rows padded at the end carry `segment_ids` (0 on padding: no attention, no loss),
+prompts `prompt_lengths`, and generation stops at `stop_tokens=(50256,)`
 (`<|endoftext|>`; the library's default stop id 1 is '"' there). The token ids come from
 GPT-2's own byte-level BPE tokenizer, which this library does not ship.
 

@@ -63,14 +63,15 @@ def _model_logits(model, params, batch: dict) -> Array:
 def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
 
-    Weights are `targets != config.pad_id` (0; all 1 with `pad_id=None`); padded positions have
-    NLL 0. Works for decoder-only (next-token),
+    Weights are `targets != config.pad_id` (0; with `pad_id=None`, `segment_ids != 0`, or all
+    1 without segment ids); padded positions have NLL 0. Works for decoder-only (next-token),
     encoder-decoder (targets given inputs) and encoder-only masked-LM batches (the selected
     positions), always in deterministic mode.
     """
     logits = _model_logits(model, params, batch)
     targets = batch["targets"]
-    weights = loss_weights(targets, model.config.pad_id)
+    weights = loss_weights(targets, model.config.pad_id,
+                           batch.get("segment_ids") if model.config.pad_id is None else None)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll * weights, weights

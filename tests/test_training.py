@@ -1248,23 +1248,26 @@ def test_a_rerun_names_changed_experiment_settings(engine, tmp_path, caplog):
 
 
 def test_the_padding_id_decides_which_targets_count():
-    """TransformerConfig.pad_id: targets equal to it carry no loss (0 by default; None: every
-    target counts, a vocabulary such as GPT-2's whose id 0 is a token), against a float64
-    reference; a short batch is filled with it, and cannot be without one."""
-    batch = synthetic_batch(3)  # ids 4.. with trailing 0 padding
-    batch["targets"][0, :3] = 9
+    """TransformerConfig.pad_id: targets equal to it carry no loss (0 by default); without one
+    (None: a vocabulary such as GPT-2's, whose id 0 is a token) segment ids 0 mark padding,
+    and without segment ids every target counts. Against a float64 reference; a short batch
+    is filled with padding rows, which need segment ids when there is no padding id."""
+    base = synthetic_batch(3)  # ids 4.. with trailing 0 padding
+    base["targets"][0, :3] = 9
+    real = (base["inputs"] != 0).astype(np.int32)
     params = nn.meta.unbox(init_params(TINY, jax.random.key(0)))
     single = ParallelConfig(mode="single")
-    for pad_id in (0, 9, None):
+    cases = [(0, base, base["targets"] != 0), (9, base, base["targets"] != 9),
+             (None, base, np.ones(base["targets"].shape, bool)),
+             (None, {**base, "segment_ids": real}, real.astype(bool))]
+    for pad_id, batch, keep in cases:
         cfg = TINY.replace(pad_id=pad_id)
         model = make_model(cfg)
-        segments = np.ones_like(batch["inputs"]) if pad_id is None else (
-            batch["inputs"] != pad_id).astype(np.int32)
+        segments = batch.get("segment_ids", np.ones_like(base["inputs"]) if pad_id is None
+                             else (base["inputs"] != pad_id).astype(np.int32))
         positions = np.broadcast_to(np.arange(LENGTH), segments.shape)
         logits = model.apply({"params": params}, batch["inputs"], segment_ids=segments,
                              positions=positions)
-        keep = np.ones(batch["targets"].shape, bool) if pad_id is None else (
-            batch["targets"] != pad_id)
         _, nll, _ = np_losses(logits, batch["targets"])
         sums = jax.tree.map(float, eval_step(params, batch, model=model))
         assert sums["tokens"] == keep.sum(), pad_id
@@ -1274,13 +1277,14 @@ def test_the_padding_id_decides_which_targets_count():
         np.testing.assert_allclose(ppl["nll"], nll[keep].sum(), rtol=1e-5)
         engine = Engine(cfg, OPT, single, LOSS)
         short = {k: v[:5] for k, v in batch.items()}
-        if pad_id is None:
-            with pytest.raises(ValueError, match=r"pad_id=None has no padding id.*same "
-                               r"number of rows"):
+        if pad_id is None and "segment_ids" not in batch:
+            with pytest.raises(ValueError, match=r"pad_id=None only segment ids 0 mark "
+                               r"padding and the batch has none"):
                 engine.pad_batch(short, rows=8)
             continue
         filled = engine.pad_batch(short, rows=8)
-        assert np.all(filled["targets"][5:] == pad_id) and np.all(filled["inputs"][5:] == pad_id)
+        if pad_id is not None:
+            assert np.all(filled["targets"][5:] == pad_id)
         a, b = (jax.tree.map(float, eval_step(params, x, model=model)) for x in (short, filled))
         assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-6)
 

@@ -64,11 +64,15 @@ def cross_entropy(logits: Array, targets: Array, *, label_smoothing: float = 0.0
     return loss + z, nll, z
 
 
-def loss_weights(targets: Array, pad_id: int | None = 0) -> Array:
+def loss_weights(targets: Array, pad_id: int | None = 0,
+                 segment_ids: Array | None = None) -> Array:
     """Loss weight per target `[batch, length]`: 1.0 for real tokens, 0.0 for padding
-    (`pad_id`, the model's `TransformerConfig.pad_id`; None: every target counts)."""
+    (`pad_id`, the model's `TransformerConfig.pad_id`). Without a padding id (None) padding is
+    where a decoder-only batch's `segment_ids` are 0 (given), else every target counts."""
     if pad_id is None:
-        return jnp.ones(targets.shape, jnp.float32)
+        if segment_ids is None:
+            return jnp.ones(targets.shape, jnp.float32)
+        return (segment_ids != 0).astype(jnp.float32)
     return (targets != pad_id).astype(jnp.float32)
 
 

@@ -616,7 +616,8 @@ class Engine:
         """Host batch padded with rows of padding (ids `config.pad_id`, other entries 0: weight
         0, they change no metric sum or gradient) to `rows`, by default to a multiple of this
         process's batch shards, e.g. for the short last batch of an eval set or of a training
-        epoch. A model without a padding id (`pad_id=None`) cannot pad: an error says so."""
+        epoch. Without a padding id (`pad_id=None`) the added rows' segment ids 0 mark them,
+        so the batch needs `segment_ids`."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture, self.model)
         check_batch(self.model_config, batch,  # before padding can make row counts agree
@@ -629,14 +630,14 @@ class Engine:
             n = np.shape(value)[0]
             missing = -n % shards if rows is None else rows - n
             if missing:
-                if pad_id is None:
+                if pad_id is None and "segment_ids" not in batch:
                     raise ValueError(
                         f"A batch of {n} rows needs {missing} more to fill its shape, but "
-                        "TransformerConfig.pad_id=None has no padding id whose rows would "
-                        "carry no loss: give every batch the same number of rows (drop or "
-                        "fill the short last one), divisible by the devices.")
+                        "with TransformerConfig.pad_id=None only segment ids 0 mark padding "
+                        "and the batch has none: give it segment_ids (1 on its tokens), or "
+                        "give every batch the same number of rows, divisible by the devices.")
                 value = np.asarray(value)
-                fill = pad_id if key in ("inputs", "targets") else 0
+                fill = pad_id if key in ("inputs", "targets") and pad_id is not None else 0
                 value = np.concatenate([value, np.full((missing,) + value.shape[1:], fill,
                                                        value.dtype)])
             out[key] = value

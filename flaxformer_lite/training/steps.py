@@ -9,7 +9,8 @@ token 0 = padding) and dispatches on `config.architecture`:
 - encoder_only (masked LM, needs `config.mlm_head`): `inputs`, `targets` (original ids at the
   selected positions, 0 elsewhere), optional `segment_ids`, `positions`, `token_type_ids`.
 
-The loss weight of a target is `targets != config.pad_id` (0; None: every target counts).
+The loss weight of a target is `targets != config.pad_id` (0; None: `segment_ids != 0`,
+every target without segment ids).
 Gradients are of the *global* token mean: each device differentiates its weighted loss sum
 divided by the token count of the whole batch, and the per-device gradients are summed
 (`lax.psum`) under `pmap`; under `jit` on a mesh the compiler does the same reduction. So a
@@ -91,6 +92,14 @@ def loss_targets(model: nn.Module, batch: Batch) -> Array:
     _check_keys(batch, model.config.architecture)
     k = _head_positions(model)
     return masked_positions(batch["targets"], k)[1] if k else batch["targets"]
+
+
+def target_weights(model: nn.Module, batch: Batch, targets: Array) -> Array:
+    """The loss weights of `targets` (`predictions`'): 0 on padding, `config.pad_id`; without
+    one (None), where a decoder-only batch's `segment_ids` are 0."""
+    pad_id = model.config.pad_id
+    segments = batch.get("segment_ids") if pad_id is None else None
+    return losses.loss_weights(targets, pad_id, segments)
 
 
 def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
@@ -192,7 +201,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     dropout = uses_dropout(model)
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
-    weights = losses.loss_weights(loss_targets(model, batch), model.config.pad_id)
+    weights = target_weights(model, batch, loss_targets(model, batch))
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
     total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses' weight
 
@@ -201,7 +210,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
         logits, targets = predictions(model, params, batch, deterministic=not dropout,
                                       dropout_rng=key, sown=sown)
         sums = losses.metric_sums(logits, targets,
-                                  losses.loss_weights(targets, model.config.pad_id),
+                                  target_weights(model, batch, targets),
                                   label_smoothing=loss_config.label_smoothing,
                                   z_loss=loss_config.z_loss)
         objective = sums["loss"] / total_tokens
@@ -288,7 +297,7 @@ def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
     params = (state_or_params.params if isinstance(state_or_params, TrainState)
               else state_or_params)
     logits, targets = predictions(model, params, batch, deterministic=True)
-    sums = losses.metric_sums(logits, targets, losses.loss_weights(targets, model.config.pad_id),
+    sums = losses.metric_sums(logits, targets, target_weights(model, batch, targets),
                               label_smoothing=loss_config.label_smoothing,
                               z_loss=loss_config.z_loss)
     return _psum(sums, axis_name)
