@@ -1332,6 +1332,14 @@ def test_trainable_parameters_alone_are_differentiated_and_updated(tmp_path):
     assert Engine(cfg, OPT, single, LOSS, trainable=tree).trainable == frozen.trainable
     with pytest.raises(ValueError, match="trainable selects none of the"):
         Engine(cfg, OPT, single, LOSS, trainable=lambda path: False)
+    # scan_layers: a stack is asked about each layer's path, and trains or freezes whole.
+    scanned = cfg.replace(scan_layers=True)
+    whole = Engine(scanned, OPT, single, LOSS, trainable=lambda p: "/layer_" in p)
+    assert sum(whole.trainable) == sum(
+        "layer_" in k for k in partitioning.flat_leaves(frozen._abstract.params)) // 3
+    with pytest.raises(ValueError, match=r"selects layers \[2\] of the 3 in decoder/layers/"
+                       r"layers/.*set scan_layers=False"):
+        Engine(scanned, OPT, single, LOSS, trainable=top)
     with pytest.raises(ValueError, match="tree of bools shaped like the parameters"):
         Engine(cfg, OPT, single, LOSS, trainable={"decoder": True})
     train(cfg, OPT, Batches(), workdir=tmp_path, num_steps=1, hooks=[], parallel=single,

@@ -176,9 +176,10 @@ def _trainable_flags(trainable, shapes) -> tuple[tuple[bool, ...], Any]:
     `jax.tree.leaves` order, and the "train" / "frozen" labels tree for
     `optax.multi_transform`. `trainable` is a function of a parameter's path ("a/b/c", as
     messages name them) or a tree of bools shaped like the parameters."""
-    paths = list(partitioning.flat_leaves(shapes))
+    flat = partitioning.flat_leaves(shapes)
+    paths = list(flat)
     if callable(trainable):
-        flags = tuple(bool(trainable(p)) for p in paths)
+        flags = tuple(_path_flag(trainable, p, flat[p].shape) for p in paths)
     else:
         given = partitioning.flat_leaves(nn.meta.unbox(trainable))
         if set(given) != set(paths):
@@ -194,6 +195,25 @@ def _trainable_flags(trainable, shapes) -> tuple[tuple[bool, ...], Any]:
     labels = jax.tree.unflatten(jax.tree.structure(shapes),
                                 ["train" if f else "frozen" for f in flags])
     return flags, labels
+
+
+def _path_flag(trainable: Callable[[str], bool], path: str, shape) -> bool:
+    """`trainable(path)`; for an array of a `scan_layers` stack (".../layers/layers/...",
+    `[num_layers, ...]`) also asked of each layer's own path (".../layers/layer_3/..."), as
+    the unscanned model names it: all of them or none, as one array cannot be half frozen."""
+    if trainable(path):
+        return True
+    head, sep, rest = path.partition("layers/layers/")
+    if not sep or (head and not head.endswith("/")):
+        return False
+    votes = [bool(trainable(f"{head}layers/layer_{i}/{rest}")) for i in range(shape[0])]
+    if any(votes) and not all(votes):
+        picked = [i for i, v in enumerate(votes) if v]
+        raise ValueError(
+            f"trainable selects layers {picked} of the {len(votes)} in {path}, but "
+            "scan_layers=True stacks them into one array, which trains or freezes whole: set "
+            "scan_layers=False to train some layers alone.")
+    return all(votes)
 
 
 def _check_accumulation(opt_state, optimizer_config: OptimizerConfig) -> None:

@@ -492,7 +492,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     train_data: a factory returning an iterator of host batches (this process's slice of each
       global batch, see `distributed.local_batch`), or an iterable/iterator. If the iterator
       has `get_state()`/`set_state()` (grain) its position is checkpointed.
-    eval_data: factory of a finite iterable of eval batches (pad the last one with target 0);
+    eval_data: factory of a finite iterable of eval batches (pad the last one with padding
+      rows: targets `pad_id`, or segment ids 0 with `pad_id=None`; `Engine.pad_batch`);
       summed with `eval_step` into "eval/loss", "eval/accuracy", "eval/perplexity", ...
     eval_fn: `(state, engine) -> {name: number}` for other scalar metrics (BLEU, exact
       match); keys without a "/" get the "eval/" prefix; None counts as no metrics, and a
