@@ -1,4 +1,4 @@
-"""Pretrained weights from other implementations: GPT-2 in Hugging Face's layout.
+"""Pretrained weights from other implementations: GPT-2 in Hugging Face's layout, both ways.
 
     config, params = convert.load_gpt2("/path/to/gpt2")   # a folder holding config.json and
     model = make_model(config)                              # model.safetensors (or a .bin)
@@ -34,17 +34,28 @@ import numpy as np
 
 from flaxformer_lite.config import TransformerConfig, get_config
 
-_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu",
+                "swish": "silu"}
+_SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
 
 
-def gpt2_config(hf_config: Mapping[str, Any], **overrides) -> TransformerConfig:
+def gpt2_config(hf_config: Mapping[str, Any] | str | os.PathLike,
+                **overrides) -> TransformerConfig:
     """The `TransformerConfig` of a GPT-2 checkpoint from its Hugging Face `config.json`
-    (a dict): sizes, LayerNorm epsilon, activation and dropout rates, and `pad_id=None` (the
-    vocabulary has no padding token: id 0 is "!", a token like any other); `overrides` last
-    (e.g. `dropout_rate=0.0` for inference). Settings the library does not implement are
-    refused."""
+    (a dict, or the file's path): sizes, LayerNorm epsilon, activation and dropout rates, and
+    `pad_id=None` (the vocabulary has no padding token: id 0 is "!", a token like any other);
+    `overrides` last (e.g. `dropout_rate=0.0, attention_dropout_rate=0.0` for inference).
+    Settings the library does not implement are refused."""
+    if isinstance(hf_config, (str, os.PathLike)):
+        with open(hf_config) as f:
+            hf_config = json.load(f)
     c = dict(hf_config)
+    missing = [k for k in _SIZES if k not in c]
+    if missing or c.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"Not a GPT-2 config.json (model_type={c.get('model_type')!r}"
+                         + (f", no {', '.join(missing)}" if missing else "") + "): "
+                         "gpt2_config reads the Hugging Face GPT-2 layout.")
     for key, value in (("scale_attn_by_inverse_layer_idx", False),
                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
         if c.get(key, value) != value:
@@ -71,6 +82,19 @@ def gpt2_config(hf_config: Mapping[str, Any], **overrides) -> TransformerConfig:
     return get_config("gpt2", **{**fields, **overrides})
 
 
+def _check_gpt2_shaped(config: TransformerConfig) -> None:
+    h = config.num_heads
+    if config.architecture != "decoder_only" or config.position != "learned" or (
+            config.norm != "layer" or not config.use_bias or not config.tie_embeddings or
+            config.num_kv_heads not in (None, h) or config.dim_per_head * h != config.d_model
+            or config.gated or config.attention_scale not in (None, 1.0)
+            or config.norm_position != "pre" or not config.final_norm):
+        raise ValueError("GPT-2 weights need a GPT-2-shaped config: decoder-only, learned "
+                         "positions, pre-LN LayerNorm with biases and a final norm, tied head, "
+                         "d_model = heads * head_dim, ungated activation, the default score "
+                         "scale (gpt2_config builds one).")
+
+
 def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dict:
     """Parameters of `make_model(config)` (NumPy, in `config.param_dtype`) from a GPT-2 state
     dict in Hugging Face's names (with or without the `transformer.` prefix; `lm_head.weight`
@@ -80,14 +104,9 @@ def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dic
 
     sd = {k.removeprefix("transformer."): v for k, v in state_dict.items()}
     used: set[str] = set()
+    _check_gpt2_shaped(config)
     d, h = config.d_model, config.num_heads
     dh = config.dim_per_head
-    if config.architecture != "decoder_only" or config.position != "learned" or (
-            config.norm != "layer" or not config.use_bias or not config.tie_embeddings or
-            config.num_kv_heads not in (None, h) or dh * h != d or config.gated):
-        raise ValueError("gpt2_params needs a GPT-2-shaped config: decoder-only, learned "
-                         "positions, LayerNorm with biases, tied head, d_model = heads * "
-                         "head_dim, ungated activation (gpt2_config builds one).")
 
     def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in sd:
@@ -95,9 +114,12 @@ def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dic
                              f"{sorted(sd)[:6]} ...).")
         x = _numpy(sd[name])
         if x.size != int(np.prod(shape)) or (x.ndim == len(shape) and x.shape != shape):
+            hint = (f"; a token table padded past the vocabulary loads with the override "
+                    f"vocab_size={x.shape[0]}" if name == "wte.weight" and x.ndim == 2
+                    and x.shape[0] > shape[0] else "")
             raise ValueError(f"GPT-2 weight {name!r} has shape {x.shape}; this config needs "
                              f"{shape} (vocab_size, d_model, num_heads, d_ff, max_len from "
-                             "the checkpoint's config.json).")
+                             f"the checkpoint's config.json){hint}.")
         used.add(name)
         return x.reshape(shape).astype(config.params_dtype)
 
@@ -159,26 +181,108 @@ def load_gpt2(source: str | os.PathLike, **overrides) -> tuple[TransformerConfig
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """The weights of a Hugging Face checkpoint folder as NumPy arrays: `model.safetensors`
-    (the `safetensors` package) or else `pytorch_model.bin` (PyTorch)."""
+    (the `safetensors` package) or else `pytorch_model.bin` (PyTorch), or the shards their
+    `.index.json` lists."""
     folder = os.fspath(folder)
-    tensors = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(tensors):
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return _read_weights(os.path.join(folder, name))
+        index = os.path.join(folder, name + ".index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            out: dict[str, np.ndarray] = {}
+            for shard in shards:
+                out.update(_read_weights(os.path.join(folder, shard)))
+            return out
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin "
+                            "(nor their sharded .index.json).")
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
         try:
             from safetensors.numpy import load_file
         except ImportError as e:
             raise ImportError("Reading model.safetensors needs the safetensors package: "
                               "pip install 'flaxformer_lite[hf]'.") from e
-        return load_file(tensors)
-    binary = os.path.join(folder, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"{binary} is a PyTorch file; reading it needs torch (or "
-                              "convert it to model.safetensors).") from e
-        state = torch.load(binary, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in state.items()}
-    raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin.")
+        return load_file(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path} is a PyTorch file; reading it needs torch (or convert it "
+                          "to model.safetensors).") from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def gpt2_state_dict(params, config: TransformerConfig) -> dict[str, np.ndarray]:
+    """The inverse of `gpt2_params`: `make_model(config)`'s parameters (either `scan_layers`
+    layout, boxed or not) as a GPT-2 state dict in Hugging Face's names (`transformer.` prefix,
+    Conv1D `[in, out]` kernels, float32 NumPy; the tied `lm_head.weight` left out, as
+    `save_pretrained` writes it)."""
+    import flax.linen as nn
+
+    from flaxformer_lite.models import unstack_layers
+
+    _check_gpt2_shaped(config)
+    p = _numpy_tree(unstack_layers(nn.meta.unbox(params)) if config.scan_layers
+                          else nn.meta.unbox(params))
+    d, f = config.d_model, config.d_ff
+    dec = p["decoder"]
+    sd = {"wte.weight": p["token_embed"]["embedding"],
+          "wpe.weight": dec["embedder"]["position_embed"]["embedding"],
+          "ln_f.weight": dec["final_norm"]["scale"], "ln_f.bias": dec["final_norm"]["bias"]}
+    for i in range(config.num_layers):
+        layer, h = dec["layers"][f"layer_{i}"], f"h.{i}"
+        attn, mlp = layer["self_attention"], layer["mlp"]
+        sd.update({
+            f"{h}.ln_1.weight": layer["self_attention_norm"]["scale"],
+            f"{h}.ln_1.bias": layer["self_attention_norm"]["bias"],
+            f"{h}.attn.c_attn.weight": attn["qkv"]["kernel"].reshape(d, 3 * d),
+            f"{h}.attn.c_attn.bias": attn["qkv"]["bias"].reshape(3 * d),
+            f"{h}.attn.c_proj.weight": attn["out"]["kernel"].reshape(d, d),
+            f"{h}.attn.c_proj.bias": attn["out"]["bias"],
+            f"{h}.ln_2.weight": layer["mlp_norm"]["scale"],
+            f"{h}.ln_2.bias": layer["mlp_norm"]["bias"],
+            f"{h}.mlp.c_fc.weight": mlp["wi"]["kernel"].reshape(d, f),
+            f"{h}.mlp.c_fc.bias": mlp["wi"]["bias"],
+            f"{h}.mlp.c_proj.weight": mlp["wo"]["kernel"].reshape(f, d),
+            f"{h}.mlp.c_proj.bias": mlp["wo"]["bias"],
+        })
+    return {f"transformer.{k}": np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+
+
+def save_gpt2(folder: str | os.PathLike, config: TransformerConfig, params) -> None:
+    """Write `params` as a Hugging Face GPT-2 folder: `config.json` and `model.safetensors`
+    (`gpt2_state_dict`), which `load_gpt2` (and Hugging Face's `GPT2LMHeadModel`) read back."""
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise ImportError("Writing model.safetensors needs the safetensors package: "
+                          "pip install 'flaxformer_lite[hf]'.") from e
+    _check_gpt2_shaped(config)
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    activation = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+    hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+          "vocab_size": config.vocab_size, "n_positions": config.max_len,
+          "n_embd": config.d_model, "n_layer": config.num_layers, "n_head": config.num_heads,
+          "n_inner": config.d_ff, "activation_function": activation[config.activation],
+          "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout_rate,
+          "embd_pdrop": config.dropout_rate, "attn_pdrop": config.attention_dropout_rate,
+          "scale_attn_weights": config.attention_scale is None, "tie_word_embeddings": True}
+    save_file(gpt2_state_dict(params, config), os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def _numpy_tree(tree):
+    """Every array of a nested dict as NumPy (a host copy)."""
+    if isinstance(tree, Mapping):
+        return {k: _numpy_tree(v) for k, v in tree.items()}
+    return np.asarray(tree)
 
 
 def _numpy(x: Any) -> np.ndarray:

@@ -146,3 +146,52 @@ def test_greedy_generation_of_a_converted_gpt2_follows_the_reference(checkpoint)
         nxt = numpy_gpt2(sd, HF_CONFIG, seq)[:, -1].argmax(-1)
         seq = np.concatenate([seq, nxt[:, None]], axis=1)
     np.testing.assert_array_equal(np.asarray(out.tokens), seq[:, 5:])
+
+
+def test_a_fine_tuned_gpt2_saves_back_to_the_hugging_face_layout(checkpoint, tmp_path):
+    """save_gpt2 / gpt2_state_dict invert load_gpt2 bitwise, from either scan_layers layout."""
+    from flaxformer_lite.models import stack_layers
+
+    folder, sd = checkpoint
+    config, params = convert.load_gpt2(folder)
+    for scan in (False, True):
+        cfg = config.replace(scan_layers=scan)
+        out = tmp_path / f"saved_{scan}"
+        convert.save_gpt2(out, cfg, stack_layers(params) if scan else params)
+        again_config, again = convert.load_gpt2(out)
+        assert again_config == config
+        assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
+        written = convert.read_state_dict(out)
+        assert set(written) == {k for k in sd if k != "lm_head.weight"}
+        assert all(np.array_equal(written[k], sd[k]) for k in written)
+
+
+def test_config_paths_shards_and_refusals(checkpoint, tmp_path):
+    from safetensors.numpy import save_file
+
+    folder, sd = checkpoint
+    assert convert.gpt2_config(folder / "config.json") == convert.gpt2_config(HF_CONFIG)
+    assert convert.gpt2_config(dict(HF_CONFIG, activation_function="gelu_fast")).activation == (
+        "gelu_tanh")
+    with pytest.raises(ValueError, match=r"Not a GPT-2 config.json \(model_type='bert', no "
+                       r"n_embd"):
+        convert.gpt2_config({"model_type": "bert", "hidden_size": 32})
+    # Sharded: the index names each weight's file.
+    names = sorted(k for k in sd if k != "lm_head.weight")
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half],
+              "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(tmp_path / file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    (tmp_path / "config.json").write_text(json.dumps(HF_CONFIG))
+    _, sharded = convert.load_gpt2(tmp_path)
+    _, whole = convert.load_gpt2(folder)
+    assert jax.tree.all(jax.tree.map(np.array_equal, sharded, whole))
+    padded = dict(sd, **{"transformer.wte.weight": np.pad(sd["transformer.wte.weight"],
+                                                           ((0, 14), (0, 0)))})
+    with pytest.raises(ValueError, match="padded past the vocabulary loads with the override "
+                       "vocab_size=64"):
+        convert.gpt2_params({k: v for k, v in padded.items() if k != "lm_head.weight"},
+                            convert.gpt2_config(HF_CONFIG))
