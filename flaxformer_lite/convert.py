@@ -108,18 +108,21 @@ def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dic
     d, h = config.d_model, config.num_heads
     dh = config.dim_per_head
 
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def take(name: str, shape: tuple[int, ...], stored: tuple[int, ...] | None = None
+             ) -> np.ndarray:
+        """The weight `name`, of shape `stored` in the file (Conv1D `[in, out]`; default
+        `shape`), as `shape`."""
         if name not in sd:
             raise ValueError(f"The GPT-2 state dict has no {name!r} (it has "
                              f"{sorted(sd)[:6]} ...).")
         x = _numpy(sd[name])
-        if x.size != int(np.prod(shape)) or (x.ndim == len(shape) and x.shape != shape):
+        if x.shape != (stored or shape):
             hint = (f"; a token table padded past the vocabulary loads with the override "
                     f"vocab_size={x.shape[0]}" if name == "wte.weight" and x.ndim == 2
                     and x.shape[0] > shape[0] else "")
             raise ValueError(f"GPT-2 weight {name!r} has shape {x.shape}; this config needs "
-                             f"{shape} (vocab_size, d_model, num_heads, d_ff, max_len from "
-                             f"the checkpoint's config.json){hint}.")
+                             f"{stored or shape} (vocab_size, d_model, num_heads, d_ff, "
+                             f"max_len from the checkpoint's config.json){hint}.")
         used.add(name)
         return x.reshape(shape).astype(config.params_dtype)
 
@@ -132,9 +135,9 @@ def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dic
         layers[f"layer_{i}"] = {
             "self_attention_norm": norm(f"{p}.ln_1"),
             "self_attention": {
-                "qkv": {"kernel": take(f"{p}.attn.c_attn.weight", (d, 3, h, dh)),
-                        "bias": take(f"{p}.attn.c_attn.bias", (3, h, dh))},
-                "out": {"kernel": take(f"{p}.attn.c_proj.weight", (h, dh, d)),
+                "qkv": {"kernel": take(f"{p}.attn.c_attn.weight", (d, 3, h, dh), (d, 3 * d)),
+                        "bias": take(f"{p}.attn.c_attn.bias", (3, h, dh), (3 * d,))},
+                "out": {"kernel": take(f"{p}.attn.c_proj.weight", (h, dh, d), (d, d)),
                         "bias": take(f"{p}.attn.c_proj.bias", (d,))}},
             "mlp_norm": norm(f"{p}.ln_2"),
             "mlp": {"wi": {"kernel": take(f"{p}.mlp.c_fc.weight", (d, config.d_ff)),

@@ -252,7 +252,8 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
         return new
 
     state = {
-        "i": jnp.int32(0), "cache": cache, "tokens": jnp.zeros((b, n), jnp.int32),
+        "i": jnp.int32(0), "cache": cache,
+        "tokens": jnp.full((b, n), _fill_id(pad_id), jnp.int32),  # what follows a stop
         "log_probs": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
         "done": jnp.zeros((b,), bool),
     }
@@ -354,9 +355,9 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
     state = {
         "i": jnp.int32(0), "cache": cache,
         "live_logp": jnp.tile(jnp.array([0.0] + [_NEG] * (k - 1), jnp.float32), (b, 1)),
-        "live_tokens": jnp.zeros((b, k, t), jnp.int32),
+        "live_tokens": jnp.full((b, k, t), _fill_id(pad_id), jnp.int32),
         "fin_scores": jnp.full((b, k), _NEG, jnp.float32),
-        "fin_tokens": jnp.zeros((b, k, t), jnp.int32),
+        "fin_tokens": jnp.full((b, k, t), _fill_id(pad_id), jnp.int32),
         "fin_logp": jnp.full((b, k), _NEG, jnp.float32),
         "fin_lengths": jnp.zeros((b, k), jnp.int32),
         "fin_flags": jnp.zeros((b, k), bool),
@@ -509,10 +510,13 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
             or ((known < 0) | (known >= cfg.vocab_size) | (known == _pad_or(cfg, -1))).any()):
+        default = (" (the default stop_tokens=(EOS_ID,) is this model's padding id: pass "
+                   "stop_tokens= of its own vocabulary, or ())"
+                   if known.tolist() == [EOS_ID] and cfg.pad_id == EOS_ID else "")
         raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
                          f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
                          f" but the padding id {cfg.pad_id}, which is never emitted, so it "
-                         "could never stop a row") + ".")
+                         "could never stop a row") + f"{default}.")
     stops = jnp.asarray(stop_tokens if known is None else known.astype(np.int32),
                         jnp.int32).reshape(-1)  # traced inside a caller's jit: as given
     width = 4 * max(1, -(-stops.shape[0] // 4))  # padded with -1 so small sets share a compile
@@ -662,9 +666,12 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
                                   and 0 <= known < cfg.vocab_size
                                   and known != _pad_or(cfg, -1)):
+        default = (" (the default eos_id=EOS_ID is this model's padding id: pass an eos_id "
+                   "of its own vocabulary)" if int(known) == EOS_ID == cfg.pad_id else "")
         raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size})"
                          + ("" if cfg.pad_id is None else f" but the padding id {cfg.pad_id}, "
-                            "which is never emitted, so it could never end a beam") + ".")
+                            "which is never emitted, so it could never end a beam")
+                         + f"{default}.")
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
                         jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),
                         beam_size=beam_size, max_len=max_len)

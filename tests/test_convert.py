@@ -119,6 +119,11 @@ def test_checkpoints_that_do_not_fit_are_named(checkpoint, tmp_path):
     with pytest.raises(ValueError, match=r"'wte.weight' has shape \(50, 32\); this config "
                        r"needs \(64, 32\)"):
         convert.gpt2_params(sd, config.replace(vocab_size=64))
+    transposed = dict(sd, **{"transformer.h.0.attn.c_attn.weight":
+                             sd["transformer.h.0.attn.c_attn.weight"].T.copy()})
+    with pytest.raises(ValueError, match=r"'h.0.attn.c_attn.weight' has shape \(96, 32\); "
+                       r"this config needs \(32, 96\)"):
+        convert.gpt2_params(transposed, config)
     untied = dict(sd, **{"lm_head.weight": sd["lm_head.weight"] + 1})
     with pytest.raises(ValueError, match="untied head"):
         convert.gpt2_params(untied, config)

@@ -290,6 +290,12 @@ def test_another_padding_id_is_never_generated_and_pads_prompts():
                               stop_tokens=(), prompt_lengths=np.array([3, 2]))
     np.testing.assert_array_equal(run.tokens, given.tokens)
     assert np.all(np.asarray(run.tokens) == 0)
+    # Every row stops at once (the loop ends early): the padding id follows the stop token.
+    stopped = decoding.generate(model, params, prompts, max_new_tokens=3, greedy=True,
+                                stop_tokens=(0,))
+    np.testing.assert_array_equal(stopped.tokens, [[0, 7, 7], [0, 7, 7]])
+    beams = decoding.beam_search(model, params, prompts, beam_size=2, max_len=3, eos_id=0)
+    assert np.all(np.asarray(beams.tokens)[:, 0, 1:] == 7)
     cfg = tiny(pad_id=7)
     model7, params7 = make_model(cfg), random_params(make_model(cfg))
     table = np.asarray(params7["token_embed"]["embedding"]).copy()

@@ -436,6 +436,13 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
                     f"eval_data yields no batch on process(es) {np.flatnonzero(codes == 0)} "
                     "while others have some; give every process at least one eval batch "
                     "(fewer processes, or a smaller eval batch size).")
+            if (np.any(codes == 1) and engine.model_config.pad_id is None
+                    and "segment_ids" not in (batch if batch is not None else last)):
+                raise ValueError(  # on every process alike: none waits in a collective
+                    f"eval_data ran out on process(es) {np.flatnonzero(codes == 1)} before "
+                    "the others, and with TransformerConfig.pad_id=None only segment ids 0 "
+                    "can mark the blank batch it would feed: give the eval batches "
+                    "segment_ids, or every process the same number of them.")
             if batch is None:  # rows of padding shaped like the last batch
                 rows = len(next(iter(last.values())))
                 batch = engine.pad_batch({k: np.asarray(v)[:0] for k, v in last.items()},
