@@ -1,7 +1,8 @@
 """Pure train and eval steps: `(state, batch) -> (state, metrics)`, the same in every mode.
 
 The step reads the batch format shared by the data layer (int32 arrays, leading axis = batch,
-token 0 = padding) and dispatches on `config.architecture`:
+token 0 = padding, or a decoder-only model's `config.pad_id`) and dispatches on
+`config.architecture`:
 
 - decoder_only: `inputs`, `targets` `[batch, length]`, optional `segment_ids`, `positions`;
 - encoder_decoder: `inputs` `[batch, src_len]`, `targets` `[batch, tgt_len]`, optional
