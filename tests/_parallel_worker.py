@@ -82,7 +82,7 @@ def compiled_flops(engine, batch) -> float:
     return step_cost(engine.lower_train_step(batch).compile())["flops"]
 
 
-def make_engine(mode: str, **model_changes):
+def make_engine(mode: str, trainable=None, **model_changes):
     from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
 
     optimizer = OptimizerConfig(learning_rate=1e-3, weight_decay=0.1, clip_norm=1.0,
@@ -100,7 +100,8 @@ def make_engine(mode: str, **model_changes):
     # more compiled mesh program would cost the suite ~15 s, and either change alone breaking
     # its equality with the single device fails the test.
     model = tiny_config(vocab_pad_multiple=48 if mode == "mesh_micro" else 0, **model_changes)
-    return Engine(model, optimizer, parallel, LossConfig(label_smoothing=0.1))
+    return Engine(model, optimizer, parallel, LossConfig(label_smoothing=0.1),
+                  trainable=trainable)
 
 
 def run_equivalence(out: str) -> None:
@@ -141,6 +142,16 @@ def run_equivalence(out: str) -> None:
             m = engine.metrics_to_host(metrics)
             with open(os.path.join(out, "next.json"), "w") as f:
                 json.dump({"loss": m["loss"] / m["tokens"]}, f)
+    # Frozen parameters: the last layer and the final norm trained, on one device and a mesh.
+    def top(path):
+        return "/layer_1/" in path or "final_norm" in path
+
+    for mode in ("single", "mesh"):
+        engine = make_engine(mode, trainable=top)
+        state = engine.init_state(0)
+        for batch in batches[:2]:
+            state, _ = engine.train_step(state, batch)
+        np.savez(os.path.join(out, f"trainable_{mode}.npz"), **flatten(engine.params(state)))
     # Sequence parallelism on CPU: the attention fast path cannot compile it (XLA's
     # "unsupported reduction"); named when the Engine is built.
     from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig, partitioning

@@ -148,6 +148,16 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
     assert reference["eval"]["sequences"] == 5
 
 
+def test_trainable_parameters_train_alike_on_a_mesh(equivalence):
+    """Engine(trainable=...) on a (data, fsdp, tensor) mesh: the same parameters as on one
+    device, the frozen ones where they started."""
+    init = load(equivalence / "init.npz")
+    single = load(equivalence / "trainable_single.npz")
+    assert_params_close(single, load(equivalence / "trainable_mesh.npz"))
+    for k, v in single.items():
+        assert np.array_equal(v, init[k]) != ("/layer_1/" in k or "final_norm" in k), k
+
+
 def test_a_length_rule_the_cpu_attention_cannot_compile_is_named(equivalence):
     error = json.loads((equivalence / "length_rule.json").read_text())["error"]
     assert "split 'length' over ['tensor']" in error and "cpu_attention" in error
