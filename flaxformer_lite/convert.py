@@ -13,7 +13,8 @@ loaded yourself (names -> arrays) goes to `gpt2_params` with `gpt2_config`.
 GPT-2's vocabulary has no padding token, so the config says `pad_id=None`: every id is a
 token, rows padded at the end carry `segment_ids` (0 on padding: no attention, no loss),
 prompts `prompt_lengths`, and generation stops at `stop_tokens=(50256,)`
-(`<|endoftext|>`; the library's default stop id 1 is '"' there). The token ids come from
+(`<|endoftext|>`; the library's default stop id 1 is '"' there, so `generate` and
+`beam_search` refuse to default to it). The token ids come from
 GPT-2's own byte-level BPE tokenizer, which this library does not ship.
 
 The mapping, for GPT-2's Conv1D layers (`y = x @ W + b`, W `[in, out]`): `c_attn` `[d, 3d]`

@@ -53,6 +53,9 @@ Array = jnp.ndarray
 
 PAD_ID = 0  # padding; also the decoder start token of encoder-decoder models
 EOS_ID = 1  # end of sequence (the tokenizers' EOS_ID)
+# The default stop tokens: the library's tokenizers' EOS. Told apart from a caller's own (1,)
+# by identity, as a vocabulary without padding (GPT-2's) has another meaning for id 1.
+_LIBRARY_EOS = (EOS_ID,)
 _NEG = -1.0e9  # "minus infinity" for scores: finite, so sums and ratios never produce NaN
 
 
@@ -505,14 +508,20 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
+    if stop_tokens is _LIBRARY_EOS and cfg.pad_id is None:
+        raise ValueError(
+            f"stop_tokens: the default, the library's EOS id {EOS_ID}, is an ordinary token of a "
+            "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
+            "this vocabulary's end token (GPT-2: stop_tokens=(50256,)), or () to run to "
+            "max_new_tokens.")
+    is_default = stop_tokens is _LIBRARY_EOS
     stop_tokens = () if stop_tokens is None else stop_tokens
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
             or ((known < 0) | (known >= cfg.vocab_size) | (known == _pad_or(cfg, -1))).any()):
         default = (" (the default stop_tokens=(EOS_ID,) is this model's padding id: pass "
-                   "stop_tokens= of its own vocabulary, or ())"
-                   if known.tolist() == [EOS_ID] and cfg.pad_id == EOS_ID else "")
+                   "stop_tokens= of its own vocabulary, or ())" if is_default else "")
         raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
                          f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
                          f" but the padding id {cfg.pad_id}, which is never emitted, so it "
@@ -567,7 +576,7 @@ def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID) -> Arr
 
 def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Array | None = None,
              max_new_tokens: int, rng: Array | None = None, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
              greedy: bool = False, return_logits: bool = False) -> Generation:
     """Continue right-padded `prompts` `[batch, prompt_len]` with a decoder-only model.
 
@@ -600,7 +609,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
 
 def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_tokens: int,
                      rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+                     top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
                      greedy: bool = False, return_logits: bool = False,
                      num_samples: int = 1) -> Generation:
     """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding, after each
@@ -631,7 +640,7 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
 
 
 def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, beam_size: int,
-                alpha: float = 0.6, max_len: int, eos_id: int = EOS_ID,
+                alpha: float = 0.6, max_len: int, eos_id: int | None = None,
                 prompt_lengths: Array | None = None) -> Beams:
     """Beam search with the GNMT length penalty; returns all `beam_size` beams, best first.
 
@@ -641,7 +650,9 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     retires beams that emit `eos_id` among the top `beam_size` candidates (score
     `log_prob / ((5 + length) / 6) ** alpha`), keeps the best `beam_size` unfinished ones, and
     stops once no live beam can beat the finished ones. Beams open at `max_len` are scored as
-    they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile).
+    they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile). `eos_id`
+    defaults to the library's EOS (1); a vocabulary without padding (`pad_id=None`, GPT-2's)
+    must name its own.
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
                        "encoder-only models do not generate", params)
@@ -662,12 +673,19 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                              "model reads source padding from inputs (0 = pad).")
         lengths = None
     beam_size = _positive_int("beam_size", beam_size)
+    is_default = eos_id is None
+    if is_default and cfg.pad_id is None:
+        raise ValueError(
+            f"eos_id: the default, the library's EOS id {EOS_ID}, is an ordinary token of a "
+            "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
+            "this vocabulary's end token (GPT-2: eos_id=50256).")
+    eos_id = EOS_ID if is_default else eos_id
     known = _concrete(eos_id)  # None when traced inside a caller's jit
     if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
                                   and 0 <= known < cfg.vocab_size
                                   and known != _pad_or(cfg, -1)):
         default = (" (the default eos_id=EOS_ID is this model's padding id: pass an eos_id "
-                   "of its own vocabulary)" if int(known) == EOS_ID == cfg.pad_id else "")
+                   "of its own vocabulary)" if is_default else "")
         raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size})"
                          + ("" if cfg.pad_id is None else f" but the padding id {cfg.pad_id}, "
                             "which is never emitted, so it could never end a beam")
@@ -680,7 +698,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
 def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
                       prompt_lengths: Array | None = None, max_new_tokens: int,
                       rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, stop_tokens: Sequence[int] = (EOS_ID,),
+                      top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
                       greedy: bool = False, return_logits: bool = False) -> Generation:
     """`generate` without a cache: every step reruns the model over the whole sequence.
 

@@ -277,6 +277,13 @@ def test_a_vocabulary_without_padding_generates_and_attends_to_id_0():
         decoding.generate(plain_model, plain_params, prompts, max_new_tokens=2, greedy=True,
                           stop_tokens=(0,))
     decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True, stop_tokens=(0,))
+    # The library's EOS (1) is an ordinary token there ('"' in GPT-2's): no default stop.
+    with pytest.raises(ValueError, match=r"stop_tokens: the default, the library's EOS id 1, "
+                       r"is an ordinary token.*GPT-2: stop_tokens=\(50256,\)"):
+        decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True)
+    with pytest.raises(ValueError, match=r"eos_id: the default.*GPT-2: eos_id=50256"):
+        decoding.beam_search(model, params, prompts, beam_size=2, max_len=3)
+    decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True, stop_tokens=(1,))
 
 
 def test_another_padding_id_is_never_generated_and_pads_prompts():
