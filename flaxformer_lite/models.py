@@ -754,7 +754,7 @@ def jit_model_fn(fn=None, *, static_argnames: tuple[str, ...] = ()):
 
 
 def _leaf_paths(tree) -> set[str]:
-    return set(_flat(nn.meta.unbox(tree)))
+    return set(flat_leaves(nn.meta.unbox(tree)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -861,14 +861,19 @@ class MergeReport:
         return "\n".join(lines)
 
 
+def path_names(path) -> tuple[str, ...]:
+    """A `jax.tree` key path as its names: `("decoder", "layers", "layer_0", ...)`."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _key(path) -> str:
-    """A tree path as "a/b/c" (the names `training`'s messages use)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
+    """A tree path as "a/b/c" (the names messages use)."""
+    return "/".join(path_names(path))
 
 
-def _flat(tree) -> dict[str, Any]:
-    """`{"a/b/c": leaf}` of a parameter tree."""
+def flat_leaves(tree) -> dict[str, Any]:
+    """`{"path/to/leaf": leaf}` of a pytree (parameters, their metadata): for comparing two
+    trees path by path and naming what differs."""
     return {_key(path): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
@@ -897,19 +902,19 @@ def merge_params(new, old, *, mismatched: str = "raise") -> tuple[Any, MergeRepo
     """
     if mismatched not in ("raise", "init"):
         raise ValueError(f"mismatched must be 'raise' or 'init', got {mismatched!r}.")
-    want = _flat(nn.meta.unbox(new))
-    have = _flat(nn.meta.unbox(old))
+    want = flat_leaves(nn.meta.unbox(new))
+    have = flat_leaves(nn.meta.unbox(old))
     report = MergeReport()
     if set(have) != set(want):  # the other scan_layers layout? (an exact conversion)
         shared = len(set(have) & set(want))
         for layout, convert in (("scan_layers=True", stack_layers),
                                 ("scan_layers=False", unstack_layers)):
-            paths = set(_flat(jax.eval_shape(convert, old)))  # shapes only: nothing copied
+            paths = set(flat_leaves(jax.eval_shape(convert, old)))  # shapes only: nothing copied
             if len(paths & set(want)) > shared:
                 shared, relaid = len(paths & set(want)), (layout, convert)
         if shared > len(set(have) & set(want)):
             report.relaid = relaid[0]
-            have = _flat(relaid[1](old))
+            have = flat_leaves(relaid[1](old))
     wrong = []
     for key, target in want.items():
         if key not in have:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from flaxformer_lite.models import flat_leaves, path_names
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -141,19 +142,9 @@ def undivided(logical_specs, shapes, mesh: Mesh, rules: LogicalRules = DEFAULT_R
                 names = (axes,) if isinstance(axes, str) else tuple(axes)
                 kept = _fit_axes(axes, dim, mesh)
                 split = f", split over {kept!r} only" if kept is not None else ""
-                out.append(f"{'/'.join(_path_key(path))}: dim {i} ({dim}) over {names} = "
+                out.append(f"{'/'.join(path_names(path))}: dim {i} ({dim}) over {names} = "
                            f"{size}{split}")
     return out
-
-
-def _path_key(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def flat_leaves(tree) -> dict[str, Any]:
-    """`{"path/to/leaf": leaf}` of a pytree (parameters, their metadata): for comparing two
-    trees path by path and naming what differs."""
-    return {"/".join(_path_key(path)): leaf for path, leaf in jax.tree.leaves_with_path(tree)}
 
 
 def state_shardings(abstract_state, param_shardings, mesh: Mesh):
@@ -166,13 +157,13 @@ def state_shardings(abstract_state, param_shardings, mesh: Mesh):
     """
     by_path = {}
     for path, sharding in jax.tree.leaves_with_path(param_shardings):
-        by_path[_path_key(path)] = sharding
-    param_shapes = {_path_key(p): x.shape
+        by_path[path_names(path)] = sharding
+    param_shapes = {path_names(p): x.shape
                     for p, x in jax.tree.leaves_with_path(abstract_state.params)}
     replicated = NamedSharding(mesh, P())
 
     def for_opt_leaf(path, leaf):
-        key = _path_key(path)
+        key = path_names(path)
         for start in range(len(key)):
             suffix = key[start:]
             if suffix in by_path and param_shapes[suffix] == leaf.shape:
