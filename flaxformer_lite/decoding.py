@@ -508,13 +508,13 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
-    if stop_tokens is _LIBRARY_EOS and cfg.pad_id is None:
+    is_default = stop_tokens is _LIBRARY_EOS
+    if is_default and cfg.pad_id is None:
         raise ValueError(
             f"stop_tokens: the default, the library's EOS id {EOS_ID}, is an ordinary token of a "
             "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
             "this vocabulary's end token (GPT-2: stop_tokens=(50256,)), or () to run to "
             "max_new_tokens.")
-    is_default = stop_tokens is _LIBRARY_EOS
     stop_tokens = () if stop_tokens is None else stop_tokens
     known = _concrete(stop_tokens)
     if known is not None and known.size and (

@@ -29,7 +29,7 @@ from flaxformer_lite.models import (
     check_params_read,
     jit_model_fn,
 )
-from flaxformer_lite.training.losses import loss_weights
+from flaxformer_lite.training.steps import target_weights
 
 Array = jnp.ndarray
 
@@ -70,8 +70,7 @@ def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """
     logits = _model_logits(model, params, batch)
     targets = batch["targets"]
-    weights = loss_weights(targets, model.config.pad_id,
-                           batch.get("segment_ids") if model.config.pad_id is None else None)
+    weights = target_weights(model, batch, targets)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll * weights, weights

@@ -98,9 +98,7 @@ def loss_targets(model: nn.Module, batch: Batch) -> Array:
 def target_weights(model: nn.Module, batch: Batch, targets: Array) -> Array:
     """The loss weights of `targets` (`predictions`'): 0 on padding, `config.pad_id`; without
     one (None), where a decoder-only batch's `segment_ids` are 0."""
-    pad_id = model.config.pad_id
-    segments = batch.get("segment_ids") if pad_id is None else None
-    return losses.loss_weights(targets, pad_id, segments)
+    return losses.loss_weights(targets, model.config.pad_id, batch.get("segment_ids"))
 
 
 def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
