@@ -226,12 +226,13 @@ def gpt2_state_dict(params, config: TransformerConfig) -> dict[str, np.ndarray]:
     Conv1D `[in, out]` kernels, float32 NumPy; the tied `lm_head.weight` left out, as
     `save_pretrained` writes it)."""
     import flax.linen as nn
+    import jax
 
     from flaxformer_lite.models import unstack_layers
 
     _check_gpt2_shaped(config)
-    p = _numpy_tree(unstack_layers(nn.meta.unbox(params)) if config.scan_layers
-                          else nn.meta.unbox(params))
+    params = nn.meta.unbox(params)
+    p = jax.tree.map(np.asarray, unstack_layers(params) if config.scan_layers else params)
     d, f = config.d_model, config.d_ff
     dec = p["decoder"]
     sd = {"wte.weight": p["token_embed"]["embedding"],
@@ -280,13 +281,6 @@ def save_gpt2(folder: str | os.PathLike, config: TransformerConfig, params) -> N
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-
-
-def _numpy_tree(tree):
-    """Every array of a nested dict as NumPy (a host copy)."""
-    if isinstance(tree, Mapping):
-        return {k: _numpy_tree(v) for k, v in tree.items()}
-    return np.asarray(tree)
 
 
 def _numpy(x: Any) -> np.ndarray:
