@@ -110,6 +110,11 @@ class TransformerConfig:
     # and prompts `prompt_lengths`. Encoders and encoder-decoders keep 0 (their sources and
     # masked-LM targets).
     pad_id: int | None = 0
+    # The end-of-sequence id, decoding's default stop token (`generate`'s `stop_tokens`,
+    # `beam_search`'s `eos_id`) for decoder-only and encoder-decoder models. None: the library
+    # tokenizers' EOS (1); with `pad_id=None` (a vocabulary of its own, where 1 is an ordinary
+    # token) none, and decoding asks for one. `convert.load_gpt2` sets GPT-2's <|endoftext|>.
+    eos_id: int | None = None
     # Rematerialise each layer in the backward pass (`nn.remat`): "none"; "full" keeps only the
     # layer's input (the least memory kept between the layers, the forward recomputed; at long
     # context attention's own temporaries dominate, which no policy shrinks, and the
@@ -264,6 +269,15 @@ def _validate(c: TransformerConfig) -> None:
                                  or not 0 <= c.pad_id < c.vocab_size):
         raise ValueError(f"TransformerConfig.pad_id={c.pad_id!r} must be a token id in "
                          f"[0, vocab_size={c.vocab_size}) or None (no padding token).")
+    if c.eos_id is not None and (not isinstance(c.eos_id, int) or isinstance(c.eos_id, bool)
+                                 or not 0 <= c.eos_id < c.vocab_size):
+        raise ValueError(f"TransformerConfig.eos_id={c.eos_id!r} must be a token id in "
+                         f"[0, vocab_size={c.vocab_size}) or None (the library's EOS id 1).")
+    pad = c.pad_id if c.architecture == "decoder_only" else 0
+    if c.eos_id is not None and c.eos_id == pad:
+        raise ValueError(f"TransformerConfig.eos_id={c.eos_id} is the padding id, which "
+                         "decoding never emits, so it could never end a sequence: name the "
+                         "vocabulary's end-of-sequence token.")
     if (not isinstance(c.vocab_pad_multiple, int) or isinstance(c.vocab_pad_multiple, bool)
             or c.vocab_pad_multiple < 0):
         raise ValueError(f"TransformerConfig.vocab_pad_multiple={c.vocab_pad_multiple!r} must be "
@@ -357,6 +371,7 @@ _USED_ONLY_WITH = {
     "share_encoder_decoder_embeddings": ("architecture", ("encoder_decoder",)),
     "padding": ("architecture", ("decoder_only",)),
     "pad_id": ("architecture", ("decoder_only",)),
+    "eos_id": ("architecture", ("decoder_only", "encoder_decoder")),
 }
 
 

@@ -12,9 +12,9 @@ loaded yourself (names -> arrays) goes to `gpt2_params` with `gpt2_config`.
 
 GPT-2's vocabulary has no padding token, so the config says `pad_id=None`: every id is a
 token, rows padded at the end carry `segment_ids` (0 on padding: no attention, no loss),
-prompts `prompt_lengths`, and generation stops at `stop_tokens=(50256,)`
-(`<|endoftext|>`; the library's default stop id 1 is '"' there, so `generate` and
-`beam_search` refuse to default to it). The token ids come from
+prompts `prompt_lengths`. The config's `eos_id` is `<|endoftext|>` (50256, from
+`config.json`'s `eos_token_id`), so `generate` and `beam_search` stop there by default (the
+library's own default, id 1, is '"' in this vocabulary). The token ids come from
 GPT-2's own byte-level BPE tokenizer, which this library does not ship.
 
 The mapping, for GPT-2's Conv1D layers (`y = x @ W + b`, W `[in, out]`): `c_attn` `[d, 3d]`
@@ -45,8 +45,10 @@ def gpt2_config(hf_config: Mapping[str, Any] | str | os.PathLike,
                 **overrides) -> TransformerConfig:
     """The `TransformerConfig` of a GPT-2 checkpoint from its Hugging Face `config.json`
     (a dict, or the file's path): sizes, LayerNorm epsilon, activation and dropout rates, and
-    `pad_id=None` (the vocabulary has no padding token: id 0 is "!", a token like any other);
-    `overrides` last (e.g. `dropout_rate=0.0, attention_dropout_rate=0.0` for inference).
+    `pad_id=None` (the vocabulary has no padding token: id 0 is "!", a token like any other),
+    `eos_id` from `eos_token_id` (GPT-2's <|endoftext|>, 50256, when the file has none and the
+    vocabulary holds it), decoding's default stop token; `overrides` last (e.g.
+    `dropout_rate=0.0, attention_dropout_rate=0.0` for inference).
     Settings the library does not implement are refused."""
     if isinstance(hf_config, (str, os.PathLike)):
         with open(hf_config) as f:
@@ -78,6 +80,14 @@ def gpt2_config(hf_config: Mapping[str, Any] | str | os.PathLike,
                   attention_dropout_rate=float(c.get("attn_pdrop", 0.1)),
                   # GPT-2's vocabulary has no padding token (id 0 is "!"): every id is real.
                   pad_id=None)
+    eos = c.get("eos_token_id", 50256 if fields["vocab_size"] > 50256 else None)
+    if "eos_id" not in overrides and eos is not None and (
+            isinstance(eos, bool) or not isinstance(eos, int)
+            or not 0 <= eos < fields["vocab_size"]):
+        raise ValueError(f"GPT-2 config eos_token_id={eos!r} is not one token id in [0, "
+                         f"vocab_size={fields['vocab_size']}): pass eos_id= (or None) to "
+                         "gpt2_config / load_gpt2.")
+    fields["eos_id"] = eos
     if not c.get("scale_attn_weights", True):
         fields["attention_scale"] = 1.0
     return get_config("gpt2", **{**fields, **overrides})
@@ -277,6 +287,8 @@ def save_gpt2(folder: str | os.PathLike, config: TransformerConfig, params) -> N
           "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout_rate,
           "embd_pdrop": config.dropout_rate, "attn_pdrop": config.attention_dropout_rate,
           "scale_attn_weights": config.attention_scale is None, "tie_word_embeddings": True}
+    if config.eos_id is not None:
+        hf["eos_token_id"] = hf["bos_token_id"] = config.eos_id
     save_file(gpt2_state_dict(params, config), os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:

@@ -508,13 +508,15 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
                          "(0 = no top-k filtering).")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
+    if stop_tokens is _LIBRARY_EOS and cfg.eos_id is not None:
+        stop_tokens = (cfg.eos_id,)  # the config's end token is the default
     is_default = stop_tokens is _LIBRARY_EOS
     if is_default and cfg.pad_id is None:
         raise ValueError(
             f"stop_tokens: the default, the library's EOS id {EOS_ID}, is an ordinary token of a "
             "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
             "this vocabulary's end token (GPT-2: stop_tokens=(50256,)), or () to run to "
-            "max_new_tokens.")
+            "max_new_tokens; or set TransformerConfig.eos_id, the default then.")
     stop_tokens = () if stop_tokens is None else stop_tokens
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
@@ -584,7 +586,8 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     lengths share the batch; each row continues from its own last token. Sampling is set by
     `temperature`, `top_k`, `top_p` and `rng` (step `i` draws with `fold_in(rng, i)`), or
     `greedy=True` for the argmax. A row stops at the first of its `stop_tokens` (kept in the
-    output; the padding id after it). `prompt_len + max_new_tokens` must not exceed
+    output; the padding id after it; default `(config.eos_id,)`, else the library's EOS 1).
+    `prompt_len + max_new_tokens` must not exceed
     `config.max_len`. With `config.pad_id=None` (a vocabulary without padding) every prompt
     column is a token unless `prompt_lengths` says otherwise, and any id may be generated.
     Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs (, logits).
@@ -651,8 +654,8 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     `log_prob / ((5 + length) / 6) ** alpha`), keeps the best `beam_size` unfinished ones, and
     stops once no live beam can beat the finished ones. Beams open at `max_len` are scored as
     they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile). `eos_id`
-    defaults to the library's EOS (1); a vocabulary without padding (`pad_id=None`, GPT-2's)
-    must name its own.
+    defaults to `config.eos_id`, else the library's EOS (1); a vocabulary without padding
+    (`pad_id=None`, GPT-2's) must name its own (here or in the config).
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
                        "encoder-only models do not generate", params)
@@ -673,12 +676,15 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                              "model reads source padding from inputs (0 = pad).")
         lengths = None
     beam_size = _positive_int("beam_size", beam_size)
+    if eos_id is None:
+        eos_id = cfg.eos_id  # the config's end token is the default
     is_default = eos_id is None
     if is_default and cfg.pad_id is None:
         raise ValueError(
             f"eos_id: the default, the library's EOS id {EOS_ID}, is an ordinary token of a "
             "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
-            "this vocabulary's end token (GPT-2: eos_id=50256).")
+            "this vocabulary's end token (GPT-2: eos_id=50256), or set "
+            "TransformerConfig.eos_id, the default then.")
     eos_id = EOS_ID if is_default else eos_id
     known = _concrete(eos_id)  # None when traced inside a caller's jit
     if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)

@@ -46,6 +46,11 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
      "'xla' has no attention dropout.*attention_dropout_rate=0.0"),
     (dict(pad_id=256), r"pad_id=256 must be a token id in \[0, vocab_size=256\) or None"),
     (dict(pad_id=True), "pad_id=True"),
+    (dict(eos_id=256), r"eos_id=256 must be a token id in \[0, vocab_size=256\) or None"),
+    (dict(eos_id=0), "eos_id=0 is the padding id"),
+    (dict(pad_id=None, eos_id=True), "eos_id=True"),
+    (dict(architecture="encoder_decoder", eos_id=0), "eos_id=0 is the padding id"),
+    (dict(architecture="encoder_only", eos_id=2), "eos_id=2 has no effect"),
     (dict(architecture="encoder_decoder", pad_id=None), "pad_id=None has no effect"),
 ])
 def test_bad_values_name_the_field(changes, match):

@@ -158,13 +158,13 @@ def test_a_fine_tuned_gpt2_saves_back_to_the_hugging_face_layout(checkpoint, tmp
     from flaxformer_lite.models import stack_layers
 
     folder, sd = checkpoint
-    config, params = convert.load_gpt2(folder)
+    config, params = convert.load_gpt2(folder, eos_id=49)
     for scan in (False, True):
         cfg = config.replace(scan_layers=scan)
         out = tmp_path / f"saved_{scan}"
         convert.save_gpt2(out, cfg, stack_layers(params) if scan else params)
         again_config, again = convert.load_gpt2(out)
-        assert again_config == config
+        assert again_config == config and again_config.eos_id == 49
         assert jax.tree.all(jax.tree.map(np.array_equal, again, params))
         written = convert.read_state_dict(out)
         assert set(written) == {k for k in sd if k != "lm_head.weight"}
@@ -176,6 +176,14 @@ def test_config_paths_shards_and_refusals(checkpoint, tmp_path):
 
     folder, sd = checkpoint
     assert convert.gpt2_config(folder / "config.json") == convert.gpt2_config(HF_CONFIG)
+    # The end token: config.json's eos_token_id, else <|endoftext|> where the vocabulary has it.
+    assert convert.gpt2_config(HF_CONFIG).eos_id is None
+    assert convert.gpt2_config(dict(HF_CONFIG, eos_token_id=49)).eos_id == 49
+    assert convert.gpt2_config(dict(HF_CONFIG, vocab_size=50257)).eos_id == 50256
+    with pytest.raises(ValueError, match=r"eos_token_id=50256 is not one token id in \[0, "
+                       r"vocab_size=50\): pass eos_id="):
+        convert.gpt2_config(dict(HF_CONFIG, eos_token_id=50256))
+    assert convert.gpt2_config(dict(HF_CONFIG, eos_token_id=50256), eos_id=None).eos_id is None
     assert convert.gpt2_config(dict(HF_CONFIG, activation_function="gelu_fast")).activation == (
         "gelu_tanh")
     with pytest.raises(ValueError, match=r"Not a GPT-2 config.json \(model_type='bert', no "

@@ -286,6 +286,34 @@ def test_a_vocabulary_without_padding_generates_and_attends_to_id_0():
     decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True, stop_tokens=(1,))
 
 
+def test_the_configs_eos_id_is_the_default_stop_token():
+    """`config.eos_id` stops generation and beams by default (a vocabulary without padding,
+    where the library's id 1 is refused): the favoured id 0 ends every row at once, as an
+    explicit stop token does; without it the rows run on."""
+    prompts = np.array([[5, 6, 8], [9, 9, 2]], np.int32)
+    model, params = _favouring_zero(tiny(pad_id=None, eos_id=0))
+    run = decoding.generate(model, params, prompts, max_new_tokens=3, greedy=True)
+    np.testing.assert_array_equal(run.lengths, [1, 1])
+    plain_model = make_model(tiny(pad_id=None))
+    named = decoding.generate(plain_model, params, prompts, max_new_tokens=3, greedy=True,
+                              stop_tokens=(0,))
+    np.testing.assert_array_equal(run.tokens, named.tokens)
+    on = decoding.generate(model, params, prompts, max_new_tokens=3, greedy=True, stop_tokens=())
+    np.testing.assert_array_equal(on.lengths, [3, 3])
+    beams = decoding.beam_search(model, params, prompts, beam_size=2, max_len=3)
+    np.testing.assert_array_equal(np.asarray(beams.lengths)[:, 0], [1, 1])
+    # An encoder-decoder's too (its padding id is 0, so the config names another end id).
+    s2s = make_model(tiny(architecture="encoder_decoder", eos_id=5))
+    s2s_params = random_params(s2s)
+    src = np.array([[3, 4, 1]], np.int32)
+    ours = decoding.generate_seq2seq(s2s, s2s_params, src, max_new_tokens=6, greedy=True)
+    given = decoding.generate_seq2seq(make_model(tiny(architecture="encoder_decoder")),
+                                      s2s_params, src, max_new_tokens=6, greedy=True,
+                                      stop_tokens=(5,))
+    np.testing.assert_array_equal(ours.tokens, given.tokens)
+    np.testing.assert_array_equal(ours.lengths, given.lengths)
+
+
 def test_another_padding_id_is_never_generated_and_pads_prompts():
     """pad_id=7: prompts right-padded with 7 get their lengths from it, and 7 is never
     generated (the favoured id 0 stands in: with pad_id=0 it would be excluded)."""
