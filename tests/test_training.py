@@ -1711,6 +1711,17 @@ def test_config_json_describes_the_steps_it_trained(engine, tmp_path, caplog):
     shutil.rmtree(tmp_path / "checkpoints" / "6")  # resumes at 4 with the same settings
     run(engine, tmp_path, 6, experiment=experiment, seed=5)
     assert [h["step"] for h in history()] == [None]  # the old record alone, no repeat
+    # A record from before the library gained a field: at its default now, nothing changed;
+    # a recorded field missing with another value than the default is still named.
+    older = record()
+    del older["model"]["eos_id"], older["model"]["pad_id"], older["loss"]["z_loss"]
+    del older["model"]["num_layers"]  # TINY has 1, the default is 4
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    caplog.clear()
+    run(engine, tmp_path, 6, experiment=experiment, seed=5)
+    assert history()[-1]["changed"] == ["model.num_layers: (not recorded) -> 1"]
+    assert "eos_id" not in caplog.text and "z_loss" not in caplog.text
 
 
 class _SowingExperts(nn.Module):

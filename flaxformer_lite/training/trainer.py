@@ -378,10 +378,24 @@ def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[
     for name in names:
         if isinstance(old.get(name), dict) and name in record:
             was, now = _flat(old[name]), _flat(record[name])
+            new_default = _new_fields_at_default(name, was, now)
             changed += [f"{name}.{k}: {_shown(was, k)} -> {_shown(now, k)}"
                         for k in sorted(set(was) | set(now))
-                        if k not in was or k not in now or not _same(was[k], now[k])]
+                        if (k not in was or k not in now or not _same(was[k], now[k]))
+                        and k not in new_default]
     return changed
+
+
+def _new_fields_at_default(name: str, was: Mapping, now: Mapping) -> set[str]:
+    """Fields of the library's own config `name` that the recorded run predates and that are
+    at their default now: the run behaved as the default does, so nothing changed (a resume
+    after an upgrade is not told of each field the library gained)."""
+    cls = {"model": TransformerConfig, "optimizer": OptimizerConfig, "loss": LossConfig,
+           "parallel": ParallelConfig}.get(name)
+    if cls is None:
+        return set()
+    defaults = _flat(_config_record(d=cls())["d"])
+    return {k for k in set(now) - set(was) if k in defaults and _same(now[k], defaults[k])}
 
 
 def _shown(record: Mapping, key: str) -> str:
