@@ -222,6 +222,207 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
     return out
 
 
+
+def _abstract_batch(config, batch_size, seq_len, target_len):
+    ids = lambda n: jax.ShapeDtypeStruct((batch_size, n), jnp.int32)  # noqa: E731
+    if config.architecture == "encoder_decoder":
+        return {"inputs": ids(seq_len), "targets": ids(target_len)}
+    return {"inputs": ids(seq_len), "targets": ids(seq_len)}
+
+
+def _data_flags(jaxpr, flags):
+    """For each outvar of `jaxpr`, whether it depends on an invar flagged True (the batch, the
+    dropout key) rather than only on the parameters. Scans and jitted calls are followed
+    inside (a scan's stacked per-layer residuals keep the flags of their layer); any other
+    primitive with sub-programs counts its outputs data-dependent if any input is."""
+    env = {v: f for v, f in zip(jaxpr.invars, flags)}
+
+    def read(v):
+        return env.get(v, False) if not isinstance(v, jax.extend.core.Literal) else False
+
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if name == "scan":
+            body = eqn.params["jaxpr"].jaxpr
+            nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
+            carry = ins[nc:nc + ncarry]
+            for _ in range(ncarry + 1):  # a fixpoint over the carry
+                out = _data_flags(body, ins[:nc] + carry + ins[nc + ncarry:])
+                new = [a or b for a, b in zip(carry, out[:ncarry])]
+                if new == carry:
+                    break
+                carry = new
+            outs = carry + out[ncarry:]
+        elif name in ("pjit", "jit", "closed_call") and "jaxpr" in eqn.params:
+            outs = _data_flags(eqn.params["jaxpr"].jaxpr, ins)
+        else:
+            outs = [any(ins)] * len(eqn.outvars)
+        for v, f in zip(eqn.outvars, outs):
+            env[v] = f
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _traced_residuals(config, batch_size, seq_len, target_len, platform):
+    """`{"activations": bytes, "weights": bytes}` of the residuals that the train loss's
+    backward pass keeps, by tracing `make_model(config)`'s loss with abstract arrays."""
+    # Imported here: `training` is a heavy import that counting parameters does not need.
+    from flaxformer_lite.ops import attention
+    from flaxformer_lite.training import losses, steps
+
+    model = make_model(config)
+    dropout = steps.uses_dropout(model)
+    args = (param_shapes(config), _abstract_batch(config, batch_size, seq_len, target_len),
+            jax.eval_shape(lambda: jax.random.key(0)) if dropout else None)
+    loss_config = losses.LossConfig()
+
+    def residuals_of(params, batch, key):
+        def loss(params):  # train_step's objective, before dividing by the token count
+            logits, targets = steps.predictions(model, params, batch, deterministic=not dropout,
+                                                dropout_rng=key)
+            return losses.metric_sums(logits, targets, steps.target_weights(model, batch, targets),
+                                      label_smoothing=loss_config.label_smoothing,
+                                      z_loss=loss_config.z_loss)["loss"]
+        return jax.vjp(loss, params)[1]  # the backward function: its leaves are the residuals
+
+    with attention.traced_platform(platform):
+        closed = jax.make_jaxpr(residuals_of)(*args)
+    jaxpr = closed.jaxpr
+    n_params = len(jax.tree.leaves(args[0]))
+    flags = [i >= n_params for i in range(len(jaxpr.invars))]
+    arguments = set(jaxpr.invars)
+    out = {"activations": 0, "weights": 0}
+    seen = set()
+    for v, data in zip(jaxpr.outvars, _data_flags(jaxpr, flags)):
+        if isinstance(v, jax.extend.core.Literal) or v in arguments or v in seen:
+            continue  # a literal; a parameter or the batch, in memory anyway
+        seen.add(v)
+        out["activations" if data else "weights"] += _nbytes(v.aval)
+    return out
+
+
+def _nbytes(aval) -> int:
+    try:
+        itemsize = aval.dtype.itemsize
+    except (AttributeError, TypeError):  # a PRNG key: its key data
+        itemsize = jax.random.key_data(jax.random.key(0)).nbytes
+    return math.prod(aval.shape) * itemsize
+
+
+def _check_length(name: str, value, config: TransformerConfig) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            1 <= value <= config.max_len):
+        raise ValueError(f"{name}={value!r} must be a whole number in [1, max_len="
+                         f"{config.max_len}]; raise the config's max_len for longer sequences.")
+
+
+def activation_memory(config: TransformerConfig | str, *, batch_size: int,
+                      seq_len: int | None = None, target_len: int | None = None,
+                      platform: str | None = None) -> dict[str, int]:
+    """Bytes of the residuals that the train step's backward pass keeps from its forward pass,
+    for `batch_size` rows of `seq_len` tokens (default `max_len`; an encoder-decoder's targets
+    `target_len`, default `seq_len`). Nothing is allocated.
+
+    What is counted: `make_model(config)`'s train loss (the train step's `predictions` and
+    cross-entropy, dropout when the config has it) is traced with abstract arrays
+    (`jax.ShapeDtypeStruct`), its backward function taken with `jax.vjp`, and the residuals
+    that function closes over summed: what `jax.ad_checkpoint.print_saved_residuals` lists,
+    less the arguments (parameters and batch, in memory anyway). So it follows the config's
+    dtype, remat policy, `scan_layers` (a scan's residuals come out stacked over its layers),
+    fused QKV, grouped-query heads, activation and attention implementation. Attention is
+    traced for `platform` (default: JAX's default backend), whose path it takes: the CPU path
+    keeps the output and two float32 row statistics, as FlashAttention does; the others keep
+    the `[batch, heads, q, kv]` softmax.
+
+    Returns:
+      `per_layer` (decoder-only, encoder-only) or `per_encoder_layer` and `per_decoder_layer`:
+      one layer's residuals; `layers`: all layers'; `embeddings_and_head`: the rest (embedding
+      output, final norm, logits' softmax, loss); `activations`: the two together, the
+      figure that grows with the batch (`training_memory`'s "activations"), and `total`;
+      beside them, not added, `weights_and_constants`: residuals computed without the batch
+      (parameters reshaped or cast to the compute dtype, the tied table transposed, a
+      dropout's broadcast zeros), which XLA keeps as views of the parameters, folds or
+      fuses: at the jaxpr level they are arrays, in a compiled step mostly not (a bfloat16
+      copy of the weights may be).
+
+    The layers are traced with one and two layers per stack (a 96-layer model costs what a
+    2-layer one does) and extrapolated: every layer keeps the same residuals, so the count is
+    linear in the depth (the tests check it against tracing every layer).
+
+    Per layer, with `p` the compute dtype's bytes, `b` rows, `s` their length (`t` the
+    decoder's, `s` the source's, in an encoder-decoder), `d` = d_model, `a` = heads x
+    head_dim, `a_kv` = kv_heads x head_dim, `f` = d_ff, `h` heads, the CPU attention path,
+    no dropout, `remat="none"`, a non-gated activation:
+
+        self-attention   p b s (2 d + 3 a + 2 a_kv) + 8 b s + 8 b h s   [+ b s^2 mask]
+        cross-attention  p b (t (2 d + 3 a) + 2 s a_kv) + 8 b t + 8 b h t   [+ b t s mask]
+        feed-forward     p b s (2 d + 2 f) + 8 b s   (relu: p b s (2 d + f) + b s f + 8 b s)
+
+    Per attention: the sub-layer's input and its norm's input or output (2 d), q, k and v,
+    the output and its reshape for the output projection (q, o, o: 3 a), float32 row max and
+    sum (8 b h s) and the boolean mask (1 byte, where there is a padding mask; a scanned
+    stack keeps one for all layers); per norm float32 mean and 1/std (8 b s); the
+    feed-forward's activation input and output (2 f; ReLU keeps its output and a boolean
+    mask). GPT-2 in float32 (b = 8, s = 1024, d = 768, f = 3072, h = 12): 4 b s (9 d + 2 f) +
+    16 b s + 8 b h s + b s^2 = 437 MB a layer, against Korthikanti et al.'s (2022) s b d
+    (34 + 5 h s / d) = 717 MB (16-bit, dropout masks and the softmax kept). The presets'
+    dropout adds masks and, with attention dropout, takes the plain attention path that keeps
+    the softmax: gpt2 as published, 1.42 GB a layer. `remat="full"` keeps the
+    layer's input alone, p b s d.
+
+    What it is not: XLA's peak. These are residuals at the jaxpr level. XLA may fuse or
+    rematerialise them (a reshape is a view, the attention output and its reshape one buffer),
+    adds the backward pass's own temporaries, the gradients being built and workspace, and
+    on XLA:CPU without `scan_layers` does not free rematerialised layers' buffers early
+    (docs/performance.md compares this estimate with compiled train steps).
+    """
+    config = get_config(config) if isinstance(config, str) else config
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
+            batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1.")
+    seq_len = config.max_len if seq_len is None else seq_len
+    _check_length("seq_len", seq_len, config)
+    if config.architecture != "encoder_decoder" and target_len is not None:
+        raise ValueError(f"target_len applies to architecture='encoder_decoder', not "
+                         f"{config.architecture!r}: its targets are seq_len long.")
+    target_len = seq_len if target_len is None else target_len
+    _check_length("target_len", target_len, config)
+    if config.architecture == "encoder_only" and not config.mlm_head:
+        raise ValueError("An encoder_only config trains with its masked-LM head: set "
+                         "mlm_head=True to estimate its training activations.")
+    if config.mlm_predictions > seq_len:
+        raise ValueError(f"seq_len={seq_len} is shorter than mlm_predictions="
+                         f"{config.mlm_predictions}.")
+    platform = jax.default_backend() if platform is None else platform
+
+    def traced(**layers):
+        return _traced_residuals(config.replace(**layers), batch_size, seq_len, target_len,
+                                 platform)
+
+    if config.architecture == "encoder_decoder":
+        stacks = {"encoder": ("num_encoder_layers", config.encoder_layers),
+                  "decoder": ("num_decoder_layers", config.decoder_layers)}
+    else:
+        stacks = {"": ("num_layers", config.num_layers)}
+    one = {field: 1 for field, _ in stacks.values()}
+    base = traced(**one)
+    out: dict[str, int] = {}
+    layers = {"activations": 0, "weights": 0}
+    for stack, (field, depth) in stacks.items():
+        two = traced(**{**one, field: 2})
+        per = {k: two[k] - base[k] for k in layers}
+        out[f"per_{stack}_layer" if stack else "per_layer"] = per["activations"]
+        for k in layers:
+            layers[k] += depth * per[k]
+            base[k] -= per[k]  # what remains is outside the stacks
+    out["layers"] = layers["activations"]
+    out["embeddings_and_head"] = base["activations"]
+    out["activations"] = out["layers"] + out["embeddings_and_head"]
+    out["weights_and_constants"] = layers["weights"] + base["weights"]
+    out["total"] = out["activations"]
+    return out
+
+
 @dataclasses.dataclass
 class Report:
     name: str

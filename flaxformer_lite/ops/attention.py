@@ -8,6 +8,8 @@ for plots. Scores and softmax run in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import numbers
 
@@ -20,6 +22,24 @@ from flaxformer_lite.ops.masks import causal_mask
 Array = jnp.ndarray
 
 IMPLEMENTATIONS = ("ops", "xla", "cudnn")
+
+# The platform whose attention path is traced, or None: both, chosen when lowering.
+_TRACE_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flaxformer_lite_trace_platform", default=None)
+
+
+@contextlib.contextmanager
+def traced_platform(platform: str | None):
+    """Within it, attention traces only the path `platform` ("cpu", "gpu", "tpu", ...) runs,
+    instead of staging out every platform's path (`jax.lax.platform_dependent`) for lowering
+    to choose: a jaxpr then holds one program (`params.activation_memory` reads its
+    residuals, where a staged choice would hold both paths' residuals). None: as outside."""
+    token = _TRACE_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TRACE_PLATFORM.reset(token)
+
 
 
 def _to_groups(x: Array | None, kv_heads: int, groups: int) -> Array | None:
@@ -127,12 +147,14 @@ def scaled_dot_product_attention(
             and (scale is None or isinstance(scale, numbers.Real))):  # compiled-in scale
         # Chosen by the platform the program is lowered for, not the one JAX runs on: a
         # `jax.export` for GPUs from a CPU host takes the plain path.
-        return jax.lax.platform_dependent(
-            q, k, v, bias, mask,
-            cpu=lambda q, k, v, bias, mask: _cpu_attention(q, k, v, bias, mask, scale,
-                                                           is_causal),
-            default=lambda q, k, v, bias, mask: _plain_attention(q, k, v, bias, mask, scale,
-                                                                 is_causal))
+        cpu = lambda q, k, v, bias, mask: _cpu_attention(q, k, v, bias, mask, scale,  # noqa: E731
+                                                         is_causal)
+        default = lambda q, k, v, bias, mask: _plain_attention(  # noqa: E731
+            q, k, v, bias, mask, scale, is_causal)
+        platform = _TRACE_PLATFORM.get()
+        if platform is not None:
+            return (cpu if platform == "cpu" else default)(q, k, v, bias, mask)
+        return jax.lax.platform_dependent(q, k, v, bias, mask, cpu=cpu, default=default)
     return _plain_attention(q, k, v, bias, mask, scale, is_causal, dropout_rate,
                             dropout_rng if use_dropout else None, return_weights)
 
