@@ -406,6 +406,7 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
         stacks = {"": ("num_layers", config.num_layers)}
     one = {field: 1 for field, _ in stacks.values()}
     base = traced(**one)
+    rest = dict(base)  # base less one layer of each stack: what lies outside the stacks
     out: dict[str, int] = {}
     layers = {"activations": 0, "weights": 0}
     for stack, (field, depth) in stacks.items():
@@ -414,7 +415,8 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
         out[f"per_{stack}_layer" if stack else "per_layer"] = per["activations"]
         for k in layers:
             layers[k] += depth * per[k]
-            base[k] -= per[k]  # what remains is outside the stacks
+            rest[k] -= per[k]
+    base = rest
     out["layers"] = layers["activations"]
     out["embeddings_and_head"] = base["activations"]
     out["activations"] = out["layers"] + out["embeddings_and_head"]

@@ -217,3 +217,115 @@ def test_breakdown_of_a_parameter_tree_of_your_own():
                 get_config("t5-small", tie_embeddings=False, scale_tied_logits=False)):
         c = params.breakdown(cfg)
         assert "other" not in c and c["output_head"] > 0
+
+
+# ---- activation memory -------------------------------------------------------------------------
+
+TINY = dict(vocab_size=97, d_model=64, num_heads=4, d_ff=256, num_layers=3, max_len=64,
+            dropout_rate=0.0, attention_dropout_rate=0.0)
+
+
+def _attention_bytes(p, b, t, s, d, a, a_kv, h, mask, cross=False):
+    """One attention sub-layer's residuals, as `activation_memory`'s docstring derives them:
+    input and norm input/output, q, o and o's reshape over the t queries, k and v over the s
+    keys, float32 row max and sum, one norm's float32 statistics, a boolean mask."""
+    return (p * b * (t * (2 * d + 3 * a) + s * 2 * a_kv) + 8 * b * t + 8 * b * h * t
+            + (b * t * s if mask else 0))
+
+
+def _layer_formula(cfg, b, s, t=None):
+    """Closed-form bytes of one layer of `cfg` (CPU attention path, no dropout, non-gated):
+    (encoder layer, decoder layer) for an encoder-decoder, else (layer, None)."""
+    p = 2 if cfg.dtype == "bfloat16" else 4
+    d, f, h = cfg.d_model, cfg.d_ff, cfg.num_heads
+    a, a_kv = h * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    act = p * f + (f if cfg.activation == "relu" else p * f)  # ReLU: output + boolean mask
+    mask = not cfg.scan_layers  # a scanned stack keeps one mask for all its layers
+
+    def ffn(n):
+        return p * b * n * (2 * d) + b * n * act + 8 * b * n
+
+    if cfg.remat == "full":
+        return (p * b * s * d, p * b * (t or s) * d if t else None)
+    self_layer = _attention_bytes(p, b, s, s, d, a, a_kv, h, mask) + ffn(s)
+    if t is None:
+        return self_layer, None
+    decoder = (_attention_bytes(p, b, t, t, d, a, a_kv, h, mask)
+               + _attention_bytes(p, b, t, s, d, a, a_kv, h, mask) + ffn(t))
+    return self_layer, decoder
+
+
+FORMULA_CASES = [
+    ("gpt2", {}, 2, 64, None),
+    ("gpt2", dict(dtype="bfloat16", num_kv_heads=2), 3, 48, None),
+    ("gpt2", dict(remat="full", scan_layers=True), 2, 64, None),
+    ("gpt2", dict(scan_layers=True, activation="relu"), 2, 32, None),
+    ("transformer-base", dict(num_heads=4), 2, 64, 40),
+    ("transformer-base", dict(num_heads=4, remat="full", scan_layers=True), 2, 64, 40),
+]
+
+
+@pytest.mark.parametrize("name, changes, b, s, t", FORMULA_CASES)
+def test_activation_memory_equals_the_closed_form_and_the_full_trace(name, changes, b, s, t):
+    cfg = get_config(name, **{**TINY, **changes})
+    mem = params.activation_memory(cfg, batch_size=b, seq_len=s, target_len=t, platform="cpu")
+    enc, dec = _layer_formula(cfg, b, s, t)
+    if t is None:
+        assert mem["per_layer"] == enc
+    else:
+        assert (mem["per_encoder_layer"], mem["per_decoder_layer"]) == (enc, dec)
+    assert mem["activations"] == mem["layers"] + mem["embeddings_and_head"] == mem["total"]
+    # Traced with one and two layers and extrapolated: the same as tracing all three.
+    full = params._traced_residuals(cfg, b, s, t or s, "cpu")
+    assert full == {"activations": mem["activations"], "weights": mem["weights_and_constants"]}
+
+
+def test_activation_memory_is_linear_in_the_batch_and_remat_scan_shrinks_it():
+    cfg = get_config("gpt2", **TINY)
+    one, three = (params.activation_memory(cfg, batch_size=b, seq_len=64, platform="cpu")
+                  for b in (1, 3))
+    for key in ("per_layer", "layers", "embeddings_and_head", "activations"):
+        assert three[key] == 3 * one[key] > 0, key
+    remat = params.activation_memory(cfg.replace(remat="full", scan_layers=True),
+                                     batch_size=3, seq_len=64, platform="cpu")
+    assert remat["per_layer"] == 4 * 3 * 64 * 64  # the layer's float32 input alone
+    assert remat["activations"] < three["activations"] / 2
+    # The plain attention path (GPUs) keeps the [batch, heads, q, kv] softmax; the CPU one not.
+    gpu = params.activation_memory(cfg, batch_size=3, seq_len=64, platform="gpu")
+    assert gpu["per_layer"] >= three["per_layer"] + 4 * 3 * 4 * 64 * 64
+
+
+def test_activation_memory_of_175b_allocates_nothing():
+    cfg = get_config("gpt3-175b", dropout_rate=0.0, attention_dropout_rate=0.0)
+    mem = params.activation_memory(cfg, batch_size=1, seq_len=2048, platform="cpu")
+    assert mem["per_layer"] == _layer_formula(cfg, 1, 2048)[0]
+    assert mem["layers"] == 96 * mem["per_layer"]
+    # With the presets' dropout (masks, and attention's plain path keeping the softmax).
+    assert params.activation_memory("gpt3-175b", batch_size=1, seq_len=2048,
+                                    platform="cpu")["per_layer"] > 3 * mem["per_layer"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(batch_size=-2), "batch_size=-2"),
+    (dict(batch_size=2.5), "batch_size=2.5"),
+    (dict(batch_size=True), "batch_size=True"),
+    (dict(batch_size=2, seq_len=65), "seq_len=65 .*max_len=64"),
+    (dict(batch_size=2, seq_len=0), "seq_len=0"),
+    (dict(batch_size=2, target_len=8), "target_len applies to architecture='encoder_decoder'"),
+])
+def test_activation_memory_refuses_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        params.activation_memory(get_config("gpt2", **TINY), **kwargs)
+    if "seq_len" in kwargs:
+        with pytest.raises(ValueError, match=match.replace("seq_len", "target_len")):
+            params.activation_memory(get_config("transformer-base", **TINY), batch_size=2,
+                                     target_len=kwargs["seq_len"])
+
+
+def test_activation_memory_of_an_encoder_needs_its_head():
+    with pytest.raises(ValueError, match="mlm_head=True"):
+        params.activation_memory(get_config("bert-base", **TINY), batch_size=2)
+    mem = params.activation_memory(get_config("bert-base", **TINY, mlm_head=True),
+                                   batch_size=2, seq_len=32, platform="cpu")
+    assert mem["per_layer"] > 0 and mem["embeddings_and_head"] > 0
