@@ -191,8 +191,13 @@ OPTIMIZER_MOMENTS = {"adamw": 2, "adam": 2, "sgd": 1, "adafactor": 0}
 def training_memory(config: TransformerConfig | str, *, param_dtype: str | None = None,
                     optimizer: str = "adamw", optimizer_dtype: str | None = None,
                     accumulation_steps: int = 1,
-                    counts: dict[str, int] | None = None) -> dict[str, int]:
-    """Bytes held across a training step, activations excluded: params, grads, optimizer state.
+                    counts: dict[str, int] | None = None, batch_size: int | None = None,
+                    seq_len: int | None = None) -> dict[str, int]:
+    """Bytes held across a training step: params, grads, optimizer state, and with
+    `batch_size` the activations the backward pass keeps (`activation_memory`'s
+    "activations" for rows of `seq_len` tokens, default `max_len`, divided by
+    `accumulation_steps`, whose micro-batches each keep their own; an encoder-decoder's
+    targets as long as its inputs).
 
     `param_dtype` defaults to the config's. Adam(W) keeps two moments per parameter; SGD with
     momentum one; Adafactor ~ factored second moments (counted as 0 here, it is
@@ -218,6 +223,17 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
     out = {"params": n * pbytes, "grads": n * pbytes, "optimizer": n * obytes * moments}
     if accumulation_steps > 1:
         out["accumulated_grads"] = n * pbytes
+    if batch_size is not None:
+        micro = batch_size  # anything but a positive whole number: activation_memory says so
+        if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
+            if batch_size % accumulation_steps:
+                raise ValueError(f"batch_size={batch_size!r} must be a multiple of "
+                                 f"accumulation_steps={accumulation_steps}.")
+            micro = batch_size // accumulation_steps
+        out["activations"] = activation_memory(config, batch_size=micro,
+                                               seq_len=seq_len)["activations"]
+    elif seq_len is not None:
+        raise ValueError("seq_len sizes the activations: give batch_size too.")
     out["total"] = sum(out.values())
     return out
 
@@ -441,9 +457,11 @@ class Report:
                 "flops_per_token": self.flops, "training_memory_bytes": self.memory}
 
 
-def report(config: TransformerConfig | str, name: str | None = None) -> Report:
-    """Counts, FLOPs per token at `max_len` and training memory of a preset (by name) or of
-    any config (`name` labels it; default "custom"); a preset's published count if known."""
+def report(config: TransformerConfig | str, name: str | None = None, *,
+           batch_size: int | None = None, seq_len: int | None = None) -> Report:
+    """Counts, FLOPs per token at `seq_len` (default `max_len`) and training memory (with the
+    activations of `batch_size` rows when given) of a preset (by name) or of any config
+    (`name` labels it; default "custom"); a preset's published count if known."""
     if isinstance(config, str):
         name = config if name is None else name
         published = PUBLISHED.get(config)
@@ -451,8 +469,12 @@ def report(config: TransformerConfig | str, name: str | None = None) -> Report:
     else:
         name, published = name or "custom", None
     counts = breakdown(config)
-    return Report(name, counts, published, flops_per_token(config, counts=counts),
-                  training_memory(config, counts=counts))
+    if config.architecture == "encoder_only" and not config.mlm_head:
+        batch_size = None  # a backbone without its training head: no train loss to trace
+    return Report(name, counts, published,
+                  flops_per_token(config, seq_len=seq_len, counts=counts),
+                  training_memory(config, counts=counts, batch_size=batch_size,
+                                  seq_len=seq_len if batch_size else None))
 
 
 def _human(n: float) -> str:
@@ -465,6 +487,9 @@ def _human(n: float) -> str:
 def format_table(reports: Sequence[Report]) -> str:
     cols = ["name", "total", "published", "err%", "embed", "pos", "attention", "ffn", "norms",
             "head", "train GFLOP/tok", "Adam mem"]
+    batched = any("activations" in r.memory for r in reports)
+    if batched:
+        cols += ["activations", "total mem"]
     rows = []
     for r in reports:
         c = r.counts
@@ -473,7 +498,12 @@ def format_table(reports: Sequence[Report]) -> str:
                      err, _human(c["token_embeddings"] + c["type_embeddings"]),
                      _human(c["position_embeddings"]), _human(c["attention"]),
                      _human(c["feed_forward"]), _human(c["norms"]), _human(c["output_head"]),
-                     f"{r.flops['total'] / 1e9:.3g}", f"{r.memory['total'] / 2**30:.1f} GiB"])
+                     f"{r.flops['total'] / 1e9:.3g}",
+                     f"{(r.memory['total'] - r.memory.get('activations', 0)) / 2**30:.1f} GiB"])
+        if batched:
+            act = r.memory.get("activations")
+            rows[-1] += (["n/a", ""] if act is None else
+                         [f"{act / 2**30:.1f} GiB", f"{r.memory['total'] / 2**30:.1f} GiB"])
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     lines = ["  ".join(str(x).rjust(w) for x, w in zip(cols, widths))]
     lines.append("  ".join("-" * w for w in widths))
@@ -490,6 +520,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", default="", metavar="FIELD=VALUE,...",
                         help="TransformerConfig fields changed in every named preset, e.g. "
                              "num_kv_heads=4,max_len=2048 (a hypothetical model)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="B",
+                        help="add the activations the backward pass keeps for B rows "
+                             "(params.activation_memory, traced for this machine's backend)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="S",
+                        help="tokens a row for FLOPs and activations (default: max_len)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
     args = parser.parse_args(argv)
     names = args.names or list(PRESETS)
@@ -501,17 +536,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        reports = [report(get_config(n, **changes), name=f"{n} ({args.set})") if changes
-                   else report(n) for n in names]
+        configs = [(get_config(n, **changes), f"{n} ({args.set})") if changes else (n, None)
+                   for n in names]
     except (TypeError, ValueError) as e:
         parser.error(f"--set: {e}")
+    try:
+        reports = [report(c, name=label, batch_size=args.batch_size, seq_len=args.seq_len)
+                   for c, label in configs]
+    except ValueError as e:
+        parser.error(str(e))
     if args.json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     else:
         print(format_table(reports))
-        print("\ntrain GFLOP/tok = 6 N + attention term at max_len; memory = params + grads + "
-              "2 Adam moments in the config's param_dtype (float32 in the presets), activations "
-              "excluded.")
+        at = f"seq_len {args.seq_len}" if args.seq_len else "max_len"
+        print(f"\ntrain GFLOP/tok = 6 N + attention term at {at}; Adam mem = params + grads + "
+              "2 Adam moments in the config's param_dtype (float32 in the presets)"
+              + ("." if args.batch_size is None else
+                 f"; activations = what the backward pass keeps for {args.batch_size} rows at "
+                 f"{at} (params.activation_memory: jaxpr residuals, not XLA's peak; n/a: an "
+                 "encoder without mlm_head=True); total mem = the two."))
     return 0
 
 

@@ -329,3 +329,28 @@ def test_activation_memory_of_an_encoder_needs_its_head():
     mem = params.activation_memory(get_config("bert-base", **TINY, mlm_head=True),
                                    batch_size=2, seq_len=32, platform="cpu")
     assert mem["per_layer"] > 0 and mem["embeddings_and_head"] > 0
+
+
+def test_training_memory_adds_the_activations_and_the_cli_shows_them():
+    cfg = get_config("gpt2", **TINY)
+    plain = params.training_memory(cfg)
+    mem = params.training_memory(cfg, batch_size=4, seq_len=32)
+    act = params.activation_memory(cfg, batch_size=4, seq_len=32)["activations"]
+    assert mem["activations"] == act > 0
+    assert mem["total"] == plain["total"] + act == sum(v for k, v in mem.items() if k != "total")
+    # Accumulating over 2 steps keeps one micro-batch's activations at a time.
+    micro = params.training_memory(cfg, batch_size=4, seq_len=32, accumulation_steps=2)
+    assert micro["activations"] == act // 2
+    with pytest.raises(ValueError, match="batch_size=3 must be a multiple of accumulation"):
+        params.training_memory(cfg, batch_size=3, accumulation_steps=2)
+    with pytest.raises(ValueError, match="give batch_size too"):
+        params.training_memory(cfg, seq_len=32)
+    out = subprocess.run([sys.executable, "-m", "flaxformer_lite.params", "gpt2", "--set",
+                          "num_layers=2,d_model=64,num_heads=4,d_ff=128", "--batch-size", "2",
+                          "--seq-len", "128", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    memory = json.loads(out)[0]["training_memory_bytes"]
+    assert memory["activations"] > 0 and memory["total"] > memory["activations"]
+    res = subprocess.run([sys.executable, "-m", "flaxformer_lite.params", "gpt2",
+                          "--batch-size", "0"], capture_output=True, text=True)
+    assert res.returncode == 2 and "batch_size=0" in res.stderr
