@@ -5,6 +5,9 @@ and allocate no parameter memory. `breakdown` traces the layer stack as one `nn.
 parameters, stacked), so even gpt3-175b's 96 layers count in a fraction of a second.
 
     python -m flaxformer_lite.params gpt2 bert-base gpt3-175b [--json]
+    python -m flaxformer_lite.params gpt2 --batch-size 8 [--seq-len 1024]  # + activations
+
+`activation_memory` counts what a train step's backward pass keeps (traced, never allocated).
 
 Published figures (`PUBLISHED`) and where they come from:
 - transformer-base / -big: Vaswani et al. 2017, Table 3 ("65M", "213M"). The paper rounds and its
@@ -341,9 +344,10 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
 
     What is counted: `make_model(config)`'s train loss (the train step's `predictions` and
     cross-entropy, dropout when the config has it) is traced with abstract arrays
-    (`jax.ShapeDtypeStruct`), its backward function taken with `jax.vjp`, and the residuals
-    that function closes over summed: what `jax.ad_checkpoint.print_saved_residuals` lists,
-    less the arguments (parameters and batch, in memory anyway). So it follows the config's
+    (`jax.ShapeDtypeStruct`), its backward function taken with `jax.vjp` with respect to the
+    parameters, and the residuals that function closes over summed (the arrays
+    `jax.ad_checkpoint.print_saved_residuals` lists), less the arguments (parameters and
+    batch, in memory anyway). So it follows the config's
     dtype, remat policy, `scan_layers` (a scan's residuals come out stacked over its layers),
     fused QKV, grouped-query heads, activation and attention implementation. Attention is
     traced for `platform` (default: JAX's default backend), whose path it takes: the CPU path
