@@ -56,15 +56,18 @@ def make_decoder(model, cfg, tok):
                                          greedy=True).tokens
 
     def decode(params, texts):
-        src = encode_sources(tok, texts, cfg.max_source_len)  # as training framed them
-        out = []
+        # An empty source translates as "": decoded, its EOS alone gives a made-up sentence.
+        real = [i for i, text in enumerate(texts) if text.strip()]
+        src = encode_sources(tok, [texts[i] for i in real], cfg.max_source_len)  # as trained
+        out = [""] * len(texts)
         for start in range(0, len(src), chunk):
             part = src[start:start + chunk]
             n = len(part)
             if n < chunk:  # keep one compiled shape
                 part = np.concatenate([part, np.repeat(part[-1:], chunk - n, 0)])
             ids = np.asarray(run(params, part))[:n]
-            out.extend(tok.decode(evaluation.strip_ids(row)) for row in ids)
+            for i, row in zip(real[start:start + n], ids):
+                out[i] = tok.decode(evaluation.strip_ids(row))
         return out
 
     # during the train step's compile
@@ -109,9 +112,21 @@ def translate_file(cfg, workdir: str) -> None:
                              "once, which saves it and trains no further.")
     given = common.command_line_fields() or set()
     settings = cfg.copy_and_resolve_references()
+    recorded = run.experiment or {}
+    defaulted = []
     for name in DECODING_FIELDS:
-        if name not in given and name in (run.experiment or {}):
-            settings[name] = run.experiment[name]
+        if name in given:
+            continue
+        if name in recorded:
+            settings[name] = recorded[name]
+        else:  # a run trained by train() from code of its own records no experiment
+            if name in ("max_source_len", "max_decode_len"):
+                settings[name] = run.config.max_len
+            defaulted.append(f"{name}={settings[name]}")
+    if defaulted:
+        logging.warning("%s records no decoding settings of this script (a run trained "
+                        "outside it): using %s; set them with --config.<name>.", workdir,
+                        ", ".join(defaulted))
     if settings.max_decode_len > run.config.max_len:
         raise app.UsageError(f"--config.max_decode_len={settings.max_decode_len} exceeds the "
                              f"model's max_len={run.config.max_len}.")
@@ -120,8 +135,9 @@ def translate_file(cfg, workdir: str) -> None:
     output = cfg.output or cfg.translate + ".hyp"
     write_hypotheses(output, hyps)
     print(f"Translated {len(texts)} lines with the step-{run.step} parameters of {workdir} "
-          f"(beam {settings.beam_size}, alpha {settings.alpha}) into {output} in "
-          f"{time.time() - t0:.1f} s.", flush=True)
+          f"(beam {settings.beam_size}, alpha {settings.alpha}, sources cut at "
+          f"{settings.max_source_len} tokens, hypotheses at {settings.max_decode_len}) into "
+          f"{output} in {time.time() - t0:.1f} s.", flush=True)
 
 
 def main(argv):

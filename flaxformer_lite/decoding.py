@@ -68,7 +68,8 @@ class Generation(NamedTuple):
     log_probs: `[batch]` sum of the model's log-probabilities (temperature 1, no filtering) of
       the generated tokens: the score greedy search maximises step by step.
     logits: `[batch, max_new_tokens, vocab]` float32 logits each token was chosen from, when
-      `return_logits=True` (else None).
+      `return_logits=True` (else None). After a row's stop token (past `lengths`) they are
+      unspecified: the row keeps stepping on its padding, not on the sequence it ended.
     """
 
     tokens: Array

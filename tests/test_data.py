@@ -870,6 +870,14 @@ def test_bring_your_own_data_errors_name_the_fix(tmp_path):
     src = _write(tmp_path / "train.de", "eins\n")
     with pytest.raises(ValueError, match="is a file; a parallel corpus is a folder"):
         fd.load_parallel_corpus(src, source_lang="de", target_lang="en")
+    held_out = tmp_path / "held_out"
+    held_out.mkdir()
+    files = {"test": (_write(held_out / "test.de", "eins\n"), _write(held_out / "test.en",
+                                                                      "one\n"))}
+    with pytest.raises(ValueError, match=r"no 'train.de' / 'train.en' pair.*loads as "
+                       r"\{split: \(source_file, target_file\)\}"):
+        fd.load_parallel_corpus(held_out, source_lang="de", target_lang="en")
+    assert len(fd.load_parallel_corpus(files, data_dir=tmp_path / "prep").split("test")) == 1
 
 
 def test_encode_sources_refuses_a_string_and_reports_cuts(caplog):
@@ -882,3 +890,12 @@ def test_encode_sources_refuses_a_string_and_reports_cuts(caplog):
         rows = fd.encode_sources(tok, ["abcdef", "ab"], 4)
     assert "1 of 2 sources are longer than max_len=4" in caplog.text
     assert rows.tolist() == [tok.encode("abc") + [fd.EOS_ID], tok.encode("ab") + [fd.EOS_ID, 0]]
+    # A generator is a list of sentences too; a line that is no string is named.
+    np.testing.assert_array_equal(fd.encode_sources(tok, (t for t in ["abcdef", "ab"]), 4), rows)
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType, not a string"):
+        fd.encode_sources(tok, ["ab", None], 4)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        blank = fd.encode_sources(tok, ["ab", "  ", ""], 4)
+    assert "source(s) [1, 2] are empty" in caplog.text
+    assert blank[1].tolist() == [fd.EOS_ID, 0, 0, 0]

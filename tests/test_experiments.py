@@ -123,8 +123,18 @@ def test_translate_reverse_task(tmp_path):
     out = run("translate.py", tmp_path / "work", f"--config.translate={sources}",
               "--config.beam_size=2")
     assert "Translated 3 lines with the step-20 parameters" in out and "beam 2" in out
-    assert len((tmp_path / "sources.txt.hyp").read_text().splitlines()) == 3
+    assert "sources cut at 16 tokens, hypotheses at 16" in out  # the run's recorded lengths
+    hyps = (tmp_path / "sources.txt.hyp").read_text().splitlines()
+    assert len(hyps) == 3 and hyps[0] and hyps[2] == ""  # an empty source translates as ""
     assert [m["step"] for m in metrics(tmp_path / "work")] == [10, 20]  # nothing trained
+    # A run trained by train() from code of one's own records no experiment: the lengths are
+    # the model's, not this script's defaults.
+    shutil.copytree(tmp_path / "work", tmp_path / "own")
+    record = json.loads((tmp_path / "own" / "config.json").read_text())
+    del record["experiment"]
+    (tmp_path / "own" / "config.json").write_text(json.dumps(record))
+    out = run("translate.py", tmp_path / "own", f"--config.translate={sources}")
+    assert "sources cut at 32 tokens, hypotheses at 32" in out
 
 
 @pytest.mark.slow

@@ -598,7 +598,9 @@ def find_parallel_files(folder: str | os.PathLike, source_lang: str, target_lang
     if "train" not in found:
         raise ValueError(f"no 'train.{source_lang}' / 'train.{target_lang}' pair in "
                          f"{str(folder)!r}; files there: "
-                         f"{sorted(p.name for p in folder.iterdir())[:20]}.")
+                         f"{sorted(p.name for p in folder.iterdir())[:20]}. A folder without "
+                         "a training split (a held-out set alone) loads as "
+                         "{split: (source_file, target_file)}.")
     return found
 
 

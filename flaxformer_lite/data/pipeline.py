@@ -735,23 +735,37 @@ def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> 
     """Source sentences framed as `translation_pipeline` frames them for training, for
     decoding: stripped, `ids + [EOS]` cut to `max_len` keeping the EOS, right-padded with 0 to
     `[len(texts), max_len]` int32. A model trained on framed sources decodes unframed ones
-    (no EOS) poorly."""
+    (no EOS) poorly. An empty source is its EOS alone, which a model decodes into a sentence
+    of its own (training never shows one: `translation_pipeline` drops empty pairs); a warning
+    names such rows."""
     if isinstance(texts, str):
         raise TypeError("encode_sources takes a list of sentences; one string would be one "
                         "source per character: encode_sources(tokenizer, [text], max_len).")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"encode_sources: max_len={max_len!r} must be a whole number >= 1.")
+    texts = list(texts)  # a generator too
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"encode_sources: texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, "
+                        "not a string (one source sentence a row).")
     rows = np.zeros((len(texts), max_len), np.int32)
-    cut = 0
+    cut, empty = 0, []
     for i, text in enumerate(texts):
         ids = tokenizer.encode(text.strip())
         cut += len(ids) + 1 > max_len
+        if not ids:
+            empty.append(i)
         ids = ids[:max_len - 1] + [EOS_ID]
         rows[i, :len(ids)] = ids
     if cut:
         log.warning("encode_sources: %d of %d sources are longer than max_len=%d with their "
                     "EOS and were cut (as translation_pipeline cuts them).", cut, len(texts),
                     max_len)
+    if empty:
+        log.warning("encode_sources: source(s) %s%s are empty: a model decodes their EOS alone "
+                    "into a sentence of its own (training drops empty pairs); leave them out, "
+                    "or give them an empty translation.", empty[:10],
+                    f" (and {len(empty) - 10} more)" if len(empty) > 10 else "")
     return rows
 
 
