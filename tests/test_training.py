@@ -1457,16 +1457,151 @@ def test_load_run_reads_config_params_and_tokenizer(engine, tmp_path):
     from flaxformer_lite.data import CharTokenizer
     from flaxformer_lite.training import load_params, load_run
 
-    run(engine, tmp_path, 2)
+    run(engine, tmp_path, 2, checkpoint_every=1)
     assert load_run(tmp_path).tokenizer is None  # a run of one's own: none saved
     tok = CharTokenizer.from_texts(["some text"])
     tok.save(tmp_path / "tokenizer.json")
     loaded = load_run(tmp_path)
     assert loaded.config == TINY and loaded.step == 2 and loaded.experiment is None
+    assert loaded.averaged_steps is None
     assert max_diff(loaded.params, load_params(tmp_path / "checkpoints")[1]) == 0.0
+    # average_last: the mean of the last k checkpoints' parameters, and which steps they were
+    averaged = load_run(tmp_path, average_last=2)
+    assert averaged.step == 2 and averaged.averaged_steps == [1, 2]
+    assert averaged.tokenizer.encode("text") == tok.encode("text")
+    first, second = (load_params(tmp_path / "checkpoints", s)[1] for s in (1, 2))
+    mean = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) + np.asarray(b)) / 2,
+                        first, second)
+    assert max_diff(first, second) > 0  # a mean that differs from either checkpoint
+    jax.tree.map(lambda x, m: np.testing.assert_allclose(
+        np.asarray(x), m.astype(np.float32), rtol=1e-7, atol=0), averaged.params, mean)
+    with pytest.raises(ValueError, match=r"last=3, but .* holds 2 checkpoints .*keep_checkpoints"):
+        load_run(tmp_path, average_last=3)
+    with pytest.raises(ValueError, match="not both"):
+        load_run(tmp_path, 1, average_last=2)
     assert loaded.tokenizer.encode("text") == tok.encode("text")
     with pytest.raises(FileNotFoundError, match="is not a train\\(\\) workdir"):
         load_run(tmp_path / "checkpoints")
+
+
+def _save_params(directory, trees: dict) -> None:
+    """Checkpoints holding `{"params": tree}` at each step of `trees` (no model, no compile)."""
+    ckpt = Checkpointer(directory, keep=None, async_save=False)
+    for step, tree in trees.items():
+        assert ckpt.save(step, {"params": tree})
+    ckpt.close()
+
+
+def _np_mean(trees):
+    """float64 NumPy mean of parameter trees."""
+    return jax.tree.map(lambda *xs: np.mean([np.asarray(x, np.float64) for x in xs], axis=0),
+                        *trees)
+
+
+def test_average_params_is_the_float64_mean_of_the_chosen_checkpoints(engine, tmp_path):
+    """float32 parameters: the mean rounded once (accumulated in float64); `last` takes the
+    newest k; placed by `target`; cast by `dtype`."""
+    from flaxformer_lite.training import average_params
+
+    trees = {step: numpy_params(TINY, seed=step) for step in (2, 4, 6, 8)}
+    _save_params(tmp_path, trees)
+
+    def check(params, steps):
+        want = _np_mean([trees[s] for s in steps])
+        jax.tree.map(lambda x, m: np.testing.assert_allclose(
+            np.asarray(x), m.astype(np.float32), rtol=1e-7, atol=0), params, want)
+
+    steps, params = average_params(tmp_path, [8, 2, 6])
+    assert steps == [2, 6, 8]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    assert {x.sharding for x in jax.tree.leaves(params)} == {
+        jax.sharding.SingleDeviceSharding(jax.local_devices()[0])}
+    check(params, [2, 6, 8])
+    steps, params = average_params(tmp_path, last=2)
+    assert steps == [6, 8]
+    check(params, [6, 8])
+    steps, params = average_params(tmp_path, last=1)
+    assert steps == [8] and max_diff(params, trees[8]) == 0.0
+    abstract = engine.abstract_state().params
+    _, placed = average_params(tmp_path, last=4, target=abstract)
+    assert all(x.sharding == t.sharding for x, t in
+               zip(jax.tree.leaves(placed), jax.tree.leaves(abstract), strict=True))
+    check(placed, [2, 4, 6, 8])
+    _, half = average_params(tmp_path, last=4, dtype=jnp.bfloat16)
+    jax.tree.map(lambda x, m: np.testing.assert_array_equal(
+        np.asarray(x), m.astype(np.float32).astype(jnp.bfloat16)),
+        half, _np_mean(list(trees.values())))
+
+
+def test_average_params_of_bfloat16_checkpoints_sums_in_float32_or_wider(tmp_path):
+    """bfloat16 parameters: averaged exactly, then rounded to bfloat16 (a bfloat16 sum would
+    round at every addition); `dtype=float32` keeps the mean's float32 digits."""
+    from flaxformer_lite.training import average_params
+
+    trees = {step: jax.tree.map(lambda x: (x * 7).astype(jnp.bfloat16),
+                                numpy_params(TINY, seed=step)) for step in (1, 2, 3)}
+    _save_params(tmp_path, trees)
+    mean = _np_mean(list(trees.values()))
+    _, params = average_params(tmp_path, last=3)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree.map(lambda x, m: np.testing.assert_array_equal(
+        np.asarray(x), m.astype(np.float32).astype(jnp.bfloat16)), params, mean)
+    _, wide = average_params(tmp_path, last=3, dtype=jnp.float32)
+    jax.tree.map(lambda x, m: np.testing.assert_allclose(
+        np.asarray(x), m.astype(np.float32), rtol=1e-7, atol=0), wide, mean)
+
+
+def test_average_params_refuses_before_reading_an_array(tmp_path, monkeypatch):
+    from flaxformer_lite.training import average_params
+    from flaxformer_lite.training import checkpoint as checkpoint_module
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    table = np.arange(4, dtype=np.int32)
+    _save_params(tmp_path / "ok", {1: {"w": w, "table": table}, 2: {"w": w + 1, "table": table},
+                                   3: {"w": w + 3, "table": table}})
+    # integer leaves equal in every checkpoint are kept as they are
+    steps, params = average_params(tmp_path / "ok", last=3)
+    assert steps == [1, 2, 3]
+    np.testing.assert_array_equal(params["table"], table)
+    assert params["table"].dtype == np.int32
+    np.testing.assert_array_equal(params["w"], ((3 * w.astype(np.float64) + 4) / 3).astype(
+        np.float32))
+
+    _save_params(tmp_path / "shape", {1: {"a": w, "b": w}, 2: {"a": w, "b": w.T}})
+    _save_params(tmp_path / "tree", {1: {"a": w, "b": w}, 2: {"a": w, "c": w}})
+    _save_params(tmp_path / "ints", {1: {"w": w, "table": table},
+                                     2: {"w": w, "table": table + 1}})
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an array was read before the refusal")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "_read_params", no_reading)
+        for kwargs, error, message in [
+            (dict(), ValueError, "either steps=.* or last=k, not neither"),
+            (dict(steps=[1], last=1), ValueError, "not both"),
+            (dict(last=4), ValueError,
+             r"last=4, but .* holds 3 checkpoints \(steps \[1, 2, 3\]\): train\(\) keeps "
+             r"only the last `keep_checkpoints`.*keep_checkpoints >= 4"),
+            (dict(last=0), ValueError, "last=0 must be a whole number >= 1"),
+            (dict(steps=[1, 5, 7]), FileNotFoundError,
+             r"No checkpoint of steps 5, 7 in .*; it holds steps \[1, 2, 3\]"),
+            (dict(steps=[1, 1]), ValueError, r"names step\(s\) \[1\] more than once"),
+            (dict(steps=[]), ValueError, "names no checkpoint"),
+        ]:
+            with pytest.raises(error, match=message):
+                average_params(tmp_path / "ok", **kwargs)
+        with pytest.raises(ValueError, match="steps 1 and 2 .* differ in shape at b: "
+                           r"\(2, 3\) and \(3, 2\)"):
+            average_params(tmp_path / "shape", last=2)
+        with pytest.raises(ValueError, match="other parameter trees: b is in step 1's, not in "
+                           "step 2's"):
+            average_params(tmp_path / "tree", [1, 2])
+        with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+            average_params(tmp_path / "empty", last=1)
+    with pytest.raises(ValueError, match="table is not floating point .int32. and differs "
+                       "between the checkpoints of steps 1 and 2"):
+        average_params(tmp_path / "ints", last=2)
 
 
 def params_lib_flat(tree):

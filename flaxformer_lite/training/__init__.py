@@ -14,6 +14,7 @@ from flaxformer_lite.training.checkpoint import (
     CheckpointSaveError,
     Restored,
     Run,
+    average_params,
     iterator_state,
     load_params,
     load_run,
@@ -67,10 +68,10 @@ from flaxformer_lite.training.trainer import (
 
 __all__ = [
     "CheckpointRestoreError", "CheckpointSaveError", "Checkpointer", "DEFAULT_RULES", "Engine",
-    "LossConfig", "MESH_AXES", "NonFiniteLossError",
-    "OptimizerConfig", "ParallelConfig", "Restored", "Run", "TensorBoardHook", "TrainResult",
-    "TrainState", "add_metrics", "constant_schedule", "create_train_state", "cross_entropy",
-    "decay_mask", "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",
+    "LossConfig", "MESH_AXES", "NonFiniteLossError", "OptimizerConfig", "ParallelConfig",
+    "Restored", "Run", "TensorBoardHook", "TrainResult", "TrainState", "add_metrics",
+    "average_params", "constant_schedule", "create_train_state", "cross_entropy", "decay_mask",
+    "eval_step", "evaluate", "initialize", "is_main_process", "iterator_state",
     "learning_rate_at", "load_params", "load_run", "load_state", "local_batch", "log_hook",
     "logical_to_shardings", "logits_fn", "loss_weights", "make_mesh", "make_optimizer",
     "make_schedule", "metric_sums", "num_updates", "param_logical_specs", "print_hook",

@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax.core import meta
@@ -407,22 +409,39 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
     directory, manager = _reader(directory)
     with manager:
         step = _latest(manager, directory, step)
-        saved = manager.item_metadata(step)[STATE_ITEM]
+        saved = _saved_params(manager, directory, step)
+    target = _params_target(saved, target, dtype, f"step {step} in {directory}")
+    return step, _read_params(directory, step, target)
+
+
+def _saved_params(manager: ocp.CheckpointManager, directory: epath.Path, step: int) -> Any:
+    """The metadata (shapes, dtypes) of the parameters of `step`'s checkpoint; nothing read."""
+    saved = manager.item_metadata(step)[STATE_ITEM]
     saved = getattr(saved, "tree", saved)  # Orbax's TreeMetadata wraps the nested dicts
     if not isinstance(saved, Mapping) or "params" not in saved:
         held = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
         raise ValueError(f"The checkpoint of step {step} in {directory} holds no 'params' "
                          f"(it holds {held}); use load_state() for other states.")
-    saved = saved["params"]
+    return saved["params"]
+
+
+def _params_target(saved: Any, target: Any, dtype: Any, where: str) -> Any:
+    """`load_params`' `target` and `dtype` as a tree of `ShapeDtypeStruct`s with shardings in
+    the structure of the checkpoint's parameter metadata `saved`."""
     if target is None or isinstance(target, jax.sharding.Sharding):
         sharding = target or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                               saved)
     else:
-        target = _check_target(meta.unbox(target), saved, f"step {step} in {directory}")
+        target = _check_target(meta.unbox(target), saved, where)
     if dtype is not None:
         target = jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, dtype, sharding=t.sharding),
                               target)
+    return target
+
+
+def _read_params(directory: epath.Path, step: int, target: Any) -> Any:
+    """The parameters of `step`'s checkpoint, read into `target`'s shardings and dtypes."""
     restore_args = jax.tree.map(
         lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     # Orbax's pytree handler reads a subtree when asked for a partial restore; the optimizer
@@ -431,7 +450,154 @@ def load_params(directory: str | os.PathLike, step: int | None = None, *,
         directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args},
             partial_restore=True))
-    return step, out["params"]
+    return out["params"]
+
+
+def _is_float(dtype: Any) -> bool:
+    return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+
+
+def _choose_steps(present: list[int], steps: Any, last: Any, directory: epath.Path) -> list[int]:
+    """The steps `average_params` averages (ascending), or why not."""
+    if (steps is None) == (last is None):
+        raise ValueError("average_params takes either steps=[...] or last=k, not "
+                         f"{'both' if last is not None else 'neither'}.")
+    if not present:
+        hint = (f" (a train() workdir keeps them in {directory / 'checkpoints'})"
+                if (directory / "checkpoints").is_dir() else "")
+        raise FileNotFoundError(f"No checkpoint in {directory}{hint}.")
+    if last is not None:
+        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
+            raise ValueError(f"last={last!r} must be a whole number >= 1.")
+        if last > len(present):
+            raise ValueError(
+                f"last={last}, but {directory} holds {len(present)} checkpoint"
+                f"{'s' if len(present) != 1 else ''} (steps {present}): train() keeps only the "
+                f"last `keep_checkpoints` (3 by default); train with keep_checkpoints >= {last} "
+                f"to average the last {last}, or average fewer.")
+        return present[-last:]
+    if isinstance(steps, int | str) or not all(
+            isinstance(s, int | np.integer) and not isinstance(s, bool) for s in steps):
+        raise ValueError(f"steps={steps!r} must be a list of whole step numbers.")
+    chosen = sorted(int(s) for s in steps)
+    if not chosen:
+        raise ValueError("steps=[] names no checkpoint to average.")
+    repeated = sorted({s for s in chosen if chosen.count(s) > 1})
+    if repeated:
+        raise ValueError(f"steps={list(steps)} names step(s) {repeated} more than once (each "
+                         "would weigh that much more in the mean).")
+    missing = [s for s in chosen if s not in present]
+    if missing:
+        raise FileNotFoundError(f"No checkpoint of step{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(map(str, missing))} in {directory}; it holds steps "
+                                f"{present}.")
+    return chosen
+
+
+def _check_alike(saved: dict[int, Any], directory: epath.Path) -> None:
+    """Refuse checkpoints whose parameter trees, shapes or kinds of dtype (floating or not)
+    differ, naming the first differing path."""
+    (first, reference), *others = saved.items()
+    want = flat_leaves(reference)
+    for step, tree in others:
+        have = flat_leaves(tree)
+        for path in sorted(set(want) | set(have)):
+            if path not in have or path not in want:
+                holder, lacks = (first, step) if path in want else (step, first)
+                raise ValueError(
+                    f"The checkpoints of steps {first} and {step} in {directory} hold other "
+                    f"parameter trees: {path} is in step {holder}'s, not in step {lacks}'s "
+                    "(checkpoints of different models cannot be averaged).")
+            a, b = want[path], have[path]
+            if tuple(a.shape) != tuple(b.shape):
+                raise ValueError(
+                    f"The checkpoints of steps {first} and {step} in {directory} differ in "
+                    f"shape at {path}: {tuple(a.shape)} and {tuple(b.shape)} (checkpoints of "
+                    "different models cannot be averaged).")
+            if _is_float(a.dtype) != _is_float(b.dtype) or (
+                    not _is_float(a.dtype) and jnp.dtype(a.dtype) != jnp.dtype(b.dtype)):
+                raise ValueError(
+                    f"The checkpoints of steps {first} and {step} in {directory} differ in "
+                    f"dtype at {path}: {a.dtype} and {b.dtype}.")
+
+
+def average_params(directory: str | os.PathLike, steps: Any = None, *, last: int | None = None,
+                   dtype: Any = None, target: Any = None) -> tuple[list[int], Any]:
+    """`(steps, params)`: the element-wise mean of the parameters of the checkpoints of
+    `steps`, or of the `last` k in `directory`, as "Attention Is All You Need" evaluates (the
+    base model: the mean of the last 5 checkpoints, written 10 minutes apart; the big one: the
+    last 20). `steps`: those averaged, ascending.
+
+    The checkpoints are read one at a time (parameters only, as `load_params` reads them) and
+    summed on the host in float64, so memory holds a checkpoint and the sum, whatever k; the
+    mean is rounded to float32, then to the parameters' own dtype (bfloat16 parameters are
+    averaged exactly and rounded once more), or to `dtype`. `target` places the result as in
+    `load_params` (a device, a `Sharding`, or a tree of `ShapeDtypeStruct`s with shardings:
+    each process sums only its own shards). Parameters saved in other float dtypes (a run
+    resumed with another `param_dtype`) average together and come out in the newest one's.
+    Leaves that are not floating point (integer tables of a model of one's own) must hold the
+    same values in every checkpoint, which the result keeps.
+
+    Refused before any array is read: both or neither of `steps` and `last`, `last` larger
+    than the number of checkpoints (`train(keep_checkpoints=...)` keeps the last 3 by
+    default), a step not present (the present ones named), checkpoints whose parameter trees
+    or shapes differ (the first differing path named), a `target` that does not fit.
+    """
+    directory, manager = _reader(directory)
+    with manager:
+        present = sorted(manager.all_steps())
+        chosen = _choose_steps(present, steps, last, directory)
+        saved = {step: _saved_params(manager, directory, step) for step in chosen}
+    _check_alike(saved, directory)
+    newest = saved[chosen[-1]]
+    out_target = _params_target(newest, target, dtype, f"step {chosen[-1]} in {directory}")
+    # Each checkpoint is read in its own dtypes (no rounding before the sum) into the result's
+    # shardings; the sum is kept per distinct shard of this process (replicas added once).
+    slots, treedef = jax.tree.flatten(out_target)
+    paths = list(flat_leaves(out_target))
+    sums: list[dict] = [{} for _ in slots]
+    for i, step in enumerate(chosen):
+        kinds = flat_leaves(saved[step])
+        read_target = jax.tree.unflatten(treedef, [
+            jax.ShapeDtypeStruct(t.shape, kinds[path].dtype, sharding=t.sharding)
+            for t, path in zip(slots, paths, strict=True)])
+        for leaf, path, acc in zip(jax.tree.leaves(_read_params(directory, step, read_target)),
+                                   paths, sums, strict=True):
+            seen = set()
+            for shard in leaf.addressable_shards:
+                key = _shard_key(shard.index)
+                if key in seen:
+                    continue
+                seen.add(key)
+                value = np.asarray(shard.data)
+                if not _is_float(value.dtype):
+                    if not i:
+                        acc[key] = value
+                    elif not np.array_equal(acc[key], value):
+                        raise ValueError(
+                            f"{path} is not floating point ({value.dtype}) and differs between "
+                            f"the checkpoints of steps {chosen[0]} and {step} in {directory}: "
+                            "only floating-point parameters are averaged.")
+                elif not i:
+                    acc[key] = value.astype(np.float64)
+                else:
+                    acc[key] += value.astype(np.float64)  # exact for any float
+        # this checkpoint's arrays are dropped here, before the next one is read
+    out_leaves = []
+    for t, acc in zip(slots, sums, strict=True):
+        shards = []
+        for device, index in t.sharding.addressable_devices_indices_map(t.shape).items():
+            value = acc[_shard_key(index)]
+            if value.dtype == np.float64:  # the sum of floating-point leaves
+                value = (value / len(chosen)).astype(np.float32)
+            shards.append(jax.device_put(value.astype(t.dtype), device))
+        out_leaves.append(jax.make_array_from_single_device_arrays(t.shape, t.sharding, shards))
+    return chosen, jax.tree.unflatten(treedef, out_leaves)
+
+
+def _shard_key(index: tuple) -> tuple:
+    """A hashable key of a shard's index (a tuple of slices)."""
+    return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
 
 
 def _differences(want: Any, have: Any) -> tuple[list[str], list[str], list[tuple]]:
@@ -485,10 +651,13 @@ class Run:
     # "package.module.Class" of a model of your own (`train(model=...)`), which you rebuild
     # yourself from `config`; None for the library's models (`make_model`).
     module: str | None = None
+    # The steps whose parameters `params` averages (`load_run(average_last=k)`), ascending;
+    # None when `params` are those of `step` alone.
+    averaged_steps: list[int] | None = None
 
 
 def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any = None,
-             dtype: Any = None) -> Run:
+             dtype: Any = None, average_last: int | None = None) -> Run:
     """A trained run back from its workdir, for decoding or evaluation:
 
         run = load_run("/tmp/lm")
@@ -499,6 +668,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
     `step`'s) checkpoint via `load_params` (`target`, `dtype` as there), the tokenizer from
     `workdir/tokenizer.json` or `tokenizer.model`, which the experiment scripts write (None if
     absent: a run of one's own can `tokenizer.save(workdir + "/tokenizer.json")` too).
+
+    average_last=k: the parameters are the mean of the last k checkpoints' (`average_params`),
+    `run.step` the last of them and `run.averaged_steps` all k (None without averaging).
     """
     from flaxformer_lite.config import TransformerConfig
     from flaxformer_lite.data.tokenizers import load_tokenizer
@@ -517,8 +689,18 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
     if unknown:
         raise ValueError(f"{path} records model fields this version does not have: {unknown}.")
     config = TransformerConfig(**model_record)
-    step, params = load_params(os.path.join(workdir, "checkpoints"), step, target=target,
-                               dtype=dtype)
+    averaged = None
+    if average_last is not None:
+        if step is not None:
+            raise ValueError(f"load_run takes step={step} or average_last={average_last} (the "
+                             "last checkpoints), not both; average_params(dir, steps=[...]) "
+                             "averages chosen ones.")
+        averaged, params = average_params(os.path.join(workdir, "checkpoints"),
+                                          last=average_last, target=target, dtype=dtype)
+        step = averaged[-1]
+    else:
+        step, params = load_params(os.path.join(workdir, "checkpoints"), step, target=target,
+                                   dtype=dtype)
     found = [os.path.join(workdir, name) for name in TOKENIZER_FILES
              if os.path.exists(os.path.join(workdir, name))]
     tokenizer = load_tokenizer(found[0]) if found else None
@@ -526,4 +708,4 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
         raise ValueError(f"{found[0]} has {tokenizer.vocab_size} ids but the model's "
                          f"vocab_size is {config.vocab_size}: not this run's tokenizer.")
     return Run(config=config, params=params, step=step, tokenizer=tokenizer,
-               experiment=record.get("experiment"), module=module)
+               experiment=record.get("experiment"), module=module, averaged_steps=averaged)
