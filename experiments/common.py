@@ -525,8 +525,14 @@ def skip_teardown() -> None:
     gc.freeze()
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints in `workdir`, ascending (read from the directory names:
+    nothing is opened)."""
+    ckpt = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.glob("*") if p.name.isdigit()) if ckpt.exists() \
+        else []
+
+
 def latest_step(workdir: str) -> int:
     """The step of the newest checkpoint in `workdir` (0 if none), for the progress bar."""
-    ckpt = Path(workdir) / "checkpoints"
-    steps = [int(p.name) for p in ckpt.glob("*") if p.name.isdigit()] if ckpt.exists() else []
-    return max(steps, default=0)
+    return max(checkpoint_steps(workdir), default=0)

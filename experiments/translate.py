@@ -9,6 +9,9 @@ on the test split at the end; results land in `WORKDIR/metrics.jsonl` and `resul
 A trained run translates a file of one's own (one source a line) without training:
 
     python experiments/translate.py --workdir=/tmp/reverse --config.translate=sources.txt
+
+`--config.average_last=k` tests (and translates) with the mean of the last k checkpoints'
+parameters (`training.average_params`), as "Attention Is All You Need" does.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from absl import app, flags, logging  # noqa: E402
 from experiments import common  # noqa: E402
 from flaxformer_lite import decoding, evaluation, make_model  # noqa: E402
 from flaxformer_lite.data import encode_sources, translation_pipeline  # noqa: E402
-from flaxformer_lite.training import LossConfig, initialize, train  # noqa: E402
+from flaxformer_lite.training import LossConfig, initialize, load_run, train  # noqa: E402
 
 _CONFIG, _WORKDIR = common.define_flags("translate.py", "/tmp/flaxformer_translate")
 flags.adopt_module_key_flags(common)  # --help lists --config and --workdir
@@ -93,19 +96,67 @@ def score(cfg, hyps, refs) -> dict[str, float | str]:
 DECODING_FIELDS = ("max_source_len", "max_decode_len", "beam_size", "alpha")
 
 
+def average_last(cfg) -> int:
+    """`--config.average_last`, checked."""
+    k = cfg.average_last
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise app.UsageError(f"--config.average_last={k!r} must be a whole number >= 0 (0 = "
+                             "the last checkpoint alone).")
+    return k
+
+
+def check_average_last(cfg, workdir: str) -> None:
+    """Refuse, before training, an `average_last` the run cannot average: more than
+    `keep_checkpoints` keeps, or than the checkpoints it writes (every `checkpoint_every` steps
+    and at `num_steps`, with those already in the workdir)."""
+    k = average_last(cfg)
+    if k == 0:
+        return
+    keep = cfg.keep_checkpoints
+    if keep is not None and keep < k:
+        raise app.UsageError(
+            f"--config.average_last={k} averages the last {k} checkpoints, but "
+            f"--config.keep_checkpoints={keep} keeps only {keep}: set keep_checkpoints >= {k}.")
+    every = cfg.checkpoint_every or cfg.num_steps
+    if not (isinstance(every, int) and every > 0):
+        return  # train() names the bad setting
+    steps = set(range(every, cfg.num_steps + 1, every)) | {cfg.num_steps}
+    steps |= {s for s in common.checkpoint_steps(workdir) if s <= cfg.num_steps}
+    if len(steps) < k:
+        raise app.UsageError(
+            f"--config.average_last={k}, but the run ends with {len(steps)} checkpoint"
+            f"{'s' if len(steps) != 1 else ''} (steps {sorted(steps)}: every "
+            f"--config.checkpoint_every={cfg.checkpoint_every} steps and the last of "
+            f"--config.num_steps={cfg.num_steps}): checkpoint more often or average fewer.")
+
+
+def load_params_of(workdir: str, average_last: int):
+    """The run in `workdir` (`load_run`), its parameters averaged over the last
+    `average_last` checkpoints when > 0; and the words naming which parameters they are."""
+    try:
+        run = load_run(workdir, average_last=average_last or None)
+    except ValueError as error:
+        if not average_last:
+            raise
+        raise app.UsageError(f"--config.average_last={average_last}: {error}") from error
+    if run.averaged_steps is None:
+        return run, f"the step-{run.step} parameters"
+    return run, (f"the mean of the parameters of steps "
+                 f"{', '.join(map(str, run.averaged_steps))}")
+
+
 def translate_file(cfg, workdir: str) -> None:
     """`--config.translate=FILE`: decode FILE's lines with the run in `workdir` (its config,
-    latest parameters and tokenizer, `load_run`), framed and decoded with the run's recorded
-    `DECODING_FIELDS` unless the command line sets them; one hypothesis a line to
-    `--config.output` (default FILE + ".hyp")."""
-    from flaxformer_lite.training import load_run
-
+    latest parameters, or the mean of the last `average_last` checkpoints', and tokenizer,
+    `load_run`), framed and decoded with the run's recorded `DECODING_FIELDS` unless the
+    command line sets them; one hypothesis a line to `--config.output` (default FILE +
+    ".hyp")."""
     t0 = time.time()
     with open(cfg.translate, encoding="utf-8") as f:
         texts = f.read().splitlines()
     if not texts:
         raise app.UsageError(f"--config.translate={cfg.translate!r} holds no lines to translate.")
-    run = load_run(workdir)
+    run, which = load_params_of(workdir, average_last(cfg))
     if run.tokenizer is None:
         raise app.UsageError(f"{workdir} holds no tokenizer.json / tokenizer.model (a run "
                              "written before the scripts saved it): rerun its training command "
@@ -134,7 +185,7 @@ def translate_file(cfg, workdir: str) -> None:
     hyps = decode(run.params, texts)
     output = cfg.output or cfg.translate + ".hyp"
     write_hypotheses(output, hyps)
-    print(f"Translated {len(texts)} lines with the step-{run.step} parameters of {workdir} "
+    print(f"Translated {len(texts)} lines with {which} of {workdir} "
           f"(beam {settings.beam_size}, alpha {settings.alpha}, sources cut at "
           f"{settings.max_source_len} tokens, hypotheses at {settings.max_decode_len}) into "
           f"{output} in {time.time() - t0:.1f} s.", flush=True)
@@ -154,6 +205,7 @@ def main(argv):
     if isinstance(cfg.beam_size, bool) or not isinstance(cfg.beam_size, int) or cfg.beam_size < 1:
         raise app.UsageError(f"--config.beam_size={cfg.beam_size!r} must be a whole number >= 1 "
                              "(1 = greedy decoding).")
+    check_average_last(cfg, workdir)
     common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()
@@ -211,13 +263,20 @@ def main(argv):
         return
     common.plot_losses(workdir, result.history)
     common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
-    hyps = decode(result.params, [ex["inputs"] for ex in test])
+    params, which, averaged = result.params, f"the step-{result.step} parameters", None
+    if cfg.average_last:  # the checkpoints are on disk: train() waited for its saves
+        run, which = load_params_of(workdir, cfg.average_last)
+        params, averaged = run.params, run.averaged_steps
+    print(f"Testing on {cfg.test_split} with {which}.", flush=True)
+    hyps = decode(params, [ex["inputs"] for ex in test])
     # The last evaluation's loss and step as lm.py and mlm.py give them, then the test scores.
     final = common.final_results(workdir, result, wall_seconds=writer.wall_seconds(t0),
                                  parameters=num_params, dataset=ds.name)
     final.update(score(cfg, hyps, [ex["targets"] for ex in test]))
     final.update(split=cfg.test_split, examples=len(test), beam_size=cfg.beam_size,
                  alpha=cfg.alpha)
+    if averaged is not None:
+        final.update(averaged_steps=averaged)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(final, f, indent=2)

@@ -138,6 +138,42 @@ def test_translate_reverse_task(tmp_path):
 
 
 @pytest.mark.slow
+def test_translate_tests_and_translates_with_averaged_checkpoints(tmp_path):
+    """--config.average_last=2: the test scores and --config.translate use the mean of the
+    last two checkpoints' parameters, and say so; more than the run holds is refused."""
+    from flaxformer_lite.training import average_params, load_params
+
+    out = run("translate.py", tmp_path / "work", f"--config.data_dir={tmp_path / 'data'}",
+              "--config.num_steps=8", "--config.eval_every=8", "--config.checkpoint_every=4",
+              "--config.average_last=2", "--config.eval_decode_examples=8",
+              "--config.dataset_options.num_train=64",
+              "--config.dataset_options.num_validation=8",
+              "--config.dataset_options.num_test=8", "--config.optimizer.warmup_steps=2",
+              *TINY_MODEL)
+    assert "Testing on test with the mean of the parameters of steps 4, 8." in out
+    result = json.loads((tmp_path / "work" / "results.json").read_text())
+    assert result["averaged_steps"] == [4, 8] and result["step"] == 8
+    checkpoints = tmp_path / "work" / "checkpoints"
+    steps, mean = average_params(checkpoints, last=2)
+    assert steps == [4, 8]
+    assert any(float(abs(a - b).max()) > 0 for a, b in zip(
+        jax.tree.leaves(mean), jax.tree.leaves(load_params(checkpoints)[1]), strict=True))
+    sources = tmp_path / "sources.txt"
+    sources.write_text("3 4 5\n7 8 9 1\n")
+    out = run("translate.py", tmp_path / "work", f"--config.translate={sources}",
+              "--config.average_last=2")
+    assert "Translated 2 lines with the mean of the parameters of steps 4, 8 of" in out
+    cmd = [sys.executable, str(ROOT / "experiments" / "translate.py"),
+           f"--workdir={tmp_path / 'work'}", f"--config.translate={sources}",
+           "--config.average_last=3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert res.returncode != 0 and re.search(
+        r"--config.average_last=3: last=3, but .* holds 2 checkpoints \(steps \[4, 8\]\).*"
+        r"keep_checkpoints", res.stderr), res.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_mlm_on_a_local_file(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"paragraph {i}: masked language models read both ways."
@@ -453,6 +489,11 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
     ("lm.py", ["--config.seq_len=40"], "--config.seq_len=40 exceeds the model's max_len=32"),
     ("translate.py", ["--config.max_source_len=40"], "--config.max_source_len=40 exceeds"),
     ("translate.py", ["--config.beam_size=0"], "--config.beam_size=0 must be"),
+    ("translate.py", ["--config.average_last=3"],
+     "--config.average_last=3 averages the last 3 checkpoints, but "
+     "--config.keep_checkpoints=2 keeps only 2"),
+    ("translate.py", ["--config.average_last=2", "--config.checkpoint_every=0"],
+     "--config.average_last=2, but the run ends with 1 checkpoint (steps [2]"),
 ])
 def test_settings_used_only_after_training_are_checked_at_start(tmp_path, script, flags,
                                                                   message):

@@ -34,6 +34,10 @@ def get_config():
     c.test_split = "test"
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
+    # Test and --config.translate with the mean of the last k checkpoints' parameters, as
+    # "Attention Is All You Need" does (k=5 for its base model, 20 for big); 0 = the last
+    # checkpoint alone. Needs keep_checkpoints >= k.
+    c.average_last = 0
     c.beam_size = 1  # 1 = greedy decoding for exact match / BLEU
     c.alpha = 0.6
     c.max_decode_len = 16
