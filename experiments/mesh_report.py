@@ -99,6 +99,9 @@ def report(config, meshes, batch: int, length: int, microbatches: int = 1) -> li
     else:
         targets = rng.randint(1, vocab, (batch, length)).astype(np.int32)
     data = {"inputs": inputs, "targets": targets}
+    if config.num_classes:  # a classifier: one label a row
+        data = {"inputs": inputs,
+                "labels": rng.randint(0, config.num_classes, batch).astype(np.int32)}
     rows = []
     for mesh in [None, *meshes]:
         if mesh is None:
@@ -188,9 +191,9 @@ def main(argv=None) -> int:
         config = get_config(args.config, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(f"--config/--set: {e}")
-    if config.architecture == "encoder_only" and not config.mlm_head:
-        parser.error(f"--config={args.config} trains with its masked-LM head: add "
-                     "mlm_head=True to --set")
+    if config.architecture == "encoder_only" and not (config.mlm_head or config.num_classes):
+        parser.error(f"--config={args.config} trains with its masked-LM head or a classifier: "
+                     "add mlm_head=True (or num_classes=2) to --set")
     length = config.max_len if args.length is None else args.length
     if not 1 <= length <= config.max_len:
         parser.error(f"--length={length} must lie in [1, max_len={config.max_len}] "

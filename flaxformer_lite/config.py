@@ -73,6 +73,11 @@ class TransformerConfig:
     # tokens, 80 of 512); 0 = every position. Rows selecting more are refused by check_batch;
     # `mlm_pipeline(max_predictions=...)` caps its masking to fit.
     mlm_predictions: int = 0
+    # Sequence classification (encoder_only, needs `pooler`): > 0 adds BERT's classifier,
+    # dropout + Dense(num_classes) on the pooled first token, whose `class_logits`
+    # `[batch, num_classes]` the train and eval steps score against `batch["labels"]`
+    # `[batch]` (cross-entropy per example) instead of the masked-LM targets. 0 = none.
+    num_classes: int = 0
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
     rotary_base: float = 10000.0
@@ -357,6 +362,17 @@ def _validate(c: TransformerConfig) -> None:
                          f"max_len={c.max_len}; at most a row's length.")
     if c.mlm_head and not c.tie_embeddings:
         raise ValueError("TransformerConfig.mlm_head needs tie_embeddings=True (BERT ties them).")
+    if (not isinstance(c.num_classes, int) or isinstance(c.num_classes, bool)
+            or c.num_classes < 0):
+        raise ValueError(f"TransformerConfig.num_classes={c.num_classes!r} must be an integer "
+                         ">= 0 (0: no classifier; 2 for SST-2).")
+    if c.num_classes == 1:
+        raise ValueError("TransformerConfig.num_classes=1: a classifier needs at least 2 "
+                         "classes (a softmax over one class is always right); 0 turns it off.")
+    if c.num_classes and c.architecture == "encoder_only" and not c.pooler:
+        raise ValueError(f"TransformerConfig.num_classes={c.num_classes} needs pooler=True: "
+                         "the classifier reads the pooled first token, as BERT's does; set "
+                         "pooler=True (the bert presets have it), or num_classes=0.")
     _check_no_effect(c)
 
 
@@ -372,6 +388,7 @@ _USED_ONLY_WITH = {
     "padding": ("architecture", ("decoder_only",)),
     "pad_id": ("architecture", ("decoder_only",)),
     "eos_id": ("architecture", ("decoder_only", "encoder_decoder")),
+    "num_classes": ("architecture", ("encoder_only",)),
 }
 
 

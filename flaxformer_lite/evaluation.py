@@ -6,6 +6,8 @@
 - `bleu` scores detokenized text with sacrebleu and returns its signature, so a reported score
   says how it was computed (tokenizer, smoothing, casing, version).
 - `exact_match` is sequence accuracy for the synthetic tasks (copy, reverse, sort, ...).
+- `classify` gives a sequence classifier's (`TransformerConfig.num_classes`) predicted labels
+  and class probabilities for texts or token ids.
 """
 
 from __future__ import annotations
@@ -126,6 +128,75 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
                 raise ValueError(f"{arg}={count} must be positive (the split's size).")
             out[name] = total_nll / math.log(2) / count
     return out
+
+
+# ---- classification --------------------------------------------------------------------------
+
+@jit_model_fn(static_argnames=("model",))
+def _class_probabilities(model, params, inputs: Array, token_type_ids: Array | None) -> Array:
+    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    logits = model.apply({"params": params}, inputs, **extra)["class_logits"]
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=None,
+             max_len: int | None = None, token_type_ids: np.ndarray | None = None,
+             batch_size: int = 64) -> dict[str, np.ndarray]:
+    """A sequence classifier's predictions (`EncoderOnly` with `config.num_classes > 0`):
+    `{"labels": [n] int32 (argmax), "probabilities": [n, num_classes] float32}`.
+
+    `inputs`: a list of `n` texts, framed with `tokenizer` as `classification_pipeline`
+    frames its rows (`data.encode_texts`: `[BOS] + ids + [EOS]`, cut to `max_len`, default
+    the model's), or token ids `[n, length]` already framed so (0 = padding).
+    Deterministic (no dropout); run in batches of `batch_size` rows, the last padded (one
+    compiled program). Params the model never reads are refused (`check_params_read`).
+    """
+    _kind(model)
+    cfg = model.config
+    if not isinstance(model, EncoderOnly) or not cfg.num_classes:
+        raise ValueError("classify needs a sequence classifier: an EncoderOnly model with "
+                         "TransformerConfig.num_classes > 0 (and pooler=True).")
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    check_params_read(model, params, "classify")
+    if isinstance(inputs, str):
+        raise TypeError("classify takes a list of texts (or ids [n, length]); one string "
+                        "would be read as many: classify(model, params, [text], ...).")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"classify: batch_size={batch_size!r} must be a positive integer.")
+    if len(inputs) and isinstance(inputs[0], str):
+        if tokenizer is None:
+            raise ValueError("classify: texts need the tokenizer the classifier was trained "
+                             "with (tokenizer=...); or pass token ids [n, length].")
+        from flaxformer_lite.data.pipeline import encode_texts
+
+        ids = encode_texts(tokenizer, list(inputs), cfg.max_len if max_len is None else max_len)
+    else:
+        ids = np.asarray(inputs)
+    extra = {} if token_type_ids is None else {"token_type_ids": np.asarray(token_type_ids)}
+    check_batch(cfg, {"inputs": ids, "labels": np.zeros(len(ids), np.int32), **extra})
+    if not np.all(np.any(ids != 0, axis=-1)):
+        row = int(np.flatnonzero(~np.any(ids != 0, axis=-1))[0])
+        raise ValueError(f"classify: row {row} of the inputs is all padding (0); every row "
+                         "needs its tokens (framed: [BOS] + ids + [EOS]).")
+    n = len(ids)
+    probs = []
+    for start in range(0, n, batch_size):
+        chunk = ids[start:start + batch_size]
+        types = extra.get("token_type_ids")
+        types = None if types is None else types[start:start + batch_size]
+        fill = batch_size - len(chunk) if n > batch_size else 0
+        if fill:  # the last batch, padded to the others' shape
+            chunk = np.concatenate([chunk, np.zeros((fill, chunk.shape[1]), chunk.dtype)])
+            if types is not None:
+                types = np.concatenate([types, np.zeros((fill, types.shape[1]), types.dtype)])
+        p = _class_probabilities(model, params, jnp.asarray(chunk, jnp.int32),
+                                 None if types is None else jnp.asarray(types, jnp.int32))
+        probs.append(np.asarray(p)[:len(p) - fill])
+    probabilities = (np.concatenate(probs) if probs
+                     else np.zeros((0, cfg.num_classes), np.float32))
+    return {"labels": probabilities.argmax(-1).astype(np.int32),
+            "probabilities": probabilities.astype(np.float32)}
 
 
 # ---- sequences -------------------------------------------------------------------------------

@@ -456,7 +456,9 @@ class EncoderOnly(nn.Module):
 
     Returns a dict: `hidden` `[batch, length, d_model]`; `pooled` `[batch, d_model]` (dense +
     tanh on the first token) when `config.pooler`; `logits` `[batch, length, vocab]` from the
-    masked-LM head (dense + activation + norm + tied decoder + bias) when `config.mlm_head`.
+    masked-LM head (dense + activation + norm + tied decoder + bias) when `config.mlm_head`;
+    `class_logits` `[batch, num_classes]` (float32) from the classifier (dropout + dense on
+    `pooled`, BERT's sequence classification head) when `config.num_classes > 0`.
     """
 
     config: TransformerConfig
@@ -476,6 +478,11 @@ class EncoderOnly(nn.Module):
         if cfg.pooler:
             self.pooler = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), cfg,
                                 name="pooler")
+        if cfg.num_classes:
+            # Classes replicated ("embed" splits over fsdp like the pooler's input axis).
+            self.classifier_dropout = nn.Dropout(cfg.dropout_rate)
+            self.classifier = Dense((cfg.d_model,), (cfg.num_classes,), ("embed", None), cfg,
+                                    name="classifier")
         if cfg.mlm_head:
             self.mlm_transform = Dense((cfg.d_model,), (cfg.d_model,), ("embed", "mlp"), cfg,
                                        name="mlm_transform")
@@ -497,6 +504,9 @@ class EncoderOnly(nn.Module):
         out = {"hidden": hidden}
         if cfg.pooler:
             out["pooled"] = jnp.tanh(self.pooler(hidden[:, 0]))
+        if cfg.num_classes:
+            pooled = self.classifier_dropout(out["pooled"], deterministic=deterministic)
+            out["class_logits"] = self.classifier(pooled).astype(jnp.float32)
         if cfg.mlm_head:
             if mlm_positions is not None:
                 if mlm_positions.ndim != 2 or mlm_positions.shape[0] != inputs.shape[0]:
@@ -533,12 +543,25 @@ OPTIONAL_BATCH_KEYS = {
 }
 
 
-def batch_keys(architecture: str, model: nn.Module | None = None) -> tuple[str, ...]:
+def batch_keys(architecture: str, model: nn.Module | None = None, *,
+               classes: bool | None = None) -> tuple[str, ...]:
     """The batch entries a model of `architecture` reads (others are ignored), plus those a
     model of your own names in its class attribute `extra_batch_keys` (each passed to its
-    `__call__` as a keyword argument by the train and eval steps)."""
+    `__call__` as a keyword argument by the train and eval steps). A classifier
+    (`classes`, by default whether `model.config.num_classes > 0`) reads `labels`
+    `[batch]` in place of `targets`."""
     extra = tuple(getattr(model, "extra_batch_keys", ())) if model is not None else ()
-    return ("inputs", "targets") + OPTIONAL_BATCH_KEYS[architecture] + extra
+    if classes is None:
+        classes = bool(getattr(getattr(model, "config", None), "num_classes", 0))
+    return (("inputs", "labels") if classes else ("inputs", "targets")) + (
+        OPTIONAL_BATCH_KEYS[architecture] + extra)
+
+
+def example_weights(inputs: Array) -> Array:
+    """Per-example weights `[batch]` (float32) of a classification batch: 0.0 for a row whose
+    `inputs` are all padding (id 0: the rows `Engine.pad_batch` and the pipelines add to fill
+    a batch), 1.0 for every other row."""
+    return jnp.any(inputs != 0, axis=-1).astype(jnp.float32)
 
 
 _WARNED_KEYS: set[str] = set()
@@ -558,14 +581,22 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     not read are dropped, each reported once (`logging`; a misspelt key with its likely
     name). Values that are not concrete
     (traced) are skipped, and so are those of the keys in `checked` (already checked).
-    `extra_keys` (a model's `extra_batch_keys`) are passed on unchecked.
+    `extra_keys` (a model's `extra_batch_keys`) are passed on unchecked. A classifier's batch
+    (`config.num_classes > 0`) holds `inputs` and `labels` `[batch]`, class ids in
+    `[0, num_classes)`, in place of `targets`.
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"A batch is a mapping of [batch, length] integer arrays, e.g. "
                         f"{{'inputs': ..., 'targets': ...}}; got a {type(batch).__name__} (for "
                         "a loader yielding (x, y), map it: {'inputs': x, 'targets': y}).")
-    keys = batch_keys(config.architecture)
-    missing = [k for k in ("inputs", "targets") if batch.get(k) is None]
+    classes = config.num_classes
+    keys = batch_keys(config.architecture, classes=bool(classes))
+    missing = [k for k in keys[:2] if batch.get(k) is None]
+    if missing and classes:
+        raise ValueError(f"The batch has no {' or '.join(map(repr, missing))} entry (it has "
+                         f"{sorted(batch)}); a classifier's batch (TransformerConfig."
+                         f"num_classes={classes}) holds 'inputs' [batch, length] and 'labels' "
+                         "[batch] (class ids; data.classification_pipeline makes them).")
     if missing:
         raise ValueError(f"The batch has no {' or '.join(map(repr, missing))} entry (it has "
                          f"{sorted(batch)}); every batch holds 'inputs' and 'targets' "
@@ -582,7 +613,8 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
               and not isinstance(batch[k], jax.core.Tracer)}
     groups = ([("inputs", "inputs_segment_ids", "inputs_positions"),
                ("targets", "targets_segment_ids", "targets_positions")]
-              if config.architecture == "encoder_decoder" else [keys])
+              if config.architecture == "encoder_decoder"
+              else [tuple(k for k in keys if k != "labels")])
     for k, v in arrays.items():
         dtype = getattr(v, "dtype", None)
         dtype = np.asarray(v).dtype if dtype is None else np.dtype(dtype)
@@ -599,8 +631,24 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
         if len(set(shapes.values())) > 1:
             raise ValueError(f"Batch entries must share one [batch, length] shape; got {shapes}.")
         rows.update({k: shape[0] for k, shape in shapes.items()})
+    if classes and "labels" in arrays:
+        shape = tuple(np.shape(arrays["labels"]))
+        if len(shape) != 1:
+            raise ValueError(f"Batch entry 'labels' has shape {shape}; a classifier's labels "
+                             "are one class id per row, [batch].")
+        rows["labels"] = shape[0]
     if len(set(rows.values())) > 1:
         raise ValueError(f"Batch entries disagree on the batch size: {rows}.")
+    if (classes and "labels" in arrays
+            and not isinstance(arrays["labels"], jax.ShapeDtypeStruct)
+            and np.size(arrays["labels"])):
+        labels = np.asarray(arrays["labels"])
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"Batch entry 'labels' holds class ids from {low} to {high}; they "
+                             f"must lie in [0, {classes}) (TransformerConfig.num_classes="
+                             f"{classes}). Padding rows are marked by inputs of id 0 alone, "
+                             "with any label in range (0); there is no -100 ignore index.")
     limits = {"inputs": config.vocab_size, "targets": config.vocab_size}
     if "token_type_ids" in keys:
         limits["token_type_ids"] = config.type_vocab_size

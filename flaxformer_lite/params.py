@@ -89,8 +89,8 @@ def _component(path: tuple[str, ...]) -> str:
         return "attention"
     if "mlp" in path or "feedforward" in path:
         return "feed_forward"
-    if any(p in ("logits", "pooler") or p.startswith("mlm") for p in path):
-        return "output_head"  # untied logits, pooler, masked-LM head
+    if any(p in ("logits", "pooler", "classifier") or p.startswith("mlm") for p in path):
+        return "output_head"  # untied logits, pooler, classifier, masked-LM head
     return "other"  # a module of your own (a router, experts, ...)
 
 
@@ -144,7 +144,8 @@ def matmul_params(config: TransformerConfig | str, counts: dict[str, int] | None
     produces logits over the vocabulary (a decoder, or BERT's masked-LM head). Otherwise it is
     only looked up: an untied table (the untied output matrix is in `output_head`), a backbone
     encoder's table without `mlm_head`, and the encoder's own table when an encoder-decoder
-    does not share them. BERT's pooler runs once per sequence, not per token: left out.
+    does not share them. BERT's pooler and classifier run once per sequence, not per token:
+    left out.
     """
     config = get_config(config) if isinstance(config, str) else config
     counts = breakdown(config) if counts is None else counts
@@ -158,6 +159,8 @@ def matmul_params(config: TransformerConfig | str, counts: dict[str, int] | None
         n -= tables // 2  # two [vocab, d_model] tables; the decoder's is the output projection
     if config.pooler:
         n -= config.d_model * config.d_model + config.d_model  # Dense with a bias
+    if config.architecture == "encoder_only" and config.num_classes:  # once a sequence too
+        n -= (config.d_model + 1) * config.num_classes
     return n
 
 

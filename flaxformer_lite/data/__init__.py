@@ -28,12 +28,15 @@ from flaxformer_lite.data.builders import (
     synthetic_task_splits,
 )
 from flaxformer_lite.data.catalog import CATALOG, CATALOG_NAMES, load_catalog, load_dataset
+from flaxformer_lite.data.labelled import load_tfds_labelled, read_labelled_file
 from flaxformer_lite.data.pipeline import (
     Pipeline,
     PipelineStats,
     cap_predictions,
+    classification_pipeline,
     encode_masked,
     encode_sources,
+    encode_texts,
     lm_pipeline,
     mask_tokens,
     mlm_pipeline,
@@ -60,14 +63,15 @@ from flaxformer_lite.data.tokenizers import (
 )
 
 __all__ = [
-    "BOS_ID", "ByteTokenizer", "CATALOG", "CATALOG_NAMES", "CharTokenizer", "Dataset", "EOS_ID",
-    "ExampleSource", "MASK_ID", "PAD_ID", "ParallelCorpus", "Pipeline", "PipelineStats",
-    "SYNTHETIC_TASKS", "SentencePieceTokenizer", "SyntheticTasks", "TextCorpus", "Tokenizer",
-    "UNITS", "UNK_ID", "build_tokenizer", "cap_predictions", "default_data_dir", "encode_masked",
-    "encode_sources", "find_parallel_files", "in_memory_dataset", "lm_pipeline", "load_catalog",
-    "load_dataset", "load_parallel_corpus", "load_synthetic_task", "load_text_corpus",
-    "load_tokenizer", "mask_tokens", "mlm_pipeline", "prefetch_to_device", "process_shard",
-    "read_text_file", "split_for_devices", "split_units", "synthetic_example",
-    "synthetic_task_splits", "to_global_array", "train_sentencepiece", "translation_pipeline",
+    "BOS_ID", "CATALOG", "CATALOG_NAMES", "EOS_ID", "MASK_ID", "PAD_ID", "SYNTHETIC_TASKS",
+    "UNITS", "UNK_ID", "build_tokenizer", "ByteTokenizer", "cap_predictions", "CharTokenizer",
+    "classification_pipeline", "Dataset", "default_data_dir", "encode_masked", "encode_sources",
+    "encode_texts", "ExampleSource", "find_parallel_files", "in_memory_dataset", "lm_pipeline",
+    "load_catalog", "load_dataset", "load_parallel_corpus", "load_synthetic_task",
+    "load_text_corpus", "load_tfds_labelled", "load_tokenizer", "mask_tokens", "mlm_pipeline",
+    "ParallelCorpus", "Pipeline", "PipelineStats", "prefetch_to_device", "process_shard",
+    "read_labelled_file", "read_text_file", "SentencePieceTokenizer", "split_for_devices",
+    "split_units", "synthetic_example", "synthetic_task_splits", "SyntheticTasks", "TextCorpus",
+    "to_global_array", "Tokenizer", "train_sentencepiece", "translation_pipeline",
     "window_pipeline",
 ]

@@ -11,6 +11,9 @@ Every pipeline yields dicts of int32 NumPy arrays, this process's share of the g
 - `mlm_pipeline` (encoder-only): `inputs` with BERT's [MASK] / random / kept replacements,
   `targets` (the original id where a token was selected, 0 elsewhere); packed rows add
   `segment_ids` and `positions`.
+- `classification_pipeline` (encoder-only classifier): `inputs` `[batch, length]` framed as
+  the masked-LM rows are (`[BOS] + ids + [EOS]`, unmasked), `labels` `[batch]`; one text a
+  row, padded (all-zero rows fill the last batch: weight 0).
 - `window_pipeline`: nanoGPT's sampler for one long token stream: random windows of
   `seq_len + 1` tokens, `inputs = w[:-1]`, `targets = w[1:]`, a pure function of (seed, step).
 
@@ -523,6 +526,10 @@ class _BucketBatchIterator(grain.DatasetIterator):
             for i, r in enumerate(rows):
                 arr[i, :len(r[k])] = r[k]
             out[k] = arr
+        for k in rows[0]:  # one value a row (a classifier's labels): [batch], 0 on filler rows
+            if k not in spec.lengths:
+                out[k] = np.zeros((spec.batch_size,), np.int32)
+                out[k][:len(rows)] = [r[k] for r in rows]
         return out
 
     def _fill(self, skip: int) -> int:
@@ -971,6 +978,97 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, description=f"mlm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
+
+
+def _frame(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[list[int], int]:
+    """`[BOS] + ids + [EOS]` of `text` (outer newlines removed), the ids cut to `max_len - 2`
+    (as `mlm_pipeline` frames its rows), and the number of ids cut."""
+    ids = tokenizer.encode(text.strip("\n"))
+    cut = max(len(ids) - (max_len - 2), 0)
+    return [BOS_ID] + ids[:max_len - 2] + [EOS_ID], cut
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
+    """Texts framed as `classification_pipeline` frames them, for a classifier
+    (`evaluation.classify`): `[BOS] + ids + [EOS]`, the ids cut to `max_len - 2`, right-padded
+    with 0 to `[len(texts), max_len]` int32. Cut texts are counted in a warning."""
+    if isinstance(texts, str):
+        raise TypeError("encode_texts takes a list of texts: encode_texts(tokenizer, [text], "
+                        "max_len).")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
+        raise ValueError(f"encode_texts: max_len={max_len!r} must be a whole number >= 3 "
+                         "(BOS, a token, EOS).")
+    rows = np.zeros((len(texts), max_len), np.int32)
+    cut = 0
+    for i, text in enumerate(texts):
+        ids, dropped = _frame(tokenizer, text, max_len)
+        cut += bool(dropped)
+        rows[i, :len(ids)] = ids
+    if cut:
+        log.warning("encode_texts: %d of %d texts are longer than max_len=%d with BOS and EOS "
+                    "and were cut (as classification_pipeline cuts them).", cut, len(texts),
+                    max_len)
+    return rows
+
+
+def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *,
+                            batch_size: int, max_len: int, num_classes: int | None = None,
+                            shuffle: bool = True, seed: int = 0,
+                            num_epochs: int | None = None, drop_remainder: bool | None = None,
+                            bucket_boundaries: Sequence[int] | None = None,
+                            bucket_window: int = 32, shard: tuple[int, int] | None = None,
+                            num_threads: int = 2, prefetch: int = 2) -> Pipeline:
+    """Sequence-classification batches from labelled texts: `data` is a sequence of
+    `{"text": str, "label": int}` (`data.read_labelled_file`, `data.load_tfds_labelled`).
+
+    Each text becomes one row, `[BOS] + ids + [EOS]` with the ids cut to `max_len - 2` (the
+    masked-LM framing, without masking: a model fine-tuned from `mlm_pipeline` rows sees the
+    same [CLS]-like BOS first; `stats` counts the cut texts), padded with 0 to `max_len` (or to
+    the smallest of `bucket_boundaries` that fits the batch). Batches hold `inputs`
+    `[batch, length]` and `labels` `[batch]` int32. A finite run's last batch is filled with
+    all-zero rows (`inputs` all padding: weight 0 in the steps) unless `drop_remainder`
+    (default: drop only when repeating forever). `num_classes`: labels must lie in
+    `[0, num_classes)` (checked up front, naming the example). Options as in `lm_pipeline`;
+    no packing (one example a row: the classifier reads each row's first token).
+    """
+    if isinstance(data, Dataset):
+        raise TypeError("classification_pipeline takes labelled examples [{'text': ..., "
+                        "'label': ...}], e.g. data.read_labelled_file(path) or "
+                        "data.load_tfds_labelled('glue/sst2', 'train'); a text Dataset has no "
+                        "labels.")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
+        raise ValueError(f"max_len={max_len!r} must be a whole number >= 3 (BOS, a token, "
+                         "EOS).")
+    source = _source(data, "train", ("text", "label"))
+    if num_classes is not None:
+        for i in range(len(source)):
+            label = source[i]["label"]
+            if (isinstance(label, bool) or not isinstance(label, (int, np.integer))
+                    or not 0 <= label < num_classes):
+                raise ValueError(f"example {i} has label {label!r}, not a class id in [0, "
+                                 f"num_classes={num_classes}): map label names to ids "
+                                 "(read_labelled_file(label_names=[...])) or raise num_classes "
+                                 "(TransformerConfig.num_classes too).")
+    shard = process_shard(shard)
+    local = _local_batch_size(batch_size, shard[1])
+    stats = PipelineStats(limit=f"max_len={max_len} tokens")
+
+    def tokenize(ex: Mapping[str, Any], uid: int) -> Batch:
+        del uid
+        ids, cut = _frame(tokenizer, ex["text"], max_len)
+        stats.add(truncated=int(cut > 0), dropped=cut)
+        return {"inputs": np.asarray(ids, np.int32), "labels": np.int32(ex["label"])}
+
+    ds = _examples(source, tokenize, shard=shard, shuffle=shuffle, seed=seed,
+                   num_epochs=num_epochs, num_threads=num_threads)
+    ds = _batch(ds, {"inputs": max_len}, pack=False, batch_size=local, seed=seed + 1,
+                shuffle=shuffle,
+                drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
+                num_bins=None, bucket_boundaries=bucket_boundaries,
+                bucket_window=bucket_window, rename={})
+    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+                    stats=stats, description=f"classification batch={batch_size} "
+                    f"max_len={max_len}")
 
 
 def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_len: int,

@@ -637,7 +637,8 @@ class Engine:
         0, they change no metric sum or gradient) to `rows`, by default to a multiple of this
         process's batch shards, e.g. for the short last batch of an eval set or of a training
         epoch. Without a padding id (`pad_id=None`) the added rows' segment ids 0 mark them,
-        so the batch needs `segment_ids`."""
+        so the batch needs `segment_ids`. A classifier's added rows (`inputs` all 0, label 0)
+        weigh 0 too (`models.example_weights`)."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture, self.model)
         check_batch(self.model_config, batch,  # before padding can make row counts agree

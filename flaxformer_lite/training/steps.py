@@ -10,6 +10,13 @@ token 0 = padding, or a decoder-only model's `config.pad_id`) and dispatches on
 - encoder_only (masked LM, needs `config.mlm_head`): `inputs`, `targets` (original ids at the
   selected positions, 0 elsewhere), optional `segment_ids`, `positions`, `token_type_ids`.
 
+- encoder_only classifier (`config.num_classes > 0`): `inputs` `[batch, length]`, `labels`
+  `[batch]` (class ids), optional `segment_ids`, `positions`, `token_type_ids`; the objective
+  is the cross-entropy of the model's `class_logits` `[batch, num_classes]` per example (label
+  smoothing and z-loss as configured), and the metric counts (`tokens`, `sequences`) count
+  examples. A row whose `inputs` are all padding (0) weighs 0 (`models.example_weights`): the
+  rows `Engine.pad_batch` adds.
+
 The loss weight of a target is `targets != config.pad_id` (0; None: `segment_ids != 0`,
 every target without segment ids).
 Gradients are of the *global* token mean: each device differentiates its weighted loss sum
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.models import batch_keys, masked_positions
+from flaxformer_lite.models import batch_keys, example_weights, masked_positions
 from flaxformer_lite.training import losses
 from flaxformer_lite.training.state import TrainState
 
@@ -51,7 +58,7 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     arch = cfg.architecture
     _check_keys(batch, arch)
     kwargs = {k: batch[k] for k in batch_keys(arch, model)
-              if k not in ("inputs", "targets") and k in batch}
+              if k not in ("inputs", "targets", "labels") and k in batch}
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
 
@@ -78,6 +85,56 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
 
 # The collection whose sown values the train step adds to the objective (auxiliary losses).
 LOSSES = "losses"
+
+
+def classifies(model: nn.Module) -> bool:
+    """Whether the steps train `model` as a sequence classifier (`config.num_classes > 0`)."""
+    return bool(getattr(model.config, "num_classes", 0))
+
+
+def class_logits(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
+                 dropout_rng: Array | None = None, sown: list | None = None) -> Array:
+    """A classifier's `class_logits` `[batch, num_classes]` (float32) for a batch holding
+    `inputs` `[batch, length]` (and the optional entries the model reads); `sown` as in
+    `logits_fn`."""
+    cfg = model.config
+    if "inputs" not in batch:
+        raise ValueError(f"A classification batch needs 'inputs'; got keys {sorted(batch)}.")
+    kwargs = {k: batch[k] for k in batch_keys(cfg.architecture, model)
+              if k not in ("inputs", "labels") and k in batch}
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
+    variables = {"params": params}
+    if sown is None:
+        out = model.apply(variables, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                          **kwargs)
+    else:
+        out, state = model.apply(variables, batch["inputs"], deterministic=deterministic,
+                                 rngs=rngs, mutable=[LOSSES], **kwargs)
+        sown.append(state.get(LOSSES, {}))
+    logits = out.get("class_logits") if isinstance(out, Mapping) else None
+    rows = batch["inputs"].shape[0]
+    if logits is None or logits.shape != (rows, cfg.num_classes):
+        got = "none" if logits is None else f"shape {tuple(logits.shape)}"
+        raise ValueError(f"Training a classifier (TransformerConfig.num_classes="
+                         f"{cfg.num_classes}) needs the model's output dict to hold "
+                         f"'class_logits' [batch, num_classes] = [{rows}, {cfg.num_classes}]; "
+                         f"got {got}.")
+    return logits
+
+
+def classification_sums(model: nn.Module, params, batch: Batch, *, loss_config,
+                        deterministic: bool = True, dropout_rng: Array | None = None,
+                        sown: list | None = None) -> dict[str, Array]:
+    """`losses.metric_sums` of a classifier's batch: `class_logits` against `labels`, one
+    weight per example (`models.example_weights`), so `tokens` counts the real examples."""
+    if "labels" not in batch:
+        raise ValueError(f"A classification batch needs 'labels' [batch]; got keys "
+                         f"{sorted(batch)}.")
+    logits = class_logits(model, params, batch, deterministic=deterministic,
+                          dropout_rng=dropout_rng, sown=sown)
+    return losses.metric_sums(logits, batch["labels"], example_weights(batch["inputs"]),
+                              label_smoothing=loss_config.label_smoothing,
+                              z_loss=loss_config.z_loss)
 
 
 def _head_positions(model: nn.Module) -> int:
@@ -200,18 +257,26 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     dropout = uses_dropout(model)
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
-    weights = target_weights(model, batch, loss_targets(model, batch))
+    classify = classifies(model)
+    if classify:  # one weight per example
+        weights = example_weights(batch["inputs"])
+    else:
+        weights = target_weights(model, batch, loss_targets(model, batch))
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
     total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses' weight
 
     def loss_fn(params, batch, key):
         sown: list = []
-        logits, targets = predictions(model, params, batch, deterministic=not dropout,
-                                      dropout_rng=key, sown=sown)
-        sums = losses.metric_sums(logits, targets,
-                                  target_weights(model, batch, targets),
-                                  label_smoothing=loss_config.label_smoothing,
-                                  z_loss=loss_config.z_loss)
+        if classify:
+            sums = classification_sums(model, params, batch, loss_config=loss_config,
+                                       deterministic=not dropout, dropout_rng=key, sown=sown)
+        else:
+            logits, targets = predictions(model, params, batch, deterministic=not dropout,
+                                          dropout_rng=key, sown=sown)
+            sums = losses.metric_sums(logits, targets,
+                                      target_weights(model, batch, targets),
+                                      label_smoothing=loss_config.label_smoothing,
+                                      z_loss=loss_config.z_loss)
         objective = sums["loss"] / total_tokens
         if jax.tree.leaves(sown):  # auxiliary losses the model sowed (a router's balance)
             aux = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(sown))
@@ -295,6 +360,8 @@ def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
     loss_config = loss_config or losses.LossConfig()
     params = (state_or_params.params if isinstance(state_or_params, TrainState)
               else state_or_params)
+    if classifies(model):
+        return _psum(classification_sums(model, params, batch, loss_config=loss_config), axis_name)
     logits, targets = predictions(model, params, batch, deterministic=True)
     sums = losses.metric_sums(logits, targets, target_weights(model, batch, targets),
                               label_smoothing=loss_config.label_smoothing,
