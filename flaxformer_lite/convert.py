@@ -94,16 +94,30 @@ def gpt2_config(hf_config: Mapping[str, Any] | str | os.PathLike,
 
 
 def _check_gpt2_shaped(config: TransformerConfig) -> None:
+    """Refuse a config whose model is not GPT-2's function of GPT-2's weights, naming the
+    settings (weights loaded into it, or written from it, would compute something else)."""
     h = config.num_heads
-    if config.architecture != "decoder_only" or config.position != "learned" or (
-            config.norm != "layer" or not config.use_bias or not config.tie_embeddings or
-            config.num_kv_heads not in (None, h) or config.dim_per_head * h != config.d_model
-            or config.gated or config.attention_scale not in (None, 1.0)
-            or config.norm_position != "pre" or not config.final_norm):
-        raise ValueError("GPT-2 weights need a GPT-2-shaped config: decoder-only, learned "
-                         "positions, pre-LN LayerNorm with biases and a final norm, tied head, "
-                         "d_model = heads * head_dim, ungated activation, the default score "
-                         "scale (gpt2_config builds one).")
+    wrong = [name for name, ok in (
+        ("architecture='decoder_only'", config.architecture == "decoder_only"),
+        ("position='learned'", config.position == "learned"),
+        ("norm='layer'", config.norm == "layer"),
+        ("norm_position='pre'", config.norm_position == "pre"),
+        ("final_norm=True", config.final_norm),
+        ("norm_bias=True", config.norm_bias),
+        ("use_bias=True", config.use_bias),
+        ("tie_embeddings=True", config.tie_embeddings),
+        ("fused_qkv=True", config.fused_qkv),
+        ("num_kv_heads=None (or num_heads)", config.num_kv_heads in (None, h)),
+        ("head_dim=d_model // num_heads", config.dim_per_head * h == config.d_model),
+        ("an ungated activation", not config.gated),
+        ("attention_scale=None (or 1.0)", config.attention_scale in (None, 1.0)),
+        ("scale_embeddings=False", not config.scale_embeddings),
+        ("scale_tied_logits=False", not config.scale_tied_logits),
+        ("embedding_norm=False", not config.embedding_norm),
+    ) if not ok]
+    if wrong:
+        raise ValueError("GPT-2 weights need a GPT-2-shaped config (gpt2_config builds one); "
+                         f"this one needs {', '.join(wrong)}.")
 
 
 def gpt2_params(state_dict: Mapping[str, Any], config: TransformerConfig) -> dict:
@@ -238,12 +252,28 @@ def gpt2_state_dict(params, config: TransformerConfig) -> dict[str, np.ndarray]:
     import flax.linen as nn
     import jax
 
-    from flaxformer_lite.models import unstack_layers
+    from flaxformer_lite.models import flat_leaves, unstack_layers
 
     _check_gpt2_shaped(config)
     params = nn.meta.unbox(params)
     p = jax.tree.map(np.asarray, unstack_layers(params) if config.scan_layers else params)
     d, f = config.d_model, config.d_ff
+    names = [f"decoder/layers/layer_{i}/{sub}/{leaf}" for i in range(config.num_layers)
+             for sub, leaf in (("self_attention_norm", "scale"), ("self_attention_norm", "bias"),
+                               ("self_attention/qkv", "kernel"), ("self_attention/qkv", "bias"),
+                               ("self_attention/out", "kernel"), ("self_attention/out", "bias"),
+                               ("mlp_norm", "scale"), ("mlp_norm", "bias"), ("mlp/wi", "kernel"),
+                               ("mlp/wi", "bias"), ("mlp/wo", "kernel"), ("mlp/wo", "bias"))]
+    names += ["token_embed/embedding", "decoder/embedder/position_embed/embedding",
+              "decoder/final_norm/scale", "decoder/final_norm/bias"]
+    have = flat_leaves(p)
+    extra, missing = sorted(set(have) - set(names)), sorted(set(names) - set(have))
+    if extra or missing:
+        raise ValueError("These parameters are not GPT-2's: "
+                         + (f"GPT-2's layout has no place for {extra[:8]}" if extra else "")
+                         + ("; " if extra and missing else "")
+                         + (f"missing {missing[:8]}" if missing else "")
+                         + " (a model with layers of its own, or another config's parameters).")
     dec = p["decoder"]
     sd = {"wte.weight": p["token_embed"]["embedding"],
           "wpe.weight": dec["embedder"]["position_embed"]["embedding"],

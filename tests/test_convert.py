@@ -171,6 +171,36 @@ def test_a_fine_tuned_gpt2_saves_back_to_the_hugging_face_layout(checkpoint, tmp
         assert all(np.array_equal(written[k], sd[k]) for k in written)
 
 
+@pytest.mark.parametrize("override", [dict(scale_embeddings=True),
+                                      dict(scale_tied_logits=True), dict(embedding_norm=True),
+                                      dict(fused_qkv=False), dict(norm_bias=False)])
+def test_settings_gpt2_lacks_are_refused_both_ways(checkpoint, tmp_path, override):
+    """A config GPT-2's weights do not describe (its scaled embeddings wrote and loaded 0.4
+    off in the logits, its embedding norm was left out of the folder, unfused q/k/v failed in a
+    KeyError) is refused by name, loading and saving."""
+    folder, _ = checkpoint
+    (name, value), = override.items()
+    with pytest.raises(ValueError, match=f"this one needs {name}={not value}"):
+        convert.load_gpt2(folder, **override)
+    config, params = convert.load_gpt2(folder)
+    with pytest.raises(ValueError, match=f"this one needs {name}={not value}"):
+        convert.save_gpt2(tmp_path, config.replace(**override), params)
+
+
+def test_parameters_gpt2_has_no_place_for_are_refused(checkpoint):
+    folder, _ = checkpoint
+    config, params = convert.load_gpt2(folder)
+    extra = jax.tree.map(lambda x: x, params)
+    extra["decoder"]["layers"]["layer_0"]["self_attention"]["lora_a"] = np.zeros((32, 4))
+    with pytest.raises(ValueError, match=r"GPT-2's layout has no place for "
+                       r"\['decoder/layers/layer_0/self_attention/lora_a'\]"):
+        convert.gpt2_state_dict(extra, config)
+    del extra["decoder"]["layers"]["layer_0"]["self_attention"]["lora_a"]
+    del extra["decoder"]["final_norm"]["bias"]
+    with pytest.raises(ValueError, match=r"missing \['decoder/final_norm/bias'\]"):
+        convert.gpt2_state_dict(extra, config)
+
+
 def test_config_paths_shards_and_refusals(checkpoint, tmp_path):
     from safetensors.numpy import save_file
 
