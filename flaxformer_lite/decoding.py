@@ -81,8 +81,9 @@ class Generation(NamedTuple):
 class Beams(NamedTuple):
     """Result of `beam_search`, best beam first (a pytree).
 
-    tokens: `[batch, beam, max_len]` generated ids (the prompt not repeated), EOS kept, 0
-      after it; beams beyond the sequences that exist are empty (0s, length 0, score -1e9).
+    tokens: `[batch, beam, max_len]` generated ids (the prompt not repeated), EOS kept, the
+      padding id after it (0 without one, `pad_id=None`: read `lengths`); beams beyond the
+      sequences that exist are empty (that id, length 0, score -1e9).
     lengths: `[batch, beam]` tokens per beam, EOS included.
     scores: `[batch, beam]` `log_probs / length_penalty(lengths, alpha)`, sorted descending.
     log_probs: `[batch, beam]` total log-probability of each beam.

@@ -22,7 +22,6 @@ import numpy as np
 import sacrebleu
 
 from flaxformer_lite.models import (
-    OPTIONAL_BATCH_KEYS,
     DecoderOnly,
     EncoderDecoder,
     EncoderOnly,
@@ -31,7 +30,7 @@ from flaxformer_lite.models import (
     check_params_read,
     jit_model_fn,
 )
-from flaxformer_lite.training.steps import target_weights
+from flaxformer_lite.training.steps import logits_fn, target_weights
 
 Array = jnp.ndarray
 
@@ -50,15 +49,10 @@ def _kind(model) -> type:
 
 
 def _model_logits(model, params, batch: dict) -> Array:
-    """Logits `[batch, length, vocab]` predicting `batch["targets"]`, for any model kind."""
-    kind = _kind(model)
-    extra = {k: batch[k] for k in OPTIONAL_BATCH_KEYS[model.config.architecture]
-             if batch.get(k) is not None}
-    variables = {"params": params}
-    if kind is EncoderDecoder:
-        return model.apply(variables, batch["inputs"], batch["targets"], **extra)
-    out = model.apply(variables, batch["inputs"], **extra)
-    return out["logits"] if kind is EncoderOnly else out
+    """Logits `[batch, length, vocab]` predicting `batch["targets"]`, for any model kind, with
+    every batch entry the model reads (a model of your own's `extra_batch_keys` too)."""
+    _kind(model)
+    return logits_fn(model, params, batch, deterministic=True)
 
 
 @jit_model_fn(static_argnames=("model",))
@@ -95,7 +89,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     _kind(model)
-    keys = batch_keys(model.config.architecture)
+    keys = batch_keys(model.config.architecture, model)
+    extra_keys = tuple(getattr(model, "extra_batch_keys", ()))
     if isinstance(model, EncoderOnly) and not model.config.mlm_head:
         raise ValueError("perplexity of an EncoderOnly model needs TransformerConfig.mlm_head=True "
                          "(the masked-LM logits).")
@@ -110,7 +105,7 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
         if "inputs" not in batch or "targets" not in batch:
             raise ValueError(f"batch {i} needs 'inputs' and 'targets' arrays, got keys "
                              f"{sorted(batch)}.")
-        check_batch(model.config, batch)
+        check_batch(model.config, batch, extra_keys=extra_keys)
         arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
         nll, weights = token_nll(model, params, arrays)
         total_nll += float(np.sum(np.asarray(nll, np.float64)))
@@ -203,7 +198,10 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
 
 def strip_ids(ids: Sequence[int] | np.ndarray, *, eos_id: int | None = EOS_ID,
               pad_id: int | None = PAD_ID) -> list[int]:
-    """Token ids up to (not including) the first `eos_id`, with `pad_id` tokens removed."""
+    """Token ids up to (not including) the first `eos_id`, with `pad_id` tokens removed.
+    The defaults are the library tokenizers' (EOS 1, padding 0): for a vocabulary without
+    padding (`config.pad_id=None`, GPT-2's, where 0 is "!") pass `pad_id=None` and its own
+    `eos_id` (`config.eos_id`), here and in `exact_match` / `bleu_from_ids`."""
     out = []
     for t in np.asarray(ids).reshape(-1).tolist():
         if eos_id is not None and t == eos_id:

@@ -564,7 +564,7 @@ def example_weights(inputs: Array) -> Array:
     return jnp.any(inputs != 0, axis=-1).astype(jnp.float32)
 
 
-_WARNED_KEYS: set[str] = set()
+_WARNED_KEYS: set[tuple[str, str]] = set()  # (architecture, entry) told once
 
 
 def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
@@ -602,8 +602,9 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                          f"{sorted(batch)}); every batch holds 'inputs' and 'targets' "
                          "[batch, length] (targets 0 = padding, no loss).")
     for key in batch:
-        if key not in keys and key not in extra_keys and key not in _WARNED_KEYS:
-            _WARNED_KEYS.add(key)
+        told = (config.architecture, key)
+        if key not in keys and key not in extra_keys and told not in _WARNED_KEYS:
+            _WARNED_KEYS.add(told)
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
             logging.getLogger(__name__).warning(
                 "Batch entry %r is not read by a %s model (%s); it is ignored.", key,

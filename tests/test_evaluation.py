@@ -255,3 +255,32 @@ def test_misuse_that_used_to_score_quietly():
         evaluation.bleu(["a"], ["a"], tokenize="foo")
     with pytest.raises(TypeError, match=r"perplexity\(model, params, \[batch\]\)"):
         evaluation.perplexity(None, None, {"inputs": beams[0], "targets": beams[0]})
+
+
+def test_perplexity_feeds_a_models_extra_batch_keys(caplog):
+    """A model of one's own reading another batch entry (`extra_batch_keys`): perplexity used
+    to drop it (scoring another function than the eval step's) and warn that it is unread."""
+    from flaxformer_lite.models import DecoderOnly
+    from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig
+
+    class Scaled(DecoderOnly):
+        extra_batch_keys = ("row_scale",)
+
+        def __call__(self, inputs, *, row_scale=None, **kwargs):
+            logits = super().__call__(inputs, **kwargs)
+            if row_scale is None:  # initialisation
+                return logits
+            return logits * (1.0 + row_scale[:, :1, None].astype(jnp.float32))
+
+    cfg = TransformerConfig(vocab_size=VOCAB, d_model=32, num_heads=2, d_ff=64, num_layers=1,
+                            max_len=L)
+    model = Scaled(cfg)
+    engine = Engine(cfg, OptimizerConfig(), ParallelConfig(mode="single"), model=model)
+    state = engine.init_state(0)
+    ids = np.random.default_rng(0).integers(5, VOCAB, (2, 9)).astype(np.int32)
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "row_scale": np.full((2, 8), 3)}
+    sums = engine.metrics_to_host(engine.eval_step(state, batch))
+    with caplog.at_level("WARNING"):
+        ours = evaluation.perplexity(model, engine.params(state), [batch])
+    np.testing.assert_allclose(ours["loss"], sums["loss"] / sums["tokens"], rtol=1e-5)
+    assert "row_scale" not in caplog.text
