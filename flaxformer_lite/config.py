@@ -369,6 +369,11 @@ def _validate(c: TransformerConfig) -> None:
     if c.num_classes == 1:
         raise ValueError("TransformerConfig.num_classes=1: a classifier needs at least 2 "
                          "classes (a softmax over one class is always right); 0 turns it off.")
+    if c.num_classes and c.mlm_head:
+        raise ValueError(f"TransformerConfig.num_classes={c.num_classes} with mlm_head=True: the "
+                         "steps train the classifier alone, so the masked-LM head would ride "
+                         "along untrained (and shrink under weight decay); set mlm_head=False "
+                         "(merge_params leaves a masked-LM run's head out) or num_classes=0.")
     if c.num_classes and c.architecture == "encoder_only" and not c.pooler:
         raise ValueError(f"TransformerConfig.num_classes={c.num_classes} needs pooler=True: "
                          "the classifier reads the pooled first token, as BERT's does; set "

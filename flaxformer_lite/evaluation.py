@@ -30,7 +30,7 @@ from flaxformer_lite.models import (
     check_params_read,
     jit_model_fn,
 )
-from flaxformer_lite.training.steps import logits_fn, target_weights
+from flaxformer_lite.training.steps import class_logits, logits_fn, target_weights
 
 Array = jnp.ndarray
 
@@ -128,9 +128,8 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
 # ---- classification --------------------------------------------------------------------------
 
 @jit_model_fn(static_argnames=("model",))
-def _class_probabilities(model, params, inputs: Array, token_type_ids: Array | None) -> Array:
-    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-    logits = model.apply({"params": params}, inputs, **extra)["class_logits"]
+def _class_probabilities(model, params, batch: dict) -> Array:
+    logits = class_logits(model, params, batch, deterministic=True)  # as the eval step reads
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -143,8 +142,9 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
     `inputs`: a list of `n` texts, framed with `tokenizer` as `classification_pipeline`
     frames its rows (`data.encode_texts`: `[BOS] + ids + [EOS]`, cut to `max_len`, default
     the model's), or token ids `[n, length]` already framed so (0 = padding).
-    Deterministic (no dropout); run in batches of `batch_size` rows, the last padded (one
-    compiled program). Params the model never reads are refused (`check_params_read`).
+    Deterministic (no dropout); run in batches of `batch_size` rows, a shorter last one
+    padded to a power of two (a few compiled programs at most). Params the model never reads
+    are refused (`check_params_read`).
     """
     _kind(model)
     cfg = model.config
@@ -174,20 +174,15 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
         row = int(np.flatnonzero(~np.any(ids != 0, axis=-1))[0])
         raise ValueError(f"classify: row {row} of the inputs is all padding (0); every row "
                          "needs its tokens (framed: [BOS] + ids + [EOS]).")
-    n = len(ids)
+    entries = {"inputs": ids, **extra}
     probs = []
-    for start in range(0, n, batch_size):
-        chunk = ids[start:start + batch_size]
-        types = extra.get("token_type_ids")
-        types = None if types is None else types[start:start + batch_size]
-        fill = batch_size - len(chunk) if n > batch_size else 0
-        if fill:  # the last batch, padded to the others' shape
-            chunk = np.concatenate([chunk, np.zeros((fill, chunk.shape[1]), chunk.dtype)])
-            if types is not None:
-                types = np.concatenate([types, np.zeros((fill, types.shape[1]), types.dtype)])
-        p = _class_probabilities(model, params, jnp.asarray(chunk, jnp.int32),
-                                 None if types is None else jnp.asarray(types, jnp.int32))
-        probs.append(np.asarray(p)[:len(p) - fill])
+    for start in range(0, len(ids), batch_size):
+        chunk = {k: v[start:start + batch_size] for k, v in entries.items()}
+        rows = len(chunk["inputs"])
+        fill = min(batch_size, 1 << (rows - 1).bit_length()) - rows  # all-padding rows
+        chunk = {k: jnp.asarray(np.pad(v, [(0, fill)] + [(0, 0)] * (v.ndim - 1)), jnp.int32)
+                 for k, v in chunk.items()}
+        probs.append(np.asarray(_class_probabilities(model, params, chunk))[:rows])
     probabilities = (np.concatenate(probs) if probs
                      else np.zeros((0, cfg.num_classes), np.float32))
     return {"labels": probabilities.argmax(-1).astype(np.int32),
