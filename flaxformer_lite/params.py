@@ -97,8 +97,9 @@ def _component(path: tuple[str, ...]) -> str:
 def param_shapes(config: TransformerConfig | str):
     """The parameter pytree as `jax.ShapeDtypeStruct`s (no memory), unboxed."""
     config = get_config(config) if isinstance(config, str) else config
-    model = make_model(config)
-    # Shapes never depend on the input length; 2 tokens keep tracing cheap.
+    # Shapes depend neither on the attention kernel (cuDNN's needs a GPU to trace) nor on the
+    # input length (2 tokens keep tracing cheap).
+    model = make_model(config.replace(attention_implementation="ops"))
     inputs = dummy_inputs(config, batch=1, length=2)
     variables = jax.eval_shape(lambda: model.init(
         {"params": jax.random.key(0), "dropout": jax.random.key(1)}, **inputs))
@@ -198,55 +199,88 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
                     optimizer: str = "adamw", optimizer_dtype: str | None = None,
                     accumulation_steps: int = 1,
                     counts: dict[str, int] | None = None, batch_size: int | None = None,
-                    seq_len: int | None = None) -> dict[str, int]:
+                    seq_len: int | None = None, target_len: int | None = None,
+                    microbatches: int = 1, platform: str | None = None) -> dict[str, int]:
     """Bytes held across a training step: params, grads, optimizer state, and with
-    `batch_size` the activations the backward pass keeps (`activation_memory`'s
-    "activations" for rows of `seq_len` tokens, default `max_len`, divided by
-    `accumulation_steps`, whose micro-batches each keep their own; an encoder-decoder's
-    targets as long as its inputs).
+    `batch_size` (the rows of one step, as `train` takes them) the activations its backward
+    pass keeps (`activation_memory`'s "activations" for rows of `seq_len` tokens, default
+    `max_len`; an encoder-decoder's targets `target_len`, default `seq_len`; attention traced
+    for `platform`, default this machine's backend).
 
-    `param_dtype` defaults to the config's. Adam(W) keeps two moments per parameter; SGD with
-    momentum one; Adafactor ~ factored second moments (counted as 0 here, it is
-    O(rows + cols)). The moments take `optimizer_dtype`,
-    by default the parameters' dtype, as optax (and `training.make_optimizer`) keep them.
-    The library's mixed precision (`dtype="bfloat16"` compute, float32 `param_dtype`) is the
-    float32 layout: 16 bytes a parameter with Adam. `accumulation_steps > 1` adds
-    `optax.MultiSteps`'s running gradient sum, one more copy in the parameters' dtype.
+    `param_dtype` defaults to the config's. The library's optimizers ("adamw", "adafactor"
+    with `optimizer_dtype` unset) are counted exactly: the state `training.make_optimizer`
+    builds, from its shapes (Adafactor factors a matrix's second moment only where its two
+    largest dimensions are both >= 128 and keeps the others whole). Otherwise Adam keeps two
+    moments a parameter and SGD with momentum one, in `optimizer_dtype` (default the
+    parameters'). The library's mixed precision (`dtype="bfloat16"` compute, float32
+    `param_dtype`) is the float32 layout: 16 bytes a parameter with AdamW.
+    `accumulation_steps = k > 1` (`OptimizerConfig`) adds `optax.MultiSteps`' running
+    gradient sum ("accumulated_grads"; float32 for bfloat16 parameters, as optax keeps it);
+    each of the k steps still holds `batch_size` rows' activations. `microbatches = m`
+    (`ParallelConfig`) computes a step's gradient in m slices: activations of
+    `batch_size / m` rows, no other state.
     """
     config = get_config(config) if isinstance(config, str) else config
     if optimizer not in OPTIMIZER_MOMENTS:
         raise ValueError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_MOMENTS)}.")
-    if isinstance(accumulation_steps, bool) or not isinstance(
-            accumulation_steps, numbers.Integral) or accumulation_steps < 1:
-        raise ValueError(f"accumulation_steps={accumulation_steps!r} must be a whole number "
-                         ">= 1.")
+    for name, value in (("accumulation_steps", accumulation_steps),
+                        ("microbatches", microbatches)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a whole number >= 1.")
     counts = breakdown(config) if counts is None else counts
     n = counts["total"]
     param_dtype = config.param_dtype if param_dtype is None else param_dtype
     pbytes = jnp.dtype(param_dtype).itemsize
-    obytes = jnp.dtype(optimizer_dtype or param_dtype).itemsize
-    moments = OPTIMIZER_MOMENTS[optimizer]
-    out = {"params": n * pbytes, "grads": n * pbytes, "optimizer": n * obytes * moments}
-    if accumulation_steps > 1:
-        out["accumulated_grads"] = n * pbytes
+    out = {"params": n * pbytes, "grads": n * pbytes}
+    if optimizer in ("adamw", "adafactor") and optimizer_dtype is None:
+        out.update(_library_optimizer_bytes(config, param_dtype, optimizer, accumulation_steps))
+    else:
+        obytes = jnp.dtype(optimizer_dtype or param_dtype).itemsize
+        out["optimizer"] = n * obytes * OPTIMIZER_MOMENTS[optimizer]
+        if accumulation_steps > 1:
+            out["accumulated_grads"] = n * pbytes
     if batch_size is not None:
-        micro = batch_size  # anything but a positive whole number: activation_memory says so
+        rows = batch_size  # anything but a positive whole number: activation_memory says so
         if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool):
-            if batch_size % accumulation_steps:
+            if batch_size % microbatches:
                 raise ValueError(f"batch_size={batch_size!r} must be a multiple of "
-                                 f"accumulation_steps={accumulation_steps}.")
-            micro = batch_size // accumulation_steps
-        out["activations"] = activation_memory(config, batch_size=micro,
-                                               seq_len=seq_len)["activations"]
-    elif seq_len is not None:
-        raise ValueError("seq_len sizes the activations: give batch_size too.")
+                                 f"microbatches={microbatches}.")
+            rows = batch_size // microbatches
+        out["activations"] = activation_memory(config, batch_size=rows, seq_len=seq_len,
+                                               target_len=target_len,
+                                               platform=platform)["activations"]
+    elif seq_len is not None or target_len is not None:
+        raise ValueError("seq_len and target_len size the activations: give batch_size too.")
     out["total"] = sum(out.values())
     return out
 
 
+def _library_optimizer_bytes(config: TransformerConfig, param_dtype: str, optimizer: str,
+                             accumulation_steps: int) -> dict[str, int]:
+    """The state of `training.make_optimizer` for `config`'s parameters (abstract: nothing
+    allocated): "optimizer" and, with accumulation, "accumulated_grads"."""
+    from flaxformer_lite.training import OptimizerConfig, make_optimizer
+
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
+                          param_shapes(config))
+
+    def state_bytes(k: int) -> int:
+        tx = make_optimizer(OptimizerConfig(optimizer=optimizer, accumulation_steps=k,
+                                            schedule="constant", warmup_steps=0))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(
+            tx.init, shapes)))
+
+    plain = state_bytes(1)
+    out = {"optimizer": plain}
+    if accumulation_steps > 1:
+        out["accumulated_grads"] = state_bytes(accumulation_steps) - plain
+    return out
+
 
 def _abstract_batch(config, batch_size, seq_len, target_len):
     ids = lambda n: jax.ShapeDtypeStruct((batch_size, n), jnp.int32)  # noqa: E731
+    if config.num_classes:  # a sequence classifier: one label a row
+        return {"inputs": ids(seq_len), "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
     if config.architecture == "encoder_decoder":
         return {"inputs": ids(seq_len), "targets": ids(target_len)}
     return {"inputs": ids(seq_len), "targets": ids(seq_len)}
@@ -300,6 +334,10 @@ def _traced_residuals(config, batch_size, seq_len, target_len, platform):
 
     def residuals_of(params, batch, key):
         def loss(params):  # train_step's objective, before dividing by the token count
+            if steps.classifies(model):
+                return steps.classification_sums(
+                    model, params, batch, loss_config=loss_config, deterministic=not dropout,
+                    dropout_rng=key)["loss"]
             logits, targets = steps.predictions(model, params, batch, deterministic=not dropout,
                                                 dropout_rng=key)
             return losses.metric_sums(logits, targets, steps.target_weights(model, batch, targets),
@@ -353,9 +391,12 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
     batch, in memory anyway). So it follows the config's
     dtype, remat policy, `scan_layers` (a scan's residuals come out stacked over its layers),
     fused QKV, grouped-query heads, activation and attention implementation. Attention is
-    traced for `platform` (default: JAX's default backend), whose path it takes: the CPU path
-    keeps the output and two float32 row statistics, as FlashAttention does; the others keep
-    the `[batch, heads, q, kv]` softmax.
+    traced for `platform` (default: JAX's default backend; "gpu" to size a GPU run from a
+    CPU host), whose path it takes: the CPU path keeps the output and two float32 row
+    statistics, as FlashAttention does; the others keep the `[batch, heads, q, kv]` softmax
+    (2.4x the estimate of gpt2 at batch 32 x 1024 without attention dropout), except
+    `attention_implementation="cudnn"`, whose fused kernel keeps what the CPU path does and is
+    traced as it. A classifier (`num_classes`) is traced with its classification loss.
 
     Returns:
       `per_layer` (decoder-only, encoder-only) or `per_encoder_layer` and `per_decoder_layer`:
@@ -375,7 +416,9 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
     Per layer, with `p` the compute dtype's bytes, `b` rows, `s` their length (`t` the
     decoder's, `s` the source's, in an encoder-decoder), `d` = d_model, `a` = heads x
     head_dim, `a_kv` = kv_heads x head_dim, `f` = d_ff, `h` heads, the CPU attention path,
-    no dropout, `remat="none"`, a non-gated activation:
+    no dropout, `remat="none"`, LayerNorm and GELU or ReLU (RMSNorm, SiLU and the gated
+    activations keep more, e.g. RMSNorm two float32 `[b, s, d]` arrays a norm: traced, not in
+    the formula):
 
         self-attention   p b s (2 d + 3 a + 2 a_kv) + 8 b s + 8 b h s   [+ b s^2 mask]
         cross-attention  p b (t (2 d + 3 a) + 2 s a_kv) + 8 b t + 8 b h t   [+ b t s mask]
@@ -410,13 +453,18 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
                          f"{config.architecture!r}: its targets are seq_len long.")
     target_len = seq_len if target_len is None else target_len
     _check_length("target_len", target_len, config)
-    if config.architecture == "encoder_only" and not config.mlm_head:
-        raise ValueError("An encoder_only config trains with its masked-LM head: set "
-                         "mlm_head=True to estimate its training activations.")
+    if config.architecture == "encoder_only" and not (config.mlm_head or config.num_classes):
+        raise ValueError("An encoder_only config trains its masked-LM head (mlm_head=True) or a "
+                         "classifier (num_classes > 0); this one has neither, so there is no "
+                         "train step to estimate.")
     if config.mlm_predictions > seq_len:
         raise ValueError(f"seq_len={seq_len} is shorter than mlm_predictions="
                          f"{config.mlm_predictions}.")
     platform = jax.default_backend() if platform is None else platform
+    if config.attention_implementation == "cudnn":
+        # cuDNN's fused attention keeps the output and its row statistics, as the CPU path
+        # (FlashAttention's scheme) does: traced in its place, it needs no GPU here.
+        config, platform = config.replace(attention_implementation="ops"), "cpu"
 
     def traced(**layers):
         return _traced_residuals(config.replace(**layers), batch_size, seq_len, target_len,
@@ -465,10 +513,12 @@ class Report:
 
 
 def report(config: TransformerConfig | str, name: str | None = None, *,
-           batch_size: int | None = None, seq_len: int | None = None) -> Report:
+           batch_size: int | None = None, seq_len: int | None = None,
+           platform: str | None = None) -> Report:
     """Counts, FLOPs per token at `seq_len` (default `max_len`) and training memory (with the
-    activations of `batch_size` rows when given) of a preset (by name) or of any config
-    (`name` labels it; default "custom"); a preset's published count if known."""
+    activations of `batch_size` rows when given, attention traced for `platform`) of a preset
+    (by name) or of any config (`name` labels it; default "custom"); a preset's published
+    count if known."""
     if isinstance(config, str):
         name = config if name is None else name
         published = PUBLISHED.get(config)
@@ -476,12 +526,12 @@ def report(config: TransformerConfig | str, name: str | None = None, *,
     else:
         name, published = name or "custom", None
     counts = breakdown(config)
-    if config.architecture == "encoder_only" and not config.mlm_head:
-        batch_size = None  # a backbone without its training head: no train loss to trace
+    if config.architecture == "encoder_only" and not (config.mlm_head or config.num_classes):
+        batch_size = None  # a backbone without a training head: no train loss to trace
     return Report(name, counts, published,
                   flops_per_token(config, seq_len=seq_len, counts=counts),
                   training_memory(config, counts=counts, batch_size=batch_size,
-                                  seq_len=seq_len if batch_size else None))
+                                  seq_len=seq_len if batch_size else None, platform=platform))
 
 
 def _human(n: float) -> str:
@@ -529,7 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "num_kv_heads=4,max_len=2048 (a hypothetical model)")
     parser.add_argument("--batch-size", type=int, default=None, metavar="B",
                         help="add the activations the backward pass keeps for B rows "
-                             "(params.activation_memory, traced for this machine's backend)")
+                             "(params.activation_memory)")
+    parser.add_argument("--platform", default=None, choices=("cpu", "gpu", "tpu"),
+                        help="whose attention path the activations trace (default: this "
+                             "machine's backend; gpu to size a GPU run from a CPU host)")
     parser.add_argument("--seq-len", type=int, default=None, metavar="S",
                         help="tokens a row for FLOPs and activations (default: max_len)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -548,8 +601,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TypeError, ValueError) as e:
         parser.error(f"--set: {e}")
     try:
-        reports = [report(c, name=label, batch_size=args.batch_size, seq_len=args.seq_len)
-                   for c, label in configs]
+        reports = [report(c, name=label, batch_size=args.batch_size, seq_len=args.seq_len,
+                          platform=args.platform) for c, label in configs]
     except ValueError as e:
         parser.error(str(e))
     if args.json:
@@ -557,12 +610,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(format_table(reports))
         at = f"seq_len {args.seq_len}" if args.seq_len else "max_len"
+        platform = args.platform or jax.default_backend()
         print(f"\ntrain GFLOP/tok = 6 N + attention term at {at}; Adam mem = params + grads + "
-              "2 Adam moments in the config's param_dtype (float32 in the presets)"
+              "AdamW's state as training.make_optimizer builds it, in the config's param_dtype "
+              "(float32 in the presets)"
               + ("." if args.batch_size is None else
                  f"; activations = what the backward pass keeps for {args.batch_size} rows at "
-                 f"{at} (params.activation_memory: jaxpr residuals, not XLA's peak; n/a: an "
-                 "encoder without mlm_head=True); total mem = the two."))
+                 f"{at}, attention traced for {platform} (params.activation_memory: jaxpr "
+                 "residuals, a lower bound on XLA's peak; n/a: an encoder without a training "
+                 "head); total mem = the two. remat saves memory on XLA:CPU only with "
+                 "scan_layers=True."))
     return 0
 
 
