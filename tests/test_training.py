@@ -1021,6 +1021,60 @@ def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
     best = min(evals, key=evals.get)
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == sorted({best, 6})
     assert [s for s, m in seen if "train/loss" in m] == [3, 6]
+    # The best checkpoint is handed back: its step, and load_run(step="best") (the final
+    # parameters are the last step's, which need not be the best).
+    from flaxformer_lite.training import load_params, load_run
+    assert result.best_step == best
+    run = load_run(tmp_path, step="best")
+    assert run.step == best
+    assert jax.tree.all(jax.tree.map(np.array_equal, run.params,
+                                     load_params(tmp_path / "checkpoints", best)[1]))
+
+
+def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine, tmp_path):
+    """best_metric="eval/accuracy" used to keep the worst checkpoint (best_mode defaulted to
+    "min"); a run without best_metric has no best to load; an eval_fn's F1 was left out of
+    the printed line."""
+    from flaxformer_lite.training import load_run
+    from flaxformer_lite.training.trainer import _compact, default_best_mode
+    assert [default_best_mode(m) for m in ("eval/accuracy", "eval/bleu", "eval/exact_match",
+                                          "eval/f1", "eval/macro_f1", "eval/loss",
+                                          "eval/perplexity", None)] == ["max"] * 5 + ["min"] * 3
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+    result = train(TINY, OPT, Batches(), workdir=tmp_path / "acc", engine=engine, num_steps=4,
+                   loss=LOSS, parallel=ParallelConfig(mode="single"),
+                   eval_data=lambda: iter(eval_batches), eval_every=1, keep_checkpoints=1,
+                   best_metric="eval/accuracy", hooks=[])
+    evals = {h["step"]: h["eval/accuracy"] for h in result.history if "eval/accuracy" in h}
+    assert len(set(evals.values())) > 1  # else any step would do
+    assert evals[result.best_step] == max(evals.values())
+    assert json.loads((tmp_path / "acc" / "config.json").read_text())["run"]["best_mode"] == "max"
+    assert load_run(tmp_path / "acc", step="best").step == result.best_step
+    plain = train(TINY, OPT, Batches(), workdir=tmp_path / "plain", engine=engine, num_steps=1,
+                  loss=LOSS, parallel=ParallelConfig(mode="single"), hooks=[])
+    assert plain.best_step is None
+    with pytest.raises(ValueError, match="kept no best checkpoint"):
+        load_run(tmp_path / "plain", step="best")
+    line = _compact(4, {"eval/loss": 1.5, "eval/accuracy": 0.5, "eval/f1": 0.25,
+                        "eval/nll": 1.5, "eval/tokens": 9.0, "eval/bleu_signature": "nrefs:1"})
+    assert line == "step 4: e.loss=1.5 e.accuracy=0.5 e.f1=0.25"
+
+
+def test_an_endless_eval_pipeline_is_refused_before_training(engine, tmp_path):
+    """An eval pipeline built with num_epochs=None (the pipelines' default) repeats forever:
+    the first evaluation used to never return."""
+    from flaxformer_lite import data
+
+    tokens = np.arange(400) % (VOCAB - 1) + 1
+    endless = data.window_pipeline(tokens, batch_size=2, seq_len=LENGTH)
+    finite = data.window_pipeline(tokens, batch_size=2, seq_len=LENGTH, random=False)
+    assert endless.endless and not finite.endless
+    for i, eval_data in enumerate((endless, lambda: endless)):
+        with pytest.raises(ValueError, match="repeats forever .*num_epochs=1"):
+            train(TINY, OPT, Batches(), workdir=tmp_path / str(i), engine=engine, num_steps=2,
+                  loss=LOSS, parallel=ParallelConfig(mode="single"), eval_data=eval_data,
+                  hooks=[])
+        assert not list((tmp_path / str(i)).glob("checkpoints/[0-9]*"))  # nothing trained
 
 
 def test_best_checkpoint_is_kept_between_checkpoint_steps(engine, tmp_path):

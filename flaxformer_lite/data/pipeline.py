@@ -102,11 +102,14 @@ class PipelineStats:
 
 
 class Pipeline:
-    """An iterable of batches; `iter()` gives a checkpointable grain `DatasetIterator`."""
+    """An iterable of batches; `iter()` gives a checkpointable grain `DatasetIterator`.
+    `endless`: it repeats forever (`num_epochs=None`), so it cannot be an evaluation set."""
 
     def __init__(self, dataset: grain.IterDataset, *, global_batch_size: int,
-                 local_batch_size: int, stats: PipelineStats | None, description: str):
+                 local_batch_size: int, stats: PipelineStats | None, description: str,
+                 endless: bool = False):
         self.dataset = dataset
+        self.endless = endless
         self.global_batch_size = global_batch_size
         self.local_batch_size = local_batch_size
         self.stats = stats if stats is not None else PipelineStats()
@@ -734,7 +737,8 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
                 rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
                         "targets_segment_ids": None, "targets_positions": None})
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, description=f"lm split={split!r} batch={batch_size} "
+                    stats=stats, endless=num_epochs is None,
+                    description=f"lm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack}")
 
 
@@ -861,7 +865,8 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
                 num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
                 bucket_window=bucket_window, rename={})
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, description=f"translation split={split!r} batch={batch_size} "
+                    stats=stats, endless=num_epochs is None,
+                    description=f"translation split={split!r} batch={batch_size} "
                     f"max_len={max_source_len}/{max_target_len} pack={pack}")
 
 
@@ -976,7 +981,8 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
 
         ds = ds.map(cap)
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, description=f"mlm split={split!r} batch={batch_size} "
+                    stats=stats, endless=num_epochs is None,
+                    description=f"mlm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
 
 
@@ -1067,7 +1073,8 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
                 num_bins=None, bucket_boundaries=bucket_boundaries,
                 bucket_window=bucket_window, rename={})
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, description=f"classification batch={batch_size} "
+                    stats=stats, endless=num_epochs is None,
+                    description=f"classification batch={batch_size} "
                     f"max_len={max_len}")
 
 
@@ -1143,7 +1150,8 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     ds = grain.MapDataset.range(int(steps)).map(batch_at).to_iter_dataset(
         grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
     return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
-                    stats=None, description=f"windows batch={batch_size} seq_len={seq_len} "
+                    stats=None, endless=random and num_steps is None,
+                    description=f"windows batch={batch_size} seq_len={seq_len} "
                     f"random={random} over {len(tokens)} tokens")
 
 

@@ -656,7 +656,24 @@ class Run:
     averaged_steps: list[int] | None = None
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any = None,
+def best_step(directory: str | os.PathLike, best_metric: str, best_mode: str = "min") -> int:
+    """The step of the best checkpoint in `directory` by the eval metric `best_metric` saved
+    with it (`best_mode` "min" or "max"), as `train(best_metric=...)` ranks them; read only."""
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'.")
+    directory, m = _reader(directory)
+    with m:
+        ranked = [s for s in m.all_steps() if best_metric in (m.metrics(s) or {})]
+        if not ranked:
+            raise FileNotFoundError(f"No checkpoint in {directory} was saved with the metric "
+                                    f"{best_metric!r} to rank it (steps: "
+                                    f"{sorted(m.all_steps())}).")
+        values = {s: float(m.metrics(s)[best_metric]) for s in ranked}
+    pick = min if best_mode == "min" else max
+    return pick(sorted(values), key=values.get)
+
+
+def load_run(workdir: str | os.PathLike, step: int | str | None = None, *, target: Any = None,
              dtype: Any = None, average_last: int | None = None) -> Run:
     """A trained run back from its workdir, for decoding or evaluation:
 
@@ -668,6 +685,9 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
     `step`'s) checkpoint via `load_params` (`target`, `dtype` as there), the tokenizer from
     `workdir/tokenizer.json` or `tokenizer.model`, which the experiment scripts write (None if
     absent: a run of one's own can `tokenizer.save(workdir + "/tokenizer.json")` too).
+
+    step="best": the best checkpoint by the `best_metric` the run was trained with
+    (`train(best_metric=..., best_mode=...)`, recorded in config.json).
 
     average_last=k: the parameters are the mean of the last k checkpoints' (`average_params`),
     `run.step` the last of them and `run.averaged_steps` all k (None without averaging).
@@ -689,6 +709,14 @@ def load_run(workdir: str | os.PathLike, step: int | None = None, *, target: Any
     if unknown:
         raise ValueError(f"{path} records model fields this version does not have: {unknown}.")
     config = TransformerConfig(**model_record)
+    if step == "best":
+        ran = record.get("run", {})
+        if not ran.get("best_metric"):
+            raise ValueError(f"load_run(step='best'): the run in {workdir} kept no best "
+                             "checkpoint (train(best_metric=...) keeps one); pass a step, or "
+                             "None for the latest.")
+        step = best_step(os.path.join(workdir, "checkpoints"), ran["best_metric"],
+                         ran.get("best_mode", "min"))
     averaged = None
     if average_last is not None:
         if step is not None:

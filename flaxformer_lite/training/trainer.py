@@ -95,6 +95,9 @@ class TrainResult:
     interrupted: bool
     engine: Engine
     signal: signal.Signals | None = None
+    # With `best_metric`: the step of the best checkpoint kept (`load_run(workdir,
+    # step="best")` loads it); None without one.
+    best_step: int | None = None
 
     @property
     def exit_status(self) -> int:
@@ -114,10 +117,18 @@ class TrainResult:
 
 # ---- hooks ------------------------------------------------------------------------------------
 
+# What the eval step reports besides loss and accuracy (the compact line leaves them out).
+_EVAL_STEP_SUMS = ("nll", "z_loss", "perplexity", "tokens", "sequences", "steps", "correct")
+
+
 def _compact(step: int, metrics: Mapping[str, float]) -> str:
     keys = ("train/loss", "train/accuracy", "train/learning_rate", "train/grad_norm",
             "train/tokens_per_second", "eval/loss", "eval/accuracy")
-    parts = [f"{k.split('/')[0][0]}.{k.split('/')[1]}={metrics[k]:.4g}" for k in keys
+    # An eval_fn's own metrics too (a BLEU, an F1), not the eval step's other sums.
+    keys += tuple(k for k in metrics if k.startswith("eval/") and k not in keys
+                  and k.split("/", 1)[1] not in _EVAL_STEP_SUMS
+                  and isinstance(metrics[k], int | float))
+    parts = [f"{k.split('/')[0][0]}.{k.split('/', 1)[1]}={metrics[k]:.4g}" for k in keys
              if k in metrics]
     return f"step {step}: {' '.join(parts)}"
 
@@ -404,6 +415,17 @@ def _shown(record: Mapping, key: str) -> str:
     return repr(record[key]) if key in record else "(not recorded)"
 
 
+# Metric names (their last word) that rank a checkpoint by the highest value.
+SCORES = ("accuracy", "bleu", "exact_match", "f1", "mcc", "precision", "recall", "auc")
+
+
+def default_best_mode(best_metric: str | None) -> str:
+    """`train`'s `best_mode` when none is given: "max" for a score (a metric name whose last
+    word is one of `SCORES`: "eval/accuracy", "eval/bleu"), "min" otherwise ("eval/loss")."""
+    name = (best_metric or "").rsplit("/", 1)[-1].lower()
+    return "max" if any(name == s or name.endswith("_" + s) for s in SCORES) else "min"
+
+
 def _same(a: Any, b: Any) -> bool:
     """Equal as JSON values, NaN equal to NaN (also inside lists)."""
     return a == b or json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
@@ -414,7 +436,21 @@ def _first_eval_batch(eval_data) -> Batch | None:
     eval step early; None for a one-shot iterator, which peeking would consume."""
     if eval_data is None or hasattr(eval_data, "__next__"):
         return None
-    return next(_make_iterator(eval_data), None)
+    return next(_eval_iterator(eval_data), None)
+
+
+def _eval_iterator(eval_data) -> Iterator[Batch]:
+    """The batches of one evaluation; a pipeline that repeats forever is refused (the
+    evaluation would never end)."""
+    data = eval_data
+    if callable(data) and not hasattr(data, "__iter__") and not hasattr(data, "__next__"):
+        data = data()
+    if getattr(data, "endless", False):
+        raise ValueError(
+            f"eval_data gives {data!r}, which repeats forever (num_epochs=None): an evaluation "
+            "over it would never end. Build it with num_epochs=1 (and shuffle=False), or cap "
+            "it: lambda: itertools.islice(make_pipeline(), n).")
+    return _make_iterator(data)
 
 
 def evaluate(engine: Engine, state: TrainState, eval_data,
@@ -433,7 +469,7 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
     """
     sums: dict[str, Any] = {}
     outputs = []
-    batches = _make_iterator(eval_data)
+    batches = _eval_iterator(eval_data)
     multi = jax.process_count() > 1
     last = None
     while True:
@@ -499,7 +535,7 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           eval_fn: Callable[[TrainState, Engine], Mapping[str, float]] | None = None,
           eval_every: int | None = None,
           checkpoint_every: int | None = 1000, keep_checkpoints: int | None = 3,
-          best_metric: str | None = None, best_mode: str = "min",
+          best_metric: str | None = None, best_mode: str | None = None,
           log_every: int = 100, hooks: Sequence[Hook] | None = None,
           async_checkpointing: bool = True, handle_signals: bool = True,
           engine: Engine | None = None,
@@ -523,8 +559,11 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       at the end) and at the end of the run.
     checkpoint_every: save every this many steps (None or 0: only at the end and on
       interrupts).
-    best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` min|max);
-      every evaluation then also saves a checkpoint, so the best one is always among them.
+    best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` "min" or
+      "max"; by default "max" for a score, a name ending in accuracy, bleu, exact_match, f1,
+      mcc, precision, recall or auc, else "min"); every evaluation then also saves a
+      checkpoint, so the best one is always among them. `TrainResult.best_step` names it and
+      `load_run(workdir, step="best")` loads it.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
       (default: `print_hook`, a line to stdout; `log_hook` sends it through `logging`).
@@ -577,6 +616,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if eval_every and eval_data is None and eval_fn is None:
         log.warning("eval_every=%s, but there is neither eval_data nor eval_fn: nothing will "
                     "be evaluated.", eval_every)
+    if best_mode is None:
+        best_mode = default_best_mode(best_metric)
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
@@ -624,6 +665,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         record["model"]["module"] = name(type(engine.model)) + (
             f"(layer_cls={name(layer)})" if layer is not None else "")
     record["run"] = _run_record(seed, num_steps, engine)
+    if best_metric is not None:  # what load_run(step="best") ranks by
+        record["run"].update(best_metric=best_metric, best_mode=best_mode)
     # Whether the workdir's first run started from init_params: a rerun of that call resumes.
     fine_tune = _recorded_run(workdir).get("init_params", False)
     record["run"]["init_params"] = init_params is not None and (
@@ -646,6 +689,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                            record_config=functools.partial(_write_config, workdir, record)
                            if main else None,
                            config_changes=functools.partial(_config_changes, workdir, record))
+            if best_metric is not None:  # once written, the best is among the saves
+                ckpt.wait()
+                result.best_step = ckpt.best_step()
             failed = False
             return result
         finally:
