@@ -380,6 +380,19 @@ def test_read_labelled_file_sst2_style(tmp_path):
     ("sentence\tlabel\na\tgreat\n", {"label_names": ["neg", "pos"]},
      r"train.tsv:2: label 'great' is not one of label_names \['neg', 'pos'\]"),
     ("sentence\tlabel\nno tab here\n", {}, r"train.tsv:2: the row has 1 field"),
+    # a tab inside the text: 'first half' would be read with label 0, the rest dropped
+    ("sentence\tlabel\nfirst half\tsecond half\t0\n", {},
+     r"train.tsv:2: the row has 3 field\(s\), the header 2 .*remove the tab"),
+    ("sentence\tlabel\nx\t-1\n", {"num_classes": 2},
+     r"train.tsv:2: label -1 is negative; class ids start at 0 \(GLUE's test files .*"
+     r"label_column=None\)\.$"),
+    ("sentence1\tsentence2\tlabel\nA man rides.\tA person rides.\t1\n",
+     {"text_column": "sentence1"}, r"train.tsv:1: .*sentence pairs are not supported"),
+    ("#1 ID\t#2 ID\t#1 String\t#2 String\tQuality\n", {"text_column": "#1 String",
+     "label_column": "Quality"}, r"a sentence pair \('#1 string' and '#2 string'\); "
+     r"sentence pairs are not supported"),
+    ("gj04\t1\t\tfine\n", {"text_column": "sentence", "header": False},
+     r"header=False: a file without a header line has no names; pass the column's number"),
     ("sentence\tlabel\n", {}, r"train.tsv: a header but no examples"),
 ])
 def test_read_labelled_file_errors_name_file_line_and_fix(tmp_path, content, kwargs, message):
@@ -389,6 +402,42 @@ def test_read_labelled_file_errors_name_file_line_and_fix(tmp_path, content, kwa
         read_labelled_file(path, **kwargs)
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_labelled_file(tmp_path / "missing.tsv")
+
+
+def test_read_labelled_file_refuses_a_csv_row_split_by_an_unquoted_comma(tmp_path):
+    path = tmp_path / "scores.csv"
+    path.write_text("sentence,label\nScored 10,1,0\n")  # the label 0, not the 1 of the text
+    with pytest.raises(ValueError, match=r"scores.csv:2: the row has 3 field\(s\), the header "
+                       r"2 .*quote the text field"):
+        read_labelled_file(path, num_classes=2)
+    path.write_text('sentence,label\n"Scored 10,1",0\n')
+    assert read_labelled_file(path, num_classes=2) == [{"text": "Scored 10,1", "label": 0}]
+
+
+def test_read_labelled_file_glue_layouts_bom_and_lines(tmp_path):
+    cola = tmp_path / "cola.tsv"  # GLUE's CoLA: no header; source, label, mark, sentence
+    cola.write_text("gj04\t1\t\tOur friends will not buy this analysis.\n"
+                    "gj04\t0\t*\tOne more pseudo generalization.\n")
+    assert read_labelled_file(cola, text_column=3, label_column=1, num_classes=2) == [
+        {"text": "Our friends will not buy this analysis.", "label": 1},
+        {"text": "One more pseudo generalization.", "label": 0}]
+    assert read_labelled_file(cola, text_column=3, label_column=1, header=True) == [
+        {"text": "One more pseudo generalization.", "label": 0}]
+    cola.write_text("gj04\t1\t\tfine\ngj04\t0\tfine\n")
+    with pytest.raises(ValueError, match=r"cola.tsv:2: the row has 3 field\(s\), the first "
+                       r"row 4"):
+        read_labelled_file(cola, text_column=3, label_column=1)
+    test = tmp_path / "test.tsv"  # GLUE's test split: no labels
+    test.write_text("index\tsentence\n0\tit 's a charming journey .\n1\tflat\n")
+    texts = read_labelled_file(test, label_column=None)
+    assert texts == [{"text": "it 's a charming journey ."}, {"text": "flat"}]
+    bom = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a byte-order mark
+    bom.write_text("sentence,label\nnice,1\n", encoding="utf-8-sig")
+    assert read_labelled_file(bom) == [{"text": "nice", "label": 1}]
+    multi = tmp_path / "multi.csv"  # a quoted text over three lines: 'bad,x' is on line 6
+    multi.write_text('sentence,label\n"line one\nline two\nline three",1\nok,0\nbad,x\n')
+    with pytest.raises(ValueError, match=r"multi.csv:6: label 'x' is not a class id"):
+        read_labelled_file(multi)
 
 
 def test_classification_pipeline_frames_batches_and_counts_truncation():
