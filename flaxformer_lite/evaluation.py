@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -36,6 +37,9 @@ Array = jnp.ndarray
 
 PAD_ID = 0
 EOS_ID = 1
+BOS_ID = 2  # data.tokenizers.BOS_ID: the first token of a classifier's rows
+
+log = logging.getLogger(__name__)
 
 # ---- likelihood ------------------------------------------------------------------------------
 
@@ -133,6 +137,26 @@ def _class_probabilities(model, params, batch: dict) -> Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
+_UNFRAMED_WARNED = False  # classify's warning about rows without BOS, once a process
+
+
+def _warn_unframed(ids: np.ndarray) -> None:
+    """Warns (once a process) when id rows do not start with BOS: the classifier reads the
+    first position, where the fine-tuning rows always held BOS, so unframed rows (a bare
+    `tokenizer.encode`) are predicted poorly without any error."""
+    global _UNFRAMED_WARNED
+    if _UNFRAMED_WARNED or ids.ndim != 2 or not ids.shape[1] or ids.dtype.kind not in "iu":
+        return
+    unframed = int(np.sum((ids[:, 0] != BOS_ID) & np.any(ids != 0, axis=-1)))
+    if unframed:
+        _UNFRAMED_WARNED = True
+        log.warning("classify: %d of %d id rows do not start with BOS (id %d); a classifier "
+                    "reads the first position, which held BOS in every row it was trained on, "
+                    "so these predictions are poor. Frame rows as [BOS] + ids + [EOS] "
+                    "(data.encode_texts, or pass the texts with tokenizer=).", unframed,
+                    len(ids), BOS_ID)
+
+
 def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=None,
              max_len: int | None = None, token_type_ids: np.ndarray | None = None,
              batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -141,7 +165,9 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
 
     `inputs`: a list of `n` texts, framed with `tokenizer` as `classification_pipeline`
     frames its rows (`data.encode_texts`: `[BOS] + ids + [EOS]`, cut to `max_len`, default
-    the model's), or token ids `[n, length]` already framed so (0 = padding).
+    the model's), or token ids `[n, length]` already framed so (0 = padding; rows that do not
+    start with BOS are predicted poorly, and warned about once a process). A pair of texts
+    is refused: sentence pairs are not supported.
     Deterministic (no dropout); run in batches of `batch_size` rows, a shorter last one
     padded to a power of two (a few compiled programs at most). Params the model never reads
     are refused (`check_params_read`).
@@ -159,7 +185,13 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
                         "would be read as many: classify(model, params, [text], ...).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"classify: batch_size={batch_size!r} must be a positive integer.")
-    if len(inputs) and isinstance(inputs[0], str):
+    first = inputs[0] if len(inputs) else None
+    if isinstance(first, (tuple, list)) and len(first) and isinstance(first[0], str):
+        from flaxformer_lite.data.labelled import PAIRS_UNSUPPORTED
+
+        raise TypeError(f"classify: input 0 is a {type(first).__name__} of texts "
+                        f"({first!r:.60}); {PAIRS_UNSUPPORTED}.")
+    if isinstance(first, str):
         if tokenizer is None:
             raise ValueError("classify: texts need the tokenizer the classifier was trained "
                              "with (tokenizer=...); or pass token ids [n, length].")
@@ -168,6 +200,7 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
         ids = encode_texts(tokenizer, list(inputs), cfg.max_len if max_len is None else max_len)
     else:
         ids = np.asarray(inputs)
+        _warn_unframed(ids)
     extra = {} if token_type_ids is None else {"token_type_ids": np.asarray(token_type_ids)}
     check_batch(cfg, {"inputs": ids, "labels": np.zeros(len(ids), np.int32), **extra})
     if not np.all(np.any(ids != 0, axis=-1)):

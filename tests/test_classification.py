@@ -322,6 +322,28 @@ def test_classify_predicts_what_the_eval_step_scores(trained):
         evaluation.classify(model, params, ["a text"])
 
 
+
+def test_classify_refuses_pairs_and_warns_on_rows_without_bos(monkeypatch, caplog):
+    model, params = fl.make_model(CFG), fl.init_params(CFG, jax.random.key(0))
+    tok = CharTokenizer.from_texts(["a man rides"], reserve_mask=True)
+    with pytest.raises(TypeError, match=r"classify: input 0 is a tuple of texts .*sentence "
+                       r"pairs are not supported"):
+        evaluation.classify(model, params, [("A man rides.", "A person rides.")], tokenizer=tok)
+    with pytest.raises(TypeError, match="sentence pairs are not supported"):
+        encode_texts(tok, [["a man", "rides"]], 8)
+    monkeypatch.setattr(evaluation, "_UNFRAMED_WARNED", False)
+    framed = random_batch(np.random.default_rng(0), 4)["inputs"]
+    with caplog.at_level("WARNING", logger="flaxformer_lite.evaluation"):
+        evaluation.classify(model, params, framed)
+        assert "BOS" not in caplog.text
+        bare = np.zeros_like(framed)
+        bare[:, :3] = [7, 8, 9]  # a bare tokenizer.encode: no [BOS] ... [EOS]
+        bare[0] = framed[0]
+        evaluation.classify(model, params, bare)
+        evaluation.classify(model, params, bare)
+    assert caplog.text.count("3 of 4 id rows do not start with BOS") == 1  # once a process
+
+
 # ---- fine-tuning from a masked-LM run -----------------------------------------------------------
 
 def test_fine_tune_from_a_masked_lm_run(tmp_path):
@@ -462,6 +484,49 @@ def test_classification_pipeline_frames_batches_and_counts_truncation():
                                  max_len=6, num_classes=3)
     with pytest.raises(ValueError, match=r"need the fields \['text', 'label'\]"):
         classification_pipeline([{"sentence": "x", "label": 0}], tok, batch_size=2, max_len=6)
+
+
+
+@pytest.mark.parametrize("example, num_classes, message", [
+    ({"text": "x", "label": "pos"}, None, r"example 1 has label 'pos', not a class id \(>= 0\): "
+     r"map label names to ids"),
+    ({"text": "x", "label": 1.7}, None, r"example 1 has label 1.7, .*not floats, which would be "
+     r"truncated"),
+    ({"text": "x", "label": -1}, None, r"example 1 has label -1, not a class id \(>= 0\): class "
+     r"ids start at 0"),
+    ({"text": "x", "label": np.array([0.0, 1.0])}, None, r"example 1 has label array.*one-hot"),
+    ({"text": "x", "label": True}, 2, r"example 1 has label True, not a class id in \[0, "
+     r"num_classes=2\)"),
+    ({"text": ("A man rides.", "A person rides."), "label": 1}, None,
+     r"example 1's text is a tuple of 2 .*sentence pairs are not supported"),
+    ({"text": b"bytes", "label": 1}, None, r"example 1's text is a bytes .*not a str"),
+])
+def test_classification_pipeline_checks_every_example_up_front(example, num_classes, message):
+    tok = CharTokenizer.from_texts(["abc"], reserve_mask=True)
+    with pytest.raises((ValueError, TypeError), match=message):
+        classification_pipeline([{"text": "abc", "label": 0}, example], tok, batch_size=2,
+                                max_len=6, num_classes=num_classes)
+
+
+def test_classification_pipeline_refuses_texts_without_labels(tmp_path):
+    path = tmp_path / "test.tsv"  # GLUE's test split: texts to predict
+    path.write_text("index\tsentence\n0\tabc\n")
+    tok = CharTokenizer.from_texts(["abc"], reserve_mask=True)
+    with pytest.raises(ValueError, match=r"texts without labels .*evaluation.classify"):
+        classification_pipeline(read_labelled_file(path, label_column=None), tok,
+                                batch_size=2, max_len=6)
+
+
+def test_classification_truncation_warning_gives_advice_that_applies(monkeypatch, caplog):
+    monkeypatch.setattr("flaxformer_lite.data.pipeline._TRUNCATION_WARNED", set())
+    tok = CharTokenizer.from_texts(["abcdefgh"], reserve_mask=True)
+    with caplog.at_level("WARNING", logger="flaxformer_lite.data.pipeline"):
+        pipe = classification_pipeline([{"text": "abcdefgh", "label": 0}], tok, batch_size=1,
+                                       max_len=6, num_epochs=1)
+        list(pipe)
+    assert "raise max_len" in caplog.text and "accept the cut" in caplog.text
+    assert "window_pipeline" not in caplog.text and "unit='line'" not in caplog.text
+    assert pipe.stats.truncated == 1
 
 
 def test_load_tfds_labelled(monkeypatch, tmp_path):

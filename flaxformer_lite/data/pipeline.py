@@ -42,6 +42,7 @@ import jax
 import numpy as np
 
 from flaxformer_lite.data.builders import Dataset
+from flaxformer_lite.data.labelled import PAIRS_UNSUPPORTED
 from flaxformer_lite.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ Batch = dict[str, np.ndarray]
 # Bookkeeping
 
 
-_TRUNCATION_WARNED: set[str] = set()  # the limits already warned about in this process
+_TRUNCATION_WARNED: set[tuple[str, str]] = set()  # (limit, advice) warned about so far
 
 
 @dataclasses.dataclass
@@ -67,6 +68,8 @@ class PipelineStats:
     empty_skipped: int = 0
     uncapped: int = 0  # masked-LM selections given back to fit max_predictions
     limit: str = ""  # the maximum length, in words, for messages
+    advice: str = ("raise it, load the text in smaller units (unit='line'), or train on "
+                   "windows of the running text (window_pipeline), which drop nothing")
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False,
                                               compare=False)
 
@@ -80,13 +83,12 @@ class PipelineStats:
                 first = self.truncated == 1
             else:
                 first = False
-        if first and self.limit not in _TRUNCATION_WARNED:  # once a process, per limit: a
-            _TRUNCATION_WARNED.add(self.limit)  # script builds an eval pipeline per evaluation
+        key = (self.limit, self.advice)  # once a process, per limit and kind: a script
+        if first and key not in _TRUNCATION_WARNED:  # builds an eval pipeline per evaluation
+            _TRUNCATION_WARNED.add(key)
             log.warning("an example is longer than %s and was truncated (%d tokens dropped); "
                         "pipeline.stats counts them. Long examples lose everything past the "
-                        "limit: raise it, load the text in smaller units (unit='line'), or "
-                        "train on windows of the running text (window_pipeline), which drop "
-                        "nothing.", self.limit, dropped)
+                        "limit: %s.", self.limit, dropped, self.advice)
 
     def add_uncapped(self, n: int) -> None:
         with self._lock:
@@ -986,9 +988,20 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                     f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
 
 
+def _check_text(text: Any, where: str) -> None:
+    """Refuses what is not one text: a pair (a tuple or list of texts), bytes, a number."""
+    if isinstance(text, str):
+        return
+    if isinstance(text, (tuple, list)):
+        raise TypeError(f"{where} is a {type(text).__name__} of {len(text)} ({text!r:.60}); "
+                        f"{PAIRS_UNSUPPORTED}.")
+    raise TypeError(f"{where} is a {type(text).__name__} ({text!r:.60}), not a str.")
+
+
 def _frame(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[list[int], int]:
     """`[BOS] + ids + [EOS]` of `text` (outer newlines removed), the ids cut to `max_len - 2`
     (as `mlm_pipeline` frames its rows), and the number of ids cut."""
+    _check_text(text, "a text")
     ids = tokenizer.encode(text.strip("\n"))
     cut = max(len(ids) - (max_len - 2), 0)
     return [BOS_ID] + ids[:max_len - 2] + [EOS_ID], cut
@@ -997,7 +1010,8 @@ def _frame(tokenizer: Tokenizer, text: str, max_len: int) -> tuple[list[int], in
 def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
     """Texts framed as `classification_pipeline` frames them, for a classifier
     (`evaluation.classify`): `[BOS] + ids + [EOS]`, the ids cut to `max_len - 2`, right-padded
-    with 0 to `[len(texts), max_len]` int32. Cut texts are counted in a warning."""
+    with 0 to `[len(texts), max_len]` int32. Cut texts are counted in a warning; a pair of
+    texts is refused (sentence pairs are not supported)."""
     if isinstance(texts, str):
         raise TypeError("encode_texts takes a list of texts: encode_texts(tokenizer, [text], "
                         "max_len).")
@@ -1033,9 +1047,12 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
     the smallest of `bucket_boundaries` that fits the batch). Batches hold `inputs`
     `[batch, length]` and `labels` `[batch]` int32. A finite run's last batch is filled with
     all-zero rows (`inputs` all padding: weight 0 in the steps) unless `drop_remainder`
-    (default: drop only when repeating forever). `num_classes`: labels must lie in
-    `[0, num_classes)` (checked up front, naming the example). Options as in `lm_pipeline`;
-    no packing (one example a row: the classifier reads each row's first token).
+    (default: drop only when repeating forever). Every example is checked up front, naming
+    it: its text a str (a pair of texts is refused: sentence pairs are not supported), its
+    label an integer >= 0 (not a float, a string or a one-hot vector), below `num_classes` if
+    given. Texts without labels (`read_labelled_file(label_column=None)`) are refused: predict
+    them with `evaluation.classify`. Options as in `lm_pipeline`; no packing (one example a
+    row: the classifier reads each row's first token).
     """
     if isinstance(data, Dataset):
         raise TypeError("classification_pipeline takes labelled examples [{'text': ..., "
@@ -1045,19 +1062,40 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len={max_len!r} must be a whole number >= 3 (BOS, a token, "
                          "EOS).")
+    if (len(data) and isinstance(data[0], Mapping) and "text" in data[0]
+            and "label" not in data[0]):
+        raise ValueError("the examples hold texts without labels (read_labelled_file("
+                         "label_column=None) reads texts to predict); classification_pipeline "
+                         "trains and evaluates on labelled texts. Predict them with "
+                         "evaluation.classify(model, params, [ex['text'] for ex in examples], "
+                         "tokenizer=...).")
     source = _source(data, "train", ("text", "label"))
-    if num_classes is not None:
-        for i in range(len(source)):
-            label = source[i]["label"]
-            if (isinstance(label, bool) or not isinstance(label, (int, np.integer))
-                    or not 0 <= label < num_classes):
-                raise ValueError(f"example {i} has label {label!r}, not a class id in [0, "
-                                 f"num_classes={num_classes}): map label names to ids "
-                                 "(read_labelled_file(label_names=[...])) or raise num_classes "
-                                 "(TransformerConfig.num_classes too).")
+    bound = f"in [0, num_classes={num_classes})" if num_classes is not None else "(>= 0)"
+    for i in range(len(source)):  # up front: a bad example fails here, not hours into a run
+        example = source[i]
+        if not isinstance(example, Mapping) or "label" not in example or "text" not in example:
+            raise ValueError(f"example {i} is {example!r:.80}, not {{'text': ..., "
+                             "'label': ...}.")
+        _check_text(example["text"], f"example {i}'s text")
+        label = example["label"]
+        is_int = isinstance(label, (int, np.integer)) and not isinstance(label, bool)
+        if not is_int or label < 0 or num_classes is not None and label >= num_classes:
+            if isinstance(label, (str, bytes)):
+                hint = "map label names to ids (read_labelled_file(label_names=[...]))"
+            elif not is_int:
+                hint = ("labels are class ids, one integer per example (not floats, which "
+                        "would be truncated, nor one-hot vectors)")
+            elif label < 0:
+                hint = "class ids start at 0 (GLUE's test splits hold -1: no label)"
+            else:
+                hint = "raise num_classes (TransformerConfig.num_classes too)"
+            raise ValueError(f"example {i} has label {label!r}, not a class id {bound}: "
+                             f"{hint}.")
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
-    stats = PipelineStats(limit=f"max_len={max_len} tokens")
+    stats = PipelineStats(limit=f"max_len={max_len} tokens", advice=(
+        "raise max_len (counting BOS and EOS; up to the model's max_len), or accept the cut "
+        "(pipeline.stats.report() says how many texts were cut)"))
 
     def tokenize(ex: Mapping[str, Any], uid: int) -> Batch:
         del uid
