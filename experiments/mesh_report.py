@@ -14,7 +14,10 @@ devices), the bytes each kind of collective returns per step (the optimized HLO'
 all-reduce, reduce-scatter, all-to-all and collective-permute results; a loop body counts once
 even if it runs per layer or per micro-batch), and memory: the state and batch it holds
 (arguments) and the step's temporaries. Bytes and FLOPs are what XLA:CPU compiles; a GPU or
-TPU compiler fuses and schedules differently but partitions the same way.
+TPU compiler fuses and schedules differently but partitions the same way. Attention takes the
+CPU's path (query blocks keeping row statistics, not the `[batch, heads, q, kv]` softmax)
+unless `--attention_path=gpu`, which compiles the path a GPU or TPU takes with the library's
+`ops` attention (the softmax kept: its temporaries, at long contexts far more).
 
 XLA counts a loop's body once: with `scan_layers=True` (or micro-batches) the FLOPs and bytes
 cover one layer (one micro-batch) of the loop plus everything outside it, so compare such rows
@@ -83,12 +86,15 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
     return tuple(int(p) for p in parts)
 
 
-def report(config, meshes, batch: int, length: int, microbatches: int = 1) -> list[dict]:
+def report(config, meshes, batch: int, length: int, microbatches: int = 1,
+           attention_path: str = "cpu") -> list[dict]:
     """One row per mesh (and a first row for one device): per-device FLOPs, their ratio to
-    1/n of the one-device step, collective bytes by kind, memory and compile time."""
+    1/n of the one-device step, collective bytes by kind, memory and compile time; attention
+    traced as `attention_path` ("cpu" or "gpu") runs it."""
     import jax
     import numpy as np
 
+    from flaxformer_lite.ops.attention import traced_platform
     from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
 
     rng = np.random.RandomState(0)
@@ -113,7 +119,8 @@ def report(config, meshes, batch: int, length: int, microbatches: int = 1) -> li
             devices = math.prod(mesh)
         engine = Engine(config, OptimizerConfig(learning_rate=1e-4), parallel, LossConfig())
         t0 = time.perf_counter()
-        compiled = engine.lower_train_step(data).compile()
+        with traced_platform(attention_path):
+            compiled = engine.lower_train_step(data).compile()
         compile_s = time.perf_counter() - t0
         rows.append({
             "mesh": "one device" if mesh is None else "x".join(map(str, mesh)),
@@ -156,6 +163,9 @@ def main(argv=None) -> int:
     parser.add_argument("--length", type=int, default=None,
                         help="sequence length (default: the config's max_len)")
     parser.add_argument("--microbatches", type=int, default=1)
+    parser.add_argument("--attention_path", default="cpu", choices=("cpu", "gpu"),
+                        help="whose attention path to compile: the CPU's (row statistics) or "
+                             "the one GPUs and TPUs take with ops attention (the softmax kept)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -200,7 +210,7 @@ def main(argv=None) -> int:
                      "(raise it with --set=max_len=...).")
     print(f"{args.config} {overrides or ''}: global batch {args.batch} x {length} tokens, "
           f"{devices} CPU devices; compiling the train step (nothing allocated) ...", flush=True)
-    rows = report(config, meshes, args.batch, length, args.microbatches)
+    rows = report(config, meshes, args.batch, length, args.microbatches, args.attention_path)
     print_rows(rows)
     loops = config.scan_layers or args.microbatches > 1
     if loops:

@@ -405,6 +405,17 @@ def test_mesh_report_splits_work_state_and_gradients(tmp_path):
         assert row["devices"] == 4 and row["flops_vs_ideal"] < 1.3
 
 
+def test_mesh_report_compiles_the_attention_path_a_gpu_takes(load_script):
+    """On a CPU host the report compiled the CPU's attention (row statistics kept); a GPU's
+    plain path keeps the softmax and computes every score block: --attention_path=gpu."""
+    mesh_report = load_script("experiments/mesh_report.py")
+    config = get_config("gpt2", vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=1,
+                        max_len=128, dropout_rate=0.0, attention_dropout_rate=0.0)
+    cpu, gpu = (mesh_report.report(config, [], batch=2, length=128, attention_path=path)[0]
+                for path in ("cpu", "gpu"))
+    assert gpu["temp_bytes"] > cpu["temp_bytes"] and gpu["flops"] > cpu["flops"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--meshes=2x2x2,2x1x1"], "every mesh must use all"),
     (["--meshes=2x2"], "DATAxFSDPxTENSOR"),
