@@ -202,15 +202,17 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
                     seq_len: int | None = None, target_len: int | None = None,
                     microbatches: int = 1, platform: str | None = None) -> dict[str, int]:
     """Bytes held across a training step: params, grads, optimizer state, and with
-    `batch_size` (the rows of one step, as `train` takes them) the activations its backward
+    `batch_size` (the rows of one step, as `train` takes them: the global batch, whose
+    activations a data-parallel layout divides among its devices) the activations its backward
     pass keeps (`activation_memory`'s "activations" for rows of `seq_len` tokens, default
     `max_len`; an encoder-decoder's targets `target_len`, default `seq_len`; attention traced
     for `platform`, default this machine's backend).
 
     `param_dtype` defaults to the config's. The library's optimizers ("adamw", "adafactor"
-    with `optimizer_dtype` unset) are counted exactly: the state `training.make_optimizer`
-    builds, from its shapes (Adafactor factors a matrix's second moment only where its two
-    largest dimensions are both >= 128 and keeps the others whole). Otherwise Adam keeps two
+    with `optimizer_dtype` unset, and `counts` the config's own) are counted exactly: the
+    state `training.make_optimizer` builds, from its shapes (Adafactor factors a matrix's
+    second moment only where its two largest dimensions are both >= 128 and keeps the others
+    whole). Otherwise Adam keeps two
     moments a parameter and SGD with momentum one, in `optimizer_dtype` (default the
     parameters'). The library's mixed precision (`dtype="bfloat16"` compute, float32
     `param_dtype`) is the float32 layout: 16 bytes a parameter with AdamW.
@@ -232,8 +234,10 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
     param_dtype = config.param_dtype if param_dtype is None else param_dtype
     pbytes = jnp.dtype(param_dtype).itemsize
     out = {"params": n * pbytes, "grads": n * pbytes}
-    if optimizer in ("adamw", "adafactor") and optimizer_dtype is None:
-        out.update(_library_optimizer_bytes(config, param_dtype, optimizer, accumulation_steps))
+    exact = (_library_optimizer_bytes(config, param_dtype, optimizer, accumulation_steps, n)
+             if optimizer in ("adamw", "adafactor") and optimizer_dtype is None else None)
+    if exact is not None:
+        out.update(exact)
     else:
         obytes = jnp.dtype(optimizer_dtype or param_dtype).itemsize
         out["optimizer"] = n * obytes * OPTIMIZER_MOMENTS[optimizer]
@@ -256,13 +260,16 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
 
 
 def _library_optimizer_bytes(config: TransformerConfig, param_dtype: str, optimizer: str,
-                             accumulation_steps: int) -> dict[str, int]:
+                             accumulation_steps: int, n: int) -> dict[str, int] | None:
     """The state of `training.make_optimizer` for `config`'s parameters (abstract: nothing
-    allocated): "optimizer" and, with accumulation, "accumulated_grads"."""
+    allocated): "optimizer" and, with accumulation, "accumulated_grads"; None when `n`, the
+    parameters counted (`counts` given), is not this config's tree."""
     from flaxformer_lite.training import OptimizerConfig, make_optimizer
 
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
                           param_shapes(config))
+    if sum(x.size for x in jax.tree.leaves(shapes)) != n:
+        return None
 
     def state_bytes(k: int) -> int:
         tx = make_optimizer(OptimizerConfig(optimizer=optimizer, accumulation_steps=k,

@@ -189,6 +189,12 @@ def test_sizing_a_user_config():
     half = params.training_memory(cfg.replace(param_dtype="bfloat16"))
     assert half["params"] == half["grads"] == 2 * n
     assert 0 < half["optimizer"] - 2 * 2 * n <= 8  # the moments in bfloat16, the counter
+    # Counts of another tree (a model of one's own): every term follows them (the state was
+    # traced from the config's tree while params and grads followed the counts).
+    other = dict(params.breakdown(cfg), total=n // 2)
+    for optimizer in ("adamw", "adam"):
+        mem = params.training_memory(cfg, counts=other, optimizer=optimizer)
+        assert mem["optimizer"] == 2 * mem["params"] == 2 * 4 * (n // 2)
     for bad in (dict(optimizer="lion"), dict(accumulation_steps=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             params.training_memory(cfg, **bad)
@@ -355,6 +361,10 @@ def test_planning_a_cudnn_config_from_a_cpu_host():
     fused = params.activation_memory(cudnn, batch_size=2, seq_len=64, platform="gpu")
     assert fused == params.activation_memory(cfg.replace(dtype="bfloat16"), batch_size=2,
                                              seq_len=64, platform="cpu")
+    # ... which keeps less than the plain path a GPU runs for ops attention (the softmax).
+    plain = params.activation_memory(cfg.replace(dtype="bfloat16"), batch_size=2, seq_len=64,
+                                     platform="gpu")
+    assert fused["per_layer"] + 4 * 2 * 4 * 64 * 64 <= plain["per_layer"]
 
 
 def test_training_memory_adds_the_activations_and_the_cli_shows_them():

@@ -1037,9 +1037,13 @@ def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine,
     the printed line."""
     from flaxformer_lite.training import load_run
     from flaxformer_lite.training.trainer import _compact, default_best_mode
-    assert [default_best_mode(m) for m in ("eval/accuracy", "eval/bleu", "eval/exact_match",
-                                          "eval/f1", "eval/macro_f1", "eval/loss",
-                                          "eval/perplexity", None)] == ["max"] * 5 + ["min"] * 3
+    assert [default_best_mode(m) for m in (
+        "eval/accuracy", "eval/bleu", "eval/exact_match", "eval/f1", "eval/f1_macro",
+        "eval/top5_acc", "eval/rougeL", "eval/loss", "eval/perplexity", "eval/wer", None)
+    ] == ["max"] * 7 + ["min"] * 4
+    for unclear in ("eval/neg_accuracy", "eval/loss_f1", "eval/f1/macro", "eval/mine"):
+        with pytest.raises(ValueError, match="pass best_mode='max'"):
+            default_best_mode(unclear)
     eval_batches = [synthetic_batch(100 + i) for i in range(2)]
     result = train(TINY, OPT, Batches(), workdir=tmp_path / "acc", engine=engine, num_steps=4,
                    loss=LOSS, parallel=ParallelConfig(mode="single"),
@@ -1053,8 +1057,18 @@ def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine,
     plain = train(TINY, OPT, Batches(), workdir=tmp_path / "plain", engine=engine, num_steps=1,
                   loss=LOSS, parallel=ParallelConfig(mode="single"), hooks=[])
     assert plain.best_step is None
-    with pytest.raises(ValueError, match="kept no best checkpoint"):
+    with pytest.raises(ValueError, match="records no best_metric .*training.best_step"):
         load_run(tmp_path / "plain", step="best")
+    # A NaN is never best, a tie goes to the latest step, and the train result and load_run
+    # agree (Orbax's own ranking let a NaN win and took the other end of a tie).
+    from flaxformer_lite.training import best_step
+    scores = iter([float("nan"), 0.5, 0.75, 0.75, 0.5])
+    ranked = train(TINY, OPT, Batches(), workdir=tmp_path / "f1", engine=engine, num_steps=5,
+                   loss=LOSS, parallel=ParallelConfig(mode="single"), eval_every=1,
+                   eval_fn=lambda state, engine: {"f1": next(scores)}, keep_checkpoints=5,
+                   best_metric="eval/f1", hooks=[])
+    assert ranked.best_step == 4 == load_run(tmp_path / "f1", step="best").step
+    assert best_step(tmp_path / "f1" / "checkpoints", "eval/f1", "min") == 5
     line = _compact(4, {"eval/loss": 1.5, "eval/accuracy": 0.5, "eval/f1": 0.25,
                         "eval/nll": 1.5, "eval/tokens": 9.0, "eval/bleu_signature": "nrefs:1"})
     assert line == "step 4: e.loss=1.5 e.accuracy=0.5 e.f1=0.25"
@@ -1069,7 +1083,7 @@ def test_an_endless_eval_pipeline_is_refused_before_training(engine, tmp_path):
     endless = data.window_pipeline(tokens, batch_size=2, seq_len=LENGTH)
     finite = data.window_pipeline(tokens, batch_size=2, seq_len=LENGTH, random=False)
     assert endless.endless and not finite.endless
-    for i, eval_data in enumerate((endless, lambda: endless)):
+    for i, eval_data in enumerate((endless, lambda: endless, lambda: iter(endless))):
         with pytest.raises(ValueError, match="repeats forever .*num_epochs=1"):
             train(TINY, OPT, Batches(), workdir=tmp_path / str(i), engine=engine, num_steps=2,
                   loss=LOSS, parallel=ParallelConfig(mode="single"), eval_data=eval_data,

@@ -118,7 +118,13 @@ class Pipeline:
         self.description = description
 
     def __iter__(self) -> grain.DatasetIterator:
-        return iter(self.dataset)
+        it = iter(self.dataset)
+        if self.endless:  # so that an iterator of an endless pipeline is known as one too
+            try:
+                it.endless = True
+            except AttributeError:
+                pass
+        return it
 
     def iterator(self, *, device_prefetch: int = 0,
                  sharding: jax.sharding.Sharding | None = None) -> grain.DatasetIterator:

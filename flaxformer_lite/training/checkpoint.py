@@ -21,6 +21,7 @@ import base64
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -173,11 +174,15 @@ class Checkpointer:
             raise ValueError(f"keep={keep} must be >= 1 (or None to keep every checkpoint).")
         self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.best_metric = best_metric
+        self._best_mode = best_mode
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None
         if best_metric is not None:
-            def best_fn(metrics):
-                return float(metrics[best_metric])
+            worst = math.inf if best_mode == "min" else -math.inf
+
+            def best_fn(metrics):  # a NaN (a diverged evaluation) ranks worst, never best
+                value = float(metrics[best_metric])
+                return value if math.isfinite(value) else worst
 
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
@@ -198,8 +203,11 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """Best step by `best_metric` (latest step when no metric is tracked)."""
-        return self._manager.best_step()
+        """Best step by `best_metric` (latest step when no metric is tracked): the module's
+        `best_step` over the checkpoints present."""
+        if self.best_metric is None:
+            return self._manager.latest_step()
+        return best_step(self.directory, self.best_metric, self._best_mode)
 
     # ---- save
     def save(self, step: int, state: Any, *, data_state: Any = None,
@@ -658,7 +666,8 @@ class Run:
 
 def best_step(directory: str | os.PathLike, best_metric: str, best_mode: str = "min") -> int:
     """The step of the best checkpoint in `directory` by the eval metric `best_metric` saved
-    with it (`best_mode` "min" or "max"), as `train(best_metric=...)` ranks them; read only."""
+    with it (`best_mode` "min" or "max"), as `train(best_metric=...)` ranks them: a
+    non-finite value is never best, a tie goes to the latest step. Read only."""
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'.")
     directory, m = _reader(directory)
@@ -669,8 +678,12 @@ def best_step(directory: str | os.PathLike, best_metric: str, best_mode: str = "
                                     f"{best_metric!r} to rank it (steps: "
                                     f"{sorted(m.all_steps())}).")
         values = {s: float(m.metrics(s)[best_metric]) for s in ranked}
-    pick = min if best_mode == "min" else max
-    return pick(sorted(values), key=values.get)
+    finite = {s: v for s, v in values.items() if math.isfinite(v)}
+    if not finite:
+        raise ValueError(f"Every checkpoint in {directory} has a non-finite {best_metric!r} "
+                         f"({values}): none is best.")
+    sign = 1.0 if best_mode == "max" else -1.0
+    return max(finite, key=lambda s: (sign * finite[s], s))  # a tie: the latest
 
 
 def load_run(workdir: str | os.PathLike, step: int | str | None = None, *, target: Any = None,
@@ -712,9 +725,12 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *, targe
     if step == "best":
         ran = record.get("run", {})
         if not ran.get("best_metric"):
-            raise ValueError(f"load_run(step='best'): the run in {workdir} kept no best "
-                             "checkpoint (train(best_metric=...) keeps one); pass a step, or "
-                             "None for the latest.")
+            raise ValueError(
+                f"load_run(step='best'): {path} records no best_metric (a run trained without "
+                "one, or recorded before runs recorded it). If its checkpoints were saved with "
+                "eval metrics, name the step: load_run(workdir, step=best_step(workdir + "
+                "'/checkpoints', 'eval/accuracy', 'max')) (flaxformer_lite.training.best_step); "
+                "else pass a step, or None for the latest.")
         step = best_step(os.path.join(workdir, "checkpoints"), ran["best_metric"],
                          ran.get("best_mode", "min"))
     averaged = None

@@ -34,6 +34,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import signal
 import socket
 import sys
@@ -415,15 +416,26 @@ def _shown(record: Mapping, key: str) -> str:
     return repr(record[key]) if key in record else "(not recorded)"
 
 
-# Metric names (their last word) that rank a checkpoint by the highest value.
-SCORES = ("accuracy", "bleu", "exact_match", "f1", "mcc", "precision", "recall", "auc")
+# Words of a metric's name (its last "/" part, split at "_") that say which way is better.
+SCORES = ("accuracy", "acc", "bleu", "sacrebleu", "chrf", "exact", "f1", "mcc", "matthews",
+          "precision", "recall", "auc", "rouge", "rouge1", "rouge2", "rougel", "spearman",
+          "pearson")
+COSTS = ("loss", "nll", "perplexity", "ppl", "error", "err", "wer", "cer", "ter", "neg")
 
 
 def default_best_mode(best_metric: str | None) -> str:
-    """`train`'s `best_mode` when none is given: "max" for a score (a metric name whose last
-    word is one of `SCORES`: "eval/accuracy", "eval/bleu"), "min" otherwise ("eval/loss")."""
-    name = (best_metric or "").rsplit("/", 1)[-1].lower()
-    return "max" if any(name == s or name.endswith("_" + s) for s in SCORES) else "min"
+    """`train`'s `best_mode` when none is given, from the metric's name: "max" for a score
+    ("eval/accuracy", "eval/bleu", "eval/f1_macro", "eval/top5_acc": a word of `SCORES`),
+    "min" for a cost ("eval/loss", "eval/perplexity", "eval/wer": a word of `COSTS`). A name
+    with neither, or both ("eval/neg_accuracy"), is refused: pass `best_mode`."""
+    if best_metric is None:
+        return "min"
+    words = set(re.split(r"[_\-.]", best_metric.rsplit("/", 1)[-1].lower()))
+    score, cost = bool(words & set(SCORES)), bool(words & set(COSTS))
+    if score == cost:
+        raise ValueError(f"best_metric={best_metric!r}: cannot tell whether higher or lower is "
+                         "better; pass best_mode='max' (a score) or best_mode='min' (a cost).")
+    return "max" if score else "min"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -560,9 +572,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     checkpoint_every: save every this many steps (None or 0: only at the end and on
       interrupts).
     best_metric: e.g. "eval/loss": also keep the best checkpoint by it (`best_mode` "min" or
-      "max"; by default "max" for a score, a name ending in accuracy, bleu, exact_match, f1,
-      mcc, precision, recall or auc, else "min"); every evaluation then also saves a
-      checkpoint, so the best one is always among them. `TrainResult.best_step` names it and
+      "max"; by default from its name, `default_best_mode`: "max" for a score such as
+      accuracy, bleu, f1; "min" for a cost such as loss, perplexity; refused when the name
+      says neither); every evaluation then also saves a checkpoint, so the best one is always
+      among them (a NaN is never best). `TrainResult.best_step` names it and
       `load_run(workdir, step="best")` loads it.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
@@ -618,6 +631,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                     "be evaluated.", eval_every)
     if best_mode is None:
         best_mode = default_best_mode(best_metric)
+        if best_metric is not None:
+            log.info("best_metric=%r ranks with best_mode=%r (from its name).", best_metric,
+                     best_mode)
     if best_metric is not None and eval_data is None and eval_fn is None:
         raise ValueError(f"best_metric={best_metric!r} needs eval_data or eval_fn (and "
                          "eval_every) so checkpoints have metrics to rank by.")
