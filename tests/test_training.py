@@ -1144,9 +1144,12 @@ def test_eval_misuse_is_refused(engine, tmp_path):
     with pytest.raises(ValueError, match="one-shot iterator"):  # before any step
         train(TINY, OPT, Batches(), workdir=tmp_path / "a", eval_data=iter(eval_batches),
               **common)
-    with pytest.raises(ValueError, match="best_metric='eval/los' .*'eval/loss'"):
+    with pytest.raises(ValueError, match=r"best_metric='eval/los': .*typo of 'eval/loss'"):
         train(TINY, OPT, Batches(), workdir=tmp_path / "b", eval_data=lambda: eval_batches,
               best_metric="eval/los", **common)
+    with pytest.raises(ValueError, match="best_metric='eval/los' .*'eval/loss'"):  # mode given
+        train(TINY, OPT, Batches(), workdir=tmp_path / "b", eval_data=lambda: eval_batches,
+              best_metric="eval/los", best_mode="min", **common)
     # Step counts that used to run as something else (-2 as 2, 2.5 as 3).
     for bad in (dict(eval_every=-2), dict(checkpoint_every=2.5), dict(num_steps=2.5),
                 dict(log_every=0)):

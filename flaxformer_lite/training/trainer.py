@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -433,8 +434,13 @@ def default_best_mode(best_metric: str | None) -> str:
     words = set(re.split(r"[_\-.]", best_metric.rsplit("/", 1)[-1].lower()))
     score, cost = bool(words & set(SCORES)), bool(words & set(COSTS))
     if score == cost:
+        last = best_metric.rsplit("/", 1)[-1]
+        close = difflib.get_close_matches(last.lower(), SCORES + COSTS, n=1, cutoff=0.75)
+        hint = (f" (a typo of {best_metric[:len(best_metric) - len(last)] + close[0]!r}?)"
+                if close and not score else "")
         raise ValueError(f"best_metric={best_metric!r}: cannot tell whether higher or lower is "
-                         "better; pass best_mode='max' (a score) or best_mode='min' (a cost).")
+                         f"better{hint}; pass best_mode='max' (a score) or best_mode='min' (a "
+                         "cost).")
     return "max" if score else "min"
 
 
