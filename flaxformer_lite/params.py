@@ -621,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ntrain GFLOP/tok = 6 N + attention term at {at}; Adam mem = params + grads + "
               "AdamW's state as training.make_optimizer builds it, in the config's param_dtype "
               "(float32 in the presets)"
-              + ("." if args.batch_size is None else
+              + ("; activations excluded (--batch-size adds them)." if args.batch_size is None
+                 else
                  f"; activations = what the backward pass keeps for {args.batch_size} rows at "
                  f"{at}, attention traced for {platform} (params.activation_memory: jaxpr "
                  "residuals, a lower bound on XLA's peak; n/a: an encoder without a training "

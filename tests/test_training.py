@@ -1057,7 +1057,7 @@ def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine,
     plain = train(TINY, OPT, Batches(), workdir=tmp_path / "plain", engine=engine, num_steps=1,
                   loss=LOSS, parallel=ParallelConfig(mode="single"), hooks=[])
     assert plain.best_step is None
-    with pytest.raises(ValueError, match="records no best_metric .*training.best_step"):
+    with pytest.raises(ValueError, match="records no best_metric .*carry no metrics"):
         load_run(tmp_path / "plain", step="best")
     # A NaN is never best, a tie goes to the latest step, and the train result and load_run
     # agree (Orbax's own ranking let a NaN win and took the other end of a tie).
@@ -1069,6 +1069,17 @@ def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine,
                    best_metric="eval/f1", hooks=[])
     assert ranked.best_step == 4 == load_run(tmp_path / "f1", step="best").step
     assert best_step(tmp_path / "f1" / "checkpoints", "eval/f1", "min") == 5
+    # A name that says neither needs best_mode once: a rerun of the run ranks as it did.
+    mine = dict(loss=LOSS, parallel=ParallelConfig(mode="single"), eval_every=1, hooks=[],
+                eval_fn=lambda state, engine: {"mine": 1.0}, best_metric="eval/mine")
+    train(TINY, OPT, Batches(), workdir=tmp_path / "mine", engine=engine, num_steps=1,
+          best_mode="max", **mine)
+    again = train(TINY, OPT, Batches(), workdir=tmp_path / "mine", engine=engine, num_steps=2,
+                  **mine)
+    assert again.best_step == 2  # a tie: the latest
+    # Every entry point infers the mode from the name (Checkpointer and best_step said "min").
+    assert best_step(tmp_path / "f1" / "checkpoints", "eval/f1") == 4
+    assert Checkpointer(tmp_path / "f1" / "checkpoints", best_metric="eval/f1").best_step() == 4
     line = _compact(4, {"eval/loss": 1.5, "eval/accuracy": 0.5, "eval/f1": 0.25,
                         "eval/nll": 1.5, "eval/tokens": 9.0, "eval/bleu_signature": "nrefs:1"})
     assert line == "step 4: e.loss=1.5 e.accuracy=0.5 e.f1=0.25"
@@ -1922,12 +1933,17 @@ def test_config_json_describes_the_steps_it_trained(engine, tmp_path, caplog):
     older = record()
     del older["model"]["eos_id"], older["model"]["pad_id"], older["loss"]["z_loss"]
     del older["model"]["num_layers"]  # TINY has 1, the default is 4
+    del older["run"]["backend"]  # a fact the record gained
     (tmp_path / "config.json").write_text(json.dumps(older))
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     caplog.clear()
-    run(engine, tmp_path, 6, experiment=experiment, seed=5)
-    assert history()[-1]["changed"] == ["model.num_layers: (not recorded) -> 1"]
+    # A script's new settings at an unset value (or, under "model.", the config default).
+    script = vars(experiment) | {"average_last": 0, "model": {"eos_id": None, "num_layers": 1}}
+    run(engine, tmp_path, 6, experiment=script, seed=5)
+    assert history()[-1]["changed"] == ["model.num_layers: (not recorded) -> 1",
+                                        "experiment.model.num_layers: (not recorded) -> 1"]
     assert "eos_id" not in caplog.text and "z_loss" not in caplog.text
+    assert "backend" not in caplog.text and "average_last" not in caplog.text
 
 
 class _SowingExperts(nn.Module):

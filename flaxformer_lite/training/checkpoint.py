@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import difflib
 import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -154,20 +156,52 @@ class Restored:
     data_state: Any
 
 
+# Words of a metric's name (its last "/" part, split at "_") that say which way is better.
+SCORES = ("accuracy", "acc", "bleu", "sacrebleu", "chrf", "exact", "f1", "mcc", "matthews",
+          "precision", "recall", "auc", "rouge", "rouge1", "rouge2", "rougel", "spearman",
+          "pearson", "score")
+COSTS = ("loss", "nll", "perplexity", "ppl", "error", "err", "wer", "cer", "ter", "neg")
+
+
+def default_best_mode(best_metric: str | None) -> str:
+    """`best_mode` when none is given (`train`, `Checkpointer`, `best_step`), from the metric's
+    name: "max" for a score ("eval/accuracy", "eval/bleu", "eval/f1_macro", "eval/top5_acc":
+    a word of `SCORES`), "min" for a cost ("eval/loss", "eval/perplexity", "eval/wer": a word
+    of `COSTS`). A name with neither, or both ("eval/neg_accuracy"), is refused: pass
+    `best_mode`."""
+    if best_metric is None:
+        return "min"
+    words = set(re.split(r"[_\-.]", best_metric.rsplit("/", 1)[-1].lower()))
+    score, cost = bool(words & set(SCORES)), bool(words & set(COSTS))
+    if score == cost:
+        last = best_metric.rsplit("/", 1)[-1]
+        close = difflib.get_close_matches(last.lower(), SCORES + COSTS, n=1, cutoff=0.75)
+        hint = (f" (a typo of {best_metric[:len(best_metric) - len(last)] + close[0]!r}?)"
+                if close and not score else "")
+        raise ValueError(f"best_metric={best_metric!r}: cannot tell whether higher or lower is "
+                         f"better{hint}; pass best_mode='max' (a score) or best_mode='min' (a "
+                         "cost).")
+    return "max" if score else "min"
+
+
+
 class Checkpointer:
     """Saves and restores `TrainState`s (+ data state) under `directory`.
 
     keep: how many of the most recent checkpoints to keep (None = all).
     best_metric / best_mode / keep_best: additionally keep the `keep_best` checkpoints with the
-      best value of `metrics[best_metric]` ("min" or "max") among those saved with metrics.
+      best value of `metrics[best_metric]` ("min" or "max"; default from the metric's name,
+      `default_best_mode`) among those saved with metrics.
     async_save: write in a background thread (device arrays are copied to host first, so
       training continues at once); `wait()` blocks until written, `check()` raises at once if
       the last save failed, without waiting for one in progress.
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3,
-                 best_metric: str | None = None, best_mode: str = "min", keep_best: int = 1,
+                 best_metric: str | None = None, best_mode: str | None = None, keep_best: int = 1,
                  async_save: bool = True):
+        if best_mode is None:
+            best_mode = default_best_mode(best_metric)
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'.")
         if keep is not None and keep < 1:
@@ -664,10 +698,21 @@ class Run:
     averaged_steps: list[int] | None = None
 
 
-def best_step(directory: str | os.PathLike, best_metric: str, best_mode: str = "min") -> int:
+def _saved_metric_names(directory: str | os.PathLike) -> list[str]:
+    """The metric names saved with any checkpoint in `directory` (sorted; [] if none)."""
+    directory, m = _reader(directory)
+    with m:
+        return sorted({k for s in m.all_steps() for k in (m.metrics(s) or {})})
+
+
+def best_step(directory: str | os.PathLike, best_metric: str,
+              best_mode: str | None = None) -> int:
     """The step of the best checkpoint in `directory` by the eval metric `best_metric` saved
-    with it (`best_mode` "min" or "max"), as `train(best_metric=...)` ranks them: a
+    with it (`best_mode` "min" or "max", default from its name), as `train(best_metric=...)`
+    ranks them: a
     non-finite value is never best, a tie goes to the latest step. Read only."""
+    if best_mode is None:
+        best_mode = default_best_mode(best_metric)
     if best_mode not in ("min", "max"):
         raise ValueError(f"best_mode={best_mode!r} must be 'min' or 'max'.")
     directory, m = _reader(directory)
@@ -725,12 +770,15 @@ def load_run(workdir: str | os.PathLike, step: int | str | None = None, *, targe
     if step == "best":
         ran = record.get("run", {})
         if not ran.get("best_metric"):
+            saved = _saved_metric_names(os.path.join(workdir, "checkpoints"))
             raise ValueError(
                 f"load_run(step='best'): {path} records no best_metric (a run trained without "
-                "one, or recorded before runs recorded it). If its checkpoints were saved with "
-                "eval metrics, name the step: load_run(workdir, step=best_step(workdir + "
-                "'/checkpoints', 'eval/accuracy', 'max')) (flaxformer_lite.training.best_step); "
-                "else pass a step, or None for the latest.")
+                "one, or recorded before runs recorded it). "
+                + (f"Its checkpoints carry the metrics {saved}: name the step with "
+                   "flaxformer_lite.training.best_step, e.g. load_run(workdir, step=best_step("
+                   f"workdir + '/checkpoints', {saved[0]!r})). " if saved else
+                   "Its checkpoints carry no metrics to rank. ")
+                + "Or pass a step, or None for the latest.")
         step = best_step(os.path.join(workdir, "checkpoints"), ran["best_metric"],
                          ran.get("best_mode", "min"))
     averaged = None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import difflib
 import fcntl
 import functools
 import hashlib
@@ -35,7 +34,6 @@ import logging
 import math
 import numbers
 import os
-import re
 import signal
 import socket
 import sys
@@ -58,6 +56,7 @@ from flaxformer_lite.training.checkpoint import (
     Checkpointer,
     CheckpointRestoreError,
     _first_line,
+    default_best_mode,
     iterator_state,
     restore_iterator,
 )
@@ -400,48 +399,31 @@ def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[
 
 
 def _new_fields_at_default(name: str, was: Mapping, now: Mapping) -> set[str]:
-    """Fields of the library's own config `name` that the recorded run predates and that are
-    at their default now: the run behaved as the default does, so nothing changed (a resume
-    after an upgrade is not told of each field the library gained)."""
+    """Fields the recorded run predates that are at their default now: the run behaved as the
+    default does, so nothing changed (a resume after an upgrade is not told of each field the
+    library or a script gained). The library's configs by their defaults; an experiment
+    script's by an unset value (None, False, 0, "") or, under its "model.", the
+    TransformerConfig default; the `run` section's facts (seed, versions, best_metric, ...)
+    are recorded, not compared, when the old record lacks them."""
+    new = set(now) - set(was)
+    if name == "run":
+        return new
     cls = {"model": TransformerConfig, "optimizer": OptimizerConfig, "loss": LossConfig,
            "parallel": ParallelConfig}.get(name)
-    if cls is None:
-        return set()
-    defaults = _flat(_config_record(d=cls())["d"])
-    return {k for k in set(now) - set(was) if k in defaults and _same(now[k], defaults[k])}
+    if cls is not None:
+        defaults = _flat(_config_record(d=cls())["d"])
+        return {k for k in new if k in defaults and _same(now[k], defaults[k])}
+    if name == "experiment":
+        model = _flat(_config_record(d=TransformerConfig())["d"])
+        return {k for k in new if now[k] in (None, False, 0, "") or (
+            k.startswith("model.") and k[6:] in model and _same(now[k], model[k[6:]]))}
+    return set()
 
 
 def _shown(record: Mapping, key: str) -> str:
     """A recorded value as a change names it; a field one record lacks (a field the library
     gained since) is "(not recorded)", not None, which some fields take as a value."""
     return repr(record[key]) if key in record else "(not recorded)"
-
-
-# Words of a metric's name (its last "/" part, split at "_") that say which way is better.
-SCORES = ("accuracy", "acc", "bleu", "sacrebleu", "chrf", "exact", "f1", "mcc", "matthews",
-          "precision", "recall", "auc", "rouge", "rouge1", "rouge2", "rougel", "spearman",
-          "pearson")
-COSTS = ("loss", "nll", "perplexity", "ppl", "error", "err", "wer", "cer", "ter", "neg")
-
-
-def default_best_mode(best_metric: str | None) -> str:
-    """`train`'s `best_mode` when none is given, from the metric's name: "max" for a score
-    ("eval/accuracy", "eval/bleu", "eval/f1_macro", "eval/top5_acc": a word of `SCORES`),
-    "min" for a cost ("eval/loss", "eval/perplexity", "eval/wer": a word of `COSTS`). A name
-    with neither, or both ("eval/neg_accuracy"), is refused: pass `best_mode`."""
-    if best_metric is None:
-        return "min"
-    words = set(re.split(r"[_\-.]", best_metric.rsplit("/", 1)[-1].lower()))
-    score, cost = bool(words & set(SCORES)), bool(words & set(COSTS))
-    if score == cost:
-        last = best_metric.rsplit("/", 1)[-1]
-        close = difflib.get_close_matches(last.lower(), SCORES + COSTS, n=1, cutoff=0.75)
-        hint = (f" (a typo of {best_metric[:len(best_metric) - len(last)] + close[0]!r}?)"
-                if close and not score else "")
-        raise ValueError(f"best_metric={best_metric!r}: cannot tell whether higher or lower is "
-                         f"better{hint}; pass best_mode='max' (a score) or best_mode='min' (a "
-                         "cost).")
-    return "max" if score else "min"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -635,6 +617,10 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
     if eval_every and eval_data is None and eval_fn is None:
         log.warning("eval_every=%s, but there is neither eval_data nor eval_fn: nothing will "
                     "be evaluated.", eval_every)
+    recorded = _recorded_run(os.fspath(workdir))
+    if best_mode is None and best_metric is not None and (
+            recorded.get("best_metric") == best_metric):
+        best_mode = recorded.get("best_mode")  # the mode this run has ranked by
     if best_mode is None:
         best_mode = default_best_mode(best_metric)
         if best_metric is not None:
