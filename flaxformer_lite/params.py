@@ -266,8 +266,12 @@ def _library_optimizer_bytes(config: TransformerConfig, param_dtype: str, optimi
     parameters counted (`counts` given), is not this config's tree."""
     from flaxformer_lite.training import OptimizerConfig, make_optimizer
 
+    # AdamW's moments mirror each parameter, so the scanned layout (one layer traced, as
+    # `breakdown` does) holds the same bytes; Adafactor factors by each array's own shape,
+    # so it needs the layout the run trains.
+    layout = config.replace(scan_layers=True) if optimizer == "adamw" else config
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
-                          param_shapes(config))
+                          param_shapes(layout))
     if sum(x.size for x in jax.tree.leaves(shapes)) != n:
         return None
 
