@@ -405,7 +405,7 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
     traced for `platform` (default: JAX's default backend; "gpu" to size a GPU run from a
     CPU host), whose path it takes: the CPU path keeps the output and two float32 row
     statistics, as FlashAttention does; the others keep the `[batch, heads, q, kv]` softmax
-    (2.4x the estimate of gpt2 at batch 32 x 1024 without attention dropout), except
+    (2.5x the estimate of gpt2 at batch 32 x 1024 without attention dropout), except
     `attention_implementation="cudnn"`, whose fused kernel keeps what the CPU path does and is
     traced as it. A classifier (`num_classes`) is traced with its classification loss.
 
