@@ -212,7 +212,8 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
     with `optimizer_dtype` unset, and `counts` the config's own) are counted exactly: the
     state `training.make_optimizer` builds, from its shapes (Adafactor factors a matrix's
     second moment only where its two largest dimensions are both >= 128 and keeps the others
-    whole). Otherwise Adam keeps two
+    whole; an attention kernel counts as the `[embed, heads * head_dim]` matrix it factors
+    as). Otherwise Adam keeps two
     moments a parameter and SGD with momentum one, in `optimizer_dtype` (default the
     parameters'). The library's mixed precision (`dtype="bfloat16"` compute, float32
     `param_dtype`) is the float32 layout: 16 bytes a parameter with AdamW.

@@ -161,9 +161,8 @@ def test_flops_per_token_match_xla_on_the_forward_pass(name, changes):
     ("float32", 1, "adamw"), ("bfloat16", 1, "adamw"), ("float32", 4, "adamw"),
     ("bfloat16", 4, "adamw"), ("float32", 1, "adafactor")])
 def test_training_memory_equals_the_optimizer_the_library_builds(param_dtype, k, optimizer):
-    """The state Engine.init_state builds (Adafactor's unfactored second moments of the
-    [d, 3, heads, head_dim] kernels, MultiSteps' float32 sum for bfloat16 parameters: both
-    used to be counted wrong)."""
+    """The state Engine.init_state builds (Adafactor's statistics, MultiSteps' float32 sum for
+    bfloat16 parameters: both used to be counted wrong)."""
     from flaxformer_lite.training import Engine, OptimizerConfig, ParallelConfig
     cfg = get_config("gpt2", vocab_size=96, d_model=256, num_heads=4, d_ff=512, num_layers=1,
                      max_len=16, param_dtype=param_dtype)

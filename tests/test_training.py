@@ -253,6 +253,94 @@ def test_weight_decay_mask_spares_norms_biases_and_vectors(scan):
                                        err_msg=optimizer)
 
 
+# d_model 128 and 2 heads of 64: every attention kernel is a 128 x 128 (or 128 x 384) matrix,
+# factored by Adafactor once [heads, head_dim] is one axis. T5: q, k/v, qkv and out kernels.
+ADAFACTOR_T5 = get_config("t5-small", vocab_size=64, d_model=128, num_heads=2, d_ff=256,
+                          num_layers=1, max_len=16)
+
+
+def _logical_matrices(boxed):
+    """Each parameter as Adafactor should factor it, from its logical axis names alone:
+    `heads` and `kv` (head_dim) side by side merged into one axis."""
+    def view(x):
+        names, shape = tuple(x.names), x.value.shape
+        for i in range(len(names) - 1):
+            if names[i:i + 2] == ("heads", "kv"):
+                return shape[:i] + (shape[i] * shape[i + 1],) + shape[i + 2:]
+        return shape
+    return jax.tree.map(view, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=True, num_layers=2),
+                                       dict(fused_qkv=False, num_kv_heads=1)])
+def test_heads_merged_shape_follows_the_logical_axis_names(overrides):
+    from flaxformer_lite.training.optim import heads_merged_shape
+    cfg = ADAFACTOR_T5.replace(**overrides)
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    want = jax.tree.leaves_with_path(_logical_matrices(boxed),
+                                     is_leaf=lambda x: isinstance(x, tuple))
+    merged = 0
+    for (path, shape), x in zip(want, jax.tree.leaves(nn.meta.unbox(boxed)), strict=True):
+        got = heads_merged_shape(path, x.shape)
+        assert (got or x.shape) == shape, (path, x.shape, got)
+        merged += got is not None
+    assert merged >= 3  # self-attention qkv/query, key_value and out at least
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_adafactor_factors_attention_kernels_and_upgrades_old_states(k, tmp_path):
+    """Adafactor factors an attention kernel as the 2-D matrix it is (optax's factoring needs
+    two axes of >= 128 entries: [embed, 3, heads, head_dim] with head_dim 64 kept the whole
+    second moment, as much memory as AdamW); a checkpoint saved with those whole moments
+    resumes, its moments averaged into the statistics factoring from the start gives."""
+    rng = np.random.default_rng(0)
+    engine = Engine(ADAFACTOR_T5, OptimizerConfig(optimizer="adafactor", learning_rate=0.1,
+                                                  accumulation_steps=k),
+                    ParallelConfig(mode="single"))
+    state = engine.init_state(0)
+    params = nn.meta.unbox(state.params)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+             for _ in range(3)]
+    shapes = _logical_matrices(jax.eval_shape(lambda: init_params(ADAFACTOR_T5,
+                                                                  jax.random.key(0))))
+    as_matrices = functools.partial(jax.tree.map, jnp.reshape)
+
+    def run(tx, view=lambda t: t):
+        step = jax.jit(lambda g, opt: tx.update(view(g), opt, view(params)))
+        opt, out = jax.jit(lambda: tx.init(view(params)))(), []
+        for g in grads:
+            update, opt = step(g, opt)
+            out.append(update)
+        return opt, out
+
+    def with_k(tx):
+        return optax.MultiSteps(tx, k).gradient_transformation() if k > 1 else tx
+
+    opt, updates = run(make_optimizer(engine.optimizer_config))
+    # What older versions built (a schedule, so the same state tree), on 2-D kernels.
+    plain = optax.adafactor(make_schedule(engine.optimizer_config), weight_decay_mask=decay_mask)
+    _, reference = run(with_k(plain), lambda t: as_matrices(t, shapes))
+    for u, r in zip(updates, reference, strict=True):
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r), strict=True):
+            np.testing.assert_allclose(a, np.reshape(b, a.shape), rtol=1e-6, atol=1e-9)
+    held = sum(x.size for x in jax.tree.leaves(opt)) - (k > 1) * 2 * sum(
+        x.size for x in jax.tree.leaves(params))  # MultiSteps' sum of gradients
+    assert held < sum(x.size for x in jax.tree.leaves(params)) / 10
+
+    # An older version's state: plain optax Adafactor, the same gradients.
+    old, _ = run(with_k(plain))
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, state.replace(step=jnp.asarray(3, jnp.int32), opt_state=old))
+    ckpt.wait()
+    restored = ckpt.restore(engine.abstract_state()).state.opt_state
+    ckpt.close()
+    assert jax.tree.structure(restored) == jax.tree.structure(opt)
+    for (path, a), b in zip(jax.tree.leaves_with_path(restored), jax.tree.leaves(opt),
+                            strict=True):
+        assert a.shape == b.shape, path
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30, err_msg=str(path))
+
+
 def test_numpy_seeds_and_single_process_launchers(monkeypatch):
     """A NumPy integer seed is a seed (it used to reach the init as raw key data), and a
     launcher exporting JAX_NUM_PROCESSES=1 alone starts no multi-process run."""

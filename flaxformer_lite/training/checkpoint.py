@@ -37,7 +37,8 @@ from etils import epath
 from flax.core import meta
 from jax.experimental import multihost_utils
 
-from flaxformer_lite.training.partitioning import flat_leaves
+from flaxformer_lite.training import optim
+from flaxformer_lite.training.partitioning import flat_leaves, path_names
 
 log = logging.getLogger(__name__)
 
@@ -356,10 +357,24 @@ class Checkpointer:
                 f"{k}: {had} -> {wanted}" for k, wanted, had in shapes][:3]
             if differ:
                 raise ValueError(f"its parameters do not fit this model: {'; '.join(differ)}")
+        whole = None
+        if isinstance(saved, Mapping) and "opt_state" in saved and params is not None:
+            whole = optim.unfactored_heads(
+                {k: tuple(x.shape) for k, x in flat_leaves(saved["opt_state"]).items()},
+                flat_leaves(abstract_state.opt_state))
+        target = abstract_state
+        if whole:  # Adafactor's state of a run saved before it factored attention kernels
+            target = _whole_moments_target(abstract_state, saved["opt_state"], whole)
         out = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE_ITEM: ocp.args.StandardRestore(abstract_state),
+            STATE_ITEM: ocp.args.StandardRestore(target),
             DATA_ITEM: DataStateRestore()}))
-        return Restored(step=step, state=out[STATE_ITEM], data_state=out[DATA_ITEM])
+        state = out[STATE_ITEM]
+        if whole:
+            state = _factored_state(state, abstract_state, whole)
+            log.info("Checkpoint at step %d: Adafactor's whole second moments of %d attention "
+                     "kernels turned into row and column statistics (as factored from the "
+                     "start).", step, len(whole))
+        return Restored(step=step, state=state, data_state=out[DATA_ITEM])
 
     def _quarantine(self, steps: list[int]) -> None:
         """Rename unreadable step directories to `<step>.corrupt[-<time>]` (kept for
@@ -376,6 +391,53 @@ class Checkpointer:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("flaxformer_lite_checkpoint_quarantine")
         self._manager.reload()
+
+
+def _whole_moments_target(abstract_state: Any, saved_opt: Any, whole: Mapping) -> Any:
+    """`abstract_state` with the optimizer-state leaves that differ from the checkpoint's (see
+    `optim.unfactored_heads`) in their saved shapes: whole moments sharded like their
+    parameters, the unused `[1]` statistics like the leaves they replace."""
+    shardings = {k: getattr(x, "sharding", None)
+                 for k, x in flat_leaves(abstract_state.params).items()}
+    saved = flat_leaves(saved_opt)
+    names = {key for v in whole for key in _moment_keys(v)}
+
+    def leaf(path, x):
+        key = _path_key(path)
+        if key not in names:
+            return x
+        sharding = (shardings.get(key.split("/v/", 1)[-1]) if key in whole else None) or getattr(
+            x, "sharding", None)
+        return jax.ShapeDtypeStruct(tuple(saved[key].shape), x.dtype, sharding=sharding)
+
+    return abstract_state.replace(
+        opt_state=jax.tree.map_with_path(leaf, abstract_state.opt_state))
+
+
+def _moment_keys(v: str) -> tuple[str, str, str]:
+    before, _, param = optim._split_moment(v)
+    return tuple(f"{before}/{f}/{param}" for f in ("v", "v_row", "v_col"))
+
+
+def _path_key(path) -> str:
+    return "/".join(path_names(path))
+
+
+def _factored_state(state: Any, abstract_state: Any, whole: Mapping) -> Any:
+    """The restored `state` with each whole second moment turned into Adafactor's row and
+    column statistics (`optim.factor_moments`), placed as `abstract_state` places them."""
+    restored = flat_leaves(state.opt_state)
+    wanted = flat_leaves(abstract_state.opt_state)
+    new = optim.factor_moments({v: restored[v] for v in whole}, whole)
+
+    def leaf(path, x):
+        key = _path_key(path)
+        if key not in new:
+            return x
+        sharding = getattr(wanted[key], "sharding", None)
+        return jax.device_put(new[key], sharding) if sharding is not None else new[key]
+
+    return state.replace(opt_state=jax.tree.map_with_path(leaf, state.opt_state))
 
 
 def _latest(manager: ocp.CheckpointManager, directory: epath.Path, step: int | None) -> int:

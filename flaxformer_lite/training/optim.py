@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flaxformer_lite.config import check_number, plain_fields
@@ -33,7 +35,8 @@ class OptimizerConfig:
     """How parameters are updated.
 
     optimizer: "adamw" (Adam with decoupled weight decay) or "adafactor" (factored second
-      moments, no momentum, relative step size; `b1`, `b2`, `eps` are not used).
+      moments, no momentum, relative step size; `b1`, `b2`, `eps` are not used; attention
+      kernels factored as `[embed, heads * head_dim]` matrices, see `factor_heads`).
     learning_rate: the peak learning rate; for `schedule="vaswani"` a multiplier on the paper's
       formula (1.0 reproduces it exactly).
     schedule: "constant" (after an optional linear warmup), "cosine" (linear warmup to
@@ -222,6 +225,133 @@ def decay_mask(params) -> object:
     return jax.tree.map_with_path(decays, params)
 
 
+# ---- Adafactor's view of attention kernels -------------------------------------------------------
+
+# The library's multi-head projections: kernels `[..., embed, (2 | 3,) heads, head_dim]`.
+_HEAD_PROJECTIONS = ("query", "qkv", "key_value")
+
+
+def _names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def heads_merged_shape(path, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shape Adafactor sees a multi-head attention kernel in, or None to leave it as is.
+
+    The library keeps attention kernels with `heads` and `head_dim` as two axes
+    (`[embed, heads, head_dim]`, `[embed, 3, heads, head_dim]`, `[heads, head_dim, embed]`,
+    each with a leading `[layers]` axis when scanned). Adafactor factors the second moment
+    over an array's two largest axes, and only when both have at least 128 entries, so with
+    `head_dim` 64 it kept the whole second moment of every attention kernel (as much memory as
+    AdamW's). Merged into one axis, `[embed, heads * head_dim]`, each projection is factored as
+    the 2-D matrix it is (as T5's Adafactor does; q, k and v of a fused kernel each apart).
+    `path` is the parameter's tree path (keys or names).
+    """
+    names = _names(path)
+    if len(names) < 2 or names[-1] != "kernel" or len(shape) < 3:
+        return None
+    if names[-2] in _HEAD_PROJECTIONS:
+        return tuple(shape[:-2]) + (shape[-2] * shape[-1],)
+    if names[-2] == "out" and any("attention" in n for n in names[:-2]):
+        return tuple(shape[:-3]) + (shape[-3] * shape[-2], shape[-1])
+    return None
+
+
+def factor_heads(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to attention kernels with `[heads, head_dim]` merged into one axis.
+
+    Reshapes (no copies) parameters and updates into `heads_merged_shape` before `inner` and
+    the updates back after it; everything else passes unchanged. For Adafactor: every step of
+    it other than the factored second moment (update clipping, the parameter scale, decay)
+    reads an array as a whole, so only the factoring changes.
+    """
+
+    def views(tree):
+        return jax.tree.map_with_path(
+            lambda path, x: x if (v := heads_merged_shape(path, jnp.shape(x))) is None
+            else jnp.reshape(x, v), tree)
+
+    def init(params):
+        return inner.init(views(params))
+
+    def update(updates, state, params=None):
+        new, state = inner.update(views(updates), state,
+                                  None if params is None else views(params))
+        return jax.tree.map(lambda n, u: jnp.reshape(n, jnp.shape(u)), new, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _factored_axes(shape: tuple[int, ...]) -> tuple[int, int]:
+    """`(row, col)`: the axes Adafactor's row and column statistics average over (its two
+    largest, as optax picks them)."""
+    order = np.argsort(shape)
+    return int(order[-1]), int(order[-2])
+
+
+def _split_moment(key: str) -> tuple[str, str, str] | None:
+    """`(before, field, param path)` of an Adafactor second-moment leaf's "a/b/..." path."""
+    parts = key.split("/")
+    for i, part in enumerate(parts):
+        if part in ("v_row", "v_col", "v") and i + 1 < len(parts):
+            return "/".join(parts[:i]), part, "/".join(parts[i + 1:])
+    return None
+
+
+def unfactored_heads(saved: Mapping[str, tuple[int, ...]], wanted: Mapping[str, Any]
+                     ) -> dict[str, tuple[int, ...]] | None:
+    """Whether an optimizer state was saved before Adafactor factored attention kernels.
+
+    `saved` and `wanted` map "a/b/c" paths of the saved state's leaves to their shapes and of
+    this run's state to its (abstract) leaves. Returns `{path: shape}` of the whole second
+    moments to read as saved (one per attention kernel, `[..., heads, head_dim, ...]`), or None
+    when the two states do not differ exactly that way (then they do not fit at all).
+    Adafactor's statistics are moving averages of the squared gradient, and averaging commutes
+    with them, so `factor_moments` turns the whole moments into the row and column statistics
+    the run would have had with factoring from its start.
+    """
+    if set(saved) != set(wanted):
+        return None
+    differ = [k for k in wanted if tuple(saved[k]) != tuple(wanted[k].shape)]
+    whole = {}
+    for key in differ:
+        split = _split_moment(key)
+        if split is None:
+            return None
+        before, _, param = split
+        v = f"{before}/v/{param}"
+        shape = tuple(saved.get(v, ()))
+        view = heads_merged_shape(param.split("/"), shape)
+        if (view is None or tuple(wanted[v].shape) != (1,)
+                or any(tuple(saved[f"{before}/{f}/{param}"]) != (1,) for f in ("v_row", "v_col"))):
+            return None
+        row, col = _factored_axes(view)
+        fits = (tuple(wanted[f"{before}/v_row/{param}"].shape) == view[:row] + view[row + 1:]
+                and tuple(wanted[f"{before}/v_col/{param}"].shape) == view[:col] + view[col + 1:])
+        if not fits:
+            return None
+        whole[v] = shape
+    return whole or None
+
+
+def factor_moments(restored: Mapping[str, Any], whole: Mapping[str, tuple[int, ...]]
+                   ) -> dict[str, Any]:
+    """`{path: array}` replacing, for each whole second moment `whole` names (see
+    `unfactored_heads`), its row and column statistics and the moment itself (`[1]`, as
+    optax keeps an unused one) in `restored` ("a/b/c" paths to the restored arrays)."""
+    out = {}
+    for v in whole:
+        before, _, param = _split_moment(v)
+        moment = restored[v]
+        view = heads_merged_shape(param.split("/"), moment.shape)
+        full = jnp.reshape(moment, view)
+        row, col = _factored_axes(view)
+        out[f"{before}/v_row/{param}"] = jnp.mean(full, axis=row).astype(moment.dtype)
+        out[f"{before}/v_col/{param}"] = jnp.mean(full, axis=col).astype(moment.dtype)
+        out[v] = jnp.zeros((1,), moment.dtype)
+    return out
+
+
 # ---- the optimizer -------------------------------------------------------------------------------
 
 def make_optimizer(config: OptimizerConfig, d_model: int | None = None
@@ -238,9 +368,9 @@ def make_optimizer(config: OptimizerConfig, d_model: int | None = None
         # optax adds Adafactor's decay after the learning-rate scaling (p -= wd * p); scale it
         # by the schedule so that `weight_decay` means what it means for AdamW (p -= lr*wd*p).
         wd = config.weight_decay
-        base = optax.adafactor(
+        base = factor_heads(optax.adafactor(
             schedule, weight_decay_rate=(lambda count: wd * schedule(count)) if wd else None,
-            weight_decay_mask=decay_mask)
+            weight_decay_mask=decay_mask))
     if config.clip_norm is not None:
         base = optax.chain(optax.clip_by_global_norm(config.clip_norm), base)
     if config.accumulation_steps > 1:
