@@ -14,8 +14,14 @@ GPT-2's vocabulary has no padding token, so the config says `pad_id=None`: every
 token, rows padded at the end carry `segment_ids` (0 on padding: no attention, no loss),
 prompts `prompt_lengths`. The config's `eos_id` is `<|endoftext|>` (50256, from
 `config.json`'s `eos_token_id`), so `generate` and `beam_search` stop there by default (the
-library's own default, id 1, is '"' in this vocabulary). The token ids come from
-GPT-2's own byte-level BPE tokenizer, which this library does not ship.
+library's own default, id 1, is '"' in this vocabulary). The token ids come from GPT-2's
+byte-level BPE: `load_gpt2_tokenizer(folder)` reads it from the same folder (`tokenizer.json`,
+or `vocab.json` + `merges.txt`) as a `data.GPT2Tokenizer` (Hugging Face's `tokenizers`
+package, `pip install flaxformer_lite[hf]`):
+
+    tok = convert.load_gpt2_tokenizer("/path/to/gpt2")
+    out = decoding.generate(model, params, np.array([tok.encode("Hello")]), max_new_tokens=20)
+    text = tok.decode(out.tokens[0, :out.lengths[0]])   # <|endoftext|> dropped
 
 The mapping, for GPT-2's Conv1D layers (`y = x @ W + b`, W `[in, out]`): `c_attn` `[d, 3d]`
 is the fused q/k/v kernel `[d, 3, heads, head_dim]` (q, k, v side by side, each split into
@@ -205,6 +211,15 @@ def load_gpt2(source: str | os.PathLike, **overrides) -> tuple[TransformerConfig
     with open(path) as f:
         config = gpt2_config(json.load(f), **overrides)
     return config, gpt2_params(read_state_dict(folder), config)
+
+
+def load_gpt2_tokenizer(source: str | os.PathLike):
+    """The `data.GPT2Tokenizer` of the GPT-2 folder `load_gpt2` reads: its `tokenizer.json`,
+    else its `vocab.json` + `merges.txt` (an error names the folder's files when it has
+    neither)."""
+    from flaxformer_lite.data.tokenizers import GPT2Tokenizer
+
+    return GPT2Tokenizer.from_folder(source)
 
 
 def read_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -238,3 +238,51 @@ def test_config_paths_shards_and_refusals(checkpoint, tmp_path):
                        "vocab_size=64"):
         convert.gpt2_params({k: v for k, v in padded.items() if k != "lm_head.weight"},
                             convert.gpt2_config(HF_CONFIG))
+
+
+def test_a_gpt2_folder_with_its_tokenizer_goes_from_text_to_text(gpt2_vocab, tmp_path):
+    """A GPT-2 folder holding vocab.json + merges.txt: its tokenizer's ids prompt `generate`
+    (greedy, as the float64 reference continues them), the output decodes, and `perplexity`
+    of lm_pipeline's rows (<|endoftext|> + text + <|endoftext|>) is the reference's."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from flaxformer_lite import data, decoding, evaluation
+
+    vocab_folder, vocab, _ = gpt2_vocab
+    hf_config = dict(HF_CONFIG, vocab_size=len(vocab), n_positions=32,
+                     eos_token_id=vocab["<|endoftext|>"])
+    sd = hf_state_dict(hf_config, seed=3)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(vocab_folder / name, tmp_path / name)
+
+    config, params = convert.load_gpt2(tmp_path, dropout_rate=0.0, attention_dropout_rate=0.0)
+    tok = convert.load_gpt2_tokenizer(tmp_path)
+    assert tok.vocab_size == config.vocab_size and tok.eos_id == config.eos_id
+    model = make_model(config)
+    prompt = tok.encode("the quick brown fox")
+    out = decoding.generate(model, params, np.array([prompt], np.int32), max_new_tokens=8,
+                            greedy=True)
+    seq = np.array([prompt])
+    for _ in range(8):
+        seq = np.concatenate([seq, numpy_gpt2(sd, hf_config, seq)[:, -1:].argmax(-1)], axis=1)
+        if seq[0, -1] == tok.eos_id:
+            break
+    n = int(out.lengths[0])
+    np.testing.assert_array_equal(np.asarray(out.tokens[0, :n]), seq[0, len(prompt):])
+    assert tok.decode(out.tokens[0, :n]) == tok.decode(seq[0, len(prompt):])
+
+    text = "日本語 😀 it's"
+    batch = next(iter(data.lm_pipeline([{"text": text}], tok, batch_size=1, max_len=16,
+                                       shuffle=False, num_epochs=1)))
+    result = evaluation.perplexity(model, params, [batch])
+    ids = np.array([[tok.eos_id, *tok.encode(text), tok.eos_id]])
+    logits = numpy_gpt2(sd, hf_config, ids[:, :-1])
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[:, 1:, None], -1).sum()
+    assert result["tokens"] == ids.shape[1] - 1
+    np.testing.assert_allclose(result["nll"], nll, rtol=1e-4)

@@ -167,6 +167,157 @@ def test_sentencepiece_reads_at_most_max_chars_even_of_one_long_text():
                                max_chars=len(head) + 600)
 
 
+GPT2_TEXTS = [
+    "the quick brown fox", "It's 2024: we've 100,000 cats, they're 3.14x faster!",
+    "café naïve Zürich Ünïcödé", "日本語と東京 Привет, мир", "😀🎉 👍🏽 emoji in a row 😀😀",
+    "   leading spaces, trailing spaces   ", "tabs\tand\nnew\n\nlines\r\n", "a  b   c    d",
+    "\n", " ", "", "x" * 40, "I'M SHOUTING, YOU'LL SEE", "'s's 't", "(x) [y] {z} a-b c_d e/f",
+    "\u00a0non-breaking\u2003spaces\u200bzero-width", "\ud7ff\ue000\U0010ffff",
+    "<|endoftext|>", "end<|endoftext|>start", " <|endoftext|> ",
+]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    """Strings of pieces of the training words and of characters it never saw."""
+    rng = np.random.default_rng(seed)
+    pool = ("the quick fox jumps it's we've 2024 3.14 café Zürich 日本語 Привет 😀 👍🏽 "
+            "<|endoftext|> (x) a-b").split(" ")
+    pool += list("  \t\n'’\"!?.,;:0123456789ßøΩжЖ中文한국어🚀🧪\u0301")
+    return ["".join(rng.choice(pool, rng.integers(0, 15))) for _ in range(n)]
+
+
+def test_gpt2_tokenizer_gives_tiktoken_ids_and_round_trips(gpt2_vocab):
+    """The ids equal an independent byte-level BPE (tiktoken on the same vocabulary as byte
+    ranks, GPT-2's regex) on varied text; every string round-trips; "<|endoftext|>" in a text
+    is text (its pieces, as tiktoken's encode_ordinary), and decode drops the EOS id."""
+    folder, vocab, reference = gpt2_vocab
+    tok = fd.load_tokenizer(folder)
+    eos = vocab["<|endoftext|>"]
+    assert isinstance(tok, fd.GPT2Tokenizer) and tok.kind == "gpt2"
+    assert (tok.vocab_size, tok.eos_id, tok.bos_id, tok.pad_id, tok.unk_id) == (
+        len(vocab), eos, eos, None, None)
+    assert not tok.uses_reserved_ids and tok.first_real_id == 0
+    merged = 0
+    for text in GPT2_TEXTS + _random_texts(300):
+        ids = tok.encode(text)
+        assert ids == reference.encode_ordinary(text), text
+        assert tok.decode(ids) == text, text
+        assert eos not in ids
+        merged += len(ids) < len(text.encode("utf-8"))
+    assert merged > 100  # the merges were used, not only the byte pieces
+    assert tok.encode("the quick") == [vocab["the"], vocab["Ġquick"]]
+    assert reference.encode("a<|endoftext|>", allowed_special="all")[-1] == eos  # not ours
+    assert tok.decode([eos, *tok.encode("hi"), eos, eos]) == "hi"
+    assert tok.decode([vocab["!"]]) == "!"  # id 0 is a token, not padding
+    assert tok.encode_batch(GPT2_TEXTS) == [tok.encode(t) for t in GPT2_TEXTS]
+    with pytest.raises(ValueError, match="outside this gpt2 tokenizer's vocabulary"):
+        tok.decode([len(vocab)])
+
+
+def test_gpt2_tokenizer_saves_loads_and_reads_hugging_face_files(gpt2_vocab, tmp_path):
+    """save writes a Hugging Face tokenizer.json (the special token registered, as GPT-2's
+    is), which load_tokenizer and tokenizers itself read with the same ids; a folder with a
+    tokenizer.json loads from it."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from flaxformer_lite import convert
+
+    folder, vocab, _ = gpt2_vocab
+    tok = convert.load_gpt2_tokenizer(folder)
+    texts = [t for t in GPT2_TEXTS + _random_texts(50, seed=1) if "<|endoftext|>" not in t]
+    path = tok.save(tmp_path / "any_name")
+    loaded = fd.load_tokenizer(path)
+    assert isinstance(loaded, fd.GPT2Tokenizer) and loaded.vocab_size == tok.vocab_size
+    hf = HFTokenizer.from_file(str(path))
+    assert hf.token_to_id("<|endoftext|>") == tok.eos_id
+    assert hf.encode("end<|endoftext|>").ids[-1] == tok.eos_id  # Hugging Face: the special id
+    assert loaded.encode("end<|endoftext|>") == tok.encode("end<|endoftext|>")  # ours: text
+    for text in texts:
+        assert loaded.encode(text) == tok.encode(text) == hf.encode(text).ids, text
+    only_json = tmp_path / "hf_folder"
+    tok.save(only_json / "tokenizer.json")
+    from_json = fd.load_tokenizer(only_json)
+    assert [from_json.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+
+
+def test_gpt2_tokenizer_errors_name_the_files_and_the_fix(gpt2_vocab, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from flaxformer_lite import convert
+
+    folder, vocab, _ = gpt2_vocab
+    empty = tmp_path / "weights_only"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    for load in (convert.load_gpt2_tokenizer, fd.load_tokenizer):
+        with pytest.raises(FileNotFoundError, match=r"holds \['config.json'\]: a GPT-2 "
+                           "tokenizer needs tokenizer.json, or vocab.json and merges.txt"):
+            load(empty)
+    (empty / "vocab.json").write_text((folder / "vocab.json").read_text(encoding="utf-8"),
+                                      encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match="needs tokenizer.json, or vocab.json and "):
+        convert.load_gpt2_tokenizer(empty)  # merges.txt missing
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        fd.GPT2Tokenizer.from_files(folder / "vocab.json", tmp_path / "merges.txt")
+    no_eos = tmp_path / "no_eos"
+    no_eos.mkdir()
+    (no_eos / "vocab.json").write_text(json.dumps({k: i for k, i in vocab.items()
+                                                   if k != "<|endoftext|>"}))
+    (no_eos / "merges.txt").write_text((folder / "merges.txt").read_text(encoding="utf-8"),
+                                       encoding="utf-8")
+    with pytest.raises(ValueError, match="has no '<|endoftext|>'"):
+        fd.load_tokenizer(no_eos)
+    spec = json.loads(fd.load_tokenizer(folder).tokenizer_json)
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    spec["normalizer"] = {"type": "Lowercase"}
+    with pytest.raises(ValueError, match="normalizer 'Lowercase' .needs none.; pre_tokenizer "
+                       "'Whitespace' .needs ByteLevel."):
+        fd.GPT2Tokenizer(json.dumps(spec))
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # not installed
+    with pytest.raises(ImportError, match=r'pip install "\.\[hf\]"'):
+        fd.load_tokenizer(folder)
+
+
+def test_gpt2_tokenizer_frames_lm_rows_with_its_own_ids_and_is_refused_elsewhere(gpt2_vocab):
+    """lm_pipeline frames rows with "<|endoftext|>" on both ends; padded rows carry
+    segment_ids (id 0 is a token). The framings built on the reserved ids refuse it."""
+    folder, vocab, _ = gpt2_vocab
+    tok = fd.load_tokenizer(folder)
+    eos = tok.eos_id
+    examples = [{"text": "the quick brown fox"}, {"text": "日本語 😀!"}]
+    for pack in (True, False):
+        batch = next(iter(fd.lm_pipeline(examples, tok, batch_size=2, max_len=16, pack=pack,
+                                         shuffle=False, num_epochs=1)))
+        seg = batch["segment_ids"]
+        for row in range(2):
+            for s in set(seg[row].tolist()) - {0}:
+                inputs, targets = batch["inputs"][row][seg[row] == s], batch["targets"][row][
+                    seg[row] == s]
+                assert inputs[0] == eos and targets[-1] == eos
+                assert tok.decode(inputs) in ("the quick brown fox", "日本語 😀!")
+                assert list(inputs[1:]) == list(targets[:-1])
+        if not pack:
+            lengths = [len(tok.encode(e["text"])) + 1 for e in examples]
+            assert seg.sum(1).tolist() == lengths and not batch["inputs"][seg == 0].any()
+    calls = {
+        "encode_sources": lambda: fd.encode_sources(tok, ["a"], 8),
+        "encode_texts": lambda: fd.encode_texts(tok, ["a"], 8),
+        "encode_masked": lambda: fd.encode_masked(tok, ["a [MASK]"], 8),
+        "translation_pipeline": lambda: fd.translation_pipeline(
+            [{"inputs": "a", "targets": "b"}], tok, batch_size=1, max_source_len=8),
+        "mlm_pipeline": lambda: fd.mlm_pipeline(examples, tok, batch_size=1, max_len=8),
+        "classification_pipeline": lambda: fd.classification_pipeline(
+            [{"text": "a", "label": 0}], tok, batch_size=1, max_len=8),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=f"{name} frames rows with the library's reserved "
+                           f"ids .* GPT2Tokenizer does not use .its eos_id={eos}, bos_id={eos}, "
+                           "pad_id=None: id 0 is a token.: for language modelling use "
+                           "lm_pipeline"):
+            call()
+
+
 def test_shared_translation_vocabulary(parallel_ds):
     tok = parallel_ds.tokenizer("char")
     ex = parallel_ds.split("train")[0]

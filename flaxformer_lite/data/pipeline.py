@@ -697,6 +697,18 @@ def _finish(ds: grain.IterDataset, prefetch: int) -> grain.IterDataset:
 # Public pipelines
 
 
+def _require_reserved_ids(tokenizer: Tokenizer, where: str) -> None:
+    """Refuses a tokenizer with ids of its own (GPT-2's) where rows are framed with the
+    library's reserved ids (BOS 2, EOS 1, padding 0), naming the ids and the way out."""
+    if not getattr(tokenizer, "uses_reserved_ids", True):
+        raise ValueError(
+            f"{where} frames rows with the library's reserved ids (BOS {BOS_ID}, EOS {EOS_ID}, "
+            f"padding 0), which {type(tokenizer).__name__} does not use (its eos_id="
+            f"{tokenizer.eos_id}, bos_id={tokenizer.bos_id}, pad_id={tokenizer.pad_id}: id 0 "
+            "is a token): for language modelling use lm_pipeline, which frames rows with the "
+            "tokenizer's own ids; for this task use a byte, char or SentencePiece tokenizer.")
+
+
 def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
                 split: str = "train", batch_size: int, max_len: int, pack: bool = True,
                 shuffle: bool = True, seed: int = 0, num_epochs: int | None = None,
@@ -711,7 +723,10 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     keeps its first `max_len` targets (no EOS; counted in `stats`). With `pack` (default)
     several examples share a row of `max_len` tokens, with `segment_ids` and `positions`;
     otherwise each row is one example padded with 0 (to `max_len`, or to the smallest of
-    `bucket_boundaries` that fits the batch).
+    `bucket_boundaries` that fits the batch). BOS and EOS are the tokenizer's (`bos_id`,
+    `eos_id`: GPT-2's "<|endoftext|>" on both ends for a `GPT2Tokenizer`); a tokenizer without
+    a padding id (`pad_id=None`, where 0 is a token) gets `segment_ids` in padded rows too (1
+    on the tokens, 0 on the padding), as the loss of a `pad_id=None` model reads them.
 
     `batch_size` is global: each process gets `batch_size // process_count` rows from its own
     slice of the examples (`shard`, default this JAX process). `num_epochs=None` repeats
@@ -731,13 +746,22 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
         if not text:
             stats.add(empty=True)
             return None
-        ids = _truncate([BOS_ID] + tokenizer.encode(text) + [EOS_ID], max_len + 1, stats)
+        ids = _truncate([bos] + tokenizer.encode(text) + [eos], max_len + 1, stats)
         seq = np.asarray(ids, np.int32)
-        return {"inputs": seq[:-1], "targets": seq[1:]}
+        row = {"inputs": seq[:-1], "targets": seq[1:]}
+        if mark_tokens:
+            row["segment_ids"] = np.ones(len(seq) - 1, np.int32)
+        return row
 
+    bos, eos = int(tokenizer.bos_id), int(tokenizer.eos_id)
+    # padded rows of a tokenizer without a padding id say which positions are tokens
+    mark_tokens = not pack and tokenizer.pad_id is None
+    lengths = {"inputs": max_len, "targets": max_len}
+    if mark_tokens:
+        lengths["segment_ids"] = max_len
     ds = _examples(source, tokenize, shard=shard, shuffle=shuffle, seed=seed,
                    num_epochs=num_epochs, num_threads=num_threads)
-    ds = _batch(ds, {"inputs": max_len, "targets": max_len}, pack=pack, batch_size=local,
+    ds = _batch(ds, lengths, pack=pack, batch_size=local,
                 seed=seed + 1, shuffle=shuffle,
                 drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
                 num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
@@ -762,6 +786,7 @@ def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> 
                         "source per character: encode_sources(tokenizer, [text], max_len).")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f"encode_sources: max_len={max_len!r} must be a whole number >= 1.")
+    _require_reserved_ids(tokenizer, "encode_sources")
     texts = list(texts)  # a generator too
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
@@ -801,6 +826,7 @@ def encode_masked(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> n
     if isinstance(texts, str):
         raise TypeError("encode_masked takes a list of texts: encode_masked(tokenizer, [text], "
                         "max_len).")
+    _require_reserved_ids(tokenizer, "encode_masked")
     if not tokenizer.reserve_mask:
         raise ValueError("encode_masked needs a tokenizer with the MASK id reserved (the one "
                          "the masked LM trained with: reserve_mask=True).")
@@ -843,6 +869,9 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
     Pairs with an empty side are skipped and counted. Other options as in `lm_pipeline`.
     """
     max_target_len = max_target_len or max_source_len
+    for tok in (tokenizer, target_tokenizer):
+        if tok is not None:
+            _require_reserved_ids(tok, "translation_pipeline")
     if min(max_source_len, max_target_len) < 2:
         raise ValueError("max_source_len and max_target_len must be >= 2.")
     shard = process_shard(shard)
@@ -942,6 +971,7 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
     tokenizer that reserves the MASK id (`reserve_mask=True`). Other options as in
     `lm_pipeline`.
     """
+    _require_reserved_ids(tokenizer, "mlm_pipeline")
     if not tokenizer.reserve_mask:
         raise ValueError("mlm_pipeline needs a tokenizer with a reserved MASK id; build it "
                          "with reserve_mask=True.")
@@ -1021,6 +1051,7 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np
     if isinstance(texts, str):
         raise TypeError("encode_texts takes a list of texts: encode_texts(tokenizer, [text], "
                         "max_len).")
+    _require_reserved_ids(tokenizer, "encode_texts")
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"encode_texts: max_len={max_len!r} must be a whole number >= 3 "
                          "(BOS, a token, EOS).")
@@ -1068,6 +1099,7 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
         raise ValueError(f"max_len={max_len!r} must be a whole number >= 3 (BOS, a token, "
                          "EOS).")
+    _require_reserved_ids(tokenizer, "classification_pipeline")
     if (len(data) and isinstance(data[0], Mapping) and "text" in data[0]
             and "label" not in data[0]):
         raise ValueError("the examples hold texts without labels (read_labelled_file("
@@ -1160,8 +1192,10 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
         at = int(np.argmax(tokens <= 0))
         raise ValueError(
             f"the stream holds id {int(tokens[at])} at index {at}; id 0 is padding (a target 0 "
-            "carries no loss) and ids are >= 0. The library's tokenizers never emit it; for "
-            "ids from another tokenizer, shift them by one (tokens + 1, vocab_size + 1).")
+            "carries no loss) and ids are >= 0. The library's reserved-id tokenizers never "
+            "emit it; for ids from another tokenizer, shift them by one (tokens + 1, "
+            "vocab_size + 1). For GPT-2's ids (0 is '!', and the pretrained weights fix the "
+            "ids) use lm_pipeline with a GPT2Tokenizer: its rows carry segment_ids.")
     index, count = process_shard(shard)
     local = _local_batch_size(batch_size, count)
     span = np.arange(seq_len + 1)

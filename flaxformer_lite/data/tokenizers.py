@@ -1,4 +1,4 @@
-"""Tokenizers: bytes, characters and SentencePiece (BPE or unigram), one interface.
+"""Tokenizers: bytes, characters, SentencePiece (BPE or unigram) and GPT-2's byte-level BPE.
 
 Every tokenizer maps text to int ids and back with the same reserved ids, fixed across the
 library (the models treat 0 as padding):
@@ -11,6 +11,13 @@ pipelines add them where the task needs them. `decode` drops PAD/BOS/EOS, writes
 string the tokenizer covers (bytes: every string; characters: strings made of known characters;
 SentencePiece: every string, thanks to byte fallback and identity normalisation, except that
 U+2581 "▁", SentencePiece's own marker for a space, decodes as a space).
+
+`GPT2Tokenizer` is the exception: it reads a pretrained vocabulary (GPT-2's `vocab.json` +
+`merges.txt`, or a `tokenizer.json`) whose ids must stay as the weights learned them, so it keeps
+GPT-2's own: "<|endoftext|>" (50256) is both EOS and BOS, there is no PAD and no UNK, and id 0 is
+"!". Every tokenizer names its ids (`pad_id`, `eos_id`, `bos_id`, `uses_reserved_ids`); the
+parts of the library that frame rows with the reserved ids above refuse a tokenizer without
+them.
 
 Tokenizers built for a dataset are cached beside its prepared data (`build_tokenizer`), so the
 second run, and every process of a multi-host run, loads the same vocabulary.
@@ -38,12 +45,20 @@ SPECIAL_IDS = (PAD_ID, EOS_ID, BOS_ID, UNK_ID)
 MASK_TOKEN = "[MASK]"
 UNK_TEXT = " \u2047 "  # " ⁇ ", what SentencePiece decodes an unknown id to
 TOKENIZER_KINDS = ("byte", "char", "bpe", "unigram")
+GPT2_EOS_TOKEN = "<|endoftext|>"  # GPT-2's one special token: end (and start) of a text
 
 
 class Tokenizer(abc.ABC):
     """Common interface: `encode(str) -> list[int]`, `decode(ids) -> str`, `vocab_size`."""
 
     kind: str = ""
+    # The special ids pipelines, decoding and evaluation ask for: the library's reserved ids,
+    # unless a tokenizer with a vocabulary of its own (GPT2Tokenizer) says otherwise.
+    uses_reserved_ids: bool = True
+    pad_id: int | None = PAD_ID
+    eos_id: int = EOS_ID
+    bos_id: int = BOS_ID
+    unk_id: int | None = UNK_ID
 
     def __init__(self, reserve_mask: bool = False):
         self.reserve_mask = bool(reserve_mask)
@@ -227,6 +242,151 @@ class SentencePieceTokenizer(Tokenizer):
         return _write_bytes(path, self.model_proto)
 
 
+def _hf_tokenizers():
+    """The `tokenizers` package, imported when a GPT2Tokenizer is first made."""
+    try:
+        import tokenizers
+    except ImportError as error:
+        raise ImportError("GPT2Tokenizer wraps Hugging Face's tokenizers package: "
+                          'pip install ".[hf]" (or pip install tokenizers).') from error
+    return tokenizers
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2's byte-level BPE (Hugging Face `tokenizers`), with GPT-2's own ids.
+
+    Made from GPT-2's `vocab.json` + `merges.txt` (`from_files`), a `tokenizer.json`
+    (`from_json_file`) or a folder holding either (`from_folder`, which `load_tokenizer` and
+    `convert.load_gpt2_tokenizer` call). Every string encodes (byte-level: no UNK) and
+    `decode(encode(s)) == s`. "<|endoftext|>" (`eos_id`, 50256 in GPT-2) is EOS and BOS;
+    `decode` drops it, as the other tokenizers drop EOS, and `encode` reads the text
+    "<|endoftext|>" as ordinary text (its BPE pieces, as GPT-2's own encoder and tiktoken's
+    `encode_ordinary` do), never as the special id: append `eos_id` yourself where a text
+    ends. There is no padding id (`pad_id=None`, matching `convert.gpt2_config`): packed rows
+    carry `segment_ids`. `save` writes the `tokenizer.json` (special token included, as
+    Hugging Face writes GPT-2's), which `load_tokenizer` recognises.
+    """
+
+    kind = "gpt2"
+    uses_reserved_ids = False
+    pad_id = None
+    unk_id = None
+
+    def __init__(self, tokenizer_json: str):
+        """`tokenizer_json`: the text of a Hugging Face `tokenizer.json` for byte-level BPE
+        with "<|endoftext|>" in its vocabulary."""
+        super().__init__(reserve_mask=False)
+        hf = _hf_tokenizers()
+        spec = json.loads(tokenizer_json)
+        _check_byte_level(spec)
+        added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        vocab = spec["model"]["vocab"]
+        if GPT2_EOS_TOKEN not in vocab and GPT2_EOS_TOKEN not in added:
+            raise ValueError(f"the vocabulary has no {GPT2_EOS_TOKEN!r}, GPT-2's end-of-text "
+                             "token: not a GPT-2 vocabulary.")
+        self.tokenizer_json = tokenizer_json
+        # The special token stays in the saved JSON but not in the encoder, so "<|endoftext|>"
+        # in a text is text; the id keeps its row of the vocabulary for decode's check.
+        plain = dict(spec, added_tokens=[])
+        if GPT2_EOS_TOKEN not in vocab:
+            plain["model"] = dict(spec["model"], vocab={**vocab,
+                                                        GPT2_EOS_TOKEN: added[GPT2_EOS_TOKEN]})
+        self._hf = hf.Tokenizer.from_str(json.dumps(plain))
+        self.eos_id = self.bos_id = int(self._hf.token_to_id(GPT2_EOS_TOKEN))
+        self._vocab_size = max(self._hf.get_vocab(with_added_tokens=False).values()) + 1
+
+    @classmethod
+    def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> GPT2Tokenizer:
+        """GPT-2's `vocab.json` (piece -> id) and `merges.txt` (the merges, in order)."""
+        hf = _hf_tokenizers()
+        for path in (vocab, merges):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{os.fspath(path)!r} does not exist: GPT2Tokenizer "
+                                        "reads GPT-2's vocab.json and merges.txt.")
+        tok = hf.Tokenizer(hf.models.BPE.from_file(os.fspath(vocab), os.fspath(merges)))
+        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = hf.decoders.ByteLevel()
+        tok.post_processor = hf.processors.ByteLevel(trim_offsets=False)
+        if GPT2_EOS_TOKEN in tok.get_vocab():  # else __init__ says the vocabulary lacks it
+            tok.add_special_tokens([hf.AddedToken(GPT2_EOS_TOKEN, special=True)])
+        return cls(tok.to_str())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> GPT2Tokenizer:
+        """A Hugging Face `tokenizer.json` (GPT-2's, or one `save` wrote)."""
+        return cls(Path(path).read_text(encoding="utf-8"))
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> GPT2Tokenizer:
+        """The tokenizer of a Hugging Face GPT-2 folder: its `tokenizer.json`, else its
+        `vocab.json` + `merges.txt`."""
+        folder = Path(folder)
+        if (folder / "tokenizer.json").is_file():
+            return cls.from_json_file(folder / "tokenizer.json")
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return cls.from_files(folder / "vocab.json", folder / "merges.txt")
+        have = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+        raise FileNotFoundError(
+            f"{str(folder)!r} " + ("does not exist" if have is None else f"holds {have[:8]}")
+            + ": a GPT-2 tokenizer needs tokenizer.json, or vocab.json and merges.txt, "
+            "from the model's Hugging Face folder (nothing is downloaded).")
+
+    @property
+    def first_real_id(self) -> int:
+        """0: every id is a token (id 0 is "!" in GPT-2)."""
+        return 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for many texts at once (the Rust library's threads)."""
+        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        return self._hf.decode([i for i in ids if i != self.eos_id], skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return _write_bytes(path, self.tokenizer_json.encode("utf-8"))
+
+    def __repr__(self) -> str:
+        return f"GPT2Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _is_hf_tokenizer_json(spec: object) -> bool:
+    return isinstance(spec, dict) and isinstance(spec.get("model"), dict) and "type" not in spec
+
+
+def _check_byte_level(spec: dict) -> None:
+    """Refuses a tokenizer.json that is not GPT-2-style byte-level BPE (other models or
+    normalisers would break the ids or `decode(encode(s)) == s`), naming what differs."""
+    if not _is_hf_tokenizer_json(spec):
+        raise ValueError("not a Hugging Face tokenizer.json (no 'model').")
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    wrong = [what for what, ok in (
+        (f"model type {spec['model'].get('type')!r} (needs 'BPE')",
+         spec["model"].get("type") == "BPE"),
+        (f"normalizer {(spec.get('normalizer') or {}).get('type')!r} (needs none)",
+         not spec.get("normalizer")),
+        (f"pre_tokenizer {pre.get('type')!r} (needs ByteLevel)", bool(byte_level)),
+        ("ByteLevel add_prefix_space=True (GPT-2 adds no space)",
+         not any(s.get("add_prefix_space") for s in byte_level)),
+        (f"decoder {(spec.get('decoder') or {}).get('type')!r} (needs ByteLevel)",
+         (spec.get("decoder") or {}).get("type") == "ByteLevel"),
+    ) if not ok]
+    if wrong:
+        raise ValueError("GPT2Tokenizer reads byte-level BPE as GPT-2's tokenizer.json has "
+                         f"it; this one has {'; '.join(wrong)}.")
+
+
 def _capped_chunks(texts: Iterable[str], max_chars: int, chunk: int) -> Iterator[str]:
     """The lines of `texts`, cut into pieces of at most `chunk` characters, until `max_chars`
     characters have been given (the last piece cut short), however long one text is."""
@@ -295,26 +455,33 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer written by `Tokenizer.save` (JSON for byte/char, else SentencePiece)."""
+    """Loads a tokenizer written by `Tokenizer.save` (JSON for byte/char, a Hugging Face
+    `tokenizer.json` for GPT-2's BPE, else SentencePiece), or a Hugging Face GPT-2 folder
+    (`tokenizer.json`, or `vocab.json` + `merges.txt`) as a `GPT2Tokenizer`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist.")
+    if path.is_dir():
+        return GPT2Tokenizer.from_folder(path)
     with open(path, "rb") as f:
-        is_json = f.read(1) == b"{"  # by content: a byte/char tokenizer saved under any name
+        is_json = f.read(1) == b"{"  # by content: a tokenizer saved under any name
     if is_json:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        spec = json.loads(text)
+        if _is_hf_tokenizer_json(spec):
+            return GPT2Tokenizer(text)
         kind = spec.get("type")
         if kind == "byte":
             return ByteTokenizer(reserve_mask=spec["reserve_mask"])
         if kind == "char":
             return CharTokenizer(spec["chars"], reserve_mask=spec["reserve_mask"])
         raise ValueError(f"{str(path)!r} is not a tokenizer file (type={kind!r}; expected "
-                         "'byte' or 'char').")
+                         "'byte' or 'char', or a Hugging Face tokenizer.json).")
     try:
         return SentencePieceTokenizer(path)
     except RuntimeError as error:
-        raise ValueError(f"{str(path)!r} is neither a SentencePiece model nor a byte/char "
-                         "tokenizer's JSON (written by Tokenizer.save).") from error
+        raise ValueError(f"{str(path)!r} is neither a SentencePiece model nor a tokenizer's "
+                         "JSON (written by Tokenizer.save).") from error
 
 
 def build_tokenizer(kind: str, texts: Callable[[], Iterable[str]], *,
