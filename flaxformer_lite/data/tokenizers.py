@@ -52,8 +52,8 @@ class Tokenizer(abc.ABC):
     """Common interface: `encode(str) -> list[int]`, `decode(ids) -> str`, `vocab_size`."""
 
     kind: str = ""
-    # The special ids pipelines, decoding and evaluation ask for: the library's reserved ids,
-    # unless a tokenizer with a vocabulary of its own (GPT2Tokenizer) says otherwise.
+    # The special ids the pipelines frame rows with: the library's reserved ids, unless a
+    # tokenizer with a pretrained vocabulary of its own (GPT2Tokenizer) says otherwise.
     uses_reserved_ids: bool = True
     pad_id: int | None = PAD_ID
     eos_id: int = EOS_ID
