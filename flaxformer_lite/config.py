@@ -106,7 +106,9 @@ class TransformerConfig:
     # after a row's last token, so causal self-attention needs no padding mask (a real token
     # never sees a later key): `is_causal` alone, exact at every real position, which lets
     # cuDNN run its causal kernel instead of reading a [batch, 1, length, length] bias.
-    # Rows with segment ids or positions given (packed) keep their mask either way.
+    # Rows with segment ids or positions given (packed) keep their mask either way. With
+    # "anywhere", learned and sinusoidal positions count a row's tokens, so a left-padded row
+    # scores as it would unpadded.
     padding: str = "anywhere"
     # The token id of padding in a decoder-only model: no loss, never generated, not attended
     # where segment ids come from the ids. None: every id is a real token (a pretrained

@@ -115,6 +115,13 @@ def _positions(ids: Array, segment_ids: Array | None, positions: Array | None
     return shared, shared[:1]
 
 
+def _token_positions(segment_ids: Array) -> Array:
+    """`[batch, length]`: how many real tokens (segment id != 0) come before each token of an
+    unpacked row: 0..n-1 on a row's n tokens wherever its padding is (padding takes the
+    position of the token before it, 0 before the first)."""
+    return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1, dtype=jnp.int32) - 1, 0)
+
+
 def _segments(ids: Array, segment_ids: Array | None, pad_id: int | None = 0) -> Array:
     """Segment ids given, or 1 for every token but padding (`pad_id`; None: every token)."""
     if segment_ids is not None:
@@ -246,6 +253,13 @@ class Decoder(nn.Module):
             packed = positions is not None or given_segments
             positions, rel_q = _positions(ids, segment_ids if given_segments else None,
                                           positions)
+            if (not packed and cfg.pad_id is not None and cfg.padding == "anywhere"
+                    and cfg.position in ("learned", "sinusoidal")):
+                # Absolute positions count real tokens only, so a row padded on the left (or
+                # anywhere) embeds its tokens as the unpadded row does; right-padded rows keep
+                # 0..length-1 at every token. (Rotary, relative and ALiBi read offsets, which
+                # left padding does not change.)
+                positions = _token_positions(segment_ids)
             rel_kv = rel_q
             cache_index = None
             # Causality goes to the attention function (is_causal), which then skips the score

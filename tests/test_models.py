@@ -156,6 +156,24 @@ def test_source_padding_invariance(built, name):
         np.testing.assert_allclose(a["logits"], b["logits"][:, :7], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_sinusoidal_postln_scan_remat",
+                                  "gpt_rotary_gqa_swiglu_rms"])
+def test_a_left_padded_row_gives_the_unpadded_rows_logits(built, name):
+    """With `padding="anywhere"` (the default) a row padded on the left scores as the row
+    without its padding: learned and sinusoidal positions count tokens, not columns (they
+    numbered columns, and a left-padded row was read 3 positions on: logits 0.1-1 off)."""
+    cfg, model, params = built[name]
+    rows = _ids((2, 6), seed=3)
+    left = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), rows], axis=1)
+    middle = jnp.concatenate([rows[:, :2], jnp.zeros((2, 3), jnp.int32), rows[:, 2:]], axis=1)
+    plain = _apply(model, params, {"inputs": rows})
+    np.testing.assert_allclose(_apply(model, params, {"inputs": left})[:, 3:], plain, atol=1e-5)
+    if cfg.position != "rotary":  # offsets across padding inside a row count its columns
+        kept = np.r_[0:2, 5:9]
+        np.testing.assert_allclose(_apply(model, params, {"inputs": middle})[:, kept], plain,
+                                   atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "gpt_sinusoidal_postln_scan_remat"])
 def test_trailing_padding_needs_no_decoder_mask(built, name):
     """`padding="trailing"` drops the decoder-only model's padding mask: the same parameters
