@@ -102,6 +102,11 @@ def _validate(c: OptimizerConfig) -> None:
     _number("b1", c.b1, 0.0, 1.0, high_open=True)
     _number("b2", c.b2, 0.0, 1.0, high_open=True)
     _number("eps", c.eps, 0.0)
+    if c.optimizer == "adamw" and c.eps == 0:
+        raise ValueError(
+            "OptimizerConfig.eps=0 makes Adam divide 0 by 0 wherever a parameter's gradient has "
+            "always been 0 (an unused embedding row): NaN parameters. Keep it > 0 (1e-8, or the "
+            "paper's 1e-9).")
     if c.schedule == "vaswani" and c.warmup_steps < 1:
         raise ValueError("OptimizerConfig.warmup_steps must be >= 1 for schedule='vaswani' "
                          "(the paper used 4000).")
@@ -352,6 +357,30 @@ def factor_moments(restored: Mapping[str, Any], whole: Mapping[str, tuple[int, .
     return out
 
 
+def in_float32(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run in float32 whatever the parameters' dtype: its state (moments, factored
+    statistics, accumulated gradients) and its updates are float32, and
+    `optax.apply_updates` adds an update to its parameter in float32 before rounding once.
+
+    Kept in bfloat16, Adam's moments lose what they are for: `b2=0.999` rounds to 1.0 (the
+    second moment never decays) and `b1=0.9` to 0.898, and small squared gradients vanish. For
+    float32 parameters this changes nothing (no cast is made).
+    """
+
+    def up(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32)
+                            if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float32
+                            else x, tree)
+
+    def init(params):
+        return inner.init(up(params))
+
+    def update(updates, state, params=None):
+        return inner.update(up(updates), state, None if params is None else up(params))
+
+    return optax.GradientTransformation(init, update)
+
+
 # ---- the optimizer -------------------------------------------------------------------------------
 
 def make_optimizer(config: OptimizerConfig, d_model: int | None = None
@@ -376,4 +405,4 @@ def make_optimizer(config: OptimizerConfig, d_model: int | None = None
     if config.accumulation_steps > 1:
         base = optax.MultiSteps(base, every_k_schedule=config.accumulation_steps
                                 ).gradient_transformation()
-    return base
+    return in_float32(base)
