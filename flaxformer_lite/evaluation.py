@@ -64,13 +64,15 @@ def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
 
     Weights are `targets != config.pad_id` (0; with `pad_id=None`, `segment_ids != 0`, or all
-    1 without segment ids); padded positions have NLL 0. Works for decoder-only (next-token),
+    1 without segment ids), times the batch's `loss_weights` `[batch, length]` when given (e.g.
+    0 on a prompt's targets: a completion's log-likelihood given the prompt); positions of
+    weight 0 have NLL 0, and the NLL is weighted. Works for decoder-only (next-token),
     encoder-decoder (targets given inputs) and encoder-only masked-LM batches (the selected
     positions), always in deterministic mode.
     """
     logits = _model_logits(model, params, batch)
     targets = batch["targets"]
-    weights = target_weights(model, batch, targets)
+    weights = target_weights(model, batch, targets, at_head_positions=False)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll * weights, weights
@@ -80,10 +82,12 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
                num_bytes: int | None = None) -> dict[str, float]:
     """Perplexity of `model` on a split given as an iterable of batches.
 
-    Sums the NLL of every non-pad target token over all batches (float64 on the host) and
-    returns a dict: `tokens`, `nll` (total nats), `loss` (nats per token), `perplexity`
-    (`exp(loss)`), `bits_per_token`, and, when the split's size in characters or UTF-8 bytes is
-    given, `bits_per_character` / `bits_per_byte` (`nll / ln 2 / count`): the measure that
+    Sums the NLL of every non-pad target token over all batches (float64 on the host),
+    weighted by the batches' `loss_weights` where they have them (0 leaves a target out,
+    e.g. a prompt's, while the model still reads it), and returns a dict: `tokens` (the sum
+    of the weights), `nll` (total nats), `loss` (nats per token), `perplexity`
+    (`exp(loss)`), `bits_per_token`, and, when the split's size in characters or UTF-8 bytes
+    is given, `bits_per_character` / `bits_per_byte` (`nll / ln 2 / count`): the measure that
     compares models with different tokenizers (not for masked LMs, which score a sample of the
     tokens). Targets include EOS tokens if the batches do.
     """
@@ -116,10 +120,11 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
         total_tokens += float(np.sum(np.asarray(weights, np.float64)))
     if total_tokens == 0:
         raise ValueError(f"the batches hold no target tokens (all targets are "
-                         f"{model.config.pad_id} = padding).")
+                         f"{model.config.pad_id} = padding, or their loss_weights 0).")
     loss = total_nll / total_tokens
-    out = {"tokens": int(total_tokens), "nll": total_nll, "loss": loss,
-           "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2)}
+    out = {"tokens": int(total_tokens) if total_tokens.is_integer() else total_tokens,
+           "nll": total_nll, "loss": loss, "perplexity": math.exp(loss),
+           "bits_per_token": loss / math.log(2)}
     for name, arg, count in (("bits_per_character", "num_characters", num_characters),
                              ("bits_per_byte", "num_bytes", num_bytes)):
         if count is not None:

@@ -557,18 +557,34 @@ OPTIONAL_BATCH_KEYS = {
 }
 
 
+# The optional batch entry every architecture's loss reads (not the model): a weight per
+# target `[batch, length]` (a classifier's: per example, `[batch]`), float or bool, multiplied
+# into the padding weights (`training.steps.target_weights`).
+LOSS_WEIGHTS = "loss_weights"
+
+
 def batch_keys(architecture: str, model: nn.Module | None = None, *,
                classes: bool | None = None) -> tuple[str, ...]:
-    """The batch entries a model of `architecture` reads (others are ignored), plus those a
-    model of your own names in its class attribute `extra_batch_keys` (each passed to its
-    `__call__` as a keyword argument by the train and eval steps). A classifier
-    (`classes`, by default whether `model.config.num_classes > 0`) reads `labels`
-    `[batch]` in place of `targets`."""
+    """The batch entries a model of `architecture` and its loss read (others are ignored):
+    `inputs`, `targets`, the architecture's optional entries, `loss_weights` (the loss's, not
+    passed to the model), plus those a model of your own names in its class attribute
+    `extra_batch_keys` (each passed to its `__call__` as a keyword argument by the train and
+    eval steps). A classifier (`classes`, by default whether `model.config.num_classes > 0`)
+    reads `labels` `[batch]` in place of `targets`."""
     extra = tuple(getattr(model, "extra_batch_keys", ())) if model is not None else ()
     if classes is None:
         classes = bool(getattr(getattr(model, "config", None), "num_classes", 0))
     return (("inputs", "labels") if classes else ("inputs", "targets")) + (
-        OPTIONAL_BATCH_KEYS[architecture] + extra)
+        OPTIONAL_BATCH_KEYS[architecture] + (LOSS_WEIGHTS,) + extra)
+
+
+def model_kwargs(batch: Mapping[str, Any], architecture: str, model: nn.Module | None = None
+                 ) -> dict[str, Any]:
+    """The batch entries passed to a model's `__call__` as keyword arguments: what
+    `batch_keys` names, less `inputs`, `targets`, `labels` (positional or the loss's) and
+    `loss_weights` (the loss's)."""
+    return {k: batch[k] for k in batch_keys(architecture, model)
+            if k not in ("inputs", "targets", "labels", LOSS_WEIGHTS) and k in batch}
 
 
 def example_weights(inputs: Array) -> Array:
@@ -595,7 +611,10 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     not read are dropped, each reported once (`logging`; a misspelt key with its likely
     name). Values that are not concrete
     (traced) are skipped, and so are those of the keys in `checked` (already checked).
-    `extra_keys` (a model's `extra_batch_keys`) are passed on unchecked. A classifier's batch
+    `loss_weights` (optional, `[batch, length]` like `targets`; a classifier's `[batch]`) are
+    bool, integer or float, finite and >= 0.
+    `extra_keys` (a model's `extra_batch_keys`, a `loss_fn`'s `loss_batch_keys`) are passed
+    on with only their leading (example) axis checked. A classifier's batch
     (`config.num_classes > 0`) holds `inputs` and `labels` `[batch]`, class ids in
     `[0, num_classes)`, in place of `targets`.
     """
@@ -627,13 +646,16 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
     arrays = {k: batch[k] for k in keys if batch.get(k) is not None and k not in checked
               and not isinstance(batch[k], jax.core.Tracer)}
     groups = ([("inputs", "inputs_segment_ids", "inputs_positions"),
-               ("targets", "targets_segment_ids", "targets_positions")]
+               ("targets", "targets_segment_ids", "targets_positions", LOSS_WEIGHTS)]
               if config.architecture == "encoder_decoder"
-              else [tuple(k for k in keys if k != "labels")])
+              else [tuple(k for k in keys if k != "labels"
+                          and not (classes and k == LOSS_WEIGHTS))])
     for k, v in arrays.items():
         dtype = getattr(v, "dtype", None)
         dtype = np.asarray(v).dtype if dtype is None else np.dtype(dtype)
-        if not np.issubdtype(dtype, np.integer):
+        if k == LOSS_WEIGHTS:
+            _check_loss_weights(v, dtype)
+        elif not np.issubdtype(dtype, np.integer):
             raise ValueError(f"Batch entry {k!r} is {dtype}; token ids, segment ids and "
                              "positions are integers.")
     rows = {}
@@ -652,6 +674,21 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
             raise ValueError(f"Batch entry 'labels' has shape {shape}; a classifier's labels "
                              "are one class id per row, [batch].")
         rows["labels"] = shape[0]
+    if classes and LOSS_WEIGHTS in arrays:
+        shape = tuple(np.shape(arrays[LOSS_WEIGHTS]))
+        if len(shape) != 1:
+            raise ValueError(f"Batch entry 'loss_weights' has shape {shape}; a classifier's "
+                             "loss weights are one per example, [batch].")
+        rows[LOSS_WEIGHTS] = shape[0]
+    for k in extra_keys:  # the model's or a loss_fn's own entries: one row per example
+        value = batch.get(k)
+        if value is None or k in checked or isinstance(value, jax.core.Tracer):
+            continue
+        shape = np.shape(value)
+        if rows and (not shape or shape[0] != next(iter(rows.values()))):
+            raise ValueError(f"Batch entry {k!r} has shape {tuple(shape)}, but the batch has "
+                             f"{next(iter(rows.values()))} rows: every entry is laid out and "
+                             "split by its leading (example) axis.")
     if len(set(rows.values())) > 1:
         raise ValueError(f"Batch entries disagree on the batch size: {rows}.")
     if (classes and "labels" in arrays
@@ -702,6 +739,22 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
                 f"than TransformerConfig.mlm_predictions={config.mlm_predictions}, where the "
                 "head is applied: cap the masking (mlm_pipeline(max_predictions=...)) or raise "
                 "mlm_predictions (0: every position).")
+
+
+def _check_loss_weights(value: Any, dtype: np.dtype) -> None:
+    """`loss_weights` are bool, integer or float, finite and >= 0 (they weigh the loss and
+    count the tokens that divide it)."""
+    if not (dtype == np.bool_ or np.issubdtype(dtype, np.integer)
+            or np.issubdtype(dtype, np.floating)):
+        raise ValueError(f"Batch entry 'loss_weights' is {dtype}; loss weights are float, "
+                         "integer or bool (1 = in the loss, 0 = left out).")
+    if isinstance(value, jax.ShapeDtypeStruct) or not np.size(value):
+        return
+    values = np.asarray(value, np.float32)
+    if not np.all(np.isfinite(values)) or values.min() < 0:
+        raise ValueError(f"Batch entry 'loss_weights' holds values from {values.min()} to "
+                         f"{values.max()}; they must be finite and >= 0 (a weight per target: "
+                         "0 leaves it out of the loss, 1 counts it once).")
 
 
 def _pad_words(config: TransformerConfig) -> str:

@@ -16,6 +16,10 @@
                                         DIR/flops.json the per-device FLOPs of the step on one
                                         device and on a (data=2, tensor=4) mesh, with q/k/v in
                                         one projection and with q apart from k/v.
+    weights --devices 2 --out DIR       2 steps on batches with float `loss_weights` (and a
+                                        5-row eval batch) in "single", "pmap", "mesh" (data=2)
+                                        and "mesh_micro" (data=2, 2 micro-batches); writes
+                                        DIR/<mode>.npz (params) and DIR/<mode>.json.
     restore --devices N --mode M --ckpt DIR/ckpt --out FILE
                                         restores that checkpoint onto N devices in mode M,
                                         writes the params to FILE.npz and the 4th step's loss
@@ -177,6 +181,46 @@ def run_equivalence(out: str) -> None:
                    for mode in ("single", "tensor4") for fused in (True, False)}, f)
 
 
+def weighted_batches(n: int, batch: int = 8):
+    """`global_batches` with float `loss_weights`: 0 on each row's first targets (a prompt),
+    in [0.25, 2] elsewhere, so the devices' weight sums differ."""
+    import numpy as np
+
+    rng = np.random.RandomState(1)
+    out = []
+    for b in global_batches(n, batch=batch):
+        weights = rng.uniform(0.25, 2.0, b["targets"].shape).astype(np.float32)
+        weights[np.arange(weights.shape[1])[None, :] < rng.randint(1, 9, (batch, 1))] = 0.0
+        out.append({**b, "loss_weights": weights})
+    return out
+
+
+def run_weights(out: str) -> None:
+    from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
+
+    layouts = {"single": ParallelConfig(mode="single"), "pmap": ParallelConfig(mode="pmap"),
+               "mesh": ParallelConfig(mode="mesh", data=2),
+               "mesh_micro": ParallelConfig(mode="mesh", data=2, microbatches=2)}
+    batches = weighted_batches(3)
+    odd = {k: v[:5] for k, v in batches[2].items()}
+    for mode, parallel in layouts.items():
+        engine = Engine(tiny_config(pad_id=None), OptimizerConfig(learning_rate=1e-3),
+                        parallel, LossConfig(label_smoothing=0.1))
+        state = engine.init_state(0)
+        losses = []
+        for batch in batches[:2]:
+            state, metrics = engine.train_step(state, batch)
+            m = engine.metrics_to_host(metrics)
+            losses.append([m["loss"], m["tokens"]])
+        import numpy as np
+
+        np.savez(os.path.join(out, f"{mode}.npz"), **flatten(engine.params(state)))
+        evaluated = engine.metrics_to_host(engine.eval_step(state, odd))
+        with open(os.path.join(out, f"{mode}.json"), "w") as f:
+            json.dump({"losses": losses, "eval": {k: float(v) for k, v in evaluated.items()},
+                       "describe": engine.describe()}, f)
+
+
 def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
     import jax
     import numpy as np
@@ -217,7 +261,7 @@ def run_restore(ckpt_dir: str, mode: str, out: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("command", choices=["equivalence", "restore"])
+    p.add_argument("command", choices=["equivalence", "weights", "restore"])
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--out", required=True)
     p.add_argument("--ckpt", default=None)
@@ -227,6 +271,8 @@ def main(argv=None) -> int:
                                f"--xla_force_host_platform_device_count={args.devices}")
     if args.command == "equivalence":
         run_equivalence(args.out)
+    elif args.command == "weights":
+        run_weights(args.out)
     else:
         run_restore(args.ckpt, args.mode, args.out)
     return 0

@@ -595,9 +595,11 @@ def test_check_batch_refuses_what_the_gathers_would_misread(caplog):
     with pytest.raises(TypeError, match="got a tuple .*'inputs': x, 'targets': y"):
         check_batch(gpt, (ok, ok))
     with caplog.at_level("WARNING"):
-        check_batch(gpt, {"inputs": ok, "targets": ok, "segment_id": ok, "loss_weights": ok})
-    assert "did you mean 'segment_ids'" in caplog.text  # and a key T5X reads, ignored here:
-    assert "'loss_weights' is not read by a decoder_only model (it reads inputs" in caplog.text
+        check_batch(gpt, {"inputs": ok, "targets": ok, "segment_id": ok,
+                          "decoder_loss_weights": ok})
+    assert "did you mean 'segment_ids'" in caplog.text  # and T5X's name for loss_weights:
+    assert ("'decoder_loss_weights' is not read by a decoder_only model (did you mean "
+            "'loss_weights'?)") in caplog.text
 
 
 @pytest.mark.parametrize("name", ["transformer", "t5"])

@@ -1494,8 +1494,8 @@ def test_the_padding_id_decides_which_targets_count():
         engine = Engine(cfg, OPT, single, LOSS)
         short = {k: v[:5] for k, v in batch.items()}
         if pad_id is None and "segment_ids" not in batch:
-            with pytest.raises(ValueError, match=r"pad_id=None only segment ids 0 mark "
-                               r"padding and the batch has none"):
+            with pytest.raises(ValueError, match=r"pad_id=None only segment ids 0 \(or "
+                               r"loss_weights 0\) mark padding and the batch has neither"):
                 engine.pad_batch(short, rows=8)
             continue
         filled = engine.pad_batch(short, rows=8)
@@ -1503,6 +1503,137 @@ def test_the_padding_id_decides_which_targets_count():
             assert np.all(filled["targets"][5:] == pad_id)
         a, b = (jax.tree.map(float, eval_step(params, x, model=model)) for x in (short, filled))
         assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-6)
+
+
+def _weighted_batch(seed=5, rows=8):
+    """A batch whose `loss_weights` leave each row's first targets (a prompt) out and weigh
+    the others in [0.25, 2] (a float weight per target)."""
+    batch = synthetic_batch(seed, batch=rows)
+    rng = np.random.RandomState(seed)
+    weights = rng.uniform(0.25, 2.0, batch["targets"].shape).astype(np.float32)
+    weights[np.arange(LENGTH)[None, :] < rng.randint(1, 6, (rows, 1))] = 0.0
+    return {**batch, "loss_weights": weights}
+
+
+@pytest.mark.parametrize("pad_id", [0, None])
+def test_loss_weights_weigh_the_loss_like_a_numpy_masked_mean(pad_id):
+    """`loss_weights` [batch, length] multiply into the padding weights: eval and train step,
+    token_nll and perplexity give the weighted sums over the same logits (float64 NumPy),
+    and the model still attends to the targets left out (its logits are those of the
+    unweighted batch)."""
+    cfg = TINY.replace(pad_id=pad_id)
+    model = make_model(cfg)
+    params = numpy_params(cfg)
+    batch = _weighted_batch()
+    logits = model.apply({"params": params}, batch["inputs"])
+    _, nll, _ = np_losses(logits, batch["targets"])
+    pad = batch["targets"] != 0 if pad_id == 0 else np.ones(nll.shape, bool)
+    w = batch["loss_weights"] * pad
+    sums = jax.tree.map(float, eval_step(params, batch, model=model, loss_config=LOSS))
+    np.testing.assert_allclose(sums["tokens"], w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(sums["nll"], (nll * w).sum(), rtol=1e-5)
+    np.testing.assert_allclose(sums["nll"] / sums["tokens"], (nll * w).sum() / w.sum(),
+                               rtol=1e-5)
+    assert sums["sequences"] == (w.sum(-1) > 0).sum()
+    token, weights = evaluation.token_nll(model, params, batch)
+    np.testing.assert_allclose(np.asarray(weights), w, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(token), nll * w, rtol=1e-5, atol=1e-6)
+    ppl = evaluation.perplexity(model, params, [batch])
+    np.testing.assert_allclose(ppl["nll"], (nll * w).sum(), rtol=1e-5)
+    np.testing.assert_allclose(ppl["tokens"], w.sum(), rtol=1e-6)
+    tx = make_optimizer(OPT)
+    _, m = jax.jit(functools.partial(train_step, model=model, tx=tx))(
+        manual_state(params, tx), batch)
+    np.testing.assert_allclose(float(m["nll"]), (nll * w).sum(), rtol=1e-5)
+    # Bool weights (a mask) are 0/1 weights.
+    mask = {**batch, "loss_weights": batch["loss_weights"] > 0}
+    sums = jax.tree.map(float, eval_step(params, mask, model=model))
+    keep = (batch["loss_weights"] > 0) & pad
+    assert sums["tokens"] == keep.sum()
+    np.testing.assert_allclose(sums["nll"], nll[keep].sum(), rtol=1e-5)
+
+
+def test_loss_weights_of_one_change_nothing_and_split_like_the_batch():
+    """Weights 1 give bitwise the step without them; with weights, 2 micro-batches give the
+    whole batch's update, and so does an Engine's padded eval batch."""
+    model = make_model(TINY)
+    params = numpy_params(TINY)
+    tx = make_optimizer(OPT)
+    batch = synthetic_batch(2)
+    ones = {**batch, "loss_weights": np.ones(batch["targets"].shape, np.float32)}
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=LOSS))
+    (a, ma), (b, mb) = (step(manual_state(params, tx), x) for x in (batch, ones))
+    assert max_diff(a.params, b.params) == 0.0
+    assert all(float(ma[k]) == float(mb[k]) for k in ma)
+    weighted = _weighted_batch(rows=8)
+    states = {}
+    for k in (1, 2):
+        micro = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=LOSS,
+                                          microbatches=k))
+        states[k] = micro(manual_state(params, tx), weighted)
+    assert max_diff(states[1][0].params, states[2][0].params) < 1e-6
+    assert max_diff(states[1][0].params, a.params) > 1e-4  # the weights change the update
+    np.testing.assert_allclose(float(states[2][1]["loss"]), float(states[1][1]["loss"]),
+                               rtol=1e-6)
+    engine = Engine(TINY.replace(pad_id=None), OPT, ParallelConfig(mode="single"), LOSS)
+    short = {k: v[:5] for k, v in weighted.items()}
+    filled = engine.pad_batch(short, rows=8)  # no segment ids: weights 0 mark the rows
+    assert np.all(filled["loss_weights"][5:] == 0)
+    state = engine.init_state(0, params=params)
+    a, b = (engine.metrics_to_host(engine.eval_step(state, x)) for x in (short, filled))
+    assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-6)
+    assert sorted(engine.shard_batch(short)) == ["inputs", "loss_weights", "targets"]
+
+
+@pytest.mark.parametrize("preset", ["transformer-base", "bert-base"])
+def test_loss_weights_in_encoder_decoder_and_masked_lm_steps(preset):
+    """Encoder-decoder: the weights follow `targets`. Masked LM with `mlm_predictions=k`:
+    they are taken at the k scored positions, the same sums as the full head's."""
+    extra = {"mlm_head": True} if preset == "bert-base" else {}
+    config = get_config(preset, vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64,
+                        num_layers=1, max_len=LENGTH, dropout_rate=0.0,
+                        attention_dropout_rate=0.0, **extra)
+    params = numpy_params(config)
+    rng = np.random.RandomState(0)
+    inputs = rng.randint(5, VOCAB, (4, 12)).astype(np.int32)
+    if config.architecture == "encoder_decoder":
+        targets = rng.randint(5, VOCAB, (4, 10)).astype(np.int32)
+        targets[2, 6:] = 0
+        logits = make_model(config).apply({"params": params}, inputs, targets)
+    else:
+        targets = np.where(rng.rand(4, 12) < 0.4, inputs, 0).astype(np.int32)
+        logits = make_model(config).apply({"params": params}, inputs)["logits"]
+    weights = rng.uniform(0.0, 2.0, targets.shape).astype(np.float32)
+    batch = {"inputs": inputs, "targets": targets, "loss_weights": weights}
+    _, nll, _ = np_losses(logits, targets)
+    w = weights * (targets != 0)
+    configs = [config] + ([config.replace(mlm_predictions=8)] if extra else [])
+    for cfg in configs:
+        sums = jax.tree.map(float, eval_step(params, batch, model=make_model(cfg)))
+        np.testing.assert_allclose(sums["tokens"], w.sum(), rtol=1e-6)
+        np.testing.assert_allclose(sums["nll"], (nll * w).sum(), rtol=1e-5)
+    token, _ = evaluation.token_nll(make_model(configs[-1]), params, batch)
+    np.testing.assert_allclose(np.asarray(token), nll * w, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_weights_are_checked_on_the_host():
+    from flaxformer_lite.models import check_batch
+
+    batch = synthetic_batch(1, batch=4)
+    good = np.ones(batch["targets"].shape, np.float32)
+    for bad, match in [(-good, "from -1.0 to -1.0; they must be finite and >= 0"),
+                       (good * np.nan, "must be finite"),
+                       (good[:, :3], "must share one"),
+                       (good.astype(np.complex64), "complex64; loss weights are float")]:
+        with pytest.raises(ValueError, match=match):
+            check_batch(TINY, {**batch, "loss_weights": bad})
+    check_batch(TINY, {**batch, "loss_weights": good.astype(bool)})
+    classifier = get_config("bert-base", vocab_size=VOCAB, d_model=32, num_heads=4, d_ff=64,
+                            num_layers=1, max_len=LENGTH, num_classes=3)
+    rows = {"inputs": batch["inputs"], "labels": np.zeros(4, np.int32)}
+    check_batch(classifier, {**rows, "loss_weights": np.ones(4, np.float32)})
+    with pytest.raises(ValueError, match=r"one per example, \[batch\]"):
+        check_batch(classifier, {**rows, "loss_weights": good})
 
 
 def test_trainable_parameters_alone_are_differentiated_and_updated(tmp_path):

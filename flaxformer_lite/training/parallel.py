@@ -652,9 +652,9 @@ class Engine:
         """Host batch padded with rows of padding (ids `config.pad_id`, other entries 0: weight
         0, they change no metric sum or gradient) to `rows`, by default to a multiple of this
         process's batch shards, e.g. for the short last batch of an eval set or of a training
-        epoch. Without a padding id (`pad_id=None`) the added rows' segment ids 0 mark them,
-        so the batch needs `segment_ids`. A classifier's added rows (`inputs` all 0, label 0)
-        weigh 0 too (`models.example_weights`)."""
+        epoch. Without a padding id (`pad_id=None`) the added rows' segment ids 0 (or
+        `loss_weights` 0) mark them, so the batch needs one of them. A classifier's added rows
+        (`inputs` all 0, label 0) weigh 0 too (`models.example_weights`)."""
         shards = self._local_batch_shards()
         used = batch_keys(self.model_config.architecture, self.model)
         check_batch(self.model_config, batch,  # before padding can make row counts agree
@@ -667,12 +667,14 @@ class Engine:
             n = np.shape(value)[0]
             missing = -n % shards if rows is None else rows - n
             if missing:
-                if pad_id is None and "segment_ids" not in batch:
+                if (pad_id is None and "segment_ids" not in batch
+                        and "loss_weights" not in batch):
                     raise ValueError(
                         f"A batch of {n} rows needs {missing} more to fill its shape, but "
-                        "with TransformerConfig.pad_id=None only segment ids 0 mark padding "
-                        "and the batch has none: give it segment_ids (1 on its tokens), or "
-                        "give every batch the same number of rows, divisible by the devices.")
+                        "with TransformerConfig.pad_id=None only segment ids 0 (or "
+                        "loss_weights 0) mark padding and the batch has neither: give it "
+                        "segment_ids (1 on its tokens) or loss_weights, or give every batch "
+                        "the same number of rows, divisible by the devices.")
                 value = np.asarray(value)
                 fill = pad_id if key in ("inputs", "targets") and pad_id is not None else 0
                 value = np.concatenate([value, np.full((missing,) + value.shape[1:], fill,

@@ -18,7 +18,9 @@ token 0 = padding, or a decoder-only model's `config.pad_id`) and dispatches on
   rows `Engine.pad_batch` adds.
 
 The loss weight of a target is `targets != config.pad_id` (0; None: `segment_ids != 0`,
-every target without segment ids).
+every target without segment ids), times the batch's optional `loss_weights` `[batch, length]`
+(float or bool; a classifier's `[batch]`, times its example weights): e.g. 0 on a prompt's
+targets trains on the completion alone while attention still reads the prompt.
 Gradients are of the *global* token mean: each device differentiates its weighted loss sum
 divided by the token count of the whole batch, and the per-device gradients are summed
 (`lax.psum`) under `pmap`; under `jit` on a mesh the compiler does the same reduction. So a
@@ -35,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from flaxformer_lite.models import batch_keys, example_weights, masked_positions
+from flaxformer_lite.models import LOSS_WEIGHTS, example_weights, masked_positions, model_kwargs
 from flaxformer_lite.training import losses
 from flaxformer_lite.training.state import TrainState
 
@@ -57,8 +59,7 @@ def logits_fn(model: nn.Module, params, batch: Batch, *, deterministic: bool = T
     cfg = model.config
     arch = cfg.architecture
     _check_keys(batch, arch)
-    kwargs = {k: batch[k] for k in batch_keys(arch, model)
-              if k not in ("inputs", "targets", "labels") and k in batch}
+    kwargs = model_kwargs(batch, arch, model)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
 
@@ -100,8 +101,7 @@ def class_logits(model: nn.Module, params, batch: Batch, *, deterministic: bool 
     cfg = model.config
     if "inputs" not in batch:
         raise ValueError(f"A classification batch needs 'inputs'; got keys {sorted(batch)}.")
-    kwargs = {k: batch[k] for k in batch_keys(cfg.architecture, model)
-              if k not in ("inputs", "labels") and k in batch}
+    kwargs = model_kwargs(batch, cfg.architecture, model)
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else {}
     variables = {"params": params}
     if sown is None:
@@ -126,13 +126,13 @@ def classification_sums(model: nn.Module, params, batch: Batch, *, loss_config,
                         deterministic: bool = True, dropout_rng: Array | None = None,
                         sown: list | None = None) -> dict[str, Array]:
     """`losses.metric_sums` of a classifier's batch: `class_logits` against `labels`, one
-    weight per example (`models.example_weights`), so `tokens` counts the real examples."""
+    weight per example (`example_loss_weights`), so `tokens` counts the real examples."""
     if "labels" not in batch:
         raise ValueError(f"A classification batch needs 'labels' [batch]; got keys "
                          f"{sorted(batch)}.")
     logits = class_logits(model, params, batch, deterministic=deterministic,
                           dropout_rng=dropout_rng, sown=sown)
-    return losses.metric_sums(logits, batch["labels"], example_weights(batch["inputs"]),
+    return losses.metric_sums(logits, batch["labels"], example_loss_weights(batch),
                               label_smoothing=loss_config.label_smoothing,
                               z_loss=loss_config.z_loss)
 
@@ -152,10 +152,41 @@ def loss_targets(model: nn.Module, batch: Batch) -> Array:
     return masked_positions(batch["targets"], k)[1] if k else batch["targets"]
 
 
-def target_weights(model: nn.Module, batch: Batch, targets: Array) -> Array:
-    """The loss weights of `targets` (`predictions`'): 0 on padding, `config.pad_id`; without
-    one (None), where a decoder-only batch's `segment_ids` are 0."""
-    return losses.loss_weights(targets, model.config.pad_id, batch.get("segment_ids"))
+def target_weights(model: nn.Module, batch: Batch, targets: Array, *,
+                   at_head_positions: bool = True) -> Array:
+    """The loss weights `[batch, length or k]` of `targets` (`predictions`'): 0 on padding,
+    `config.pad_id`; without one (None), where a decoder-only batch's `segment_ids` are 0;
+    times the batch's `loss_weights` `[batch, length]` when it has them. For an encoder-only
+    model with `mlm_predictions = k` those are taken at the k positions `predictions` scores,
+    unless `at_head_positions=False` (`targets` are then the batch's own, every position). So
+    a prompt's targets can be left out of the loss (weights 0) while the model still attends
+    to its tokens, whatever the padding id."""
+    weights = losses.loss_weights(targets, model.config.pad_id, batch.get("segment_ids"))
+    given = batch.get(LOSS_WEIGHTS)
+    if given is None:
+        return weights
+    given = jnp.asarray(given).astype(jnp.float32)
+    if at_head_positions and _head_positions(model):  # where the masked-LM head scores
+        positions = masked_positions(batch["targets"], _head_positions(model))[0]
+        given = jnp.take_along_axis(given, positions, axis=-1)
+    if given.shape != weights.shape:
+        raise ValueError(f"Batch entry 'loss_weights' has shape {tuple(given.shape)}; it "
+                         f"weighs the targets, {tuple(weights.shape)} [batch, length].")
+    return weights * given
+
+
+def example_loss_weights(batch: Batch) -> Array:
+    """A classifier's weight per example `[batch]`: 0 for a padding row (`inputs` all 0,
+    `models.example_weights`), times the batch's `loss_weights` `[batch]` when given."""
+    weights = example_weights(batch["inputs"])
+    given = batch.get(LOSS_WEIGHTS)
+    if given is None:
+        return weights
+    given = jnp.asarray(given).astype(jnp.float32)
+    if given.shape != weights.shape:
+        raise ValueError(f"Batch entry 'loss_weights' has shape {tuple(given.shape)}; a "
+                         f"classifier's weigh the examples, {tuple(weights.shape)} [batch].")
+    return weights * given
 
 
 def predictions(model: nn.Module, params, batch: Batch, *, deterministic: bool = True,
@@ -259,7 +290,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     # The gradient of the global mean: local sums over the global count (a constant).
     classify = classifies(model)
     if classify:  # one weight per example
-        weights = example_weights(batch["inputs"])
+        weights = example_loss_weights(batch)
     else:
         weights = target_weights(model, batch, loss_targets(model, batch))
     total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
