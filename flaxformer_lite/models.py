@@ -640,7 +640,9 @@ def check_batch(config: TransformerConfig, batch: Mapping[str, Any], *,
             _WARNED_KEYS.add(told)
             close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
             logging.getLogger(__name__).warning(
-                "Batch entry %r is not read by a %s model (%s); it is ignored.", key,
+                "Batch entry %r is not read by a %s model (%s); it is ignored (a loss_fn of "
+                "your own reads the entries named in Engine/train(loss_batch_keys=...), a "
+                "model of your own those in its extra_batch_keys).", key,
                 config.architecture, f"did you mean {close[0]!r}?" if close else
                 f"it reads {', '.join(keys)}")
     arrays = {k: batch[k] for k in keys if batch.get(k) is not None and k not in checked

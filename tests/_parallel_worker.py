@@ -19,7 +19,9 @@
     weights --devices 2 --out DIR       2 steps on batches with float `loss_weights` (and a
                                         5-row eval batch) in "single", "pmap", "mesh" (data=2)
                                         and "mesh_micro" (data=2, 2 micro-batches); writes
-                                        DIR/<mode>.npz (params) and DIR/<mode>.json.
+                                        DIR/<mode>.npz (params) and DIR/<mode>.json; the same
+                                        with a `loss_fn` reading a batch entry of its own
+                                        (`row_scale`), as DIR/custom_<mode>.*.
     restore --devices N --mode M --ckpt DIR/ckpt --out FILE
                                         restores that checkpoint onto N devices in mode M,
                                         writes the params to FILE.npz and the 4th step's loss
@@ -195,25 +197,41 @@ def weighted_batches(n: int, batch: int = 8):
     return out
 
 
+def scaled_loss(model, params, batch, *, deterministic, dropout_rng):
+    """A `loss_fn`: cross-entropy with each row's weights times its `row_scale` [batch]."""
+    from flaxformer_lite.training import metric_sums, steps
+
+    logits, targets = steps.predictions(model, params, batch, deterministic=deterministic,
+                                        dropout_rng=dropout_rng)
+    weights = steps.target_weights(model, batch, targets)
+    sums = metric_sums(logits, targets, weights * batch["row_scale"][:, None])
+    return {**sums, "tokens": weights.sum()}
+
+
 def run_weights(out: str) -> None:
     from flaxformer_lite.training import Engine, LossConfig, OptimizerConfig, ParallelConfig
 
     layouts = {"single": ParallelConfig(mode="single"), "pmap": ParallelConfig(mode="pmap"),
                "mesh": ParallelConfig(mode="mesh", data=2),
                "mesh_micro": ParallelConfig(mode="mesh", data=2, microbatches=2)}
+    import numpy as np
+
     batches = weighted_batches(3)
+    for i, batch in enumerate(batches):
+        batch["row_scale"] = np.linspace(0.5, 2.0, 8, dtype=np.float32)[::(-1) ** i]
     odd = {k: v[:5] for k, v in batches[2].items()}
-    for mode, parallel in layouts.items():
+    runs = [(mode, parallel, {}) for mode, parallel in layouts.items()] + [
+        (f"custom_{mode}", parallel, {"loss_fn": scaled_loss, "loss_batch_keys": ("row_scale",)})
+        for mode, parallel in layouts.items()]
+    for mode, parallel, custom in runs:
         engine = Engine(tiny_config(pad_id=None), OptimizerConfig(learning_rate=1e-3),
-                        parallel, LossConfig(label_smoothing=0.1))
+                        parallel, LossConfig(label_smoothing=0.1), **custom)
         state = engine.init_state(0)
         losses = []
         for batch in batches[:2]:
             state, metrics = engine.train_step(state, batch)
             m = engine.metrics_to_host(metrics)
             losses.append([m["loss"], m["tokens"]])
-        import numpy as np
-
         np.savez(os.path.join(out, f"{mode}.npz"), **flatten(engine.params(state)))
         evaluated = engine.metrics_to_host(engine.eval_step(state, odd))
         with open(os.path.join(out, f"{mode}.json"), "w") as f:

@@ -151,19 +151,26 @@ def test_single_pmap_mesh_give_the_same_params(equivalence):
 def test_loss_weights_train_alike_on_two_devices(tmp_path, worker_env):
     """Batches with float `loss_weights` (pad_id=None): pmap, a 2-device mesh and 2
     micro-batches a device give one device's parameters, loss and weight sums; the eval
-    batch's padding rows (weights 0) change no sum."""
+    batch's padding rows (weights 0) change no sum. Likewise a `loss_fn` of your own that
+    reads a batch entry of its own (`loss_batch_keys`), laid out and split with the rows."""
     run("_parallel_worker.py", ["weights", "--devices", 2, "--out", tmp_path], worker_env)
-    single = load(tmp_path / "single.npz")
-    reference = json.loads((tmp_path / "single.json").read_text())
-    for mode in ("pmap", "mesh", "mesh_micro"):
-        assert_params_close(single, load(tmp_path / f"{mode}.npz"))
-        record = json.loads((tmp_path / f"{mode}.json").read_text())
-        assert "2" in record["describe"]
-        np.testing.assert_allclose(record["losses"], reference["losses"], rtol=1e-5)
-        for key in ("loss", "nll", "tokens", "sequences"):
-            np.testing.assert_allclose(record["eval"][key], reference["eval"][key], rtol=1e-5)
-    tokens = [t for _, t in reference["losses"]]
-    assert all(t != int(t) for t in tokens)  # weighted sums, not token counts
+    for prefix in ("", "custom_"):
+        single = load(tmp_path / f"{prefix}single.npz")
+        reference = json.loads((tmp_path / f"{prefix}single.json").read_text())
+        for mode in ("pmap", "mesh", "mesh_micro"):
+            assert_params_close(single, load(tmp_path / f"{prefix}{mode}.npz"))
+            record = json.loads((tmp_path / f"{prefix}{mode}.json").read_text())
+            assert "2" in record["describe"]
+            np.testing.assert_allclose(record["losses"], reference["losses"], rtol=1e-5)
+            for key in ("loss", "nll", "tokens", "sequences"):
+                np.testing.assert_allclose(record["eval"][key], reference["eval"][key],
+                                           rtol=1e-5)
+        tokens = [t for _, t in reference["losses"]]
+        assert all(t != int(t) for t in tokens)  # weighted sums, not token counts
+    plain = json.loads((tmp_path / "single.json").read_text())["losses"]
+    scaled = json.loads((tmp_path / "custom_single.json").read_text())["losses"]
+    assert plain[0][1] == pytest.approx(scaled[0][1]) and plain[0][0] != pytest.approx(
+        scaled[0][0])  # the same weights; the row scales reached the loss
 
 
 def test_trainable_parameters_train_alike_on_a_mesh(equivalence):

@@ -2265,3 +2265,167 @@ def test_sown_auxiliary_losses_join_the_objective(scan):
         plain = DecoderOnly(config.replace(scan_layers=False), layer_cls=Layer)
         _, plain_aux = objective(unstack_layers(params), plain)
         assert float(plain_aux) == pytest.approx(float(aux), rel=1e-6)
+
+
+# ---- an objective of the user's own ----------------------------------------------------------
+
+def cross_entropy_loss(model, params, batch, *, deterministic, dropout_rng):
+    """The built-in objective (LOSS's label smoothing) written as a `loss_fn`."""
+    from flaxformer_lite.training import steps
+
+    logits, targets = steps.predictions(model, params, batch, deterministic=deterministic,
+                                        dropout_rng=dropout_rng)
+    return metric_sums(logits, targets, steps.target_weights(model, batch, targets),
+                       label_smoothing=LOSS.label_smoothing)
+
+
+def test_a_loss_fn_equal_to_the_cross_entropy_reproduces_the_built_in_run(tmp_path):
+    """`loss_fn=`: the same losses, metrics and parameters after 2 steps as the built-in
+    objective (the gradient of the loss sum divided by the token count after the sums, not
+    before: float rounding), with 2 micro-batches too, and its eval sums are the eval step's."""
+    single = ParallelConfig(mode="single")
+    params = numpy_params(TINY)
+    batches = [synthetic_batch(i) for i in range(2)]
+    runs = {}
+    for name, kw in (("built-in", {}), ("custom", {"loss_fn": cross_entropy_loss}),
+                     ("micro", {"loss_fn": cross_entropy_loss})):
+        parallel = single.replace(microbatches=2) if name == "micro" else single
+        engine = Engine(TINY, OPT, parallel, LOSS, **kw)
+        state = engine.init_state(0, params=params)
+        metrics = []
+        for batch in batches:
+            state, m = engine.train_step(state, batch)
+            metrics.append(engine.metrics_to_host(m))
+        runs[name] = (engine.params(state), metrics,
+                      engine.metrics_to_host(engine.eval_step(state, batches[0])))
+    reference, ref_metrics, ref_eval = runs["built-in"]
+    assert max_diff(reference, params) > 1e-3
+    for name in ("custom", "micro"):
+        got, got_metrics, got_eval = runs[name]
+        assert max_diff(reference, got) < 1e-5, name  # Adam: updates ~3e-3 a step
+        for a, b in zip(ref_metrics, got_metrics):
+            assert set(a) == set(b)
+            for key in ("loss", "nll", "correct", "tokens", "sequences", "grad_norm"):
+                np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=key)
+        for key in ("loss", "nll", "tokens"):
+            np.testing.assert_allclose(got_eval[key], ref_eval[key], rtol=1e-5)
+
+
+class PolicyAndReference(nn.Module):
+    """Two copies of a decoder-only LM: `policy` (called by the steps' default call) and
+    `reference` (initialised alongside, read by the DPO loss)."""
+
+    config: object
+
+    def setup(self):
+        from flaxformer_lite.models import DecoderOnly
+
+        self.policy = DecoderOnly(self.config)
+        self.reference = DecoderOnly(self.config)
+
+    def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic=True):
+        if self.is_initializing():
+            self.reference(inputs, deterministic=True)
+        return self.policy(inputs, segment_ids=segment_ids, positions=positions,
+                           deterministic=deterministic)
+
+
+def dpo_loss(model, params, batch, *, deterministic, dropout_rng, beta=0.1):
+    """DPO (Rafailov et al., 2023): the chosen completions are `inputs`/`targets` with
+    `loss_weights` on their completion tokens, the rejected ones `rejected_*`. Sums over the
+    pairs: `loss`, `tokens` (pairs; 0 for padding rows), `correct` (pairs ranked right)."""
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+
+    def logp(copy, inputs, targets, weights):
+        logits = model.apply({"params": params}, inputs, rngs=rngs, method=lambda m, x: getattr(
+            m, copy)(x, deterministic=deterministic if copy == "policy" else True))
+        token = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+        return (token * weights).sum(-1)
+
+    chosen = (batch["inputs"], batch["targets"], batch["loss_weights"])
+    rejected = (batch["rejected_inputs"], batch["rejected_targets"], batch["rejected_weights"])
+    margin = beta * ((logp("policy", *chosen) - logp("reference", *chosen))
+                     - (logp("policy", *rejected) - logp("reference", *rejected)))
+    pairs = (batch["loss_weights"].sum(-1) > 0).astype(jnp.float32)
+    return {"loss": -(jax.nn.log_sigmoid(margin) * pairs).sum(), "tokens": pairs.sum(),
+            "correct": ((margin > 0) * pairs).sum()}
+
+
+def preference_batch(index, rows=8, prompt=4):
+    chosen, rejected = synthetic_batch(index, rows, pad=False), synthetic_batch(index + 50, rows)
+    rejected["inputs"][:, :prompt] = chosen["inputs"][:, :prompt]  # the same prompts
+    weights = (np.arange(LENGTH)[None, :] >= prompt - 1).astype(np.float32)  # completions
+    return {**chosen, "loss_weights": np.repeat(weights, rows, 0),
+            "rejected_inputs": rejected["inputs"], "rejected_targets": rejected["targets"],
+            "rejected_weights": weights * (rejected["targets"] != 0)}
+
+
+def test_a_dpo_loss_trains_the_policy_against_a_frozen_reference(tmp_path):
+    """A DPO `loss_fn` on a model holding two copies: the reference frozen (`trainable=`,
+    bitwise unchanged), the policy trained; its extra batch entries reach it; at the start
+    (policy = reference) the loss is log 2; 2 micro-batches give the same step; `train()`
+    runs it and records it, and a rerun without it is told."""
+    model = PolicyAndReference(TINY)
+    keys = ("rejected_inputs", "rejected_targets", "rejected_weights")
+    base = numpy_params(TINY)
+    params = {"policy": base, "reference": base}
+
+    def policy(path):
+        return path.startswith("policy/")
+
+    out = {}
+    for k in (1, 2):
+        engine = Engine(TINY, OPT, ParallelConfig(mode="single", microbatches=k), model=model,
+                        trainable=policy, loss_fn=dpo_loss, loss_batch_keys=keys)
+        state = engine.init_state(0, params=params)
+        assert set(engine.shard_batch(preference_batch(0))) == {
+            "inputs", "targets", "loss_weights", *keys}
+        state, m = engine.train_step(state, preference_batch(0))
+        first = engine.metrics_to_host(m)
+        state, m = engine.train_step(state, preference_batch(1))
+        out[k] = engine.params(state), first, engine.metrics_to_host(m)
+    trained, first, second = out[1]
+    assert first["tokens"] == 8 and first["loss"] / first["tokens"] == pytest.approx(
+        math.log(2), abs=1e-6)
+    assert second["loss"] / second["tokens"] != pytest.approx(math.log(2), abs=1e-4)
+    assert max_diff(trained["reference"], base) == 0.0
+    assert max_diff(trained["policy"], base) > 1e-3
+    assert max_diff(trained["policy"], out[2][0]["policy"]) < 1e-6
+    np.testing.assert_allclose(out[2][2]["loss"], second["loss"], rtol=1e-5)
+    summary = summarize(second)
+    assert 0 <= summary["accuracy"] <= 1 and "perplexity" not in summary
+    # Without the declaration the entries are dropped before the step: a KeyError at trace.
+    bare = Engine(TINY, OPT, ParallelConfig(mode="single"), model=model, loss_fn=dpo_loss)
+    with pytest.raises(KeyError, match="rejected_inputs"):
+        bare.train_step(bare.init_state(0, params=params), preference_batch(0))
+    result = train(TINY, OPT, [preference_batch(i) for i in range(2)], workdir=tmp_path,
+                   num_steps=2, hooks=[], model=model, trainable=policy, init_params=params,
+                   loss_fn=dpo_loss, loss_batch_keys=keys, log_every=1)
+    assert result.history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert result.history[-1]["train/tokens"] == 8
+    recorded = json.loads((tmp_path / "config.json").read_text())["loss"]["loss_fn"]
+    assert recorded.endswith("test_training.dpo_loss")
+
+
+def test_loss_fn_misuse_is_named():
+    single = ParallelConfig(mode="single")
+    with pytest.raises(ValueError, match="names batch entries for a loss_fn, but there is none"):
+        Engine(TINY, OPT, single, loss_batch_keys=("advantages",))
+    with pytest.raises(TypeError, match="loss_batch_keys='advantages'"):
+        Engine(TINY, OPT, single, loss_fn=cross_entropy_loss, loss_batch_keys="advantages")
+
+    def mean_only(model, params, batch, **kw):
+        return {"loss": jnp.mean(model.apply({"params": params}, batch["inputs"]))}
+
+    def per_row(model, params, batch, **kw):
+        return {"loss": jnp.zeros(batch["inputs"].shape[0]), "tokens": jnp.float32(1)}
+
+    for fn, match in ((mean_only, r"returned \['loss'\]; it returns a dict of scalar sums"),
+                      (per_row, r"'loss' of shape \(8,\).*every value is a float scalar")):
+        engine = Engine(TINY, OPT, single, loss_fn=fn)
+        with pytest.raises(ValueError, match=match):
+            engine.train_step(engine.init_state(0), synthetic_batch(0))
+    with pytest.raises(ValueError, match=r"'advantages' has shape \(3,\), but the batch has 8"):
+        Engine(TINY, OPT, single, loss_fn=cross_entropy_loss,
+               loss_batch_keys=("advantages",)).shard_batch(
+            {**synthetic_batch(0), "advantages": np.zeros(3, np.float32)})

@@ -56,7 +56,7 @@ from flaxformer_lite.training.state import (
     create_train_state,
     param_logical_specs,
 )
-from flaxformer_lite.training.steps import eval_step, train_step
+from flaxformer_lite.training.steps import LossFn, eval_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,8 @@ class Engine:
                  *, devices: Sequence[jax.Device] | None = None,
                  tx: optax.GradientTransformation | None = None,
                  model: nn.Module | None = None,
-                 trainable: Callable[[str], bool] | Any | None = None):
+                 trainable: Callable[[str], bool] | Any | None = None,
+                 loss_fn: LossFn | None = None, loss_batch_keys: Sequence[str] = ()):
         self.model_config = model_config
         self.optimizer_config = optimizer_config
         _check_trainable_dtypes(model_config)
@@ -288,6 +289,27 @@ class Engine:
                 "model=model).")
         self.model = make_model(model_config) if model is None else model
         self.custom_model = model is not None
+        # `loss_fn`: an objective of your own (`steps.train_step`), `loss_batch_keys` the batch
+        # entries it reads besides the model's, laid out and split with the batch.
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"Engine(loss_fn={loss_fn!r}) must be a function (model, params, "
+                            "batch, *, deterministic, dropout_rng) -> {'loss': sum, "
+                            "'tokens': count, ...}.")
+        if isinstance(loss_batch_keys, str) or not all(
+                isinstance(k, str) for k in loss_batch_keys):
+            raise TypeError(f"Engine(loss_batch_keys={loss_batch_keys!r}) is a sequence of "
+                            "batch entry names, e.g. ('rejected_inputs', 'rejected_targets').")
+        if loss_batch_keys and loss_fn is None:
+            raise ValueError(f"Engine(loss_batch_keys={tuple(loss_batch_keys)}) names batch "
+                             "entries for a loss_fn, but there is none: pass loss_fn=, or "
+                             "give a model of your own `extra_batch_keys` for entries it reads.")
+        self.loss_fn = loss_fn
+        self.loss_batch_keys = tuple(loss_batch_keys)
+        used = batch_keys(model_config.architecture, self.model)
+        # Every batch entry the steps read (the model's and the loss's); the others are dropped.
+        self.batch_keys = used + tuple(k for k in self.loss_batch_keys if k not in used)
+        self._extra_keys = (tuple(getattr(self.model, "extra_batch_keys", ()))
+                            + self.loss_batch_keys)
         # `tx`: any optax transformation (e.g. `optax.multi_transform` freezing the embeddings);
         # `optimizer_config` then only supplies the learning-rate metric's schedule.
         self.tx = tx if tx is not None else make_optimizer(optimizer_config,
@@ -316,8 +338,10 @@ class Engine:
         step = functools.partial(train_step, model=self.model, tx=self.tx, loss_config=self.loss,
                                  trainable=self.trainable,
                                  learning_rate_fn=self.learning_rate_fn,
-                                 microbatches=self.parallel.microbatches)
-        evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss)
+                                 microbatches=self.parallel.microbatches,
+                                 loss_fn=self.loss_fn)
+        evaluate = functools.partial(eval_step, model=self.model, loss_config=self.loss,
+                                     loss_fn=self.loss_fn)
         donate = (0,) if self.parallel.donate else ()
         options = self.step_compiler_options() or None
         try:
@@ -595,19 +619,21 @@ class Engine:
     def shard_batch(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """This process's slice of the global batch (numpy, leading axis = examples) -> device
         arrays laid out for this mode. In "mesh" mode across processes the global batch is the
-        processes' slices stacked in process order. Entries the model does not read are dropped.
+        processes' slices stacked in process order. Entries neither the model nor the loss
+        reads (`batch_keys`: a model's `extra_batch_keys`, `loss_batch_keys`) are dropped,
+        each named once in a warning.
         """
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         check_batch(self.model_config, batch, checked={  # laid out: checked then
             k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target},
-            extra_keys=getattr(self.model, "extra_batch_keys", ()))
+            extra_keys=self._extra_keys)
         return self._lay_out(batch)
 
     def _lay_out(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:
         """`shard_batch` for a batch already checked (the output of `pad_batch`)."""
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
         local_shards = self._local_batch_shards()
-        used = batch_keys(self.model_config.architecture, self.model)
+        used = self.batch_keys
         out = {}
         for key, value in batch.items():
             if key not in used:
@@ -656,9 +682,9 @@ class Engine:
         `loss_weights` 0) mark them, so the batch needs one of them. A classifier's added rows
         (`inputs` all 0, label 0) weigh 0 too (`models.example_weights`)."""
         shards = self._local_batch_shards()
-        used = batch_keys(self.model_config.architecture, self.model)
+        used = self.batch_keys
         check_batch(self.model_config, batch,  # before padding can make row counts agree
-                    extra_keys=getattr(self.model, "extra_batch_keys", ()))
+                    extra_keys=self._extra_keys)
         pad_id = self.model_config.pad_id
         out = {}
         for key, value in batch.items():

@@ -30,7 +30,7 @@ unevenly.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -43,6 +43,9 @@ from flaxformer_lite.training.state import TrainState
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+# A training objective of your own: `loss_fn(model, params, batch, *, deterministic,
+# dropout_rng) -> {"loss": sum, "tokens": count, ...}` (see `train_step`).
+LossFn = Callable[..., Mapping[str, Array]]
 
 def _check_keys(batch: Batch, arch: str) -> None:
     for key in ("inputs", "targets"):
@@ -250,11 +253,35 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def custom_sums(loss_fn: LossFn, model: nn.Module, params, batch: Batch, *,
+                deterministic: bool, dropout_rng: Array | None) -> dict[str, Array]:
+    """`loss_fn`'s metric sums for `batch`, checked: a mapping of float32 scalars holding
+    `loss` (the sum of the per-example or per-token losses the objective is the mean of) and
+    `tokens` (what that mean divides by: the sum of their weights)."""
+    sums = loss_fn(model, params, batch, deterministic=deterministic, dropout_rng=dropout_rng)
+    name = getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
+    if not isinstance(sums, Mapping) or "loss" not in sums or "tokens" not in sums:
+        got = sorted(sums) if isinstance(sums, Mapping) else type(sums).__name__
+        raise ValueError(
+            f"loss_fn {name} returned {got}; it returns a dict of scalar sums with 'loss' (the "
+            "sum of the losses the objective is the mean of) and 'tokens' (the sum of their "
+            "weights, which the step divides by), e.g. losses.metric_sums(...).")
+    out = {}
+    for key, value in sums.items():
+        value = jnp.asarray(value)
+        if value.shape != () or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(f"loss_fn {name} returned {key!r} of shape {value.shape} and "
+                             f"dtype {value.dtype}; every value is a float scalar (a sum over "
+                             "the batch: sums add up over micro-batches, devices and steps).")
+        out[key] = value.astype(jnp.float32)
+    return out
+
+
 def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
                tx: optax.GradientTransformation,
                loss_config: losses.LossConfig | None = None,
                learning_rate_fn=None, axis_name: str | None = None, microbatches: int = 1,
-               trainable: tuple[bool, ...] | None = None
+               trainable: tuple[bool, ...] | None = None, loss_fn: LossFn | None = None
                ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer step (one micro-batch when accumulating) on `batch`.
 
@@ -283,20 +310,43 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     frozen ones need (their weight gradients; layers below the lowest trainable one), and
     `grad_norm` is theirs; `tx` gets zeros for the frozen ones (`Engine(trainable=...)` gives
     them `optax.set_to_zero()`, which XLA then leaves uncomputed).
+
+    `loss_fn`: an objective of your own in place of the cross-entropy (DPO, a policy
+    gradient, a distillation loss), called as `loss_fn(model, params, batch, *,
+    deterministic, dropout_rng)` on each micro-batch and device's slice of the batch (every
+    entry, `[rows, ...]`), with `params` the model's (frozen ones as constants). It returns a
+    dict of float32 scalar *sums* over the slice: `loss`, the sum of the per-example (or
+    per-token) losses, and `tokens`, the sum of their weights (0 for the padding rows
+    `Engine.pad_batch` adds; a constant of the batch, not of the parameters), plus any other
+    sums to report. Sums, not means, because the slices' sums add up to the whole batch's:
+    the step differentiates the slices' `loss`, adds the gradients over micro-batches and
+    devices and divides them by the batch's `tokens`, so the update is that of the mean loss
+    of the whole batch whatever the slicing (a mean per slice would weigh a slice of padding
+    as much as a full one). Metrics: the sums as returned (`losses.summarize` divides `loss`,
+    `nll`, `z_loss` and `correct` by `tokens`; other keys stay sums). `label_smoothing`,
+    `z_loss` and values the model sows are then the function's to add (`predictions`,
+    `target_weights` and `losses.metric_sums` give the built-in objective's sums). Without
+    it (None) the step is the built-in one, compiled as before.
     """
     loss_config = loss_config or losses.LossConfig()
     dropout = uses_dropout(model)
     key = step_rng(state, axis_name) if dropout else None
     # The gradient of the global mean: local sums over the global count (a constant).
     classify = classifies(model)
-    if classify:  # one weight per example
-        weights = example_loss_weights(batch)
-    else:
-        weights = target_weights(model, batch, loss_targets(model, batch))
-    total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
-    total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses' weight
+    custom = loss_fn  # a loss_fn's count comes with its sums (divided below)
+    if custom is None:
+        if classify:  # one weight per example
+            weights = example_loss_weights(batch)
+        else:
+            weights = target_weights(model, batch, loss_targets(model, batch))
+        total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
+        total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses'
 
     def loss_fn(params, batch, key):
+        if custom is not None:  # its loss sum; the gradient is divided by the count below
+            sums = custom_sums(custom, model, params, batch, deterministic=not dropout,
+                               dropout_rng=key)
+            return sums["loss"], sums
         sown: list = []
         if classify:
             sums = classification_sums(model, params, batch, loss_config=loss_config,
@@ -349,6 +399,9 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
         (grads, sums), _ = jax.lax.scan(accumulate, zeros,
                                         (jnp.arange(microbatches), slices))
     grads, sums = _psum((grads, sums), axis_name)
+    if custom is not None:  # the gradient of the batch's mean: the sums' over their count
+        scale = 1.0 / jnp.maximum(sums["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     differentiated = grads
     if trainable is not None:
         it = iter(grads)
@@ -386,11 +439,16 @@ def split_microbatches(batch: Batch, microbatches: int) -> dict[str, Array]:
 
 def eval_step(state_or_params, batch: Batch, *, model: nn.Module,
               loss_config: losses.LossConfig | None = None,
-              axis_name: str | None = None) -> dict[str, Array]:
-    """Metric sums on `batch` without dropout (accepts a `TrainState` or bare params)."""
+              axis_name: str | None = None, loss_fn: LossFn | None = None
+              ) -> dict[str, Array]:
+    """Metric sums on `batch` without dropout (accepts a `TrainState` or bare params); with
+    `loss_fn` (see `train_step`), its sums."""
     loss_config = loss_config or losses.LossConfig()
     params = (state_or_params.params if isinstance(state_or_params, TrainState)
               else state_or_params)
+    if loss_fn is not None:
+        return _psum(custom_sums(loss_fn, model, params, batch, deterministic=True,
+                                 dropout_rng=None), axis_name)
     if classifies(model):
         return _psum(classification_sums(model, params, batch, loss_config=loss_config), axis_name)
     logits, targets = predictions(model, params, batch, deterministic=True)

@@ -64,6 +64,7 @@ from flaxformer_lite.training.losses import LossConfig, add_metrics, summarize
 from flaxformer_lite.training.optim import OptimizerConfig, num_updates
 from flaxformer_lite.training.parallel import STEPS_AHEAD, Engine, ParallelConfig
 from flaxformer_lite.training.state import TrainState
+from flaxformer_lite.training.steps import LossFn
 
 log = logging.getLogger("flaxformer_lite.training")
 
@@ -543,7 +544,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
           experiment: Mapping[str, Any] | None = None,
           tx: optax.GradientTransformation | None = None,
           init_params: Any = None, model: nn.Module | None = None,
-          trainable: Callable[[str], bool] | Any | None = None) -> TrainResult:
+          trainable: Callable[[str], bool] | Any | None = None,
+          loss_fn: LossFn | None = None, loss_batch_keys: Sequence[str] = ()) -> TrainResult:
     """Train for `num_steps` steps (batches), resuming from `workdir` if it has checkpoints.
 
     train_data: a factory returning an iterator of host batches (this process's slice of each
@@ -589,6 +591,12 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       layers or adapters): a function of a parameter's path ("decoder/layers/layer_3/mlp/wi/
       kernel") or a tree of bools shaped like the parameters (see `Engine`). Frozen ones are
       not differentiated and get no optimizer state; config.json records the selection.
+    loss_fn: an objective of your own instead of the cross-entropy (DPO, a policy gradient;
+      `steps.train_step` says what it is called with and returns), with every device layout,
+      micro-batches, `trainable`, the NaN guard, checkpoints and resuming; the eval step
+      reports its sums too. `loss_batch_keys`: the batch entries it reads besides the model's
+      (`[batch, ...]` arrays, laid out and split with the batch). config.json records its name
+      (`loss.loss_fn`), so a rerun with another is told.
     model: a Flax module of your own to train instead of `make_model(model_config)`, with
       `model.config == model_config` (see `Engine`). Its class is recorded in config.json
       (`model.module`), and a rerun with another class (or none) is told so.
@@ -646,6 +654,9 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
             differ.append("trainable (give it to the Engine)")
         if model is not None and engine.model is not model:
             differ.append("model")
+        if loss_fn is not None and engine.loss_fn is not loss_fn or (
+                loss_batch_keys and tuple(loss_batch_keys) != engine.loss_batch_keys):
+            differ.append("loss_fn (give it to the Engine)")
         if differ:
             raise ValueError(f"train(engine=...) was built for a different {', '.join(differ)} "
                              "than the one(s) passed to train(); pass the engine's, or leave "
@@ -662,7 +673,11 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
         record["optimizer"]["tx"] = CUSTOM_TX
     if engine is None:
         engine = Engine(model_config, optimizer_config, parallel, loss, tx=tx, model=model,
-                        trainable=trainable)
+                        trainable=trainable, loss_fn=loss_fn, loss_batch_keys=loss_batch_keys)
+    if engine.loss_fn is not None:  # a rerun with another objective (or none) is told
+        fn = engine.loss_fn
+        record["loss"]["loss_fn"] = (f"{getattr(fn, '__module__', '?')}."
+                                     f"{getattr(fn, '__qualname__', type(fn).__name__)}")
     if engine.trainable is not None:  # the optimizer state holds the trainable arrays alone
         record["optimizer"]["trainable"] = _trainable_record(engine)
     if engine.custom_model:  # a rerun without it would build the library's model
