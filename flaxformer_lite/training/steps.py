@@ -394,10 +394,14 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
             return jax.tree.map(jnp.add, carry, grad_fn(wrt, micro, micro_key)), None
 
         first = jax.tree.map(lambda x: x[0], slices)
-        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                             jax.eval_shape(grad_fn, wrt, first, key))
+        shapes = jax.eval_shape(grad_fn, wrt, first, key)
+        # summed in float32 (bfloat16 parameters' gradients too), rounded once after
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.promote_types(
+            x.dtype, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype),
+            shapes)
         (grads, sums), _ = jax.lax.scan(accumulate, zeros,
                                         (jnp.arange(microbatches), slices))
+        grads, sums = jax.tree.map(lambda x, s: x.astype(s.dtype), (grads, sums), shapes)
     grads, sums = _psum((grads, sums), axis_name)
     if custom is not None:  # the gradient of the batch's mean: the sums' over their count
         scale = 1.0 / jnp.maximum(sums["tokens"], 1.0)
@@ -414,10 +418,20 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
     metrics["learning_rate"] = (jnp.asarray(learning_rate_fn(state.step), jnp.float32)
                                 if learning_rate_fn is not None else jnp.zeros((), jnp.float32))
     metrics["steps"] = jnp.ones((), jnp.float32)
-    finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    # An update can overflow where the loss and gradient did not (Adam's 0/0, float16): its
+    # parameters must never be saved as the last good state.
+    finite = (jnp.isfinite(sums["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & _all_finite(updates))
     metrics["nonfinite"] = (~finite).astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
+
+
+def _all_finite(tree) -> Array:
+    """Whether every float entry of `tree` is finite (a scalar bool)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def split_microbatches(batch: Batch, microbatches: int) -> dict[str, Array]:

@@ -13,7 +13,8 @@ What it guarantees:
   and return with `interrupted=True` and `signal` set (a second Ctrl-C aborts at once); a script
   then exits with `result.exit_status` (143, 130) so that job restarters rerun it. Every
   process of a multi-process run stops at the same step.
-- Non-finite loss: a NaN/inf loss raises `NonFiniteLossError` naming the step. The check runs
+- Non-finite loss: a NaN/inf loss, gradient norm or update raises `NonFiniteLossError`
+  naming the step. The check runs
   before every save, so no checkpoint holds a diverged state; the last good one stays.
 - Checkpoints every `checkpoint_every` steps and at the end, the last `keep_checkpoints` kept
   (plus the best by `best_metric`), written asynchronously; a failed save stops the run at the
@@ -869,12 +870,15 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         first = step - len(host) + 1
         for offset, m in enumerate(host):
             if m["nonfinite"] or not np.isfinite(m["loss"]):
+                last = ckpt.latest_step()
+                kept = (f"Nothing after the last good checkpoint (step {last}) was saved. "
+                        if last is not None else "No checkpoint was saved. ")
                 raise NonFiniteLossError(
                     f"The training loss is {m['loss'] / max(m['tokens'], 1):.4g} and the "
-                    f"gradient norm {m['grad_norm']:.4g} at step {first + offset}: not finite. "
-                    f"Nothing after the last good checkpoint (step {ckpt.latest_step()}) was "
-                    "saved. Lower the learning rate or add warmup (rerunning then resumes from "
-                    "that checkpoint), or look for bad data; adding clip_norm or "
+                    f"gradient norm {m['grad_norm']:.4g} at step {first + offset}; the loss, "
+                    f"the gradient or the parameters' update is not finite. {kept}Lower the "
+                    "learning rate or add warmup (rerunning then resumes from that "
+                    "checkpoint), or look for bad data; adding clip_norm or "
                     "accumulation_steps changes the optimizer state, so those start afresh in "
                     "another workdir.")
         for m in host:
