@@ -1050,3 +1050,100 @@ def test_encode_sources_refuses_a_string_and_reports_cuts(caplog):
         blank = fd.encode_sources(tok, ["ab", "  ", ""], 4)
     assert "source(s) [1, 2] are empty" in caplog.text
     assert blank[1].tolist() == [fd.EOS_ID, 0, 0, 0]
+
+
+# ---- one global order, whatever the number of processes -----------------------------------
+
+_IDS = [{"text": f"x{i:03d}"} for i in range(48)]
+
+
+def _ids_of(batch):
+    """The ids of the examples in a batch of `_IDS` rows (packed or padded)."""
+    tok = fd.ByteTokenizer()
+    inputs = np.asarray(batch["inputs"])
+    segments = batch.get("segment_ids", (inputs > 0).astype(np.int32))
+    out = []
+    for row, seg in zip(inputs, np.asarray(segments)):
+        for s in np.unique(seg[seg > 0]):
+            out.append(int(tok.decode([int(t) for t in row[seg == s][2:5]])))
+    return out
+
+
+def _ids_pipe(batch_size, shard, pack=False, **kw):
+    return fd.lm_pipeline(_IDS, fd.ByteTokenizer(), batch_size=batch_size,
+                          max_len=16 if pack else 8, pack=pack, shard=shard, seed=3,
+                          num_packing_bins=4, **kw)
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    """Process i of n takes rows i*L..(i+1)*L-1 of each global batch of the one global order:
+    1 and 2 processes train on the same global batches, each epoch holds every example
+    once, and the processes' shares are not fixed neighbours (one permutation per shard
+    used to put examples 2j and 2j+1 in the same step of every epoch)."""
+    one = iter(_ids_pipe(8, (0, 1)))
+    two = [iter(_ids_pipe(8, (i, 2))) for i in range(2)]
+    epochs = [[], []]
+    neighbours = rows = 0
+    for step in range(12):  # two epochs of 48 examples
+        a, b = (_ids_of(next(it)) for it in two)
+        assert _ids_of(next(one)) == a + b, step
+        epochs[step // 6] += a + b
+        neighbours += sum(y == x + 1 for x, y in zip(a, b))
+        rows += len(a)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == list(range(48))
+    assert epochs[0] != epochs[1] and neighbours < rows // 2
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("before,after", [((8, 2), (8, 1)), ((8, 1), (8, 2)),
+                                          ((8, 2), (4, 1)), ((4, 1), (8, 2))])
+def test_resume_under_another_process_count_or_batch(pack, before, after):
+    """The states of every process of a run restore into a pipeline of another process count
+    and batch size: over the run's 3 epochs every example is trained 3 times, neither more
+    nor less; unpacked, the batches are those of an uninterrupted run."""
+    (b0, n0), (b1, n1) = before, after
+    old = [iter(_ids_pipe(b0, (i, n0), pack, num_epochs=3)) for i in range(n0)]
+    seen = []
+    for _ in range(5 if b0 == 4 else 3):
+        for it in old:
+            seen += _ids_of(next(it))
+    states = json.loads(json.dumps({"processes": [it.get_state() for it in old]}))
+    new = [iter(_ids_pipe(b1, (i, n1), pack, num_epochs=3)) for i in range(n1)]
+    for it in new:
+        it.set_state(states)
+    rest, alive = [], list(new)
+    while alive:  # step by step, process by process: the global order when unpacked
+        for it in list(alive):
+            batch = next(it, None)
+            if batch is None:
+                alive.remove(it)
+            else:
+                rest += _ids_of(batch)
+    assert sorted(seen + rest) == sorted(list(range(48)) * 3)
+    if not pack:  # the same examples, batch by batch, as one process uninterrupted
+        assert seen + rest == sum((_ids_of(b) for b in _ids_pipe(8, (0, 1), num_epochs=3)),
+                                  [])
+
+
+def test_one_process_state_of_a_multi_process_run_is_refused_elsewhere():
+    it = iter(_ids_pipe(8, (0, 2)))
+    next(it)
+    with pytest.raises(ValueError, match=r"process 0's of 2 .*needs every process's state"):
+        iter(_ids_pipe(8, (0, 1))).set_state(it.get_state())
+    same = iter(_ids_pipe(8, (0, 2)))  # its own layout restores as before
+    same.set_state(it.get_state())
+    assert _same([next(same)], [next(it)])
+
+
+def test_window_state_restores_under_another_batch_size():
+    tokens = np.arange(1, 200, dtype=np.int32)
+    it = iter(fd.window_pipeline(tokens, batch_size=4, seq_len=7, random=False, shard=(1, 2)))
+    for _ in range(2):
+        next(it)
+    state = {"processes": [it.get_state()]}
+    resumed = iter(fd.window_pipeline(tokens, batch_size=8, seq_len=7, random=False))
+    resumed.set_state(state)  # 8 windows read: the next batch of 8 is the second
+    assert (next(resumed)["inputs"][0] == tokens[8 * 7:8 * 7 + 7]).all()
+    with pytest.raises(ValueError, match="global batch 3 does not divide"):
+        iter(fd.window_pipeline(tokens, batch_size=3, seq_len=7, random=False)).set_state(
+            state)

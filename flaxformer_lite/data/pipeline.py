@@ -205,38 +205,35 @@ class _Unbatch(grain.experimental.FlatMapTransform):
         return element
 
 
-class _EpochOrder:
-    """Index of the example at each stream position: this process's shard of the examples,
-    in a fresh seeded permutation each epoch (NumPy's; grain's per-index shuffle costs more
-    per example than everything else in the pipeline on small datasets)."""
+POSITION = "_position"  # an example's place in this process's stream, for the data state
 
-    def __init__(self, n: int, shard: tuple[int, int], shuffle: bool, seed: int):
-        index, count = shard
-        if n < count:
-            raise ValueError(f"{n} examples cannot be shared by {count} processes.")
-        self.indices = np.arange(index, n, count, dtype=np.int32 if n < 2**31 else np.int64)
+
+class _EpochOrder:
+    """The one global order of the examples: epoch `e` is a fresh permutation of all of them
+    seeded with (seed, e) (NumPy's; grain's per-index shuffle costs more per example than
+    everything else in the pipeline on small datasets), the same for any number of
+    processes. Global position `x` is example `order(x // n)[x % n]` of epoch `x // n`."""
+
+    def __init__(self, n: int, shuffle: bool, seed: int):
+        self.n = n
         self.shuffle = shuffle
         self.seed = seed
         self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return len(self.indices)
-
     def _epoch(self, epoch: int) -> np.ndarray:
         with self._lock:
             order = self._cache.get(epoch)
             if order is None:
-                order = self.indices
-                if self.shuffle:
-                    order = order[np.random.default_rng([self.seed, epoch]).permutation(
-                        len(order))]
+                order = (np.random.default_rng([self.seed, epoch]).permutation(self.n)
+                         if self.shuffle else np.arange(self.n))
                 self._cache = {e: o for e, o in self._cache.items() if e >= epoch - 1}
                 self._cache[epoch] = order
             return order
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
-        epochs, within = np.divmod(positions, len(self.indices))
+        """Example index at each global position."""
+        epochs, within = np.divmod(positions, self.n)
         out = np.empty_like(positions)
         for e in np.unique(epochs):
             sel = epochs == e
@@ -244,42 +241,266 @@ class _EpochOrder:
         return out
 
 
+def _stream_rank(q: np.ndarray | int, batch_size: int, shard: tuple[int, int]):
+    """Rank in the global stream of this process's stream position(s) `q`: process i of n
+    takes rows `i * L ... (i + 1) * L - 1` (L = batch_size // n) of each consecutive block of
+    `batch_size` global positions, so the processes' k-th batches, concatenated in process
+    order, are global batch k, whatever n."""
+    index, count = shard
+    local = batch_size // count
+    k, j = np.divmod(q, local)
+    return k * batch_size + index * local + j
+
+
+class _Layout:
+    """One process's view of the global order. `base = (start, holes)`: the global positions
+    a run consumed before this stream began (all below `start`, plus the sorted `holes`
+    above it), left out; the stream's ranks run over the positions that remain."""
+
+    def __init__(self, batch_size: int, shard: tuple[int, int],
+                 base: tuple[int, Sequence[int]] = (0, ()), total: int | None = None):
+        self.batch_size, self.shard = batch_size, shard
+        self.local = batch_size // shard[1]
+        self.start = int(base[0])
+        self.holes = np.asarray(sorted(int(h) for h in base[1]), np.int64)
+        self._gaps = self.holes - self.start - np.arange(len(self.holes))
+        self.ranks = None if total is None else max(
+            total - self.start - int(np.sum(self.holes < total)), 0)
+
+    def base(self) -> list:
+        return [self.start, [int(h) for h in self.holes]]
+
+    def global_position(self, ranks: np.ndarray) -> np.ndarray:
+        """Global positions of the remaining stream's `ranks` (holes skipped)."""
+        return self.start + ranks + np.searchsorted(self._gaps, ranks, side="right")
+
+    def local_length(self) -> int:
+        if self.ranks is None:
+            return np.iinfo(np.int64).max // 4
+        blocks, rest = divmod(self.ranks, self.batch_size)
+        return blocks * self.local + min(max(rest - self.shard[0] * self.local, 0), self.local)
+
+
+def _consumed(state: Any) -> dict | None:
+    """The `consumed` record (`next`: stream positions below it are consumed; `taken`: those
+    at or above it that are) inside a pipeline's inner state."""
+    if isinstance(state, Mapping):
+        if "consumed" in state:
+            return state["consumed"]
+        for v in state.values():
+            found = _consumed(v)
+            if found is not None:
+                return found
+    return None
+
+
+def _first_at_or_above(rank: int, batch_size: int, shard: tuple[int, int]) -> int:
+    """The first stream position of `shard` whose global rank is >= `rank`."""
+    index, count = shard
+    local = batch_size // count
+    block, within = divmod(rank, batch_size)
+    return block * local + min(max(within - index * local, 0), local)
+
+
+def _merge_positions(states: Sequence[Mapping[str, Any]]) -> tuple[int, list[int]]:
+    """The global positions that the processes whose pipeline states are `states` (every
+    process of one run) consumed, as `(start, holes)`: all below `start`, and `holes` above."""
+    layouts = [s["layout"] for s in states]
+    batch, count, base = layouts[0]["batch_size"], layouts[0]["shard"][1], layouts[0]["base"]
+    got = sorted(tuple(lay["shard"]) for lay in layouts)
+    if got != [(i, count) for i in range(count)] or any(
+            lay["batch_size"] != batch or lay["base"] != base for lay in layouts):
+        raise ValueError(f"the pipeline states are not those of every process of one run "
+                         f"(shards {got}, batch sizes {[lay['batch_size'] for lay in layouts]})"
+                         "; give the states of all the processes that saved them.")
+    consumed = [(tuple(s["layout"]["shard"]), _consumed(s["inner"])) for s in states]
+    if any(c is None for _, c in consumed):
+        raise ValueError("the pipeline state does not record which examples it consumed "
+                         "(a state of an earlier version); resume with the process count "
+                         "and batch size that saved it.")
+    # Every rank below `low` is consumed: it is some process's, below that process's `next`.
+    low = min(int(_stream_rank(int(c["next"]), batch, shard)) for shard, c in consumed)
+    extra: set[int] = set()
+    for shard, c in consumed:
+        nxt = int(c["next"])
+        ahead = np.arange(min(_first_at_or_above(low, batch, shard), nxt), nxt)
+        extra.update(int(r) for r in _stream_rank(ahead, batch, shard))
+        extra.update(int(r) for r in _stream_rank(np.asarray(c["taken"], np.int64), batch,
+                                                  shard))
+    old = _Layout(batch, (0, count), (base[0], base[1]))
+    start = int(old.global_position(np.asarray([low]))[0])
+    holes = {int(h) for h in old.holes if h > start}
+    holes.update(int(x) for x in old.global_position(np.asarray(sorted(extra), np.int64)))
+    while start in holes:
+        holes.discard(start)
+        start += 1
+    return start, sorted(h for h in holes if h > start)
+
+
+class _Ordered(grain.IterDataset):
+    """A pipeline over the global order whose iterator state says where it stands in global
+    terms (`layout`: batch size, shard, base), so a state saved by any number of processes
+    and any batch size restores exactly: `build(base)` makes the batches of the positions
+    left after `base`."""
+
+    def __init__(self, build: Callable[[tuple[int, Sequence[int]]], grain.IterDataset], *,
+                 batch_size: int, shard: tuple[int, int], num_examples: int):
+        super().__init__(build((0, ())))
+        self.build = build
+        self.batch_size, self.shard, self.num_examples = batch_size, shard, num_examples
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _OrderedIterator(self)
+
+
+class _OrderedIterator(grain.DatasetIterator):
+    def __init__(self, spec: _Ordered):
+        super().__init__()
+        self.spec = spec
+        self._base: list = [0, []]
+        self._inner = spec._parent.__iter__()
+
+    def _rebuild(self, base: list, fresh: bool = False) -> None:
+        if fresh or base != self._base:
+            self._inner.close()
+            self._inner = self.spec.build((int(base[0]), tuple(base[1]))).__iter__()
+            self._base = [int(base[0]), [int(h) for h in base[1]]]
+
+    def __next__(self):
+        return next(self._inner)
+
+    def _layout(self) -> dict[str, Any]:
+        return {"order": "global", "batch_size": self.spec.batch_size,
+                "shard": list(self.spec.shard), "examples": self.spec.num_examples,
+                "base": copy.deepcopy(self._base)}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"layout": self._layout(), "inner": self._inner.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state of this pipeline: its own (same batch size and shard), that of a
+        one-process run, or `{"processes": [state of process 0, 1, ...]}` of a run on any
+        number of processes with any batch size (what train() passes), whose consumed
+        examples are then left out exactly. A single process's state of a multi-process run
+        under another layout is refused: the other processes' positions are needed."""
+        states = state.get("processes") if isinstance(state, Mapping) else None
+        if states is None:
+            states = [state]
+        if not all(isinstance(s, Mapping) for s in states) or not states:
+            raise ValueError(f"not a pipeline state: {state!r:.100}")
+        if any("layout" not in s for s in states):  # an earlier version's state
+            if self.spec.shard[1] != 1:
+                log.warning("The data state was saved by an earlier version, whose example "
+                            "order depended on the process count: this process resumes at "
+                            "the same count of its examples, but in the new order, so some "
+                            "examples of this epoch are repeated and others skipped.")
+            own = states[self.spec.shard[0]] if len(states) == self.spec.shard[1] else states[0]
+            self._rebuild([0, []])
+            self._inner.set_state(own.get("inner", own))
+            return
+        layout = self._layout()
+        for s in states:
+            if s["layout"]["shard"] == layout["shard"] and (
+                    s["layout"]["batch_size"] == layout["batch_size"]):
+                self._rebuild(s["layout"]["base"])
+                self._inner.set_state(s["inner"])
+                return
+        saved = states[0]["layout"]
+        if saved["shard"][1] != len(states):
+            raise ValueError(
+                f"this data state is process {saved['shard'][0]}'s of {saved['shard'][1]} "
+                f"(global batch {saved['batch_size']}); this pipeline is shard "
+                f"{tuple(layout['shard'])} with global batch {layout['batch_size']}. Restoring "
+                "it under another layout needs every process's state: set_state({'processes': "
+                "[state_0, state_1, ...]}) (train() does this), or resume with the same "
+                "process count and batch size.")
+        if saved.get("examples", self.spec.num_examples) != self.spec.num_examples:
+            raise ValueError(f"the data state was saved over {saved['examples']} examples; this "
+                             f"pipeline has {self.spec.num_examples}: the positions would name "
+                             "other examples. Resume with the same data.")
+        start, holes = _merge_positions(states)
+        log.info("Data position converted from %d process(es) at global batch %d to shard %s "
+                 "at global batch %d: every example consumed before is left out (the next "
+                 "is global position %d, %d later ones already consumed).", len(states),
+                 saved["batch_size"], tuple(layout["shard"]), layout["batch_size"], start,
+                 len(holes))
+        self._rebuild([start, holes], fresh=True)
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
 def _examples(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[str, str], int],
                                                                      Any],
-              *, shard: tuple[int, int], shuffle: bool, seed: int, num_epochs: int | None,
+              *, order: _EpochOrder, layout: _Layout, num_epochs: int | None,
               num_threads: int) -> grain.IterDataset:
-    """This process's examples, shuffled anew each epoch, repeated, and `process`ed.
+    """This process's examples: its share (`layout`) of the global order, shuffled anew each
+    epoch, repeated, and `process`ed.
 
-    `process(example, uid)` returns the tokenized example or None to skip it. `uid` is
+    `process(example, uid)` returns the tokenized example (a dict) or None to skip it. `uid` is
     `epoch * len(source) + index`: unique across epochs, and the same whatever the number of
     processes or the shuffle, so per-example randomness (MLM masks) seeded by it differs
-    between processes and does not depend on how the data is sharded. Examples are read
-    in groups of READ_GROUP (one `__getitems__` call: far cheaper than one read each) by
+    between processes and does not depend on how the data is sharded. Each example gets its
+    stream position under `POSITION` (for the data state; the batchers drop it). Examples are
+    read in groups of READ_GROUP (one `__getitems__` call: far cheaper than one read each) by
     `num_threads` reader threads, then handed on one by one; the order is that of the
     stream whatever the group size or thread count.
     """
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}.")
-    if num_threads < 0:
-        raise ValueError(f"num_threads must be >= 0, got {num_threads}.")
-    order = _EpochOrder(len(source), shard, shuffle, seed)
-    total = len(order) * num_epochs if num_epochs else np.iinfo(np.int64).max // 2
+    n = len(source)
+    if num_epochs is not None:
+        layout = _Layout(layout.batch_size, layout.shard, (layout.start, layout.holes),
+                         n * num_epochs)
+    total = layout.local_length()
     getitems = getattr(source, "__getitems__", None)
 
     def work(group: int) -> list:
         positions = np.arange(group * READ_GROUP, min((group + 1) * READ_GROUP, total))
-        keys = [int(i) for i in order(positions)]
+        where = layout.global_position(_stream_rank(positions, layout.batch_size, layout.shard))
+        keys = [int(i) for i in order(where)]
         examples = getitems(keys) if getitems else [source[i] for i in keys]
-        epochs = positions // len(order)
-        out = (process(ex, int(e) * len(source) + k)
-               for e, k, ex in zip(epochs, keys, examples))
-        return [x for x in out if x is not None]
+        out = []
+        for q, x, k, ex in zip(positions, where, keys, examples):
+            row = process(ex, int(x // n) * n + k)
+            if row is not None:
+                row[POSITION] = int(q)
+                out.append(row)
+        return out
 
     ds = grain.MapDataset.range(-(-total // READ_GROUP)).map(work)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=2 * num_threads))
-    limit = None if num_epochs else -(-len(order) // READ_GROUP) + 1
-    return _Flatten(ds, _Unbatch(limit, len(order)))
+    share = -(-n // layout.shard[1])
+    limit = None if num_epochs else -(-share // READ_GROUP) + 1
+    return _Flatten(ds, _Unbatch(limit, share))
+
+
+def _check_epochs(num_epochs: int | None, num_threads: int, n: int, count: int) -> None:
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None (forever), got {num_epochs}.")
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}.")
+    if n < count:
+        raise ValueError(f"{n} examples cannot be shared by {count} processes.")
+
+
+def _ordered(source: Sequence[Mapping[str, str]], process: Callable[[Mapping[str, str], int],
+                                                                    Any],
+             batching: Callable[[grain.IterDataset], grain.IterDataset], *,
+             shard: tuple[int, int], batch_size: int, shuffle: bool, seed: int,
+             num_epochs: int | None, num_threads: int, prefetch: int) -> _Ordered:
+    """The examples of `_examples`, batched by `batching` and prefetched (`_finish`), as a
+    pipeline whose state restores under any process count and batch size."""
+    _check_epochs(num_epochs, num_threads, len(source), shard[1])
+    order = _EpochOrder(len(source), shuffle, seed)
+
+    def build(base: tuple[int, Sequence[int]]) -> grain.IterDataset:
+        layout = _Layout(batch_size, shard, base)
+        ds = _examples(source, process, order=order, layout=layout, num_epochs=num_epochs,
+                       num_threads=num_threads)
+        return _finish(batching(ds), prefetch)
+
+    return _Ordered(build, batch_size=batch_size, shard=shard, num_examples=len(source))
 
 
 class _Flatten(grain.IterDataset):
@@ -303,6 +524,7 @@ class _FlattenIterator(grain.DatasetIterator):
         self._buffer: list = []
         self._next = 0
         self._group_state = parent.get_state()
+        self._position = 0  # the stream position after the last example handed on
 
     def __next__(self):
         while self._next >= len(self._buffer):
@@ -310,10 +532,13 @@ class _FlattenIterator(grain.DatasetIterator):
             group = next(self._parent)  # StopIteration at the end
             self._buffer, self._next = self._unbatch.flat_map(group), 0
         self._next += 1
-        return self._buffer[self._next - 1]
+        example = self._buffer[self._next - 1]
+        self._position = example.get(POSITION, self._position - 1) + 1
+        return example
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": copy.deepcopy(self._group_state), "next_index_in_buffer": self._next}
+        return {"parent": copy.deepcopy(self._group_state), "next_index_in_buffer": self._next,
+                "position": self._position}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
@@ -323,6 +548,12 @@ class _FlattenIterator(grain.DatasetIterator):
                                         state["next_index_in_buffer"])
         except StopIteration:
             self._buffer, self._next = [], 0
+        if "position" in state:
+            self._position = int(state["position"])
+        elif 0 < self._next <= len(self._buffer):
+            self._position = int(self._buffer[self._next - 1].get(POSITION, -1)) + 1
+        else:
+            self._position = int(state["parent"].get("next_index", 0)) * READ_GROUP
 
 
 def _truncate(ids: list[int], limit: int, stats: PipelineStats) -> list[int]:
@@ -386,6 +617,8 @@ class _PackIterator(grain.DatasetIterator):
         self._rows: collections.deque[Batch] = collections.deque()
         self._pending = None  # the example that did not fit the current group
         self._pending_state = None  # the parent's state just before it
+        self._row_positions: collections.deque[list[int]] = collections.deque()
+        self._taken: list[int] = []  # stream positions in the group's rows handed out
 
     def _row(self, examples: list[Batch]) -> Batch:
         out, rename = {}, self.spec.rename
@@ -448,6 +681,9 @@ class _PackIterator(grain.DatasetIterator):
         if spec.shuffle:
             order = np.random.default_rng([spec.seed, self._group]).permutation(len(bins))
         self._rows = collections.deque(self._row(bins[i]) for i in order[skip:])
+        positions = [[ex[POSITION] for ex in bins[i] if POSITION in ex] for i in order]
+        self._row_positions = collections.deque(positions[skip:])
+        self._taken = [q for row in positions[:skip] for q in row]
         self._built = True
         return bool(bins)
 
@@ -459,14 +695,20 @@ class _PackIterator(grain.DatasetIterator):
                 self._start = (self._pending_state if self._pending is not None
                                else copy.deepcopy(self._parent.get_state()))
                 self._built = False
+                self._taken = []
             if not self._build(skip=self._emitted):
                 raise StopIteration
         self._emitted += 1
+        self._taken.extend(self._row_positions.popleft())
         return self._rows.popleft()
 
     def get_state(self) -> dict[str, Any]:
+        # consumed: the stream positions below `next` and those in `taken` are in rows
+        # already handed out (a state in global terms: see _merge_positions)
         return {"parent": copy.deepcopy(self._start), "group": self._group,
-                "emitted": self._emitted}
+                "emitted": self._emitted,
+                "consumed": {"next": self._start.get("position", 0),
+                             "taken": sorted(self._taken)}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
@@ -474,6 +716,8 @@ class _PackIterator(grain.DatasetIterator):
         self._group, self._emitted = state["group"], state["emitted"]
         self._built, self._pending, self._pending_state = False, None, None
         self._rows.clear()
+        self._row_positions.clear()
+        self._taken = list(state.get("consumed", {}).get("taken", []))
 
 
 def _pack(ds: grain.IterDataset, lengths: Mapping[str, int], *, batch_size: int,
@@ -526,6 +770,8 @@ class _BucketBatchIterator(grain.DatasetIterator):
         self._emitted = 0
         self._window_start: dict | None = None  # None: between windows
         self._batches: collections.deque[Batch] = collections.deque()
+        self._batch_positions: collections.deque[list[int]] = collections.deque()
+        self._taken: list[int] = []  # stream positions in the window's batches handed out
 
     def _pad(self, rows: Sequence[Batch]) -> Batch:
         spec, out = self.spec, {}
@@ -538,7 +784,7 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 arr[i, :len(r[k])] = r[k]
             out[k] = arr
         for k in rows[0]:  # one value a row (a classifier's labels): [batch], 0 on filler rows
-            if k not in spec.lengths:
+            if k not in spec.lengths and k != POSITION:
                 out[k] = np.zeros((spec.batch_size,), np.int32)
                 out[k][:len(rows)] = [r[k] for r in rows]
         return out
@@ -561,6 +807,9 @@ class _BucketBatchIterator(grain.DatasetIterator):
         if spec.shuffle and spec.boundaries is not None:
             order = np.random.default_rng([spec.seed, self._window]).permutation(len(chunks))
         self._batches = collections.deque(self._pad(chunks[i]) for i in order[skip:])
+        positions = [[r[POSITION] for r in chunks[i] if POSITION in r] for i in order]
+        self._batch_positions = collections.deque(positions[skip:])
+        self._taken = [q for batch in positions[:skip] for q in batch]
         return len(rows)
 
     def __next__(self) -> Batch:
@@ -573,12 +822,17 @@ class _BucketBatchIterator(grain.DatasetIterator):
                 self._window_start = None
                 raise StopIteration
         self._emitted += 1
+        self._taken.extend(self._batch_positions.popleft())
         return self._batches.popleft()
 
     def get_state(self) -> dict[str, Any]:
         start = self._parent.get_state() if self._window_start is None else self._window_start
+        # consumed: as _PackIterator's
         return {"parent": copy.deepcopy(start), "window": self._window,
-                "emitted": self._emitted}
+                "emitted": self._emitted,
+                "consumed": {"next": start.get("position", 0),
+                             "taken": sorted(self._taken)
+                             if self._window_start is not None or self._emitted else []}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
@@ -586,6 +840,20 @@ class _BucketBatchIterator(grain.DatasetIterator):
         self._emitted = state["emitted"]
         self._window_start = None  # the next call re-reads the window and skips `emitted`
         self._batches.clear()
+        self._batch_positions.clear()
+        self._taken = list(state.get("consumed", {}).get("taken", []))
+
+
+def _batch_checks(pack: bool, num_bins: int | None, bucket_boundaries: Sequence[int] | None,
+                  bucket_window: int) -> None:
+    """`_batch`'s argument checks, at the pipeline's construction."""
+    if pack:
+        if bucket_boundaries:
+            raise ValueError("bucket_boundaries apply to padded batches; use pack=False.")
+        if num_bins is not None and num_bins < 1:
+            raise ValueError(f"num_packing_bins must be >= 1, got {num_bins}.")
+    elif bucket_window < 1:
+        raise ValueError(f"bucket_window must be >= 1, got {bucket_window}.")
 
 
 def _batch(ds: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool, batch_size: int,
@@ -759,16 +1027,21 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     lengths = {"inputs": max_len, "targets": max_len}
     if mark_tokens:
         lengths["segment_ids"] = max_len
-    ds = _examples(source, tokenize, shard=shard, shuffle=shuffle, seed=seed,
-                   num_epochs=num_epochs, num_threads=num_threads)
-    ds = _batch(ds, lengths, pack=pack, batch_size=local,
-                seed=seed + 1, shuffle=shuffle,
-                drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
-                num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                bucket_window=bucket_window,
-                rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
-                        "targets_segment_ids": None, "targets_positions": None})
-    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+    def batching(ds: grain.IterDataset) -> grain.IterDataset:
+        return _batch(ds, lengths, pack=pack, batch_size=local, seed=seed + 1, shuffle=shuffle,
+                      drop_remainder=num_epochs is None if drop_remainder is None
+                      else drop_remainder,
+                      num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
+                      bucket_window=bucket_window,
+                      rename={"inputs_segment_ids": "segment_ids",
+                              "inputs_positions": "positions",
+                              "targets_segment_ids": None, "targets_positions": None})
+
+    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
+    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
+                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
+                  prefetch=prefetch)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, endless=num_epochs is None,
                     description=f"lm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack}")
@@ -894,14 +1167,19 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
         t = t[:max_target_len - 1] + [EOS_ID]
         return {"inputs": np.asarray(s, np.int32), "targets": np.asarray(t, np.int32)}
 
-    ds = _examples(source, tokenize, shard=shard, shuffle=shuffle, seed=seed,
-                   num_epochs=num_epochs, num_threads=num_threads)
-    ds = _batch(ds, {"inputs": max_source_len, "targets": max_target_len}, pack=pack,
-                batch_size=local, seed=seed + 1, shuffle=shuffle,
-                drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
-                num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                bucket_window=bucket_window, rename={})
-    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+    def batching(ds: grain.IterDataset) -> grain.IterDataset:
+        return _batch(ds, {"inputs": max_source_len, "targets": max_target_len}, pack=pack,
+                      batch_size=local, seed=seed + 1, shuffle=shuffle,
+                      drop_remainder=num_epochs is None if drop_remainder is None
+                      else drop_remainder,
+                      num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
+                      bucket_window=bucket_window, rename={})
+
+    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
+    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
+                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
+                  prefetch=prefetch)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, endless=num_epochs is None,
                     description=f"translation split={split!r} batch={batch_size} "
                     f"max_len={max_source_len}/{max_target_len} pack={pack}")
@@ -1001,24 +1279,28 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                                       mask_rate=mask_rate)
         return {"inputs": inputs, "targets": targets}
 
-    ds = _examples(source, tokenize_and_mask, shard=shard, shuffle=shuffle, seed=seed,
-                   num_epochs=num_epochs, num_threads=num_threads)
-    ds = _batch(ds, {"inputs": max_len, "targets": max_len}, pack=pack,
-                batch_size=local, seed=seed + 1, shuffle=shuffle,
-                drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
-                num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                bucket_window=bucket_window,
-                rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
-                        "targets_segment_ids": None, "targets_positions": None})
-    if max_predictions is not None:
-        def cap(batch: Batch) -> Batch:  # a stateless map: resumes with its parent
-            batch, dropped = cap_predictions(batch, max_predictions)
-            if dropped:
-                stats.add_uncapped(dropped)
-            return batch
+    def cap(batch: Batch) -> Batch:  # a stateless map: resumes with its parent
+        batch, dropped = cap_predictions(batch, max_predictions)
+        if dropped:
+            stats.add_uncapped(dropped)
+        return batch
 
-        ds = ds.map(cap)
-    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+    def batching(ds: grain.IterDataset) -> grain.IterDataset:
+        ds = _batch(ds, {"inputs": max_len, "targets": max_len}, pack=pack,
+                    batch_size=local, seed=seed + 1, shuffle=shuffle,
+                    drop_remainder=num_epochs is None if drop_remainder is None
+                    else drop_remainder,
+                    num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
+                    bucket_window=bucket_window,
+                    rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
+                            "targets_segment_ids": None, "targets_positions": None})
+        return ds if max_predictions is None else ds.map(cap)
+
+    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
+    ds = _ordered(source, tokenize_and_mask, batching, shard=shard, batch_size=batch_size,
+                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
+                  prefetch=prefetch)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, endless=num_epochs is None,
                     description=f"mlm split={split!r} batch={batch_size} "
                     f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
@@ -1141,14 +1423,19 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
         stats.add(truncated=int(cut > 0), dropped=cut)
         return {"inputs": np.asarray(ids, np.int32), "labels": np.int32(ex["label"])}
 
-    ds = _examples(source, tokenize, shard=shard, shuffle=shuffle, seed=seed,
-                   num_epochs=num_epochs, num_threads=num_threads)
-    ds = _batch(ds, {"inputs": max_len}, pack=False, batch_size=local, seed=seed + 1,
-                shuffle=shuffle,
-                drop_remainder=num_epochs is None if drop_remainder is None else drop_remainder,
-                num_bins=None, bucket_boundaries=bucket_boundaries,
-                bucket_window=bucket_window, rename={})
-    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+    def batching(ds: grain.IterDataset) -> grain.IterDataset:
+        return _batch(ds, {"inputs": max_len}, pack=False, batch_size=local, seed=seed + 1,
+                      shuffle=shuffle,
+                      drop_remainder=num_epochs is None if drop_remainder is None
+                      else drop_remainder,
+                      num_bins=None, bucket_boundaries=bucket_boundaries,
+                      bucket_window=bucket_window, rename={})
+
+    _batch_checks(False, None, bucket_boundaries, bucket_window)
+    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
+                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
+                  prefetch=prefetch)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
                     stats=stats, endless=num_epochs is None,
                     description=f"classification batch={batch_size} "
                     f"max_len={max_len}")
@@ -1227,10 +1514,63 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
             steps = min(steps, num_steps)
     ds = grain.MapDataset.range(int(steps)).map(batch_at).to_iter_dataset(
         grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch))
-    return Pipeline(_finish(ds, prefetch), global_batch_size=batch_size, local_batch_size=local,
+    ds = _Steps(_finish(ds, prefetch), batch_size=batch_size, shard=(index, count),
+                random=random)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
                     stats=None, endless=random and num_steps is None,
                     description=f"windows batch={batch_size} seq_len={seq_len} "
                     f"random={random} over {len(tokens)} tokens")
+
+
+class _Steps(grain.IterDataset):
+    """`window_pipeline`'s batches, whose position is the step: the same global batch on any
+    number of processes, so its state restores under any process count."""
+
+    def __init__(self, parent: grain.IterDataset, *, batch_size: int, shard: tuple[int, int],
+                 random: bool):
+        super().__init__(parent)
+        self.batch_size, self.shard, self.random = batch_size, shard, random
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _StepsIterator(self._parent.__iter__(), self)
+
+
+class _StepsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, spec: _Steps):
+        super().__init__(parent)
+        self.spec = spec
+
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"layout": {"order": "steps", "batch_size": self.spec.batch_size,
+                           "shard": list(self.spec.shard), "random": self.spec.random},
+                "inner": self._parent.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state of a run on any number of processes (one process's, or
+        `{"processes": [...]}`); another global batch size is taken for random windows (the
+        later steps draw windows of the new size) and converted for sequential ones when the
+        windows read divide by the new size, else refused."""
+        if isinstance(state, Mapping) and state.get("processes"):
+            state = state["processes"][0]
+        if not isinstance(state, Mapping) or "layout" not in state:  # an earlier version's
+            self._parent.set_state(state)
+            return
+        inner, old = copy.deepcopy(state["inner"]), state["layout"]["batch_size"]
+        if old != self.spec.batch_size and not self.spec.random:
+            windows = int(inner["next_index"]) * old
+            if windows % self.spec.batch_size:
+                raise ValueError(
+                    f"the data state was saved at global batch {old} after {windows} windows, "
+                    f"which global batch {self.spec.batch_size} does not divide: resume with "
+                    f"batch_size={old} (or a divisor of {windows}).")
+            inner["next_index"] = windows // self.spec.batch_size
+        elif old != self.spec.batch_size:
+            log.info("The window data state was saved at global batch %d; this pipeline's is "
+                     "%d: later steps draw windows of the new size.", old, self.spec.batch_size)
+        self._parent.set_state(inner)
 
 
 # --------------------------------------------------------------------------------------------
