@@ -3,7 +3,9 @@
 Multi-device and multi-process behaviour is in tests/test_parallel.py (subprocesses).
 """
 
+import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -2475,3 +2477,83 @@ def test_loss_fn_misuse_is_named():
         Engine(TINY, OPT, single, loss_fn=cross_entropy_loss,
                loss_batch_keys=("advantages",)).shard_batch(
             {**synthetic_batch(0), "advantages": np.zeros(3, np.float32)})
+
+
+def test_resume_records_the_global_batch_and_a_refused_first_batch_keeps_the_record(
+        engine, tmp_path, caplog):
+    """A resume with another global batch is named, with the route that keeps the update
+    (ParallelConfig(microbatches=k)); a resume refused at its first batch leaves config.json
+    and config_history.jsonl as the run that trained left them."""
+    def record():
+        return json.loads((tmp_path / "config.json").read_text())
+
+    run(engine, tmp_path, 2)
+    assert record()["run"]["global_batch"] == 8
+    before = (record(), (tmp_path / "config_history.jsonl").read_text())
+
+    class Bad(Batches):  # rows the model refuses: longer than max_len
+        def __next__(self):
+            batch = super().__next__()
+            return {k: np.concatenate([v, v], axis=1) for k, v in batch.items()}
+
+    with pytest.raises((ValueError, TypeError)):
+        run(engine, tmp_path, 4, data=Bad(), seed=7)
+    assert (record(), (tmp_path / "config_history.jsonl").read_text()) == before
+
+    class Half(Batches):
+        def __next__(self):
+            return {k: v[:4] for k, v in super().__next__().items()}
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(engine, tmp_path, 4, data=Half())
+    assert "global batch changes from 8 to 4 rows at step 2" in caplog.text
+    assert "ParallelConfig(microbatches=k)" in caplog.text
+    assert record()["run"]["global_batch"] == 4
+    assert "run.global_batch: 8 -> 4" in json.loads(
+        (tmp_path / "config_history.jsonl").read_text().splitlines()[-1])["changed"]
+
+
+def test_data_position_restores_from_every_process_state(tmp_path, caplog):
+    """train()'s restore hands a pipeline the states of all the processes of the saving run,
+    so a run saved by 2 processes resumes on 1 exactly (no skipping, no warning), while an
+    iterator whose state is not in global terms is skipped with a warning that says the
+    order may then differ."""
+    from flaxformer_lite import data as fd
+    from flaxformer_lite.training.checkpoint import iterator_state
+    from flaxformer_lite.training.trainer import _restore_position
+
+    tok = fd.ByteTokenizer()
+    examples = [{"text": f"x{i:03d}"} for i in range(48)]
+
+    def pipe(shard):
+        return fd.lm_pipeline(examples, tok, batch_size=8, max_len=8, pack=False,
+                              shard=shard, prefetch=0)
+
+    reference = list(itertools.islice(iter(pipe((0, 1))), 8))
+    its = [iter(pipe((i, 2))) for i in range(2)]
+    for _ in range(3):
+        for it in its:
+            next(it)
+    peers = [{"batches": 3, "iterator": iterator_state(it)} for it in its]
+    resumed = iter(pipe((0, 1)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _restore_position(resumed, None, 3, json.loads(json.dumps(peers)))
+    assert "skipping" not in caplog.text
+    for want in reference[3:]:
+        got = next(resumed)
+        assert all((got[k] == want[k]).all() for k in want)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _restore_position(Batches(), None, 3, [{"batches": 3, "iterator": None}] * 2)
+    assert "saved by 2 processes" in caplog.text and "repeated or skipped" in caplog.text
+
+
+def test_changed_accumulation_names_microbatches(engine, tmp_path):
+    run(engine, tmp_path, 2)
+    with pytest.raises(RuntimeError, match=r"ParallelConfig\(microbatches=k\)") as error:
+        train(TINY, dataclasses.replace(OPT, accumulation_steps=2), Batches(),
+              workdir=tmp_path, num_steps=4, parallel=ParallelConfig(mode="single"), loss=LOSS,
+              hooks=[])
+    assert error.value.__cause__ is None and "partial_restore" not in str(error.value)

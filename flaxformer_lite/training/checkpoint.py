@@ -88,9 +88,8 @@ class DataStateHandler(ocp.CheckpointHandler):
         path = self._path(directory)
         if not path.exists():
             found = sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-            log.warning("No data-iterator state for this process in %s (found %s: saved by "
-                        "another process count?); train() places the iterator by skipping "
-                        "the batches the checkpoint consumed.", directory, found)
+            log.info("No data-iterator state for this process in %s (found %s: saved by another "
+                     "process count).", directory, found)
             return None
         return json.loads(path.read_text())
 
@@ -233,6 +232,26 @@ class Checkpointer:
     # ---- queries
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
+
+    def data_states(self, step: int) -> list[Any] | None:
+        """The data records (`save(data_state=...)`) of every process of the run that saved
+        `step`, in process order, whatever the process count now; None when they are not all
+        there (or unreadable)."""
+        folder = self.directory / str(step) / DATA_ITEM
+        try:
+            names = [p.name for p in folder.iterdir()]
+        except OSError:
+            return None
+        counts = {int(m.group(2)) for m in (re.fullmatch(r"process_(\d+)-of-(\d+)\.json", n)
+                                            for n in names) if m}
+        if len(counts) != 1:
+            return None
+        count = counts.pop()
+        try:
+            return [json.loads((folder / f"process_{i}-of-{count}.json").read_text())
+                    for i in range(count)]
+        except (OSError, ValueError):
+            return None
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -267,15 +267,29 @@ def _make_iterator(data) -> Iterator[Batch]:
 CUSTOM_TX = "custom: train(tx=...)"  # config.json's optimizer.tx of a run with its own optax
 
 
-def _write_config(workdir: str, record: dict, step: int, num_steps: int) -> None:
+def _write_config(workdir: str, record: dict, step: int, num_steps: int,
+                  global_batch: int | None = None) -> None:
     """Record the run's configs in `workdir/config.json`, once its checkpoint (if any) has been
-    restored with them (a run that fails to restore leaves the record alone); name the fields
-    that changed since the recorded run, e.g. a schedule moved by a larger `num_steps`.
+    restored with them and its first train step has been dispatched (a run that fails to
+    restore, or whose first batch is refused, leaves the record alone); name the fields that
+    changed since the recorded run, e.g. a schedule moved by a larger `num_steps`.
+    `global_batch`: the rows of a global batch (the first batch's rows times the processes),
+    recorded as `run.global_batch`; a resume that changes it is warned about.
 
     config.json holds the latest settings; `config_history.jsonl` gets a line (`step`: where
     they took effect, `changed`, `record`) each time they change, so a resumed run's earlier
     steps stay described. A rerun with nothing left to train records nothing."""
     path = os.path.join(workdir, "config.json")
+    if global_batch is not None:
+        record["run"]["global_batch"] = int(global_batch)
+        was = _recorded_run(workdir).get("global_batch")
+        if step and isinstance(was, int) and was != global_batch:
+            log.warning(
+                "The global batch changes from %d to %d rows at step %d: each update now "
+                "averages %s examples with the same learning rate and optimizer state. To keep "
+                "the batch on fewer devices, keep batch_size=%d (the global batch) and set "
+                "ParallelConfig(microbatches=k), which runs each step in k sequential parts.",
+                was, global_batch, step, "more" if global_batch > was else "fewer", was)
     changed = _config_changes(workdir, record, with_run=True)
     if step >= num_steps and changed is not None:
         if changed:
@@ -821,6 +835,14 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 f"step {error.steps[0]}: {_first_line(error.first_error)}. Nothing was moved "
                 f"or deleted: restore the files from a backup, or move {ckpt.directory} aside "
                 "to start over.") from error
+        accumulation = [c for c in changed if c.startswith("optimizer.accumulation_steps:")]
+        route = ""
+        if accumulation and all(c.startswith(("optimizer.accumulation_steps:", "parallel."))
+                                for c in changed):
+            route = (" To train on other devices with the same update, keep accumulation_steps "
+                     "and the global batch (batch_size) and set ParallelConfig(microbatches=k): "
+                     "each step then runs in k sequential parts on fewer devices, and the "
+                     "optimizer state resumes.")
         raise RuntimeError(
             f"None of the checkpoints {error.steps} in {ckpt.directory} could be restored "
             f"(the newest: {_first_line(error.first_error)}); nothing was moved or deleted. "
@@ -830,7 +852,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             "optimizer) cannot resume these checkpoints: restore the recorded values, or train "
             "in another workdir (a changed model can start there from these parameters: "
             "merge_params, which also converts the scan_layers layout exactly, docs/training.md, "
-            "'Fine-tuning'; the optimizer state starts afresh).") from error
+            f"'Fine-tuning'; the optimizer state starts afresh).{route}") from None
     if restored is None:
         state, step, data_state = engine.init_state(seed, params=init_params), 0, None
     else:
@@ -843,8 +865,18 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         elif init_params is not None:
             log.warning("init_params is not used: %s holds a checkpoint (step %d), and the run "
                         "resumes from it. Fine-tune in a new workdir.", ckpt.directory, step)
-    if record_config is not None:
-        record_config(step, num_steps)
+    recorded = False
+
+    def record(global_batch: int | None = None) -> None:
+        """config.json and config_history.jsonl, once this run has trained (or has nothing
+        to train): a run refused at its first batch leaves the record of the one that did."""
+        nonlocal recorded
+        if record_config is not None and not recorded:
+            record_config(step, num_steps, global_batch)
+        recorded = True
+
+    if step >= num_steps:
+        record()
     for hook in hooks:  # e.g. drop what a killed run logged past the restored checkpoint
         if callable(getattr(hook, "on_start", None)):
             hook.on_start(step)
@@ -853,7 +885,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
         log.warning("The checkpoint in %s is at step %d: nothing left to train (num_steps=%d).",
                     ckpt.directory, step, num_steps)
     elif step:
-        _restore_position(iterator, data_state, step)
+        _restore_position(iterator, data_state, step, ckpt.data_states(step))
 
     history: list[dict[str, float]] = []
     pending: list[dict[str, Any]] = []  # per-step device metrics since the last flush
@@ -987,6 +1019,8 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 last = ckpt.latest_step()
                 saved = "no checkpoint yet" if last is None else f"the last checkpoint is {last}"
                 raise kind(f"Train batch {step + 1} ({saved}): {error}") from error
+            if not recorded:
+                record(rows * jax.process_count() if rows else None)
             step += 1
             pending.append(metrics)  # Engine.train_step keeps at most STEPS_AHEAD queued
             is_log = step % log_every == 0 or step == num_steps
@@ -1009,6 +1043,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             if is_ckpt and ranked:
                 save()
         flush(log_now=True)
+        record()  # a run stopped before its first step trained nothing, but saves
         final_eval = (not interrupted and evaluating and last_eval_step != step
                       and step > start_step)
         if final_eval and ranked:
@@ -1020,15 +1055,49 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                        engine=engine, signal=signals.signal if interrupted else None)
 
 
-def _restore_position(iterator, data_state, step: int) -> None:
-    """Put a fresh iterator where the checkpointed run's iterator was after `step` batches."""
+def _global_states(peers: list | None) -> list | None:
+    """The iterator states of every process of the saving run when they are in global terms
+    (the library's pipelines: `{"layout": ..., "inner": ...}`), which restore under any
+    process count; else None."""
+    if not peers:
+        return None
+    states = []
+    for record in peers:
+        saved = (record or {}).get("iterator") if isinstance(record, Mapping) else None
+        value = saved.get("value") if isinstance(saved, Mapping) and saved.get(
+            "format") == "json" else None
+        if not (isinstance(value, Mapping) and isinstance(value.get("layout"), Mapping)):
+            return None
+        states.append(value)
+    return states
+
+
+def _restore_position(iterator, data_state, step: int, peers: list | None = None) -> None:
+    """Put a fresh iterator where the checkpointed run's iterator was after `step` batches.
+    `peers`: the data records of every process of the saving run (`Checkpointer.data_states`):
+    a pipeline whose state is in global terms restores from them exactly under another
+    process count or batch size."""
     saved = (data_state or {}).get("iterator")
+    states = _global_states(peers)
+    if states is not None and hasattr(iterator, "set_state"):
+        iterator.set_state({"processes": states})
+        if saved is None or len(peers) != jax.process_count():
+            log.info("The data position of the checkpoint's %d process(es) is restored exactly "
+                     "on %d: the pipeline's order does not depend on the process count.",
+                     len(peers), jax.process_count())
+        return
     if saved is not None and hasattr(iterator, "set_state"):
         restore_iterator(iterator, saved)
         return
     batches = (data_state or {}).get("batches", step)
-    why = ("the iterator has no set_state()" if not hasattr(iterator, "set_state") else
-           "the checkpoint holds no iterator state for this process")
+    if not hasattr(iterator, "set_state"):
+        why = "the iterator has no set_state()"
+    else:
+        saved_by = f"{len(peers)} processes" if peers else "another process count"
+        why = (f"the checkpoint holds no iterator state for this process: it was saved by "
+               f"{saved_by}. Unless this iterator's order is the same for any process count "
+               "(the library's pipelines' is), examples of this epoch are repeated or skipped; "
+               "resume with the saving run's process count to keep the data order")
     log.warning("Restoring the data position by skipping %d batches (%s).", batches, why)
     for i in range(batches):
         if next(iterator, None) is None:
