@@ -59,7 +59,6 @@ def _model_logits(model, params, batch: dict) -> Array:
     return logits_fn(model, params, batch, deterministic=True)
 
 
-@jit_model_fn(static_argnames=("model",))
 def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     """Per-token negative log-likelihood `[batch, length]` (nats) and weights `[batch, length]`.
 
@@ -69,13 +68,45 @@ def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     weight 0 have NLL 0, and the NLL is weighted. Works for decoder-only (next-token),
     encoder-decoder (targets given inputs) and encoder-only masked-LM batches (the selected
     positions), always in deterministic mode.
+
+    `params` bare or as `{"params": ...}`. The batch is checked first as `perplexity` checks
+    it (targets outside the vocabulary, such as -100, or shapes that do not fit; values traced
+    inside a caller's `jit` are not checked), then the computation is compiled once per model
+    and shapes.
     """
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        params = params["params"]
+    _kind(model)
+    if not isinstance(batch, Mapping) or "inputs" not in batch or "targets" not in batch:
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"token_nll needs a batch with 'inputs' and 'targets' arrays; got "
+                         f"{got}.")
+    check_batch(model.config, batch, extra_keys=tuple(getattr(model, "extra_batch_keys", ())))
+    return _token_nll(model, params, batch)
+
+
+@jit_model_fn(static_argnames=("model",))
+def _token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     logits = _model_logits(model, params, batch)
     targets = batch["targets"]
     weights = target_weights(model, batch, targets, at_head_positions=False)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     return nll * weights, weights
+
+
+def _pad_rows(config, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """A batch shorter than `rows` (a split's last) padded with zero rows, which carry no
+    weight (targets at padding id 0, or segment ids / loss weights 0), so that it runs in the
+    program compiled for the full batches; unchanged when zero rows would carry weight."""
+    n = len(arrays["inputs"])
+    weightless = (config.pad_id == 0 or config.architecture != "decoder_only"
+                  or (config.pad_id is None and "segment_ids" in arrays)
+                  or "loss_weights" in arrays)
+    if n >= rows or not weightless or any(len(v) != n for v in arrays.values()):
+        return arrays
+    return {k: np.concatenate([v, np.zeros((rows - n,) + v.shape[1:], v.dtype)])
+            for k, v in arrays.items()}
 
 
 def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | None = None,
@@ -108,14 +139,16 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
                          "the tokens, so bits per character of the whole split would mean "
                          "nothing (it follows the mask rate); leave them out and compare "
                          "`loss` at the same mask rate.")
-    total_nll, total_tokens = 0.0, 0.0
+    total_nll, total_tokens, rows = 0.0, 0.0, 0
     for i, batch in enumerate(batches):
         if "inputs" not in batch or "targets" not in batch:
             raise ValueError(f"batch {i} needs 'inputs' and 'targets' arrays, got keys "
                              f"{sorted(batch)}.")
         check_batch(model.config, batch, extra_keys=extra_keys)
-        arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
-        nll, weights = token_nll(model, params, arrays)
+        arrays = {k: np.asarray(batch[k]) for k in keys if batch.get(k) is not None}
+        rows = rows or len(arrays["inputs"])
+        arrays = _pad_rows(model.config, arrays, rows)
+        nll, weights = _token_nll(model, params, {k: jnp.asarray(v) for k, v in arrays.items()})
         total_nll += float(np.sum(np.asarray(nll, np.float64)))
         total_tokens += float(np.sum(np.asarray(weights, np.float64)))
     if total_tokens == 0:

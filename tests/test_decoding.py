@@ -223,7 +223,7 @@ def test_an_interceptor_reaches_inside_the_compiled_decoding_and_perplexity():
     with nn.intercept_methods(ablate):
         ablated = (first_logits(), evaluation.perplexity(model, params, batch)["loss"])
         logits = model.apply({"params": params}, prompt)[0, -1]
-        nll, w = evaluation.token_nll.__wrapped__(model, params, {
+        nll, w = evaluation._token_nll.__wrapped__(model, params, {
             k: jnp.asarray(v) for k, v in batch[0].items()})
     np.testing.assert_allclose(ablated[0], logits, atol=1e-5)
     assert np.max(np.abs(ablated[0] - plain[0])) > 1e-2

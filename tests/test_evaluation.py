@@ -133,6 +133,34 @@ def test_token_nll_is_zero_on_padding_and_the_packed_rows_stay_separate():
                                atol=1e-5)
 
 
+def test_token_nll_checks_its_batch_and_perplexity_compiles_once(monkeypatch):
+    """token_nll checks a batch as perplexity does (a -100 target gave NaN with weight 1) and
+    takes `{"params": ...}`; a split's short last batch runs padded in the full batches'
+    program (it compiled a second one), with the same sums."""
+    model, params = model_and_params("decoder_only")
+    batch = lm_batches()[0]
+    bad = dict(batch, targets=np.where(batch["targets"] == 0, -100, batch["targets"]))
+    with pytest.raises(ValueError, match="targets"):
+        evaluation.token_nll(model, params, bad)
+    with pytest.raises(ValueError, match="'inputs' and 'targets'"):
+        evaluation.token_nll(model, params, {"inputs": batch["inputs"]})
+    nll, _ = evaluation.token_nll(model, {"params": params}, batch)
+    np.testing.assert_array_equal(nll, evaluation.token_nll(model, params, batch)[0])
+
+    traces = []
+    real = evaluation._model_logits
+    monkeypatch.setattr(evaluation, "_model_logits",
+                        lambda *a: traces.append(a[2]["inputs"].shape) or real(*a))
+    rows = [{k: v[:, :12] for k, v in b.items()} for b in lm_batches(seed=5)[:2]]  # new shape
+    split = rows + [{k: v[:3] for k, v in rows[0].items()}]
+    out = evaluation.perplexity(model, params, split)
+    assert traces == [(B, 12)]
+    want = sum(numpy_nll_sum(np.asarray(model.apply({"params": params}, b["inputs"])),
+                             b["targets"])[0] for b in split)
+    np.testing.assert_allclose(out["nll"], want, rtol=1e-5)
+    assert out["tokens"] == sum(int((b["targets"] != 0).sum()) for b in split)
+
+
 def test_perplexity_errors():
     model, params = model_and_params("decoder_only")
     with pytest.raises(ValueError, match="no target tokens"):
