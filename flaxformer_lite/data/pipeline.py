@@ -1443,11 +1443,16 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
 
 def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_len: int,
                     seed: int = 0, random: bool = True, num_steps: int | None = None,
-                    shard: tuple[int, int] | None = None, prefetch: int = 0) -> Pipeline:
+                    shard: tuple[int, int] | None = None, prefetch: int = 0,
+                    pad_id: int | None = 0) -> Pipeline:
     """Windows of one long token stream (nanoGPT's `get_batch`), as a resumable pipeline.
 
-    Every id must be > 0: 0 is padding, whose targets carry no loss, so a stream holding it
-    is refused rather than trained with those tokens silently left out.
+    pad_id: the model's padding id (`TransformerConfig.pad_id`), which the stream must not
+    hold: its targets carry no loss, so a stream holding it is refused rather than trained
+    with those tokens silently left out. None (a pretrained vocabulary without padding,
+    GPT-2's, where id 0 is a token): every id is a token, and the padded batches of
+    `random=False` carry `segment_ids` (1 on the stream's tokens, 0 on the padding), which
+    such a model's loss reads.
 
     random=True: batch `step` takes `batch_size` windows of `seq_len + 1` tokens at offsets
     drawn uniformly from [0, len(tokens) - seq_len) by a generator seeded with (seed, step);
@@ -1456,8 +1461,8 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     just the step number. Endless unless `num_steps`.
 
     random=False: consecutive non-overlapping windows covering every target token once, for an
-    exact evaluation over the stream; the last window is padded with 0 (weight 0) and the last
-    batch with all-zero rows, so every process gets the same number of batches.
+    exact evaluation over the stream; the last window is padded (weight 0) and the last batch
+    with padding rows, so every process gets the same number of batches.
 
     prefetch: batches made ahead on a background thread; 0 (default) makes each on the calling
     thread, which is cheaper here: a batch is one gather of a few thousand tokens.
@@ -1475,14 +1480,19 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
     if len(tokens) < seq_len + 1:
         raise ValueError(f"the stream has {len(tokens)} tokens, fewer than seq_len + 1 = "
                          f"{seq_len + 1}; use a shorter seq_len or more text.")
-    if tokens.min() <= 0:
-        at = int(np.argmax(tokens <= 0))
+    if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)
+                               or pad_id < 0):
+        raise ValueError(f"pad_id={pad_id!r} must be a token id >= 0 (the model's "
+                         "TransformerConfig.pad_id) or None (no padding id).")
+    bad = (tokens < 0) if pad_id is None else ((tokens < 0) | (tokens == pad_id))
+    if bad.any():
+        at = int(np.argmax(bad))
         raise ValueError(
-            f"the stream holds id {int(tokens[at])} at index {at}; id 0 is padding (a target 0 "
-            "carries no loss) and ids are >= 0. The library's reserved-id tokenizers never "
-            "emit it; for ids from another tokenizer, shift them by one (tokens + 1, "
-            "vocab_size + 1). For GPT-2's ids (0 is '!', and the pretrained weights fix the "
-            "ids) use lm_pipeline with a GPT2Tokenizer: its rows carry segment_ids.")
+            f"the stream holds id {int(tokens[at])} at index {at}; ids are >= 0 and id "
+            f"{pad_id} is padding (its targets carry no loss). The library's reserved-id "
+            "tokenizers never emit 0; for a pretrained vocabulary whose every id is a token "
+            "(GPT-2's: 0 is '!'), pass pad_id=None, as its TransformerConfig says.")
+    fill = 0 if pad_id is None else pad_id
     index, count = process_shard(shard)
     local = _local_batch_size(batch_size, count)
     span = np.arange(seq_len + 1)
@@ -1498,16 +1508,20 @@ def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_
         steps = num_steps if num_steps is not None else np.iinfo(np.int64).max
     else:
         num_windows = -(-(len(tokens) - 1) // seq_len)
-        padded = np.concatenate([tokens, np.zeros(num_windows * seq_len + 1 - len(tokens),
-                                                  np.int32)])
+        padded = np.concatenate([tokens, np.full(num_windows * seq_len + 1 - len(tokens),
+                                                 fill, np.int32)])
 
         def batch_at(step: int) -> Batch:
             w = np.arange(step * batch_size, (step + 1) * batch_size)[rows]
             valid = w < num_windows
-            x = padded[np.minimum(w, num_windows - 1)[:, None] * seq_len + span]
-            x = np.where(valid[:, None], x, 0).astype(np.int32)
-            inputs, targets = x[:, :-1], x[:, 1:]
-            return {"inputs": np.where(targets != 0, inputs, 0), "targets": targets}
+            at = np.minimum(w, num_windows - 1)[:, None] * seq_len + span
+            real = valid[:, None] & (at[:, 1:] < len(tokens))  # a target of the stream
+            x = padded[at]
+            inputs = np.where(real, x[:, :-1], fill).astype(np.int32)
+            batch = {"inputs": inputs, "targets": np.where(real, x[:, 1:], fill).astype(np.int32)}
+            if pad_id is None:
+                batch["segment_ids"] = real.astype(np.int32)
+            return batch
 
         steps = -(-num_windows // batch_size)
         if num_steps is not None:
