@@ -1530,6 +1530,8 @@ def test_the_padding_id_decides_which_targets_count():
         segments = batch.get("segment_ids", np.ones_like(base["inputs"]) if pad_id is None
                              else (base["inputs"] != pad_id).astype(np.int32))
         positions = np.broadcast_to(np.arange(LENGTH), segments.shape)
+        if pad_id is not None:  # positions count a row's tokens, padding anywhere left out
+            positions = np.maximum(np.cumsum(segments != 0, axis=1) - 1, 0)
         logits = model.apply({"params": params}, batch["inputs"], segment_ids=segments,
                              positions=positions)
         _, nll, _ = np_losses(logits, batch["targets"])
