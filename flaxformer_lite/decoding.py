@@ -48,6 +48,7 @@ from flaxformer_lite.models import (
     jit_model_fn,
     make_model,
 )
+from flaxformer_lite.ops.sharding import explicit_sharding
 
 Array = jnp.ndarray
 
@@ -70,12 +71,21 @@ class Generation(NamedTuple):
     logits: `[batch, max_new_tokens, vocab]` float32 logits each token was chosen from, when
       `return_logits=True` (else None). After a row's stop token (past `lengths`) they are
       unspecified: the row keeps stepping on its padding, not on the sequence it ended.
+    token_log_probs: `[batch, max_new_tokens]` float32 log-probability of each generated token
+      under the model (temperature 1, no filtering); 0 past `lengths`, so a row sums to
+      `log_probs`. What a KL penalty or per-token advantages read.
+    sampled_log_probs: `[batch, max_new_tokens]` float32 log-probability of each token under
+      the distribution it was drawn from: the temperature, top-k, top-p and the padding id's
+      exclusion applied (`filter_logits`), i.e. the behaviour policy's; 0 past `lengths`, and
+      0 throughout with `greedy=True` (the argmax is certain).
     """
 
     tokens: Array
     lengths: Array
     log_probs: Array
     logits: Array | None = None
+    token_log_probs: Array | None = None
+    sampled_log_probs: Array | None = None
 
 
 class Beams(NamedTuple):
@@ -102,39 +112,64 @@ def length_penalty(length: Array | int, alpha: float | Array) -> Array:
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+def filter_logits(logits: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+    """The logits `[batch, vocab]` that `sample_logits` draws from: float32, divided by
+    `temperature`, the tokens outside the `top_k` largest (0 = no limit) and outside the
+    nucleus (`top_p`) set to `-inf`. `jax.nn.log_softmax` of the result gives each token's
+    log-probability under the sampling distribution (`Generation.sampled_log_probs`).
+
+    Tied tokens (common with bfloat16 logits) are ranked by id, lowest first, as `argmax`
+    ranks them, so `top_k=1` keeps the argmax and the top-k set is exact; the nucleus keeps a
+    token while the mass before it is below `top_p - 1e-6`, so float32 rounding of a
+    cumulative sum that should equal `top_p` does not add a token. Logits of `-inf` (ruled
+    out) stay out at any temperature: the logits are shifted by their maximum before they are
+    divided, and the temperature is clipped to [1e-30, 1e30] (XLA may divide through a
+    reciprocal, which float32 flushes to 0 past that), so a tiny temperature leaves the argmax
+    alone and a huge one a uniform distribution, never NaN.
+    """
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.clip(jnp.asarray(temperature, jnp.float32), 1e-30, 1e30)
+    logits = (logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) / temperature
+    if top_k:
+        values, ids = jax.lax.top_k(logits, top_k)  # descending, ties: lower ids first
+        logits = _keep_first(logits, values[:, -1], ids[:, -1])
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1, stable=True)  # descending, ties by id
+        ranked = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The nucleus is a prefix of the ranking (the mass before a token only grows), and
+        # the top token always stays: keep up to its last member.
+        last = jnp.maximum(jnp.sum(mass_before < top_p - 1e-6, axis=-1), 1) - 1
+        logits = _keep_first(logits, jnp.take_along_axis(ranked, last[:, None], axis=-1)[:, 0],
+                             jnp.take_along_axis(order, last[:, None], axis=-1)[:, 0])
+    return logits
+
+
+def _keep_first(logits: Array, value: Array, last_id: Array) -> Array:
+    """`logits` `[batch, vocab]` but the tokens ranked (by logit descending, then id) up to the
+    token `last_id` `[batch]` of logit `value` `[batch]` set to `-inf`. Comparisons, not a
+    scatter of the kept ids: on an Explicit mesh a scatter's layout cannot be inferred."""
+    ids = jnp.arange(logits.shape[-1])[None, :]
+    keep = (logits > value[:, None]) | ((logits == value[:, None]) & (ids <= last_id[:, None]))
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def sample_logits(logits: Array, rng: Array | None, *, temperature: float | Array = 1.0,
                   top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Array:
     """Choose one token per row from `logits` `[batch, vocab]` -> ids `[batch]` int32.
 
-    `greedy` takes the argmax. Otherwise the logits are divided by `temperature`, restricted to
-    the `top_k` largest (0 = no limit), then to the smallest set of most likely tokens whose
-    probability reaches `top_p` (nucleus sampling; the most likely token always stays), and one
-    token is drawn with `rng`. Tied tokens (common with bfloat16 logits) are ranked by id,
-    lowest first, as `argmax` ranks them, so `top_k=1` is greedy and the top-k set is exact;
-    the nucleus keeps a token while the mass before it is below `top_p - 1e-6`, so float32
-    rounding of a cumulative sum that should equal `top_p` does not add a token. Logits of
-    `-inf` (ruled out) stay out at any temperature: the logits are shifted by their maximum
-    before they are divided, and the temperature is clipped to [1e-30, 1e30] (XLA may divide
-    through a reciprocal, which float32 flushes to 0 past that), so a tiny temperature gives
-    the argmax and a huge one the uniform draw, never NaN.
+    `greedy` takes the argmax. Otherwise one token is drawn with `rng` from
+    `filter_logits(logits, temperature=..., top_k=..., top_p=...)`: the logits divided by
+    `temperature`, restricted to the `top_k` largest (0 = no limit), then to the smallest set
+    of most likely tokens whose probability reaches `top_p` (nucleus sampling; the most likely
+    token always stays). Ties rank by id as `argmax` ranks them, so `top_k=1` is greedy; a
+    tiny temperature gives the argmax and a huge one the uniform draw, never NaN.
     """
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32)
-    temperature = jnp.clip(jnp.asarray(temperature, jnp.float32), 1e-30, 1e30)
-    logits = (logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True))) / temperature
-    rows = jnp.arange(logits.shape[0])[:, None]
-    if top_k:
-        top = jax.lax.top_k(logits, top_k)[1]  # ties: lower ids first
-        keep = jnp.zeros(logits.shape, bool).at[rows, top].set(True)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1, stable=True)  # descending, ties by id
-        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        inside = (mass_before < top_p - 1e-6).at[:, 0].set(True)  # the top token always stays
-        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(inside)
-        logits = jnp.where(keep, logits, -jnp.inf)
+    logits = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -145,6 +180,56 @@ def _never_pad(scores: Array, low: float = _NEG, pad_id: int | None = PAD_ID) ->
     Sampling passes `low=-inf`, which no temperature brings back into reach. A vocabulary
     without a padding id (`pad_id=None`) keeps every id."""
     return scores if pad_id is None else scores.at[..., pad_id].set(low)
+
+
+def _batch_split(tree, like: Array):
+    """On an Explicit mesh (`jax.make_mesh`'s default), the leaves of `tree` (each `[batch,
+    ...]`) split over the batch as `like` `[batch, ...]` is, else replicated on its mesh: an
+    Explicit mesh needs a loop's state laid out as its body leaves it. Unchanged elsewhere."""
+    sharding = explicit_sharding(like)
+    if sharding is None:
+        return tree
+    batch = tuple(sharding.spec)[0] if len(sharding.spec) else None
+
+    def split(x):
+        spec = jax.sharding.PartitionSpec(batch, *(None,) * (x.ndim - 1))
+        return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, spec))
+
+    return jax.tree.map(split, tree)
+
+
+def _repeat(x: Array, k: int, axis: int) -> Array:
+    """`jnp.repeat(x, k, axis)`, keeping `x`'s layout on an Explicit mesh (which asks)."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return jnp.repeat(x, k, axis=axis)
+    return jnp.repeat(x, k, axis=axis, out_sharding=sharding)
+
+
+def _take(x: Array, idx: Array, axis: int) -> Array:
+    """`jnp.take(x, idx, axis)`, keeping `x`'s layout on an Explicit mesh (which asks)."""
+    sharding = explicit_sharding(x)
+    if sharding is None:
+        return jnp.take(x, idx, axis=axis)
+    return x.at[(slice(None),) * axis + (idx,)].get(out_sharding=sharding)
+
+
+def _settled_while_loop(cond: Callable, body: Callable, state):
+    """`lax.while_loop` whose initial state takes the layout the body gives it: on an Explicit
+    mesh a cache made on one device (`init_cache`) otherwise differs from the one the body
+    writes (`layers.fit_to_write`), and the loop refuses the mismatch. Elsewhere as is."""
+    if any(explicit_sharding(x) is not None for x in jax.tree.leaves(state)):
+        def moved(x, o) -> bool:  # the body returns `x` on a mesh, in another layout
+            return (getattr(o, "sharding", None) is not None and not o.sharding.mesh.empty
+                    and jax.typeof(x).sharding != o.sharding)
+
+        for _ in range(3):  # each pass lays out what the previous pass's body wrote
+            out = jax.eval_shape(body, state)
+            if not any(map(moved, jax.tree.leaves(state), jax.tree.leaves(out))):
+                break
+            state = jax.tree.map(lambda x, o: jax.sharding.reshard(x, o.sharding)
+                                 if moved(x, o) else x, state, out)
+    return jax.lax.while_loop(cond, body, state)
 
 
 # ---- the two kinds of decoder: prefill and one step -------------------------------------------
@@ -210,13 +295,13 @@ def _prefill_seq2seq(model, params, inputs: Array, cache_len: int, num_samples: 
     encoded = model.apply({"params": params}, inputs, segment_ids=encoder_segment_ids,
                           method="encode")
     if num_samples > 1:
-        encoded = jnp.repeat(encoded, num_samples, axis=0)
-        encoder_segment_ids = jnp.repeat(encoder_segment_ids, num_samples, axis=0)
+        encoded = _repeat(encoded, num_samples, axis=0)
+        encoder_segment_ids = _repeat(encoder_segment_ids, num_samples, axis=0)
     b = encoded.shape[0]
     ctx = {"encoded": encoded, "encoder_segment_ids": encoder_segment_ids}
     cache = init_cache(model, params, b, cache_len, encoded=encoded,
                        encoder_segment_ids=encoder_segment_ids)
-    zeros = jnp.zeros((b,), jnp.int32)
+    zeros = _batch_split(jnp.zeros((b,), jnp.int32), encoder_segment_ids)
     return cache, ctx, zeros + PAD_ID, zeros
 
 
@@ -239,19 +324,30 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
         prev = jax.lax.dynamic_index_in_dim(state["tokens"], jnp.maximum(i - 1, 0), axis=1,
                                             keepdims=False)
         logits, cache = step(state["cache"], ctx, jnp.where(i == 0, token0, prev), pos0 + i)
-        key = None if greedy else jax.random.fold_in(dyn["rng"], i)
-        token = sample_logits(_never_pad(logits, -jnp.inf, pad_id), key,
-                              temperature=dyn["temperature"], top_k=top_k, top_p=top_p,
-                              greedy=greedy)
+        allowed = _never_pad(logits, -jnp.inf, pad_id)
+        if greedy:
+            token = sample_logits(allowed, None, greedy=True)
+        else:
+            drawn_from = filter_logits(allowed, temperature=dyn["temperature"], top_k=top_k,
+                                       top_p=top_p)
+            token = jax.random.categorical(jax.random.fold_in(dyn["rng"], i), drawn_from,
+                                           axis=-1).astype(jnp.int32)
         token = jnp.where(done, _fill_id(pad_id), token)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        logp = jnp.where(done, 0.0, jnp.take_along_axis(jax.nn.log_softmax(logits),
+                                                        token[:, None], axis=-1)[:, 0])
         new = {
             "i": i + 1, "cache": cache,
             "tokens": state["tokens"].at[:, i].set(token),
-            "log_probs": state["log_probs"] + jnp.where(done, 0.0, logp),
+            "log_probs": state["log_probs"] + logp,
+            "token_log_probs": state["token_log_probs"].at[:, i].set(logp),
             "lengths": state["lengths"] + (~done).astype(jnp.int32),
             "done": done | jnp.isin(token, dyn["stop_tokens"]),
         }
+        if not greedy:
+            behaviour = jnp.take_along_axis(jax.nn.log_softmax(drawn_from), token[:, None],
+                                            axis=-1)[:, 0]
+            new["sampled_log_probs"] = state["sampled_log_probs"].at[:, i].set(
+                jnp.where(done, 0.0, behaviour))
         if return_logits:
             new["logits"] = state["logits"].at[:, i].set(logits)
         return new
@@ -260,13 +356,19 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
         "i": jnp.int32(0), "cache": cache,
         "tokens": jnp.full((b, n), _fill_id(pad_id), jnp.int32),  # what follows a stop
         "log_probs": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
+        "token_log_probs": jnp.zeros((b, n), jnp.float32),
         "done": jnp.zeros((b,), bool),
     }
+    if not greedy:
+        state["sampled_log_probs"] = jnp.zeros((b, n), jnp.float32)
     if return_logits:
         state["logits"] = jnp.zeros((b, n, vocab), jnp.float32)
-    state = jax.lax.while_loop(cond, body, state)
+    per_row = {key: value for key, value in state.items() if key not in ("i", "cache")}
+    state.update(_batch_split(per_row, token0))
+    state = _settled_while_loop(cond, body, state)
     return Generation(state["tokens"], state["lengths"], state["log_probs"],
-                      state.get("logits"))
+                      state.get("logits"), state["token_log_probs"],
+                      state.get("sampled_log_probs", jnp.zeros_like(state["token_log_probs"])))
 
 
 # ---- beam search -------------------------------------------------------------------------------
@@ -296,17 +398,17 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
     (the others have log-prob "-inf"), so the first step expands one beam.
     """
     b, k, t = token0.shape[0], beam_size, max_len
-    cache = jax.tree.map(lambda x, ax: x if ax is None else jnp.repeat(x, k, axis=ax),
+    cache = jax.tree.map(lambda x, ax: x if ax is None else _repeat(x, k, axis=ax),
                          cache, axes)
-    ctx = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), ctx)
-    token0, pos0 = jnp.repeat(token0, k), jnp.repeat(pos0, k)
+    ctx = jax.tree.map(lambda x: _repeat(x, k, axis=0), ctx)
+    token0, pos0 = _repeat(token0, k, 0), _repeat(pos0, k, 0)
 
     def gather(x, idx):  # x [b, n, ...], idx [b, m] -> [b, m, ...]
         return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
     def reorder_cache(cache, parents):  # parents [b, k]: the old beam each new beam extends
         flat = (jnp.arange(b)[:, None] * k + parents).reshape(-1)
-        return jax.tree.map(lambda x, ax: x if ax is None else jnp.take(x, flat, axis=ax),
+        return jax.tree.map(lambda x, ax: x if ax is None else _take(x, flat, axis=ax),
                             cache, axes)
 
     def cond(state):
@@ -353,7 +455,8 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
             "fin_scores": fin_scores,
             "fin_tokens": merge(state["fin_tokens"], cand_tokens),
             "fin_logp": merge(state["fin_logp"], cand_logp),
-            "fin_lengths": merge(state["fin_lengths"], jnp.full((b, 2 * k), i + 1, jnp.int32)),
+            "fin_lengths": merge(state["fin_lengths"],
+                                 jnp.zeros_like(cand_idx, jnp.int32) + (i + 1)),  # its layout
             "fin_flags": merge(state["fin_flags"], finishing),
         }
 
@@ -367,7 +470,9 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
         "fin_lengths": jnp.zeros((b, k), jnp.int32),
         "fin_flags": jnp.zeros((b, k), bool),
     }
-    state = jax.lax.while_loop(cond, body, state)
+    per_row = {key: value for key, value in state.items() if key not in ("i", "cache")}
+    state.update(_batch_split(per_row, token0.reshape(b, k)))
+    state = _settled_while_loop(cond, body, state)
     return Beams(state["fin_tokens"], state["fin_lengths"], state["fin_scores"],
                  state["fin_logp"])
 
@@ -550,21 +655,33 @@ def _concrete(x) -> np.ndarray | None:
         return None
 
 
-def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID) -> Array:
-    """Default lengths count the non-pad tokens of right-padded prompts (every column without
-    a padding id); validate when known."""
+_SIDES = ("right", "left")
+
+
+def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID,
+                    side: str = "right") -> Array:
+    """Default lengths count the non-pad tokens of the prompts, padded on `side` (every column
+    without a padding id); validate when known, the padding's side included."""
+    if side not in _SIDES:
+        raise ValueError(f"padding_side={side!r} must be 'right' (tokens first, then padding) "
+                         "or 'left' (padding first).")
+    other = "left" if side == "right" else "right"
     if prompt_lengths is None and pad_id is None:
         return jnp.full((prompts.shape[0],), prompts.shape[1], jnp.int32)
     if prompt_lengths is None:
         known = _concrete(prompts)
         if known is not None:
             real = known != pad_id
-            bad = np.flatnonzero(~real.any(axis=1) | (real[:, 1:] & ~real[:, :-1]).any(axis=1))
+            first = real if side == "right" else real[:, ::-1]  # tokens first, then padding
+            bad = np.flatnonzero(~real.any(axis=1) | (first[:, 1:] & ~first[:, :-1]).any(axis=1))
             if bad.size:
+                where = "before" if side == "right" else "after"
                 raise ValueError(
-                    f"prompts row(s) {bad.tolist()} are empty or not right-padded (a pad id "
-                    f"{pad_id} before a token): put each prompt's tokens first and the padding "
-                    f"after them, or pass prompt_lengths= when {pad_id} is a real token.")
+                    f"prompts row(s) {bad.tolist()} are empty or not {side}-padded (a pad id "
+                    f"{pad_id} {where} a token): pad every row on one side, and say which with "
+                    f"padding_side= ('{side}' now; '{other}' for padding "
+                    f"{'first' if other == 'left' else 'after the tokens'}). When {pad_id} is "
+                    "a real token, pass prompt_lengths= as well.")
         return jnp.sum(prompts != pad_id, axis=1).astype(jnp.int32)
     if getattr(prompt_lengths, "shape", None) != (prompts.shape[0],):
         raise ValueError(f"prompt_lengths must have shape [batch]=({prompts.shape[0]},), got "
@@ -573,7 +690,31 @@ def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID) -> Arr
     if known is not None and ((known < 1).any() or (known > prompts.shape[1]).any()):
         raise ValueError(f"prompt_lengths={known.tolist()} must be in [1, prompts.shape[1]="
                          f"{prompts.shape[1]}]; every prompt needs at least one token.")
+    tokens = _concrete(prompts)
+    if known is not None and tokens is not None and pad_id is not None:
+        # Lengths over the wrong end would continue rows from their padding.
+        width = tokens.shape[1]
+        cols = np.arange(width)[None, :]
+        inside = cols < known[:, None] if side == "right" else cols >= width - known[:, None]
+        pad = tokens == pad_id
+        bad = np.flatnonzero((inside & pad).any(axis=1) & (~inside & ~pad).any(axis=1))
+        if bad.size:
+            raise ValueError(
+                f"prompts row(s) {bad.tolist()} look {other}-padded: their "
+                f"{'first' if side == 'right' else 'last'} prompt_lengths[b] columns hold "
+                f"the pad id {pad_id} while other columns hold "
+                f"tokens. For prompts padded on the {other}, pass padding_side='{other}'.")
     return jnp.asarray(prompt_lengths, jnp.int32)
+
+
+def _right_aligned(prompts: Array, lengths: Array, side: str) -> Array:
+    """Left-padded prompts `[batch, width]` turned right-padded (each row rotated by its
+    padding), which the prefill reads; right-padded ones as they are."""
+    if side == "right":
+        return prompts
+    width = prompts.shape[1]
+    cols = (jnp.arange(width)[None, :] + (width - lengths)[:, None]) % width
+    return jnp.take_along_axis(jnp.asarray(prompts, jnp.int32), cols, axis=1)
 
 
 # ---- public entry points ----------------------------------------------------------------------
@@ -581,18 +722,23 @@ def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID) -> Arr
 def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Array | None = None,
              max_new_tokens: int, rng: Array | None = None, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
-             greedy: bool = False, return_logits: bool = False) -> Generation:
-    """Continue right-padded `prompts` `[batch, prompt_len]` with a decoder-only model.
+             greedy: bool = False, return_logits: bool = False,
+             padding_side: str = "right") -> Generation:
+    """Continue `prompts` `[batch, prompt_len]` with a decoder-only model.
 
     `prompt_lengths` `[batch]` (default: the non-pad tokens per row) lets prompts of different
-    lengths share the batch; each row continues from its own last token. Sampling is set by
-    `temperature`, `top_k`, `top_p` and `rng` (step `i` draws with `fold_in(rng, i)`), or
-    `greedy=True` for the argmax. A row stops at the first of its `stop_tokens` (kept in the
-    output; the padding id after it; default `(config.eos_id,)`, else the library's EOS 1).
-    `prompt_len + max_new_tokens` must not exceed
-    `config.max_len`. With `config.pad_id=None` (a vocabulary without padding) every prompt
+    lengths share the batch; each row continues from its own last token. The padding follows
+    the tokens (`padding_side="right"`) or precedes them (`"left"`); either way a row's
+    continuation is the unpadded prompt's. Sampling is set by
+    `temperature`, `top_k`, `top_p` and `rng` (step `i` draws with `fold_in(rng, i)`, one draw
+    over the batch: a row's sample depends on its row index, so the same key repeats a text
+    for a prompt in the same row), or `greedy=True` for the argmax. A row stops at the first of
+    its `stop_tokens` (kept in the output; the padding id after it; default
+    `(config.eos_id,)`, else the library's EOS 1). `prompt_len + max_new_tokens` must not
+    exceed `config.max_len`. With `config.pad_id=None` (a vocabulary without padding) every prompt
     column is a token unless `prompt_lengths` says otherwise, and any id may be generated.
-    Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs (, logits).
+    Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs, per-token
+    token_log_probs and sampled_log_probs (, logits).
 
     `model` may be a `DecoderOnly` subclass with layers of your own. Its `__call__(ids, *,
     segment_ids, positions, decode=True)` is then fed the prompts' columns but the last (a
@@ -607,7 +753,8 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id)
+    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id, padding_side)
+    prompts = _right_aligned(prompts, lengths, padding_side)
     return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
                         max_new_tokens=max_new_tokens, **static)
 
@@ -646,11 +793,12 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
 
 def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, beam_size: int,
                 alpha: float = 0.6, max_len: int, eos_id: int | None = None,
-                prompt_lengths: Array | None = None) -> Beams:
+                prompt_lengths: Array | None = None, padding_side: str = "right") -> Beams:
     """Beam search with the GNMT length penalty; returns all `beam_size` beams, best first.
 
-    `inputs`: source ids `[batch, src_len]` for an encoder-decoder model, or right-padded prompts
-    `[batch, prompt_len]` (with optional `prompt_lengths`) for a decoder-only one; `max_len`
+    `inputs`: source ids `[batch, src_len]` for an encoder-decoder model, or prompts
+    `[batch, prompt_len]` (with optional `prompt_lengths`, padded on `padding_side` as in
+    `generate`) for a decoder-only one; `max_len`
     bounds the generated tokens per beam. Each step extends every live beam by every token,
     retires beams that emit `eos_id` among the top `beam_size` candidates (score
     `log_prob / ((5 + length) / 6) ** alpha`), keeps the best `beam_size` unfinished ones, and
@@ -669,13 +817,14 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                          "exponent; 0 = none).")
     if isinstance(model, DecoderOnly):
         max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
-        lengths = _prompt_lengths(inputs, prompt_lengths, cfg.pad_id)
+        lengths = _prompt_lengths(inputs, prompt_lengths, cfg.pad_id, padding_side)
+        inputs = _right_aligned(inputs, lengths, padding_side)
     else:
         max_len = _check_total(cfg, 0, max_len, "max_len")
         _check_sources(inputs)
-        if prompt_lengths is not None:
-            raise ValueError("prompt_lengths applies to decoder-only models; an encoder-decoder "
-                             "model reads source padding from inputs (0 = pad).")
+        if prompt_lengths is not None or padding_side != "right":
+            raise ValueError("prompt_lengths and padding_side apply to decoder-only models; an "
+                             "encoder-decoder model reads source padding from inputs (0 = pad).")
         lengths = None
     beam_size = _positive_int("beam_size", beam_size)
     if eos_id is None:
@@ -707,7 +856,8 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
                       prompt_lengths: Array | None = None, max_new_tokens: int,
                       rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
-                      greedy: bool = False, return_logits: bool = False) -> Generation:
+                      greedy: bool = False, return_logits: bool = False,
+                      padding_side: str = "right") -> Generation:
     """`generate` without a cache: every step reruns the model over the whole sequence.
 
     Rows are kept contiguous in a `[batch, prompt_len + max_new_tokens - 1]` buffer and each
@@ -723,7 +873,8 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id)
+    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id, padding_side)
+    prompts = _right_aligned(prompts, lengths, padding_side)
     return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 

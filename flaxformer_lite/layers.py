@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from flaxformer_lite import ops
 from flaxformer_lite.config import TransformerConfig
+from flaxformer_lite.ops.sharding import explicit_sharding, mesh_of, refit, spec_of, take_rows
 
 Array = jnp.ndarray
 
@@ -38,6 +39,20 @@ def mesh_splits(names: Sequence[str | None]) -> tuple[int, ...]:
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         out.append(math.prod(mesh.shape.get(a, 1) for a in axes))
     return tuple(out)
+
+
+def fit_to_write(cache: Array, update: Array, axis: int) -> tuple[Array, Array]:
+    """`(cache, update)` laid out alike for `dynamic_update_slice(cache, update, ...)` along
+    `axis`: on an Explicit mesh (`jax.make_mesh`'s default), the layout of what is written
+    (its batch split, say), with `axis` whole. So a cache made on one device (`init_cache`)
+    takes the sharding of the keys, values or flags it stores. A no-op elsewhere."""
+    source = update if explicit_sharding(update) is not None else cache
+    if explicit_sharding(source) is None:
+        return cache, update
+    spec = list(spec_of(source, update.ndim))
+    spec[axis] = None
+    target = jax.sharding.NamedSharding(mesh_of(source), jax.sharding.PartitionSpec(*spec))
+    return refit(cache, target), refit(update, target)
 
 
 Initializer = Any  # (key, shape, dtype) -> array
@@ -197,7 +212,7 @@ class Embed(nn.Module):
 
     def __call__(self, ids: Array) -> Array:
         """`[...]` int ids -> `[..., d_model]` in the compute dtype."""
-        return jnp.take(self.embedding, ids, axis=0).astype(self.config.compute_dtype)
+        return take_rows(self.embedding, ids).astype(self.config.compute_dtype)
 
     def attend(self, x: Array) -> Array:
         """`[..., d_model]` -> logits `[..., num_embeddings]`."""
@@ -409,8 +424,10 @@ class MultiHeadAttention(nn.Module):
             return k, v
         zero = jnp.zeros_like(cache_index)  # not a literal 0: int64 under jax_enable_x64
         start = (zero, zero, cache_index, zero)
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, head_major(k), start)
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, head_major(v), start)
+        cached_k.value = jax.lax.dynamic_update_slice(
+            *fit_to_write(cached_k.value, head_major(k), axis=2), start)
+        cached_v.value = jax.lax.dynamic_update_slice(
+            *fit_to_write(cached_v.value, head_major(v), axis=2), start)
         return head_major(cached_k.value), head_major(cached_v.value)
 
     def _kv_axes(self) -> tuple[str | None, ...]:
@@ -435,8 +452,17 @@ class MultiHeadAttention(nn.Module):
                     f"The cross-attention cache was made for a memory of [batch, length] = "
                     f"{cached.value.shape[:2]}, got {kv_inputs.shape[:2]}: make a new cache "
                     "for each memory (models.init_cache(..., encoded=memory)).")
-            kv = jax.lax.cond(cache_index == 0, lambda: proj(kv_inputs).astype(cached.value.dtype),
-                              lambda: cached.value)
+            # On an Explicit mesh the cache takes the memory's [batch, length] layout (the
+            # cond's branches must agree; one made by `init_cache` has none).
+            held = cached.value
+            if explicit_sharding(kv_inputs) is not None:
+                layout = jax.sharding.NamedSharding(
+                    mesh_of(kv_inputs), jax.sharding.PartitionSpec(*spec_of(kv_inputs, 2)))
+                held = refit(held, layout)
+            kv = jax.lax.cond(
+                cache_index == 0,
+                lambda: refit(proj(kv_inputs).astype(held.dtype), jax.typeof(held).sharding),
+                lambda: held)
             cached.value = kv
         return kv[:, :, 0], kv[:, :, 1]
 

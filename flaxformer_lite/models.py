@@ -36,6 +36,7 @@ from flaxformer_lite.layers import (
     annotate_swaps,
     constrain,
     default_positions,
+    fit_to_write,
     shift_right,
 )
 
@@ -350,9 +351,11 @@ def decode_state(module: nn.Module, ids: Array, positions: Array | None, valid: 
         positions = default_positions(ids, offset=i)
     # Index zeros of the index's own type: a literal 0 is int64 under jax_enable_x64.
     start = (jnp.zeros_like(i), i)
-    kv_pos.value = jax.lax.dynamic_update_slice(kv_pos.value, positions.astype(jnp.int32),
-                                                start)
-    kv_valid.value = jax.lax.dynamic_update_slice(kv_valid.value, valid, start)
+    # On an Explicit mesh the cache takes the layout of what is written (layers.fit_to_write).
+    kv_pos.value = jax.lax.dynamic_update_slice(
+        *fit_to_write(kv_pos.value, positions.astype(jnp.int32), axis=1), start)
+    kv_valid.value = jax.lax.dynamic_update_slice(
+        *fit_to_write(kv_valid.value, valid, axis=1), start)
     slots = jnp.arange(kv_valid.value.shape[1])
     causal = slots[None, :] <= (i + jnp.arange(t))[:, None]
     mask = kv_valid.value[:, None, None, :] & causal[None, None]

@@ -372,6 +372,95 @@ def test_cross_attention_keys_values_come_from_the_cache_after_the_first_step():
 
 # ---- sampling ------------------------------------------------------------------------------
 
+def _np_filter(logits, temperature, top_k, top_p, pad_id):
+    """NumPy `decoding.filter_logits` as documented, the padding id ruled out first."""
+    x = np.array(logits, np.float64)
+    x[..., pad_id] = -np.inf
+    x = (x - x.max(-1, keepdims=True)) / temperature
+    order = np.argsort(-x, axis=-1, kind="stable")  # descending, ties by id
+    rank = np.argsort(order, axis=-1)
+    x = np.where(rank < top_k, x, -np.inf)
+    probs = np.exp(log_softmax(np.take_along_axis(x, order, axis=-1)))
+    before = np.cumsum(probs, axis=-1) - probs
+    inside = before < top_p - 1e-6
+    inside[..., 0] = True
+    return np.where(np.take_along_axis(inside, rank, axis=-1), x, -np.inf)
+
+
+def test_per_token_log_probs_under_the_model_and_the_sampling_distribution():
+    """`token_log_probs` are the model's log-probs of each generated token (a forward pass over
+    prompt + completion, NumPy log-softmax), 0 past `lengths`, summing to `log_probs`;
+    `sampled_log_probs` those under the tempered, top-k / top-p filtered distribution without
+    the padding id, which the tokens were drawn from."""
+    s = setup("gpt_learned")
+    kw = dict(temperature=0.7, top_k=6, top_p=0.9)
+    first = s.generate(rng=jax.random.key(4), stop_tokens=(), **kw)
+    stop = int(first.tokens[0, 2])  # row 0 stops at step 2 (or before)
+    out = s.generate(rng=jax.random.key(4), stop_tokens=(stop,), **kw)
+    np.testing.assert_array_equal(out.tokens, first.tokens[:, :out.tokens.shape[1]] * (
+        np.arange(NEW)[None] < out.lengths[:, None]))
+    assert out.lengths[0] <= 3 and out.lengths.max() == NEW
+    rows = np.arange(len(s.ids))
+    logits = s.teacher_forced_logits(rows, out.tokens)
+    past = np.arange(NEW)[None, :] >= out.lengths[:, None]
+    want = np.take_along_axis(log_softmax(logits), out.tokens[:, :, None], axis=2)[:, :, 0]
+    np.testing.assert_allclose(out.token_log_probs, np.where(past, 0.0, want), atol=1e-4)
+    np.testing.assert_allclose(out.token_log_probs.sum(1), out.log_probs, rtol=1e-5, atol=1e-5)
+    behaviour = np.take_along_axis(log_softmax(_np_filter(logits, pad_id=0, **kw)),
+                                   out.tokens[:, :, None], axis=2)[:, :, 0]
+    assert np.isfinite(behaviour[~past]).all()  # every drawn token was allowed
+    np.testing.assert_allclose(out.sampled_log_probs, np.where(past, 0.0, behaviour), atol=1e-4)
+    assert (out.sampled_log_probs[~past] > out.token_log_probs[~past]).mean() > 0.5
+    greedy = s.generate(greedy=True)
+    np.testing.assert_allclose(greedy.token_log_probs.sum(1), greedy.log_probs, rtol=1e-5)
+    assert not greedy.sampled_log_probs.any()  # the argmax is certain
+
+
+def test_left_padded_prompts_continue_as_the_unpadded_prompt():
+    """`padding_side="left"` gives each row the continuation of its unpadded prompt (a row
+    alone, and the right-padded batch); prompts padded on the other side than the one named
+    are refused, with `prompt_lengths` too (they used to continue rows from their padding)."""
+    s = setup("gpt_learned")
+    width = s.ids.shape[1]
+    left = np.zeros_like(s.ids)
+    for b, n in enumerate(s.lengths):
+        left[b, width - n:] = s.ids[b, :n]
+    kw = dict(max_new_tokens=NEW, rng=jax.random.key(6), temperature=0.8, stop_tokens=())
+    right = decoding.generate(s.model, s.params, s.ids, **kw)
+    for lengths in (None, s.lengths):
+        out = decoding.generate(s.model, s.params, left, prompt_lengths=lengths,
+                                padding_side="left", **kw)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(right.tokens))
+        np.testing.assert_allclose(out.token_log_probs, right.token_log_probs, atol=1e-5)
+    alone = decoding.generate(s.model, s.params, s.ids[1:2, :s.lengths[1]], greedy=True,
+                              max_new_tokens=NEW, stop_tokens=())
+    batch = decoding.generate(s.model, s.params, left, greedy=True, max_new_tokens=NEW,
+                              stop_tokens=(), padding_side="left")
+    np.testing.assert_array_equal(np.asarray(batch.tokens[1]), np.asarray(alone.tokens[0]))
+    no_cache = decoding.generate_no_cache(s.model, s.params, left, greedy=True,
+                                          max_new_tokens=NEW, stop_tokens=(),
+                                          padding_side="left")
+    np.testing.assert_array_equal(np.asarray(no_cache.tokens), np.asarray(batch.tokens))
+    beams = [decoding.beam_search(s.model, s.params, ids, beam_size=2, max_len=4,
+                                  padding_side=side) for ids, side in ((s.ids, "right"),
+                                                                       (left, "left"))]
+    np.testing.assert_array_equal(np.asarray(beams[0].tokens), np.asarray(beams[1].tokens))
+
+    with pytest.raises(ValueError, match=r"row\(s\) \[1, 2\] are empty or not right-padded"
+                       r".*padding_side="):
+        decoding.generate(s.model, s.params, left, **kw)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1, 2\] look left-padded.*"
+                       r"padding_side='left'"):
+        decoding.generate(s.model, s.params, left, prompt_lengths=s.lengths, **kw)
+    with pytest.raises(ValueError, match=r"row\(s\) \[1, 2\] look right-padded"):
+        decoding.beam_search(s.model, s.params, s.ids, beam_size=2, max_len=4,
+                             prompt_lengths=s.lengths, padding_side="left")
+    with pytest.raises(ValueError, match=r"not left-padded"):
+        decoding.generate(s.model, s.params, s.ids, padding_side="left", **kw)
+    with pytest.raises(ValueError, match="padding_side='middle' must be"):
+        decoding.generate(s.model, s.params, s.ids, padding_side="middle", **kw)
+
+
 def test_sampling_is_reproducible_for_a_key_and_differs_across_keys():
     s, run = setup("gpt_learned"), sampled_run("gpt_learned")
     again = s.generate(rng=jax.random.key(1), temperature=0.8, stop_tokens=(),
@@ -763,6 +852,91 @@ def test_generation_with_sharded_and_replicated_params():
                JAX_PLATFORMS="cpu")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", _SHARDED], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+
+
+_EXPLICIT = textwrap.dedent("""
+    import contextlib
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from flaxformer_lite import decoding
+    from flaxformer_lite.config import TransformerConfig
+    from flaxformer_lite.models import init_cache, make_model
+    from tests.test_decoding import random_params
+
+    assert jax.device_count() == 2
+    mesh = jax.make_mesh((2,), ("data",))  # Explicit axes by default
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    prompts = np.array([[5, 6, 7, 8], [9, 10, 0, 0], [11, 0, 0, 0], [12, 13, 14, 0]], np.int32)
+
+    def same(out, ref, what):
+        for a, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-5, atol=1e-5,
+                                       err_msg=what)
+
+    base = dict(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2, max_len=16)
+    for arch, extra in (("decoder_only", dict(position="rotary", num_kv_heads=2,
+                                              scan_layers=True)),
+                        ("encoder_decoder", dict(position="relative", num_kv_heads=2))):
+        model = make_model(TransformerConfig(architecture=arch, **base, **extra))
+        params = random_params(model)
+        lm = arch == "decoder_only"
+        gen = decoding.generate if lm else decoding.generate_seq2seq
+        calls = {
+            "sample": lambda p, x: gen(model, p, x, max_new_tokens=5, rng=jax.random.key(1),
+                                       top_k=20, top_p=0.9, return_logits=True),
+            "beams": lambda p, x: decoding.beam_search(model, p, x, beam_size=2, max_len=4),
+        }
+        if lm:
+            calls["one column"] = lambda p, x: gen(model, p, x[:, :1], max_new_tokens=3,
+                                                   greedy=True)
+        else:
+            calls["num_samples"] = lambda p, x: gen(model, p, x, max_new_tokens=3,
+                                                    rng=jax.random.key(2), num_samples=2)
+        refs = {name: call(params, prompts) for name, call in calls.items()}
+        replicated = jax.device_put(params, NamedSharding(mesh, P()))
+        split = jax.device_put(prompts, NamedSharding(mesh, P("data")))
+        for in_mesh in (False, True):
+            with jax.set_mesh(mesh) if in_mesh else contextlib.nullcontext():
+                for x, how in ((prompts, "whole prompts"), (split, "batch-split prompts")):
+                    for name, call in calls.items():
+                        what = f"{arch} {extra.get('position')} {name}, {how}, set_mesh {in_mesh}"
+                        same(call(replicated, x), refs[name], what)
+                jitted = jax.jit(calls["beams"])
+                same(jitted(replicated, split), refs["beams"], f"{arch} beams in a jit")
+
+        if lm:  # a loop of one's own: init_cache, then model.apply(..., decode=True)
+            @jax.jit
+            def own_loop(p, x):
+                cache = init_cache(model, p, x.shape[0], 8)
+                out = []
+                for t in range(x.shape[1]):
+                    logits, state = model.apply({"params": p, "cache": cache}, x[:, t:t + 1],
+                                                decode=True, mutable=["cache"])
+                    cache = state["cache"]
+                    out.append(logits)
+                return jnp.concatenate(out, axis=1)
+
+            ref = own_loop(params, prompts[:, :3])
+            same(own_loop(replicated, split[:, :3]), ref, "own loop")
+            with jax.set_mesh(mesh):
+                same(own_loop(replicated, split[:, :3]), ref, "own loop, set_mesh")
+    print("ok")
+""")
+
+
+@pytest.mark.slow
+def test_generation_on_a_mesh_with_explicit_axes():
+    """`jax.make_mesh` gives Explicit axes, whose ops refuse operands of other layouts: the
+    caches made on one device (`init_cache`) met keys, values and flags split over the batch
+    (or replicated on the mesh). On replicated params and whole or batch-split prompts, inside
+    and outside `jax.set_mesh`, every decoding call gives the one-device result."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _EXPLICIT], env=env, cwd=root,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ok")

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxformer_lite.ops.sharding import take_rows
+
 Array = jnp.ndarray
 
 
@@ -127,7 +129,7 @@ def relative_position_bias(table: Array, q_positions: Array, kv_positions: Array
     rel = kv_positions[..., None, :] - q_positions[..., :, None]
     buckets = relative_position_bucket(rel, bidirectional=bidirectional,
                                        num_buckets=num_buckets, max_distance=max_distance)
-    bias = jnp.take(table, buckets, axis=0)  # [..., q, kv, heads]
+    bias = take_rows(table, buckets)  # [..., q, kv, heads]
     bias = jnp.moveaxis(bias, -1, -3)
     return bias if bias.ndim == 4 else bias[None]
 
