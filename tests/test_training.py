@@ -2559,3 +2559,23 @@ def test_changed_accumulation_names_microbatches(engine, tmp_path):
               workdir=tmp_path, num_steps=4, parallel=ParallelConfig(mode="single"), loss=LOSS,
               hooks=[])
     assert error.value.__cause__ is None and "partial_restore" not in str(error.value)
+
+
+def test_param_shardings_in_every_mode():
+    """`Engine.param_shardings` exists in every mode (it was the mesh's alone): a tree like the
+    params, where `jax.device_put` lays out a frozen copy as the trained one is laid out; in
+    "pmap" the replicated layout of `abstract_state()`, which `generate` reads."""
+    from flaxformer_lite import decoding
+
+    params = nn.meta.unbox(init_params(TINY, jax.random.key(0)))
+    for mode in ("single", "pmap"):
+        eng = Engine(TINY, OPT, ParallelConfig(mode=mode), LOSS)
+        shardings = eng.param_shardings
+        assert jax.tree.structure(shardings) == jax.tree.structure(params)
+        abstract = eng.abstract_state().params
+        assert jax.tree.leaves(shardings) == [x.sharding for x in jax.tree.leaves(abstract)]
+        ref = jax.device_put(params, shardings)
+        assert [x.sharding for x in jax.tree.leaves(ref)] == jax.tree.leaves(shardings)
+        out = decoding.generate(eng.model, ref, np.array([[5, 6, 7]], np.int32),
+                                max_new_tokens=2, greedy=True, stop_tokens=())
+        assert out.tokens.shape == (1, 2)

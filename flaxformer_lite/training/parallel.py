@@ -329,6 +329,13 @@ class Engine:
         self._custom_devices = devices is not None
         self.mode = resolve_mode(parallel, len(self.devices))
         self.mesh: Mesh | None = None
+        # `param_shardings`: a tree of shardings like the params, where one logical copy of
+        # them lives in this mode, so `jax.device_put(params, engine.param_shardings)` lays out
+        # another copy (a frozen reference model) like the trained one: the mesh layout
+        # ("mesh"), the one device ("single"), replicated over the devices ("pmap": the layout
+        # of `abstract_state()` and checkpoints, which a `jax.jit` reads; the pmapped steps'
+        # own state stacks one copy per local device instead, see `device_params`).
+        self.param_shardings: Any = None
         self._init_compiled: dict[Any, Any] = {}  # key shape and dtype -> executable
         self._in_flight: collections.deque = collections.deque()  # metrics of queued steps
         self._build()
@@ -371,6 +378,7 @@ class Engine:
             device = self.devices[0] if self._custom_devices else jax.local_devices()[0]
             self._device_sharding = SingleDeviceSharding(device)
             self._state_sharding = jax.tree.map(lambda _: self._device_sharding, abstract)
+            self.param_shardings = self._state_sharding.params
             self._batch_sharding = self._device_sharding
             self._train = jax.jit(step, donate_argnums=donate, compiler_options=options)
             self._eval = jax.jit(evaluate, compiler_options=options)
@@ -385,6 +393,7 @@ class Engine:
             self._pmap_sharding = NamedSharding(Mesh(np.array(local), (PMAP_AXIS,)), P(PMAP_AXIS))
             # The checkpoint layout: one replicated copy over every device of every process.
             self._replicated = NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), P())
+            self.param_shardings = jax.tree.map(lambda _: self._replicated, abstract.params)
             pmap_devices = local if self._custom_devices else None
             self._train = jax.pmap(functools.partial(step, axis_name=PMAP_AXIS),
                                    axis_name=PMAP_AXIS, devices=pmap_devices,
