@@ -625,6 +625,15 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
             "this vocabulary's end token (GPT-2: stop_tokens=(50256,)), or () to run to "
             "max_new_tokens; or set TransformerConfig.eos_id, the default then.")
     stop_tokens = () if stop_tokens is None else stop_tokens
+    try:
+        nested = np.ndim(stop_tokens) > 1
+    except ValueError:  # ragged sequences of ids
+        nested = True
+    if nested:
+        raise ValueError(
+            f"stop_tokens={stop_tokens!r:.80} must be a flat set of token ids [n], any one of "
+            "which stops a row (the same set for every row); sequences of several tokens (stop "
+            "strings) are not matched: stop on their last token, or decode and cut the text.")
     known = _concrete(stop_tokens)
     if known is not None and known.size and (
             not np.issubdtype(known.dtype, np.integer)
@@ -656,6 +665,22 @@ def _concrete(x) -> np.ndarray | None:
 
 
 _SIDES = ("right", "left")
+
+
+def _lm_prompts(cfg: TransformerConfig, prompts, prompt_lengths, side: str, new,
+                new_name: str):
+    """`(prompts right-aligned, lengths, new)`, checked. Prompts padded wider than their longest
+    row (a harness's fixed bucket width) are cut to the width `max_len` leaves for `new`
+    tokens when their lengths are known and fit: one width per `max_len` and `new`, so one
+    compilation, where the padding used to be refused as too long."""
+    new = _positive_int(new_name, new)
+    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id, side)
+    prompts = _right_aligned(prompts, lengths, side)
+    room = cfg.max_len - new
+    known = _concrete(lengths)
+    if prompts.shape[1] > room >= 1 and known is not None and int(known.max()) <= room:
+        prompts = prompts[:, :room]
+    return prompts, lengths, _check_total(cfg, prompts.shape[1], new, new_name)
 
 
 def _prompt_lengths(prompts, prompt_lengths, pad_id: int | None = PAD_ID,
@@ -735,7 +760,9 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     for a prompt in the same row), or `greedy=True` for the argmax. A row stops at the first of
     its `stop_tokens` (kept in the output; the padding id after it; default
     `(config.eos_id,)`, else the library's EOS 1). `prompt_len + max_new_tokens` must not
-    exceed `config.max_len`. With `config.pad_id=None` (a vocabulary without padding) every prompt
+    exceed `config.max_len` (padding past the longest row is cut to fit when the lengths are
+    known). `stop_tokens` is a flat set of ids; sequences of several are refused. With
+    `config.pad_id=None` (a vocabulary without padding) every prompt
     column is a token unless `prompt_lengths` says otherwise, and any id may be generated.
     Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs, per-token
     token_log_probs and sampled_log_probs (, logits).
@@ -750,11 +777,10 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
-    max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
+                                                   max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id, padding_side)
-    prompts = _right_aligned(prompts, lengths, padding_side)
     return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
                         max_new_tokens=max_new_tokens, **static)
 
@@ -816,9 +842,8 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
         raise ValueError(f"alpha={alpha} must be one finite number (the length penalty's "
                          "exponent; 0 = none).")
     if isinstance(model, DecoderOnly):
-        max_len = _check_total(cfg, inputs.shape[1], max_len, "max_len")
-        lengths = _prompt_lengths(inputs, prompt_lengths, cfg.pad_id, padding_side)
-        inputs = _right_aligned(inputs, lengths, padding_side)
+        inputs, lengths, max_len = _lm_prompts(cfg, inputs, prompt_lengths, padding_side,
+                                               max_len, "max_len")
     else:
         max_len = _check_total(cfg, 0, max_len, "max_len")
         _check_sources(inputs)
@@ -870,11 +895,10 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
-    max_new_tokens = _check_total(cfg, prompts.shape[1], max_new_tokens, "max_new_tokens")
+    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
+                                                   max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    lengths = _prompt_lengths(prompts, prompt_lengths, cfg.pad_id, padding_side)
-    prompts = _right_aligned(prompts, lengths, padding_side)
     return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 

@@ -506,6 +506,26 @@ def test_stop_tokens_end_each_row_at_its_first_stop():
     assert early >= 1
 
 
+def test_prompts_padded_past_max_len_and_nested_stop_tokens():
+    """Prompts bucketed to a width that leaves too little room (a harness's fixed width) are
+    cut to the width max_len leaves when every row fits: the same tokens as unbucketed (they
+    were refused as too long); stop sequences are refused (they were flattened into a set
+    of single tokens: ((5, 9),) stopped at a lone 9)."""
+    s = setup("gpt_learned")
+    new = s.cfg.max_len - 6  # room for 6 prompt columns; the longest prompt has 5
+    wide = np.concatenate([s.ids, np.zeros((len(s.ids), 6), np.int32)], axis=1)
+    for fn, kw in ((decoding.generate, dict(max_new_tokens=new, greedy=True)),
+                   (decoding.beam_search, dict(max_len=new, beam_size=2))):
+        a, b = (jax.tree.map(np.asarray, fn(s.model, s.params, ids, **kw))
+                for ids in (s.ids, wide))
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        decoding.generate(s.model, s.params, wide, max_new_tokens=s.cfg.max_len - 4)
+    for nested in (((5, 9),), np.array([[5, 9]]), ((5, 9), (3,))):
+        with pytest.raises(ValueError, match="flat set of token ids"):
+            s.generate(greedy=True, stop_tokens=nested)
+
+
 def test_stop_tokens_and_eos_id_may_be_traced_by_a_caller_jit():
     """Documented as traced arguments: passing them through the caller's jit must work and
     give what the same values give eagerly."""
