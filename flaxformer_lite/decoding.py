@@ -777,10 +777,10 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
-    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
-                                                   max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
+    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
+                                                   max_new_tokens, "max_new_tokens")
     return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
                         max_new_tokens=max_new_tokens, **static)
 
@@ -895,10 +895,10 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
     prompts, prompt_lengths = _as_ids("prompts", prompts), _as_ids("prompt_lengths",
                                                                      prompt_lengths)
     _check_ids("prompts", prompts, cfg.vocab_size)
-    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
-                                                   max_new_tokens, "max_new_tokens")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
+    prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
+                                                   max_new_tokens, "max_new_tokens")
     return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 

@@ -520,7 +520,8 @@ def test_prompts_padded_past_max_len_and_nested_stop_tokens():
                 for ids in (s.ids, wide))
         np.testing.assert_array_equal(a.tokens, b.tokens)
     with pytest.raises(ValueError, match="exceeds the model's max_len"):
-        decoding.generate(s.model, s.params, wide, max_new_tokens=s.cfg.max_len - 4)
+        decoding.generate(s.model, s.params, wide, max_new_tokens=s.cfg.max_len - 4,
+                          greedy=True)
     for nested in (((5, 9),), np.array([[5, 9]]), ((5, 9), (3,))):
         with pytest.raises(ValueError, match="flat set of token ids"):
             s.generate(greedy=True, stop_tokens=nested)

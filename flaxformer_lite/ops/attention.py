@@ -223,12 +223,6 @@ def _delegate(q, k, v, bias, mask, scale, is_causal, implementation):
         raise ValueError(
             f"implementation='cudnn' (TransformerConfig.attention_implementation) needs an "
             f"NVIDIA GPU, but JAX runs on {jax.default_backend()}; use 'ops' or 'xla' here.")
-    platform = _TRACE_PLATFORM.get() or jax.default_backend()
-    if implementation == "xla" and q.dtype == jnp.float16 and platform == "cpu":
-        raise ValueError(
-            "implementation='xla' (TransformerConfig.attention_implementation) cannot run "
-            "float16 on a CPU (XLA:CPU has no float16 matmul accumulating in float32); use "
-            "'ops' or dtype='bfloat16' here.")
 
     def four_d(x):
         if x is None:
