@@ -860,18 +860,49 @@ def _batch(ds: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool, bat
            seed: int, shuffle: bool, drop_remainder: bool, num_bins: int | None,
            bucket_boundaries: Sequence[int] | None, bucket_window: int,
            rename: Mapping[str, str | None]) -> grain.IterDataset:
+    _batch_checks(pack, num_bins, bucket_boundaries, bucket_window)
     if pack:
-        if bucket_boundaries:
-            raise ValueError("bucket_boundaries apply to padded batches; use pack=False.")
-        if num_bins is not None and num_bins < 1:
-            raise ValueError(f"num_packing_bins must be >= 1, got {num_bins}.")
         return _pack(ds, lengths, batch_size=batch_size, num_bins=num_bins, seed=seed,
                      shuffle=shuffle, drop_remainder=drop_remainder, rename=rename)
-    if bucket_window < 1:
-        raise ValueError(f"bucket_window must be >= 1, got {bucket_window}.")
     return _BucketBatchDataset(ds, batch_size=batch_size, lengths=lengths,
                                boundaries=bucket_boundaries, window=bucket_window, seed=seed,
                                shuffle=shuffle, drop_remainder=drop_remainder)
+
+
+# a decoder's packed inputs carry the segments and positions; the targets' copies are dropped
+_DECODER_RENAME = {"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
+                   "targets_segment_ids": None, "targets_positions": None}
+
+
+def _batched_pipeline(source: Sequence[Mapping[str, Any]],
+                      process: Callable[[Mapping[str, Any], int], Any],
+                      lengths: Mapping[str, int], *, shard: tuple[int, int], batch_size: int,
+                      local: int, pack: bool, shuffle: bool, seed: int, num_epochs: int | None,
+                      drop_remainder: bool | None, num_bins: int | None,
+                      bucket_boundaries: Sequence[int] | None, bucket_window: int,
+                      rename: Mapping[str, str | None], num_threads: int, prefetch: int,
+                      stats: PipelineStats, description: str,
+                      then: Callable[[Batch], Batch] | None = None) -> Pipeline:
+    """The `Pipeline` every text builder returns: `process`ed examples in the global order
+    (`_ordered`), packed or padded into `local`-row batches (`_batch`), each batch passed
+    through `then` when given. A finite run keeps its last, smaller batch unless
+    `drop_remainder` (default: drop only when repeating forever). Arguments are checked here,
+    before any example is read."""
+    _batch_checks(pack, num_bins, bucket_boundaries, bucket_window)
+    drop = num_epochs is None if drop_remainder is None else drop_remainder
+
+    def batching(ds: grain.IterDataset) -> grain.IterDataset:
+        ds = _batch(ds, lengths, pack=pack, batch_size=local, seed=seed + 1, shuffle=shuffle,
+                    drop_remainder=drop, num_bins=num_bins,
+                    bucket_boundaries=bucket_boundaries, bucket_window=bucket_window,
+                    rename=rename)
+        return ds if then is None else ds.map(then)
+
+    ds = _ordered(source, process, batching, shard=shard, batch_size=batch_size,
+                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
+                  prefetch=prefetch)
+    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local, stats=stats,
+                    endless=num_epochs is None, description=description)
 
 
 class _ThreadPrefetchDataset(grain.IterDataset):
@@ -1027,24 +1058,13 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     lengths = {"inputs": max_len, "targets": max_len}
     if mark_tokens:
         lengths["segment_ids"] = max_len
-    def batching(ds: grain.IterDataset) -> grain.IterDataset:
-        return _batch(ds, lengths, pack=pack, batch_size=local, seed=seed + 1, shuffle=shuffle,
-                      drop_remainder=num_epochs is None if drop_remainder is None
-                      else drop_remainder,
-                      num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                      bucket_window=bucket_window,
-                      rename={"inputs_segment_ids": "segment_ids",
-                              "inputs_positions": "positions",
-                              "targets_segment_ids": None, "targets_positions": None})
-
-    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
-    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
-                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
-                  prefetch=prefetch)
-    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, endless=num_epochs is None,
-                    description=f"lm split={split!r} batch={batch_size} "
-                    f"max_len={max_len} pack={pack}")
+    return _batched_pipeline(
+        source, tokenize, lengths, shard=shard, batch_size=batch_size, local=local, pack=pack,
+        shuffle=shuffle, seed=seed, num_epochs=num_epochs, drop_remainder=drop_remainder,
+        num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
+        bucket_window=bucket_window, rename=_DECODER_RENAME, num_threads=num_threads,
+        prefetch=prefetch, stats=stats,
+        description=f"lm split={split!r} batch={batch_size} max_len={max_len} pack={pack}")
 
 
 def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np.ndarray:
@@ -1167,22 +1187,14 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
         t = t[:max_target_len - 1] + [EOS_ID]
         return {"inputs": np.asarray(s, np.int32), "targets": np.asarray(t, np.int32)}
 
-    def batching(ds: grain.IterDataset) -> grain.IterDataset:
-        return _batch(ds, {"inputs": max_source_len, "targets": max_target_len}, pack=pack,
-                      batch_size=local, seed=seed + 1, shuffle=shuffle,
-                      drop_remainder=num_epochs is None if drop_remainder is None
-                      else drop_remainder,
-                      num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                      bucket_window=bucket_window, rename={})
-
-    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
-    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
-                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
-                  prefetch=prefetch)
-    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, endless=num_epochs is None,
-                    description=f"translation split={split!r} batch={batch_size} "
-                    f"max_len={max_source_len}/{max_target_len} pack={pack}")
+    return _batched_pipeline(
+        source, tokenize, {"inputs": max_source_len, "targets": max_target_len}, shard=shard,
+        batch_size=batch_size, local=local, pack=pack, shuffle=shuffle, seed=seed,
+        num_epochs=num_epochs, drop_remainder=drop_remainder, num_bins=num_packing_bins,
+        bucket_boundaries=bucket_boundaries, bucket_window=bucket_window, rename={},
+        num_threads=num_threads, prefetch=prefetch, stats=stats,
+        description=f"translation split={split!r} batch={batch_size} "
+        f"max_len={max_source_len}/{max_target_len} pack={pack}")
 
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int,
@@ -1285,25 +1297,15 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
             stats.add_uncapped(dropped)
         return batch
 
-    def batching(ds: grain.IterDataset) -> grain.IterDataset:
-        ds = _batch(ds, {"inputs": max_len, "targets": max_len}, pack=pack,
-                    batch_size=local, seed=seed + 1, shuffle=shuffle,
-                    drop_remainder=num_epochs is None if drop_remainder is None
-                    else drop_remainder,
-                    num_bins=num_packing_bins, bucket_boundaries=bucket_boundaries,
-                    bucket_window=bucket_window,
-                    rename={"inputs_segment_ids": "segment_ids", "inputs_positions": "positions",
-                            "targets_segment_ids": None, "targets_positions": None})
-        return ds if max_predictions is None else ds.map(cap)
-
-    _batch_checks(pack, num_packing_bins, bucket_boundaries, bucket_window)
-    ds = _ordered(source, tokenize_and_mask, batching, shard=shard, batch_size=batch_size,
-                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
-                  prefetch=prefetch)
-    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, endless=num_epochs is None,
-                    description=f"mlm split={split!r} batch={batch_size} "
-                    f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
+    return _batched_pipeline(
+        source, tokenize_and_mask, {"inputs": max_len, "targets": max_len}, shard=shard,
+        batch_size=batch_size, local=local, pack=pack, shuffle=shuffle, seed=seed,
+        num_epochs=num_epochs, drop_remainder=drop_remainder, num_bins=num_packing_bins,
+        bucket_boundaries=bucket_boundaries, bucket_window=bucket_window,
+        rename=_DECODER_RENAME, num_threads=num_threads, prefetch=prefetch, stats=stats,
+        then=None if max_predictions is None else cap,
+        description=f"mlm split={split!r} batch={batch_size} "
+        f"max_len={max_len} pack={pack} max_predictions={max_predictions}")
 
 
 def _check_text(text: Any, where: str) -> None:
@@ -1423,22 +1425,12 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
         stats.add(truncated=int(cut > 0), dropped=cut)
         return {"inputs": np.asarray(ids, np.int32), "labels": np.int32(ex["label"])}
 
-    def batching(ds: grain.IterDataset) -> grain.IterDataset:
-        return _batch(ds, {"inputs": max_len}, pack=False, batch_size=local, seed=seed + 1,
-                      shuffle=shuffle,
-                      drop_remainder=num_epochs is None if drop_remainder is None
-                      else drop_remainder,
-                      num_bins=None, bucket_boundaries=bucket_boundaries,
-                      bucket_window=bucket_window, rename={})
-
-    _batch_checks(False, None, bucket_boundaries, bucket_window)
-    ds = _ordered(source, tokenize, batching, shard=shard, batch_size=batch_size,
-                  shuffle=shuffle, seed=seed, num_epochs=num_epochs, num_threads=num_threads,
-                  prefetch=prefetch)
-    return Pipeline(ds, global_batch_size=batch_size, local_batch_size=local,
-                    stats=stats, endless=num_epochs is None,
-                    description=f"classification batch={batch_size} "
-                    f"max_len={max_len}")
+    return _batched_pipeline(
+        source, tokenize, {"inputs": max_len}, shard=shard, batch_size=batch_size, local=local,
+        pack=False, shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+        drop_remainder=drop_remainder, num_bins=None, bucket_boundaries=bucket_boundaries,
+        bucket_window=bucket_window, rename={}, num_threads=num_threads, prefetch=prefetch,
+        stats=stats, description=f"classification batch={batch_size} max_len={max_len}")
 
 
 def window_pipeline(tokens: np.ndarray | Sequence[int], *, batch_size: int, seq_len: int,
