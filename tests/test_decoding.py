@@ -919,12 +919,18 @@ _EXPLICIT = textwrap.dedent("""
         refs = {name: call(params, prompts) for name, call in calls.items()}
         replicated = jax.device_put(params, NamedSharding(mesh, P()))
         split = jax.device_put(prompts, NamedSharding(mesh, P("data")))
+        # Each call meets whole and batch-split prompts, one inside set_mesh and one outside,
+        # the pairing alternating over the calls and flipped for the second model: sampling and
+        # beams each meet all four layouts (each layout costs a compilation of the loop).
+        for k, (name, call) in enumerate(calls.items()):
+            split_in_mesh = (k + (not lm)) % 2 == 0
+            for x, how in ((prompts, "whole prompts"), (split, "batch-split prompts")):
+                in_mesh = split_in_mesh == (x is split)
+                with jax.set_mesh(mesh) if in_mesh else contextlib.nullcontext():
+                    what = f"{arch} {extra.get('position')} {name}, {how}, set_mesh {in_mesh}"
+                    same(call(replicated, x), refs[name], what)
         for in_mesh in (False, True):
             with jax.set_mesh(mesh) if in_mesh else contextlib.nullcontext():
-                for x, how in ((prompts, "whole prompts"), (split, "batch-split prompts")):
-                    for name, call in calls.items():
-                        what = f"{arch} {extra.get('position')} {name}, {how}, set_mesh {in_mesh}"
-                        same(call(replicated, x), refs[name], what)
                 jitted = jax.jit(calls["beams"])
                 same(jitted(replicated, split), refs["beams"], f"{arch} beams in a jit")
 

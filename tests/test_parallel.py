@@ -324,51 +324,53 @@ def two_processes(args, env, while_running=None) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(worker_env, tmp_path):
-    """A preemption notice reaching one process only: both must leave the loop at the same
-    step and save together (a process stopping alone would leave the other waiting in a
-    collective). The signal goes to process 1 while process 0 is paused in its hook."""
+def test_two_processes_stopped_and_resumed_match_one_process(reference_run, worker_env,
+                                                              tmp_path):
+    """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
+    process feeds half of every global batch. Compared with one process on one device that was
+    never interrupted.
+
+    A preemption notice reaches process 1 only (SIGTERM while process 0 is paused in its hook):
+    both must leave the loop at the same step and save together (a process stopping alone
+    would leave the other waiting in a collective), each with its own data position. Both then
+    restart from that checkpoint and finish; losses, evaluations and final parameters must match
+    the reference. The second process runs out of eval batches one before the first: the
+    evaluation must still end together (not hang in a collective step) and sum the same
+    examples as one process."""
     pause = tmp_path / "paused"
-    common = ["--num_steps", 40, "--checkpoint_every", 100, "--mode", "mesh", "--mesh",
-              "2,1,1", "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
-              "--workdir", tmp_path / "work", "--out", tmp_path / "params.npz",
-              "--pause_at", 3, "--pause_file", pause]
+    common = [*TRAIN_ARGS, *EVAL_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
+              "--num_processes", 2, "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
+              "--out", tmp_path / "params.npz"]
+
     def stop_process_1(procs):
         wait_for(pause, procs[0])
         procs[1].send_signal(signal.SIGTERM)
         Path(str(pause) + ".go").touch()
 
-    two_processes(common, worker_env, stop_process_1)
-    result = json.loads((tmp_path / "params.npz.json").read_text())
-    assert result["interrupted"] and 3 <= result["step"] < 40
-    steps = [p.name for p in (tmp_path / "work" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert steps == [str(result["step"])]
-    data = sorted(p.name for p in (tmp_path / "work" / "checkpoints" / steps[0] /
-                                   "data").iterdir() if p.suffix == ".json")
+    two_processes([*common, "--coordinator", f"127.0.0.1:{free_port()}", "--pause_at", 2,
+                   "--pause_file", pause], worker_env, stop_process_1)
+    stopped = json.loads((tmp_path / "params.npz.json").read_text())
+    assert stopped["interrupted"] and 2 <= stopped["step"] < STEPS
+    checkpoint = tmp_path / "work" / "checkpoints" / str(stopped["step"])
+    data = sorted(p.name for p in (checkpoint / "data").iterdir() if p.suffix == ".json")
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert max(read_log(tmp_path / "log.jsonl")) == stopped["step"]
 
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(reference_run, worker_env, tmp_path):
-    """Two processes x 2 CPU devices, a (data=2, fsdp=2) mesh over both, gloo collectives; each
-    process feeds half of every global batch. Compared with one process on one device. The
-    second process runs out of eval batches one before the first: the evaluation must still end
-    together (not hang in a collective step) and sum the same examples as one process."""
-    common = [*TRAIN_ARGS, *EVAL_ARGS, "--mode", "mesh", "--mesh", "2,2,1", "--devices", 2,
-              "--num_processes", 2, "--coordinator", f"127.0.0.1:{free_port()}",
-              "--workdir", tmp_path / "work", "--log", tmp_path / "log.jsonl",
-              "--out", tmp_path / "params.npz"]
-    two_processes(common, worker_env)
+    two_processes([*common, "--coordinator", f"127.0.0.1:{free_port()}"], worker_env)
+    assert json.loads((tmp_path / "params.npz.json").read_text()) == {"step": STEPS,
+                                                                       "interrupted": False}
     expected = read_log(reference_run / "log.jsonl")
     got = read_log(tmp_path / "log.jsonl")  # written by process 0 only: one entry per step
     assert sorted(got) == sorted(expected)
     for step in got:
-        assert len(got[step]) == 1
+        assert len(got[step]) == 1  # the restart began where the stop saved: no step redone
         np.testing.assert_allclose(got[step], expected[step], rtol=1e-5)
     assert_params_close(load(tmp_path / "params.npz"), load(reference_run / "params.npz"))
     expected_eval = read_eval_log(reference_run / "log.jsonl")
     got_eval = read_eval_log(tmp_path / "log.jsonl")
-    assert sorted(got_eval) == sorted(expected_eval) == [STEPS // 2, STEPS]
+    assert sorted(expected_eval) == [STEPS // 2, STEPS]
+    # The mid-run evaluation is skipped when the stop arrives during it (the checkpoint first).
+    assert STEPS in got_eval and set(got_eval) <= set(expected_eval)
     for step, metrics in got_eval.items():
         assert sorted(metrics) == sorted(expected_eval[step])
         for name, value in metrics.items():
