@@ -25,10 +25,12 @@ reference that recomputes the whole sequence at every step (for tests and the be
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import numbers
 import operator
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -51,6 +53,8 @@ from flaxformer_lite.models import (
 from flaxformer_lite.ops.sharding import explicit_sharding
 
 Array = jnp.ndarray
+# Stop tokens: ids and sequences of ids (stop strings), or an array [n] / [n, w] (-1 first).
+StopTokens = Sequence[int | Sequence[int]] | Array
 
 PAD_ID = 0  # padding; also the decoder start token of encoder-decoder models
 EOS_ID = 1  # end of sequence (the tokenizers' EOS_ID)
@@ -312,9 +316,16 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
                  top_p: float, greedy: bool, return_logits: bool) -> Generation:
     """Feed one token and choose the next per iteration of one `lax.while_loop`.
 
-    `dyn` holds the traced settings: `rng`, `temperature` and `stop_tokens` (`[n]`, -1 = none).
+    `dyn` holds the traced settings: `rng`, `temperature` and `stop_tokens` (`[n, w]` stop
+    sequences, right-aligned, -1 before a shorter one's ids; rows of -2 stop nothing).
     """
     b, n = token0.shape[0], max_new_tokens
+    stops = dyn["stop_tokens"]
+
+    def stopped(recent: Array) -> Array:
+        """[batch]: the last `w` tokens `recent` `[batch, w]` end with a stop sequence."""
+        equal = (recent[:, None, :] == stops[None]) | (stops[None] == -1)
+        return jnp.any(jnp.all(equal, axis=-1) & (stops[None, :, -1] >= 0), axis=-1)
 
     def cond(state):
         return (state["i"] < n) & ~jnp.all(state["done"])
@@ -333,6 +344,7 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
             token = jax.random.categorical(jax.random.fold_in(dyn["rng"], i), drawn_from,
                                            axis=-1).astype(jnp.int32)
         token = jnp.where(done, _fill_id(pad_id), token)
+        recent = jnp.concatenate([state["recent"][:, 1:], token[:, None]], axis=1)
         logp = jnp.where(done, 0.0, jnp.take_along_axis(jax.nn.log_softmax(logits),
                                                         token[:, None], axis=-1)[:, 0])
         new = {
@@ -341,7 +353,8 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
             "log_probs": state["log_probs"] + logp,
             "token_log_probs": state["token_log_probs"].at[:, i].set(logp),
             "lengths": state["lengths"] + (~done).astype(jnp.int32),
-            "done": done | jnp.isin(token, dyn["stop_tokens"]),
+            "recent": recent,
+            "done": done | stopped(recent),
         }
         if not greedy:
             behaviour = jnp.take_along_axis(jax.nn.log_softmax(drawn_from), token[:, None],
@@ -358,6 +371,9 @@ def _sample_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, dyn: di
         "log_probs": jnp.zeros((b,), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32),
         "token_log_probs": jnp.zeros((b, n), jnp.float32),
         "done": jnp.zeros((b,), bool),
+        # The newest generated tokens (-3 before the first: a stop sequence never reaches back
+        # into the prompt).
+        "recent": jnp.full((b, stops.shape[1]), -3, jnp.int32),
     }
     if not greedy:
         state["sampled_log_probs"] = jnp.zeros((b, n), jnp.float32)
@@ -624,36 +640,78 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
             "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
             "this vocabulary's end token (GPT-2: stop_tokens=(50256,)), or () to run to "
             "max_new_tokens; or set TransformerConfig.eos_id, the default then.")
-    stop_tokens = () if stop_tokens is None else stop_tokens
-    try:
-        nested = np.ndim(stop_tokens) > 1
-    except ValueError:  # ragged sequences of ids
-        nested = True
-    if nested:
-        raise ValueError(
-            f"stop_tokens={stop_tokens!r:.80} must be a flat set of token ids [n], any one of "
-            "which stops a row (the same set for every row); sequences of several tokens (stop "
-            "strings) are not matched: stop on their last token, or decode and cut the text.")
-    known = _concrete(stop_tokens)
-    if known is not None and known.size and (
-            not np.issubdtype(known.dtype, np.integer)
-            or ((known < 0) | (known >= cfg.vocab_size) | (known == _pad_or(cfg, -1))).any()):
-        default = (" (the default stop_tokens=(EOS_ID,) is this model's padding id: pass "
-                   "stop_tokens= of its own vocabulary, or ())" if is_default else "")
-        raise ValueError(f"stop_tokens={known.tolist()} must be ids in [0, vocab_size="
-                         f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
-                         f" but the padding id {cfg.pad_id}, which is never emitted, so it "
-                         "could never stop a row") + f"{default}.")
-    stops = jnp.asarray(stop_tokens if known is None else known.astype(np.int32),
-                        jnp.int32).reshape(-1)  # traced inside a caller's jit: as given
-    width = 4 * max(1, -(-stops.shape[0] // 4))  # padded with -1 so small sets share a compile
+    stops = _stop_sequences(cfg, stop_tokens, is_default)
     dyn = {"rng": None if greedy else rng,
            "temperature": jnp.asarray(temperature, jnp.float32),
-           "stop_tokens": jnp.concatenate(
-               [stops, jnp.full((width - stops.shape[0],), -1, jnp.int32)])}
+           "stop_tokens": stops}
     static = {"top_k": k, "top_p": float(top_p), "greedy": bool(greedy),
               "return_logits": bool(return_logits)}
     return dyn, static
+
+
+def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Array:
+    """`stop_tokens` as the sampler's `[n, w]` matrix of stop sequences, right-aligned.
+
+    Accepted: ids (each one token), sequences of ids (each a stop sequence; ids and sequences
+    may be mixed), or an array: `[n]` ids or `[n, w]` sequences left-padded with -1. Concrete
+    values are checked; rows are padded to a multiple of 4 with rows of -2 (which stop
+    nothing), so small sets of one width share a compilation. A traced array (inside a
+    caller's jit) is used as given.
+    """
+    stop_tokens = () if stop_tokens is None else stop_tokens
+    if isinstance(stop_tokens, jax.core.Tracer):
+        stops = stop_tokens.astype(jnp.int32)
+        if stops.ndim not in (1, 2):
+            raise ValueError(f"stop_tokens traced with shape {stops.shape}: pass [n] ids or "
+                             "[n, w] stop sequences left-padded with -1.")
+        stops = stops[:, None] if stops.ndim == 1 else stops
+    else:
+        rows = _stop_rows(stop_tokens)
+        ids = [t for row in (rows or []) for t in row]
+        bad = [t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)
+               or not 0 <= t < cfg.vocab_size or t == _pad_or(cfg, -1)]
+        if rows is None or bad or not all(rows):
+            default = (" (the default stop_tokens=(EOS_ID,) is this model's padding id: pass "
+                       "stop_tokens= of its own vocabulary, or ())" if is_default else "")
+            raise ValueError(
+                f"stop_tokens={stop_tokens!r:.100} must be ids in [0, vocab_size="
+                f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
+                f" but the padding id {cfg.pad_id}, which is never emitted, so it could "
+                "never stop a row") + "; each entry an id or a non-empty sequence of ids (a "
+                f"stop sequence){default}.")
+        width = max((len(row) for row in rows), default=1)
+        stops = np.full((len(rows), width), -2, np.int32)
+        for i, row in enumerate(rows):
+            stops[i] = [-1] * (width - len(row)) + [int(t) for t in row]
+        stops = jnp.asarray(stops)
+    n = stops.shape[0]
+    pad = 4 * max(1, -(-n // 4)) - n
+    return jnp.concatenate([stops, jnp.full((pad, stops.shape[1]), -2, jnp.int32)])
+
+
+def _stop_rows(stop_tokens) -> list[list] | None:
+    """Concrete `stop_tokens` as a list of stop sequences; None for an unreadable shape."""
+    def scalar(x):
+        return x.item() if isinstance(x, (np.generic, np.ndarray, jax.Array)) else x
+
+    if isinstance(stop_tokens, (np.ndarray, jax.Array)):
+        array = np.asarray(stop_tokens)
+        if array.ndim == 2:  # [n, w], each row left-padded with -1
+            return [list(itertools.dropwhile(lambda t: t == -1, row)) for row in array.tolist()]
+        return [[t] for t in array.reshape(-1).tolist()] if array.ndim <= 1 else None
+    if not isinstance(stop_tokens, Iterable) or isinstance(stop_tokens, str):
+        return [[scalar(stop_tokens)]]  # one id
+    rows = []
+    for entry in stop_tokens:
+        if isinstance(entry, str):
+            return None
+        if not isinstance(entry, Iterable) or np.ndim(entry) == 0:
+            rows.append([scalar(entry)])
+        elif any(isinstance(t, (str, Iterable)) and np.ndim(t) != 0 for t in entry):
+            return None  # deeper nesting
+        else:
+            rows.append([scalar(t) for t in entry])
+    return rows
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -746,7 +804,7 @@ def _right_aligned(prompts: Array, lengths: Array, side: str) -> Array:
 
 def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Array | None = None,
              max_new_tokens: int, rng: Array | None = None, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
+             top_k: int = 0, top_p: float = 1.0, stop_tokens: StopTokens = _LIBRARY_EOS,
              greedy: bool = False, return_logits: bool = False,
              padding_side: str = "right") -> Generation:
     """Continue `prompts` `[batch, prompt_len]` with a decoder-only model.
@@ -759,9 +817,12 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
     over the batch: a row's sample depends on its row index, so the same key repeats a text
     for a prompt in the same row), or `greedy=True` for the argmax. A row stops at the first of
     its `stop_tokens` (kept in the output; the padding id after it; default
-    `(config.eos_id,)`, else the library's EOS 1). `prompt_len + max_new_tokens` must not
+    `(config.eos_id,)`, else the library's EOS 1). Each entry of `stop_tokens` is an id or a
+    sequence of ids (a stop string's tokens, e.g. `(13, 13)`), matched in the generated
+    tokens only (not across the prompt's end); an array may give `[n]` ids or `[n, w]`
+    sequences left-padded with -1. `prompt_len + max_new_tokens` must not
     exceed `config.max_len` (padding past the longest row is cut to fit when the lengths are
-    known). `stop_tokens` is a flat set of ids; sequences of several are refused. With
+    known). With
     `config.pad_id=None` (a vocabulary without padding) every prompt
     column is a token unless `prompt_lengths` says otherwise, and any id may be generated.
     Returns a `Generation`: tokens `[batch, max_new_tokens]`, lengths, log_probs, per-token
@@ -787,7 +848,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
 
 def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_tokens: int,
                      rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
+                     top_p: float = 1.0, stop_tokens: StopTokens = _LIBRARY_EOS,
                      greedy: bool = False, return_logits: bool = False,
                      num_samples: int = 1) -> Generation:
     """Decode targets for source ids `inputs` `[batch, src_len]` (0 = padding, after each
@@ -880,7 +941,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
 def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
                       prompt_lengths: Array | None = None, max_new_tokens: int,
                       rng: Array | None = None, temperature: float = 1.0, top_k: int = 0,
-                      top_p: float = 1.0, stop_tokens: Sequence[int] = _LIBRARY_EOS,
+                      top_p: float = 1.0, stop_tokens: StopTokens = _LIBRARY_EOS,
                       greedy: bool = False, return_logits: bool = False,
                       padding_side: str = "right") -> Generation:
     """`generate` without a cache: every step reruns the model over the whole sequence.

@@ -272,7 +272,7 @@ def test_a_vocabulary_without_padding_generates_and_attends_to_id_0():
                                atol=1e-6)
     beams = decoding.beam_search(model, params, prompts, beam_size=2, max_len=3, eos_id=1)
     assert np.all(np.asarray(beams.tokens)[:, 0] == 0)
-    with pytest.raises(ValueError, match=r"stop_tokens=\[0\] must be ids in \[0, "
+    with pytest.raises(ValueError, match=r"stop_tokens=\(0,\) must be ids in \[0, "
                        r"vocab_size=64\) but the padding id 0"):
         decoding.generate(plain_model, plain_params, prompts, max_new_tokens=2, greedy=True,
                           stop_tokens=(0,))
@@ -506,11 +506,62 @@ def test_stop_tokens_end_each_row_at_its_first_stop():
     assert early >= 1
 
 
-def test_prompts_padded_past_max_len_and_nested_stop_tokens():
+def first_stop(tokens: np.ndarray, stops) -> int:
+    """Tokens a row keeps: through the first stop sequence ending within `tokens`, else all."""
+    for j in range(len(tokens)):
+        for seq in stops:
+            seq = (seq,) if np.ndim(seq) == 0 else tuple(seq)
+            if j + 1 >= len(seq) and tuple(tokens[j + 1 - len(seq):j + 1]) == seq:
+                return j + 1
+    return len(tokens)
+
+
+def test_stop_sequences_end_a_row_after_their_last_token():
+    """Stop sequences (a stop string's tokens) mixed with single ids: a row ends after the
+    first one completed in its generated tokens, against a NumPy scan of the unstopped run;
+    a sequence spanning the prompt's end does not count. Likewise without the cache and with
+    the `[n, w]` array (left-padded with -1) traced by a caller's jit."""
+    s, base = setup("gpt_learned"), sampled_run("gpt_learned")
+    t = base.tokens
+    last_prompt = int(s.ids[0, s.lengths[0] - 1])
+    stops = ((int(t[0, 2]), int(t[0, 3])), 60, tuple(int(x) for x in t[1, 4:7]),
+             (last_prompt, int(t[0, 0])))
+    kw = dict(rng=jax.random.key(1), temperature=0.8)
+    out = s.generate(**kw, stop_tokens=stops)
+    step_logp = np.take_along_axis(log_softmax(base.logits.astype(np.float64)),
+                                   t[:, :, None], axis=2)[:, :, 0]
+    early = []
+    for b in range(len(s.lengths)):
+        n = first_stop(t[b], stops)
+        early.append(n < NEW)
+        assert out.lengths[b] == n, b
+        np.testing.assert_array_equal(out.tokens[b, :n], t[b, :n])
+        assert (out.tokens[b, n:] == 0).all()
+        np.testing.assert_allclose(out.log_probs[b], step_logp[b, :n].sum(), rtol=1e-5,
+                                   atol=1e-5)
+    assert early[0] and early[1]  # rows 0 and 1 meet the sequences taken from them
+    assert first_stop(t[0], stops[:1]) > 2  # not at a lone token of the pair
+    no_cache = jax.tree.map(np.asarray, decoding.generate_no_cache(
+        s.model, s.params, s.ids, max_new_tokens=NEW, **kw, stop_tokens=stops))
+    np.testing.assert_array_equal(no_cache.lengths, out.lengths)
+    np.testing.assert_array_equal(no_cache.tokens, out.tokens)
+    matrix = np.full((len(stops), 3), -1, np.int32)
+    for i, seq in enumerate(stops):
+        seq = np.atleast_1d(seq)
+        matrix[i, 3 - len(seq):] = seq
+    traced = jax.jit(lambda m: decoding.generate(s.model, s.params, s.ids, max_new_tokens=NEW,
+                                                 **kw, stop_tokens=m))(matrix)
+    np.testing.assert_array_equal(traced.tokens, out.tokens)
+    np.testing.assert_array_equal(traced.lengths, out.lengths)
+    for bad in ((((5, 9),),), ((),), ((5, -1, 9),), (5.0,), np.zeros((2, 2, 2), np.int32)):
+        with pytest.raises(ValueError, match="each entry an id or a non-empty sequence of ids"):
+            s.generate(greedy=True, stop_tokens=bad)
+
+
+def test_prompts_padded_past_max_len_are_cut_to_fit():
     """Prompts bucketed to a width that leaves too little room (a harness's fixed width) are
     cut to the width max_len leaves when every row fits: the same tokens as unbucketed (they
-    were refused as too long); stop sequences are refused (they were flattened into a set
-    of single tokens: ((5, 9),) stopped at a lone 9)."""
+    were refused as too long)."""
     s = setup("gpt_learned")
     new = s.cfg.max_len - 6  # room for 6 prompt columns; the longest prompt has 5
     wide = np.concatenate([s.ids, np.zeros((len(s.ids), 6), np.int32)], axis=1)
@@ -522,9 +573,6 @@ def test_prompts_padded_past_max_len_and_nested_stop_tokens():
     with pytest.raises(ValueError, match="exceeds the model's max_len"):
         decoding.generate(s.model, s.params, wide, max_new_tokens=s.cfg.max_len - 4,
                           greedy=True)
-    for nested in (((5, 9),), np.array([[5, 9]]), ((5, 9), (3,))):
-        with pytest.raises(ValueError, match="flat set of token ids"):
-            s.generate(greedy=True, stop_tokens=nested)
 
 
 def test_stop_tokens_and_eos_id_may_be_traced_by_a_caller_jit():
