@@ -531,12 +531,12 @@ def test_benchmark_train_section_runs(tmp_path):
     cmd = [sys.executable, os.path.join(REPO, "experiments", "benchmark.py"),
            "--sections=train", "--models=nanogpt-char", "--frameworks=jax", "--repeats=1",
            "--round_seconds=0.01", "--variant=dp2:cpu_devices=2,microbatches=2",
-           "--variant=b24:batch=24", "--variant=l1:cfg.num_layers=1", f"--out={out}"]
+           "--variant=b24l1:batch=24,cfg.num_layers=1", f"--out={out}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 0, proc.stderr[-2000:]
     (res,) = json.loads(out.read_text())["train"]
-    row, dp2, b24, l1 = res["rows"]
+    row, dp2, b24l1 = res["rows"]
     assert row["framework"] == "jax" and row["step_s"] > 0 and row["devices"] == 1
     assert row["flops_per_token"] > 6 * 800_000  # 6N with N ~ 0.8M parameters, plus attention
     assert 0 < row["mfu_measured_matmul"] and row["mfu_datasheet"] is None
@@ -554,19 +554,20 @@ def test_benchmark_train_section_runs(tmp_path):
     assert dp2["framework"] == "dp2" and dp2["devices"] == 2 and dp2["step_s"] > 0
     assert dp2["flops_per_token"] == row["flops_per_token"]
     np.testing.assert_allclose(dp2["loss"], row["loss"], rtol=1e-4)
-    # Another batch size: its own tokens count, and the speed ratio is per token (one round,
-    # so the round's median is the row's step time).
-    assert (row["batch"], b24["batch"]) == (12, 24)
-    assert b24["tokens_per_s"] == pytest.approx(24 * 64 / b24["step_s"])
-    assert b24["speed_vs_jax"] == pytest.approx(row["step_s"] / b24["step_s"] * 2)
-    # A variant of another size is credited with its own model's FLOPs.
+    # Another batch size and depth: its own tokens count, the speed ratio is per token (one
+    # round, so the round's median is the row's step time), and it is credited with its own
+    # model's FLOPs.
+    assert (row["batch"], b24l1["batch"]) == (12, 24)
+    assert b24l1["tokens_per_s"] == pytest.approx(24 * 64 / b24l1["step_s"])
+    assert b24l1["speed_vs_jax"] == pytest.approx(row["step_s"] / b24l1["step_s"] * 2)
     from flaxformer_lite.params import flops_per_token
     base_cfg = fl.get_config("gpt2", vocab_size=res["shape"]["vocab"], num_layers=4,
                              d_model=128, num_heads=4, d_ff=512, max_len=64)
     assert row["flops_per_token"] == flops_per_token(base_cfg, 64)["total"]
-    assert l1["flops_per_token"] == flops_per_token(base_cfg.replace(num_layers=1), 64)["total"]
-    assert l1["achieved_flops_per_s"] == pytest.approx(
-        l1["flops_per_token"] * l1["tokens_per_s"])
+    assert b24l1["flops_per_token"] == flops_per_token(base_cfg.replace(num_layers=1),
+                                                       64)["total"]
+    assert b24l1["achieved_flops_per_s"] == pytest.approx(
+        b24l1["flops_per_token"] * b24l1["tokens_per_s"])
 
 
 def test_benchmark_flags_and_ratios(load_script, capsys):
