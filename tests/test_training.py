@@ -343,6 +343,48 @@ def test_adafactor_factors_attention_kernels_and_upgrades_old_states(k, tmp_path
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-30, err_msg=str(path))
 
 
+def test_adafactor_treats_a_scanned_stack_layer_by_layer():
+    """The same updates for a model scanned (`scan_layers=True`) as unscanned. Adafactor clips
+    each update to a root mean square of 1 and scales it by the parameter's; taken over a whole
+    stacked array (optax's block functions) they mixed the layers, and the second layer here
+    (parameters x3, gradients x10) moved unlike its unscanned self."""
+    from flaxformer_lite.models import stack_layers, unstack_layers
+
+    cfg = ADAFACTOR_T5.replace(num_layers=2)
+    params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+
+    def name(path) -> str:
+        return "/".join(str(getattr(k, "key", k)) for k in path)
+
+    def second_layer_louder(tree, factor):
+        return jax.tree.map_with_path(
+            lambda path, x: x * factor if "layer_1" in name(path) else x, tree)
+
+    params = second_layer_louder(params, 3.0)
+    grads = [second_layer_louder(jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params), 10.0)
+        for _ in range(2)]
+    tx = make_optimizer(OptimizerConfig(optimizer="adafactor", learning_rate=0.1,
+                                        weight_decay=0.01))
+
+    def run(p, gs):
+        opt, out = tx.init(p), []
+        for g in gs:
+            update, opt = tx.update(g, opt, p)
+            out.append(update)
+        return out
+
+    unscanned = run(params, grads)
+    scanned = run(stack_layers(params), [stack_layers(g) for g in grads])
+    for u, v in zip(unscanned, scanned, strict=True):
+        v = unstack_layers(v)
+        assert jax.tree.structure(u) == jax.tree.structure(v)
+        for (path, a), b in zip(jax.tree.leaves_with_path(u), jax.tree.leaves(v), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9,
+                                       err_msg=name(path))
+
+
 def test_the_optimizer_runs_in_float32_for_bfloat16_parameters():
     """bfloat16 parameters keep float32 optimizer state and get each float32 update rounded
     once (their Adam moments were bfloat16: b2=0.999 rounded to 1.0, so the second moment

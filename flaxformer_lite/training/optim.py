@@ -36,7 +36,8 @@ class OptimizerConfig:
 
     optimizer: "adamw" (Adam with decoupled weight decay) or "adafactor" (factored second
       moments, no momentum, relative step size; `b1`, `b2`, `eps` are not used; attention
-      kernels factored as `[embed, heads * head_dim]` matrices, see `factor_heads`).
+      kernels factored as `[embed, heads * head_dim]` matrices, see `factor_heads`; scanned
+      layers treated one by one, see `adafactor`).
     learning_rate: the peak learning rate; for `schedule="vaswani"` a multiplier on the paper's
       formula (1.0 reproduces it exactly).
     schedule: "constant" (after an optional linear warmup), "cosine" (linear warmup to
@@ -287,6 +288,73 @@ def factor_heads(inner: optax.GradientTransformation) -> optax.GradientTransform
     return optax.GradientTransformation(init, update)
 
 
+# ---- Adafactor, layer by layer in scanned stacks ------------------------------------------------
+
+def is_layer_stack(path) -> bool:
+    """Whether a parameter (or update, or moment) at tree `path` belongs to a `scan_layers`
+    stack (`.../layers/layers/...`), its arrays holding every layer on a leading axis."""
+    names = _names(path)
+    return any(a == b == "layers" for a, b in zip(names, names[1:], strict=False))
+
+
+def _block_rms(path, x: jax.Array) -> jax.Array:
+    """Root mean square of `x` as a whole, or of each layer's slice (`[layers, 1, ...]`) in a
+    scanned stack, so that a stacked parameter is treated as its layers' parameters are."""
+    if is_layer_stack(path):
+        return jnp.sqrt(jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)), keepdims=True))
+    return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def _clip_by_block_rms(threshold: float) -> optax.GradientTransformation:
+    """`optax.clip_by_block_rms`, per layer in scanned stacks."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map_with_path(
+            lambda path, u: u / jnp.maximum(1.0, _block_rms(path, u) / threshold), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def _scale_by_param_block_rms(min_scale: float = 1e-3) -> optax.GradientTransformation:
+    """`optax.scale_by_param_block_rms`, per layer in scanned stacks."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("Adafactor's parameter scale needs the parameters: pass params= to "
+                             "update.")
+        return jax.tree.map_with_path(
+            lambda path, u, p: u * jnp.maximum(_block_rms(path, p), min_scale),
+            updates, params), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def adafactor(learning_rate: Schedule | float, *, weight_decay_rate=None,
+              weight_decay_mask=None) -> optax.GradientTransformation:
+    """`optax.adafactor` with its defaults, each layer of a `scan_layers` stack on its own.
+
+    Adafactor clips each parameter's update to a root mean square of 1 and scales it by the
+    parameter's root mean square, both over the parameter's whole array. A scanned stack holds
+    every layer's copy of a parameter in one array, so optax's chain would take those over all
+    layers at once, and `scan_layers`, a layout choice, would change the training. Here they
+    are taken per layer (the stack's leading axis), as for the same model unscanned. The
+    factored second moments already keep the layers apart (they average over an array's two
+    largest axes), unless the layer count is one of those: 1-D parameters stacked from 128
+    layers up, or layers outnumbering a kernel's sides. The transformations and their state
+    are optax's own, in its order, so states saved by either restore into the other.
+    """
+    return optax.chain(
+        optax.scale_by_factored_rms(factored=True, decay_rate=0.8, step_offset=0,
+                                    min_dim_size_to_factor=128, epsilon=1e-30),
+        _clip_by_block_rms(1.0),
+        optax.scale_by_learning_rate(learning_rate, flip_sign=False),
+        _scale_by_param_block_rms(),
+        *([] if weight_decay_rate is None else [
+            optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask)]),
+        optax.scale(-1))
+
+
 def _factored_axes(shape: tuple[int, ...]) -> tuple[int, int]:
     """`(row, col)`: the axes Adafactor's row and column statistics average over (its two
     largest, as optax picks them)."""
@@ -397,7 +465,7 @@ def make_optimizer(config: OptimizerConfig, d_model: int | None = None
         # optax adds Adafactor's decay after the learning-rate scaling (p -= wd * p); scale it
         # by the schedule so that `weight_decay` means what it means for AdamW (p -= lr*wd*p).
         wd = config.weight_decay
-        base = factor_heads(optax.adafactor(
+        base = factor_heads(adafactor(
             schedule, weight_decay_rate=(lambda count: wd * schedule(count)) if wd else None,
             weight_decay_mask=decay_mask))
     if config.clip_norm is not None:
