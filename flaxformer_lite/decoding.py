@@ -659,8 +659,12 @@ def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Ar
     caller's jit) is used as given.
     """
     stop_tokens = () if stop_tokens is None else stop_tokens
-    if isinstance(stop_tokens, jax.core.Tracer):
-        stops = stop_tokens.astype(jnp.int32)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(stop_tokens)):
+        try:  # traced inside a caller's jit: nothing to check
+            stops = jnp.asarray(stop_tokens, jnp.int32)
+        except (TypeError, ValueError) as error:
+            raise ValueError("traced stop_tokens must be one array: [n] ids or [n, w] stop "
+                             f"sequences left-padded with -1 ({error}).") from None
         if stops.ndim not in (1, 2):
             raise ValueError(f"stop_tokens traced with shape {stops.shape}: pass [n] ids or "
                              "[n, w] stop sequences left-padded with -1.")

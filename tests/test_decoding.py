@@ -586,6 +586,10 @@ def test_stop_tokens_and_eos_id_may_be_traced_by_a_caller_jit():
         stop_tokens=stops))(jnp.asarray([stop, 60]))
     np.testing.assert_array_equal(traced.tokens, eager.tokens)
     np.testing.assert_array_equal(traced.lengths, eager.lengths)
+    one_traced = jax.jit(lambda stop: decoding.generate(  # a tuple holding a traced id
+        s.model, s.params, s.ids, max_new_tokens=NEW, rng=jax.random.key(1), temperature=0.8,
+        stop_tokens=(stop, 60)))(jnp.int32(stop))
+    np.testing.assert_array_equal(one_traced.tokens, eager.tokens)
     e = setup("encdec_sinusoidal")
     beams = e.beams(beam_size=2, eos_id=stop)
     traced = jax.jit(lambda eos: decoding.beam_search(
