@@ -684,9 +684,9 @@ def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Ar
                 "never stop a row") + "; each entry an id or a non-empty sequence of ids (a "
                 f"stop sequence){default}.")
         width = max((len(row) for row in rows), default=1)
-        stops = np.full((len(rows), width), -2, np.int32)
+        stops = np.full((len(rows), width), -1, np.int32)  # -1: before a shorter sequence
         for i, row in enumerate(rows):
-            stops[i] = [-1] * (width - len(row)) + [int(t) for t in row]
+            stops[i, width - len(row):] = row
         stops = jnp.asarray(stops)
     n = stops.shape[0]
     pad = 4 * max(1, -(-n // 4)) - n

@@ -348,14 +348,14 @@ def test_adafactor_treats_a_scanned_stack_layer_by_layer():
     each update to a root mean square of 1 and scales it by the parameter's; taken over a whole
     stacked array (optax's block functions) they mixed the layers, and the second layer here
     (parameters x3, gradients x10) moved unlike its unscanned self."""
-    from flaxformer_lite.models import stack_layers, unstack_layers
+    from flaxformer_lite.models import path_names, stack_layers, unstack_layers
 
     cfg = ADAFACTOR_T5.replace(num_layers=2)
     params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(0)
 
     def name(path) -> str:
-        return "/".join(str(getattr(k, "key", k)) for k in path)
+        return "/".join(path_names(path))
 
     def second_layer_louder(tree, factor):
         return jax.tree.map_with_path(
