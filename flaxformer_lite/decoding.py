@@ -408,7 +408,7 @@ def _batch_axes(cache_shape_fn: Callable[[int], Any], batch: int):
 def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, vocab: int,
                pad_id: int | None, beam_size: int, alpha: Array, max_len: int,
                eos_id: Array) -> Beams:
-    """Beam search over `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
+    """Beam search over  `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
 
     All beams of a row start as copies of its prefilled cache; only beam 0 is live at first
     (the others have log-prob "-inf"), so the first step expands one beam.
@@ -450,7 +450,7 @@ def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, 
         cand_logp, cand_idx = jax.lax.top_k(cand, 2 * k)  # 2k: at least k do not end in EOS
         parent, token = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
         cand_tokens = gather(state["live_tokens"], parent).at[:, :, i].set(token)
-        is_eos = token == eos_id
+        is_eos = (token[..., None] == eos_id).any(-1)  # eos_id: [m] ids, -2 = none
         # A beam finishes when it emits EOS among the top k candidates (or reaches max_len);
         # an EOS ranked below k is dropped, as top-k beam search would never have kept it.
         finishing = ((is_eos | (i + 1 == t)) & (jnp.arange(2 * k) < k)
@@ -693,6 +693,39 @@ def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Ar
     return jnp.concatenate([stops, jnp.full((pad, stops.shape[1]), -2, jnp.int32)])
 
 
+def _eos_ids(cfg: TransformerConfig, eos_id, is_default: bool) -> Array:
+    """`eos_id` (one id, a sequence of ids or an `[n]` array; any of them ends a beam) as
+    `[m]` ids, padded to a multiple of 4 with -2 (which ends nothing) so small sets share a
+    compilation. Concrete ids are checked; traced ones (inside a caller's jit) used as given."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(eos_id)):
+        try:
+            ids = jnp.asarray(eos_id, jnp.int32)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"traced eos_id must be one id or an [n] array of ids ({error})."
+                             ) from None
+        if ids.ndim > 1:
+            raise ValueError(f"eos_id traced with shape {ids.shape}: pass one id or [n] ids.")
+    else:
+        try:
+            known = np.asarray(eos_id)
+        except (TypeError, ValueError):
+            known = np.asarray("unreadable")
+        if not (known.ndim <= 1 and known.size and np.issubdtype(known.dtype, np.integer)
+                and ((0 <= known) & (known < cfg.vocab_size)
+                     & (known != _pad_or(cfg, -1))).all()):
+            default = (" (the default eos_id=EOS_ID is this model's padding id: pass an eos_id "
+                       "of its own vocabulary)" if is_default else "")
+            raise ValueError(f"eos_id={eos_id!r:.100} must be an id in [0, vocab_size="
+                             f"{cfg.vocab_size})" + ("" if cfg.pad_id is None else
+                             f" but the padding id {cfg.pad_id}, which is never emitted, so "
+                             "it could never end a beam") + ", or a non-empty sequence of "
+                             f"such ids (any of them ends a beam){default}.")
+        ids = jnp.asarray(known, jnp.int32)
+    ids = ids.reshape(-1)
+    pad = 4 * max(1, -(-ids.shape[0] // 4)) - ids.shape[0]
+    return jnp.concatenate([ids, jnp.full((pad,), -2, jnp.int32)])
+
+
 def _stop_rows(stop_tokens) -> list[list] | None:
     """Concrete `stop_tokens` as a list of stop sequences; None for an unreadable shape."""
     def scalar(x):
@@ -883,7 +916,8 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
 
 
 def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, beam_size: int,
-                alpha: float = 0.6, max_len: int, eos_id: int | None = None,
+                alpha: float = 0.6, max_len: int,
+                eos_id: int | Sequence[int] | Array | None = None,
                 prompt_lengths: Array | None = None, padding_side: str = "right") -> Beams:
     """Beam search with the GNMT length penalty; returns all `beam_size` beams, best first.
 
@@ -894,9 +928,11 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     retires beams that emit `eos_id` among the top `beam_size` candidates (score
     `log_prob / ((5 + length) / 6) ** alpha`), keeps the best `beam_size` unfinished ones, and
     stops once no live beam can beat the finished ones. Beams open at `max_len` are scored as
-    they stand. `alpha` and `eos_id` are traced (tuning `alpha` does not recompile). `eos_id`
-    defaults to `config.eos_id`, else the library's EOS (1); a vocabulary without padding
-    (`pad_id=None`, GPT-2's) must name its own (here or in the config).
+    they stand. `eos_id` is one id or several (a sequence or an `[n]` array: any of them ends
+    a beam, as a chat model's end-of-turn and end-of-text tokens). `alpha` and `eos_id` are
+    traced (tuning `alpha` does not recompile). `eos_id` defaults to `config.eos_id`, else
+    the library's EOS (1); a vocabulary without padding (`pad_id=None`, GPT-2's) must name its
+    own (here or in the config).
     """
     cfg = _check_model(model, (DecoderOnly, EncoderDecoder), "beam_search",
                        "encoder-only models do not generate", params)
@@ -926,20 +962,10 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
             "vocabulary without padding (TransformerConfig.pad_id=None; GPT-2's '\"'): pass "
             "this vocabulary's end token (GPT-2: eos_id=50256), or set "
             "TransformerConfig.eos_id, the default then.")
-    eos_id = EOS_ID if is_default else eos_id
-    known = _concrete(eos_id)  # None when traced inside a caller's jit
-    if known is not None and not (known.shape == () and np.issubdtype(known.dtype, np.integer)
-                                  and 0 <= known < cfg.vocab_size
-                                  and known != _pad_or(cfg, -1)):
-        default = (" (the default eos_id=EOS_ID is this model's padding id: pass an eos_id "
-                   "of its own vocabulary)" if is_default else "")
-        raise ValueError(f"eos_id={eos_id} must be an id in [0, vocab_size={cfg.vocab_size})"
-                         + ("" if cfg.pad_id is None else f" but the padding id {cfg.pad_id}, "
-                            "which is never emitted, so it could never end a beam")
-                         + f"{default}.")
+    eos_ids = _eos_ids(cfg, EOS_ID if is_default else eos_id, is_default)
     return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
-                        jnp.asarray(alpha, jnp.float32), jnp.asarray(eos_id, jnp.int32),
-                        beam_size=beam_size, max_len=max_len)
+                        jnp.asarray(alpha, jnp.float32), eos_ids, beam_size=beam_size,
+                        max_len=max_len)
 
 
 def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,

@@ -591,9 +591,9 @@ def test_stop_tokens_and_eos_id_may_be_traced_by_a_caller_jit():
         stop_tokens=(stop, 60)))(jnp.int32(stop))
     np.testing.assert_array_equal(one_traced.tokens, eager.tokens)
     e = setup("encdec_sinusoidal")
-    beams = e.beams(beam_size=2, eos_id=stop)
-    traced = jax.jit(lambda eos: decoding.beam_search(
-        e.model, e.params, e.ids, beam_size=2, max_len=NEW, eos_id=eos))(jnp.int32(stop))
+    beams = e.beams(beam_size=2, eos_id=(stop, 60))
+    traced = jax.jit(lambda eos: decoding.beam_search(  # several end ids as one [n] array
+        e.model, e.params, e.ids, beam_size=2, max_len=NEW, eos_id=eos))(jnp.asarray([stop, 60]))
     np.testing.assert_array_equal(traced.tokens, beams.tokens)
     np.testing.assert_allclose(traced.scores, beams.scores, rtol=1e-6)
 
@@ -773,16 +773,19 @@ def test_beam_scores_are_exact_and_at_least_greedy():
     assert (beams.scores[:, 0] >= greedy_score - 1e-5).all()
 
 
-def test_exhaustive_beam_search_equals_brute_force():
+@pytest.mark.parametrize("eos", [decoding.EOS_ID, (decoding.EOS_ID, 5)])
+def test_exhaustive_beam_search_equals_brute_force(eos):
     """With a beam wider than the search space, beam search must return the exact top beams
-    (of the sequences without the padding id 0, which no decoding loop emits)."""
-    vocab, steps, eos, alpha = 6, 3, decoding.EOS_ID, 0.6
+    (of the sequences without the padding id 0, which no decoding loop emits); with several
+    end ids, a sequence ends at the first of any of them."""
+    vocab, steps, alpha = 6, 3, 0.6
+    ends = np.atleast_1d(eos).tolist()
     s = Setup("t5_vocab6", CONFIGS["t5_relative_gqa"].replace(vocab_size=vocab))
-    others = [t for t in range(vocab) if t not in (eos, decoding.PAD_ID)]
+    others = [t for t in range(vocab) if t not in ends + [decoding.PAD_ID]]
     last = [t for t in range(vocab) if t != decoding.PAD_ID]
-    seqs = [[eos]] + [[a, eos] for a in others]
+    seqs = [[e] for e in ends] + [[a, e] for a in others for e in ends]
     seqs += [[a, b, c] for a, b in itertools.product(others, repeat=2) for c in last]
-    k = len(others) ** 2 * len(last)  # 80: all candidates of the last step fit in the beam
+    k = len(others) ** 2 * len(last)  # all candidates of the last step fit in the beam
     beams = s.beams(beam_size=k, alpha=alpha, eos_id=eos, max_len=steps)
     tokens = np.zeros((len(seqs), steps), np.int32)
     lengths = np.array([len(q) for q in seqs])
@@ -854,8 +857,9 @@ def test_value_errors():
         decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=0)
     with pytest.raises(ValueError, match="beam_size"):
         decoding.beam_search(m, p, ids, beam_size=0, max_len=4)
-    with pytest.raises(ValueError, match="eos_id"):
-        decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=64)
+    for bad in (64, (1, 64), (1, 0), (), [[1]], (1, 2.0), "1", True):
+        with pytest.raises(ValueError, match="eos_id"):
+            decoding.beam_search(m, p, ids, beam_size=2, max_len=4, eos_id=bad)
     # Ids outside the vocabulary decoded to NaN scores and tokens 0 without a word.
     for bad_ids in (np.full((2, 4), 64, np.int32), np.full((2, 4), -1, np.int32)):
         with pytest.raises(ValueError, match=r"prompts holds ids.*\[0, 64\)"):
