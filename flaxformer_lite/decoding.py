@@ -560,19 +560,27 @@ _WARNED_NO_EOS = False
 
 
 def _as_ids(name: str, ids):
-    """Python lists (of equal-length rows) as an int32 array; arrays pass through."""
+    """Python lists (of equal-length rows) as an int32 array; arrays pass through. Either must
+    hold integers (floats were truncated to ids without a word)."""
     if isinstance(ids, (list, tuple)):
         try:
-            return np.asarray(ids, np.int32)
+            array = np.asarray(ids)
         except ValueError as error:
             raise ValueError(f"{name} rows differ in length; right-pad them with {PAD_ID} to "
                              "one width.") from error
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer ids, got {array.dtype} values.")
+        return array.astype(np.int32)
+    dtype = getattr(ids, "dtype", None)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer ids, got a {dtype} array: cast it "
+                         "(e.g. .astype(jnp.int32)) if its values are ids.")
     return ids
 
 
 def _positive_int(name: str, value) -> int:
     try:
-        number = operator.index(value)
+        number = 0 if isinstance(value, bool) else operator.index(value)
     except TypeError:
         number = 0
     if number < 1:
@@ -612,6 +620,9 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
         if rng is None:
             raise ValueError("sampling needs an rng (e.g. jax.random.key(0)); pass rng=... or "
                              "greedy=True.")
+        if not _is_one_key(rng):
+            raise ValueError(f"rng={rng!r:.60} must be one PRNG key: jax.random.key(seed) "
+                             "(or a legacy jax.random.PRNGKey), not a seed or a batch of keys.")
         if jnp.ndim(temperature) != 0:
             raise ValueError(f"temperature must be one number, got shape "
                              f"{jnp.shape(temperature)}.")
@@ -623,13 +634,18 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
         raise ValueError("top_k and top_p are compiled into the sampler: pass Python numbers "
                          "(static arguments of your jit), not traced values.")
     try:
-        k = operator.index(top_k)
+        k = -1 if isinstance(top_k, bool) else operator.index(top_k)
     except TypeError:
         k = -1
     if not 0 <= k <= cfg.vocab_size:
         raise ValueError(f"top_k={top_k!r} must be an int in [0, vocab_size={cfg.vocab_size}] "
                          "(0 = no top-k filtering).")
-    if not 0.0 < top_p <= 1.0:
+    try:
+        known_p = (float("nan") if isinstance(top_p, (bool, str)) or np.ndim(top_p)
+                   else float(top_p))
+    except (TypeError, ValueError):
+        known_p = float("nan")
+    if not 0.0 < known_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (1 = no nucleus filtering).")
     if stop_tokens is _LIBRARY_EOS and cfg.eos_id is not None:
         stop_tokens = (cfg.eos_id,)  # the config's end token is the default
@@ -647,6 +663,16 @@ def _sampling_args(cfg: TransformerConfig, rng, temperature, top_k, top_p, stop_
     static = {"top_k": k, "top_p": float(top_p), "greedy": bool(greedy),
               "return_logits": bool(return_logits)}
     return dyn, static
+
+
+def _is_one_key(rng) -> bool:
+    """Whether `rng` is one PRNG key: typed (`jax.random.key`, shape ()) or raw uint32 `[2]`
+    (`[4]` for the rbg implementation)."""
+    if not isinstance(rng, (jax.Array, np.ndarray)):
+        return False
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.shape == ()
+    return rng.dtype == np.uint32 and rng.ndim == 1  # [2] threefry, [4] rbg
 
 
 def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Array:
@@ -1010,9 +1036,28 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
     top_k = _positive_int("top_k", top_k)
     ids = _as_ids("ids", ids)
     _check_ids("ids", ids, cfg.vocab_size)
-    exclude = tuple(sorted({int(i) for i in exclude if i is not None}))
+    if exclude is None:
+        given = []
+    elif isinstance(exclude, (np.ndarray, jax.Array)):
+        given = np.asarray(exclude).reshape(-1).tolist()
+    elif isinstance(exclude, Iterable) and not isinstance(exclude, str):
+        given = list(exclude)
+    else:
+        given = [exclude]  # one id
+    if isinstance(exclude, str) or any(
+            not isinstance(i, numbers.Integral) or isinstance(i, bool) for i in given):
+        raise ValueError(f"exclude={exclude!r:.100} must be token ids (ints; one id or a "
+                         "sequence of them).")
+    exclude = tuple(sorted({int(i) for i in given}))
     if any(not 0 <= i < cfg.vocab_size for i in exclude):
         raise ValueError(f"exclude={list(exclude)} holds ids outside [0, {cfg.vocab_size}).")
+    guessable = cfg.vocab_size - len(set(range(_FIRST_REAL_ID)) | set(exclude))
+    if top_k > guessable:
+        raise ValueError(
+            f"top_k={top_k} exceeds the {guessable} ids fill_masks may guess (vocab_size="
+            f"{cfg.vocab_size} less the special ids 0..{_FIRST_REAL_ID - 1} and "
+            f"{len(set(exclude) - set(range(_FIRST_REAL_ID)))} excluded): ask for at most "
+            f"{guessable}" + (", or exclude fewer ids." if exclude else "."))
     return _fill_masks(model, _unwrap(params), jnp.asarray(ids, jnp.int32), top_k=top_k,
                        exclude=exclude)
 

@@ -826,9 +826,26 @@ def test_value_errors():
         dict(max_new_tokens=4, greedy=True, prompt_lengths=np.array([1, 2])),
         dict(max_new_tokens=4, greedy=True, prompt_lengths=np.array([0, 2, 3])),
     ]
+    key = jax.random.key(0)
+    named = [  # each refused with a ValueError naming the argument, before compiling
+        ("rng", dict(rng=0)),  # a seed, not a key
+        ("rng", dict(rng=jax.random.split(key, 2))),
+        ("top_p", dict(rng=key, top_p=np.array([0.5, 0.9]))),
+        ("top_k", dict(rng=key, top_k=True)),
+        ("max_new_tokens", dict(max_new_tokens=True, greedy=True)),
+        ("prompt_lengths", dict(greedy=True, prompt_lengths=np.array([2.9, 1.5, 3.0]))),
+        ("prompt_lengths", dict(greedy=True, prompt_lengths=[2.9, 1.5, 3.0])),
+    ]
     for kw in bad:
         with pytest.raises(ValueError):
             decoding.generate(m, p, ids, **kw)
+    for name, kw in named:
+        with pytest.raises(ValueError, match=name):
+            decoding.generate(m, p, ids, **{"max_new_tokens": 4, **kw})
+    with pytest.raises(ValueError, match="prompts must hold integer ids"):
+        decoding.generate(m, p, np.asarray(ids, np.float32), max_new_tokens=4, greedy=True)
+    with pytest.raises(ValueError, match="beam_size"):
+        decoding.beam_search(m, p, ids, beam_size=True, max_len=4)
     with pytest.raises(ValueError, match="prompts"):
         decoding.generate(m, p, ids[0], max_new_tokens=4, greedy=True)
     # Left padding, or an empty row, used to continue from a pad token without a word.
@@ -1074,6 +1091,16 @@ def test_fill_masks_ranks_the_real_tokens_by_the_model_probability():
     np.testing.assert_array_equal(np.asarray(tokens_x[0, 2]), want[0, 2, 1:3] + 5)
     np.testing.assert_allclose(probs_x[0, 2], p[0, 2, want[0, 2, 1:3]] / (1 - p[0, 2, top - 5]),
                                rtol=1e-4)
+    one_id = decoding.fill_masks(model, params, ids, top_k=2, exclude=top)  # one id, bare
+    np.testing.assert_array_equal(np.asarray(one_id[0]), np.asarray(tokens_x))
+    # Asking for more guesses than ids that may be guessed returned specials, probability 0.
+    with pytest.raises(ValueError, match="top_k=36 exceeds the 35 ids"):
+        decoding.fill_masks(model, params, ids, top_k=36)
+    with pytest.raises(ValueError, match="top_k=3 exceeds the 0 ids .*exclude fewer"):
+        decoding.fill_masks(model, params, ids, top_k=3, exclude=range(40))
+    for bad in ("6", [6.0], [True]):
+        with pytest.raises(ValueError, match="exclude"):
+            decoding.fill_masks(model, params, ids, exclude=bad)
     with pytest.raises(ValueError, match="mlm_head=True"):
         decoding.fill_masks(make_model(cfg.replace(mlm_head=False)), params, ids)
     with pytest.raises(ValueError, match="takes a EncoderOnly"):
