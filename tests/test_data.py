@@ -451,6 +451,12 @@ def test_bad_input_errors(tmp_path):
     blank = _write(tmp_path / "blank.txt", " \n\n")
     with pytest.raises(ValueError, match="empty"):
         fd.load_text_corpus(blank, data_dir=tmp_path)
+    one = _write(tmp_path / "one.txt", "a")  # TFDS's writer stopped on an empty train split
+    with pytest.raises(ValueError, match=r"train split would be empty \(1 characters"):
+        fd.load_text_corpus(one, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="validation split would be empty .*a larger"):
+        fd.load_text_corpus(_write(tmp_path / "few.txt", "abc\n"), data_dir=tmp_path,
+                            validation_fraction=1e-17)  # rounds to no character
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("first line\nna\xefve\n".encode("latin-1"))
     with pytest.raises(ValueError, match=r"not valid UTF-8: byte 0xef at offset 13 \(line 2\)"):

@@ -1471,7 +1471,8 @@ def test_a_short_last_batch_trains_as_itself(engine, tmp_path):
 def test_rerun_and_eval_fn_surprises(engine, tmp_path, caplog):
     """A finished run's rerun reads no batch; eval_fn may return None or a text; a resume whose
     data runs out while skipping names it (was a bare StopIteration); data with no batch at
-    all is refused (it saved an untrained step-0 checkpoint and returned)."""
+    all is refused (it saved an untrained step-0 checkpoint and returned), eval data with no
+    batch too."""
     samples = iter([{"bleu": 1.5, "sample": "some text"}, None])
     first = run(engine, tmp_path / "a", 2, [synthetic_batch(i) for i in range(2)],
                 eval_fn=lambda state, engine: next(samples), eval_every=1)
@@ -1489,6 +1490,9 @@ def test_rerun_and_eval_fn_surprises(engine, tmp_path, caplog):
         run(engine, tmp_path / "a", 4, [synthetic_batch(0)])
     with pytest.raises(ValueError, match="train_data yielded no batch"):  # an empty file
         run(engine, tmp_path / "b", 2, [])
+    # Eval data without a batch reported nothing, and best_metric failed after the last step.
+    with pytest.raises(ValueError, match="eval_data yielded no batch"):
+        run(engine, tmp_path / "c", 2, eval_data=lambda: [], eval_every=1)
 
 
 def test_a_rerun_that_cannot_restore_names_the_changed_fields(engine, tmp_path):

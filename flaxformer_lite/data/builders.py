@@ -555,8 +555,19 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
         train_files, val_files = _split_named_files(train_files)
     if not val_files and not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
-    for f in train_files + val_files:
-        read_text_file(f)  # fail early, with a clear message, before TFDS starts writing
+    # Fail early, with a clear message, before TFDS starts writing (an empty split stops its
+    # writer with an AssertionError).
+    chars = sum(len(read_text_file(f)) for f in train_files)
+    for f in val_files:
+        read_text_file(f)
+    cut = int(chars * (1.0 - validation_fraction))  # as _text_corpus_splits cuts
+    if not val_files and not 0 < cut < chars:
+        split, fix = (("train", "a smaller") if cut == 0 else ("validation", "a larger"))
+        raise ValueError(
+            f"text corpus {', '.join(map(str, train_files))}: the {split} split would be "
+            f"empty ({chars} characters, of which validation_fraction={validation_fraction} "
+            f"leaves {cut} for training); use a longer text, {fix} validation_fraction, or "
+            "validation_files=.")
     payload = {"files": [_file_digest(f) for f in train_files],
                "validation_files": [_file_digest(f) for f in val_files],
                "validation_fraction": None if val_files else validation_fraction,

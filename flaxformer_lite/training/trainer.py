@@ -475,7 +475,9 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
 
     stop: asked before each batch; once it says True the evaluation is abandoned and None
     returned (`train` passes its stop-signal check, so SIGTERM does not wait for a whole eval
-    set). On several processes it must answer alike on all of them at each call.
+    set). On several processes it must answer alike on all of them at each call. An
+    `eval_data` that yields no batch raises a ValueError (its metrics would be missing
+    quietly, and a checkpoint ranked by them could not be saved).
 
     On a multi-process run the processes' eval sets may end at different batches (a finite
     pipeline shards examples, and packing or a remainder leaves some processes a batch short).
@@ -517,9 +519,15 @@ def evaluate(engine: Engine, state: TrainState, eval_data,
         elif batch is None:
             break
         outputs.append(engine.eval_step(state, batch))  # fetched at the end: no wait a batch
+    if not outputs:  # every process alike (none had a batch): none waits in a collective
+        raise ValueError(
+            "eval_data yielded no batch: an empty validation split (a text too short for one "
+            "eval row), a filter that dropped every example, or fewer examples than one batch "
+            "with the remainder dropped. Check the data (or lower the eval batch size), or "
+            "pass eval_data=None.")
     for metrics in outputs:
         sums = add_metrics(sums, engine.metrics_to_host(metrics))
-    return summarize(sums) if sums else {}
+    return summarize(sums)
 
 
 def _warn_schedule(opt: OptimizerConfig, num_steps: int) -> None:
