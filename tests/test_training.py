@@ -1256,6 +1256,40 @@ def test_eval_metrics_and_best_checkpoint(engine, tmp_path):
                                      load_params(tmp_path / "checkpoints", best)[1]))
 
 
+def test_an_evaluation_cut_short_after_its_save_is_redone_by_the_resume(engine, tmp_path):
+    """The save of an evaluation step starts before the evaluation; a run killed during that
+    evaluation left the checkpoint, and its resume went on without the evaluation (a finished
+    run's final one too): the resume evaluates the restored step first."""
+    eval_batches = [synthetic_batch(100 + i) for i in range(2)]
+
+    def evals(result):
+        return {h["step"]: h["eval/loss"] for h in result.history if "eval/loss" in h}
+
+    whole = evals(run(engine, tmp_path / "whole", 4, eval_data=lambda: iter(eval_batches),
+                      eval_every=2))
+    assert sorted(whole) == [2, 4]
+
+    def killed_at(kill_step):
+        def eval_fn(state, engine):  # dies inside the evaluation, after its save started
+            if int(jax.device_get(state.step)) == kill_step:
+                raise KeyboardInterrupt("killed during the evaluation")
+        return eval_fn
+
+    for kill_step in (2, 4):  # an intermediate evaluation, then the final one
+        workdir = tmp_path / f"killed{kill_step}"
+        with pytest.raises(KeyboardInterrupt):
+            run(engine, workdir, 4, eval_data=lambda: iter(eval_batches), eval_every=2,
+                eval_fn=killed_at(kill_step))
+        assert Checkpointer(workdir / "checkpoints").latest_step() == kill_step
+        resumed = evals(run(engine, workdir, 4, eval_data=lambda: iter(eval_batches),
+                            eval_every=2))
+        assert sorted(resumed) == [s for s in (2, 4) if s >= kill_step]
+        for step, loss in resumed.items():
+            assert loss == pytest.approx(whole[step], rel=1e-6)
+        again = run(engine, workdir, 4, eval_data=lambda: iter(eval_batches), eval_every=2)
+        assert again.history == []  # evaluated now: a rerun owes nothing
+
+
 def test_best_mode_follows_the_metric_and_the_line_shows_eval_fn_metrics(engine, tmp_path):
     """best_metric="eval/accuracy" used to keep the worst checkpoint (best_mode defaulted to
     "min"); a run without best_metric has no best to load; an eval_fn's F1 was left out of
@@ -1484,8 +1518,10 @@ def test_rerun_and_eval_fn_surprises(engine, tmp_path, caplog):
         raise AssertionError("a finished run read its data")
         yield
 
+    caplog.clear()
     again = run(engine, tmp_path / "a", 2, untouched())
     assert again.step == 2 and again.history == []
+    assert "configs differ" not in caplog.text  # was: run.global_batch 8 -> (not recorded)
     with pytest.raises(ValueError, match="ran out after 1 batches while skipping the 2"):
         run(engine, tmp_path / "a", 4, [synthetic_batch(0)])
     with pytest.raises(ValueError, match="train_data yielded no batch"):  # an empty file

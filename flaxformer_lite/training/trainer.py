@@ -280,9 +280,11 @@ def _write_config(workdir: str, record: dict, step: int, num_steps: int,
     they took effect, `changed`, `record`) each time they change, so a resumed run's earlier
     steps stay described. A rerun with nothing left to train records nothing."""
     path = os.path.join(workdir, "config.json")
+    was = _recorded_run(workdir).get("global_batch")
+    if global_batch is None and isinstance(was, int):
+        record["run"]["global_batch"] = was  # a rerun with nothing to train reads no batch
     if global_batch is not None:
         record["run"]["global_batch"] = int(global_batch)
-        was = _recorded_run(workdir).get("global_batch")
         if step and isinstance(was, int) and was != global_batch:
             log.warning(
                 "The global batch changes from %d to %d rows at step %d: each update now "
@@ -734,7 +736,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
                            warm_up=warm_up, init_params=init_params, fine_tune=fine_tune,
                            record_config=functools.partial(_write_config, workdir, record)
                            if main else None,
-                           config_changes=functools.partial(_config_changes, workdir, record))
+                           config_changes=functools.partial(_config_changes, workdir, record),
+                           eval_marker=os.path.join(workdir, EVAL_MARKER) if main else None)
             if best_metric is not None:  # once written, the best is among the saves
                 ckpt.wait()
                 result.best_step = ckpt.best_step()
@@ -823,9 +826,39 @@ def _close(engine: Engine, ckpt: Checkpointer, failed: bool) -> None:
                   "%s: %s", type(error).__name__, error)
 
 
+EVAL_MARKER = "evaluation.json"  # {"pending": step} or {"evaluated": step}, in the workdir
+
+
+def _mark_eval(path: str | None, state: str, step: int) -> None:
+    """Record (main process) that the evaluation of `step` is owed by a save that comes before
+    it ("pending") or has completed ("evaluated"); written atomically."""
+    if path is None:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({state: int(step)}, f)
+    os.replace(tmp, path)
+
+
+def _eval_owed(path: str | None, step: int) -> bool:
+    """Whether the restored `step` was saved before its evaluation and the run stopped before
+    that evaluation completed (a kill during it). Decided by the main process, told to all."""
+    owed = False
+    if path is not None and step:
+        try:
+            with open(path) as f:
+                owed = json.load(f).get("pending") == step
+        except (OSError, ValueError, AttributeError):
+            owed = False
+    if jax.process_count() > 1:
+        owed = bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
+    return owed
+
+
 def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, eval_data,
           eval_fn, eval_every, checkpoint_every, log_every, hooks, handle_signals, warm_up,
-          record_config, config_changes, init_params, fine_tune=False) -> TrainResult:
+          record_config, config_changes, init_params, fine_tune=False,
+          eval_marker: str | None = None) -> TrainResult:
     try:
         restored = ckpt.restore(engine.abstract_state())
     except CheckpointRestoreError as error:
@@ -969,6 +1002,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                     log.warning("eval_fn's %r is %s, not a number: not reported to the hooks.",
                                 k, type(v).__name__)
         last_eval, last_eval_step = metrics, step
+        _mark_eval(eval_marker, "evaluated", step)
         report(metrics)
         return True
 
@@ -986,7 +1020,11 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
     rows = None  # the first batch's rows: shorter batches are padded to them
     padded = False
     with _StopSignals(handle_signals) as signals:
-        while step < num_steps:
+        if evaluating and _eval_owed(eval_marker, step):
+            log.info("The evaluation of step %d was cut short when the run that saved it "
+                     "stopped: evaluating it now.", step)
+            interrupted = not run_eval()
+        while step < num_steps and not interrupted:
             if signals.agreed():
                 interrupted = True
                 log.warning("Received %s: saving at step %d and stopping.",
@@ -1041,9 +1079,12 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
             if is_log or is_ckpt or is_eval:
                 flush(log_now=is_log)
             # The save goes first (asynchronous: it is written while the evaluation runs), so
-            # a kill during a long evaluation loses nothing; with best_metric it needs the
+            # a kill during a long evaluation loses no training (the resume redoes the
+            # evaluation: `evaluation.json`); with best_metric it needs the
             # evaluation's metrics, so it comes after.
             if is_ckpt and not ranked:
+                if is_eval:  # saved before it is evaluated: a resume redoes a cut-short eval
+                    _mark_eval(eval_marker, "pending", step)
                 save()
             if is_eval and not run_eval():
                 interrupted = True  # saved below; a final evaluation would be cut short too
@@ -1056,6 +1097,8 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                       and step > start_step)
         if final_eval and ranked:
             interrupted = not run_eval()
+        if final_eval and not ranked:
+            _mark_eval(eval_marker, "pending", step)
         save()
         if final_eval and not ranked:
             interrupted = not run_eval()
