@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 import ml_collections
+from absl import app
 
 from flaxformer_lite import PRESETS, get_config, gpu_config
 from flaxformer_lite.data import BOS_ID, EOS_ID, load_dataset
@@ -143,6 +144,23 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architectur
         return gpu_config(preset, trailing_padding=trailing_padding, vocab_size=vocab_size,
                           **overrides)
     return get_config(preset, vocab_size=vocab_size, **overrides)
+
+
+def check_fields(cfg: ml_collections.ConfigDict, *, at_least: Mapping[str, int] | None = None,
+                 fractions: tuple[str, ...] = ()) -> None:
+    """Refuse (naming the flag) a config whole number below its least value, or a fraction
+    outside (0, 1), at start-up: such values failed later, inside a compile or a pipeline,
+    under another field's name."""
+    for name, least in (at_least or {}).items():
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise app.UsageError(f"--config.{name}={value!r} must be a whole number >= {least}"
+                                 + (" (0 = all)" if least == 0 and name.startswith("eval_")
+                                    else "") + ".")
+    for name in fractions:
+        value = cfg[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise app.UsageError(f"--config.{name}={value!r} must be a number in (0, 1).")
 
 
 def check_lengths(model_cfg, **lengths: int) -> None:

@@ -44,6 +44,8 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)
+    common.check_fields(cfg, at_least={"num_steps": 0, "eval_batches": 0, "eval_batch_size": 1},
+                        fractions=("mask_rate",))
     common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()
     t0 = time.time()

@@ -196,15 +196,14 @@ def main(argv):
     cfg = _CONFIG.value
     workdir = _WORKDIR.value
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    common.check_fields(cfg, at_least={"num_steps": 0, "beam_size": 1, "max_decode_len": 1,
+                                       "eval_decode_examples": 0})
     if cfg.translate:
         translate_file(cfg, workdir)
         common.skip_teardown()
         return
     if cfg.metric not in ("bleu", "exact_match"):
         raise app.UsageError(f"--config.metric={cfg.metric!r}: use bleu or exact_match.")
-    if isinstance(cfg.beam_size, bool) or not isinstance(cfg.beam_size, int) or cfg.beam_size < 1:
-        raise app.UsageError(f"--config.beam_size={cfg.beam_size!r} must be a whole number >= 1 "
-                             "(1 = greedy decoding).")
     check_average_last(cfg, workdir)
     common.use_cpu_devices(cfg)  # before anything starts JAX
     initialize()

@@ -500,6 +500,12 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
     ("lm.py", ["--config.seq_len=40"], "--config.seq_len=40 exceeds the model's max_len=32"),
     ("translate.py", ["--config.max_source_len=40"], "--config.max_source_len=40 exceeds"),
     ("translate.py", ["--config.beam_size=0"], "--config.beam_size=0 must be"),
+    # Out-of-range counts failed later under another field's name (or took a wrong meaning).
+    ("lm.py", ["--config.eval_batches=-1"], "--config.eval_batches=-1 must be a whole number"),
+    ("mlm.py", ["--config.mask_rate=1.5"], "--config.mask_rate=1.5 must be a number in (0, 1)"),
+    ("translate.py", ["--config.eval_decode_examples=-1"], "--config.eval_decode_examples=-1"),
+    ("translate.py", ["--config.translate=in.txt", "--config.beam_size=0"],
+     "--config.beam_size=0 must be"),
     ("translate.py", ["--config.average_last=3"],
      "--config.average_last=3 averages the last 3 checkpoints, but "
      "--config.keep_checkpoints=2 keeps only 2"),
