@@ -50,7 +50,7 @@ class TransformerConfig:
     num_encoder_layers: int | None = None  # encoder_decoder only; default num_layers
     num_decoder_layers: int | None = None  # encoder_decoder only; default num_layers
     max_len: int = 256
-    activation: str = "gelu"
+    activation: str = "gelu"  # exact GELU; "gelu_tanh" the tanh form; "geglu" gates with tanh
     # "learned" absolute table (max_len rows), "sinusoidal" (Vaswani), "rotary" (RoFormer),
     # "relative" (T5's learned buckets), "alibi" (Press et al. 2022: fixed linear biases, no
     # parameters), or "none"; only "learned" ties the model to max_len.
@@ -294,6 +294,9 @@ def _validate(c: TransformerConfig) -> None:
         _positive(name, getattr(c, name))
     for name in ("num_kv_heads", "head_dim", "num_encoder_layers", "num_decoder_layers"):
         _positive(name, getattr(c, name), allow_none=True)
+    if c.vocab_size < 2:
+        raise ValueError(f"TransformerConfig.vocab_size={c.vocab_size} must be at least 2: one "
+                         "token leaves nothing to predict.")
     if c.head_dim is None and c.d_model % c.num_heads:
         raise ValueError(
             f"TransformerConfig.d_model={c.d_model} is not divisible by num_heads={c.num_heads}; "
@@ -310,7 +313,7 @@ def _validate(c: TransformerConfig) -> None:
         raise ValueError(f"TransformerConfig.d_model={c.d_model} must be even for "
                          "position='sinusoidal' (sine and cosine halves).")
     if c.position == "rotary":
-        _real("rotary_base", c.rotary_base, 0.0, low_open=True)
+        _real("rotary_base", c.rotary_base, 1.0, low_open=True)  # 1: every pair at one rate
         _real("rotary_fraction", c.rotary_fraction, 0.0, 1.0, low_open=True)
         rotated = int(c.dim_per_head * c.rotary_fraction)
         if rotated < 2 or rotated % 2:
@@ -389,6 +392,7 @@ def _validate(c: TransformerConfig) -> None:
 _USED_ONLY_WITH = {
     "rotary_base": ("position", ("rotary",)),
     "rotary_fraction": ("position", ("rotary",)),
+    "init_std": ("init", ("gpt2", "bert")),
     "relative_num_buckets": ("position", ("relative",)),
     "relative_max_distance": ("position", ("relative",)),
     "share_encoder_decoder_embeddings": ("architecture", ("encoder_decoder",)),

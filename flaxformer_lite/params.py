@@ -183,8 +183,12 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
                          f"{config.max_len}]; raise the config's max_len for longer sequences.")
     n = matmul_params(config, counts)
     if config.architecture == "encoder_only" and config.mlm_predictions:
-        # The masked-LM head (transform + tied output) runs at mlm_predictions positions a row.
-        head = config.d_model * config.d_model + config.vocab_size * config.d_model
+        # The masked-LM head (transform, its norm, the tied output and its bias: every `mlm_*`
+        # parameter and the token table) runs at mlm_predictions positions a row.
+        shapes = param_shapes(config.replace(scan_layers=True))
+        head = config.vocab_size * config.d_model + sum(
+            math.prod(x.shape) for key, tree in shapes.items() if key.startswith("mlm")
+            for x in jax.tree.leaves(tree))
         n -= head * (1 - min(config.mlm_predictions, seq_len) / seq_len)
     attn_layers = config.encoder_layers + config.decoder_layers * (
         2 if config.architecture == "encoder_decoder" else 1)

@@ -32,6 +32,8 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(init="xavier"), "init"),
     (dict(position="sinusoidal", d_model=33, num_heads=3), "d_model=33 must be even"),
     (dict(position="rotary", rotary_base=0.0), "rotary_base"),
+    (dict(position="rotary", rotary_base=1.0), "rotary_base=1.0"),  # one rate for every pair
+    (dict(vocab_size=1), "vocab_size=1 must be at least 2"),
     (dict(position="rotary", rotary_fraction=float("nan")), "rotary_fraction"),
     (dict(position="relative", relative_num_buckets=2), "relative_num_buckets=2"),
     (dict(position="relative", relative_max_distance=8), "relative_max_distance=8"),
@@ -41,6 +43,7 @@ from flaxformer_lite import PRESETS, TransformerConfig, get_config, params
     (dict(rotary_base=5e5), "rotary_base=500000.0 has no effect with position='learned'"),
     (dict(position="rotary", relative_max_distance=64), "relative_max_distance=64 has no"),
     (dict(share_encoder_decoder_embeddings=False), "share_encoder_decoder_embeddings=False"),
+    (dict(init="t5", init_std=0.5), "init_std=0.5 has no effect with init='t5'"),
     (dict(architecture="encoder_only", padding="trailing"), "padding='trailing' has no effect"),
     (dict(attention_implementation="xla", attention_dropout_rate=0.1),
      "'xla' has no attention dropout.*attention_dropout_rate=0.0"),

@@ -305,6 +305,10 @@ def test_alibi_slopes_and_bias_follow_the_paper():
     np.testing.assert_allclose(ops.alibi_slopes(12), [2.0 ** -i for i in range(1, 9)]
                                + [2.0 ** -(i + 0.5) for i in range(4)], rtol=1e-6)
     np.testing.assert_allclose(ops.alibi_slopes(1), [2.0 ** -8])
+    np.testing.assert_array_equal(ops.alibi_slopes(np.int64(12)), ops.alibi_slopes(12))
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="num_heads"):
+            ops.alibi_slopes(bad)
     q, k = np.array([[3, 4]]), np.array([[0, 1, 2, 3, 4]])
     bias = np.asarray(ops.alibi_bias(12, q, k))
     slopes = ops.alibi_slopes(12)

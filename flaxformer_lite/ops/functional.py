@@ -81,7 +81,8 @@ ACTIVATIONS = {
     "gelu": _gelu,
     "gelu_tanh": _gelu_approx,
     "silu": jax.nn.silu,
-    # gated variants (Shazeer 2020): act(x W_gate) * (x W_in)
+    # gated variants (Shazeer 2020): act(x W_gate) * (x W_in); GEGLU with the tanh GELU, as
+    # T5 v1.1 and its checkpoints compute it (the paper's exact GELU differs by ~1e-3)
     "swiglu": jax.nn.silu,
     "geglu": _gelu_approx,
     "reglu": jax.nn.relu,

@@ -7,6 +7,7 @@ Learned absolute positions are a plain embedding table and live in `flaxformer_l
 from __future__ import annotations
 
 import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -139,8 +140,13 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     `2 ** (-8 i / n)`, i = 1..n, for n heads a power of two; otherwise those of the largest
     power of two below n, then every other slope of twice that many heads (the authors'
     reference code, as BLOOM uses it)."""
-    if not isinstance(num_heads, int) or num_heads < 1:
+    try:  # NumPy integers too
+        n = -1 if isinstance(num_heads, bool) else operator.index(num_heads)
+    except TypeError:
+        n = -1
+    if n < 1:
         raise ValueError(f"alibi_slopes: num_heads={num_heads!r} must be a positive integer.")
+    num_heads = n
 
     def powers(n):
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
