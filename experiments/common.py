@@ -130,6 +130,10 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *, architectur
                   f"({', '.join(left_out)}) are for its own preset and are left out.",
                   flush=True)
         overrides = {k: v for k, v in overrides.items() if k not in left_out}
+    for key, value in (script or {}).items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(f"--config.model.{key}={overrides[key]!r}: this script sets "
+                             f"{key}={value!r} itself (it trains with it); leave the flag out.")
     overrides.update(script or {})
     kind = get_config(preset).architecture
     if kind != architecture:

@@ -503,6 +503,7 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
     # Out-of-range counts failed later under another field's name (or took a wrong meaning).
     ("lm.py", ["--config.eval_batches=-1"], "--config.eval_batches=-1 must be a whole number"),
     ("mlm.py", ["--config.mask_rate=1.5"], "--config.mask_rate=1.5 must be a number in (0, 1)"),
+    ("mlm.py", ["--config.model.mlm_head=False"], "this script sets mlm_head=True itself"),
     ("translate.py", ["--config.eval_decode_examples=-1"], "--config.eval_decode_examples=-1"),
     ("translate.py", ["--config.translate=in.txt", "--config.beam_size=0"],
      "--config.beam_size=0 must be"),
