@@ -263,6 +263,30 @@ def test_a_preset_chosen_on_the_command_line_comes_as_published(load_script, mon
     assert chosen == get_config("bert-large", vocab_size=100, mlm_head=True)
     monkeypatch.setattr(common, "command_line_fields", lambda: {"model.num_layers"})
     assert common.model_config(cfg, 100, architecture="encoder_decoder").d_model == 128
+    mlm.model.mlm_head = False  # mlm.py sets it itself: the flag was silently overridden
+    with pytest.raises(ValueError, match="this script sets mlm_head=True itself"):
+        common.model_config(mlm, 100, architecture="encoder_only", script={"mlm_head": True})
+
+
+def test_count_and_fraction_flags_are_checked(load_script):
+    """`common.check_fields`, which each script runs first: -1 decoded all but the last
+    example (`eval_decode_examples`), True passed as 1, 1.5 as a masking rate."""
+    from absl import app
+
+    common = load_script("experiments/common.py")
+    cfg = load_script("experiments/configs/translate.py").get_config()
+    common.check_fields(cfg, at_least={"eval_decode_examples": 0, "beam_size": 1})
+    for field, value in (("eval_decode_examples", -1), ("beam_size", True), ("beam_size", 0)):
+        bad = cfg.copy_and_resolve_references()
+        bad[field] = value
+        with pytest.raises(app.UsageError, match=f"--config.{field}={value!r} must be"):
+            common.check_fields(bad, at_least={"eval_decode_examples": 0, "beam_size": 1})
+    mlm = load_script("experiments/configs/mlm.py").get_config()
+    common.check_fields(mlm, fractions=("mask_rate",))
+    for value in (0.0, 1.0, 1.5):
+        mlm.mask_rate = value
+        with pytest.raises(app.UsageError, match="mask_rate"):
+            common.check_fields(mlm, fractions=("mask_rate",))
 
 
 def test_lm_samples_start_like_training_rows(load_script):
@@ -503,8 +527,6 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
     # Out-of-range counts failed later under another field's name (or took a wrong meaning).
     ("lm.py", ["--config.eval_batches=-1"], "--config.eval_batches=-1 must be a whole number"),
     ("mlm.py", ["--config.mask_rate=1.5"], "--config.mask_rate=1.5 must be a number in (0, 1)"),
-    ("mlm.py", ["--config.model.mlm_head=False"], "this script sets mlm_head=True itself"),
-    ("translate.py", ["--config.eval_decode_examples=-1"], "--config.eval_decode_examples=-1"),
     ("translate.py", ["--config.translate=in.txt", "--config.beam_size=0"],
      "--config.beam_size=0 must be"),
     ("translate.py", ["--config.average_last=3"],
