@@ -29,6 +29,7 @@ import ml_collections
 from absl import app
 
 from flaxformer_lite import PRESETS, get_config, gpu_config
+from flaxformer_lite.config import check_number
 from flaxformer_lite.data import BOS_ID, EOS_ID, load_dataset
 from flaxformer_lite.data.builders import default_data_dir
 from flaxformer_lite.data.embedded import python_docs_corpus
@@ -155,16 +156,14 @@ def check_fields(cfg: ml_collections.ConfigDict, *, at_least: Mapping[str, int] 
     """Refuse (naming the flag) a config whole number below its least value, or a fraction
     outside (0, 1), at start-up: such values failed later, inside a compile or a pipeline,
     under another field's name."""
-    for name, least in (at_least or {}).items():
-        value = cfg[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise app.UsageError(f"--config.{name}={value!r} must be a whole number >= {least}"
-                                 + (" (0 = all)" if least == 0 and name.startswith("eval_")
-                                    else "") + ".")
-    for name in fractions:
-        value = cfg[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise app.UsageError(f"--config.{name}={value!r} must be a number in (0, 1).")
+    try:
+        for name, least in (at_least or {}).items():
+            check_number("--config", name, cfg[name], least, integer=True,
+                         hint=" (0 = all)" if least == 0 and name.startswith("eval_") else "")
+        for name in fractions:
+            check_number("--config", name, cfg[name], 0.0, 1.0, low_open=True, high_open=True)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
 
 
 def check_lengths(model_cfg, **lengths: int) -> None:

@@ -408,7 +408,7 @@ def _batch_axes(cache_shape_fn: Callable[[int], Any], batch: int):
 def _beam_loop(step: Callable, cache, ctx, token0: Array, pos0: Array, axes, *, vocab: int,
                pad_id: int | None, beam_size: int, alpha: Array, max_len: int,
                eos_id: Array) -> Beams:
-    """Beam search over  `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
+    """Beam search over `[batch * beam]` rows, flattened batch-major (row = b * beam + k).
 
     All beams of a row start as copies of its prefilled cache; only beam 0 is live at first
     (the others have log-prob "-inf"), so the first step expands one beam.
@@ -714,9 +714,14 @@ def _stop_sequences(cfg: TransformerConfig, stop_tokens, is_default: bool) -> Ar
         for i, row in enumerate(rows):
             stops[i, width - len(row):] = row
         stops = jnp.asarray(stops)
-    n = stops.shape[0]
-    pad = 4 * max(1, -(-n // 4)) - n
-    return jnp.concatenate([stops, jnp.full((pad, stops.shape[1]), -2, jnp.int32)])
+    return _pad_rows(stops)
+
+
+def _pad_rows(x: Array) -> Array:
+    """`x` `[n, ...]` with rows of -2 (matching no token) added up to a multiple of 4 rows (at
+    least 4): small stop or end sets of one shape share a compilation."""
+    pad = 4 * max(1, -(-x.shape[0] // 4)) - x.shape[0]
+    return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], -2, jnp.int32)])
 
 
 def _eos_ids(cfg: TransformerConfig, eos_id, is_default: bool) -> Array:
@@ -747,9 +752,7 @@ def _eos_ids(cfg: TransformerConfig, eos_id, is_default: bool) -> Array:
                              "it could never end a beam") + ", or a non-empty sequence of "
                              f"such ids (any of them ends a beam){default}.")
         ids = jnp.asarray(known, jnp.int32)
-    ids = ids.reshape(-1)
-    pad = 4 * max(1, -(-ids.shape[0] // 4)) - ids.shape[0]
-    return jnp.concatenate([ids, jnp.full((pad,), -2, jnp.int32)])
+    return _pad_rows(ids.reshape(-1))
 
 
 def _stop_rows(stop_tokens) -> list[list] | None:

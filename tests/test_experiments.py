@@ -525,8 +525,10 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
     ("translate.py", ["--config.max_source_len=40"], "--config.max_source_len=40 exceeds"),
     ("translate.py", ["--config.beam_size=0"], "--config.beam_size=0 must be"),
     # Out-of-range counts failed later under another field's name (or took a wrong meaning).
-    ("lm.py", ["--config.eval_batches=-1"], "--config.eval_batches=-1 must be a whole number"),
-    ("mlm.py", ["--config.mask_rate=1.5"], "--config.mask_rate=1.5 must be a number in (0, 1)"),
+    ("lm.py", ["--config.eval_batches=-1"],
+     "--config.eval_batches=-1 must be an integer >= 0 (0 = all)"),
+    ("mlm.py", ["--config.mask_rate=1.5"],
+     "--config.mask_rate=1.5 must be a finite number in (0, 1)"),
     ("translate.py", ["--config.translate=in.txt", "--config.beam_size=0"],
      "--config.beam_size=0 must be"),
     ("translate.py", ["--config.average_last=3"],

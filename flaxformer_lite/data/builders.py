@@ -376,6 +376,11 @@ def _config_fields(config, cls) -> dict[str, Any]:
             if f.name not in base}
 
 
+def _train_chars(total: int, validation_fraction: float) -> int:
+    """The characters before the validation cut (nanoGPT: data[:int(n * 0.9)])."""
+    return int(total * (1.0 - validation_fraction))
+
+
 def _text_corpus_splits(cfg) -> dict[str, list[str]]:
     """Units of the train and validation splits of a TextCorpusConfig."""
     def units_of(files):
@@ -385,7 +390,7 @@ def _text_corpus_splits(cfg) -> dict[str, list[str]]:
     if cfg.validation_files:
         return {"train": train, "validation": units_of(cfg.validation_files)}
     total = sum(len(u) for u in train)
-    cut = int(total * (1.0 - cfg.validation_fraction))  # nanoGPT: data[:int(n * 0.9)]
+    cut = _train_chars(total, cfg.validation_fraction)
     head, tail, seen = [], [], 0
     for u in train:
         if seen + len(u) <= cut:
@@ -560,7 +565,7 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     chars = sum(len(read_text_file(f)) for f in train_files)
     for f in val_files:
         read_text_file(f)
-    cut = int(chars * (1.0 - validation_fraction))  # as _text_corpus_splits cuts
+    cut = _train_chars(chars, validation_fraction)
     if not val_files and not 0 < cut < chars:
         split, fix = (("train", "a smaller") if cut == 0 else ("validation", "a larger"))
         raise ValueError(

@@ -315,9 +315,14 @@ def _write_config(workdir: str, record: dict, step: int, num_steps: int,
         with open(history, "a") as f:
             for line in lines:
                 f.write(json.dumps(line, sort_keys=True, allow_nan=True) + "\n")
+    _write_json(path, record, indent=2, sort_keys=True)
+
+
+def _write_json(path: str, obj, **kw) -> None:
+    """`obj` as JSON at `path`, whole or not at all (a temporary file, then a rename)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
+        json.dump(obj, f, **kw)
     os.replace(tmp, path)
 
 
@@ -832,12 +837,8 @@ EVAL_MARKER = "evaluation.json"  # {"pending": step} or {"evaluated": step}, in 
 def _mark_eval(path: str | None, state: str, step: int) -> None:
     """Record (main process) that the evaluation of `step` is owed by a save that comes before
     it ("pending") or has completed ("evaluated"); written atomically."""
-    if path is None:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({state: int(step)}, f)
-    os.replace(tmp, path)
+    if path is not None:
+        _write_json(path, {state: int(step)})
 
 
 def _eval_owed(path: str | None, step: int) -> bool:
