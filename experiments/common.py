@@ -459,17 +459,30 @@ def _trim_samples(path: str, last_step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
-def finished_before(workdir: str, result, writer: MetricsWriter) -> bool:
+def finished_before(workdir: str, result, writer: MetricsWriter,
+                    settings: dict | None = None) -> bool:
     """True when this is a rerun of a finished run that trained no step: its `results.json`
     is printed and left, with `loss.png` and the test outputs, as it was (the script then
-    returns)."""
+    returns). With `settings` (what the script's final test depends on), a `results.json`
+    that records other values (or none) is not the rerun's: False, and the script tests
+    again."""
     path = os.path.join(workdir, "results.json")
     if result.interrupted or result.step != writer.start_step or not os.path.exists(path):
         return False
     with open(path) as f:
-        print(json.dumps(json.load(f), indent=2))
+        recorded = json.load(f)
+    changed = [f"{k}={recorded.get(k, '(not recorded)')!r} -> {v!r}"
+               for k, v in (settings or {}).items() if recorded.get(k, _MISSING) != v]
+    if changed:
+        print(f"results.json was tested with other settings ({', '.join(changed)}): testing "
+              f"the step-{result.step} run again.", flush=True)
+        return False
+    print(json.dumps(recorded, indent=2))
     skip_teardown()
     return True
+
+
+_MISSING = object()
 
 
 def final_results(workdir: str, result, **extra) -> dict | None:

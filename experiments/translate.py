@@ -96,6 +96,13 @@ def score(cfg, hyps, refs) -> dict[str, float | str]:
 DECODING_FIELDS = ("max_source_len", "max_decode_len", "beam_size", "alpha")
 
 
+def test_settings(cfg) -> dict:
+    """What the test scores depend on besides the parameters: recorded in `results.json`, so a
+    rerun of a finished run with other settings tests again instead of printing old scores."""
+    return {"split": cfg.test_split, "metric": cfg.metric, "average_last": cfg.average_last,
+            **{name: cfg[name] for name in DECODING_FIELDS}}
+
+
 def average_last(cfg) -> int:
     """`--config.average_last`, checked."""
     k = cfg.average_last
@@ -258,7 +265,7 @@ def main(argv):
                    experiment=common.experiment_record(cfg, ds), hooks=[writer, tokenizer_file],
                    warm_up=lambda state, engine: decode.warm_up(engine.device_params(state)))
     writer.close()
-    if common.finished_before(workdir, result, writer):
+    if common.finished_before(workdir, result, writer, test_settings(cfg)):
         return
     common.plot_losses(workdir, result.history)
     common.exit_if_interrupted(result)  # the checkpoint holds the state, a rerun continues
@@ -272,8 +279,7 @@ def main(argv):
     final = common.final_results(workdir, result, wall_seconds=writer.wall_seconds(t0),
                                  parameters=num_params, dataset=ds.name)
     final.update(score(cfg, hyps, [ex["targets"] for ex in test]))
-    final.update(split=cfg.test_split, examples=len(test), beam_size=cfg.beam_size,
-                 alpha=cfg.alpha)
+    final.update(examples=len(test), **test_settings(cfg))
     if averaged is not None:
         final.update(averaged_steps=averaged)
     if jax.process_index() == 0:

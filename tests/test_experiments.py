@@ -153,6 +153,8 @@ def test_translate_tests_and_translates_with_averaged_checkpoints(tmp_path):
     assert "Testing on test with the mean of the parameters of steps 4, 8." in out
     result = json.loads((tmp_path / "work" / "results.json").read_text())
     assert result["averaged_steps"] == [4, 8] and result["step"] == 8
+    assert {k: result[k] for k in ("split", "beam_size", "average_last", "max_decode_len")} == {
+        "split": "test", "beam_size": 1, "average_last": 2, "max_decode_len": 16}
     checkpoints = tmp_path / "work" / "checkpoints"
     steps, mean = average_params(checkpoints, last=2)
     assert steps == [4, 8]
@@ -319,6 +321,31 @@ def test_results_come_from_every_run_and_not_from_an_interrupted_one(tmp_path, l
     assert early["eval_loss"] == 2.0 and early["eval_step"] == 10  # not a later run's, and said
     assert common.final_results(str(tmp_path), types.SimpleNamespace(
         step=20, interrupted=True)) is None
+
+
+def test_a_finished_run_is_tested_again_when_its_test_settings_changed(tmp_path, load_script,
+                                                                        capsys):
+    """translate.py's rerun of a finished run with another beam printed the old results.json;
+    the settings its test depends on are compared with those results.json records."""
+    import types
+
+    common = load_script("experiments/common.py")
+    settings = {"split": "test", "beam_size": 4, "alpha": 0.6}
+    (tmp_path / "results.json").write_text(json.dumps({"step": 20, "bleu": 30.0, **settings}))
+    rerun = types.SimpleNamespace(step=20, interrupted=False)
+    writer = types.SimpleNamespace(start_step=20)
+    assert common.finished_before(str(tmp_path), rerun, writer, settings)
+    assert '"bleu": 30.0' in capsys.readouterr().out
+    for changed in ({"beam_size": 1}, {"alpha": 0.0}, {"split": "validation"},
+                    {"max_decode_len": 64}):  # the last: not recorded by an older run
+        assert not common.finished_before(str(tmp_path), rerun, writer,
+                                          {**settings, **changed})
+        field, value = next(iter(changed.items()))
+        assert f"{field}={settings.get(field, '(not recorded)')!r} -> {value!r}" in (
+            capsys.readouterr().out)
+    assert common.finished_before(str(tmp_path), rerun, writer)  # lm.py, mlm.py: no settings
+    trained = types.SimpleNamespace(step=30, interrupted=False)  # a rerun that trained on
+    assert not common.finished_before(str(tmp_path), trained, writer, settings)
 
 
 def test_an_interrupted_run_exits_with_the_signal_status(load_script, capsys):
