@@ -87,6 +87,17 @@ def gpt2_config(hf_config: Mapping[str, Any] | str | os.PathLike,
                   # GPT-2's vocabulary has no padding token (id 0 is "!"): every id is real.
                   pad_id=None)
     eos = c.get("eos_token_id", 50256 if fields["vocab_size"] > 50256 else None)
+    pad = c.get("pad_token_id")
+    if pad is not None and pad != eos and "pad_id" not in overrides:
+        # A padding id of its own (`save_gpt2` of a model trained with one). Fine-tunes that
+        # pad with <|endoftext|> (pad = eos) keep pad_id=None: as a padding id it would leave
+        # every end of text out of the loss, and the model would not learn to stop.
+        if isinstance(pad, bool) or not isinstance(pad, int) or not (
+                0 <= pad < fields["vocab_size"]):
+            raise ValueError(f"GPT-2 config pad_token_id={pad!r} is not one token id in [0, "
+                             f"vocab_size={fields['vocab_size']}): pass pad_id= (or None) "
+                             "to gpt2_config / load_gpt2.")
+        fields["pad_id"] = pad
     if "eos_id" not in overrides and eos is not None and (
             isinstance(eos, bool) or not isinstance(eos, int)
             or not 0 <= eos < fields["vocab_size"]):
@@ -332,8 +343,16 @@ def save_gpt2(folder: str | os.PathLike, config: TransformerConfig, params) -> N
           "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout_rate,
           "embd_pdrop": config.dropout_rate, "attn_pdrop": config.attention_dropout_rate,
           "scale_attn_weights": config.attention_scale is None, "tie_word_embeddings": True}
-    if config.eos_id is not None:
-        hf["eos_token_id"] = hf["bos_token_id"] = config.eos_id
+    # The ids decoding and the loss use, written so that `load_gpt2` reads the same model: a
+    # padding id (out of the loss and attention), and the end id (the library's EOS 1 when the
+    # config names none and has a padding id, see `TransformerConfig.eos_id`).
+    from flaxformer_lite.data.tokenizers import EOS_ID
+
+    eos = config.eos_id if config.eos_id is not None or config.pad_id is None else EOS_ID
+    if eos is not None:
+        hf["eos_token_id"] = hf["bos_token_id"] = eos
+    if config.pad_id is not None:
+        hf["pad_token_id"] = config.pad_id
     save_file(gpt2_state_dict(params, config), os.path.join(folder, "model.safetensors"),
               metadata={"format": "pt"})
     with open(os.path.join(folder, "config.json"), "w") as f:

@@ -49,6 +49,7 @@ from flaxformer_lite.models import (
     init_params,
     jit_model_fn,
     make_model,
+    unwrap_params,
 )
 from flaxformer_lite.ops.sharding import explicit_sharding
 
@@ -505,13 +506,6 @@ def _fill_id(pad_id: int | None) -> int:
     return 0 if pad_id is None else pad_id
 
 
-def _unwrap(params):
-    """Accept `params` or `{"params": params}`."""
-    if isinstance(params, dict) and set(params) == {"params"}:
-        return params["params"]
-    return params
-
-
 def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str,
                  params=None) -> TransformerConfig:
     cfg = getattr(model, "config", None)
@@ -521,7 +515,7 @@ def _check_model(model, kinds: tuple[type, ...], fn: str, hint: str,
                          "A model of your own goes in as a subclass of one of them with a "
                          "TransformerConfig `config` (docs/decoding.md, \"Your own decoder\").")
     if params is not None:
-        check_params_read(model, _unwrap(params), fn)
+        check_params_read(model, unwrap_params(params), fn)
     return cfg
 
 
@@ -908,7 +902,7 @@ def generate(model: DecoderOnly, params, prompts: Array, *, prompt_lengths: Arra
                                  return_logits)
     prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
                                                    max_new_tokens, "max_new_tokens")
-    return _generate_lm(model, _unwrap(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
+    return _generate_lm(model, unwrap_params(params), jnp.asarray(prompts, jnp.int32), lengths, dyn,
                         max_new_tokens=max_new_tokens, **static)
 
 
@@ -940,7 +934,7 @@ def generate_seq2seq(model: EncoderDecoder, params, inputs: Array, *, max_new_to
                          "beam_search for several distinct hypotheses.")
     dyn, static = _sampling_args(cfg, rng, temperature, top_k, top_p, stop_tokens, greedy,
                                  return_logits)
-    return _generate_s2s(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), dyn,
+    return _generate_s2s(model, unwrap_params(params), jnp.asarray(inputs, jnp.int32), dyn,
                          max_new_tokens=max_new_tokens, num_samples=num_samples, **static)
 
 
@@ -992,7 +986,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
             "this vocabulary's end token (GPT-2: eos_id=50256), or set "
             "TransformerConfig.eos_id, the default then.")
     eos_ids = _eos_ids(cfg, EOS_ID if is_default else eos_id, is_default)
-    return _beam_search(model, _unwrap(params), jnp.asarray(inputs, jnp.int32), lengths,
+    return _beam_search(model, unwrap_params(params), jnp.asarray(inputs, jnp.int32), lengths,
                         jnp.asarray(alpha, jnp.float32), eos_ids, beam_size=beam_size,
                         max_len=max_len)
 
@@ -1019,7 +1013,7 @@ def generate_no_cache(model: DecoderOnly, params, prompts: Array, *,
                                  return_logits)
     prompts, lengths, max_new_tokens = _lm_prompts(cfg, prompts, prompt_lengths, padding_side,
                                                    max_new_tokens, "max_new_tokens")
-    return _generate_lm_no_cache(model, _unwrap(params), jnp.asarray(prompts, jnp.int32),
+    return _generate_lm_no_cache(model, unwrap_params(params), jnp.asarray(prompts, jnp.int32),
                                  lengths, dyn, max_new_tokens=max_new_tokens, **static)
 
 
@@ -1035,7 +1029,7 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
                        "use generate or beam_search for decoders")
     if not cfg.mlm_head:
         raise ValueError("fill_masks needs the masked-LM head: TransformerConfig.mlm_head=True.")
-    check_params_read(model, _unwrap(params), "fill_masks")
+    check_params_read(model, unwrap_params(params), "fill_masks")
     top_k = _positive_int("top_k", top_k)
     ids = _as_ids("ids", ids)
     _check_ids("ids", ids, cfg.vocab_size)
@@ -1061,7 +1055,7 @@ def fill_masks(model: EncoderOnly, params, ids: Array, *, top_k: int = 5,
             f"{cfg.vocab_size} less the special ids 0..{_FIRST_REAL_ID - 1} and "
             f"{len(set(exclude) - set(range(_FIRST_REAL_ID)))} excluded): ask for at most "
             f"{guessable}" + (", or exclude fewer ids." if exclude else "."))
-    return _fill_masks(model, _unwrap(params), jnp.asarray(ids, jnp.int32), top_k=top_k,
+    return _fill_masks(model, unwrap_params(params), jnp.asarray(ids, jnp.int32), top_k=top_k,
                        exclude=exclude)
 
 

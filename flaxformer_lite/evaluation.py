@@ -30,6 +30,7 @@ from flaxformer_lite.models import (
     check_batch,
     check_params_read,
     jit_model_fn,
+    unwrap_params,
 )
 from flaxformer_lite.training.steps import class_logits, logits_fn, target_weights
 
@@ -74,8 +75,7 @@ def token_nll(model, params, batch: dict) -> tuple[Array, Array]:
     inside a caller's `jit` are not checked), then the computation is compiled once per model
     and shapes.
     """
-    if isinstance(params, Mapping) and set(params) == {"params"}:
-        params = params["params"]
+    params = unwrap_params(params)
     _kind(model)
     if not isinstance(batch, Mapping) or "inputs" not in batch or "targets" not in batch:
         got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -125,8 +125,7 @@ def perplexity(model, params, batches: Iterable[dict], *, num_characters: int | 
     if isinstance(batches, Mapping):
         raise TypeError("perplexity takes an iterable of batches; wrap a single batch in a "
                         "list: perplexity(model, params, [batch]).")
-    if isinstance(params, dict) and set(params) == {"params"}:
-        params = params["params"]
+    params = unwrap_params(params)
     _kind(model)
     keys = batch_keys(model.config.architecture, model)
     extra_keys = tuple(getattr(model, "extra_batch_keys", ()))
@@ -215,15 +214,17 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
     if not isinstance(model, EncoderOnly) or not cfg.num_classes:
         raise ValueError("classify needs a sequence classifier: an EncoderOnly model with "
                          "TransformerConfig.num_classes > 0 (and pooler=True).")
-    if isinstance(params, dict) and set(params) == {"params"}:
-        params = params["params"]
+    params = unwrap_params(params)
     check_params_read(model, params, "classify")
     if isinstance(inputs, str):
         raise TypeError("classify takes a list of texts (or ids [n, length]); one string "
                         "would be read as many: classify(model, params, [text], ...).")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"classify: batch_size={batch_size!r} must be a positive integer.")
-    first = inputs[0] if len(inputs) else None
+    if len(inputs) == 0:  # an empty list holds neither texts nor ids
+        return {"labels": np.zeros(0, np.int32),
+                "probabilities": np.zeros((0, cfg.num_classes), np.float32)}
+    first = inputs[0]
     if isinstance(first, (tuple, list)) and len(first) and isinstance(first[0], str):
         from flaxformer_lite.data.labelled import PAIRS_UNSUPPORTED
 
@@ -254,7 +255,7 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
         chunk = {k: jnp.asarray(np.pad(v, [(0, fill)] + [(0, 0)] * (v.ndim - 1)), jnp.int32)
                  for k, v in chunk.items()}
         probs.append(np.asarray(_class_probabilities(model, params, chunk))[:rows])
-    probabilities = (np.concatenate(probs) if probs
+    probabilities = (np.concatenate(probs) if probs  # ids [0, length]: none
                      else np.zeros((0, cfg.num_classes), np.float32))
     return {"labels": probabilities.argmax(-1).astype(np.int32),
             "probabilities": probabilities.astype(np.float32)}
@@ -268,8 +269,13 @@ def strip_ids(ids: Sequence[int] | np.ndarray, *, eos_id: int | None = EOS_ID,
     The defaults are the library tokenizers' (EOS 1, padding 0): for a vocabulary without
     padding (`config.pad_id=None`, GPT-2's, where 0 is "!") pass `pad_id=None` and its own
     `eos_id` (`config.eos_id`), here and in `exact_match` / `bleu_from_ids`."""
+    ids = np.asarray(ids)
+    if ids.ndim > 1:
+        raise ValueError(f"strip_ids takes one sequence; got an array of shape {ids.shape} "
+                         "(beam search's tokens are [n, beams, length]: take the best beam, "
+                         "tokens[:, 0]).")
     out = []
-    for t in np.asarray(ids).reshape(-1).tolist():
+    for t in ids.reshape(-1).tolist():
         if eos_id is not None and t == eos_id:
             break
         if pad_id is None or t != pad_id:

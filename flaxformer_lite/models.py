@@ -885,6 +885,14 @@ def _param_paths(model: nn.Module) -> frozenset[str]:
     return frozenset(_leaf_paths(variables.get("params", {})))
 
 
+def unwrap_params(params):
+    """`params` given bare or as the variables `{"params": params}` (a dict or Flax's
+    FrozenDict, as `model.init` returns): the bare tree."""
+    if isinstance(params, Mapping) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
 def check_params_read(model: nn.Module, params, fn: str) -> None:
     """Refuse `params` holding parameters `model` never reads. Flax's `apply` ignores them, so a
     run trained with a model of its own (adapters through `layer_cls`) given to

@@ -342,6 +342,15 @@ def test_classify_refuses_pairs_and_warns_on_rows_without_bos(monkeypatch, caplo
         evaluation.classify(model, params, bare)
         evaluation.classify(model, params, bare)
     assert caplog.text.count("3 of 4 id rows do not start with BOS") == 1  # once a process
+    # An empty list (no texts, no ids) gave "inputs is float64"; FrozenDict variables were
+    # refused as unread parameters.
+    empty = evaluation.classify(model, params, [], tokenizer=tok)
+    assert empty["labels"].shape == (0,) and empty["probabilities"].shape == (0, CFG.num_classes)
+    from flax.core import freeze
+
+    np.testing.assert_array_equal(
+        evaluation.classify(model, freeze({"params": params}), framed)["probabilities"],
+        evaluation.classify(model, params, framed)["probabilities"])
 
 
 # ---- fine-tuning from a masked-LM run -----------------------------------------------------------

@@ -171,6 +171,27 @@ def test_a_fine_tuned_gpt2_saves_back_to_the_hugging_face_layout(checkpoint, tmp
         assert all(np.array_equal(written[k], sd[k]) for k in written)
 
 
+def test_a_model_with_a_padding_id_keeps_its_padding_and_end_ids_through_the_folder(
+        checkpoint, tmp_path):
+    """A model trained with the library's ids (pad 0, end id 1 by default) came back with
+    pad_id=None: its padding targets were then scored as tokens and generate lost its stop
+    token. A Hugging Face fine-tune padding with its end id keeps pad_id=None."""
+    folder, _ = checkpoint
+    config, params = convert.load_gpt2(folder)
+    ours = config.replace(pad_id=0, eos_id=None)
+    convert.save_gpt2(tmp_path / "ours", ours, params)
+    again, _ = convert.load_gpt2(tmp_path / "ours")
+    assert (again.pad_id, again.eos_id) == (0, 1)
+    hf = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (hf["pad_token_id"], hf["eos_token_id"]) == (0, 1)
+    hf.update(pad_token_id=49, eos_token_id=49)
+    assert convert.gpt2_config(hf).pad_id is None
+    hf["pad_token_id"] = 50
+    with pytest.raises(ValueError, match="pad_token_id=50 is not one token id"):
+        convert.gpt2_config(hf)
+    assert convert.gpt2_config(hf, pad_id=3).pad_id == 3
+
+
 @pytest.mark.parametrize("override", [dict(scale_embeddings=True),
                                       dict(scale_tied_logits=True), dict(embedding_norm=True),
                                       dict(fused_qkv=False), dict(norm_bias=False)])

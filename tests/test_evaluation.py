@@ -283,6 +283,31 @@ def test_misuse_that_used_to_score_quietly():
         evaluation.bleu(["a"], ["a"], tokenize="foo")
     with pytest.raises(TypeError, match=r"perplexity\(model, params, \[batch\]\)"):
         evaluation.perplexity(None, None, {"inputs": beams[0], "targets": beams[0]})
+    # exact_match compared beams [n, beams, length] joined (0.0 where the best beam is right)
+    beams[:, 0, 3] = evaluation.EOS_ID
+    with pytest.raises(ValueError, match=r"tokens\[:, 0\]"):
+        evaluation.exact_match(beams, beams[:, 0])
+    with pytest.raises(ValueError, match="strip_ids takes one sequence"):
+        evaluation.strip_ids(beams[0])
+    assert evaluation.exact_match(beams[:, 0], beams[:, 0, :3]) == 1.0
+
+
+def test_the_variables_of_init_are_taken_as_params_everywhere():
+    """`{"params": ...}` as Flax's FrozenDict (token_nll took it; perplexity and generate said
+    the params held parameters the model never reads)."""
+    from flax.core import freeze
+
+    from flaxformer_lite import decoding
+
+    model, params = model_and_params("decoder_only")
+    frozen = freeze({"params": params})
+    batches = lm_batches()[:1]
+    assert evaluation.perplexity(model, frozen, batches) == evaluation.perplexity(
+        model, params, batches)
+    prompts = batches[0]["inputs"][:2, :3]
+    np.testing.assert_array_equal(
+        decoding.generate(model, frozen, prompts, max_new_tokens=2, greedy=True).tokens,
+        decoding.generate(model, params, prompts, max_new_tokens=2, greedy=True).tokens)
 
 
 def test_perplexity_feeds_a_models_extra_batch_keys(caplog):
