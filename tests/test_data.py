@@ -473,6 +473,17 @@ def test_bad_input_errors(tmp_path):
         fd.load_dataset("data/nope.txt", data_dir=tmp_path)  # a path, not an unknown name
     with pytest.raises(TypeError, match="mappings like {'text': '...'}; the first one is a str"):
         fd.lm_pipeline(["some text", "more"], fd.ByteTokenizer(), batch_size=2, max_len=8)
+    # Sizes that passed construction and failed at the first batch (a float), or took another
+    # meaning (max_target_len=0: the source's; a negative bucket: ignored).
+    tok, rows = fd.ByteTokenizer(), [{"text": "abc"}]
+    for kw, name in ((dict(batch_size=2.0), "batch_size=2.0"), (dict(max_len=8.0), "max_len=8.0"),
+                     (dict(pack=False, bucket_boundaries=(-3, 4)), "bucket_boundaries entry=-3"),
+                     (dict(pack=False, bucket_window=True), "bucket_window=True")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+            fd.lm_pipeline(rows, tok, **{"batch_size": 2, "max_len": 8, **kw})
+    with pytest.raises(ValueError, match="max_target_len=0 must be a whole number >= 2"):
+        fd.translation_pipeline([{"inputs": "a", "targets": "b"}], tok, batch_size=2,
+                                max_source_len=8, max_target_len=0)
     good = _write(tmp_path / "good.txt", _text(1, 20))
     with pytest.raises(ValueError, match=r"options \['unitt'\] .* it takes \[.*'unit'"):
         fd.load_dataset(good, data_dir=tmp_path, unitt="document")
@@ -994,7 +1005,7 @@ def test_encode_sources_frames_sources_as_training_does(parallel_ds):
                                   batch["inputs"])
 
 
-def test_a_folder_of_split_named_files_is_split_by_name(tmp_path, caplog):
+def test_a_folder_of_split_named_files_is_split_by_name(tmp_path, caplog, monkeypatch):
     """wiki.train.txt / wiki.valid.txt / wiki.test.txt used to be joined into one corpus in
     name order: the test text trained, and validation was the corpus's last tenth."""
     folder = tmp_path / "wiki"
@@ -1008,6 +1019,17 @@ def test_a_folder_of_split_named_files_is_split_by_name(tmp_path, caplog):
     assert "wiki.test.txt" in caplog.text
     assert ds.full_text("train") == texts["train"]
     assert ds.full_text("validation") == texts["valid"]
+    # Named through "~", or with its validation file given: the validation and test files were
+    # joined into the train split.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for given in ({}, {"validation_files": folder / "wiki.valid.txt"}):
+        again = fd.load_text_corpus("~/wiki", data_dir=tmp_path / "tfds", **given)
+        assert again.full_text("train") == texts["train"], given
+        assert again.full_text("validation") == texts["valid"], given
+    with pytest.raises(ValueError, match=r"\['wiki.valid.txt'\] are given as training files "
+                       "and as validation_files"):
+        fd.load_text_corpus([folder / "wiki.train.txt", folder / "wiki.valid.txt"],
+                            validation_files=folder / "wiki.valid.txt")
     _write(folder / "README", "about the data\n")
     with pytest.raises(ValueError, match=r"named by split .*\['README'\] name none"):
         fd.load_text_corpus(folder, data_dir=tmp_path / "tfds")
@@ -1158,6 +1180,33 @@ def test_resume_under_another_process_count_or_batch(pack, before, after):
     if not pack:  # the same examples, batch by batch, as one process uninterrupted
         assert seen + rest == sum((_ids_of(b) for b in _ids_pipe(8, (0, 1), num_epochs=3)),
                                   [])
+
+
+@pytest.mark.parametrize("pack_before", [False, True])
+def test_resume_with_packing_switched_converts_the_position(pack_before, caplog):
+    """A state of a packed pipeline restored into an unpacked one of the same layout (or back)
+    failed in a bare KeyError; it converts by the examples consumed: each trained once."""
+    old = iter(_ids_pipe(8, (0, 1), pack_before, num_epochs=1))
+    seen = _ids_of(next(old)) + _ids_of(next(old))
+    new = iter(_ids_pipe(8, (0, 1), not pack_before, num_epochs=1))
+    new.set_state(json.loads(json.dumps(old.get_state())))
+    rest = [i for batch in new for i in _ids_of(batch)]
+    assert sorted(seen + rest) == list(range(48))
+
+
+def test_a_state_over_other_data_is_named(caplog):
+    """Resumed over a changed corpus (48 -> 40 examples) under the same layout the positions
+    name other examples: said, not silent (under another layout, refused)."""
+    it = iter(_ids_pipe(8, (0, 1)))
+    next(it)
+    fewer = fd.lm_pipeline(_IDS[:40], fd.ByteTokenizer(), batch_size=8, max_len=8, seed=3,
+                           pack=False)
+    with caplog.at_level("WARNING", logger="flaxformer_lite.data.pipeline"):
+        iter(fewer).set_state(it.get_state())
+    assert "saved over 48 examples; this pipeline has 40: the data changed" in caplog.text
+    with pytest.raises(ValueError, match="saved over 48 examples; this pipeline has 40"):
+        iter(fd.lm_pipeline(_IDS[:40], fd.ByteTokenizer(), batch_size=4, max_len=8,
+                            seed=3, pack=False)).set_state(it.get_state())
 
 
 def test_one_process_state_of_a_multi_process_run_is_refused_elsewhere():

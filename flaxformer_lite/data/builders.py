@@ -503,16 +503,18 @@ def _load(builder_name: str, config, *, data_dir, kind: str, fields: Mapping[str
 _SPLIT_WORDS = {"train": "train", "validation": "validation", "test": "test", **SPLIT_ALIASES}
 
 
+def _split_of(f: Path) -> str | None:
+    """The split a file's name gives (`wiki.valid.txt`: "validation"), or None."""
+    words = {_SPLIT_WORDS.get(w) for w in re.split(r"[._\-]", f.name.lower())}
+    words.discard(None)
+    return words.pop() if len(words) == 1 else None
+
+
 def _split_named_files(files: list[Path]) -> tuple[list[Path], list[Path]]:
     """A folder's files named by split (`wiki.train.txt`, `valid.txt`, `test.txt`): (train,
     validation); test files are left out. Joined into one corpus, the test text would train
     and the validation split would be the corpus's last tenth. Unnamed folders pass as given."""
-    def split_of(f: Path) -> str | None:
-        words = {_SPLIT_WORDS.get(w) for w in re.split(r"[._\-]", f.name.lower())}
-        words.discard(None)
-        return words.pop() if len(words) == 1 else None
-
-    named = {f: split_of(f) for f in files}
+    named = {f: _split_of(f) for f in files}
     if not any(named.values()):
         return files, []
     loose = [f.name for f, s in named.items() if s is None]
@@ -556,8 +558,21 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     train_files = _resolve_files(files, "text corpus")
     val_files = (_resolve_files(validation_files, "validation_files")
                  if validation_files else [])
-    if not val_files and isinstance(files, (str, os.PathLike)) and Path(files).is_dir():
+    folder = isinstance(files, (str, os.PathLike)) and Path(files).expanduser().is_dir()
+    if not val_files and folder:
         train_files, val_files = _split_named_files(train_files)
+    elif val_files:  # a validation file never trains, nor does a folder's test file
+        both = [f.name for f in train_files if f in val_files]
+        if both and not folder:
+            raise ValueError(f"{both} are given as training files and as validation_files; "
+                             "a validation file must not be trained on: leave it out of files.")
+        test = [f.name for f in train_files if folder and _split_of(f) == "test"]
+        if test:
+            log.warning("Left out of the corpus as test files: %s.", test)
+        train_files = [f for f in train_files if f not in val_files and f.name not in test]
+        if not train_files:
+            raise ValueError(f"text corpus {str(files)!r}: every file is a validation or test "
+                             "file; no text is left to train on.")
     if not val_files and not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
     # Fail early, with a clear message, before TFDS starts writing (an empty split stops its

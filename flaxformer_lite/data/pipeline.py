@@ -149,8 +149,16 @@ def process_shard(shard: tuple[int, int] | None = None) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def _check_whole(name: str, value: Any, minimum: int, why: str = "") -> None:
+    """Refuse a size that is not a whole number >= `minimum` (2.0 or True failed later, at
+    the first batch, in an obscure TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}{why}.")
+
+
 def _local_batch_size(batch_size: int, count: int) -> int:
-    if batch_size < 1 or batch_size % count:
+    _check_whole("batch_size", batch_size, 1, " (the global batch)")
+    if batch_size % count:
         raise ValueError(f"batch_size={batch_size} (the global batch) must be a positive "
                          f"multiple of the number of processes ({count}).")
     return batch_size // count
@@ -402,9 +410,22 @@ class _OrderedIterator(grain.DatasetIterator):
         for s in states:
             if s["layout"]["shard"] == layout["shard"] and (
                     s["layout"]["batch_size"] == layout["batch_size"]):
+                examples = s["layout"].get("examples", self.spec.num_examples)
+                if examples != self.spec.num_examples:
+                    log.warning("The data state was saved over %d examples; this pipeline has "
+                                "%d: the data changed, so this epoch resumes at the same "
+                                "count of a new order (some of its examples are repeated and "
+                                "others skipped until it ends).", examples,
+                                self.spec.num_examples)
                 self._rebuild(s["layout"]["base"])
-                self._inner.set_state(s["inner"])
-                return
+                try:
+                    self._inner.set_state(s["inner"])
+                    return
+                except KeyError:  # saved by a pipeline that batches otherwise (pack changed)
+                    log.info("The data state was saved by a pipeline that batches otherwise "
+                             "(packed rows against padded ones): converted by the examples "
+                             "it consumed.")
+                    break
         saved = states[0]["layout"]
         if saved["shard"][1] != len(states):
             raise ValueError(
@@ -850,10 +871,12 @@ def _batch_checks(pack: bool, num_bins: int | None, bucket_boundaries: Sequence[
     if pack:
         if bucket_boundaries:
             raise ValueError("bucket_boundaries apply to padded batches; use pack=False.")
-        if num_bins is not None and num_bins < 1:
-            raise ValueError(f"num_packing_bins must be >= 1, got {num_bins}.")
-    elif bucket_window < 1:
-        raise ValueError(f"bucket_window must be >= 1, got {bucket_window}.")
+        if num_bins is not None:
+            _check_whole("num_packing_bins", num_bins, 1)
+    else:
+        _check_whole("bucket_window", bucket_window, 1)
+        for b in bucket_boundaries or ():  # a length, in tokens
+            _check_whole("a bucket_boundaries entry", b, 1)
 
 
 def _batch(ds: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool, batch_size: int,
@@ -1032,8 +1055,7 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     forever with a new shuffle each epoch. A finite run keeps its last, smaller batch padded
     with all-zero rows unless `drop_remainder` (default: drop only when repeating forever).
     """
-    if max_len < 2:
-        raise ValueError(f"max_len must be >= 2, got {max_len}.")
+    _check_whole("max_len", max_len, 2)
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
     stats = PipelineStats(limit=f"max_len={max_len} tokens")
@@ -1161,12 +1183,12 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
     `tokenizer` encodes both sides (a shared vocabulary) unless `target_tokenizer` is given.
     Pairs with an empty side are skipped and counted. Other options as in `lm_pipeline`.
     """
-    max_target_len = max_target_len or max_source_len
+    max_target_len = max_source_len if max_target_len is None else max_target_len
     for tok in (tokenizer, target_tokenizer):
         if tok is not None:
             _require_reserved_ids(tok, "translation_pipeline")
-    if min(max_source_len, max_target_len) < 2:
-        raise ValueError("max_source_len and max_target_len must be >= 2.")
+    _check_whole("max_source_len", max_source_len, 2)
+    _check_whole("max_target_len", max_target_len, 2)
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
     stats = PipelineStats(limit=f"max_source_len={max_source_len} / "
@@ -1267,8 +1289,7 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                          "with reserve_mask=True.")
     if not 0.0 < mask_rate < 1.0:
         raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
-    if max_len < 3:
-        raise ValueError(f"max_len must be >= 3, got {max_len}.")
+    _check_whole("max_len", max_len, 3)
     if max_predictions is not None and (isinstance(max_predictions, bool) or not isinstance(
             max_predictions, int) or max_predictions < 1):
         raise ValueError(f"max_predictions={max_predictions!r} must be a positive integer "
@@ -1336,9 +1357,7 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np
         raise TypeError("encode_texts takes a list of texts: encode_texts(tokenizer, [text], "
                         "max_len).")
     _require_reserved_ids(tokenizer, "encode_texts")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
-        raise ValueError(f"encode_texts: max_len={max_len!r} must be a whole number >= 3 "
-                         "(BOS, a token, EOS).")
+    _check_whole("encode_texts: max_len", max_len, 3, " (BOS, a token, EOS)")
     rows = np.zeros((len(texts), max_len), np.int32)
     cut = 0
     for i, text in enumerate(texts):
@@ -1380,9 +1399,7 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
                         "'label': ...}], e.g. data.read_labelled_file(path) or "
                         "data.load_tfds_labelled('glue/sst2', 'train'); a text Dataset has no "
                         "labels.")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 3:
-        raise ValueError(f"max_len={max_len!r} must be a whole number >= 3 (BOS, a token, "
-                         "EOS).")
+    _check_whole("max_len", max_len, 3, " (BOS, a token, EOS)")
     _require_reserved_ids(tokenizer, "classification_pipeline")
     if (len(data) and isinstance(data[0], Mapping) and "text" in data[0]
             and "label" not in data[0]):
