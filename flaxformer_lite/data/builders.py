@@ -549,7 +549,8 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     split's examples gives back its exact text. The validation split is `validation_files`, or
     else the last `validation_fraction` of the characters (nanoGPT's split of Tiny Shakespeare).
     A folder whose files are named by split (`wiki.train.txt`, `wiki.valid.txt` or `dev`,
-    `wiki.test.txt`) is split by those names, test files left out; subfolders are not read.
+    `wiki.test.txt`) is split by those names, test files left out (`validation_files` given
+    replace its validation files; a validation file never trains); subfolders are not read.
     Prepared once under `data_dir` (default `default_data_dir()`) and reused until a file
     changes.
     """
@@ -558,21 +559,19 @@ def load_text_corpus(files: str | os.PathLike | Sequence[str | os.PathLike], *,
     train_files = _resolve_files(files, "text corpus")
     val_files = (_resolve_files(validation_files, "validation_files")
                  if validation_files else [])
-    folder = isinstance(files, (str, os.PathLike)) and Path(files).expanduser().is_dir()
-    if not val_files and folder:
-        train_files, val_files = _split_named_files(train_files)
-    elif val_files:  # a validation file never trains, nor does a folder's test file
-        both = [f.name for f in train_files if f in val_files]
-        if both and not folder:
-            raise ValueError(f"{both} are given as training files and as validation_files; "
-                             "a validation file must not be trained on: leave it out of files.")
-        test = [f.name for f in train_files if folder and _split_of(f) == "test"]
-        if test:
-            log.warning("Left out of the corpus as test files: %s.", test)
-        train_files = [f for f in train_files if f not in val_files and f.name not in test]
+    both = [f.name for f in train_files if f in val_files]
+    if isinstance(files, (str, os.PathLike)) and Path(files).expanduser().is_dir():
+        # Split by the files' names; a folder's validation and test files never train, and
+        # validation_files given (which may be one of them) replace its validation files.
+        train_files, named_val = _split_named_files(train_files)
+        train_files = [f for f in train_files if f not in val_files]
+        val_files = val_files or named_val
         if not train_files:
-            raise ValueError(f"text corpus {str(files)!r}: every file is a validation or test "
-                             "file; no text is left to train on.")
+            raise ValueError(f"text corpus {str(files)!r}: every file of the folder is a "
+                             "validation_files one; no text is left to train on.")
+    elif both:
+        raise ValueError(f"{both} are given as training files and as validation_files; a "
+                         "validation file must not be trained on: leave it out of files.")
     if not val_files and not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
     # Fail early, with a clear message, before TFDS starts writing (an empty split stops its
