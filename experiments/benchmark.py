@@ -545,8 +545,9 @@ class TorchTrain(_TrainingRss):
         self.forward = self.model
         if spec["compile"]:
             self.forward = torch.compile(self.model)
-        self.autocast = (torch.autocast("cuda", torch.bfloat16)
-                         if self.device == "cuda" and spec["dtype"] == "bfloat16" else None)
+        # bfloat16 compute as the JAX row's (on CPUs too: the ratios compare one dtype)
+        self.autocast = (torch.autocast(self.device, torch.bfloat16)
+                         if spec["dtype"] == "bfloat16" else None)
         self.batches = [(torch.from_numpy(x).long().to(self.device),
                          torch.from_numpy(y).long().to(self.device)) for x, y in _batches(spec)]
         self.i = 0

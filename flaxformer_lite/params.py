@@ -39,7 +39,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxformer_lite.config import PRESETS, TransformerConfig, get_config, parse_overrides
+from flaxformer_lite.config import (
+    DTYPES,
+    PRESETS,
+    TransformerConfig,
+    get_config,
+    parse_overrides,
+)
 from flaxformer_lite.models import dummy_inputs, make_model
 
 PUBLISHED: dict[str, float] = {
@@ -234,9 +240,16 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
                         ("microbatches", microbatches)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name}={value!r} must be a whole number >= 1.")
+    param_dtype = config.param_dtype if param_dtype is None else param_dtype
+    for name, value in (("param_dtype", param_dtype), ("optimizer_dtype", optimizer_dtype)):
+        if value is not None and value not in DTYPES:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(DTYPES)}.")
+    if optimizer == "adafactor" and optimizer_dtype is not None:
+        raise ValueError(f"optimizer_dtype={optimizer_dtype!r} with optimizer='adafactor': the "
+                         "library's Adafactor keeps float32 statistics, counted exactly; leave "
+                         "optimizer_dtype unset.")
     counts = breakdown(config) if counts is None else counts
     n = counts["total"]
-    param_dtype = config.param_dtype if param_dtype is None else param_dtype
     pbytes = jnp.dtype(param_dtype).itemsize
     out = {"params": n * pbytes, "grads": n * pbytes}
     exact = (_library_optimizer_bytes(config, param_dtype, optimizer, accumulation_steps, n)
@@ -473,9 +486,6 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
         raise ValueError("An encoder_only config trains its masked-LM head (mlm_head=True) or a "
                          "classifier (num_classes > 0); this one has neither, so there is no "
                          "train step to estimate.")
-    if config.mlm_predictions > seq_len:
-        raise ValueError(f"seq_len={seq_len} is shorter than mlm_predictions="
-                         f"{config.mlm_predictions}.")
     platform = jax.default_backend() if platform is None else platform
     if config.attention_implementation == "cudnn":
         # cuDNN's fused attention keeps the output and its row statistics, as the CPU path

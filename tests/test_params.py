@@ -210,9 +210,16 @@ def test_sizing_a_user_config():
     for optimizer in ("adamw", "adam"):
         mem = params.training_memory(cfg, counts=other, optimizer=optimizer)
         assert mem["optimizer"] == 2 * mem["params"] == 2 * 4 * (n // 2)
-    for bad in (dict(optimizer="lion"), dict(accumulation_steps=0)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+    for bad in (dict(optimizer="lion"), dict(accumulation_steps=0), dict(param_dtype="int8"),
+                dict(optimizer="adafactor", optimizer_dtype="float32")):  # int8 sized 1 byte;
+        with pytest.raises(ValueError, match=list(bad)[-1]):  # adafactor's state read 0 bytes
             params.training_memory(cfg, **bad)
+    # Rows shorter than mlm_predictions train (every position predicted); they were refused.
+    mlm = get_config("bert-base", vocab_size=64, d_model=32, num_heads=2, d_ff=64,
+                     num_layers=1, max_len=16, mlm_head=True, mlm_predictions=8)
+    short, longer = (params.training_memory(mlm, batch_size=2, seq_len=t)["activations"]
+                     for t in (4, 8))
+    assert 0 < short < longer
     for seq_len in (0, -5, 17):
         with pytest.raises(ValueError, match=r"seq_len=.* \[1, max_len=16\]"):
             params.flops_per_token(cfg, seq_len=seq_len)
