@@ -2136,6 +2136,12 @@ def test_parallel_config_refuses_what_it_would_ignore_or_misread():
     as_lists = [[name, list(axes) if isinstance(axes, tuple) else axes]
                 for name, axes in partitioning.DEFAULT_RULES]  # as JSON gives them back
     assert ParallelConfig(mode="pmap", axis_rules=as_lists).mode == "pmap"
+    # data= in single/pmap mode: 4-way asked for, the step ran on 1 device (or on all of pmap's)
+    n = jax.device_count()
+    for mode, data in (("single", 4), ("pmap", n + 1)):
+        with pytest.raises(ValueError, match=rf"data={data}\) with mode '{mode}', which runs on"):
+            Engine(TINY, OPT, ParallelConfig(mode=mode, data=data), LOSS)
+    assert Engine(TINY, OPT, ParallelConfig(mode="pmap", data=n), LOSS).mode == "pmap"
 
 
 def test_lower_train_step_takes_shapes_alone(engine):

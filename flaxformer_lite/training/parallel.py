@@ -82,7 +82,9 @@ warnings.filterwarnings("ignore", message=r"Error writing persistent compilation
 class ParallelConfig:
     """How a run uses its devices (see the module docstring for the modes).
 
-    data, fsdp, tensor: mesh axis sizes for mode "mesh" (one may be -1 = the rest).
+    data, fsdp, tensor: mesh axis sizes for mode "mesh" (one may be -1 = the rest); modes
+      "single" and "pmap" take `data` only as -1 or the devices they run on (1; all the
+      Engine's: choose them with `Engine(devices=...)`).
     axis_rules: logical axis name -> mesh axes (`partitioning.DEFAULT_RULES`).
     donate: let each step reuse the previous state's device memory.
     microbatches: compute each train step's gradient in this many slices of the batch, one
@@ -328,6 +330,12 @@ class Engine:
         self.devices = list(jax.devices() if devices is None else devices)
         self._custom_devices = devices is not None
         self.mode = resolve_mode(parallel, len(self.devices))
+        replicas = len(self.devices) if self.mode == "pmap" else 1
+        if self.mode in ("single", "pmap") and parallel.data not in (-1, replicas):
+            raise ValueError(
+                f"ParallelConfig(data={parallel.data}) with mode {self.mode!r}, which runs on "
+                f"{replicas} device{'s' if replicas > 1 else ''}: choose the devices with "
+                "Engine(devices=...), or use mode='mesh' for a data axis of another size.")
         self.mesh: Mesh | None = None
         # `param_shardings`: a tree of shardings like the params, where one logical copy of
         # them lives in this mode, so `jax.device_put(params, engine.param_shardings)` lays out
