@@ -480,6 +480,45 @@ def test_bfloat16_causal_kv_gradients_are_summed_in_float32():
         assert np.abs(g - w).max() / np.abs(w).max() < 5e-3, name  # bfloat16's rounding
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fast_paths_keep_each_input_dtype_in_mixed_precision(is_causal):
+    """bfloat16 activations with float32 biases or keys (a researcher's own mix): the custom
+    gradients of bias_add and attention's q came back float32, which a lax.scan carry
+    refuses; plain autodiff (the reference) keeps each input's dtype. GELU of integers was
+    truncated back to integers."""
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.standard_normal((4, 8)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    gy, gb = jax.grad(lambda y, b: jnp.sum(ops.bias_add(y, b)), (0, 1))(y, b)
+    assert (gy.dtype, gb.dtype) == (jnp.bfloat16, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.float32) for _ in range(2))
+
+    def step(carry, _):  # q as a scan carry: its gradient must keep q's dtype
+        out = ops.scaled_dot_product_attention(carry, k, v, is_causal=is_causal)
+        return out.astype(carry.dtype), None
+
+    dq = jax.grad(lambda q: jnp.sum(jax.lax.scan(step, q, None, length=2)[0]
+                                    .astype(jnp.float32)))(q)
+    assert dq.dtype == jnp.bfloat16 and bool(jnp.isfinite(dq.astype(jnp.float32)).all())
+    ints = jnp.arange(-2, 4)
+    for name in ("gelu", "gelu_tanh"):
+        np.testing.assert_allclose(ops.activation(name)(ints),
+                                   jax.nn.gelu(ints, approximate=name == "gelu_tanh"),
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_a_traced_dropout_rate_is_applied():
+    """A dropout rate passed as a jit argument (a sweep) failed in a bool conversion."""
+    q = rand(B, LQ, H, D, seed=1)
+    f = jax.jit(lambda rate: ops.scaled_dot_product_attention(
+        q, q, q, dropout_rate=rate, dropout_rng=jax.random.key(0)))
+    np.testing.assert_array_equal(f(0.5), jax.jit(lambda: ops.scaled_dot_product_attention(
+        q, q, q, dropout_rate=0.5, dropout_rng=jax.random.key(0)))())
+    np.testing.assert_allclose(f(0.0), ops.scaled_dot_product_attention(q, q, q), rtol=1e-5,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_forward_over_reverse_through_the_fast_paths(activation):
     """A Hessian-vector product (`jax.jvp` of `jax.grad`) through GELU and the fused q/k/v

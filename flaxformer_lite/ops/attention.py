@@ -125,7 +125,8 @@ def scaled_dot_product_attention(
         (`causal_mask` without an offset puts them first; the two agree when the lengths do).
         Prefer it to a causal `mask`: on the CPU path causal attention then runs in blocks of
         queries and never computes the scores above the diagonal.
-      dropout_rate, dropout_rng: dropout on the weights; active when both are given.
+      dropout_rate, dropout_rng: dropout on the weights; active when both are given (a traced
+        rate, e.g. a jit argument, counts as given).
       return_weights: also return the float32 weights `[batch, heads, q_length, kv_length]`.
       implementation: "ops" (this module, float32 softmax, dropout, weights), or "xla" / "cudnn"
         to delegate to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
@@ -136,7 +137,9 @@ def scaled_dot_product_attention(
     _check_operands(q, k, v, bias, mask)
     if isinstance(dropout_rate, numbers.Real) and not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate={dropout_rate} must lie in [0, 1).")
-    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    # A traced rate (a jit argument of a sweep) cannot be compared: dropout is on with a key.
+    use_dropout = dropout_rng is not None and (
+        not isinstance(dropout_rate, numbers.Real) or dropout_rate > 0.0)
     if implementation != "ops":
         if use_dropout or return_weights:
             raise ValueError(f"implementation={implementation!r} supports neither attention "
@@ -548,8 +551,8 @@ def _backward(q, k, v, bias, mask, scale, causal, block, o, m, total, do, f32=Fa
         dbias = (functools.reduce(jnp.add, dbs) if bias.shape[3] == 1 or len(dbs) == 1
                  else jnp.concatenate(dbs, 3))
     dq, dk, dv = dq.transpose(0, 3, 1, 2, 4), dk.transpose(0, 3, 1, 2), dv.transpose(0, 3, 1, 2)
-    if not f32:
-        dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
+    if not f32:  # each gradient in its input's dtype (q's promoted to k's in the einsum)
+        dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
     return dq, dk, dv, dbias
 
 
@@ -650,7 +653,7 @@ def _backward_query_chunks(q, k, v, bias, mask, scale, qc, o, m, total, do):
             dbias = dbias + rest[3]
         elif bias is not None:
             dbias = dbias.at[:, :, :, lo:].set(rest[3].astype(jnp.float32))
-    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))

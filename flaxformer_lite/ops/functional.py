@@ -66,14 +66,21 @@ _gelu_exact.defvjp(_keep_input(_gelu_exact_formula), _gelu_exact_bwd)
 _gelu_tanh.defvjp(_keep_input(_gelu_tanh_formula), _gelu_tanh_bwd)
 
 
+def _inexact(x):
+    """`x` as an array of floats (integers promoted as `jax.nn.gelu` promotes them: the fast
+    paths cast their result back to the input's dtype, which truncated GELU of integers)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.result_type(float))
+
+
 def _gelu(x):
     """Exact GELU, `x * Phi(x)`."""
-    return _gelu_exact(x) if enabled("gelu_vjp") else jax.nn.gelu(x, approximate=False)
+    return _gelu_exact(_inexact(x)) if enabled("gelu_vjp") else jax.nn.gelu(x, approximate=False)
 
 
 def _gelu_approx(x):
     """GELU's tanh approximation."""
-    return _gelu_tanh(x) if enabled("gelu_vjp") else jax.nn.gelu(x, approximate=True)
+    return _gelu_tanh(_inexact(x)) if enabled("gelu_vjp") else jax.nn.gelu(x, approximate=True)
 
 
 ACTIVATIONS = {
@@ -175,7 +182,10 @@ def bias_add(y: Array, b: Array) -> Array:
     if jnp.ndim(b) > jnp.ndim(y) or jnp.shape(y)[jnp.ndim(y) - jnp.ndim(b):] != jnp.shape(b):
         raise ValueError(f"bias_add needs y [..., *b.shape]; got y {jnp.shape(y)}, "
                          f"b {jnp.shape(b)}.")
-    return _bias_add(y, b) if enabled("bias_vjp") else y + b
+    # The custom gradient is y's own only when the sum keeps y's dtype (a float32 bias on
+    # bfloat16 activations promotes: plain autodiff then casts y's gradient back).
+    fast = enabled("bias_vjp") and jnp.result_type(y, b) == jnp.result_type(y)
+    return _bias_add(y, b) if fast else y + b
 
 
 @jax.custom_vjp
