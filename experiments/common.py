@@ -297,11 +297,11 @@ def describe_run(ds, tok, engine: Engine, num_params: int) -> str:
     """The line every script prints first: data, devices, parallel mode, model, compile cache."""
     cache = jax.config.jax_compilation_cache_dir or "off"
     opt = engine.optimizer_config
-    # The schedules peak at the warmup's last update (they count updates from 1); vaswani's
-    # `learning_rate` is a multiplier, so its peak is said in numbers (1e-3 there peaks near
-    # 1e-5 at d_model 384).
-    peak_update = max(opt.warmup_steps - 1, 0)
-    peak = float(learning_rate_at(opt, peak_update * opt.accumulation_steps,
+    # The schedules peak at the warmup's last update, said as they count updates (from 1;
+    # `learning_rate_at` takes the 0-based step); vaswani's `learning_rate` is a multiplier,
+    # so its peak is said in numbers (1e-3 there peaks near 1e-5 at d_model 384).
+    peak_update = max(opt.warmup_steps, 1)
+    peak = float(learning_rate_at(opt, (peak_update - 1) * opt.accumulation_steps,
                                   d_model=engine.model_config.d_model))
     return (f"dataset {ds!r}; tokenizer {tok.kind} ({tok.vocab_size} ids); "
             f"{jax.device_count()} device(s) [{jax.devices()[0].platform}], "

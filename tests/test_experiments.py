@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from flaxformer_lite import get_config
@@ -531,15 +532,17 @@ def test_the_first_line_names_the_peak_learning_rate(load_script):
             return "single device"
 
     for opt, peak_update in ((OptimizerConfig(learning_rate=1e-3, schedule="vaswani",
-                                              warmup_steps=10), 9),
+                                              warmup_steps=10), 10),
                              (OptimizerConfig(learning_rate=1e-3, schedule="cosine",
-                                              warmup_steps=100, decay_steps=2000), 99)):
+                                              warmup_steps=100, decay_steps=2000), 100)):
         engine = Stub()
         engine.optimizer_config = opt
         line = common.describe_run("data", type("Tok", (), {"kind": "char", "vocab_size": 64}),
                                    engine, 10)
-        peak = max(float(learning_rate_at(opt, n, d_model=384)) for n in range(0, 200))
-        assert f"{opt.schedule} learning rate peaking at {peak:.3g} (update {peak_update})" in line
+        rates = [float(learning_rate_at(opt, n, d_model=384)) for n in range(0, 200)]
+        assert int(np.argmax(rates)) + 1 == peak_update  # updates count from 1, steps from 0
+        assert (f"{opt.schedule} learning rate peaking at {max(rates):.3g} "
+                f"(update {peak_update})") in line
 
 
 @pytest.mark.parametrize("script, flags, message", [
