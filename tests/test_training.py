@@ -1375,6 +1375,25 @@ def test_best_checkpoint_is_kept_between_checkpoint_steps(engine, tmp_path):
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == [best, 6]
 
 
+def test_best_metric_with_nothing_to_rank_or_new_on_resume(engine, tmp_path, caplog):
+    """Every evaluation NaN: train() raised after its last save instead of returning
+    best_step None. A resume choosing a metric the earlier checkpoints lack failed every save
+    (a KeyError named as a failed write), so the run could not go on."""
+    def eval_fn(state, engine):
+        return {"score": math.nan}
+
+    def with_bleu(state, engine):  # a metric the first run's checkpoints do not hold
+        return {**eval_fn(state, engine), "bleu": float(engine.to_host(state.step))}
+
+    with caplog.at_level("WARNING"):
+        first = run(engine, tmp_path, 2, eval_fn=eval_fn, eval_every=2,
+                    best_metric="eval/score", best_mode="max")
+    assert first.best_step is None and "No best checkpoint" in caplog.text
+    again = run(engine, tmp_path, 4, eval_fn=with_bleu, eval_every=2, best_metric="eval/bleu",
+                best_mode="max", checkpoint_every=1)
+    assert again.step == 4 and again.best_step == 4
+
+
 def test_the_last_evaluation_ranks_the_last_checkpoint(engine, tmp_path):
     """num_steps a multiple of checkpoint_every but not of eval_every: the final step's
     checkpoint used to be saved before its evaluation ran, so best_metric never saw it."""
@@ -1592,6 +1611,10 @@ def test_a_rerun_names_changed_experiment_settings(engine, tmp_path, caplog):
         run(engine, tmp_path, 3, experiment={"data": {"batch_size": 4, "seq_len": 16}})
     assert "experiment.data.batch_size: 8 -> 4" in caplog.text
     assert "seq_len" not in caplog.text
+    caplog.clear()  # resumed by a bare train(): the section's loss was not named
+    with caplog.at_level("WARNING"):
+        run(engine, tmp_path, 4)
+    assert "experiment.data.batch_size: 4 -> (not recorded)" in caplog.text
 
 
 def test_the_padding_id_decides_which_targets_count():

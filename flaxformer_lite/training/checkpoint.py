@@ -215,7 +215,8 @@ class Checkpointer:
             worst = math.inf if best_mode == "min" else -math.inf
 
             def best_fn(metrics):  # a NaN (a diverged evaluation) ranks worst, never best
-                value = float(metrics[best_metric])
+                # saved before best_metric was chosen (a resumed run's new metric): no candidate
+                value = float(metrics.get(best_metric, math.nan))
                 return value if math.isfinite(value) else worst
 
             policies.append(ocp.checkpoint_managers.BestN(
@@ -258,10 +259,15 @@ class Checkpointer:
 
     def best_step(self) -> int | None:
         """Best step by `best_metric` (latest step when no metric is tracked): the module's
-        `best_step` over the checkpoints present."""
+        `best_step` over the checkpoints present; None (with a warning) when none holds a
+        finite value of it (stopped before the first evaluation, or every one NaN)."""
         if self.best_metric is None:
             return self._manager.latest_step()
-        return best_step(self.directory, self.best_metric, self._best_mode)
+        try:
+            return best_step(self.directory, self.best_metric, self._best_mode)
+        except (FileNotFoundError, ValueError) as why:  # no evaluation yet, or only NaNs
+            log.warning("No best checkpoint: %s", why)
+            return None
 
     # ---- save
     def save(self, step: int, state: Any, *, data_state: Any = None,

@@ -411,13 +411,17 @@ def _config_changes(workdir: str, record: dict, with_run: bool = False) -> list[
     names = ("model", "optimizer", "loss", "parallel", "experiment") + (
         ("run",) if with_run else ())
     for name in names:
-        if isinstance(old.get(name), dict) and name in record:
-            was, now = _flat(old[name]), _flat(record[name])
-            new_default = _new_fields_at_default(name, was, now)
-            changed += [f"{name}.{k}: {_shown(was, k)} -> {_shown(now, k)}"
-                        for k in sorted(set(was) | set(now))
-                        if (k not in was or k not in now or not _same(was[k], now[k]))
-                        and k not in new_default]
+        # An experiment section may come or go (a script's run resumed by a bare train()); the
+        # library's sections are compared where both records hold them.
+        present = [isinstance(r.get(name), dict) for r in (old, record)]
+        if not (all(present) or (name == "experiment" and any(present))):
+            continue
+        was, now = _flat(old.get(name) or {}), _flat(record.get(name) or {})
+        new_default = _new_fields_at_default(name, was, now)
+        changed += [f"{name}.{k}: {_shown(was, k)} -> {_shown(now, k)}"
+                    for k in sorted(set(was) | set(now))
+                    if (k not in was or k not in now or not _same(was[k], now[k]))
+                    and k not in new_default]
     return changed
 
 
@@ -595,8 +599,8 @@ def train(model_config: TransformerConfig, optimizer_config: OptimizerConfig,
       "max"; by default from its name, `default_best_mode`: "max" for a score such as
       accuracy, bleu, f1; "min" for a cost such as loss, perplexity; refused when the name
       says neither); every evaluation then also saves a checkpoint, so the best one is always
-      among them (a NaN is never best). `TrainResult.best_step` names it and
-      `load_run(workdir, step="best")` loads it.
+      among them (a NaN is never best). `TrainResult.best_step` names it (None when no
+      checkpoint holds a finite value) and `load_run(workdir, step="best")` loads it.
     log_every: how often train metrics (means over the window) reach the hooks and history.
     hooks: `hook(step, metrics)` called on the main process at every log/eval step
       (default: `print_hook`, a line to stdout; `log_hook` sends it through `logging`).
