@@ -155,9 +155,12 @@ def check_fields(cfg: ml_collections.ConfigDict, *, at_least: Mapping[str, int] 
                  fractions: tuple[str, ...] = ()) -> None:
     """Refuse (naming the flag) a config whole number below its least value, or a fraction
     outside (0, 1), at start-up: such values failed later, inside a compile or a pipeline,
-    under another field's name."""
+    under another field's name. The seeds the config has are checked too (whole numbers >= 0;
+    an unset `data_seed` follows `seed`): -1 failed in NumPy at the first batch."""
+    seeds = {name: 0 for name in ("seed", "data_seed", "eval_seed")
+             if name in cfg and cfg[name] is not None}
     try:
-        for name, least in (at_least or {}).items():
+        for name, least in {**seeds, **(at_least or {})}.items():
             check_number("--config", name, cfg[name], least, integer=True,
                          hint=" (0 = all)" if least == 0 and name.startswith("eval_") else "")
         for name in fractions:
@@ -340,10 +343,11 @@ class MetricsWriter:
         if not self.main:
             return
         self.tb.on_start(step)
-        kept = _trim_jsonl(self.path, step)
-        _trim_jsonl(self.train_path, step)
+        kept = _trim_jsonl(self.path, step) + _trim_jsonl(self.train_path, step)
         _trim_samples(os.path.join(self.workdir, "samples.txt"), step)
-        self.time_offset = kept[-1].get("time", 0.0) if kept else 0.0
+        # The latest time a kept record holds: a stopped run logs its train window at the step
+        # it saved, so its time up to that step counts (the steps are not redone).
+        self.time_offset = max((r.get("time", 0.0) for r in kept), default=0.0)
         if step:  # said even without a progress bar, whatever the logging level
             self.write(f"Resumed from step {step} "
                        f"({os.path.join(self.workdir, 'checkpoints', str(step))}).")
@@ -353,22 +357,23 @@ class MetricsWriter:
 
     def wall_seconds(self, t0: float) -> float:
         """`results.json`'s wall time: this attempt's since `t0`, plus the earlier attempts' up
-        to the last evaluation the resumed run kept (`time_offset`; time they spent past it,
-        redone by this attempt, is not counted)."""
+        to the last record (train window or evaluation) the resumed run kept (`time_offset`;
+        time they spent past it, redone by this attempt, is not counted)."""
         return round(self.time_offset + time.time() - t0, 1)
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.main:
             return
         self.tb(step, metrics)
+        elapsed = round(self.time_offset + time.time() - self.start, 2)
         if "train/nll" in metrics:
-            train = {"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()
-                                      if k.startswith("train/")}}
+            train = {"step": step, "time": elapsed,
+                     **{k.replace("/", "_"): v for k, v in metrics.items()
+                        if k.startswith("train/")}}
             with open(self.train_path, "a") as f:
                 f.write(json.dumps(train) + "\n")
         if any(k.startswith("eval/") for k in metrics):
-            elapsed = self.time_offset + time.time() - self.start
-            record = {"step": step, "time": round(elapsed, 2)}
+            record = {"step": step, "time": elapsed}
             for k, v in metrics.items():
                 record[k.replace("/", "_")] = v
             if "eval/nll" in metrics:  # mean nats per target token, without label smoothing

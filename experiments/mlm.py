@@ -6,7 +6,7 @@
 Each evaluation appends the masked-token loss (nats per masked token) and accuracy to
 `WORKDIR/metrics.jsonl`, and shows how the model fills the masks of a validation example.
 The masked-LM head runs only at the selected positions: at most `--config.model.mlm_predictions`
-a row (default 1.25 x mask_rate x seq_len, 24 of 128; 0 = every position).
+a row (default 1.25 x mask_rate x seq_len, at most seq_len: 24 of 128; 0 = every position).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main(argv):
     tokenizer_file = common.TokenizerFile(tok, workdir)  # refuses another run's workdir
     # The head only where the loss is read: at most this many positions a row (BERT's
     # max_predictions_per_seq: 20 of 128 at a 15% rate), with room for packed rows'
-    # per-example rounding; the pipeline caps its masking to fit.
-    predictions = (math.ceil(1.25 * cfg.mask_rate * cfg.seq_len)
+    # per-example rounding (never past a row); the pipeline caps its masking to fit.
+    predictions = (min(cfg.seq_len, math.ceil(1.25 * cfg.mask_rate * cfg.seq_len))
                    if cfg.model.mlm_predictions is None else cfg.model.mlm_predictions)
     model_cfg = common.model_config(cfg, tok.vocab_size, architecture="encoder_only",
                                     script={"mlm_head": True, "mlm_predictions": predictions})

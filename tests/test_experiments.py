@@ -279,7 +279,8 @@ def test_count_and_fraction_flags_are_checked(load_script):
     common = load_script("experiments/common.py")
     cfg = load_script("experiments/configs/translate.py").get_config()
     common.check_fields(cfg, at_least={"eval_decode_examples": 0, "beam_size": 1})
-    for field, value in (("eval_decode_examples", -1), ("beam_size", True), ("beam_size", 0)):
+    for field, value in (("eval_decode_examples", -1), ("beam_size", True), ("beam_size", 0),
+                         ("seed", -1), ("data_seed", -1)):  # seeds: NumPy's error at batch 1
         bad = cfg.copy_and_resolve_references()
         bad[field] = value
         with pytest.raises(app.UsageError, match=f"--config.{field}={value!r} must be"):
@@ -403,6 +404,15 @@ def test_a_resumed_run_says_so_and_counts_the_earlier_time(tmp_path, load_script
     writer.on_start(20)
     assert f"Resumed from step 20 ({tmp_path / 'checkpoints' / '20'})." in capsys.readouterr().out
     assert writer.wall_seconds(time.time() - 5.0) == pytest.approx(35.0, abs=0.5)
+    # A stopped run logs its train window at the step it saved (18 here, after 54 s): that
+    # time counts, its steps are not redone (only the evaluation's 30 s counted).
+    writer(12, {"train/nll": 2.0})
+    assert json.loads((tmp_path / "train_metrics.jsonl").read_text())["time"] >= 30.0
+    (tmp_path / "train_metrics.jsonl").write_text('{"step": 18, "time": 54.0, "train_nll": 1.5}'
+                                                  '\n{"step": 25, "time": 75.0}\n')
+    writer.on_start(18)
+    assert writer.wall_seconds(time.time() - 5.0) == pytest.approx(59.0, abs=0.5)
+    capsys.readouterr()
     common.MetricsWriter(str(tmp_path / "new"), 40, progress=False).on_start(0)
     assert "Resumed" not in capsys.readouterr().out
 
