@@ -117,6 +117,21 @@ def length_penalty(length: Array | int, alpha: float | Array) -> Array:
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
 
 
+def _check_alpha_range(alpha: np.ndarray | None, max_len: int) -> None:
+    """Refuse a (concrete) `alpha` whose penalties over lengths 1..max_len leave float32's
+    useful range: scores past the empty-beam mark (-1e9; alpha=-100 reported real beams as
+    empty) or a penalty overflowing to inf (every score -0.0, unranked). A bound of 30 nats a
+    token keeps every score above -1e8."""
+    if alpha is None or float(alpha) == 0.0:
+        return
+    ends = [float(length_penalty(n, float(alpha))) for n in (1, max_len)]
+    low, high = min(ends), max(ends)
+    if not (30.0 * max_len / low < 1e8 and high < 1e30):
+        raise ValueError(f"alpha={float(alpha):g} puts the length penalty ((5 + length) / 6) ** "
+                         f"alpha at {low:.3g}..{high:.3g} over lengths 1..{max_len}: beyond "
+                         "what float32 scores rank; use an alpha nearer 0 (GNMT: 0.6-1.0).")
+
+
 def filter_logits(logits: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> Array:
     """The logits `[batch, vocab]` that `sample_logits` draws from: float32, divided by
@@ -953,7 +968,8 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
     stops once no live beam can beat the finished ones. Beams open at `max_len` are scored as
     they stand. `eos_id` is one id or several (a sequence or an `[n]` array: any of them ends
     a beam, as a chat model's end-of-turn and end-of-text tokens). `alpha` and `eos_id` are
-    traced (tuning `alpha` does not recompile). `eos_id` defaults to `config.eos_id`, else
+    traced (tuning `alpha` does not recompile; a concrete one so far from 0 that float32
+    scores cannot rank, e.g. -100, is refused). `eos_id` defaults to `config.eos_id`, else
     the library's EOS (1); a vocabulary without padding (`pad_id=None`, GPT-2's) must name its
     own (here or in the config).
     """
@@ -976,6 +992,7 @@ def beam_search(model: DecoderOnly | EncoderDecoder, params, inputs: Array, *, b
                              "encoder-decoder model reads source padding from inputs (0 = pad).")
         lengths = None
     beam_size = _positive_int("beam_size", beam_size)
+    _check_alpha_range(known, max_len)
     if eos_id is None:
         eos_id = cfg.eos_id  # the config's end token is the default
     is_default = eos_id is None

@@ -1061,6 +1061,11 @@ def test_inputs_as_users_pass_them(caplog, monkeypatch):
     with pytest.raises(ValueError, match="alpha=nan must be one finite number"):
         decoding.beam_search(e.model, e.params, e.ids, beam_size=2, max_len=4,
                              alpha=float("nan"))
+    # Scores past the empty-beam mark (-1e9) or a penalty overflowing: real beams came back
+    # as empty ones (alpha=-100) or unranked (200).
+    for alpha in (-100.0, 200.0):
+        with pytest.raises(ValueError, match=f"alpha={alpha:g} puts the length penalty"):
+            decoding.beam_search(e.model, e.params, e.ids, beam_size=2, max_len=6, alpha=alpha)
     monkeypatch.setattr(decoding, "_WARNED_NO_EOS", False)
     with caplog.at_level("WARNING"):
         e.generate(greedy=True)
