@@ -255,7 +255,7 @@ def classify(model, params, inputs: Sequence[str] | np.ndarray, *, tokenizer=Non
         chunk = {k: jnp.asarray(np.pad(v, [(0, fill)] + [(0, 0)] * (v.ndim - 1)), jnp.int32)
                  for k, v in chunk.items()}
         probs.append(np.asarray(_class_probabilities(model, params, chunk))[:rows])
-    probabilities = (np.concatenate(probs) if probs  # ids [0, length]: none
+    probabilities = (np.concatenate(probs) if probs  # ids of no rows: [0, length]
                      else np.zeros((0, cfg.num_classes), np.float32))
     return {"labels": probabilities.argmax(-1).astype(np.int32),
             "probabilities": probabilities.astype(np.float32)}

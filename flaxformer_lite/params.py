@@ -242,7 +242,11 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
             raise ValueError(f"{name}={value!r} must be a whole number >= 1.")
     param_dtype = config.param_dtype if param_dtype is None else param_dtype
     for name, value in (("param_dtype", param_dtype), ("optimizer_dtype", optimizer_dtype)):
-        if value is not None and value not in DTYPES:
+        try:  # a name or a dtype (jnp.bfloat16)
+            known = value is None or jnp.dtype(value).name in DTYPES
+        except TypeError:
+            known = False
+        if not known:
             raise ValueError(f"{name}={value!r} is not one of {', '.join(DTYPES)}.")
     if optimizer == "adafactor" and optimizer_dtype is not None:
         raise ValueError(f"optimizer_dtype={optimizer_dtype!r} with optimizer='adafactor': the "

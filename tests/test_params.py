@@ -214,6 +214,7 @@ def test_sizing_a_user_config():
                 dict(optimizer="adafactor", optimizer_dtype="float32")):  # int8 sized 1 byte;
         with pytest.raises(ValueError, match=list(bad)[-1]):  # adafactor's state read 0 bytes
             params.training_memory(cfg, **bad)
+    assert params.training_memory(cfg, param_dtype=jax.numpy.bfloat16)["params"] == 2 * n
     # Rows shorter than mlm_predictions train (every position predicted); they were refused.
     mlm = get_config("bert-base", vocab_size=64, d_model=32, num_heads=2, d_ff=64,
                      num_layers=1, max_len=16, mlm_head=True, mlm_predictions=8)
