@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import math
 import numbers
 import operator
 import time
@@ -124,12 +125,15 @@ def _check_alpha_range(alpha: np.ndarray | None, max_len: int) -> None:
     token keeps every score above -1e8."""
     if alpha is None or float(alpha) == 0.0:
         return
-    ends = [float(length_penalty(n, float(alpha))) for n in (1, max_len)]
-    low, high = min(ends), max(ends)
-    if not (30.0 * max_len / low < 1e8 and high < 1e30):
+    # In logs and on the host (inside a caller's jit, jnp would trace even constants).
+    logs = [float(alpha) * math.log((5.0 + n) / 6.0) for n in (1, max_len)]
+    low, high = min(logs), max(logs)
+    if not (math.log(30.0 * max_len) - low < math.log(1e8) and high < math.log(1e30)):
         raise ValueError(f"alpha={float(alpha):g} puts the length penalty ((5 + length) / 6) ** "
-                         f"alpha at {low:.3g}..{high:.3g} over lengths 1..{max_len}: beyond "
-                         "what float32 scores rank; use an alpha nearer 0 (GNMT: 0.6-1.0).")
+                         f"alpha at 10**{low / math.log(10):.1f}..10**{high / math.log(10):.1f}"
+                         " over lengths "
+                         f"1..{max_len}: beyond what float32 scores rank; use an alpha nearer 0 "
+                         "(GNMT: 0.6-1.0).")
 
 
 def filter_logits(logits: Array, *, temperature: float | Array = 1.0, top_k: int = 0,
