@@ -1545,6 +1545,8 @@ def test_rerun_and_eval_fn_surprises(engine, tmp_path, caplog):
         run(engine, tmp_path / "a", 4, [synthetic_batch(0)])
     with pytest.raises(ValueError, match="train_data yielded no batch"):  # an empty file
         run(engine, tmp_path / "b", 2, [])
+    with pytest.raises(TypeError, match="mapping of .*got a int"):  # was an AttributeError
+        run(engine, tmp_path / "d", 2, [1, 2])
     # Eval data without a batch reported nothing, and best_metric failed after the last step.
     with pytest.raises(ValueError, match="eval_data yielded no batch"):
         run(engine, tmp_path / "c", 2, eval_data=lambda: [], eval_every=1)
@@ -1739,6 +1741,29 @@ def test_loss_weights_of_one_change_nothing_and_split_like_the_batch():
     a, b = (engine.metrics_to_host(engine.eval_step(state, x)) for x in (short, filled))
     assert a["tokens"] == b["tokens"] and a["nll"] == pytest.approx(b["nll"], rel=1e-6)
     assert sorted(engine.shard_batch(short)) == ["inputs", "loss_weights", "targets"]
+
+
+def test_loss_weights_summing_below_one_give_the_weighted_mean_gradient():
+    """A weighted mean keeps its value and gradient when every weight is scaled: weights of
+    0.01 (summing below 1, as per-sequence normalised weights do) give the update of weights
+    1, with the built-in objective and with a `loss_fn` (the count was floored at 1)."""
+    model = make_model(TINY)
+    params = numpy_params(TINY)
+    tx = optax.sgd(1.0)  # the update is the gradient itself
+    batch = synthetic_batch(3)
+    shape = batch["targets"].shape
+    for loss_fn in (None, cross_entropy_loss):
+        step = jax.jit(functools.partial(train_step, model=model, tx=tx, loss_config=LOSS,
+                                         loss_fn=loss_fn))
+        runs = [step(manual_state(params, tx),
+                     {**batch, "loss_weights": np.full(shape, w, np.float32)})
+                for w in (1.0, 0.01)]
+        (one, m_one), (small, m_small) = runs
+        assert float(m_small["tokens"]) < 1.0
+        np.testing.assert_allclose(float(m_small["grad_norm"]), float(m_one["grad_norm"]),
+                                   rtol=1e-5)
+        assert max_diff(one.params, small.params) < 1e-6
+        assert max_diff(one.params, params) > 1e-3
 
 
 @pytest.mark.parametrize("preset", ["transformer-base", "bert-base"])

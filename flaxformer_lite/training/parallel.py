@@ -641,9 +641,9 @@ class Engine:
         each named once in a warning.
         """
         target = self._pmap_sharding if self.mode == "pmap" else self._batch_sharding
-        check_batch(self.model_config, batch, checked={  # laid out: checked then
-            k for k, v in batch.items() if isinstance(v, jax.Array) and v.sharding == target},
-            extra_keys=self._extra_keys)
+        laid_out = {k for k, v in (batch.items() if isinstance(batch, Mapping) else ())
+                    if isinstance(v, jax.Array) and v.sharding == target}  # checked then
+        check_batch(self.model_config, batch, checked=laid_out, extra_keys=self._extra_keys)
         return self._lay_out(batch)
 
     def _lay_out(self, batch: Mapping[str, Any]) -> dict[str, jax.Array]:

@@ -253,6 +253,13 @@ def _psum(tree, axis_name):
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def _count(total: Array) -> Array:
+    """What a mean divides by: the weights' sum, or 1 where it is 0 (a batch of padding alone,
+    whose loss sum is 0 too). Float weights may sum below 1 (a weighted mean keeps its value
+    when all weights are scaled), so only 0 is replaced."""
+    return jnp.where(total > 0, total, jnp.ones_like(total))
+
+
 def custom_sums(loss_fn: LossFn, model: nn.Module, params, batch: Batch, *,
                 deterministic: bool, dropout_rng: Array | None) -> dict[str, Array]:
     """`loss_fn`'s metric sums for `batch`, checked: a mapping of float32 scalars holding
@@ -339,7 +346,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
             weights = example_loss_weights(batch)
         else:
             weights = target_weights(model, batch, loss_targets(model, batch))
-        total_tokens = jnp.maximum(_psum(jnp.sum(weights), axis_name), 1.0)
+        total_tokens = _count(_psum(jnp.sum(weights), axis_name))
         total_rows = _psum(jnp.float32(batch["inputs"].shape[0]), axis_name)  # sown losses'
 
     def loss_fn(params, batch, key):
@@ -404,7 +411,7 @@ def train_step(state: TrainState, batch: Batch, *, model: nn.Module,
         grads, sums = jax.tree.map(lambda x, s: x.astype(s.dtype), (grads, sums), shapes)
     grads, sums = _psum((grads, sums), axis_name)
     if custom is not None:  # the gradient of the batch's mean: the sums' over their count
-        scale = 1.0 / jnp.maximum(sums["tokens"], 1.0)
+        scale = 1.0 / _count(sums["tokens"])
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     differentiated = grads
     if trainable is not None:
