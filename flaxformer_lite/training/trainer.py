@@ -952,7 +952,7 @@ def _loop(engine: Engine, ckpt: Checkpointer, train_data, *, num_steps, seed, ev
                 kept = (f"Nothing after the last good checkpoint (step {last}) was saved. "
                         if last is not None else "No checkpoint was saved. ")
                 raise NonFiniteLossError(
-                    f"The training loss is {m['loss'] / max(m['tokens'], 1):.4g} and the "
+                    f"The training loss is {m['loss'] / (m['tokens'] or 1):.4g} and the "
                     f"gradient norm {m['grad_norm']:.4g} at step {first + offset}; the loss, "
                     f"the gradient or the parameters' update is not finite. {kept}Lower the "
                     "learning rate or add warmup (rerunning then resumes from that "
