@@ -243,6 +243,16 @@ def check_number(owner: str, name: str, value: Any, low: float, high: float = ma
         raise ValueError(f"{owner}.{name}={value!r} must be {kind} {where}{hint}.")
 
 
+def check_whole(name: str, value: Any, low: int, high: float = math.inf, why: str = "") -> None:
+    """`value` a whole number (a Python or NumPy integer, not a bool) from `low` to `high`,
+    else a ValueError naming `name`. For the sizes functions take as arguments (a float 2.0
+    passed such checks and failed later, in an obscure TypeError)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or not low <= value <= high):
+        where = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"{name}={value!r} must be a whole number {where}{why}.")
+
+
 def _real(name: str, value: Any, low: float, high: float = math.inf, **kw) -> None:
     check_number("TransformerConfig", name, value, low, high, **kw)
 

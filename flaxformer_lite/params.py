@@ -43,6 +43,7 @@ from flaxformer_lite.config import (
     DTYPES,
     PRESETS,
     TransformerConfig,
+    check_whole,
     get_config,
     parse_overrides,
 )
@@ -183,10 +184,7 @@ def flops_per_token(config: TransformerConfig | str, seq_len: int | None = None,
     """
     config = get_config(config) if isinstance(config, str) else config
     seq_len = config.max_len if seq_len is None else seq_len
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or not (
-            1 <= seq_len <= config.max_len):
-        raise ValueError(f"seq_len={seq_len!r} must be a whole number in [1, max_len="
-                         f"{config.max_len}]; raise the config's max_len for longer sequences.")
+    seq_len = _check_length("seq_len", seq_len, config)
     n = matmul_params(config, counts)
     if config.architecture == "encoder_only" and config.mlm_predictions:
         # The masked-LM head (transform, its norm, the tied output and its bias: every `mlm_*`
@@ -238,8 +236,7 @@ def training_memory(config: TransformerConfig | str, *, param_dtype: str | None 
         raise ValueError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZER_MOMENTS)}.")
     for name, value in (("accumulation_steps", accumulation_steps),
                         ("microbatches", microbatches)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a whole number >= 1.")
+        check_whole(name, value, 1)
     param_dtype = config.param_dtype if param_dtype is None else param_dtype
     for name, value in (("param_dtype", param_dtype), ("optimizer_dtype", optimizer_dtype)):
         try:  # a name or a dtype (jnp.bfloat16)
@@ -402,11 +399,10 @@ def _nbytes(aval) -> int:
     return math.prod(aval.shape) * itemsize
 
 
-def _check_length(name: str, value, config: TransformerConfig) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
-            1 <= value <= config.max_len):
-        raise ValueError(f"{name}={value!r} must be a whole number in [1, max_len="
-                         f"{config.max_len}]; raise the config's max_len for longer sequences.")
+def _check_length(name: str, value, config: TransformerConfig) -> int:
+    check_whole(name, value, 1, config.max_len, why=f" (max_len={config.max_len}; raise the "
+                "config's max_len for longer sequences)")
+    return int(value)  # a NumPy integer gave NumPy results
 
 
 def activation_memory(config: TransformerConfig | str, *, batch_size: int,
@@ -476,16 +472,14 @@ def activation_memory(config: TransformerConfig | str, *, batch_size: int,
     (docs/performance.md compares this estimate with compiled train steps).
     """
     config = get_config(config) if isinstance(config, str) else config
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or (
-            batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1.")
+    check_whole("batch_size", batch_size, 1)
     seq_len = config.max_len if seq_len is None else seq_len
-    _check_length("seq_len", seq_len, config)
+    seq_len = _check_length("seq_len", seq_len, config)
     if config.architecture != "encoder_decoder" and target_len is not None:
         raise ValueError(f"target_len applies to architecture='encoder_decoder', not "
                          f"{config.architecture!r}: its targets are seq_len long.")
     target_len = seq_len if target_len is None else target_len
-    _check_length("target_len", target_len, config)
+    target_len = _check_length("target_len", target_len, config)
     if config.architecture == "encoder_only" and not (config.mlm_head or config.num_classes):
         raise ValueError("An encoder_only config trains its masked-LM head (mlm_head=True) or a "
                          "classifier (num_classes > 0); this one has neither, so there is no "

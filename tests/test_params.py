@@ -222,7 +222,7 @@ def test_sizing_a_user_config():
                      for t in (4, 8))
     assert 0 < short < longer
     for seq_len in (0, -5, 17):
-        with pytest.raises(ValueError, match=r"seq_len=.* \[1, max_len=16\]"):
+        with pytest.raises(ValueError, match=r"seq_len=.* \[1, 16\] \(max_len=16"):
             params.flops_per_token(cfg, seq_len=seq_len)
     r = params.report(cfg, name="mine")
     assert (r.name, r.counts["total"], r.published) == ("mine", n, None)

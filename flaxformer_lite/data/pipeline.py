@@ -41,6 +41,7 @@ import grain
 import jax
 import numpy as np
 
+from flaxformer_lite.config import check_whole
 from flaxformer_lite.data.builders import Dataset
 from flaxformer_lite.data.labelled import PAIRS_UNSUPPORTED
 from flaxformer_lite.data.tokenizers import BOS_ID, EOS_ID, MASK_ID, MASK_TOKEN, Tokenizer
@@ -149,15 +150,8 @@ def process_shard(shard: tuple[int, int] | None = None) -> tuple[int, int]:
     return int(index), int(count)
 
 
-def _check_whole(name: str, value: Any, minimum: int, why: str = "") -> None:
-    """Refuse a size that is not a whole number >= `minimum` (2.0 or True failed later, at
-    the first batch, in an obscure TypeError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be a whole number >= {minimum}{why}.")
-
-
 def _local_batch_size(batch_size: int, count: int) -> int:
-    _check_whole("batch_size", batch_size, 1, " (the global batch)")
+    check_whole("batch_size", batch_size, 1, why=" (the global batch)")
     if batch_size % count:
         raise ValueError(f"batch_size={batch_size} (the global batch) must be a positive "
                          f"multiple of the number of processes ({count}).")
@@ -872,11 +866,11 @@ def _batch_checks(pack: bool, num_bins: int | None, bucket_boundaries: Sequence[
         if bucket_boundaries:
             raise ValueError("bucket_boundaries apply to padded batches; use pack=False.")
         if num_bins is not None:
-            _check_whole("num_packing_bins", num_bins, 1)
+            check_whole("num_packing_bins", num_bins, 1)
     else:
-        _check_whole("bucket_window", bucket_window, 1)
+        check_whole("bucket_window", bucket_window, 1)
         for b in bucket_boundaries or ():  # a length, in tokens
-            _check_whole("a bucket_boundaries entry", b, 1)
+            check_whole("a bucket_boundaries entry", b, 1)
 
 
 def _batch(ds: grain.IterDataset, lengths: Mapping[str, int], *, pack: bool, batch_size: int,
@@ -1055,7 +1049,7 @@ def lm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokenize
     forever with a new shuffle each epoch. A finite run keeps its last, smaller batch padded
     with all-zero rows unless `drop_remainder` (default: drop only when repeating forever).
     """
-    _check_whole("max_len", max_len, 2)
+    check_whole("max_len", max_len, 2)
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
     stats = PipelineStats(limit=f"max_len={max_len} tokens")
@@ -1099,8 +1093,7 @@ def encode_sources(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> 
     if isinstance(texts, str):
         raise TypeError("encode_sources takes a list of sentences; one string would be one "
                         "source per character: encode_sources(tokenizer, [text], max_len).")
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise ValueError(f"encode_sources: max_len={max_len!r} must be a whole number >= 1.")
+    check_whole("encode_sources: max_len", max_len, 1)
     _require_reserved_ids(tokenizer, "encode_sources")
     texts = list(texts)  # a generator too
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
@@ -1187,8 +1180,8 @@ def translation_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer:
     for tok in (tokenizer, target_tokenizer):
         if tok is not None:
             _require_reserved_ids(tok, "translation_pipeline")
-    _check_whole("max_source_len", max_source_len, 2)
-    _check_whole("max_target_len", max_target_len, 2)
+    check_whole("max_source_len", max_source_len, 2)
+    check_whole("max_target_len", max_target_len, 2)
     shard = process_shard(shard)
     local = _local_batch_size(batch_size, shard[1])
     stats = PipelineStats(limit=f"max_source_len={max_source_len} / "
@@ -1289,7 +1282,7 @@ def mlm_pipeline(data: Dataset | Sequence[Mapping[str, str]], tokenizer: Tokeniz
                          "with reserve_mask=True.")
     if not 0.0 < mask_rate < 1.0:
         raise ValueError(f"mask_rate must be in (0, 1), got {mask_rate}.")
-    _check_whole("max_len", max_len, 3)
+    check_whole("max_len", max_len, 3)
     if max_predictions is not None and (isinstance(max_predictions, bool) or not isinstance(
             max_predictions, int) or max_predictions < 1):
         raise ValueError(f"max_predictions={max_predictions!r} must be a positive integer "
@@ -1357,7 +1350,7 @@ def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], max_len: int) -> np
         raise TypeError("encode_texts takes a list of texts: encode_texts(tokenizer, [text], "
                         "max_len).")
     _require_reserved_ids(tokenizer, "encode_texts")
-    _check_whole("encode_texts: max_len", max_len, 3, " (BOS, a token, EOS)")
+    check_whole("encode_texts: max_len", max_len, 3, why=" (BOS, a token, EOS)")
     rows = np.zeros((len(texts), max_len), np.int32)
     cut = 0
     for i, text in enumerate(texts):
@@ -1399,7 +1392,7 @@ def classification_pipeline(data: Sequence[Mapping[str, Any]], tokenizer: Tokeni
                         "'label': ...}], e.g. data.read_labelled_file(path) or "
                         "data.load_tfds_labelled('glue/sst2', 'train'); a text Dataset has no "
                         "labels.")
-    _check_whole("max_len", max_len, 3, " (BOS, a token, EOS)")
+    check_whole("max_len", max_len, 3, why=" (BOS, a token, EOS)")
     _require_reserved_ids(tokenizer, "classification_pipeline")
     if (len(data) and isinstance(data[0], Mapping) and "text" in data[0]
             and "label" not in data[0]):

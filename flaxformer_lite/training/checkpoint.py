@@ -37,6 +37,7 @@ from etils import epath
 from flax.core import meta
 from jax.experimental import multihost_utils
 
+from flaxformer_lite.config import check_whole
 from flaxformer_lite.training import optim
 from flaxformer_lite.training.partitioning import flat_leaves, path_names
 
@@ -596,8 +597,7 @@ def _choose_steps(present: list[int], steps: Any, last: Any, directory: epath.Pa
                 if (directory / "checkpoints").is_dir() else "")
         raise FileNotFoundError(f"No checkpoint in {directory}{hint}.")
     if last is not None:
-        if isinstance(last, bool) or not isinstance(last, int) or last < 1:
-            raise ValueError(f"last={last!r} must be a whole number >= 1.")
+        check_whole("last", last, 1)
         if last > len(present):
             raise ValueError(
                 f"last={last}, but {directory} holds {len(present)} checkpoint"
